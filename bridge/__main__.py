@@ -1,0 +1,7 @@
+"""``python -m bridge`` — same as the ``policy-bridge`` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,293 @@
+"""Wiring and lifecycle: store, policy engine, executor, worker, web routes.
+
+Start order: open the store (fail fast with a database error), listen (Synapse may push
+transactions at once; they are stored even before the homeserver answers us), wait for
+the homeserver, register the bot, bootstrap the management room, ping the homeserver,
+then start the worker and executor and report ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientSession, ClientTimeout, web
+from mautrix.errors import MatrixError, MatrixRequestError
+
+from . import __version__
+from .appservice import AppserviceAPI
+from .audit_sink import AuditSink
+from .commands import CommandRegistry, Reply
+from .commands import core as core_commands
+from .config import Config
+from .executor import Executor
+from .gate import Gate
+from .matrix import (
+    AdminAPI,
+    HomeserverUnreachable,
+    make_client,
+    ping_homeserver,
+    register_bot,
+    wait_for_homeserver,
+)
+from .policy.engine import PolicyEngine, PolicySet
+from .store import ActionRow, NewAction, Store
+from .web import health_routes
+from .worker import Worker, notice
+
+log = logging.getLogger(__name__)
+
+MANAGEMENT_ROOM_KEY = "management_room"
+
+
+def build_engine(config: Config) -> PolicyEngine:
+    """The policy engine for a configuration (and, later, runtime overrides)."""
+    return PolicyEngine(PolicySet(own_server=config.homeserver.domain, bot_mxid=config.bot_mxid))
+
+
+def build_registry() -> CommandRegistry:
+    """Every command group the bridge offers."""
+    registry = CommandRegistry()
+    core_commands.register(registry)
+    return registry
+
+
+class Bridge:
+    """One running bridge. Also the ``services`` object command handlers see."""
+
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.started_monotonic = time.monotonic()
+        self.version = __version__
+        self.management_room: str = ""
+        self.ready = False
+        self.accepting = True
+        self.exit_code = 0
+        self.engine = build_engine(config)
+        self.registry = build_registry()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.store: Store
+        self.session: ClientSession
+        self.runner: web.AppRunner | None = None
+
+    # -- building -----------------------------------------------------------------------
+
+    def build_web(self) -> web.Application:
+        """The aiohttp application with every route the bridge serves."""
+        app = web.Application(client_max_size=self.config.appservice.max_body_size)
+        self.sink = AuditSink(self.store)
+        self.appservice_api = AppserviceAPI(
+            self.store,
+            self.config.appservice.hs_token,
+            allow_query_token=self.config.appservice.allow_query_token,
+            on_committed=lambda: self.worker.wake(),
+            accepting=lambda: self.accepting,
+        )
+        self.gate = Gate(
+            self.config.gate.base_path, self.config.gate.token, lambda: self.engine, self.sink
+        )
+        app.add_routes(self.appservice_api.routes())
+        app.add_routes(self.gate.routes())
+        app.add_routes(health_routes(self))
+        return app
+
+    async def open(self) -> None:
+        """Open the store and start listening. Raises StoreUnavailable / OSError."""
+        self.store = await Store.open(
+            self.config.database.url, pool_size=self.config.database.pool_size
+        )
+        self.session = ClientSession(timeout=ClientTimeout(total=60))
+        self.client = make_client(
+            self.config.homeserver.url,
+            self.config.appservice.as_token,
+            self.config.bot_mxid,
+            self.session,
+        )
+        self.admin = (
+            AdminAPI(self.config.homeserver.url, self.config.homeserver.admin_token, self.session)
+            if self.config.homeserver.admin_token
+            else None
+        )
+        self.executor = Executor(
+            self.store,
+            self.client,
+            self.config.executor,
+            self.admin,
+            on_permanent_failure=self._report_failure,
+        )
+        self.worker = Worker(
+            self.store,
+            lambda: self.config,
+            lambda: self.engine,
+            self.registry,
+            self,
+            on_actions=self.executor.wake,
+        )
+        await self.worker.load()
+        stored_room = await self.store.get_state(MANAGEMENT_ROOM_KEY)
+        self.management_room = self.config.bridge.management_room or stored_room or ""
+        self.runner = web.AppRunner(self.build_web(), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(
+            self.runner, self.config.appservice.hostname, self.config.appservice.port
+        )
+        await site.start()
+        self._spawn(self.sink.run(), "audit-sink")
+        log.info(
+            "listening on %s:%d (database: %s)",
+            self.config.appservice.hostname,
+            self.config.appservice.port,
+            self.store.backend,
+        )
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background task %s died: %r", task.get_name(), exc, exc_info=exc)
+            self.exit_code = self.exit_code or 1
+            self._stop.set()
+
+    # -- startup ------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Talk to the homeserver, then start processing. Raises HomeserverUnreachable."""
+        cfg = self.config
+        await wait_for_homeserver(self.session, cfg.homeserver.url, cfg.homeserver.startup_timeout)
+        await register_bot(self.client, cfg.appservice.bot_localpart)
+        if cfg.appservice.bot_displayname:
+            try:
+                await self.client.set_displayname(cfg.appservice.bot_displayname)
+            except MatrixError as e:
+                log.warning("could not set the bot's display name: %s", e)
+        await self._bootstrap_management_room()
+        try:
+            rtt = await ping_homeserver(self.client, cfg.appservice.id, f"startup-{time.time_ns()}")
+            log.info("homeserver reached the bridge through the appservice ping (%d ms)", rtt)
+        except MatrixRequestError as e:
+            log.error(
+                "appservice ping failed (%s: %s): check that the registration's url (%s) "
+                "reaches this bridge and the tokens match",
+                e.errcode,
+                e.message,
+                cfg.appservice.address,
+            )
+        self._spawn(self.worker.run(), "worker")
+        self._spawn(self.executor.run(), "executor")
+        if cfg.bridge.auto_enroll and self.admin is not None:
+            self._spawn(self._auto_enroll(), "auto-enroll")
+        self.ready = True
+        log.info("bridge ready (bot %s, management room %s)", cfg.bot_mxid, self.management_room)
+
+    async def _bootstrap_management_room(self) -> None:
+        cfg = self.config
+        room = cfg.bridge.management_room
+        if room.startswith("#"):
+            resolved = await self.client.resolve_room_alias(room)
+            room = str(resolved.room_id)
+        if not room:
+            room = await self.store.get_state(MANAGEMENT_ROOM_KEY) or ""
+        if room:
+            try:
+                await self.client.join_room_by_id(room)
+            except MatrixRequestError as e:
+                log.error("cannot join the management room %s: %s", room, e.message)
+        else:
+            admins = [u for u, r in cfg.bridge.permissions.items() if r == "admin" and "*" not in u]
+            room = str(
+                await self.client.create_room(
+                    name="Policy bridge management",
+                    topic="Commands and reports of the policy bridge. Type !policy help.",
+                    invitees=admins,
+                    is_direct=False,
+                    # Room version 12 makes the creator (the bot) all-powerful already;
+                    # listing it in users is refused.
+                    power_level_override={"users": dict.fromkeys(admins, 100)},
+                )
+            )
+            await self.store.set_state(MANAGEMENT_ROOM_KEY, room)
+            log.info("created the management room %s and invited %d admins", room, len(admins))
+        self.management_room = room
+        self.worker.joined_rooms.add(room)
+        await self.store.upsert_room(room, joined=True)
+
+    async def _auto_enroll(self) -> None:
+        assert self.admin is not None
+        rooms = await self.admin.list_rooms()
+        known = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
+        todo = [r for r in rooms if r not in known]
+        actions = []
+        for room in todo:
+            actions.append(
+                NewAction("make_room_admin", {"user_id": self.config.bot_mxid}, room_id=room)
+            )
+            actions.append(NewAction("join", {}, room_id=room))
+        if actions:
+            await self.executor.submit(actions)
+        log.info("auto-enrolment: %d of %d rooms queued", len(todo), len(rooms))
+
+    async def _report_failure(self, action: ActionRow, reason: str) -> None:
+        if not self.management_room or action.kind == "send_notice":
+            return
+        await self.executor.submit(
+            [notice(self.management_room, Reply.plain(f"⚠️ {action.kind} failed: {reason}"))]
+        )
+
+    # -- running ------------------------------------------------------------------------
+
+    def request_stop(self, code: int = 0) -> None:
+        self.exit_code = self.exit_code or code
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Open, start, serve until a stop signal; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.open()
+        try:
+            startup = asyncio.create_task(self.startup())
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if startup in done:
+                startup.result()  # raises HomeserverUnreachable etc.
+                await self._stop.wait()
+            else:
+                startup.cancel()
+        finally:
+            await self.close()
+        return self.exit_code
+
+    async def close(self) -> None:
+        """Stop taking transactions, let the commit in flight finish, stop tasks, close."""
+        self.accepting = False
+        self.ready = False
+        if self.runner is not None:
+            await self.runner.shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.sink.flush(), 10)
+        except Exception as e:
+            log.warning("could not write %d buffered audit records: %s", self.sink.pending, e)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.session.close()
+        await self.store.close()
+        log.info("bridge stopped")
+
+
+__all__ = ["Bridge", "HomeserverUnreachable", "build_engine", "build_registry"]

@@ -1,0 +1,135 @@
+"""Command line: run, generate-registration, check-config, demo (and later audit, dlp).
+
+Exit codes: 0 ok, 1 unexpected error, 2 usage error, 3 configuration error,
+4 homeserver unreachable, 5 database error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_HOMESERVER = 4
+EXIT_DATABASE = 5
+
+log = logging.getLogger("bridge")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="policy-bridge",
+        description="Enterprise policy bridge for Synapse (appservice + pre-send gate).",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-c", "--config", type=Path, help="config file (default: config.yaml)")
+    sub = p.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the bridge (the default)")
+    run.add_argument("-c", "--config", type=Path, dest="sub_config")
+
+    gen = sub.add_parser(
+        "generate-registration",
+        help="write a registration file with fresh tokens and store them in the config",
+    )
+    gen.add_argument("-c", "--config", type=Path, dest="sub_config")
+    gen.add_argument("-r", "--registration", type=Path, default=Path("registration.yaml"))
+
+    chk = sub.add_parser("check-config", help="validate the config; exit 0 if usable")
+    chk.add_argument("-c", "--config", type=Path, dest="sub_config")
+
+    demo = sub.add_parser("demo", help="run a throwaway Synapse with the bridge, for a try-out")
+    demo.add_argument("--port", type=int, default=0, help="Synapse port (default: a free one)")
+    demo.add_argument("--keep", action="store_true", help="keep the temp directory on exit")
+    return p
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return getattr(args, "sub_config", None) or args.config or Path("config.yaml")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    if command == "run":
+        return cmd_run(_config_path(args))
+    if command == "generate-registration":
+        return cmd_generate_registration(_config_path(args), args.registration)
+    if command == "check-config":
+        return cmd_check_config(_config_path(args))
+    if command == "demo":
+        from .demo import run_demo
+
+        return run_demo(port=args.port, keep=args.keep)
+    return EXIT_USAGE
+
+
+def cmd_check_config(path: Path) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    print(
+        f"{path}: OK (homeserver {config.homeserver.url}, bot {config.bot_mxid}, "
+        f"database {config.database.backend})"
+    )
+    return EXIT_OK
+
+
+def cmd_generate_registration(config_path: Path, registration_path: Path) -> int:
+    from .config import ConfigError
+    from .registration import generate_registration
+
+    try:
+        reg = generate_registration(config_path, registration_path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    print(
+        f"wrote {registration_path} (appservice id {reg['id']}, url {reg['url']}) "
+        f"and stored the tokens in {config_path}.\n"
+        f"Add it to homeserver.yaml under app_service_config_files and restart Synapse."
+    )
+    return EXIT_OK
+
+
+def cmd_run(path: Path) -> int:
+    from .app import Bridge
+    from .config import ConfigError, load_config
+    from .logs import setup_logging
+    from .matrix import HomeserverUnreachable
+    from .store import StoreError, StoreUnavailable
+
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.logging.level, config.logging.format)
+    bridge = Bridge(config, path)
+    try:
+        return asyncio.run(bridge.run())
+    except (StoreUnavailable, StoreError) as e:
+        log.error("database error: %s", e)
+        return EXIT_DATABASE
+    except HomeserverUnreachable as e:
+        log.error("%s", e)
+        return EXIT_HOMESERVER
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK

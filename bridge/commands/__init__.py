@@ -1,0 +1,27 @@
+"""Admin commands typed in Matrix rooms."""
+
+from .registry import (
+    Arg,
+    CommandContext,
+    CommandError,
+    CommandRegistry,
+    CommandSpec,
+    Flag,
+    ParsedCommand,
+    Reply,
+    role_allows,
+    tokenize,
+)
+
+__all__ = [
+    "Arg",
+    "CommandContext",
+    "CommandError",
+    "CommandRegistry",
+    "CommandSpec",
+    "Flag",
+    "ParsedCommand",
+    "Reply",
+    "role_allows",
+    "tokenize",
+]

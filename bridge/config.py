@@ -1,0 +1,441 @@
+"""Configuration: load, merge over the documented defaults, validate, resolve secrets.
+
+The file ``config.example.yaml`` shipped in the package is both the documentation and the
+default values: a user's file is merged over it, so every key has a documented default.
+Validation collects every problem (key path, bad value, what was expected) before failing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from .policy.model import server_name
+
+ENV_PREFIX = "POLICY_BRIDGE__"
+PLACEHOLDER_PREFIX = "CHANGE_ME"
+ROLES = ("admin", "auditor")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration in {source}:\n{lines}")
+
+
+def default_config_text() -> str:
+    """The text of the bundled ``config.example.yaml``."""
+    return resources.files("bridge").joinpath("config.example.yaml").read_text("utf-8")
+
+
+def _yaml() -> YAML:
+    y = YAML()  # round-trip mode keeps comments for generate-registration
+    y.preserve_quotes = True
+    y.indent(mapping=2, sequence=4, offset=2)
+    return y
+
+
+@dataclass(frozen=True, slots=True)
+class HomeserverConfig:
+    url: str
+    domain: str
+    admin_token: str
+    startup_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class AppserviceConfig:
+    id: str
+    address: str
+    hostname: str
+    port: int
+    as_token: str
+    hs_token: str
+    allow_query_token: bool
+    max_body_size: int
+    bot_localpart: str
+    bot_displayname: str
+
+
+@dataclass(frozen=True, slots=True)
+class GateConfig:
+    base_path: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    url: str
+    pool_size: int
+
+    @property
+    def backend(self) -> str:
+        return "postgresql" if self.url.startswith("postgresql") else "sqlite"
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    command_prefix: str
+    management_room: str
+    auto_enroll: bool
+    permissions: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorConfig:
+    max_attempts: int
+    initial_backoff: float
+    max_backoff: float
+    rate_per_second: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The validated configuration. Immutable: a reload builds a new one."""
+
+    homeserver: HomeserverConfig
+    appservice: AppserviceConfig
+    gate: GateConfig
+    database: DatabaseConfig
+    data_dir: Path
+    bridge: BridgeConfig
+    executor: ExecutorConfig
+    logging: LoggingConfig
+    source: str = "<defaults>"
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def bot_mxid(self) -> str:
+        return f"@{self.appservice.bot_localpart}:{self.homeserver.domain}"
+
+    def role_of(self, user_id: str) -> str | None:
+        """The role of a Matrix user ID: exact entry, else ``@*:domain``, else ``*``."""
+        perms = self.bridge.permissions
+        if user_id in perms:
+            return perms[user_id]
+        domain_key = f"@*:{server_name(user_id)}"
+        if domain_key in perms:
+            return perms[domain_key]
+        return perms.get("*")
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if (
+            isinstance(value, Mapping)
+            and isinstance(out.get(key), Mapping)
+            and key != "permissions"
+        ):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _plain(node: Any) -> Any:
+    """ruamel's round-trip types -> plain dict/list/scalars."""
+    if isinstance(node, Mapping):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _yaml().load(value) if value else ""
+    return out
+
+
+class _Validator:
+    def __init__(self, data: Mapping[str, Any], base_dir: Path, env: Mapping[str, str]) -> None:
+        self.data = data
+        self.base_dir = base_dir
+        self.env = env
+        self.problems: list[str] = []
+
+    def get(self, path: str) -> Any:
+        node: Any = self.data
+        for part in path.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def fail(self, path: str, value: Any, expected: str) -> None:
+        shown = "<secret>" if "token" in path else repr(value)
+        self.problems.append(f"{path}: got {shown}, expected {expected}")
+
+    def string(self, path: str, *, nonempty: bool = True) -> str:
+        value = self.get(path)
+        if value is None and not nonempty:
+            return ""
+        if not isinstance(value, str) or (nonempty and not value.strip()):
+            self.fail(path, value, "a non-empty string" if nonempty else "a string")
+            return ""
+        return value.strip()
+
+    def secret(self, path: str, *, required: bool = True) -> str:
+        value = self.string(path, nonempty=required)
+        if value.startswith("env:"):
+            name = value[4:]
+            if name not in self.env:
+                self.problems.append(f"{path}: environment variable {name} is not set")
+                return ""
+            value = self.env[name].strip()
+        elif value.startswith("file:"):
+            file = Path(value[5:])
+            if not file.is_absolute():
+                file = self.base_dir / file
+            try:
+                value = file.read_text("utf-8").strip()
+            except OSError as e:
+                self.problems.append(f"{path}: cannot read secret file {file}: {e.strerror}")
+                return ""
+        if required and value.startswith(PLACEHOLDER_PREFIX):
+            self.problems.append(
+                f"{path}: still the placeholder {value!r}; run "
+                "`python -m bridge generate-registration` or set a real secret"
+            )
+        return value
+
+    def integer(self, path: str, low: int, high: int) -> int:
+        value = self.get(path)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.fail(path, value, f"an integer from {low} to {high}")
+            return low
+        return value
+
+    def number(self, path: str, low: float, high: float) -> float:
+        value = self.get(path)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
+            self.fail(path, value, f"a number from {low} to {high}")
+            return low
+        return float(value)
+
+    def boolean(self, path: str) -> bool:
+        value = self.get(path)
+        if not isinstance(value, bool):
+            self.fail(path, value, "true or false")
+            return False
+        return value
+
+    def choice(self, path: str, options: tuple[str, ...]) -> str:
+        value = self.get(path)
+        if isinstance(value, str) and value.lower() in [o.lower() for o in options]:
+            return value.upper() if options[0].isupper() else value.lower()
+        self.fail(path, value, "one of " + ", ".join(options))
+        return options[0]
+
+    def url(self, path: str, schemes: tuple[str, ...]) -> str:
+        value = self.string(path)
+        parsed = urlparse(value)
+        if value and (parsed.scheme not in schemes or not parsed.netloc):
+            self.fail(path, value, "a URL starting with " + " or ".join(f"{s}://" for s in schemes))
+        return value.rstrip("/")
+
+
+def _check_unknown_keys(
+    data: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    problems = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in defaults:
+            problems.append(f"{path}: unknown option (typo?); see config.example.yaml")
+        elif (
+            isinstance(value, Mapping)
+            and isinstance(defaults[key], Mapping)
+            and key != "permissions"
+        ):
+            problems.extend(_check_unknown_keys(value, defaults[key], f"{path}."))
+    return problems
+
+
+def build_config(
+    user_data: Mapping[str, Any] | None,
+    *,
+    source: str = "<defaults>",
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge ``user_data`` over the defaults, apply env overrides, validate."""
+    env = os.environ if env is None else env
+    base_dir = base_dir or Path.cwd()
+    defaults = _plain(_yaml().load(default_config_text()))
+    problems: list[str] = []
+    user_plain = _plain(user_data or {})
+    if not isinstance(user_plain, Mapping):
+        raise ConfigError(source, ["the file must contain a mapping of sections at top level"])
+    problems.extend(_check_unknown_keys(user_plain, defaults))
+    overrides = _env_overrides(env)
+    problems.extend(
+        p.replace("unknown option", f"unknown option (from {ENV_PREFIX}… environment variable)")
+        for p in _check_unknown_keys(overrides, defaults)
+    )
+    data = _merge(_merge(defaults, user_plain), overrides)
+    v = _Validator(data, base_dir, env)
+
+    hs_url = v.url("homeserver.url", ("http", "https"))
+    domain = v.string("homeserver.domain")
+    homeserver = HomeserverConfig(
+        url=hs_url,
+        domain=domain,
+        admin_token=v.secret("homeserver.admin_token", required=False),
+        startup_timeout=v.number("homeserver.startup_timeout", 0, 86400),
+    )
+    base_path = v.string("gate.base_path")
+    if base_path and (not base_path.startswith("/") or base_path.startswith("/_matrix")):
+        v.fail("gate.base_path", base_path, "a path starting with / (not under /_matrix)")
+    appservice = AppserviceConfig(
+        id=v.string("appservice.id"),
+        address=v.url("appservice.address", ("http", "https")),
+        hostname=v.string("appservice.hostname"),
+        port=v.integer("appservice.port", 1, 65535),
+        as_token=v.secret("appservice.as_token"),
+        hs_token=v.secret("appservice.hs_token"),
+        allow_query_token=v.boolean("appservice.allow_query_token"),
+        max_body_size=v.integer("appservice.max_body_size", 1024, 1 << 30),
+        bot_localpart=v.string("appservice.bot_localpart"),
+        bot_displayname=v.string("appservice.bot_displayname", nonempty=False),
+    )
+    if appservice.as_token and appservice.as_token == appservice.hs_token:
+        v.problems.append("appservice.as_token and appservice.hs_token must differ")
+    gate = GateConfig(base_path=base_path.rstrip("/"), token=v.secret("gate.token"))
+
+    data_dir_raw = v.string("data_dir")
+    data_dir = Path(data_dir_raw)
+    if not data_dir.is_absolute():
+        data_dir = (base_dir / data_dir).resolve()
+    db_url = v.secret("database.url", required=False)
+    if not db_url:
+        db_url = f"sqlite+aiosqlite:///{data_dir / 'bridge.db'}"
+    elif not db_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+        v.fail(
+            "database.url", db_url.split("@")[-1], "sqlite+aiosqlite:///… or postgresql+asyncpg://…"
+        )
+    database = DatabaseConfig(url=db_url, pool_size=v.integer("database.pool_size", 1, 200))
+
+    perms_raw = v.get("bridge.permissions")
+    permissions: dict[str, str] = {}
+    if not isinstance(perms_raw, Mapping):
+        v.fail("bridge.permissions", perms_raw, "a mapping of user ID or pattern to role")
+    else:
+        for who, role in perms_raw.items():
+            key = f"bridge.permissions.{who}"
+            if not (who == "*" or (who.startswith("@") and ":" in who)):
+                v.fail(key, who, "a Matrix user ID (@user:domain), @*:domain or *")
+            elif who.startswith("@") and "*" in who and not who.startswith("@*:"):
+                v.fail(key, who, "wildcards only as @*:domain or *")
+            if role not in ROLES:
+                v.fail(key, role, "one of " + ", ".join(ROLES))
+            permissions[str(who)] = str(role)
+    prefix = v.string("bridge.command_prefix")
+    if prefix and any(c.isspace() for c in prefix):
+        v.fail("bridge.command_prefix", prefix, "a prefix without spaces, like !policy")
+    mgmt = v.string("bridge.management_room", nonempty=False)
+    if mgmt and not (mgmt.startswith("!") or mgmt.startswith("#")):
+        v.fail("bridge.management_room", mgmt, "a room ID (!…) or alias (#…), or empty")
+    bridge = BridgeConfig(
+        command_prefix=prefix,
+        management_room=mgmt,
+        auto_enroll=v.boolean("bridge.auto_enroll"),
+        permissions=permissions,
+    )
+    executor = ExecutorConfig(
+        max_attempts=v.integer("executor.max_attempts", 1, 100),
+        initial_backoff=v.number("executor.initial_backoff", 0.01, 3600),
+        max_backoff=v.number("executor.max_backoff", 0.01, 86400),
+        rate_per_second=v.number("executor.rate_per_second", 0.01, 10000),
+    )
+    logging_cfg = LoggingConfig(
+        level=v.choice("logging.level", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        format=v.choice("logging.format", ("text", "json")),
+    )
+    problems.extend(v.problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(
+        homeserver=homeserver,
+        appservice=appservice,
+        gate=gate,
+        database=database,
+        data_dir=data_dir,
+        bridge=bridge,
+        executor=executor,
+        logging=logging_cfg,
+        source=source,
+        raw=data,
+    )
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file, raising ConfigError with the file, line and column on failure."""
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read: {e.strerror}"]) from None
+    try:
+        return _yaml().load(text)
+    except YAMLError as e:
+        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
+
+
+def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a config file."""
+    path = Path(path)
+    data = read_yaml(path)
+    return build_config(data, source=str(path), base_dir=path.resolve().parent, env=env)
+
+
+def update_config_file(path: Path, updates: Mapping[str, Mapping[str, Any]]) -> None:
+    """Set ``section.key`` values in a config file, keeping its comments and layout."""
+    y = _yaml()
+    doc = y.load(path.read_text("utf-8")) if path.exists() else None
+    if doc is None:
+        doc = y.load(default_config_text())
+    for section, values in updates.items():
+        if section not in doc or doc[section] is None:
+            doc[section] = {}
+        for key, value in values.items():
+            doc[section][key] = value
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        y.dump(doc, fh)
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)

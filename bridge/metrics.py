@@ -1,0 +1,62 @@
+"""Prometheus metrics, one registry for the process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+TRANSACTIONS = Counter(
+    "bridge_transactions_total",
+    "Appservice transactions received, by result",
+    ["result"],
+    registry=REGISTRY,
+)
+EVENTS_INGESTED = Counter(
+    "bridge_events_ingested_total", "Events committed to the store", registry=REGISTRY
+)
+INGEST_LATENCY = Histogram(
+    "bridge_ingest_seconds",
+    "Time from receiving a transaction to answering it",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "bridge_queue_depth", "Committed transactions not yet processed", registry=REGISTRY
+)
+QUEUE_LAG = Gauge(
+    "bridge_queue_lag_seconds",
+    "Age of the oldest unprocessed transaction",
+    registry=REGISTRY,
+)
+GATE_DECISIONS = Counter(
+    "bridge_gate_decisions_total",
+    "Gate answers by callback, result and rule",
+    ["callback", "result", "rule"],
+    registry=REGISTRY,
+)
+GATE_LATENCY = Histogram(
+    "bridge_gate_seconds",
+    "Time to answer a gate callback",
+    ["callback"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1),
+    registry=REGISTRY,
+)
+DLP_HITS = Counter("bridge_dlp_hits_total", "DLP rule matches", ["rule"], registry=REGISTRY)
+EXECUTOR_ACTIONS = Counter(
+    "bridge_executor_actions_total",
+    "Executor attempts by kind and outcome",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+RATE_LIMIT_WAITS = Counter(
+    "bridge_rate_limit_waits_total",
+    "Times the homeserver answered M_LIMIT_EXCEEDED",
+    registry=REGISTRY,
+)
+COMMANDS = Counter(
+    "bridge_commands_total",
+    "Admin commands by name and outcome",
+    ["command", "outcome"],
+    registry=REGISTRY,
+)

@@ -1,0 +1,147 @@
+"""Pull every human-readable text out of a client-format Matrix event (pure, never raises).
+
+What is scanned, by event type:
+
+* any event type (custom types too -- data leaks whether or not a client renders it):
+  ``content.body``, ``content.formatted_body`` (HTML reduced to text), ``content.filename``,
+  the extensible-event text forms ``m.text`` / ``org.matrix.msc1767.text``, and the same fields
+  of an edit's ``content["m.new_content"]``;
+* polls (``m.poll.start``, ``org.matrix.msc3381.poll.start``, ``m.poll``): question and answer
+  texts in both the ``m.text`` list and the plain ``body``/``msc1767.text`` forms;
+* ``m.room.name`` ``name``; ``m.room.topic`` ``topic`` and ``m.topic``;
+  ``m.room.member`` ``displayname`` and ``reason``; ``m.reaction`` ``m.relates_to.key``.
+
+Not scanned: ``m.room.encrypted`` (ciphertext), canonical aliases, pinned events, IDs, URLs of
+media (``mxc://``), and any other structured field. The total is capped at
+:data:`MAX_SCAN_CHARS` characters so one huge event cannot stall the gate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .normalize import html_to_text
+
+__all__ = ["MAX_SCAN_CHARS", "extract_texts"]
+
+MAX_SCAN_CHARS = 256 * 1024
+_POLL_KEYS = ("m.poll.start", "org.matrix.msc3381.poll.start", "m.poll")
+_TEXT_KEYS = ("m.text", "org.matrix.msc1767.text")
+_HTML_MIMETYPES = frozenset({"text/html", "org.matrix.custom.html"})
+_MAX_LIST = 256  # answers, m.text representations: more than any real client sends
+
+
+class _Collector:
+    """Accumulates distinct texts up to a character budget."""
+
+    __slots__ = ("budget", "seen", "texts")
+
+    def __init__(self, budget: int) -> None:
+        self.texts: list[str] = []
+        self.seen: set[str] = set()
+        self.budget = budget
+
+    def add(self, value: object, *, html: bool = False) -> None:
+        if not isinstance(value, str) or not value or self.budget <= 0:
+            return
+        if html:
+            value = html_to_text(value[: self.budget * 4])  # markup shrinks; bound the parse
+            if not value:
+                return
+        if value in self.seen:
+            return
+        if len(value) > self.budget:
+            value = value[: self.budget]
+        self.seen.add(value)
+        self.texts.append(value)
+        self.budget -= len(value)
+
+
+def _add_text_forms(out: _Collector, obj: Mapping[str, Any]) -> None:
+    """``m.text`` lists (``[{"body", "mimetype"}]``) and ``msc1767.text`` strings."""
+    for key in _TEXT_KEYS:
+        value = obj.get(key)
+        if isinstance(value, str):
+            out.add(value)
+        elif isinstance(value, list):
+            for rep in value[:_MAX_LIST]:
+                if isinstance(rep, Mapping):
+                    out.add(rep.get("body"), html=rep.get("mimetype") in _HTML_MIMETYPES)
+                elif isinstance(rep, str):
+                    out.add(rep)
+
+
+def _add_message_fields(out: _Collector, content: Mapping[str, Any]) -> None:
+    out.add(content.get("body"))
+    out.add(content.get("formatted_body"), html=True)
+    out.add(content.get("filename"))
+    _add_text_forms(out, content)
+
+
+def _add_poll(out: _Collector, poll: object) -> None:
+    if not isinstance(poll, Mapping):
+        return
+    question = poll.get("question")
+    if isinstance(question, Mapping):
+        out.add(question.get("body"))
+        _add_text_forms(out, question)
+    elif isinstance(question, str):
+        out.add(question)
+    answers = poll.get("answers")
+    if isinstance(answers, list):
+        for answer in answers[:_MAX_LIST]:
+            if isinstance(answer, Mapping):
+                out.add(answer.get("body"))
+                _add_text_forms(out, answer)
+            elif isinstance(answer, str):
+                out.add(answer)
+
+
+def _add_content(out: _Collector, etype: str, content: Mapping[str, Any]) -> None:
+    _add_message_fields(out, content)
+    for key in _POLL_KEYS:
+        _add_poll(out, content.get(key))
+    if etype == "m.room.name":
+        out.add(content.get("name"))
+    elif etype == "m.room.topic":
+        out.add(content.get("topic"))
+        topic = content.get("m.topic")
+        if isinstance(topic, Mapping):
+            _add_text_forms(out, topic)
+        elif isinstance(topic, list):  # tolerate the bare-list shape
+            _add_text_forms(out, {"m.text": topic})
+    elif etype == "m.room.member":
+        out.add(content.get("displayname"))
+        out.add(content.get("reason"))
+    elif etype == "m.reaction":
+        relates = content.get("m.relates_to")
+        if isinstance(relates, Mapping):
+            out.add(relates.get("key"))
+
+
+def extract_texts(event: Mapping[str, Any], *, max_chars: int = MAX_SCAN_CHARS) -> list[str]:
+    """Every human-readable text of ``event`` that DLP must scan, in a stable order.
+
+    Exact duplicates (a ``formatted_body`` equal to its ``body``) are returned once. The
+    sum of the lengths is at most ``max_chars``. Encrypted events yield nothing; content of
+    any unexpected shape is skipped, never raised on.
+    """
+    try:
+        if not isinstance(event, Mapping):
+            return []
+        etype = event.get("type")
+        etype = etype if isinstance(etype, str) else ""
+        if etype == "m.room.encrypted":
+            return []
+        content = event.get("content")
+        if not isinstance(content, Mapping):
+            return []
+        out = _Collector(max_chars)
+        _add_content(out, etype, content)
+        new_content = content.get("m.new_content")
+        if isinstance(new_content, Mapping):
+            _add_content(out, etype, new_content)
+        return out.texts
+    except Exception:  # a hostile Mapping implementation must not break the gate
+        return []

@@ -1,0 +1,70 @@
+"""Generate the appservice registration file and matching tokens."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from .config import Config, load_config, update_config_file
+
+
+def new_token() -> str:
+    """A fresh random token (256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def registration_dict(config: Config, as_token: str, hs_token: str) -> dict[str, Any]:
+    """The registration Synapse loads via ``app_service_config_files``."""
+    domain = re.escape(config.homeserver.domain)
+    bot = re.escape(config.appservice.bot_localpart)
+    return {
+        "id": config.appservice.id,
+        "url": config.appservice.address,
+        "as_token": as_token,
+        "hs_token": hs_token,
+        "sender_localpart": config.appservice.bot_localpart,
+        "rate_limited": False,
+        "namespaces": {
+            "users": [{"exclusive": True, "regex": f"@{bot}:{domain}"}],
+            "aliases": [],
+            # Non-exclusive "every room": the bridge sees every event on the server.
+            "rooms": [{"exclusive": False, "regex": "!.*"}],
+        },
+        "receive_ephemeral": False,
+    }
+
+
+def generate_registration(config_path: Path, registration_path: Path) -> dict[str, Any]:
+    """Write a registration with fresh tokens and store the same tokens in the config.
+
+    The config keeps its comments. Both files are written with mode 0600.
+    """
+    as_token, hs_token, gate_token = new_token(), new_token(), new_token()
+    if not config_path.exists():
+        from .config import default_config_text
+
+        config_path.write_text(default_config_text(), "utf-8")
+        os.chmod(config_path, 0o600)
+    update_config_file(
+        config_path,
+        {
+            "appservice": {"as_token": as_token, "hs_token": hs_token},
+            "gate": {"token": gate_token},
+        },
+    )
+    config = load_config(config_path)
+    reg = registration_dict(config, as_token, hs_token)
+    y = YAML()
+    y.default_flow_style = False
+    tmp = registration_path.with_suffix(registration_path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write("# Appservice registration for the policy bridge. Generated; keep it secret.\n")
+        y.dump(reg, fh)
+    os.chmod(tmp, 0o600)
+    tmp.replace(registration_path)
+    return reg

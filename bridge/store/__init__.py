@@ -1,0 +1,29 @@
+"""Durable storage: events, audit records, the work queue and executor actions."""
+
+from .store import (
+    ActionRow,
+    AuditEntry,
+    IngestResult,
+    NewAction,
+    Store,
+    StoredEvent,
+    StoreError,
+    StoreStats,
+    StoreUnavailable,
+    WorkItem,
+    now_ms,
+)
+
+__all__ = [
+    "ActionRow",
+    "AuditEntry",
+    "IngestResult",
+    "NewAction",
+    "Store",
+    "StoreError",
+    "StoreStats",
+    "StoreUnavailable",
+    "StoredEvent",
+    "WorkItem",
+    "now_ms",
+]

@@ -1,0 +1,325 @@
+"""The ingest worker: turns committed transactions into decisions and actions.
+
+It reads the work queue in order, judges each event with the policy engine, runs admin
+commands, and commits the resulting executor actions and audit records in the same commit
+that marks the transaction processed. A crash before that commit means the transaction is
+processed again from scratch; after it, never again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .commands import CommandContext, CommandError, CommandRegistry, Reply, role_allows, tokenize
+from .commands.registry import MAX_COMMAND_LENGTH, summarize_args
+from .config import Config
+from .policy.engine import PolicyEngine
+from .policy.model import Action, Verdict, server_name
+from .store import AuditEntry, NewAction, Store, StoreUnavailable, WorkItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """What processing one transaction produced, committed together."""
+
+    actions: list[NewAction] = field(default_factory=list)
+    audit: list[AuditEntry] = field(default_factory=list)
+    state: dict[str, str] = field(default_factory=dict)
+
+
+def notice(room_id: str, reply: Reply, *, reply_to: str | None = None, **extra: Any) -> NewAction:
+    """An executor action sending a notice (text + HTML) to a room."""
+    payload: dict[str, Any] = {"body": reply.text, "html": reply.html, **extra}
+    if reply_to:
+        payload["reply_to"] = reply_to
+    return NewAction("send_notice", payload, room_id=room_id)
+
+
+class Worker:
+    """Processes the work queue."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Callable[[], Config],
+        engine: Callable[[], PolicyEngine],
+        registry: CommandRegistry,
+        services: Any,
+        on_actions: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.engine = engine
+        self.registry = registry
+        self.services = services
+        self.on_actions = on_actions
+        self._wake = asyncio.Event()
+        self.joined_rooms: set[str] = set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def load(self) -> None:
+        """Read which rooms the bot is joined to."""
+        self.joined_rooms = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
+
+    async def run(self) -> None:
+        """Process the queue forever, waking on new commits (and every few seconds)."""
+        backoff = 0.5
+        while True:
+            try:
+                done = await self.run_once()
+                backoff = 0.5
+            except StoreUnavailable as e:
+                log.warning("store unavailable in worker (%s); retrying in %.1fs", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30)
+                continue
+            if done:
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), 5)
+            except TimeoutError:
+                pass
+
+    async def run_once(self, limit: int = 20) -> int:
+        """Process up to ``limit`` pending transactions; returns how many."""
+        items = await self.store.pending_work(limit)
+        for item in items:
+            await self.process(item)
+        if items:
+            stats = await self.store.stats()
+            metrics.QUEUE_DEPTH.set(stats.queue_depth)
+            metrics.QUEUE_LAG.set(stats.queue_lag_s)
+        return len(items)
+
+    async def process(self, item: WorkItem) -> None:
+        """Process one transaction and commit everything it produced at once."""
+        batch = Batch()
+        for stored in item.events:
+            event = stored.event
+            try:
+                await self.handle_event(event, batch)
+            except Exception as e:
+                # An event we cannot handle must not block the queue: record and move on.
+                log.exception(
+                    "could not process event %s in %s", event.get("event_id"), event.get("room_id")
+                )
+                batch.audit.append(
+                    AuditEntry(
+                        kind="error",
+                        room_id=_s(event.get("room_id")),
+                        data={
+                            "event_id": event.get("event_id"),
+                            "seq": stored.seq,
+                            "error": e.__class__.__name__,
+                        },
+                    )
+                )
+        await self.store.complete_work([item.queue_id], batch.actions, batch.audit, batch.state)
+        if batch.actions:
+            self.on_actions()
+
+    # -- per event ----------------------------------------------------------------------
+
+    async def handle_event(self, event: Mapping[str, Any], batch: Batch) -> None:
+        cfg = self.config()
+        etype = event.get("type")
+        sender = _s(event.get("sender")) or ""
+        room_id = _s(event.get("room_id")) or ""
+        if etype == "m.room.member":
+            await self._membership(event, batch, cfg)
+        if etype == "m.room.create" and cfg.bridge.auto_enroll and cfg.homeserver.admin_token:
+            self._enroll(room_id, batch, cfg)
+        if sender == cfg.bot_mxid:
+            return
+        if etype == "m.room.message" and self._is_command(event, cfg):
+            await self._command(event, batch, cfg)
+            return
+        verdict = self.engine().check_event(event)
+        if verdict.findings:
+            self._enforce(event, verdict, batch, cfg)
+
+    def _is_command(self, event: Mapping[str, Any], cfg: Config) -> bool:
+        content = event.get("content")
+        body = content.get("body") if isinstance(content, dict) else None
+        if not isinstance(body, str):
+            return False
+        prefix = cfg.bridge.command_prefix
+        return body == prefix or body.startswith(prefix + " ")
+
+    async def _membership(self, event: Mapping[str, Any], batch: Batch, cfg: Config) -> None:
+        room_id = _s(event.get("room_id"))
+        content = event.get("content")
+        membership = content.get("membership") if isinstance(content, dict) else None
+        if not room_id or event.get("state_key") != cfg.bot_mxid:
+            return
+        if membership == "invite":
+            inviter = _s(event.get("sender")) or ""
+            if server_name(inviter) == cfg.homeserver.domain or cfg.role_of(inviter):
+                log.info("invited to %s by %s; joining", room_id, inviter)
+                batch.actions.append(NewAction("join", {}, room_id=room_id))
+            else:
+                log.info("ignoring invite to %s from remote user %s", room_id, inviter)
+        elif membership == "join":
+            self.joined_rooms.add(room_id)
+            await self.store.upsert_room(room_id, joined=True)
+        elif membership in ("leave", "ban"):
+            self.joined_rooms.discard(room_id)
+            await self.store.upsert_room(room_id, joined=False)
+
+    def _enroll(self, room_id: str, batch: Batch, cfg: Config) -> None:
+        if not room_id:
+            return
+        batch.actions.append(
+            NewAction("make_room_admin", {"user_id": cfg.bot_mxid}, room_id=room_id)
+        )
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def _command(self, event: Mapping[str, Any], batch: Batch, cfg: Config) -> None:
+        room_id = _s(event.get("room_id")) or ""
+        sender = _s(event.get("sender")) or ""
+        event_id = _s(event.get("event_id")) or ""
+        body = event["content"]["body"]
+        prefix = cfg.bridge.command_prefix
+        mgmt = self.services.management_room
+        in_mgmt = room_id == mgmt
+        if not in_mgmt and room_id not in self.joined_rooms:
+            return  # we cannot answer where we are not joined
+        role = cfg.role_of(sender)
+        name = "?"
+        outcome = "error"
+        started = time.perf_counter()
+        try:
+            if len(body) > MAX_COMMAND_LENGTH:
+                raise CommandError(f"the command is too long (over {MAX_COMMAND_LENGTH} chars)")
+            if role is None:
+                outcome = "refused"
+                raise CommandError(
+                    f"sorry, {sender} is not allowed to use policy commands. "
+                    "Ask a bridge admin to grant you a role."
+                )
+            tokens = tokenize(body[len(prefix) :])
+            parsed = self.registry.parse(tokens, prefix)
+            name = parsed.spec.name
+            if not role_allows(role, parsed.spec.role):
+                outcome = "refused"
+                raise CommandError(
+                    f"sorry, `{prefix} {name}` needs the {parsed.spec.role} role; you have {role}."
+                )
+            if not in_mgmt and not parsed.spec.room_scoped:
+                outcome = "refused"
+                raise CommandError(f"`{prefix} {name}` only works in the management room.")
+            ctx = CommandContext(
+                sender=sender,
+                room_id=room_id,
+                event_id=event_id,
+                role=role,
+                in_management_room=in_mgmt,
+                args=parsed.args,
+                flags=parsed.flags,
+                services=self.services,
+            )
+            reply = await parsed.spec.handler(ctx)
+            outcome = "ok"
+            batch.actions.extend(ctx.actions)
+            batch.state.update(ctx.state_updates)
+            details = {**summarize_args(parsed), **ctx.audit}
+        except CommandError as e:
+            reply = Reply.plain(f"⚠️ {e}")
+            details = {}
+        except Exception:
+            log.exception("command %s failed", name)
+            reply = Reply.plain("⚠️ the command failed unexpectedly; the error is in the logs.")
+            details = {}
+        metrics.COMMANDS.labels(name, outcome).inc()
+        batch.actions.append(notice(room_id, reply, reply_to=event_id))
+        batch.audit.append(
+            AuditEntry(
+                kind="command",
+                room_id=room_id,
+                sender=sender,
+                type=name,
+                data={
+                    "event_id": event_id,
+                    "command": name,
+                    "role": role,
+                    "outcome": outcome,
+                    "reply": reply.text[:2000],
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                    **details,
+                },
+            )
+        )
+
+    # -- enforcement on the ingest path -------------------------------------------------
+
+    def _enforce(
+        self, event: Mapping[str, Any], verdict: Verdict, batch: Batch, cfg: Config
+    ) -> None:
+        room_id = _s(event.get("room_id")) or ""
+        event_id = _s(event.get("event_id")) or ""
+        sender = _s(event.get("sender")) or ""
+        done: list[str] = []
+        if verdict.wants(Action.BLOCK) or verdict.wants(Action.REDACT):
+            rule = (verdict.first_block or verdict.findings[0]).rule
+            batch.actions.append(
+                NewAction(
+                    "redact",
+                    {"event_id": event_id, "reason": f"removed by company policy ({rule})"},
+                    room_id=room_id,
+                )
+            )
+            done.append("redact")
+        for f in verdict.findings:
+            if Action.WARN in f.actions and room_id in self.joined_rooms:
+                batch.actions.append(
+                    NewAction(
+                        "send_notice",
+                        {
+                            "body": f"{sender}: {f.message}",
+                            "html": Reply.plain(f"{sender}: {f.message}").html,
+                            "thread_root": event_id,
+                            "mentions": [sender],
+                        },
+                        room_id=room_id,
+                    )
+                )
+                done.append("warn")
+            if Action.NOTIFY in f.actions and self.services.management_room:
+                text = f"Policy {f.rule} matched a message from {sender} in {room_id}" + (
+                    f": {f.excerpt}" if f.excerpt else ""
+                )
+                batch.actions.append(notice(self.services.management_room, Reply.plain(text)))
+                done.append("notify")
+        batch.audit.append(
+            AuditEntry(
+                kind="decision",
+                room_id=room_id,
+                sender=sender,
+                type=_s(event.get("type")),
+                data={
+                    "event_id": event_id,
+                    "path": "ingest",
+                    "actions": done,
+                    "findings": [
+                        {"rule": f.rule, "actions": sorted(f.actions), "excerpt": f.excerpt}
+                        for f in verdict.findings
+                    ],
+                },
+            )
+        )
+
+
+def _s(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
