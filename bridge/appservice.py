@@ -99,7 +99,7 @@ class AppserviceAPI:
             return matrix_error(413, "M_TOO_LARGE", "transaction body too large")
         try:
             payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             metrics.TRANSACTIONS.labels("bad_json").inc()
             return matrix_error(400, "M_NOT_JSON", "body is not valid JSON")
         events = payload.get("events") if isinstance(payload, dict) else None

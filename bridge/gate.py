@@ -71,7 +71,7 @@ class Gate:
             return matrix_error(403, "M_FORBIDDEN", "invalid gate token")
         try:
             body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return matrix_error(400, "M_NOT_JSON", "body is not valid JSON")
         req_id = body.get("id") if isinstance(body, dict) else None
         return web.json_response({"id": req_id, "status": "ok"})
@@ -84,7 +84,7 @@ class Gate:
         started = time.perf_counter()
         try:
             body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return matrix_error(400, "M_NOT_JSON", "body is not valid JSON")
         if not isinstance(body, dict):
             return matrix_error(400, "M_BAD_JSON", "expected a JSON object")

@@ -11,7 +11,9 @@ import logging
 import sys
 import time
 
-QUIET_LOGGERS = ("mau", "bridge.http", "aiohttp.access", "sqlalchemy", "aiosqlite", "asyncio")
+QUIET_LOGGERS = ("mau", "bridge.http", "asyncio")
+# These log SQL parameters (message text) at INFO: never below WARNING.
+SILENT_LOGGERS = ("sqlalchemy", "aiosqlite", "asyncpg", "aiohttp.access")
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,4 +44,5 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for name in SILENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

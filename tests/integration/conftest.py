@@ -17,10 +17,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from matrix_client import MatrixTestClient, wait_for  # noqa: E402
-from synapse_fixtures import require_synapse  # noqa: E402
+from matrix_client import MatrixTestClient, wait_for
+from synapse_fixtures import require_synapse
 
-from bridge.devstack import BridgeProcess, DevStack, prepare_stack  # noqa: E402
+from bridge.devstack import BridgeProcess, DevStack, prepare_stack
 
 
 @dataclass

@@ -18,9 +18,10 @@ async def bot_replies(
             e
             for e in events
             if e.get("sender") == bot
-            and e.get("content", {}).get("m.relates_to", {}).get("m.in_reply_to", {}).get(
-                "event_id"
-            )
+            and e.get("content", {})
+            .get("m.relates_to", {})
+            .get("m.in_reply_to", {})
+            .get("event_id")
             == after_event
         ]
         return found or None

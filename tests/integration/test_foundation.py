@@ -67,3 +67,57 @@ async def test_messages_are_stored_exactly_once(stack: Stack) -> None:
         await wait_for(all_stored, timeout=30, message="all messages stored")
     ids = stored_event_ids(stack)
     assert len(ids) == len(set(ids))
+
+
+async def test_wrong_hs_token_is_refused_and_stores_nothing(stack: Stack) -> None:
+    import aiohttp
+
+    before = len(stored_event_ids(stack))
+    body = {
+        "events": [{"event_id": "$forged", "room_id": "!x:localhost", "type": "m.room.message"}]
+    }
+    async with aiohttp.ClientSession() as s:
+        async with s.put(
+            f"{stack.dev.bridge_url}/_matrix/app/v1/transactions/forged",
+            json=body,
+            headers={"Authorization": "Bearer not-the-token"},
+        ) as r:
+            assert r.status == 403
+            assert (await r.json())["errcode"] == "M_FORBIDDEN"
+    assert "$forged" not in stored_event_ids(stack)
+    assert len(stored_event_ids(stack)) == before
+
+
+async def test_sigkill_under_load_loses_and_duplicates_nothing(stack: Stack) -> None:
+    import asyncio
+
+    async with stack.client(stack.admin) as admin:
+        room = await admin.create_room(name="crash test")
+        sent: list[str] = []
+
+        async def sender() -> None:
+            for i in range(120):
+                sent.append(await admin.send_text(room, f"load {i}"))
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(sender())
+        await wait_for(lambda_async(lambda: len(sent) >= 40), timeout=30, message="40 sends")
+        stack.bridge.kill()  # SIGKILL mid-stream: no cleanup, no flush
+        await asyncio.sleep(1.0)  # Synapse keeps accepting messages while we are down
+        await asyncio.to_thread(stack.bridge.start)
+        await task
+
+        async def all_stored() -> bool:
+            return set(sent) <= set(stored_event_ids(stack))
+
+        await wait_for(all_stored, timeout=90, interval=0.5, message="every message stored")
+    ids = stored_event_ids(stack)
+    assert len(ids) == len(set(ids)), "an event was stored twice"
+    assert len(sent) == 120
+
+
+def lambda_async(fn):  # type: ignore[no-untyped-def]
+    async def wrapped():  # type: ignore[no-untyped-def]
+        return fn()
+
+    return wrapped

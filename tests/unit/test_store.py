@@ -1,0 +1,107 @@
+"""The store on SQLite and PostgreSQL: atomic ingest, idempotence, queue, actions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge.store import AuditEntry, NewAction, Store
+
+
+def ev(i: int, room: str = "!r:x", **extra: Any) -> dict[str, Any]:
+    return {
+        "event_id": f"$e{i}",
+        "room_id": room,
+        "sender": "@u:x",
+        "type": "m.room.message",
+        "origin_server_ts": 1_700_000_000_000 + i,
+        "content": {"msgtype": "m.text", "body": f"hello {i}"},
+        **extra,
+    }
+
+
+async def test_ingest_is_idempotent_on_txn_and_event_id(store: Store) -> None:
+    r1 = await store.ingest_transaction("t1", [ev(1), ev(2), ev(2)])
+    assert (r1.duplicate, r1.stored, r1.skipped) == (False, 2, 1)
+    again = await store.ingest_transaction("t1", [ev(1), ev(2)])
+    assert again.duplicate and again.stored == 0
+    r2 = await store.ingest_transaction("t2", [ev(2), ev(3)])
+    assert (r2.stored, r2.skipped) == (1, 1)
+    assert await store.count_events("$e2") == 1
+    stats = await store.stats()
+    assert stats.events == 3
+    assert stats.queue_depth == 2
+
+
+async def test_events_are_stored_losslessly_and_in_order(store: Store) -> None:
+    weird = {
+        "event_id": "$w",
+        "room_id": "!r:x",
+        "type": "org.example.unknown",
+        "content": {"nested": [1, {"ü": "😀"}], "n": None},
+        "unsigned": {"age": 5},
+    }
+    no_id = {"type": "m.typing", "content": {}}
+    await store.ingest_transaction("t", [ev(1), weird, no_id])
+    [item] = await store.pending_work()
+    assert [s.event for s in item.events] == [ev(1), weird, no_id]
+    assert [s.seq for s in item.events] == sorted(s.seq for s in item.events)
+
+
+async def test_complete_work_is_atomic_with_actions_and_audit(store: Store) -> None:
+    await store.ingest_transaction("t", [ev(1)])
+    [item] = await store.pending_work()
+    action = NewAction("redact", {"event_id": "$e1"}, room_id="!r:x")
+    await store.complete_work(
+        [item.queue_id],
+        [action],
+        [AuditEntry("decision", {"x": 1}, room_id="!r:x")],
+        {"k": "v"},
+    )
+    assert await store.pending_work() == []
+    assert (await store.get_action(action.id)).status == "pending"
+    assert await store.get_state("k") == "v"
+    kinds = [r["kind"] async for r in store.iter_records()]
+    assert kinds == ["event", "decision"]
+
+
+async def test_sequence_continues_after_reopen(store: Store) -> None:
+    await store.ingest_transaction("t1", [ev(1), ev(2)])
+    url = store.engine.url.render_as_string(hide_password=False)
+    await store.close()
+    reopened = await Store.open(url)
+    try:
+        await reopened.ingest_transaction("t2", [ev(3)])
+        await reopened.append([AuditEntry("command", {"c": 1})])
+        seqs = [r["seq"] async for r in reopened.iter_records()]
+        assert seqs == [1, 2, 3, 4]
+        # The txnId is remembered across restarts.
+        assert (await reopened.ingest_transaction("t1", [ev(9)])).duplicate
+    finally:
+        await reopened.close()
+
+
+async def test_action_lifecycle(store: Store) -> None:
+    a = NewAction("send_notice", {"body": "hi"}, room_id="!r:x")
+    await store.enqueue_actions([a])
+    [due] = await store.due_actions(now=10**12)
+    assert due.id == a.id and due.payload == {"body": "hi"}
+    await store.finish_action(a.id, status="pending", attempts=1, next_at=10**13, error="HTTP 502")
+    assert await store.due_actions(now=10**12) == []
+    assert await store.next_action_time() == 10**13
+    await store.finish_action(
+        a.id, status="failed", attempts=2, error="forbidden", audit=AuditEntry("action", {"o": 1})
+    )
+    stats = await store.stats()
+    assert (stats.actions_pending, stats.actions_failed) == (0, 1)
+    [failed] = await store.actions_by_status("failed")
+    assert failed.last_error == "forbidden"
+
+
+async def test_rooms(store: Store) -> None:
+    await store.upsert_room("!a:x", joined=True)
+    await store.upsert_room("!a:x", lacking="send state events")
+    await store.upsert_room("!b:x")
+    rooms = {r["room_id"]: r for r in await store.list_rooms()}
+    assert rooms["!a:x"]["joined"] is True
+    assert rooms["!a:x"]["lacking"] == "send state events"
+    assert rooms["!b:x"]["joined"] is False
