@@ -23,6 +23,7 @@ from .appservice import AppserviceAPI
 from .audit_sink import AuditSink
 from .commands import CommandRegistry, Reply
 from .commands import core as core_commands
+from .commands import dlp as dlp_commands
 from .config import Config
 from .executor import Executor
 from .gate import Gate
@@ -34,7 +35,7 @@ from .matrix import (
     register_bot,
     wait_for_homeserver,
 )
-from .policy.engine import PolicyEngine, PolicySet
+from .policies import RUNTIME_DLP_KEY, LivePolicy
 from .store import ActionRow, NewAction, Store
 from .web import health_routes
 from .worker import Worker, notice
@@ -44,15 +45,11 @@ log = logging.getLogger(__name__)
 MANAGEMENT_ROOM_KEY = "management_room"
 
 
-def build_engine(config: Config) -> PolicyEngine:
-    """The policy engine for a configuration (and, later, runtime overrides)."""
-    return PolicyEngine(PolicySet(own_server=config.homeserver.domain, bot_mxid=config.bot_mxid))
-
-
 def build_registry() -> CommandRegistry:
     """Every command group the bridge offers."""
     registry = CommandRegistry()
     core_commands.register(registry)
+    dlp_commands.register(registry)
     return registry
 
 
@@ -68,7 +65,7 @@ class Bridge:
         self.ready = False
         self.accepting = True
         self.exit_code = 0
-        self.engine = build_engine(config)
+        self.policy = LivePolicy(config)
         self.registry = build_registry()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -90,7 +87,10 @@ class Bridge:
             accepting=lambda: self.accepting,
         )
         self.gate = Gate(
-            self.config.gate.base_path, self.config.gate.token, lambda: self.engine, self.sink
+            self.config.gate.base_path,
+            self.config.gate.token,
+            lambda: self.policy.engine,
+            self.sink,
         )
         app.add_routes(self.appservice_api.routes())
         app.add_routes(self.gate.routes())
@@ -99,9 +99,10 @@ class Bridge:
 
     async def open(self) -> None:
         """Open the store and start listening. Raises StoreUnavailable / OSError."""
-        self.store = await Store.open(
-            self.config.database.url, pool_size=self.config.database.pool_size
-        )
+        from .audit.setup import open_store
+
+        # the encrypted audit store: keyring + checkpoint signing key from `audit:`
+        self.store = await open_store(self.config)
         self.session = ClientSession(timeout=ClientTimeout(total=60))
         self.client = make_client(
             self.config.homeserver.url,
@@ -124,12 +125,18 @@ class Bridge:
         self.worker = Worker(
             self.store,
             lambda: self.config,
-            lambda: self.engine,
+            lambda: self.policy.engine,
             self.registry,
             self,
             on_actions=self.executor.wake,
         )
         await self.worker.load()
+        runtime = LivePolicy.decode(await self.store.get_state(RUNTIME_DLP_KEY))
+        if runtime:
+            try:
+                self.policy.apply(runtime)
+            except ValueError as e:
+                log.error("the runtime DLP rules in the database are invalid, ignored: %s", e)
         stored_room = await self.store.get_state(MANAGEMENT_ROOM_KEY)
         self.management_room = self.config.bridge.management_room or stored_room or ""
         self.runner = web.AppRunner(self.build_web(), access_log=None, handle_signals=False)
@@ -220,6 +227,7 @@ class Bridge:
             await self.store.set_state(MANAGEMENT_ROOM_KEY, room)
             log.info("created the management room %s and invited %d admins", room, len(admins))
         self.management_room = room
+        self.policy.set_management_room(room)
         self.worker.joined_rooms.add(room)
         await self.store.upsert_room(room, joined=True)
 
@@ -290,4 +298,4 @@ class Bridge:
         log.info("bridge stopped")
 
 
-__all__ = ["Bridge", "HomeserverUnreachable", "build_engine", "build_registry"]
+__all__ = ["Bridge", "HomeserverUnreachable", "build_registry"]

@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check-config", help="validate the config; exit 0 if usable")
     chk.add_argument("-c", "--config", type=Path, dest="sub_config")
 
+    sub.add_parser("audit", help="audit archive: verify, search, export, rotate-key (-h)")
     demo = sub.add_parser("demo", help="run a throwaway Synapse with the bridge, for a try-out")
     demo.add_argument("--port", type=int, default=0, help="Synapse port (default: a free one)")
     demo.add_argument("--keep", action="store_true", help="keep the temp directory on exit")
@@ -59,6 +60,11 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["audit"]:  # audit verify|search|export|rotate-key
+        from .audit.cli import main as audit_main
+
+        return audit_main(argv[1:])
     args = _parser().parse_args(argv)
     command = args.command or "run"
     if command == "run":
@@ -108,6 +114,8 @@ def cmd_generate_registration(config_path: Path, registration_path: Path) -> int
 
 def cmd_run(path: Path) -> int:
     from .app import Bridge
+    from .audit.chain import SigningKeyError
+    from .audit.keyring import KeyringError
     from .config import ConfigError, load_config
     from .logs import setup_logging
     from .matrix import HomeserverUnreachable
@@ -122,6 +130,9 @@ def cmd_run(path: Path) -> int:
     bridge = Bridge(config, path)
     try:
         return asyncio.run(bridge.run())
+    except (KeyringError, SigningKeyError) as e:  # the audit keys: a configuration error
+        log.error("configuration error: %s", e)
+        return EXIT_CONFIG
     except (StoreUnavailable, StoreError) as e:
         log.error("database error: %s", e)
         return EXIT_DATABASE

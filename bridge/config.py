@@ -109,6 +109,23 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    keyring: Path  # the keyring file (BRIDGE_AUDIT_KEYRING, when set, is used instead)
+    signing_key: Path  # Ed25519 checkpoint signing key (PEM)
+    checkpoint_every: int
+    archive_retention_ms: int | None  # None = keep forever
+
+    @property
+    def checkpoint_log(self) -> Path:
+        """Signed checkpoints are appended here, beside the signing key (outside the DB)."""
+        return self.signing_key.with_name(self.signing_key.stem + ".checkpoints.jsonl")
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path) -> AuditConfig:
+        return cls(data_dir / "audit-keyring.json", data_dir / "audit-signing.pem", 1000, None)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The validated configuration. Immutable: a reload builds a new one."""
 
@@ -120,6 +137,8 @@ class Config:
     bridge: BridgeConfig
     executor: ExecutorConfig
     logging: LoggingConfig
+    audit: AuditConfig | None = None
+    dlp: Mapping[str, Any] = field(default_factory=dict)  # scope -> DlpLayer
     source: str = "<defaults>"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -144,7 +163,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
         if (
             isinstance(value, Mapping)
             and isinstance(out.get(key), Mapping)
-            and key != "permissions"
+            and key not in ("permissions", "rooms")
         ):
             out[key] = _merge(dict(out[key]), value)
         else:
@@ -279,7 +298,7 @@ def _check_unknown_keys(
         elif (
             isinstance(value, Mapping)
             and isinstance(defaults[key], Mapping)
-            and key != "permissions"
+            and key not in ("permissions", "rooms")
         ):
             problems.extend(_check_unknown_keys(value, defaults[key], f"{path}."))
     return problems
@@ -385,6 +404,17 @@ def build_config(
         level=v.choice("logging.level", ("DEBUG", "INFO", "WARNING", "ERROR")),
         format=v.choice("logging.format", ("text", "json")),
     )
+    dlp_layers: Mapping[str, Any] = {}
+    try:
+        from .policy.layers import parse_config_dlp
+
+        dlp_layers = parse_config_dlp(data.get("dlp"))
+        from .policy.layers import DlpLayers
+
+        DlpLayers(dlp_layers, {}).compile()  # refuse bad patterns now, not at the gate
+    except ValueError as e:
+        v.problems.append(str(e))
+    audit = _audit_config(v, data_dir, base_dir)
     problems.extend(v.problems)
     if problems:
         raise ConfigError(source, problems)
@@ -397,8 +427,33 @@ def build_config(
         bridge=bridge,
         executor=executor,
         logging=logging_cfg,
+        audit=audit,
+        dlp=dlp_layers,
         source=source,
         raw=data,
+    )
+
+
+def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
+    from .policy.durations import DurationError, parse_duration
+
+    def path_of(key: str, default: str) -> Path:
+        raw = v.string(f"audit.{key}", nonempty=False)
+        p = Path(raw) if raw else data_dir / default
+        return p if p.is_absolute() else (base_dir / p).resolve()
+
+    retention_raw = v.get("audit.archive_retention")
+    retention: int | None = None
+    if retention_raw not in (None, "", "forever"):
+        try:
+            retention = parse_duration(str(retention_raw))
+        except DurationError as e:
+            v.fail("audit.archive_retention", retention_raw, f"a duration or empty ({e})")
+    return AuditConfig(
+        keyring=path_of("keyring", "audit-keyring.json"),
+        signing_key=path_of("signing_key", "audit-signing.pem"),
+        checkpoint_every=v.integer("audit.checkpoint_every", 1, 10_000_000),
+        archive_retention_ms=retention,
     )
 
 

@@ -166,6 +166,11 @@ class Executor:
         except PermanentFailure as e:
             await self._fail(action, attempts, str(e))
             return
+        except Exception as e:
+            # A bug must not wedge the queue behind this action: record it and move on.
+            log.exception("action %s (%s) raised unexpectedly", action.id, action.kind)
+            await self._fail(action, attempts, f"internal error: {e.__class__.__name__}")
+            return
         metrics.EXECUTOR_ACTIONS.labels(action.kind, "done").inc()
         await self.store.finish_action(
             action.id,
@@ -272,7 +277,7 @@ class Executor:
     async def _redact(self, action: ActionRow) -> dict[str, Any]:
         p = action.payload
         event_id = await self.client.redact(
-            self._room(action), p["event_id"], reason=p.get("reason"), txn_id=action.id
+            self._room(action), p["event_id"], reason=p.get("reason")
         )
         return {"redaction_id": str(event_id)}
 

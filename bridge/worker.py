@@ -33,6 +33,7 @@ class Batch:
     actions: list[NewAction] = field(default_factory=list)
     audit: list[AuditEntry] = field(default_factory=list)
     state: dict[str, str] = field(default_factory=dict)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
 
 def notice(room_id: str, reply: Reply, *, reply_to: str | None = None, **extra: Any) -> NewAction:
@@ -126,6 +127,8 @@ class Worker:
                     )
                 )
         await self.store.complete_work([item.queue_id], batch.actions, batch.audit, batch.state)
+        for callback in batch.after_commit:
+            callback()
         if batch.actions:
             self.on_actions()
 
@@ -234,6 +237,7 @@ class Worker:
             outcome = "ok"
             batch.actions.extend(ctx.actions)
             batch.state.update(ctx.state_updates)
+            batch.after_commit.extend(ctx.after_commit)
             details = {**summarize_args(parsed), **ctx.audit}
         except CommandError as e:
             reply = Reply.plain(f"⚠️ {e}")

@@ -16,6 +16,8 @@ Every record carries ``hash = SHA-256(encoding)`` where the encoding is
     opt(key_id)                  data key id, UTF-8
     lp(nonce)
     lp(ciphertext_digest)        SHA-256(ciphertext), 32 bytes
+    [0x01 || i64 origin_ts]      only when ``origin_ts`` is set (the store always sets
+                                 it): the event's origin_server_ts, plain in the store
 
 Fixed order plus length prefixes make the encoding injective. The chain covers
 the *digest* of the ciphertext, so a record whose ciphertext was dropped
@@ -61,6 +63,7 @@ FIRST_SEQ = 1
 _sha256 = hashlib.sha256
 _HEAD = struct.Struct(">8s32sQqI").pack
 _U32 = struct.Struct(">I").pack
+_I64 = struct.Struct(">q").pack
 _CKPT = struct.Struct(">8sQ32sqQH").pack
 _ABSENT = b"\x00"
 _PRESENT = b"\x01"
@@ -79,6 +82,7 @@ class ChainFields(NamedTuple):
     key_id: str | None
     nonce: bytes
     ciphertext_digest: bytes
+    origin_ts: int | None = None
 
 
 class ChainRecord(NamedTuple):
@@ -96,7 +100,7 @@ def _opt(value: bytes | None) -> bytes:
 
 
 def _encode(prev_hash: bytes, f: ChainFields) -> bytes:
-    seq, ts, kind, eid, room, sender, etype, key_id, nonce, digest = f
+    seq, ts, kind, eid, room, sender, etype, key_id, nonce, digest, origin = f
     k = kind.encode("utf-8")
     return b"".join(
         (
@@ -111,6 +115,7 @@ def _encode(prev_hash: bytes, f: ChainFields) -> bytes:
             nonce,
             _U32(len(digest)),
             digest,
+            b"" if origin is None else _PRESENT + _I64(origin),
         )
     )
 

@@ -94,6 +94,7 @@ class CommandContext:
     state_updates: dict[str, str] = field(default_factory=dict)
     actions: list[Any] = field(default_factory=list)
     audit: dict[str, Any] = field(default_factory=dict)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
 
 Handler = Callable[[CommandContext], Awaitable[Reply]]
@@ -133,9 +134,16 @@ class ParsedCommand:
 
 
 def tokenize(text: str) -> list[str]:
-    """Split a command line like a shell would ("quoted phrases" stay one word)."""
+    """Split a command line into words; "quoted phrases" stay one word.
+
+    Backslashes are kept as typed (regex patterns need them) and ``#`` is not a comment.
+    """
+    lexer = shlex.shlex(text.translate(_QUOTES), posix=True)
+    lexer.whitespace_split = True
+    lexer.escape = ""
+    lexer.commenters = ""
     try:
-        return shlex.split(text.translate(_QUOTES), posix=True)
+        return list(lexer)
     except ValueError as e:
         raise CommandError(f"could not read the command: {e} (check your quotes)") from None
 

@@ -8,18 +8,23 @@ ingest path and ``dlp test``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from .dlp import DlpEngine, DlpPolicy
 from .model import ALLOW, Verdict
 
 
 @dataclass(frozen=True, slots=True)
 class PolicySet:
-    """Everything the engine needs, immutable."""
+    """Everything the engine needs, immutable and compiled."""
 
     own_server: str
     bot_mxid: str
+    dlp_global: DlpEngine = field(default_factory=lambda: DlpEngine.compile(DlpPolicy()))
+    dlp_rooms: Mapping[str, DlpEngine] = field(default_factory=dict)
+    # The management room: admins paste suspicious text there to test rules.
+    management_room: str = ""
 
 
 class PolicyEngine:
@@ -28,11 +33,19 @@ class PolicyEngine:
     def __init__(self, policy: PolicySet) -> None:
         self.policy = policy
 
+    def dlp_for(self, room_id: object) -> DlpEngine:
+        """The compiled DLP rules in force in ``room_id``."""
+        if isinstance(room_id, str):
+            return self.policy.dlp_rooms.get(room_id, self.policy.dlp_global)
+        return self.policy.dlp_global
+
     def check_event(self, event: Mapping[str, Any]) -> Verdict:
         """Judge an event (client format) as the gate or the ingest worker sees it."""
         if event.get("sender") == self.policy.bot_mxid:
+            return ALLOW  # the bot's own notices quote rule names, never secrets
+        if self.policy.management_room and event.get("room_id") == self.policy.management_room:
             return ALLOW
-        return ALLOW
+        return self.dlp_for(event.get("room_id")).check(event)
 
     def check_invite(self, inviter: str, invitee: str, room_id: str) -> Verdict:
         """A local user invites someone (``user_may_invite``)."""

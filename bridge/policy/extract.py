@@ -127,6 +127,7 @@ def extract_texts(event: Mapping[str, Any], *, max_chars: int = MAX_SCAN_CHARS) 
     sum of the lengths is at most ``max_chars``. Encrypted events yield nothing; content of
     any unexpected shape is skipped, never raised on.
     """
+    out = _Collector(max_chars)
     try:
         if not isinstance(event, Mapping):
             return []
@@ -137,11 +138,10 @@ def extract_texts(event: Mapping[str, Any], *, max_chars: int = MAX_SCAN_CHARS) 
         content = event.get("content")
         if not isinstance(content, Mapping):
             return []
-        out = _Collector(max_chars)
         _add_content(out, etype, content)
         new_content = content.get("m.new_content")
         if isinstance(new_content, Mapping):
             _add_content(out, etype, new_content)
         return out.texts
     except Exception:  # a hostile Mapping implementation must not break the gate
-        return []
+        return out.texts

@@ -201,7 +201,8 @@ def html_to_text(markup: str) -> str:
 
     Tags are dropped and the text of every element is kept (including ``<code>``, ``<a>``
     and ``<mx-reply>``); entities are unescaped; block elements and ``<br>`` become
-    whitespace, inline elements do not (``<b>sec</b>ret`` -> ``secret``). Values of
+    whitespace, inline elements do not (``<b>sec</b>ret`` -> ``secret``); the result is
+    stripped. Values of
     ``href``/``alt``/``title`` attributes are appended after the text. Malformed markup is
     handled leniently; if the parser fails, tags are stripped with a simple pattern.
     """
@@ -218,4 +219,4 @@ def html_to_text(markup: str) -> str:
     text = "".join(parser.parts)
     if parser.attrs:
         text = text + " " + " ".join(parser.attrs)
-    return text
+    return text.strip()

@@ -16,26 +16,64 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
-# Every record the bridge keeps, in one append-only sequence: events from transactions,
-# gate decisions, executor outcomes, admin commands. ``data`` is the raw JSON.
+# Every record the bridge keeps, in one append-only, hash-chained sequence: events from
+# transactions, gate decisions, executor outcomes, admin commands, exports. Nothing readable
+# is stored: the raw JSON (with sender, room, type, state key) is AES-256-GCM ciphertext
+# under the room's data key; what must be queryable is a blind index (keyed HMAC, 16 bytes).
+# ``hash`` chains each record to the previous one (bridge.audit.chain); it covers
+# ``ct_digest`` (SHA-256 of the ciphertext), so ``ciphertext`` may be dropped by archive
+# retention (NULL) while the chain still verifies.
 records = Table(
     "records",
     metadata,
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
     Column("ts", BigInteger, nullable=False),  # ms since epoch, when recorded
     Column("kind", String(16), nullable=False),
-    Column("event_id", String(255), nullable=True, unique=True),
-    Column("room_id", String(255), nullable=True),
-    Column("sender", String(255), nullable=True),
-    Column("type", String(255), nullable=True),
-    Column("origin_ts", BigInteger, nullable=True),  # the event's origin_server_ts
-    Column("data", LargeBinary, nullable=False),
-    Index("ix_records_room_ts", "room_id", "origin_ts"),
+    Column("event_id_idx", LargeBinary(16), nullable=True, unique=True),
+    Column("room_idx", LargeBinary(16), nullable=True),
+    Column("sender_idx", LargeBinary(16), nullable=True),
+    Column("type_idx", LargeBinary(16), nullable=True),
+    Column("origin_ts", BigInteger, nullable=False),  # the event's origin_server_ts
+    Column("key_id", String(64), nullable=True),  # data key (data_keys.key_id)
+    Column("nonce", LargeBinary(12), nullable=False),
+    Column("ciphertext", LargeBinary, nullable=True),  # NULL once expired by retention
+    Column("ct_digest", LargeBinary(32), nullable=False),
+    Column("hash", LargeBinary(32), nullable=False),
+    Index("ix_records_room_ts", "room_idx", "origin_ts"),
+    Index("ix_records_sender", "sender_idx"),
+    Index("ix_records_type", "type_idx"),
     Index("ix_records_kind_ts", "kind", "ts"),
+    Index("ix_records_origin_ts", "origin_ts"),
+)
+
+# Per-room data keys (scope = the room's blind index; empty scope = records without a
+# room), only ever stored wrapped by a key-encryption key of the keyring (never in the DB).
+# Deleting a row crypto-shreds that room's records.
+data_keys = Table(
+    "data_keys",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("scope", LargeBinary(16), nullable=False, unique=True),
+    Column("kek_id", String(64), nullable=False),
+    Column("blob", LargeBinary, nullable=False),
+    Column("created_ts", BigInteger, nullable=False),
+)
+
+# Signed checkpoints of the chain head (Ed25519). Also appended to a log file next to the
+# signing key, outside the database, so deleting rows here does not hide a truncation.
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("head_hash", LargeBinary(32), nullable=False),
+    Column("ts", BigInteger, nullable=False),
+    Column("record_count", BigInteger, nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("signature", LargeBinary(64), nullable=False),
 )
 
 # One row per appservice transaction: makes txnIds idempotent and is the work queue

@@ -65,6 +65,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         workdir,
         permissions={"@admin:localhost": "admin", "@auditor:localhost": "auditor"},
         database_url=os.environ.get("BRIDGE_TEST_STACK_DATABASE_URL", ""),
+        bridge_options={"dlp": {"exempt_users": ["@compliance:localhost"]}},
     )
     dev.synapse.start()
     admin = User(*dev.synapse.register_user("admin", "admin-pw", admin=True))

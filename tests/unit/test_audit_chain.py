@@ -128,6 +128,7 @@ fields_st = st.builds(
     key_id=st.one_of(st.none(), st.text(max_size=10)),
     nonce=st.binary(max_size=16),
     ciphertext_digest=st.binary(max_size=33),
+    origin_ts=st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
 )
 
 

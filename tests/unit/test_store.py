@@ -68,7 +68,8 @@ async def test_sequence_continues_after_reopen(store: Store) -> None:
     await store.ingest_transaction("t1", [ev(1), ev(2)])
     url = store.engine.url.render_as_string(hide_password=False)
     await store.close()
-    reopened = await Store.open(url)
+    # The audit keyring and signing key are what make the encrypted records readable.
+    reopened = await Store.open(url, keyring=store.keyring, signing_key=store.signing_key)
     try:
         await reopened.ingest_transaction("t2", [ev(3)])
         await reopened.append([AuditEntry("command", {"c": 1})])

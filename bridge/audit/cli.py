@@ -1,0 +1,401 @@
+"""``python -m bridge audit verify|search|export|rotate-key -c config.yaml``.
+
+Exit codes as in :mod:`bridge.cli` (0 ok, 2 usage, 3 configuration, 5 database) plus
+6: ``verify`` found the archive altered (the message names the first bad record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import getpass
+import json
+import sys
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ..config import Config, ConfigError, load_config
+from ..store import AuditEntry, Store, StoreError, StoreUnavailable
+from ..store.store import iter_chain, load_checkpoints
+from .chain import (
+    ChainVerifier,
+    Checkpoint,
+    SigningKeyError,
+    VerifyReport,
+    load_public_key,
+    load_signing_key,
+)
+from .keyring import KeyringError
+from .setup import audit_config, load_keyring, open_store
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_DATABASE = 5
+EXIT_TAMPERED = 6
+
+
+class _Fail(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="policy-bridge audit", description="The audit archive.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", type=Path, default=Path("config.yaml"))
+
+    v = sub.add_parser("verify", help="walk the hash chain and signed checkpoints")
+    common(v)
+    v.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="trusted checkpoint public key (PEM); default: the configured signing key's",
+    )
+
+    def filters(sp: argparse.ArgumentParser) -> None:
+        common(sp)
+        sp.add_argument("--room", help="room ID (exact)")
+        sp.add_argument("--sender", help="sender user ID (exact)")
+        sp.add_argument("--type", dest="type", help="event type or record kind (exact)")
+        sp.add_argument("--since", help="ISO time, inclusive (event origin time)")
+        sp.add_argument("--until", help="ISO time, exclusive")
+        sp.add_argument("--text", help="words that must all appear (case-insensitive)")
+
+    s = sub.add_parser("search", help="print matching records, decrypted")
+    filters(s)
+    s.add_argument("--limit", type=int, default=100, help="at most this many (0 = all)")
+    s.add_argument("--json", action="store_true", help="one full JSON object per record")
+
+    e = sub.add_parser("export", help="export matching records (streaming), audited")
+    filters(e)
+    e.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    e.add_argument("-o", "--output", required=True, help="output file ('-' = stdout)")
+    e.add_argument("--actor", help="who exports (default: the OS user)")
+
+    r = sub.add_parser("rotate-key", help="add a new KEK and re-wrap every data key under it")
+    common(r)
+    r.add_argument(
+        "--remove-old",
+        action="store_true",
+        help="afterwards remove the older KEKs (refused while any data key still uses one)",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``audit`` command group; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) and EXIT_USAGE
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    handler = {
+        "verify": cmd_verify,
+        "search": cmd_search,
+        "export": cmd_export,
+        "rotate-key": cmd_rotate_key,
+    }[args.command]
+    try:
+        return asyncio.run(handler(config, args))
+    except _Fail as e:
+        print(str(e), file=sys.stderr)
+        return e.code
+    except (KeyringError, SigningKeyError) as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (StoreError, StoreUnavailable, SQLAlchemyError, OSError) as e:
+        print(f"database error: {e}", file=sys.stderr)
+        return EXIT_DATABASE
+
+
+# -- verify ----------------------------------------------------------------------------
+
+
+def _engine(config: Config) -> AsyncEngine:
+    url = config.database.url
+    if url.startswith("sqlite"):
+        db = url.split(":///", 1)[-1]
+        if db and db != ":memory:" and not Path(db).exists():
+            raise _Fail(EXIT_DATABASE, f"database error: the SQLite database {db} does not exist")
+    return create_async_engine(url)
+
+
+def read_checkpoint_log(path: Path) -> list[Checkpoint]:
+    """Checkpoints appended to the log file outside the database (missing file = none)."""
+    out = []
+    try:
+        fh = path.open(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    with fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(Checkpoint.from_dict(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise _Fail(
+                    EXIT_TAMPERED, f"checkpoint log {path} line {n} is malformed ({e})"
+                ) from None
+    return out
+
+
+def _merge_checkpoints(*sources: list[Checkpoint]) -> list[Checkpoint]:
+    seen: dict[tuple[int, bytes], Checkpoint] = {}
+    for cps in sources:
+        for cp in cps:
+            seen.setdefault((cp.seq, cp.signature), cp)
+    return sorted(seen.values(), key=lambda c: c.seq)
+
+
+async def verify_store(
+    engine: AsyncEngine, public_keys: list[Ed25519PublicKey], checkpoint_log: Path | None
+) -> VerifyReport:
+    """Stream the chain from the database and check it against every known checkpoint."""
+    cps = _merge_checkpoints(
+        await load_checkpoints(engine),
+        read_checkpoint_log(checkpoint_log) if checkpoint_log else [],
+    )
+    verifier = ChainVerifier(public_keys, cps)
+    if not verifier.done:
+        feed = verifier.feed
+        async for fields, stored_hash, ciphertext in iter_chain(engine):
+            if not feed(fields, stored_hash, ciphertext):
+                break
+    return verifier.finish()
+
+
+async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    cfg = audit_config(config)
+    if args.public_key:
+        keys = [load_public_key(p.read_bytes()) for p in args.public_key]
+    else:
+        keys = [load_signing_key(cfg.signing_key).public_key()]
+    engine = _engine(config)
+    try:
+        report = await verify_store(engine, keys, cfg.checkpoint_log)
+    finally:
+        await engine.dispose()
+    if report.ok:
+        print(str(report))
+        return EXIT_OK
+    print(str(report), file=sys.stderr)
+    print(
+        f"first bad record: seq {report.first_bad_seq} "
+        f"({report.records_checked} records verified before it)",
+        file=sys.stderr,
+    )
+    return EXIT_TAMPERED
+
+
+# -- search and export -----------------------------------------------------------------
+
+
+def _ms(value: str | None, flag: str) -> int | None:
+    if not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise _Fail(EXIT_USAGE, f"{flag}: {value!r} is not an ISO date/time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "room": args.room,
+        "sender": args.sender,
+        "type": args.type,
+        "since": args.since,
+        "until": args.until,
+        "text": args.text,
+    }
+
+
+async def _open_for_reading(config: Config) -> Store:
+    keyring, _ = load_keyring(audit_config(config))
+    if keyring is None:
+        raise _Fail(
+            EXIT_CONFIG,
+            f"configuration error: the audit keyring {audit_config(config).keyring} does not "
+            f"exist and BRIDGE_AUDIT_KEYRING is not set",
+        )
+    return await open_store(config, create=False)
+
+
+async def _matches(store: Store, args: argparse.Namespace) -> AsyncIterator[dict[str, Any]]:
+    since, until = _ms(args.since, "--since"), _ms(args.until, "--until")
+    words = [w.casefold() for w in (args.text or "").split()]
+    # --type matches the event type of events, and the kind of other records
+    kind_filter = None
+    type_filter = args.type
+    if args.type and args.type in ("decision", "action", "command", "export", "hold"):
+        kind_filter, type_filter = args.type, None
+    async for rec in store.iter_records(
+        kind=kind_filter,
+        room=args.room,
+        sender=args.sender,
+        type=type_filter,
+        since=since,
+        until=until,
+    ):
+        if words:
+            if rec["data"] is None:
+                continue
+            hay = json.dumps(rec["data"], ensure_ascii=False).casefold()
+            if not all(w in hay for w in words):
+                continue
+        yield rec
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+def _line(rec: dict[str, Any]) -> str:
+    data = rec["data"]
+    if data is None:
+        what = f"<{rec.get('unreadable', 'unreadable')}>"
+    elif rec["kind"] == "event":
+        content = data.get("content")
+        body = content.get("body") if isinstance(content, dict) else None
+        what = body if isinstance(body, str) else json.dumps(content, ensure_ascii=False)
+    else:
+        what = json.dumps(data, ensure_ascii=False)
+    if len(what) > 300:
+        what = what[:300] + "…"
+    parts = [f"#{rec['seq']}", _iso(rec["origin_ts"]), rec["kind"]]
+    parts += [x for x in (rec["room_id"], rec["sender"], rec["type"]) if x]
+    return " ".join(parts) + ": " + what
+
+
+async def cmd_search(config: Config, args: argparse.Namespace) -> int:
+    store = await _open_for_reading(config)
+    n = 0
+    try:
+        async for rec in _matches(store, args):
+            print(json.dumps(rec, ensure_ascii=False) if args.json else _line(rec))
+            n += 1
+            if args.limit and n >= args.limit:
+                print(f"(stopped at --limit {args.limit})", file=sys.stderr)
+                break
+    finally:
+        await store.close()
+    print(f"{n} matching records", file=sys.stderr)
+    return EXIT_OK
+
+
+CSV_COLUMNS = ("seq", "ts", "origin_ts", "kind", "event_id", "room_id", "sender", "type", "data")
+
+
+async def cmd_export(config: Config, args: argparse.Namespace) -> int:
+    store = await _open_for_reading(config)
+    n = 0
+    out: IO[str]
+    to_stdout = args.output == "-"
+    out = sys.stdout if to_stdout else open(args.output, "w", encoding="utf-8", newline="")  # noqa: ASYNC230
+    try:
+        writer = csv.writer(out) if args.format == "csv" else None
+        if writer is not None:
+            writer.writerow(CSV_COLUMNS)
+        async for rec in _matches(store, args):
+            if writer is not None:
+                row = [rec.get(c) for c in CSV_COLUMNS]
+                row[-1] = json.dumps(rec["data"], ensure_ascii=False)
+                writer.writerow(["" if v is None else v for v in row])
+            else:
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+        out.flush()
+        actor = args.actor or getpass.getuser()
+        await store.append(
+            [
+                AuditEntry(
+                    "export",
+                    {
+                        "actor": actor,
+                        "filters": {k: v for k, v in _filters(args).items() if v},
+                        "format": args.format,
+                        "output": args.output,
+                        "count": n,
+                    },
+                    sender=actor,
+                    type="export",
+                )
+            ]
+        )
+    finally:
+        if not to_stdout:
+            out.close()
+        await store.close()
+    print(f"exported {n} records to {args.output} (recorded in the audit store)", file=sys.stderr)
+    return EXIT_OK
+
+
+# -- rotate-key ------------------------------------------------------------------------
+
+
+async def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
+    cfg = audit_config(config)
+    keyring, path = load_keyring(cfg)
+    if keyring is None:
+        raise _Fail(
+            EXIT_CONFIG, f"configuration error: the audit keyring {cfg.keyring} does not exist"
+        )
+    if path is None:
+        raise _Fail(
+            EXIT_CONFIG,
+            "configuration error: the keyring comes from BRIDGE_AUDIT_KEYRING; rotate-key "
+            "writes the keyring file: unset the variable, rotate, then put the new file's "
+            "content back into the variable",
+        )
+    store = await open_store(config, create=False)
+    keyring = store.keyring  # the one the store unlocked with: the new KEK must reach it
+    assert keyring is not None
+    try:
+        old = keyring.kek_ids
+        new = keyring.add_kek()
+        keyring.save(path)  # first: a crash now leaves a keyring that still has the old KEKs
+        changed = await store.rewrap_data_keys()
+        print(f"added KEK {new.id}; re-wrapped {changed} data keys under it")
+        if args.remove_old:
+            usage = await store.kek_usage()
+            still = {k: n for k, n in usage.items() if k != new.id}
+            if still:
+                raise _Fail(
+                    EXIT_DATABASE,
+                    f"not removing old KEKs: data keys still use {still} (is a bridge running "
+                    f"with the old keyring? stop it and run rotate-key again)",
+                )
+            for kid in old:
+                keyring.remove_kek(kid)
+            keyring.save(path)
+            print(f"removed old KEK(s): {', '.join(old)}")
+        else:
+            print(
+                f"old KEK(s) {', '.join(old)} kept; remove them with rotate-key --remove-old "
+                f"once backups of the new keyring exist"
+            )
+        print(f"BACK UP the keyring file {path} now. Restart the bridge to use the new KEK.")
+    finally:
+        await store.close()
+    return EXIT_OK

@@ -1,0 +1,186 @@
+"""Tests for bridge.policy.extract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.policy.extract import MAX_SCAN_CHARS, extract_texts
+
+
+def ev(etype: str, content: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": etype, "sender": "@a:x.org", "room_id": "!r:x.org", "content": content, **extra}
+
+
+def test_message_body_and_formatted_body() -> None:
+    texts = extract_texts(
+        ev(
+            "m.room.message",
+            {
+                "msgtype": "m.text",
+                "body": "hello **world**",
+                "format": "org.matrix.custom.html",
+                "formatted_body": "hello <b>world</b>",
+            },
+        )
+    )
+    assert texts == ["hello **world**", "hello world"]
+
+
+def test_duplicate_texts_once() -> None:
+    texts = extract_texts(ev("m.room.message", {"body": "same", "formatted_body": "<p>same</p>"}))
+    assert texts == ["same"]
+
+
+def test_edit_new_content() -> None:
+    content = {
+        "body": "* fixed",
+        "m.new_content": {"body": "fixed secret", "formatted_body": "fixed <i>secret</i>!"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": "$e"},
+    }
+    texts = extract_texts(ev("m.room.message", content))
+    assert "fixed secret" in texts
+    assert "fixed secret!" in texts
+
+
+def test_media_caption_and_filename() -> None:
+    content = {"msgtype": "m.file", "body": "see attached", "filename": "payroll-2024.xlsx"}
+    assert extract_texts(ev("m.room.message", content)) == ["see attached", "payroll-2024.xlsx"]
+
+
+def test_sticker_body() -> None:
+    assert extract_texts(ev("m.sticker", {"body": "a cat", "url": "mxc://x/y"})) == ["a cat"]
+
+
+@pytest.mark.parametrize("key", ["m.poll.start", "org.matrix.msc3381.poll.start"])
+def test_poll_start(key: str) -> None:
+    content = {
+        key: {
+            "kind": "m.poll.disclosed",
+            "question": {"m.text": [{"body": "Which codename?"}], "body": "Which codename (b)?"},
+            "answers": [
+                {"id": "a", "m.text": [{"body": "Falcon"}]},
+                {"id": "b", "org.matrix.msc1767.text": "Eagle"},
+                {"id": "c", "body": "Hawk"},
+            ],
+        },
+        "org.matrix.msc1767.text": "Which codename? 1. Falcon 2. Eagle",
+    }
+    texts = extract_texts(ev(key, content))
+    for expected in ("Which codename?", "Which codename (b)?", "Falcon", "Eagle", "Hawk"):
+        assert expected in texts
+    assert "Which codename? 1. Falcon 2. Eagle" in texts
+
+
+def test_extensible_text_html_representation() -> None:
+    content = {
+        "m.text": [
+            {"mimetype": "text/html", "body": "<b>sec</b>ret"},
+            {"body": "plain one"},
+        ]
+    }
+    assert extract_texts(ev("m.message", content)) == ["secret", "plain one"]
+
+
+def test_room_name_topic_member() -> None:
+    assert extract_texts(ev("m.room.name", {"name": "Project X"}, state_key="")) == ["Project X"]
+    topic = {
+        "topic": "plain topic",
+        "m.topic": {"m.text": [{"body": "rich <b>topic</b>", "mimetype": "text/html"}]},
+    }
+    assert extract_texts(ev("m.room.topic", topic, state_key="")) == ["plain topic", "rich topic"]
+    member = {"membership": "join", "displayname": "Mallory 4111", "avatar_url": "mxc://a/b"}
+    assert extract_texts(ev("m.room.member", member, state_key="@a:x.org")) == ["Mallory 4111"]
+    kick = {"membership": "leave", "reason": "leaked the key"}
+    assert extract_texts(ev("m.room.member", kick, state_key="@b:x.org")) == ["leaked the key"]
+
+
+def test_reaction_key() -> None:
+    content = {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$e", "key": "secret"}}
+    assert extract_texts(ev("m.reaction", content)) == ["secret"]
+
+
+@pytest.mark.parametrize(
+    ("etype", "content"),
+    [
+        ("m.room.encrypted", {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgA"}),
+        ("m.room.canonical_alias", {"alias": "#secret:x.org"}),
+        ("m.room.pinned_events", {"pinned": ["$secret"]}),
+        ("m.room.message", "not a dict"),
+        ("m.room.message", None),
+        ("m.room.message", {"body": 42, "formatted_body": ["x"], "filename": {"a": 1}}),
+        ("m.room.name", {"name": None}),
+        ("m.reaction", {"m.relates_to": "x"}),
+        ("m.poll.start", {"m.poll.start": {"question": 5, "answers": "nope"}}),
+        ("m.poll.start", {"m.poll.start": {"answers": [None, 3, {"m.text": "x"}]}}),
+    ],
+)
+def test_yields_nothing_for_unscanned_or_malformed(etype: str, content: Any) -> None:
+    texts = extract_texts(ev(etype, content))
+    assert texts in ([], ["x"])
+
+
+@pytest.mark.parametrize("event", [None, 3, "str", [], {}, {"type": 5, "content": {"body": "x"}}])
+def test_odd_events(event: Any) -> None:
+    assert isinstance(extract_texts(event), list)
+
+
+def test_encrypted_yields_nothing_even_with_body() -> None:
+    assert extract_texts(ev("m.room.encrypted", {"body": "plaintext?"})) == []
+
+
+def test_total_length_is_bounded() -> None:
+    big = "a" * (MAX_SCAN_CHARS + 10)
+    texts = extract_texts(ev("m.room.message", {"body": big, "formatted_body": "b" * 100}))
+    assert sum(map(len, texts)) <= MAX_SCAN_CHARS
+    texts = extract_texts(ev("m.room.message", {"body": "x" * 100}), max_chars=10)
+    assert texts == ["x" * 10]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "body",
+                    "formatted_body",
+                    "m.new_content",
+                    "m.text",
+                    "question",
+                    "answers",
+                    "m.poll.start",
+                    "m.relates_to",
+                    "key",
+                    "name",
+                    "topic",
+                    "m.topic",
+                    "mimetype",
+                    "displayname",
+                    "filename",
+                    "org.matrix.msc1767.text",
+                    "x",
+                ]
+            )
+            | st.text(max_size=5),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=30,
+)
+event_types = st.sampled_from(
+    ["m.room.message", "m.sticker", "m.poll.start", "m.room.name", "m.room.topic",
+     "m.room.member", "m.reaction", "m.room.encrypted", "custom.type"]
+)  # fmt: skip
+
+
+@given(event_types, json_values)
+@settings(max_examples=400)
+def test_never_raises_on_arbitrary_content(etype: str, content: Any) -> None:
+    texts = extract_texts({"type": etype, "content": content})
+    assert all(isinstance(t, str) and t for t in texts)

@@ -1,0 +1,118 @@
+"""Tests for bridge.policy.normalize."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.policy.normalize import clean, fold, html_to_text, normalize
+
+# Any code point, lone surrogates included (they reach us through JSON "\ud800" escapes).
+any_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF))
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Hello World", "hello world"),
+        ("  lots \t of\n\n  space  ", "lots of space"),
+        ("se\u200bcr\u200cet", "secret"),  # zero-width space / non-joiner
+        ("se\u00adcret", "secret"),  # soft hyphen
+        ("se\u2060cr\ufeffet", "secret"),  # word joiner, BOM
+        ("sec\u034fret\ufe0f", "secret"),  # combining grapheme joiner, variation selector
+        ("s\U000e0041ecret", "secret"),  # tag character
+        ("ＳＥＣＲＥＴ", "secret"),  # full-width
+        ("ﬁle", "file"),  # ligature
+        ("STRASSE Straße", "strasse strasse"),  # full case folding
+        ("s\u0336e\u0336c\u0336r\u0336e\u0336t\u0336", "secret"),  # strike-through marks
+        ("café", "café"),  # precomposed letters stay
+        ("cafe\u0301", "café"),  # ... and decomposed ones compose
+        ("a\u00a0b\u3000c\u2028d", "a b c d"),  # unicode spaces
+        ("sec\x00ret\x07", "secret"),  # control characters
+        ("ab\ud800cd", "abcd"),  # lone surrogate
+        ("\u2800x\u2800y", "x y"),  # braille blank reads as a space
+        ("", ""),
+    ],
+)
+def test_normalize_examples(raw: str, expected: str) -> None:
+    assert normalize(raw) == expected
+
+
+def test_clean_keeps_case() -> None:
+    assert clean("ＡＫＩＡ\u200b  X") == "AKIA X"
+    assert clean("4111\u200b1111") == "41111111"
+
+
+@given(any_text)
+@settings(max_examples=500)
+def test_normalize_is_idempotent_and_total(text: str) -> None:
+    once = normalize(text)
+    assert normalize(once) == once
+    assert once == once.strip()
+    assert "  " not in once
+
+
+@given(any_text)
+@settings(max_examples=500)
+def test_fold_of_clean_is_normalize(text: str) -> None:
+    cleaned = clean(text)
+    assert clean(cleaned) == cleaned
+    assert fold(cleaned) == normalize(text)
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F)))
+def test_ascii_fast_path_matches_definition(text: str) -> None:
+    expected = " ".join("".join(c for c in text if c.isprintable() or c.isspace()).split())
+    assert normalize(text) == expected.lower()
+
+
+# --- html_to_text ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("markup", "expected"),
+    [
+        ("<b>sec</b>ret", "secret"),  # inline tags add no space
+        ("<p>one</p><p>two</p>", "one two"),  # block tags do
+        ("line<br>break<br/>here", "line break here"),
+        ("<ul><li>a</li><li>b</li></ul>", "a b"),
+        ("<code>AKIA</code> &amp; &lt;tag&gt; &#x41;", "akia & <tag> a"),
+        ("<mx-reply><blockquote>quoted secret</blockquote></mx-reply>reply", "quoted secret reply"),
+        ('<a href="https://x.example/?t=tok">link</a>', "link https://x.example/?t=tok"),
+        ('<img alt="hidden text" src="mxc://a/b">', "hidden text"),
+        ("<table><tr><td>a</td><td>b</td></tr></table>", "a b"),
+        ("no markup &amp; entity", "no markup & entity"),
+        ("plain", "plain"),
+    ],
+)
+def test_html_to_text(markup: str, expected: str) -> None:
+    assert normalize(html_to_text(markup)) == expected
+
+
+@pytest.mark.parametrize(
+    "markup",
+    ["<b>unclosed <i", "<<<>>>", "<!-- open comment", "<p attr='x", "</p></div>", "<script>x"],
+)
+def test_html_to_text_malformed(markup: str) -> None:
+    assert isinstance(html_to_text(markup), str)
+
+
+def test_html_to_text_keeps_text_of_unclosed_tags() -> None:
+    assert "secret" in html_to_text("<b>secret")
+    assert "secret" in html_to_text("<div><span>secret")
+
+
+@given(any_text)
+@settings(max_examples=300)
+def test_html_to_text_never_raises(markup: str) -> None:
+    assert isinstance(html_to_text(markup), str)
+
+
+@given(st.lists(st.sampled_from(["<b>", "</b>", "<p>", "</p>", "<br>", "x", "&amp;", "<", ">"])))
+def test_html_to_text_never_raises_on_tag_soup(parts: list[str]) -> None:
+    assert isinstance(html_to_text("".join(parts)), str)
+
+
+def test_html_to_text_non_string() -> None:
+    assert html_to_text(None) == ""  # type: ignore[arg-type]
