@@ -24,8 +24,10 @@ from .audit_sink import AuditSink
 from .commands import CommandRegistry, Reply
 from .commands import core as core_commands
 from .commands import dlp as dlp_commands
+from .commands import rooms as room_commands
 from .config import Config
-from .executor import Executor
+from .enforcement import RoomEnforcer
+from .executor import Executor, RoomEnforcement
 from .gate import Gate
 from .matrix import (
     AdminAPI,
@@ -35,7 +37,7 @@ from .matrix import (
     register_bot,
     wait_for_homeserver,
 )
-from .policies import RUNTIME_DLP_KEY, LivePolicy
+from .policies import SECTIONS, SPACES_KEY, LivePolicy, runtime_key
 from .store import ActionRow, NewAction, Store
 from .web import health_routes
 from .worker import Worker, notice
@@ -50,6 +52,7 @@ def build_registry() -> CommandRegistry:
     registry = CommandRegistry()
     core_commands.register(registry)
     dlp_commands.register(registry)
+    room_commands.register(registry)
     return registry
 
 
@@ -115,12 +118,23 @@ class Bridge:
             if self.config.homeserver.admin_token
             else None
         )
+        self.rooms = RoomEnforcer(
+            self.store,
+            lambda: float(self.config.federation.get("rollout_rate", 10.0)),
+            self._notify_management,
+        )
+        await self.rooms.load()
         self.executor = Executor(
             self.store,
             self.client,
             self.config.executor,
             self.admin,
             on_permanent_failure=self._report_failure,
+            rooms=RoomEnforcement(
+                plan=lambda room, state: self.policy.engine.plan_room(room, state),
+                on_state=self.rooms.on_state,
+                on_result=self._on_reconciled,
+            ),
         )
         self.worker = Worker(
             self.store,
@@ -131,12 +145,7 @@ class Bridge:
             on_actions=self.executor.wake,
         )
         await self.worker.load()
-        runtime = LivePolicy.decode(await self.store.get_state(RUNTIME_DLP_KEY))
-        if runtime:
-            try:
-                self.policy.apply(runtime)
-            except ValueError as e:
-                log.error("the runtime DLP rules in the database are invalid, ignored: %s", e)
+        await self._load_runtime_policy()
         stored_room = await self.store.get_state(MANAGEMENT_ROOM_KEY)
         self.management_room = self.config.bridge.management_room or stored_room or ""
         self.runner = web.AppRunner(self.build_web(), access_log=None, handle_signals=False)
@@ -152,6 +161,19 @@ class Bridge:
             self.config.appservice.port,
             self.store.backend,
         )
+
+    async def _load_runtime_policy(self) -> None:
+        """Apply the runtime policy documents and room→space map kept in the store."""
+        spaces = LivePolicy.decode(await self.store.get_state(SPACES_KEY))
+        self.policy.room_spaces = {room: tuple(ids) for room, ids in spaces.items()}
+        for section in SECTIONS:
+            doc = LivePolicy.decode(await self.store.get_state(runtime_key(section)))
+            try:
+                self.policy.apply(doc, section=section)
+            except ValueError as e:
+                log.error(
+                    "the runtime %s rules in the database are invalid, ignored: %s", section, e
+                )
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -191,6 +213,7 @@ class Bridge:
                 e.message,
                 cfg.appservice.address,
             )
+        await self._rollout_if_policy_changed()
         self._spawn(self.worker.run(), "worker")
         self._spawn(self.executor.run(), "executor")
         if cfg.bridge.auto_enroll and self.admin is not None:
@@ -245,6 +268,58 @@ class Bridge:
         if actions:
             await self.executor.submit(actions)
         log.info("auto-enrolment: %d of %d rooms queued", len(todo), len(rooms))
+
+    async def _notify_management(self, reply: Reply) -> None:
+        if self.management_room:
+            await self.executor.submit([notice(self.management_room, reply)])
+
+    async def _on_reconciled(self, room_id: str, result: dict[str, Any]) -> None:
+        await self.rooms.on_result(room_id, result)
+        lacking = result.get("lacking") or []
+        payload = result.get("payload") or {}
+        if (
+            lacking
+            and self.admin is not None
+            and self.config.bridge.obtain_power
+            and not payload.get("after_admin")
+        ):
+            log.info("obtaining power in %s through make_room_admin", room_id)
+            await self.executor.submit(
+                [
+                    NewAction(
+                        "make_room_admin", {"user_id": self.config.bot_mxid}, room_id=room_id
+                    ),
+                    self.rooms.reconcile(room_id, "after make_room_admin", after_admin=True),
+                ]
+            )
+
+    async def _rollout_if_policy_changed(self) -> None:
+        """After a restart with a changed config, bring every managed room in line."""
+        import hashlib
+        import json
+
+        doc = {
+            "federation": self.config.federation,
+            "retention": self.config.retention,
+            "runtime": {k: self.policy.runtime.get(k) for k in ("federation", "retention")},
+        }
+        fingerprint = hashlib.sha256(
+            json.dumps(doc, sort_keys=True, default=str).encode()
+        ).hexdigest()
+        if await self.store.get_state("policy.fingerprint") == fingerprint:
+            return
+        rooms = [
+            r["room_id"]
+            for r in await self.store.list_rooms()
+            if r["joined"] and r["room_id"] != self.management_room
+        ]
+        acts, record = self.rooms.rollout(rooms, "policy changed since the last start")
+        await self.store.enqueue_actions(acts)
+        await self.store.set_state("policy.fingerprint", fingerprint)
+        await self.store.set_state("rollout", json.dumps(record))
+        self.rooms.start_rollout(record)
+        self.executor.wake()
+        log.info("policy changed since the last start: %d rooms to bring in line", len(rooms))
 
     async def _report_failure(self, action: ActionRow, reason: str) -> None:
         if not self.management_room or action.kind == "send_notice":

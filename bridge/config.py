@@ -92,6 +92,7 @@ class BridgeConfig:
     management_room: str
     auto_enroll: bool
     permissions: Mapping[str, str]
+    obtain_power: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,8 @@ class Config:
     logging: LoggingConfig
     audit: AuditConfig | None = None
     dlp: Mapping[str, Any] = field(default_factory=dict)  # scope -> DlpLayer
+    federation: Mapping[str, Any] = field(default_factory=dict)  # the raw section
+    retention: Mapping[str, Any] = field(default_factory=dict)  # the raw section
     source: str = "<defaults>"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -392,6 +395,7 @@ def build_config(
         command_prefix=prefix,
         management_room=mgmt,
         auto_enroll=v.boolean("bridge.auto_enroll"),
+        obtain_power=v.boolean("bridge.obtain_power"),
         permissions=permissions,
     )
     executor = ExecutorConfig(
@@ -415,6 +419,24 @@ def build_config(
     except ValueError as e:
         v.problems.append(str(e))
     audit = _audit_config(v, data_dir, base_dir)
+    from .policy.scopes import federation_setting, retention_setting
+
+    for name, make in (("federation", federation_setting), ("retention", retention_setting)):
+        try:
+            make(data.get(name)).validate()
+        except ValueError as e:
+            v.problems.append(str(e) if str(e).startswith(name) else f"{name}: {e}")
+    fed_raw = data.get("federation") or {}
+    if isinstance(fed_raw, Mapping):
+        if not isinstance(fed_raw.get("kick_excluded_members", True), bool):
+            v.fail(
+                "federation.kick_excluded_members",
+                fed_raw.get("kick_excluded_members"),
+                "true or false",
+            )
+        rate = fed_raw.get("rollout_rate", 10.0)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1000:
+            v.fail("federation.rollout_rate", rate, "a number of rooms per second, 0 < n <= 1000")
     problems.extend(v.problems)
     if problems:
         raise ConfigError(source, problems)
@@ -429,6 +451,8 @@ def build_config(
         logging=logging_cfg,
         audit=audit,
         dlp=dlp_layers,
+        federation=dict(data.get("federation") or {}),
+        retention=dict(data.get("retention") or {}),
         source=source,
         raw=data,
     )

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mautrix.api import Method, Path
 from mautrix.client import ClientAPI
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import EventType
@@ -21,6 +22,7 @@ from mautrix.types import EventType
 from . import metrics
 from .config import ExecutorConfig
 from .matrix import AdminAPI
+from .policy.rooms import RoomPlan
 from .store import ActionRow, AuditEntry, NewAction, Store
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,22 @@ _NEEDS = {
     "join": "join",
     "leave": "leave",
     "make_room_admin": "use the admin API make_room_admin",
+    "reconcile": "read the room state",
 }
+
+
+class RoomEnforcement:
+    """Hooks the ``reconcile`` action uses: the pure planner and where results go."""
+
+    def __init__(
+        self,
+        plan: Callable[[str, list[dict[str, Any]]], RoomPlan],
+        on_state: Callable[[str, list[dict[str, Any]]], None] = lambda _r, _s: None,
+        on_result: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.on_state = on_state
+        self.on_result = on_result
 
 
 class PermanentFailure(Exception):
@@ -84,12 +101,14 @@ class Executor:
         config: ExecutorConfig,
         admin: AdminAPI | None = None,
         on_permanent_failure: Callable[[ActionRow, str], Awaitable[None]] | None = None,
+        rooms: RoomEnforcement | None = None,
     ) -> None:
         self.store = store
         self.client = client
         self.config = config
         self.admin = admin
         self.on_permanent_failure = on_permanent_failure
+        self.rooms = rooms
         self.limiter = RateLimiter(config.rate_per_second)
         self._wake = asyncio.Event()
         self._handlers: dict[str, Callable[[ActionRow], Awaitable[dict[str, Any]]]] = {
@@ -101,6 +120,7 @@ class Executor:
             "join": self._join,
             "leave": self._leave,
             "make_room_admin": self._make_room_admin,
+            "reconcile": self._reconcile,
         }
 
     def wake(self) -> None:
@@ -180,6 +200,8 @@ class Executor:
         )
         if action.kind == "join" and action.room_id:
             await self.store.upsert_room(action.room_id, joined=True)
+        if action.kind == "reconcile" and self.rooms and self.rooms.on_result:
+            await self.rooms.on_result(action.room_id or "", {**result, "payload": action.payload})
 
     async def _retry(self, action: ActionRow, attempts: int, delay: float, why: str) -> None:
         await self.store.finish_action(
@@ -213,7 +235,11 @@ class Executor:
             audit=self._audit(action, "failed", attempts, error=reason),
         )
         if action.room_id and action.kind in ("send_state", "redact", "kick", "invite"):
-            await self.store.upsert_room(action.room_id, lacking=_NEEDS[action.kind])
+            await self.store.upsert_room(action.room_id, lacking=f"cannot {_NEEDS[action.kind]}")
+        if action.kind == "reconcile" and self.rooms and self.rooms.on_result:
+            await self.rooms.on_result(
+                action.room_id or "", {"error": reason, "payload": action.payload}
+            )
         if self.on_permanent_failure is not None:
             try:
                 await self.on_permanent_failure(action, reason)
@@ -304,6 +330,32 @@ class Executor:
     async def _leave(self, action: ActionRow) -> dict[str, Any]:
         await self.client.leave_room(self._room(action))
         return {}
+
+    async def _reconcile(self, action: ActionRow) -> dict[str, Any]:
+        """Bring one room in line with policy: read its state, plan, send, kick."""
+        if self.rooms is None:
+            raise PermanentFailure("room enforcement is not configured")
+        room = self._room(action)
+        state = await self.client.api.request(Method.GET, Path.v3.rooms[room].state)
+        if not isinstance(state, list):
+            raise PermanentFailure("the homeserver returned no state list")
+        self.rooms.on_state(room, state)
+        plan = self.rooms.plan(room, state)
+        sent, kicked = [], []
+        for etype, key, content in plan.set_state:
+            await self.client.send_state_event(
+                room, EventType.find(etype, t_class=EventType.Class.STATE), content, state_key=key
+            )
+            sent.append(etype)
+        for user, reason in plan.kicks:
+            await self.client.kick_user(room, user, reason=reason)
+            kicked.append(user)
+        return {
+            "sent": sent,
+            "kicked": kicked,
+            "lacking": list(plan.lacking),
+            "unkickable": [f"{u}: {why}" for u, why in plan.unkickable],
+        }
 
     async def _make_room_admin(self, action: ActionRow) -> dict[str, Any]:
         if self.admin is None:

@@ -1,7 +1,8 @@
-"""The live policy: config rules plus the runtime layer admins change with commands.
+"""The live policy: config rules plus the runtime layers admins change with commands.
 
-Holds the current :class:`PolicyEngine` and rebuilds it when the runtime document changes.
-The runtime document is persisted in the store's state table under ``policy.dlp``.
+Holds the current :class:`PolicyEngine` and rebuilds it when a runtime document, the
+management room or the room→space map changes. Runtime documents are persisted in the
+store's state table (``policy.dlp``, ``policy.federation``, ``policy.retention``).
 """
 
 from __future__ import annotations
@@ -14,18 +15,34 @@ from typing import Any
 from .config import Config
 from .policy.engine import PolicyEngine, PolicySet
 from .policy.layers import DlpLayers, parse_runtime_dlp
+from .policy.scopes import federation_setting, retention_setting
 
 log = logging.getLogger(__name__)
 
+SECTIONS = ("dlp", "federation", "retention")
 RUNTIME_DLP_KEY = "policy.dlp"
+SPACES_KEY = "room_spaces"
+
+
+def runtime_key(section: str) -> str:
+    """The state-table key of a section's runtime document."""
+    return f"policy.{section}"
 
 
 def build_engine(
-    config: Config, runtime_dlp: Mapping[str, Any] | None = None, management_room: str = ""
+    config: Config,
+    runtime: Mapping[str, Mapping[str, Any]] | None = None,
+    management_room: str = "",
+    room_spaces: Mapping[str, tuple[str, ...]] | None = None,
 ) -> PolicyEngine:
     """Compile config + runtime rules into an engine. Raises ValueError on bad rules."""
-    layers = DlpLayers(config.dlp, parse_runtime_dlp(runtime_dlp or {}))
+    runtime = runtime or {}
+    layers = DlpLayers(config.dlp, parse_runtime_dlp(runtime.get("dlp") or {}))
     dlp_global, dlp_rooms = layers.compile()
+    federation = federation_setting(config.federation, runtime.get("federation"))
+    retention = retention_setting(config.retention, runtime.get("retention"))
+    federation.validate()
+    retention.validate()
     return PolicyEngine(
         PolicySet(
             own_server=config.homeserver.domain,
@@ -33,18 +50,36 @@ def build_engine(
             dlp_global=dlp_global,
             dlp_rooms=dlp_rooms,
             management_room=management_room,
+            federation=federation,
+            retention=retention,
+            room_spaces=dict(room_spaces or {}),
+            kick_excluded=bool(config.federation.get("kick_excluded_members", True)),
         )
     )
 
 
 class LivePolicy:
-    """The engine in force, and the runtime document it was built from."""
+    """The engine in force, and the runtime documents it was built from."""
 
-    def __init__(self, config: Config, runtime_dlp: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: Config, runtime: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
         self.config = config
-        self.runtime_dlp: dict[str, Any] = dict(runtime_dlp or {})
+        self.runtime: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (runtime or {}).items()}
         self.management_room = ""
-        self.engine = build_engine(config, self.runtime_dlp)
+        self.room_spaces: dict[str, tuple[str, ...]] = {}
+        self.engine = self._build(self.runtime)
+
+    def _build(self, runtime: Mapping[str, Mapping[str, Any]]) -> PolicyEngine:
+        return build_engine(self.config, runtime, self.management_room, self.room_spaces)
+
+    @property
+    def runtime_dlp(self) -> dict[str, Any]:
+        return self.runtime.get("dlp", {})
+
+    def doc(self, section: str) -> dict[str, Any]:
+        """A copy of a section's runtime document."""
+        return json.loads(json.dumps(self.runtime.get(section, {})))
 
     @staticmethod
     def decode(value: str | None) -> dict[str, Any]:
@@ -53,19 +88,30 @@ class LivePolicy:
         doc = json.loads(value)
         return doc if isinstance(doc, dict) else {}
 
-    def preview(self, runtime_dlp: Mapping[str, Any]) -> PolicyEngine:
-        """Compile a candidate document without applying it (raises ValueError)."""
-        return build_engine(self.config, runtime_dlp, self.management_room)
+    def preview(self, doc: Mapping[str, Any], section: str = "dlp") -> PolicyEngine:
+        """Compile with a candidate document for ``section`` (raises ValueError)."""
+        return self._build({**self.runtime, section: dict(doc)})
 
-    def apply(self, runtime_dlp: Mapping[str, Any], engine: PolicyEngine | None = None) -> None:
+    def apply(
+        self, doc: Mapping[str, Any], engine: PolicyEngine | None = None, section: str = "dlp"
+    ) -> None:
         """Swap in a new runtime document (and its already compiled engine)."""
-        self.engine = engine or build_engine(self.config, runtime_dlp, self.management_room)
-        self.runtime_dlp = dict(runtime_dlp)
+        runtime = {**self.runtime, section: dict(doc)}
+        self.engine = engine or self._build(runtime)
+        self.runtime = runtime
 
     def set_management_room(self, room_id: str) -> None:
         """Exempt the management room from DLP (rebuilds the engine)."""
         self.management_room = room_id
-        self.engine = build_engine(self.config, self.runtime_dlp, room_id)
+        self.engine = self._build(self.runtime)
+
+    def set_room_spaces(self, room_spaces: Mapping[str, tuple[str, ...]]) -> None:
+        """Which spaces each room belongs to (rebuilds the engine)."""
+        self.room_spaces = dict(room_spaces)
+        self.engine = self._build(self.runtime)
+
+    def encode(self, doc: Mapping[str, Any]) -> str:
+        return json.dumps(doc, ensure_ascii=False, sort_keys=True)
 
     def encoded(self) -> str:
-        return json.dumps(self.runtime_dlp, ensure_ascii=False, sort_keys=True)
+        return self.encode(self.runtime_dlp)

@@ -19,8 +19,13 @@ from . import metrics
 from .commands import CommandContext, CommandError, CommandRegistry, Reply, role_allows, tokenize
 from .commands.registry import MAX_COMMAND_LENGTH, summarize_args
 from .config import Config
+from .enforcement import DRIFTED
+from .policies import SPACES_KEY
 from .policy.engine import PolicyEngine
+from .policy.federation import acl_content, acl_matches, server_allowed
 from .policy.model import Action, Verdict, server_name
+from .policy.retention import retention_content, retention_matches
+from .policy.rooms import ACL, RETENTION
 from .store import AuditEntry, NewAction, Store, StoreUnavailable, WorkItem
 
 log = logging.getLogger(__name__)
@@ -141,6 +146,12 @@ class Worker:
         room_id = _s(event.get("room_id")) or ""
         if etype == "m.room.member":
             await self._membership(event, batch, cfg)
+        elif etype in (ACL, RETENTION) and "state_key" in event and sender != cfg.bot_mxid:
+            await self._state_drift(event, batch)
+        elif etype in ("m.space.child", "m.space.parent") and isinstance(
+            event.get("state_key"), str
+        ):
+            self._space_link(event, batch)
         if etype == "m.room.create" and cfg.bridge.auto_enroll and cfg.homeserver.admin_token:
             self._enroll(room_id, batch, cfg)
         if sender == cfg.bot_mxid:
@@ -164,7 +175,11 @@ class Worker:
         room_id = _s(event.get("room_id"))
         content = event.get("content")
         membership = content.get("membership") if isinstance(content, dict) else None
-        if not room_id or event.get("state_key") != cfg.bot_mxid:
+        target = event.get("state_key")
+        if not room_id or not isinstance(target, str):
+            return
+        if target != cfg.bot_mxid:
+            self._other_member(room_id, target, str(membership), batch, cfg)
             return
         if membership == "invite":
             inviter = _s(event.get("sender")) or ""
@@ -174,11 +189,79 @@ class Worker:
             else:
                 log.info("ignoring invite to %s from remote user %s", room_id, inviter)
         elif membership == "join":
+            if room_id not in self.joined_rooms:
+                batch.actions.append(self.services.rooms.reconcile(room_id, "bot joined"))
             self.joined_rooms.add(room_id)
             await self.store.upsert_room(room_id, joined=True)
         elif membership in ("leave", "ban"):
             self.joined_rooms.discard(room_id)
             await self.store.upsert_room(room_id, joined=False)
+
+    def _other_member(
+        self, room_id: str, user: str, membership: str, batch: Batch, cfg: Config
+    ) -> None:
+        self.services.rooms.note_member(room_id, user, membership)
+        if membership not in ("join", "invite", "knock") or room_id not in self.joined_rooms:
+            return
+        policy = self.engine().federation_for(room_id)
+        if not server_allowed(policy, cfg.homeserver.domain, server_name(user)):
+            batch.actions.append(self.services.rooms.reconcile(room_id, f"excluded member {user}"))
+
+    async def _state_drift(self, event: Mapping[str, Any], batch: Batch) -> None:
+        """Someone changed a state event the policy owns: restore it and say so."""
+        room_id = _s(event.get("room_id")) or ""
+        if room_id not in self.joined_rooms or event.get("state_key") != "":
+            return
+        engine = self.engine()
+        etype = event["type"]
+        content = event.get("content") if isinstance(event.get("content"), dict) else {}
+        if etype == ACL:
+            desired = acl_content(engine.federation_for(room_id), engine.policy.own_server)
+            in_line = desired is None or acl_matches(content, desired)
+        else:
+            desired = retention_content(engine.retention_for(room_id))
+            in_line = desired is None or retention_matches(content, desired)
+        if in_line:
+            return
+        sender = _s(event.get("sender")) or "?"
+        log.info("drift: %s changed %s in %s; restoring", sender, etype, room_id)
+        await self.store.upsert_room(room_id, lacking=DRIFTED)
+        batch.actions.append(self.services.rooms.reconcile(room_id, f"drift of {etype}"))
+        if self.services.management_room:
+            batch.actions.append(
+                notice(
+                    self.services.management_room,
+                    Reply.plain(
+                        f"⚠️ {sender} changed {etype} in {room_id} away from company policy; "
+                        "the bridge is restoring it."
+                    ),
+                )
+            )
+
+    def _space_link(self, event: Mapping[str, Any], batch: Batch) -> None:
+        """Track which rooms belong to which spaces (scopes of space policies)."""
+        room_id = _s(event.get("room_id")) or ""
+        key = event["state_key"]
+        content = event.get("content") if isinstance(event.get("content"), dict) else {}
+        present = bool(content.get("via"))
+        child, parent = (key, room_id) if event["type"] == "m.space.child" else (room_id, key)
+        if not child.startswith("!") or not parent.startswith("!"):
+            return
+        live = self.services.policy
+        spaces = dict(live.room_spaces)
+        parents = [p for p in spaces.get(child, ()) if p != parent]
+        if present:
+            parents.append(parent)
+        if parents:
+            spaces[child] = tuple(parents)
+        else:
+            spaces.pop(child, None)
+        if spaces == live.room_spaces:
+            return
+        batch.state[SPACES_KEY] = live.encode({k: list(v) for k, v in spaces.items()})
+        batch.after_commit.append(lambda: live.set_room_spaces(spaces))
+        if child in self.joined_rooms:
+            batch.actions.append(self.services.rooms.reconcile(child, "space membership changed"))
 
     def _enroll(self, room_id: str, batch: Batch, cfg: Config) -> None:
         if not room_id:

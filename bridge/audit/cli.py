@@ -242,7 +242,9 @@ async def _open_for_reading(config: Config) -> Store:
     return await open_store(config, create=False)
 
 
-async def _matches(store: Store, args: argparse.Namespace) -> AsyncIterator[dict[str, Any]]:
+async def _matches(
+    store: Store, args: argparse.Namespace, *, raw_json: bool = False
+) -> AsyncIterator[dict[str, Any]]:
     since, until = _ms(args.since, "--since"), _ms(args.until, "--until")
     words = [w.casefold() for w in (args.text or "").split()]
     # --type matches the event type of events, and the kind of other records
@@ -257,6 +259,7 @@ async def _matches(store: Store, args: argparse.Namespace) -> AsyncIterator[dict
         type=type_filter,
         since=since,
         until=until,
+        raw_json=raw_json,
     ):
         if words:
             if rec["data"] is None:
@@ -304,6 +307,32 @@ async def cmd_search(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_META = ("seq", "ts", "kind", "event_id", "room_id", "sender", "type", "origin_ts")
+
+
+async def _write_jsonl(out: IO[str], records: AsyncIterator[dict[str, Any]]) -> int:
+    """One JSON object per line; an event's archived JSON is copied, not re-serialised."""
+    dumps = json.dumps
+    n = 0
+    chunk: list[str] = []
+    async for rec in records:
+        raw = rec.pop("json", None)
+        if raw is None:
+            chunk.append(dumps(rec, ensure_ascii=False))
+        else:
+            meta = dumps({k: rec[k] for k in _META}, ensure_ascii=False)
+            chunk.append(f'{meta[:-1]}, "data": {raw}}}')
+        n += 1
+        if len(chunk) >= 1000:
+            chunk.append("")
+            out.write("\n".join(chunk))
+            chunk.clear()
+    if chunk:
+        chunk.append("")
+        out.write("\n".join(chunk))
+    return n
+
+
 CSV_COLUMNS = ("seq", "ts", "origin_ts", "kind", "event_id", "room_id", "sender", "type", "data")
 
 
@@ -312,19 +341,22 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
     n = 0
     out: IO[str]
     to_stdout = args.output == "-"
-    out = sys.stdout if to_stdout else open(args.output, "w", encoding="utf-8", newline="")  # noqa: ASYNC230
+    out = (
+        sys.stdout
+        if to_stdout
+        else open(args.output, "w", encoding="utf-8", newline="", buffering=1 << 20)
+    )  # noqa: ASYNC230
     try:
-        writer = csv.writer(out) if args.format == "csv" else None
-        if writer is not None:
+        if args.format == "csv":
+            writer = csv.writer(out)
             writer.writerow(CSV_COLUMNS)
-        async for rec in _matches(store, args):
-            if writer is not None:
+            async for rec in _matches(store, args):
                 row = [rec.get(c) for c in CSV_COLUMNS]
                 row[-1] = json.dumps(rec["data"], ensure_ascii=False)
                 writer.writerow(["" if v is None else v for v in row])
-            else:
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
+                n += 1
+        else:
+            n = await _write_jsonl(out, _matches(store, args, raw_json=True))
         out.flush()
         actor = args.actor or getpass.getuser()
         await store.append(

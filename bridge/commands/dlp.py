@@ -35,7 +35,7 @@ def _stage(ctx: CommandContext, doc: Mapping[str, Any], what: str) -> None:
     except ValueError as e:
         raise CommandError(str(e)) from None
     candidate = dict(doc)
-    ctx.state_updates[RUNTIME_DLP_KEY] = LivePolicy(live.config, candidate).encoded()
+    ctx.state_updates[RUNTIME_DLP_KEY] = live.encode(candidate)
     ctx.after_commit.append(lambda: live.apply(candidate, engine))
     ctx.audit["change"] = what
 

@@ -11,8 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import federation as fed
 from .dlp import DlpEngine, DlpPolicy
+from .federation import FederationPolicy
 from .model import ALLOW, Verdict
+from .retention import RetentionPolicy
+from .rooms import RoomPlan, RoomState, plan_room
+from .scopes import ScopedSetting, federation_setting, retention_setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +30,14 @@ class PolicySet:
     dlp_rooms: Mapping[str, DlpEngine] = field(default_factory=dict)
     # The management room: admins paste suspicious text there to test rules.
     management_room: str = ""
+    federation: ScopedSetting[FederationPolicy] = field(
+        default_factory=lambda: federation_setting(None)
+    )
+    retention: ScopedSetting[RetentionPolicy] = field(
+        default_factory=lambda: retention_setting(None)
+    )
+    room_spaces: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    kick_excluded: bool = True
 
 
 class PolicyEngine:
@@ -47,18 +60,45 @@ class PolicyEngine:
             return ALLOW
         return self.dlp_for(event.get("room_id")).check(event)
 
+    def federation_for(self, room_id: str | None) -> FederationPolicy:
+        """The federation policy in force in ``room_id`` (global for None)."""
+        spaces = self.policy.room_spaces.get(room_id, ()) if room_id else ()
+        return self.policy.federation.resolve(room_id, spaces)
+
+    def retention_for(self, room_id: str | None) -> RetentionPolicy:
+        """The retention policy in force in ``room_id`` (global for None)."""
+        spaces = self.policy.room_spaces.get(room_id, ()) if room_id else ()
+        return self.policy.retention.resolve(room_id, spaces)
+
     def check_invite(self, inviter: str, invitee: str, room_id: str) -> Verdict:
         """A local user invites someone (``user_may_invite``)."""
-        return ALLOW
+        return fed.check_invite(
+            self.federation_for(room_id), self.policy.own_server, inviter, invitee
+        )
 
     def check_federated_invite(self, event: Mapping[str, Any]) -> Verdict:
         """A remote server invites one of our users (``federated_user_may_invite``)."""
-        return ALLOW
+        room = event.get("room_id")
+        policy = self.federation_for(room if isinstance(room, str) else None)
+        return fed.check_federated_invite(policy, self.policy.own_server, event)
 
     def check_local_join(self, user: str, room_id: str, is_invited: bool) -> Verdict:
         """A local user joins a room (``user_may_join_room``)."""
-        return ALLOW
+        return fed.check_local_join(
+            self.federation_for(room_id), self.policy.own_server, user, room_id
+        )
 
     def check_remote_join(self, user: str, room_id: str) -> Verdict:
         """A remote user asks to join one of our rooms (``accept_make_join``)."""
-        return ALLOW
+        return fed.check_remote_join(self.federation_for(room_id), self.policy.own_server, user)
+
+    def plan_room(self, room_id: str, state_events: list[Mapping[str, Any]]) -> RoomPlan:
+        """What must change in ``room_id`` (given its current state) to match policy."""
+        return plan_room(
+            RoomState.from_events(state_events),
+            bot=self.policy.bot_mxid,
+            own_server=self.policy.own_server,
+            federation=self.federation_for(room_id),
+            retention=self.retention_for(room_id),
+            kick_excluded=self.policy.kick_excluded,
+        )

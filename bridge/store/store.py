@@ -135,6 +135,7 @@ class NewAction:
     payload: Mapping[str, Any]
     room_id: str | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    not_before: float = 0.0  # unix time; spreads bulk work (policy rollouts) over time
 
 
 @dataclass(frozen=True, slots=True)
@@ -837,7 +838,7 @@ class Store:
                     "payload": json.dumps(dict(a.payload), ensure_ascii=False),
                     "status": "pending",
                     "attempts": 0,
-                    "next_at": 0.0,
+                    "next_at": a.not_before,
                     "last_error": None,
                     "created_ts": ts,
                     "updated_ts": ts,
@@ -993,20 +994,24 @@ class Store:
         self,
         *,
         kind: str | None = None,
-        batch: int = 1000,
+        batch: int = 2000,
         room: str | None = None,
         sender: str | None = None,
         type: str | None = None,
         since: int | None = None,
         until: int | None = None,
+        after: int = 0,
+        raw_json: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream records in sequence order, decrypted, in constant memory.
 
         Filters: room, sender and type by blind-index equality; ``since``/``until`` (ms,
-        inclusive/exclusive) on the event's origin_server_ts. Each dict has seq, ts, kind,
-        event_id, room_id, sender, type, origin_ts and data (the event, or the audit entry's
-        data); ``data`` is None when the ciphertext expired or the room key was destroyed
-        (``unreadable`` says which). A record that fails to authenticate raises StoreError.
+        inclusive/exclusive) on the event's origin_server_ts; ``after`` a seq. Each dict has
+        seq, ts, kind, event_id, room_id, sender, type, origin_ts and data (the event, or the
+        audit entry's data); ``data`` is None when the ciphertext expired or the room key was
+        destroyed (``unreadable`` says which). With ``raw_json`` an event's dict also holds
+        ``json``: its stored JSON text, exactly as archived (exports copy it instead of
+        serialising ``data`` again). A record that fails to authenticate raises StoreError.
         """
         conds: list[Any] = []
         if kind is not None:
@@ -1031,7 +1036,9 @@ class Store:
             records.c.nonce,
             records.c.ciphertext,
         )
-        last = 0
+        loads = json.loads
+        decrypt = self._decrypt
+        last = after
         while True:
             query = select(*cols).where(records.c.seq > last, *conds)
             async with self.engine.connect() as conn:
@@ -1040,41 +1047,60 @@ class Store:
             if not rows:
                 return
             for seq, ts, rkind, origin, room_idx, key_id, nonce, ct in rows:
-                pt = self._decrypt(seq, room_idx, key_id, nonce, ct)
-                out: dict[str, Any] = {
-                    "seq": seq,
-                    "ts": ts,
-                    "kind": rkind,
-                    "event_id": None,
-                    "room_id": None,
-                    "sender": None,
-                    "type": None,
-                    "origin_ts": origin,
-                    "data": None,
-                }
+                pt = decrypt(seq, room_idx, key_id, nonce, ct)
                 if pt is None:
-                    out["unreadable"] = (
-                        "ciphertext expired (archive retention)"
-                        if ct is None
-                        else f"data key {key_id} destroyed"
-                    )
+                    yield {
+                        "seq": seq,
+                        "ts": ts,
+                        "kind": rkind,
+                        "event_id": None,
+                        "room_id": None,
+                        "sender": None,
+                        "type": None,
+                        "origin_ts": origin,
+                        "data": None,
+                        "unreadable": (
+                            "ciphertext expired (archive retention)"
+                            if ct is None
+                            else f"data key {key_id} destroyed"
+                        ),
+                    }
+                    continue
+                try:
+                    text = pt.decode("utf-8")
+                    obj = loads(text)
+                except ValueError:
+                    raise StoreError(f"audit record seq {seq}: plaintext is not JSON") from None
+                if not isinstance(obj, dict):
+                    raise StoreError(f"audit record seq {seq}: plaintext is not a JSON object")
+                get = obj.get
+                if rkind == "event":
+                    out = {
+                        "seq": seq,
+                        "ts": ts,
+                        "kind": rkind,
+                        "event_id": _str_or_none(get("event_id")),
+                        "room_id": _str_or_none(get("room_id")),
+                        "sender": _str_or_none(get("sender")),
+                        "type": _str_or_none(get("type")),
+                        "origin_ts": origin,
+                        "data": obj,
+                    }
+                    if raw_json:
+                        out["json"] = text
+                    yield out
                 else:
-                    try:
-                        obj = json.loads(pt)
-                    except ValueError:
-                        raise StoreError(f"audit record seq {seq}: plaintext is not JSON") from None
-                    if rkind == "event":
-                        out["data"] = obj
-                        for k in ("event_id", "room_id", "sender", "type"):
-                            out[k] = _str_or_none(obj.get(k))
-                    else:
-                        out.update(
-                            room_id=obj.get("room_id"),
-                            sender=obj.get("sender"),
-                            type=obj.get("type"),
-                            data=obj.get("data"),
-                        )
-                yield out
+                    yield {
+                        "seq": seq,
+                        "ts": ts,
+                        "kind": rkind,
+                        "event_id": None,
+                        "room_id": get("room_id"),
+                        "sender": get("sender"),
+                        "type": get("type"),
+                        "origin_ts": origin,
+                        "data": get("data"),
+                    }
             last = rows[-1][0]
 
     async def count_events(self, event_id: str) -> int:

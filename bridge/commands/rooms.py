@@ -1,0 +1,246 @@
+"""``!policy federation …``, ``!policy retention …`` and ``!policy rooms``.
+
+A change is validated by compiling the new policy, committed with the command, applied
+right after the commit, and rolled out to every managed room through the executor at the
+configured rate (with progress reported in the management room).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from ..enforcement import DRIFTED, ROLLOUT_KEY
+from ..policies import LivePolicy, runtime_key
+from ..policy.durations import DurationError, format_duration, parse_duration
+from ..policy.federation import FederationMode, FederationPolicyError, acl_content
+from ..policy.scopes import GLOBAL
+from .registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
+
+SCOPE_FLAG = Flag("scope", "global, or here (this room)", value="SCOPE", choices=("global", "here"))
+YES_FLAG = Flag("yes", "confirm a change that removes members")
+
+
+def _scope(ctx: CommandContext) -> str:
+    return ctx.room_id if ctx.flags.get("scope") == "here" else GLOBAL
+
+
+def _where(scope: str) -> str:
+    return "globally" if scope == GLOBAL else f"in {scope}"
+
+
+async def _stage(ctx: CommandContext, section: str, doc: Mapping[str, Any], what: str) -> int:
+    """Validate, stage the document and a rollout to the rooms it concerns; returns rooms."""
+    live: LivePolicy = ctx.services.policy
+    try:
+        engine = live.preview(doc, section)
+    except (ValueError, FederationPolicyError) as e:
+        raise CommandError(str(e)) from None
+    scope = _scope(ctx)
+    joined = [
+        r["room_id"]
+        for r in await ctx.services.store.list_rooms()
+        if r["joined"] and r["room_id"] != ctx.services.management_room
+    ]
+    rooms = joined if scope == GLOBAL else [r for r in joined if r == scope]
+    acts, record = ctx.services.rooms.rollout(rooms, what)
+    ctx.actions.extend(acts)
+    ctx.state_updates[runtime_key(section)] = live.encode(doc)
+    ctx.state_updates[ROLLOUT_KEY] = json.dumps(record)
+    candidate = dict(doc)
+
+    def apply() -> None:
+        live.apply(candidate, engine, section=section)
+        ctx.services.rooms.start_rollout(record)
+
+    ctx.after_commit.append(apply)
+    ctx.audit["change"] = what
+    return len(rooms)
+
+
+def _describe_federation(ctx: CommandContext, scope: str) -> list[str]:
+    engine = ctx.services.policy.engine
+    policy = engine.federation_for(None if scope == GLOBAL else scope)
+    items = [f"mode: {policy.mode.value}"]
+    if policy.servers:
+        items.append("servers: " + ", ".join(policy.servers))
+    items.append(f"IP literals: {'allowed' if policy.allow_ip_literals else 'refused'}")
+    acl = acl_content(policy, engine.policy.own_server)
+    items.append("room ACL: " + (json.dumps(acl, sort_keys=True) if acl else "not managed"))
+    return items
+
+
+def register(registry: CommandRegistry) -> None:
+    """Add the federation, retention and rooms commands."""
+
+    @registry.command(
+        "federation",
+        "show",
+        summary="the federation policy in force",
+        role="auditor",
+        flags=(SCOPE_FLAG,),
+        room_scoped=True,
+    )
+    async def fed_show(ctx: CommandContext) -> Reply:
+        scope = _scope(ctx)
+        return Reply.lines(f"Federation policy {_where(scope)}", _describe_federation(ctx, scope))
+
+    async def change_federation(ctx: CommandContext, doc: dict[str, Any], what: str) -> Reply:
+        scope = _scope(ctx)
+        live: LivePolicy = ctx.services.policy
+        try:
+            candidate = live.preview(doc, "federation")
+        except (ValueError, FederationPolicyError) as e:
+            raise CommandError(str(e)) from None
+        own = candidate.policy.own_server
+        rooms, members, servers = ctx.services.rooms.affected(candidate.federation_for, own)
+        before = ctx.services.rooms.affected(live.engine.federation_for, own)
+        if members > before[1] and not ctx.flags.get("yes"):
+            raise CommandError(
+                f"this change would remove {members} member(s) from {rooms} room(s) "
+                f"(servers: {', '.join(sorted(servers))}). Repeat the command with --yes "
+                "to apply it."
+            )
+        count = await _stage(ctx, "federation", doc, what)
+        return Reply.plain(f"✅ {what} {_where(scope)}; bringing {count} room(s) in line.")
+
+    def fed_doc(ctx: CommandContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        live: LivePolicy = ctx.services.policy
+        doc = live.doc("federation")
+        scope = _scope(ctx)
+        if "servers" not in doc.setdefault(scope, {}):
+            current = live.engine.federation_for(None if scope == GLOBAL else scope)
+            doc[scope]["servers"] = list(current.servers)
+        return doc, doc[scope]
+
+    @registry.command(
+        "federation",
+        "mode",
+        summary="open, allowlist, denylist or internal",
+        args=(Arg("mode", choices=tuple(m.value for m in FederationMode)),),
+        flags=(SCOPE_FLAG, YES_FLAG),
+        room_scoped=True,
+    )
+    async def fed_mode(ctx: CommandContext) -> Reply:
+        doc, scoped = fed_doc(ctx)
+        scoped["mode"] = ctx.args["mode"]
+        return await change_federation(ctx, doc, f"federation mode set to {ctx.args['mode']}")
+
+    for verb, summary in (
+        ("allow", "add a server (glob) to the allowlist"),
+        ("deny", "add a server (glob) to the denylist"),
+        ("remove", "remove a server from the list"),
+    ):
+
+        @registry.command(
+            "federation",
+            verb,
+            summary=summary,
+            args=(Arg("server", "server name or glob, e.g. partner.example or *.evil.example"),),
+            flags=(SCOPE_FLAG, YES_FLAG),
+            room_scoped=True,
+        )
+        async def fed_list(ctx: CommandContext, verb: str = verb) -> Reply:
+            doc, scoped = fed_doc(ctx)
+            server = ctx.args["server"].strip().lower()
+            servers: list[str] = list(scoped["servers"])
+            mode = ctx.services.policy.engine.federation_for(
+                None if _scope(ctx) == GLOBAL else _scope(ctx)
+            ).mode.value
+            if verb == "remove":
+                if server not in servers:
+                    raise CommandError(f"{server} is not in the list")
+                servers.remove(server)
+            else:
+                wanted = "allowlist" if verb == "allow" else "denylist"
+                if mode != wanted:
+                    scoped["mode"] = wanted
+                if server not in servers:
+                    servers.append(server)
+            scoped["servers"] = servers
+            return await change_federation(ctx, doc, f"federation {verb} {server}")
+
+    @registry.command(
+        "retention",
+        "show",
+        summary="the retention policy in force",
+        role="auditor",
+        flags=(SCOPE_FLAG,),
+        room_scoped=True,
+    )
+    async def ret_show(ctx: CommandContext) -> Reply:
+        scope = _scope(ctx)
+        policy = ctx.services.policy.engine.retention_for(None if scope == GLOBAL else scope)
+        return Reply.plain(f"Retention {_where(scope)}: {policy.describe()}")
+
+    @registry.command(
+        "retention",
+        "set",
+        summary="delete messages older than DURATION (30d, 12h, 1y)",
+        args=(Arg("duration", "e.g. 30d"),),
+        flags=(SCOPE_FLAG, YES_FLAG),
+        room_scoped=True,
+    )
+    async def ret_set(ctx: CommandContext) -> Reply:
+        try:
+            ms = parse_duration(ctx.args["duration"])
+        except DurationError as e:
+            raise CommandError(str(e)) from None
+        scope = _scope(ctx)
+        live: LivePolicy = ctx.services.policy
+        current = live.engine.retention_for(None if scope == GLOBAL else scope)
+        shorter = current.max_lifetime_ms is None or ms < current.max_lifetime_ms
+        if shorter and not ctx.flags.get("yes"):
+            counter = getattr(ctx.services, "count_expiring", None)
+            if counter is not None:
+                events, rooms = await counter(scope, ms)
+                if events:
+                    raise CommandError(
+                        f"this would delete {events} existing message(s) in {rooms} room(s). "
+                        "Repeat the command with --yes to apply it."
+                    )
+        doc = live.doc("retention")
+        doc.setdefault(scope, {})["max_lifetime"] = ctx.args["duration"]
+        count = await _stage(ctx, "retention", doc, f"retention set to {format_duration(ms)}")
+        return Reply.plain(
+            f"✅ messages older than {format_duration(ms)} will be removed {_where(scope)}; "
+            f"updating {count} room(s)."
+        )
+
+    @registry.command(
+        "retention",
+        "off",
+        summary="keep messages forever",
+        flags=(SCOPE_FLAG,),
+        room_scoped=True,
+    )
+    async def ret_off(ctx: CommandContext) -> Reply:
+        scope = _scope(ctx)
+        live: LivePolicy = ctx.services.policy
+        doc = live.doc("retention")
+        doc.setdefault(scope, {})["max_lifetime"] = "off"
+        await _stage(ctx, "retention", doc, "retention off")
+        return Reply.plain(f"✅ retention off {_where(scope)}")
+
+    @registry.command(
+        "rooms",
+        summary="every room the bridge knows, with its enforcement state",
+        role="auditor",
+    )
+    async def rooms_cmd(ctx: CommandContext) -> Reply:
+        rows = await ctx.services.store.list_rooms()
+        items = []
+        for r in rows:
+            if r["room_id"] == ctx.services.management_room:
+                continue
+            if not r["joined"]:
+                state = "not joined"
+            elif r["lacking"] == DRIFTED:
+                state = "drifted"
+            elif r["lacking"]:
+                state = f"lacks power: {r['lacking']}"
+            else:
+                state = "enforced"
+            items.append(f"{r['room_id']}: {state}")
+        return Reply.lines(f"{len(items)} room(s)", items[:200])
