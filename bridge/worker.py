@@ -17,7 +17,7 @@ from typing import Any
 
 from . import metrics
 from .commands import CommandContext, CommandError, CommandRegistry, Reply, role_allows, tokenize
-from .commands.registry import MAX_COMMAND_LENGTH, summarize_args
+from .commands.registry import MAX_COMMAND_LENGTH, NeedsConfirmation, summarize_args
 from .config import Config
 from .enforcement import DRIFTED
 from .policies import SPACES_KEY
@@ -29,6 +29,9 @@ from .policy.rooms import ACL, RETENTION
 from .store import AuditEntry, NewAction, Store, StoreUnavailable, WorkItem
 
 log = logging.getLogger(__name__)
+
+CONFIRM_REACTION = "\u2705"  # ✅ (with or without a variation selector)
+CONFIRM_SECONDS = 600
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Worker:
         self.on_actions = on_actions
         self._wake = asyncio.Event()
         self.joined_rooms: set[str] = set()
+        # Commands waiting for a ✅ reaction (kept in memory: a restart asks again).
+        self.pending_confirmations: dict[str, dict[str, Any]] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -158,6 +163,11 @@ class Worker:
             return
         if etype == "m.room.message" and self._is_command(event, cfg):
             await self._command(event, batch, cfg)
+            return
+        if etype == "m.reaction" and self._confirmation(event) is not None:
+            original = self._confirmation(event)
+            assert original is not None
+            await self._command(original, batch, cfg, confirmed=True)
             return
         verdict = self.engine().check_event(event)
         if verdict.findings:
@@ -272,7 +282,25 @@ class Worker:
 
     # -- commands -----------------------------------------------------------------------
 
-    async def _command(self, event: Mapping[str, Any], batch: Batch, cfg: Config) -> None:
+    def _confirmation(self, event: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The command a ✅ reaction confirms (same sender, within the time limit)."""
+        content = event.get("content")
+        rel = content.get("m.relates_to") if isinstance(content, dict) else None
+        if not isinstance(rel, dict) or rel.get("rel_type") != "m.annotation":
+            return None
+        key = rel.get("key")
+        if not isinstance(key, str) or not key.startswith(CONFIRM_REACTION):
+            return None
+        pending = self.pending_confirmations.get(str(rel.get("event_id")))
+        if pending is None or pending["sender"] != event.get("sender"):
+            return None
+        if time.time() - pending["at"] > CONFIRM_SECONDS:
+            return None
+        return pending["event"]
+
+    async def _command(
+        self, event: Mapping[str, Any], batch: Batch, cfg: Config, *, confirmed: bool = False
+    ) -> None:
         room_id = _s(event.get("room_id")) or ""
         sender = _s(event.get("sender")) or ""
         event_id = _s(event.get("event_id")) or ""
@@ -296,6 +324,9 @@ class Worker:
                     "Ask a bridge admin to grant you a role."
                 )
             tokens = tokenize(body[len(prefix) :])
+            if confirmed:
+                self.pending_confirmations.pop(event_id, None)
+                tokens.append("--yes")
             parsed = self.registry.parse(tokens, prefix)
             name = parsed.spec.name
             if not role_allows(role, parsed.spec.role):
@@ -322,6 +353,15 @@ class Worker:
             batch.state.update(ctx.state_updates)
             batch.after_commit.extend(ctx.after_commit)
             details = {**summarize_args(parsed), **ctx.audit}
+        except NeedsConfirmation as e:
+            outcome = "needs confirmation"
+            self.pending_confirmations[event_id] = {
+                "sender": sender,
+                "event": dict(event),
+                "at": time.time(),
+            }
+            reply = Reply.plain(f"❓ {e}")
+            details = {}
         except CommandError as e:
             reply = Reply.plain(f"⚠️ {e}")
             details = {}

@@ -24,6 +24,10 @@ class CommandError(Exception):
     """A user-facing problem with a command (bad arguments, not allowed, …)."""
 
 
+class NeedsConfirmation(CommandError):
+    """The command would have wide effects: repeat with ``--yes`` or react ✅ to confirm."""
+
+
 def role_allows(role: str | None, needed: str) -> bool:
     """``admin`` includes everything ``auditor`` may do."""
     return ROLE_RANK.get(role, 0) >= ROLE_RANK[needed]

@@ -16,7 +16,15 @@ from ..policies import LivePolicy, runtime_key
 from ..policy.durations import DurationError, format_duration, parse_duration
 from ..policy.federation import FederationMode, FederationPolicyError, acl_content
 from ..policy.scopes import GLOBAL
-from .registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
+from .registry import (
+    Arg,
+    CommandContext,
+    CommandError,
+    CommandRegistry,
+    Flag,
+    NeedsConfirmation,
+    Reply,
+)
 
 SCOPE_FLAG = Flag("scope", "global, or here (this room)", value="SCOPE", choices=("global", "here"))
 YES_FLAG = Flag("yes", "confirm a change that removes members")
@@ -97,10 +105,10 @@ def register(registry: CommandRegistry) -> None:
         rooms, members, servers = ctx.services.rooms.affected(candidate.federation_for, own)
         before = ctx.services.rooms.affected(live.engine.federation_for, own)
         if members > before[1] and not ctx.flags.get("yes"):
-            raise CommandError(
+            raise NeedsConfirmation(
                 f"this change would remove {members} member(s) from {rooms} room(s) "
                 f"(servers: {', '.join(sorted(servers))}). Repeat the command with --yes "
-                "to apply it."
+                "or react ✅ to it to apply it."
             )
         count = await _stage(ctx, "federation", doc, what)
         return Reply.plain(f"✅ {what} {_where(scope)}; bringing {count} room(s) in line.")
@@ -196,9 +204,9 @@ def register(registry: CommandRegistry) -> None:
             if counter is not None:
                 events, rooms = await counter(scope, ms)
                 if events:
-                    raise CommandError(
+                    raise NeedsConfirmation(
                         f"this would delete {events} existing message(s) in {rooms} room(s). "
-                        "Repeat the command with --yes to apply it."
+                        "Repeat the command with --yes or react ✅ to it to apply it."
                     )
         doc = live.doc("retention")
         doc.setdefault(scope, {})["max_lifetime"] = ctx.args["duration"]

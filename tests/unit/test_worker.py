@@ -1,0 +1,153 @@
+"""The worker against a real store: commands, confirmations, policy on the ingest path."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.app import build_registry
+from bridge.config import build_config
+from bridge.enforcement import RoomEnforcer
+from bridge.policies import LivePolicy
+from bridge.store import Store
+from bridge.worker import Worker
+
+MGMT = "!mgmt:corp.example"
+ROOM = "!room:corp.example"
+ADMIN = "@boss:corp.example"
+
+
+class Services:
+    def __init__(self, store: Store, config: Any) -> None:
+        self.store = store
+        self.config = config
+        self.management_room = MGMT
+        self.policy = LivePolicy(config)
+        self.policy.set_management_room(MGMT)
+        self.started_monotonic = time.monotonic()
+
+        async def notify(_reply: Any) -> None:
+            return None
+
+        self.rooms = RoomEnforcer(store, lambda: 1000.0, notify)
+
+
+@pytest.fixture
+async def worker(store: Store, tmp_path: Path) -> Worker:
+    config = build_config(
+        {
+            "homeserver": {"domain": "corp.example"},
+            "appservice": {"as_token": "a1", "hs_token": "h1"},
+            "gate": {"token": "g1"},
+            "bridge": {"permissions": {ADMIN: "admin", "@eve:corp.example": "auditor"}},
+            "dlp": {"keywords": [{"name": "secret", "keywords": ["bluefin"], "action": "redact"}]},
+        },
+        base_dir=tmp_path,
+        env={},
+    )
+    services = Services(store, config)
+    w = Worker(store, lambda: config, lambda: services.policy.engine, build_registry(), services)
+    w.joined_rooms = {MGMT, ROOM}
+    for room in (MGMT, ROOM):
+        await store.upsert_room(room, joined=True)
+    return w
+
+
+_n = 0
+
+
+def msg(body: str, sender: str = ADMIN, room: str = MGMT) -> dict[str, Any]:
+    global _n
+    _n += 1
+    return {
+        "event_id": f"$m{_n}",
+        "room_id": room,
+        "sender": sender,
+        "type": "m.room.message",
+        "origin_server_ts": 1,
+        "content": {"msgtype": "m.text", "body": body},
+    }
+
+
+async def feed(worker: Worker, *events: dict[str, Any]) -> list[Any]:
+    """Ingest events as one transaction, process them, return the new pending actions."""
+    before = {a.id for a in await worker.store.due_actions(now=10**12, limit=10_000)}
+    await worker.store.ingest_transaction(f"t{time.time_ns()}", list(events))
+    await worker.run_once()
+    return [
+        a for a in await worker.store.due_actions(now=10**12, limit=10_000) if a.id not in before
+    ]
+
+
+def notices(actions: list[Any]) -> list[str]:
+    return [a.payload["body"] for a in actions if a.kind == "send_notice"]
+
+
+async def test_commands_reply_in_thread_of_the_command(worker: Worker) -> None:
+    cmd = msg("!policy status")
+    [reply] = await feed(worker, cmd)
+    assert reply.kind == "send_notice" and reply.room_id == MGMT
+    assert reply.payload["reply_to"] == cmd["event_id"]
+    assert "Policy bridge status" in reply.payload["body"]
+    [record] = [r async for r in worker.store.iter_records(kind="command")]
+    assert record["sender"] == ADMIN and record["room_id"] == MGMT
+    assert record["data"]["command"] == "status" and record["data"]["outcome"] == "ok"
+
+
+async def test_strangers_and_wrong_roles_are_refused(worker: Worker) -> None:
+    [r1] = notices(await feed(worker, msg("!policy status", sender="@nobody:evil.example")))
+    assert "not allowed" in r1
+    [r2] = notices(await feed(worker, msg("!policy dlp add-keyword x", sender="@eve:corp.example")))
+    assert "needs the admin role" in r2
+    assert worker.services.policy.runtime_dlp == {}
+
+
+async def test_ingest_path_redacts_what_a_redact_rule_matches(worker: Worker) -> None:
+    bad = msg("bluefin for lunch", sender="@joe:corp.example", room=ROOM)
+    acts = await feed(worker, bad)
+    [redact] = [a for a in acts if a.kind == "redact"]
+    assert redact.payload["event_id"] == bad["event_id"] and redact.room_id == ROOM
+    assert "keyword:secret" in redact.payload["reason"]
+
+
+async def test_policy_change_applies_after_commit(worker: Worker) -> None:
+    [reply] = notices(await feed(worker, msg('!policy dlp add-keyword "falcon x"')))
+    assert "keyword added" in reply
+    assert worker.services.policy.engine.check_event(
+        msg("the FALCON  X plan", sender="@joe:corp.example", room=ROOM)
+    ).blocked
+    saved = json.loads(await worker.store.get_state("policy.dlp"))
+    assert saved["global"]["keywords"][0]["keywords"] == ["falcon x"]
+
+
+async def test_federation_change_needs_confirmation_by_reaction(worker: Worker) -> None:
+    worker.services.rooms.note_member(ROOM, "@guest:other.example", "join")
+    cmd = msg("!policy federation mode internal")
+    [ask] = notices(await feed(worker, cmd))
+    assert "would remove 1 member(s) from 1 room(s)" in ask and "other.example" in ask
+    assert worker.services.policy.engine.federation_for(ROOM).mode.value == "open"
+
+    def reaction(sender: str) -> dict[str, Any]:
+        ev = msg("", sender=sender)
+        ev["type"] = "m.reaction"
+        ev["content"] = {
+            "m.relates_to": {"rel_type": "m.annotation", "event_id": cmd["event_id"], "key": "✅️"}
+        }
+        return ev
+
+    assert await feed(worker, reaction("@eve:corp.example")) == []  # not the one who asked
+    acts = await feed(worker, reaction(ADMIN))
+    assert any("federation mode set to internal" in b for b in notices(acts))
+    assert any(a.kind == "reconcile" and a.room_id == ROOM for a in acts)
+    assert worker.services.policy.engine.federation_for(ROOM).mode.value == "internal"
+
+
+async def test_a_broken_event_does_not_block_the_queue(worker: Worker) -> None:
+    weird = {"event_id": "$w", "type": "m.room.member", "room_id": ROOM, "state_key": 5}
+    acts = await feed(worker, weird, msg("!policy help"))
+    assert any("Commands" in b for b in notices(acts))
+    assert (await worker.store.stats()).queue_depth == 0
