@@ -18,16 +18,16 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, web
 from mautrix.errors import MatrixError, MatrixRequestError
 
-from . import __version__
+from . import __version__, metrics
 from .appservice import AppserviceAPI
 from .audit_sink import AuditSink
 from .commands import CommandRegistry, Reply
 from .commands import core as core_commands
 from .commands import dlp as dlp_commands
 from .commands import rooms as room_commands
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .enforcement import RoomEnforcer
-from .executor import Executor, RoomEnforcement
+from .executor import Executor, RateLimiter, RoomEnforcement
 from .gate import Gate
 from .matrix import (
     AdminAPI,
@@ -38,7 +38,7 @@ from .matrix import (
     wait_for_homeserver,
 )
 from .policies import SECTIONS, SPACES_KEY, LivePolicy, runtime_key
-from .store import ActionRow, NewAction, Store
+from .store import ActionRow, AuditEntry, NewAction, Store, StoreUnavailable
 from .web import health_routes
 from .worker import Worker, notice
 
@@ -51,6 +51,7 @@ def build_registry() -> CommandRegistry:
     """Every command group the bridge offers."""
     registry = CommandRegistry()
     core_commands.register(registry)
+    core_commands.register_reload(registry)
     dlp_commands.register(registry)
     room_commands.register(registry)
     return registry
@@ -155,6 +156,7 @@ class Bridge:
         )
         await site.start()
         self._spawn(self.sink.run(), "audit-sink")
+        self._spawn(self._refresh_metrics(), "metrics")
         log.info(
             "listening on %s:%d (database: %s)",
             self.config.appservice.hostname,
@@ -334,11 +336,90 @@ class Bridge:
         self.exit_code = self.exit_code or code
         self._stop.set()
 
+    async def reload(self, who: str) -> tuple[bool, list[str]]:
+        """Re-read the config file; apply policies, roles and rules without a restart.
+
+        An invalid file is rejected with its problems and the running config stays. Options
+        that only take effect at start (listener, database, tokens) are named.
+        """
+        if self.config_path is None:
+            return False, ["the bridge was started without a config file"]
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+            policy = LivePolicy(new, self.policy.runtime)
+            policy.management_room = self.management_room
+            policy.set_room_spaces(self.policy.room_spaces)
+        except ConfigError as e:
+            log.error("reload by %s rejected; the old config stays: %s", who, e)
+            return False, list(e.problems)
+        except ValueError as e:
+            log.error("reload by %s rejected; the old config stays: %s", who, e)
+            return False, [str(e)]
+        old = self.config
+        restart = [
+            name
+            for name in ("appservice", "gate", "database", "homeserver")
+            if getattr(old, name) != getattr(new, name)
+        ]
+        if old.data_dir != new.data_dir:
+            restart.append("data_dir")
+        changed = [
+            name
+            for name in ("bridge", "executor", "logging", "dlp", "federation", "retention")
+            if getattr(old, name) != getattr(new, name)
+        ]
+        self.config = new
+        self.policy = policy
+        self.executor.config = new.executor
+        self.executor.limiter = RateLimiter(new.executor.rate_per_second)
+        logging.getLogger().setLevel(new.logging.level)
+        await self.sink_append(
+            AuditEntry(
+                kind="config",
+                sender=who if who.startswith("@") else None,
+                data={"event": "reload", "by": who, "changed": changed, "needs_restart": restart},
+            )
+        )
+        notes = [f"changed: {', '.join(changed) or 'nothing'}"]
+        if restart:
+            notes.append(f"these take effect only after a restart: {', '.join(restart)}")
+        log.info("config reloaded by %s (%s)", who, "; ".join(notes))
+        if changed and any(c in changed for c in ("federation", "retention")):
+            await self._rollout_if_policy_changed()
+        return True, notes
+
+    async def sink_append(self, entry: AuditEntry) -> None:
+        """Record an audit entry now if possible, else through the background sink."""
+        try:
+            await self.store.append([entry])
+        except StoreUnavailable:
+            self.sink.submit(entry)
+
+    async def _refresh_metrics(self) -> None:
+        """Keep the gauges that come from the store current (every 15 s)."""
+        while True:
+            try:
+                stats = await self.store.stats()
+                metrics.QUEUE_DEPTH.set(stats.queue_depth)
+                metrics.QUEUE_LAG.set(stats.queue_lag_s)
+                metrics.ACTIONS_BACKLOG.labels("pending").set(stats.actions_pending)
+                metrics.ACTIONS_BACKLOG.labels("failed").set(stats.actions_failed)
+                metrics.AUDIT_RECORDS.set(stats.records)
+                cp_ts = getattr(self.store, "last_checkpoint_ts", None)
+                if cp_ts:
+                    metrics.CHECKPOINT_AGE.set(max(0.0, time.time() - cp_ts / 1000))
+            except Exception as e:
+                log.warning("could not refresh metrics: %s", e.__class__.__name__)
+            await asyncio.sleep(15)
+
     async def run(self) -> int:
         """Open, start, serve until a stop signal; returns the process exit code."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: self._spawn(self._reload_quietly("SIGHUP"), "reload")
+        )
         await self.open()
         try:
             startup = asyncio.create_task(self.startup())
@@ -353,12 +434,28 @@ class Bridge:
             await self.close()
         return self.exit_code
 
+    async def _reload_quietly(self, who: str) -> None:
+        ok, notes = await self.reload(who)
+        if self.management_room:
+            text = ("✅ configuration reloaded: " if ok else "⚠️ reload rejected: ") + "; ".join(
+                notes
+            )
+            await self._notify_management(Reply.plain(text))
+
     async def close(self) -> None:
-        """Stop taking transactions, let the commit in flight finish, stop tasks, close."""
+        """Stop taking transactions, let the commit in flight finish, stop tasks, close.
+
+        Every step is bounded, so SIGTERM ends the process within about half a minute even
+        if the homeserver or the database hangs. Unfinished executor actions stay queued.
+        """
         self.accepting = False
         self.ready = False
         if self.runner is not None:
-            await self.runner.shutdown()
+            try:
+                # New transactions get 503 meanwhile; handlers in flight finish their commit.
+                await asyncio.wait_for(self.runner.shutdown(), 15)
+            except TimeoutError:
+                log.warning("in-flight requests did not finish within 15s")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -24,6 +24,8 @@ from .policy.model import server_name
 ENV_PREFIX = "POLICY_BRIDGE__"
 PLACEHOLDER_PREFIX = "CHANGE_ME"
 ROLES = ("admin", "auditor")
+# Mappings whose keys are data (user IDs, room IDs, detector names), not options.
+FREEFORM = frozenset({"permissions", "rooms", "spaces", "detectors"})
 
 
 class ConfigError(Exception):
@@ -115,6 +117,11 @@ class AuditConfig:
     signing_key: Path  # Ed25519 checkpoint signing key (PEM)
     checkpoint_every: int
     archive_retention_ms: int | None  # None = keep forever
+    archive_expiry_interval_s: float = 3600.0  # how often the expiry job runs
+    legal_hold_rooms: tuple[str, ...] = ()  # on legal hold from config (plus `!policy hold`)
+    legal_hold_users: tuple[str, ...] = ()
+    post_checkpoints: bool = True  # post checkpoint heads to the management room
+    checkpoint_post_interval_s: float = 3600.0  # at most one such notice per interval
 
     @property
     def checkpoint_log(self) -> Path:
@@ -166,7 +173,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
         if (
             isinstance(value, Mapping)
             and isinstance(out.get(key), Mapping)
-            and key not in ("permissions", "rooms")
+            and key not in FREEFORM
         ):
             out[key] = _merge(dict(out[key]), value)
         else:
@@ -301,7 +308,7 @@ def _check_unknown_keys(
         elif (
             isinstance(value, Mapping)
             and isinstance(defaults[key], Mapping)
-            and key not in ("permissions", "rooms")
+            and key not in FREEFORM
         ):
             problems.extend(_check_unknown_keys(value, defaults[key], f"{path}."))
     return problems
@@ -473,11 +480,39 @@ def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
             retention = parse_duration(str(retention_raw))
         except DurationError as e:
             v.fail("audit.archive_retention", retention_raw, f"a duration or empty ({e})")
+    def seconds(key: str) -> float:
+        raw = v.get(f"audit.{key}")
+        try:
+            ms = parse_duration(str(raw))
+        except DurationError as e:
+            v.fail(f"audit.{key}", raw, f"a duration such as 30m or 1h ({e})")
+            return 3600.0
+        if ms < 60_000:
+            v.fail(f"audit.{key}", raw, "a duration of at least 1m")
+        return ms / 1000
+
+    def id_list(key: str, sigil: str, what: str) -> tuple[str, ...]:
+        raw = v.get(f"audit.legal_hold.{key}")
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            v.fail(f"audit.legal_hold.{key}", raw, f"a list of {what}")
+            return ()
+        for item in raw:
+            if not (isinstance(item, str) and item.startswith(sigil) and ":" in item):
+                v.fail(f"audit.legal_hold.{key}", item, what)
+        return tuple(str(i) for i in raw)
+
     return AuditConfig(
         keyring=path_of("keyring", "audit-keyring.json"),
         signing_key=path_of("signing_key", "audit-signing.pem"),
         checkpoint_every=v.integer("audit.checkpoint_every", 1, 10_000_000),
         archive_retention_ms=retention,
+        archive_expiry_interval_s=seconds("archive_expiry_interval"),
+        legal_hold_rooms=id_list("rooms", "!", "room IDs (!room:server)"),
+        legal_hold_users=id_list("users", "@", "user IDs (@user:server)"),
+        post_checkpoints=v.boolean("audit.post_checkpoints"),
+        checkpoint_post_interval_s=seconds("checkpoint_post_interval"),
     )
 
 

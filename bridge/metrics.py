@@ -60,3 +60,14 @@ COMMANDS = Counter(
     ["command", "outcome"],
     registry=REGISTRY,
 )
+ACTIONS_BACKLOG = Gauge(
+    "bridge_executor_backlog", "Executor actions by status", ["status"], registry=REGISTRY
+)
+AUDIT_RECORDS = Gauge(
+    "bridge_audit_records",
+    "Records in the audit store (highest sequence number)",
+    registry=REGISTRY,
+)
+CHECKPOINT_AGE = Gauge(
+    "bridge_audit_checkpoint_age_seconds", "Age of the last signed checkpoint", registry=REGISTRY
+)

@@ -53,3 +53,21 @@ def register(registry: CommandRegistry) -> None:
             f"executor: {stats.actions_pending} actions pending, {stats.actions_failed} failed",
         ]
         return Reply.lines("Policy bridge status", items)
+
+
+def register_reload(registry: CommandRegistry) -> None:
+    """Add ``reload`` (separate so tests can build a registry without a running bridge)."""
+
+    @registry.command(
+        "reload",
+        summary="re-read the config file (policies, roles, rules) without a restart",
+        role="admin",
+    )
+    async def reload_cmd(ctx: CommandContext) -> Reply:
+        reload = getattr(ctx.services, "reload", None)
+        if reload is None:
+            return Reply.plain("reload is not available here")
+        ok, notes = await reload(ctx.sender)
+        if ok:
+            return Reply.lines("✅ configuration reloaded", notes)
+        return Reply.lines("⚠️ the new configuration was rejected; the old one stays", notes)
