@@ -8,6 +8,7 @@ retention, kick); this module decides when to schedule it, remembers each room's
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -43,6 +44,7 @@ class RoomEnforcer:
         self.members: dict[str, dict[str, str]] = {}
         self._rollout: dict[str, Any] | None = None
         self._reported: set[int] = set()
+        self._remaining = 0
 
     # -- scheduling ---------------------------------------------------------------------
 
@@ -72,15 +74,18 @@ class RoomEnforcer:
         """Called after the rollout's actions are committed."""
         self._rollout = dict(record)
         self._reported = set()
+        self._remaining = int(record["total"])
 
     async def load(self) -> None:
         """Resume reporting a rollout that was running before a restart."""
-        import json
-
         raw = await self.store.get_state(ROLLOUT_KEY)
         if raw:
-            self._rollout = json.loads(raw)
-            self._reported = set(self._rollout.get("reported", []))
+            record = json.loads(raw)
+            if record.get("finished"):
+                return
+            self._rollout = record
+            self._reported = set(record.get("reported", []))
+            self._remaining = await self._pending(record["id"])
 
     async def _pending(self, rollout_id: str) -> int:
         async with self.store.engine.connect() as conn:
@@ -113,7 +118,9 @@ class RoomEnforcer:
     async def on_result(self, room_id: str, result: Mapping[str, Any]) -> None:
         """Record the room's enforcement state; report rollout progress."""
         if "error" in result:
-            joined = None if "not allowed" not in str(result["error"]) else False
+            # Only a refused state read means the bot is not in the room; a refused kick or
+            # state event means it is there without enough power.
+            joined = False if "not allowed to read the room state" in str(result["error"]) else None
             await self.store.upsert_room(room_id, joined=joined, lacking=str(result["error"]))
         else:
             problems = list(result.get("lacking", [])) + list(result.get("unkickable", []))
@@ -125,12 +132,16 @@ class RoomEnforcer:
 
     async def _progress(self) -> None:
         assert self._rollout is not None
+        self._remaining = max(0, self._remaining - 1)
         total = int(self._rollout["total"]) or 1
-        done = total - await self._pending(self._rollout["id"])
+        done = total - self._remaining
         pct = int(done * 100 / total)
         for mark in (25, 50, 75, 100):
             if pct >= mark and mark not in self._reported:
                 self._reported.add(mark)
+                self._rollout["reported"] = sorted(self._reported)
+                self._rollout["finished"] = pct >= 100
+                await self.store.set_state(ROLLOUT_KEY, json.dumps(self._rollout))
                 await self.notify(
                     Reply.plain(
                         f"Policy rollout ({self._rollout['reason']}): {done} of {total} rooms "
