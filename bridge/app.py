@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ from mautrix.errors import MatrixError, MatrixRequestError
 
 from . import __version__, metrics
 from .appservice import AppserviceAPI
+from .audit.jobs import run_audit_jobs
 from .audit_sink import AuditSink
 from .commands import CommandRegistry, Reply
+from .commands import audit as audit_commands
 from .commands import core as core_commands
 from .commands import dlp as dlp_commands
 from .commands import rooms as room_commands
@@ -38,6 +41,8 @@ from .matrix import (
     wait_for_homeserver,
 )
 from .policies import SECTIONS, SPACES_KEY, LivePolicy, runtime_key
+from .policy.model import Action, Verdict
+from .retention import RetentionSweeper
 from .store import ActionRow, AuditEntry, NewAction, Store, StoreUnavailable
 from .web import health_routes
 from .worker import Worker, notice
@@ -45,6 +50,7 @@ from .worker import Worker, notice
 log = logging.getLogger(__name__)
 
 MANAGEMENT_ROOM_KEY = "management_room"
+SHUTDOWN_STEP = 10.0  # seconds each shutdown step may take
 
 
 def build_registry() -> CommandRegistry:
@@ -54,6 +60,7 @@ def build_registry() -> CommandRegistry:
     core_commands.register_reload(registry)
     dlp_commands.register(registry)
     room_commands.register(registry)
+    audit_commands.register(registry)
     return registry
 
 
@@ -73,6 +80,7 @@ class Bridge:
         self.registry = build_registry()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()
         self.store: Store
         self.session: ClientSession
         self.runner: web.AppRunner | None = None
@@ -95,6 +103,7 @@ class Bridge:
             self.config.gate.token,
             lambda: self.policy.engine,
             self.sink,
+            on_blocked=self._gate_blocked,
         )
         app.add_routes(self.appservice_api.routes())
         app.add_routes(self.gate.routes())
@@ -147,9 +156,23 @@ class Bridge:
         )
         await self.worker.load()
         await self._load_runtime_policy()
+        self.sweeper = RetentionSweeper(
+            self.store,
+            lambda: self.policy.engine,
+            lambda: self.config,
+            purge=lambda: self.executor.admin is not None,
+            management_room=lambda: self.management_room,
+            on_actions=self.executor.wake,
+        )
+        await self.sweeper.load()
         stored_room = await self.store.get_state(MANAGEMENT_ROOM_KEY)
         self.management_room = self.config.bridge.management_room or stored_room or ""
-        self.runner = web.AppRunner(self.build_web(), access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(
+            self.build_web(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_STEP,
+        )
         await self.runner.setup()
         site = web.TCPSite(
             self.runner, self.config.appservice.hostname, self.config.appservice.port
@@ -218,6 +241,8 @@ class Bridge:
         await self._rollout_if_policy_changed()
         self._spawn(self.worker.run(), "worker")
         self._spawn(self.executor.run(), "executor")
+        self._spawn(self.sweeper.run(), "retention-sweeper")
+        self._spawn(run_audit_jobs(self), "audit-jobs")  # archive expiry, checkpoint notices
         if cfg.bridge.auto_enroll and self.admin is not None:
             self._spawn(self._auto_enroll(), "auto-enroll")
         self.ready = True
@@ -266,10 +291,29 @@ class Bridge:
             actions.append(
                 NewAction("make_room_admin", {"user_id": self.config.bot_mxid}, room_id=room)
             )
-            actions.append(NewAction("join", {}, room_id=room))
+            # Due at once, but ordered after every make_room_admin (the queue runs by
+            # not_before, then creation time, which ties within a batch): joining a
+            # private room before make_room_admin's invite would be refused.
+            actions.append(NewAction("join", {}, room_id=room, not_before=1.0))
         if actions:
             await self.executor.submit(actions)
         log.info("auto-enrolment: %d of %d rooms queued", len(todo), len(rooms))
+
+    def _gate_blocked(self, subject: Mapping[str, Any], verdict: Verdict) -> None:
+        """`notify` rules on events the gate refused: tell the management room."""
+        wanted = [f for f in verdict.findings if Action.NOTIFY in f.actions]
+        if not wanted or not self.management_room:
+            return
+        lines = [
+            f"Policy {f.rule} blocked a message from {subject.get('sender')} in "
+            f"{subject.get('room_id')}" + (f": {f.excerpt}" if f.excerpt else "")
+            for f in wanted
+        ]
+        task = asyncio.get_running_loop().create_task(
+            self._notify_management(Reply.plain("\n".join(lines)))
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _notify_management(self, reply: Reply) -> None:
         if self.management_room:
@@ -388,6 +432,17 @@ class Bridge:
             await self._rollout_if_policy_changed()
         return True, notes
 
+    async def count_expiring(self, scope: str, ms: int) -> tuple[int, int]:
+        """(messages, rooms) a retention of ``ms`` at ``scope`` would delete that the
+        policy in force would not yet (for the confirmation of ``retention set``)."""
+        doc = self.policy.doc("retention")
+        doc.setdefault(scope, {})["max_lifetime"] = f"{ms}ms"
+        try:
+            candidate = self.policy.preview(doc, "retention")
+        except ValueError:
+            return 0, 0  # the command refuses the change itself
+        return await self.sweeper.count_expiring(scope, candidate, self.policy.engine)
+
     async def sink_append(self, entry: AuditEntry) -> None:
         """Record an audit entry now if possible, else through the background sink."""
         try:
@@ -451,22 +506,25 @@ class Bridge:
         self.accepting = False
         self.ready = False
         if self.runner is not None:
+            # Stop listening; new requests on open connections get 503; handlers in flight
+            # finish their commit (bounded by the runner's shutdown_timeout).
             try:
-                # New transactions get 503 meanwhile; handlers in flight finish their commit.
-                await asyncio.wait_for(self.runner.shutdown(), 15)
+                await asyncio.wait_for(self.runner.cleanup(), SHUTDOWN_STEP + 5)
             except TimeoutError:
-                log.warning("in-flight requests did not finish within 15s")
-        for task in self._tasks:
+                log.warning("in-flight requests did not finish within %ss", SHUTDOWN_STEP)
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         try:
-            await asyncio.wait_for(self.sink.flush(), 10)
+            await asyncio.wait_for(self.sink.flush(), SHUTDOWN_STEP)
         except Exception as e:
             log.warning("could not write %d buffered audit records: %s", self.sink.pending, e)
-        if self.runner is not None:
-            await self.runner.cleanup()
         await self.session.close()
-        await self.store.close()
+        try:
+            # Signs the final checkpoint; bounded in case the database hangs.
+            await asyncio.wait_for(self.store.close(), SHUTDOWN_STEP)
+        except Exception as e:
+            log.warning("closing the store failed: %s", e.__class__.__name__)
         log.info("bridge stopped")
 
 

@@ -65,7 +65,8 @@ class AppserviceAPI:
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.put(PREFIX + "/transactions/{txn_id}", self.put_transaction),
+            # any opaque txnId, braces included (the default pattern refuses "{" and "}")
+            web.put(PREFIX + "/transactions/{txn_id:[^/]+}", self.put_transaction),
             web.post(PREFIX + "/ping", self.ping),
             web.get(PREFIX + "/users/{user_id}", self.query_not_found),
             web.get(PREFIX + "/rooms/{alias}", self.query_not_found),

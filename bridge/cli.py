@@ -1,14 +1,17 @@
 """Command line: run, generate-registration, check-config, demo (and later audit, dlp).
 
 Exit codes: 0 ok, 1 unexpected error, 2 usage error, 3 configuration error,
-4 homeserver unreachable, 5 database error.
+4 homeserver unreachable, 5 database error, 6 data directory unusable (not a directory,
+read-only, full).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_HOMESERVER = 4
 EXIT_DATABASE = 5
+EXIT_DATA_DIR = 6
 
 log = logging.getLogger("bridge")
 
@@ -127,6 +131,10 @@ def cmd_run(path: Path) -> int:
         print(e, file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.logging.level, config.logging.format)
+    problem = data_dir_problem(config.data_dir)
+    if problem is not None:
+        log.error("%s", problem)
+        return EXIT_DATA_DIR
     bridge = Bridge(config, path)
     try:
         return asyncio.run(bridge.run())
@@ -144,3 +152,43 @@ def cmd_run(path: Path) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def data_dir_problem(data_dir: Path) -> str | None:
+    """Why ``data_dir`` cannot hold the bridge's files (None if it can).
+
+    Creates the directory if needed and writes, syncs and removes a small probe file, so a
+    read-only mount, a full disk or a path under a regular file is reported at start, in
+    one sentence naming the path, instead of failing later in the middle of a write.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the data directory {data_dir}: {_reason(e)}"
+    probe = data_dir / f".write-test-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return f"the data directory {data_dir} is not writable: {_reason(e)}"
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return None
+
+
+def _reason(e: OSError) -> str:
+    text = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        return f"{text} (free some space or grow the volume)"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{text} (mount it writable for this user, or set data_dir elsewhere)"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{text} (a file is in the way; data_dir must be a directory)"
+    return text

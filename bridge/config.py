@@ -170,11 +170,7 @@ class Config:
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if (
-            isinstance(value, Mapping)
-            and isinstance(out.get(key), Mapping)
-            and key not in FREEFORM
-        ):
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key not in FREEFORM:
             out[key] = _merge(dict(out[key]), value)
         else:
             out[key] = value
@@ -444,6 +440,7 @@ def build_config(
         rate = fed_raw.get("rollout_rate", 10.0)
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1000:
             v.fail("federation.rollout_rate", rate, "a number of rooms per second, 0 < n <= 1000")
+    _check_sweep(v)
     problems.extend(v.problems)
     if problems:
         raise ConfigError(source, problems)
@@ -465,6 +462,23 @@ def build_config(
     )
 
 
+def _check_sweep(v: _Validator) -> None:
+    """The retention sweeper's pacing options."""
+    from .policy.durations import DurationError, parse_duration
+
+    raw = v.get("retention.sweep_interval")
+    try:
+        ms = parse_duration(str(raw))
+    except DurationError as e:
+        v.fail("retention.sweep_interval", raw, f"a duration such as 60s or 5m ({e})")
+    else:
+        if not 100 <= ms <= 86_400_000:
+            v.fail("retention.sweep_interval", raw, "a duration from 100ms to 1d, e.g. 60s")
+    v.integer("retention.sweep_batch", 1, 10_000)
+    v.integer("retention.sweep_max_events", 1, 10_000_000)
+    v.integer("retention.sweep_max_pending", 1, 10_000_000)
+
+
 def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
     from .policy.durations import DurationError, parse_duration
 
@@ -480,6 +494,7 @@ def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
             retention = parse_duration(str(retention_raw))
         except DurationError as e:
             v.fail("audit.archive_retention", retention_raw, f"a duration or empty ({e})")
+
     def seconds(key: str) -> float:
         raw = v.get(f"audit.{key}")
         try:
@@ -499,7 +514,12 @@ def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
             v.fail(f"audit.legal_hold.{key}", raw, f"a list of {what}")
             return ()
         for item in raw:
-            if not (isinstance(item, str) and item.startswith(sigil) and ":" in item):
+            if not (
+                isinstance(item, str)
+                and item.startswith(sigil)
+                and len(item) > 1
+                and (sigil == "!" or ":" in item)  # room version 12 IDs have no :server
+            ):
                 v.fail(f"audit.legal_hold.{key}", item, what)
         return tuple(str(i) for i in raw)
 
@@ -509,7 +529,7 @@ def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
         checkpoint_every=v.integer("audit.checkpoint_every", 1, 10_000_000),
         archive_retention_ms=retention,
         archive_expiry_interval_s=seconds("archive_expiry_interval"),
-        legal_hold_rooms=id_list("rooms", "!", "room IDs (!room:server)"),
+        legal_hold_rooms=id_list("rooms", "!", "room IDs (!room)"),
         legal_hold_users=id_list("users", "@", "user IDs (@user:server)"),
         post_checkpoints=v.boolean("audit.post_checkpoints"),
         checkpoint_post_interval_s=seconds("checkpoint_post_interval"),

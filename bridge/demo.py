@@ -2,6 +2,11 @@
 
 Everything lives in a temporary directory (Synapse on SQLite, the bridge on SQLite) on
 loopback ports, and is removed on Ctrl-C unless ``--keep`` is given.
+
+The demo's DLP policy blocks payment card numbers and reports a watch-list phrase to the
+management room. After start, a second user sends three messages: one allowed, one with a
+test card number (Synapse refuses it: the refusal is printed) and one with the watch-list
+phrase (a notice appears in the management room).
 """
 
 from __future__ import annotations
@@ -16,8 +21,15 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from .devstack import BridgeProcess, BridgeStartError, prepare_stack
-from .devsynapse import SynapseNotInstalledError, SynapseStartError
+from .devstack import BridgeProcess, BridgeStartError, DevStack, prepare_stack
+from .devsynapse import HomeserverRequestError, SynapseNotInstalledError, SynapseStartError
+
+TEST_CARD = "4111 1111 1111 1111"  # a well-known test number: passes Luhn, charges nothing
+WATCHED = "project falcon"
+DEMO_DLP = {
+    "detectors": {"card": ["block", "notify"]},
+    "keywords": [{"name": "watchlist", "keywords": [WATCHED], "action": "notify"}],
+}
 
 
 def _join_management_room(hs_url: str, token: str, timeout: float = 30) -> str | None:
@@ -46,11 +58,89 @@ def _join_management_room(hs_url: str, token: str, timeout: float = 30) -> str |
     return None
 
 
+def _send(stack: DevStack, token: str, room: str, body: str) -> str:
+    path = (
+        f"/_matrix/client/v3/rooms/{urllib.parse.quote(room)}/send/m.room.message/"
+        f"demo-{secrets.token_hex(6)}"
+    )
+    result = stack.synapse.request(
+        "PUT", path, {"msgtype": "m.text", "body": body}, access_token=token
+    )
+    return str(result["event_id"])
+
+
+def _wait_for_notice(
+    stack: DevStack, token: str, room: str, needle: str, timeout: float = 30
+) -> str | None:
+    """The bot's notice containing ``needle`` in ``room``, if it arrives in time."""
+    path = f"/_matrix/client/v3/rooms/{urllib.parse.quote(room)}/messages?dir=b&limit=30"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in stack.synapse.request("GET", path, access_token=token).get("chunk", []):
+            body = event.get("content", {}).get("body", "")
+            if event.get("sender", "").startswith("@policybot:") and needle in body:
+                return str(body)
+        time.sleep(0.5)
+    return None
+
+
+def show_dlp(stack: DevStack, admin_token: str, management_room: str | None) -> None:
+    """As a second user, send an allowed, a blocked and a reported message; print what
+    happened. Never raises: a failed step is printed and the demo goes on."""
+    print("\nDLP demo: @alice:localhost sends three messages in the room 'DLP demo' …")
+    try:
+        _, token = stack.synapse.register_user("alice", secrets.token_urlsafe(9))
+        room = stack.synapse.request(
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            {"name": "DLP demo", "invite": ["@admin:localhost"]},
+            access_token=token,
+        )["room_id"]
+    except Exception as e:  # the demo goes on without this part
+        print(f"  (could not set up the DLP demo: {e})")
+        return
+    try:
+        _send(stack, token, room, "Hello! The quarterly numbers look good.")
+        print("  1. 'Hello! The quarterly numbers look good.'  -> sent (no rule matches)")
+    except Exception as e:
+        print(f"  1. the allowed message failed unexpectedly: {e}")
+    try:
+        _send(stack, token, room, f"my card is {TEST_CARD}, can you book the flight?")
+        print("  2. the message with a test card number was NOT refused (is the gate running?)")
+    except HomeserverRequestError as e:
+        print(
+            f"  2. 'my card is {TEST_CARD[:4]} …' -> refused by Synapse, HTTP {e.status} "
+            f"{e.errcode}.\n     The sender's client shows: {e.error}"
+        )
+    except Exception as e:
+        print(f"  2. the card message failed unexpectedly: {e}")
+    try:
+        _send(stack, token, room, f"any news on {WATCHED}?")
+        print(f"  3. 'any news on {WATCHED}?'  -> sent; the rule 'watchlist' only notifies")
+    except Exception as e:
+        print(f"  3. the watch-list message failed unexpectedly: {e}")
+        return
+    if not management_room:
+        print("     (no management room joined: the notice cannot be shown here)")
+        return
+    try:
+        found = _wait_for_notice(stack, admin_token, management_room, "keyword:watchlist")
+    except Exception as e:
+        found = None
+        print(f"     (could not read the management room: {e})")
+    if found:
+        print(f"     The management room got: {found}")
+    else:
+        print("     (no notice in the management room yet; look there in a moment)")
+
+
 def run_demo(port: int = 0, keep: bool = False) -> int:
     """Start the demo stack and wait for Ctrl-C. Returns an exit code."""
     workdir = Path(tempfile.mkdtemp(prefix="policy-bridge-demo-"))
     password = secrets.token_urlsafe(9)
-    stack = prepare_stack(workdir, permissions={"@admin:localhost": "admin"})
+    stack = prepare_stack(
+        workdir, permissions={"@admin:localhost": "admin"}, bridge_options={"dlp": DEMO_DLP}
+    )
     if port:
         stack.synapse.port = port
     bridge = BridgeProcess(stack.config_path, workdir / "bridge.log", stack.bridge_port)
@@ -76,6 +166,7 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
             },
         )
         room = _join_management_room(stack.synapse.url, login["access_token"])
+        show_dlp(stack, login["access_token"], room)
         print(
             "\n"
             "The demo is running.\n"
@@ -86,6 +177,13 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
             "\n"
             "Log in with any Matrix client (e.g. Element: 'Edit' homeserver, paste the URL),\n"
             "open the management room and type:  !policy help\n"
+            "What to look at:\n"
+            "  - the management room: the notice about the watch-list message from @alice\n"
+            "    (rule keyword:watchlist, with a masked excerpt);\n"
+            "  - the room 'DLP demo' (accept the invite): the allowed messages are there,\n"
+            "    the card number never reached the server;\n"
+            f"  - try it yourself: send a message containing {TEST_CARD} (refused), or type\n"
+            "    in the management room:  !policy dlp test my card is " + TEST_CARD + "\n"
             f"Bridge log: {workdir / 'bridge.log'}  Synapse log: {stack.synapse.log_path}\n"
             "Press Ctrl-C to stop and clean up.",
             flush=True,

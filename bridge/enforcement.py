@@ -15,13 +15,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import func, select
-
 from .commands.registry import Reply
 from .policy.federation import FederationPolicy, server_allowed
 from .policy.model import server_name
 from .store import NewAction, Store
-from .store.schema import actions
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +85,8 @@ class RoomEnforcer:
             self._remaining = await self._pending(record["id"])
 
     async def _pending(self, rollout_id: str) -> int:
-        async with self.store.engine.connect() as conn:
-            return int(
-                (
-                    await conn.execute(
-                        select(func.count()).where(
-                            actions.c.kind == "reconcile",
-                            actions.c.status == "pending",
-                            actions.c.payload.contains(rollout_id),
-                        )
-                    )
-                ).scalar_one()
-            )
+        # payloads are sealed at rest: the store decrypts the pending reconciles to match
+        return await self.store.count_actions("reconcile", "pending", {"rollout": rollout_id})
 
     # -- results from the executor ------------------------------------------------------
 
@@ -136,18 +123,20 @@ class RoomEnforcer:
         total = int(self._rollout["total"]) or 1
         done = total - self._remaining
         pct = int(done * 100 / total)
-        for mark in (25, 50, 75, 100):
-            if pct >= mark and mark not in self._reported:
-                self._reported.add(mark)
-                self._rollout["reported"] = sorted(self._reported)
-                self._rollout["finished"] = pct >= 100
-                await self.store.set_state(ROLLOUT_KEY, json.dumps(self._rollout))
-                await self.notify(
-                    Reply.plain(
-                        f"Policy rollout ({self._rollout['reason']}): {done} of {total} rooms "
-                        f"processed ({mark}%)."
-                    )
+        reached = [m for m in (25, 50, 75, 100) if pct >= m and m not in self._reported]
+        if reached:
+            # One notice for the highest mark crossed (small rollouts cross several at once).
+            mark = reached[-1]
+            self._reported.update(reached)
+            self._rollout["reported"] = sorted(self._reported)
+            self._rollout["finished"] = pct >= 100
+            await self.store.set_state(ROLLOUT_KEY, json.dumps(self._rollout))
+            await self.notify(
+                Reply.plain(
+                    f"Policy rollout ({self._rollout['reason']}): {done} of {total} rooms "
+                    f"processed ({mark}%)."
                 )
+            )
         if pct >= 100:
             self._rollout = None
 

@@ -38,7 +38,12 @@ _NEEDS = {
     "leave": "leave",
     "make_room_admin": "use the admin API make_room_admin",
     "reconcile": "read the room state",
+    "purge_history": "purge history with the admin API",
+    "purge_status": "read a purge's status with the admin API",
 }
+
+# A purge still running after this long is given up on (and reported).
+PURGE_GIVE_UP_S = 24 * 3600.0
 
 
 class RoomEnforcement:
@@ -57,6 +62,17 @@ class RoomEnforcement:
 
 class PermanentFailure(Exception):
     """The action cannot succeed by retrying (forbidden, unknown room, bad request)."""
+
+
+class Deferred(Exception):
+    """Not finished yet (e.g. a purge still running): look again in ``delay`` seconds.
+
+    Does not use up an attempt.
+    """
+
+    def __init__(self, why: str, delay: float) -> None:
+        super().__init__(why)
+        self.delay = delay
 
 
 class RateLimiter:
@@ -79,9 +95,10 @@ class RateLimiter:
             await asyncio.sleep((1 - self._tokens) / self.rate)
 
 
-def describe_failure(action: ActionRow, err: MatrixRequestError) -> str:
-    """An admin-readable reason for a failed action."""
-    what = _NEEDS.get(action.kind, action.kind)
+def describe_failure(action: ActionRow, err: MatrixRequestError, step: str | None = None) -> str:
+    """An admin-readable reason for a failed action (``step``: the kind of the failed part)."""
+    kind = step or action.kind
+    what = _NEEDS.get(kind, kind)
     where = f" in {action.room_id}" if action.room_id else ""
     detail = err.message or getattr(err, "text", "") or ""
     if err.http_status == 403:
@@ -89,6 +106,19 @@ def describe_failure(action: ActionRow, err: MatrixRequestError) -> str:
     if err.http_status == 404:
         return f"not found while trying to {what}{where} ({err.errcode}: {detail})"
     return f"homeserver refused to {what}{where}: HTTP {err.http_status} {err.errcode}: {detail}"
+
+
+async def _step(action: ActionRow, step: str, request: Awaitable[Any]) -> Any:
+    """One request of a multi-step action; a refusal names the step that was refused.
+
+    Rate limits and 5xx pass through unchanged so the action is retried as a whole.
+    """
+    try:
+        return await request
+    except MatrixRequestError as e:
+        if e.errcode == "M_LIMIT_EXCEEDED" or e.http_status == 429 or e.http_status >= 500:
+            raise
+        raise PermanentFailure(describe_failure(action, e, step)) from e
 
 
 class Executor:
@@ -121,6 +151,8 @@ class Executor:
             "leave": self._leave,
             "make_room_admin": self._make_room_admin,
             "reconcile": self._reconcile,
+            "purge_history": self._purge_history,
+            "purge_status": self._purge_status,
         }
 
     def wake(self) -> None:
@@ -137,13 +169,14 @@ class Executor:
         while True:
             try:
                 ran = await self.run_due()
+                # (inside the try: a database outage must not end the loop)
+                nxt = None if ran else await self.store.next_action_time()
             except Exception:
                 log.exception("executor loop error; retrying in 5s")
                 await asyncio.sleep(5)
                 continue
             if ran:
                 continue
-            nxt = await self.store.next_action_time()
             timeout = 30.0 if nxt is None else max(0.05, min(30.0, nxt - time.time()))
             self._wake.clear()
             try:
@@ -185,6 +218,9 @@ class Executor:
             return
         except PermanentFailure as e:
             await self._fail(action, attempts, str(e))
+            return
+        except Deferred as e:
+            await self._retry(action, action.attempts, e.delay, str(e))
             return
         except Exception as e:
             # A bug must not wedge the queue behind this action: record it and move on.
@@ -336,19 +372,24 @@ class Executor:
         if self.rooms is None:
             raise PermanentFailure("room enforcement is not configured")
         room = self._room(action)
-        state = await self.client.api.request(Method.GET, Path.v3.rooms[room].state)
+        state = await _step(
+            action, "reconcile", self.client.api.request(Method.GET, Path.v3.rooms[room].state)
+        )
         if not isinstance(state, list):
             raise PermanentFailure("the homeserver returned no state list")
         self.rooms.on_state(room, state)
         plan = self.rooms.plan(room, state)
         sent, kicked = [], []
         for etype, key, content in plan.set_state:
-            await self.client.send_state_event(
-                room, EventType.find(etype, t_class=EventType.Class.STATE), content, state_key=key
+            etype_obj = EventType.find(etype, t_class=EventType.Class.STATE)
+            await _step(
+                action,
+                "send_state",
+                self.client.send_state_event(room, etype_obj, content, state_key=key),
             )
             sent.append(etype)
         for user, reason in plan.kicks:
-            await self.client.kick_user(room, user, reason=reason)
+            await _step(action, "kick", self.client.kick_user(room, user, reason=reason))
             kicked.append(user)
         return {
             "sent": sent,
@@ -362,3 +403,39 @@ class Executor:
             raise PermanentFailure("no Synapse admin token configured (homeserver.admin_token)")
         await self.admin.make_room_admin(self._room(action), action.payload["user_id"])
         return {}
+
+    async def _purge_history(self, action: ActionRow) -> dict[str, Any]:
+        """Start a purge (admin API) and queue the polling of its status."""
+        if self.admin is None:
+            raise PermanentFailure("no Synapse admin token configured (homeserver.admin_token)")
+        p = action.payload
+        try:
+            purge_id = await self.admin.purge_history(
+                self._room(action),
+                int(p["purge_up_to_ts"]),
+                bool(p.get("delete_local_events", True)),
+            )
+        except MatrixRequestError as e:
+            if e.http_status == 404 and "no event to be purged" in (e.message or ""):
+                return {"purged": False, "why": "nothing older than the cutoff"}
+            raise
+        poll = {**p, "purge_id": purge_id, "started": time.time()}
+        await self.store.enqueue_actions(
+            [NewAction("purge_status", poll, room_id=action.room_id, not_before=time.time() + 1)]
+        )
+        self.wake()
+        return {"purge_id": purge_id}
+
+    async def _purge_status(self, action: ActionRow) -> dict[str, Any]:
+        """Poll a purge until Synapse reports it complete or failed."""
+        if self.admin is None:
+            raise PermanentFailure("no Synapse admin token configured (homeserver.admin_token)")
+        p = action.payload
+        status = await self.admin.purge_status(str(p["purge_id"]))
+        if status == "complete":
+            return {"status": status, "purge_id": p["purge_id"]}
+        if status == "failed":
+            raise PermanentFailure(f"Synapse reports purge {p['purge_id']} failed")
+        if time.time() - float(p.get("started", time.time())) > PURGE_GIVE_UP_S:
+            raise PermanentFailure(f"purge {p['purge_id']} still {status} after a day")
+        raise Deferred(f"purge {status}", 2.0)

@@ -42,6 +42,18 @@ def _str(body: Mapping[str, Any], key: str) -> str:
     return value
 
 
+async def _read_json(request: web.Request) -> Any:
+    """The JSON body, or the Matrix error response to send instead (413, 400)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return matrix_error(413, "M_TOO_LARGE", "request body too large")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return matrix_error(400, "M_NOT_JSON", "body is not valid JSON")
+
+
 class Gate:
     """aiohttp handlers answering the antispam module from the current policy engine."""
 
@@ -51,16 +63,20 @@ class Gate:
         token: str,
         engine: Callable[[], PolicyEngine],
         sink: AuditSink | None,
+        on_blocked: Callable[[Mapping[str, Any], Verdict], None] | None = None,
     ) -> None:
         self.base_path = base_path
         self.token = token
         self.engine = engine
         self.sink = sink
+        # Told about refused events (which never reach the ingest path) so that `notify`
+        # rules still reach the management room. Must not block: it only schedules work.
+        self.on_blocked = on_blocked
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post(self.base_path + "/ping", self.ping),
-            web.post(self.base_path + "/{callback}", self.callback),
+            web.post(self.base_path + "/{callback:[^/]+}", self.callback),
         ]
 
     def _authorized(self, request: web.Request) -> bool:
@@ -69,10 +85,9 @@ class Gate:
     async def ping(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return matrix_error(403, "M_FORBIDDEN", "invalid gate token")
-        try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return matrix_error(400, "M_NOT_JSON", "body is not valid JSON")
+        body = await _read_json(request)
+        if isinstance(body, web.Response):
+            return body
         req_id = body.get("id") if isinstance(body, dict) else None
         return web.json_response({"id": req_id, "status": "ok"})
 
@@ -82,10 +97,9 @@ class Gate:
             log.warning("gate call %s refused: bad or missing token", name)
             return matrix_error(403, "M_FORBIDDEN", "invalid gate token")
         started = time.perf_counter()
-        try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return matrix_error(400, "M_NOT_JSON", "body is not valid JSON")
+        body = await _read_json(request)
+        if isinstance(body, web.Response):
+            return body
         if not isinstance(body, dict):
             return matrix_error(400, "M_BAD_JSON", "expected a JSON object")
         if name not in JUDGED:
@@ -112,6 +126,11 @@ class Gate:
             subject.get("room_id"),
             finding.rule,
         )
+        if self.on_blocked is not None:
+            try:
+                self.on_blocked(subject, verdict)
+            except Exception:
+                log.exception("reporting a refused event failed")
         return matrix_error(403, finding.errcode, finding.message)
 
     def judge(self, name: str, body: Mapping[str, Any]) -> tuple[Verdict, dict[str, Any]]:

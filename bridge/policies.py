@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import Config
 from .policy.engine import PolicyEngine, PolicySet
-from .policy.layers import DlpLayers, parse_runtime_dlp
+from .policy.layers import DlpLayers, EngineCache, parse_runtime_dlp
 from .policy.scopes import federation_setting, retention_setting
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,16 @@ def build_engine(
     runtime: Mapping[str, Mapping[str, Any]] | None = None,
     management_room: str = "",
     room_spaces: Mapping[str, tuple[str, ...]] | None = None,
+    cache: EngineCache | None = None,
 ) -> PolicyEngine:
-    """Compile config + runtime rules into an engine. Raises ValueError on bad rules."""
+    """Compile config + runtime rules into an engine. Raises ValueError on bad rules.
+
+    ``cache`` keeps compiled DLP engines across builds, so a change of the room→space map
+    or of one room's rules does not recompile the others.
+    """
     runtime = runtime or {}
     layers = DlpLayers(config.dlp, parse_runtime_dlp(runtime.get("dlp") or {}))
-    dlp_global, dlp_rooms = layers.compile()
+    dlp_global, dlp_rooms = layers.compile(room_spaces, cache)
     federation = federation_setting(config.federation, runtime.get("federation"))
     retention = retention_setting(config.retention, runtime.get("retention"))
     federation.validate()
@@ -54,6 +59,7 @@ def build_engine(
             retention=retention,
             room_spaces=dict(room_spaces or {}),
             kick_excluded=bool(config.federation.get("kick_excluded_members", True)),
+            encryption_forbidden=layers.encryption_setting(),
         )
     )
 
@@ -68,10 +74,13 @@ class LivePolicy:
         self.runtime: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (runtime or {}).items()}
         self.management_room = ""
         self.room_spaces: dict[str, tuple[str, ...]] = {}
+        self.dlp_cache = EngineCache()
         self.engine = self._build(self.runtime)
 
     def _build(self, runtime: Mapping[str, Mapping[str, Any]]) -> PolicyEngine:
-        return build_engine(self.config, runtime, self.management_room, self.room_spaces)
+        return build_engine(
+            self.config, runtime, self.management_room, self.room_spaces, self.dlp_cache
+        )
 
     @property
     def runtime_dlp(self) -> dict[str, Any]:

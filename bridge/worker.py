@@ -15,13 +15,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from . import metrics
 from .commands import CommandContext, CommandError, CommandRegistry, Reply, role_allows, tokenize
 from .commands.registry import MAX_COMMAND_LENGTH, NeedsConfirmation, summarize_args
 from .config import Config
 from .enforcement import DRIFTED
 from .policies import SPACES_KEY
-from .policy.engine import PolicyEngine
+from .policy.engine import ENCRYPTION_EVENT, ENCRYPTION_RULE, PolicyEngine
 from .policy.federation import acl_content, acl_matches, server_allowed
 from .policy.model import Action, Verdict, server_name
 from .policy.retention import retention_content, retention_matches
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CONFIRM_REACTION = "\u2705"  # ✅ (with or without a variation selector)
 CONFIRM_SECONDS = 600
+ENROLL_DELAY = 3.0  # seconds between seeing a new room and enrolling it
 
 
 @dataclass
@@ -89,9 +92,15 @@ class Worker:
             try:
                 done = await self.run_once()
                 backoff = 0.5
-            except StoreUnavailable as e:
+            except (StoreUnavailable, SQLAlchemyError, OSError) as e:
+                # Reads raise the driver's errors (connection refused, server shut down):
+                # the database is away for a while; the worker must outlive it.
                 log.warning("store unavailable in worker (%s); retrying in %.1fs", e, backoff)
-                await asyncio.sleep(backoff)
+                self._wake.clear()
+                try:  # a new commit means the database is back: retry at once
+                    await asyncio.wait_for(self._wake.wait(), backoff)
+                except TimeoutError:
+                    pass
                 backoff = min(backoff * 2, 30)
                 continue
             if done:
@@ -157,7 +166,12 @@ class Worker:
             event.get("state_key"), str
         ):
             self._space_link(event, batch)
-        if etype == "m.room.create" and cfg.bridge.auto_enroll and cfg.homeserver.admin_token:
+        if (
+            etype == "m.room.create"
+            and sender != cfg.bot_mxid  # rooms the bot creates are its own already
+            and cfg.bridge.auto_enroll
+            and cfg.homeserver.admin_token
+        ):
             self._enroll(room_id, batch, cfg)
         if sender == cfg.bot_mxid:
             return
@@ -276,9 +290,15 @@ class Worker:
     def _enroll(self, room_id: str, batch: Batch, cfg: Config) -> None:
         if not room_id:
             return
+        # The create event reaches us while Synapse is still building the room: until its
+        # power levels exist, make_room_admin answers "No local admin user in room".
+        # make_room_admin invites the bot only where it could not join by itself (rooms
+        # that are not public), so the join follows it (joining twice is harmless).
+        at = time.time() + ENROLL_DELAY
         batch.actions.append(
-            NewAction("make_room_admin", {"user_id": cfg.bot_mxid}, room_id=room_id)
+            NewAction("make_room_admin", {"user_id": cfg.bot_mxid}, room_id=room_id, not_before=at)
         )
+        batch.actions.append(NewAction("join", {}, room_id=room_id, not_before=at + 0.5))
 
     # -- commands -----------------------------------------------------------------------
 
@@ -398,7 +418,11 @@ class Worker:
         event_id = _s(event.get("event_id")) or ""
         sender = _s(event.get("sender")) or ""
         done: list[str] = []
-        if verdict.wants(Action.BLOCK) or verdict.wants(Action.REDACT):
+        if event.get("type") == ENCRYPTION_EVENT:
+            # Encryption cannot be switched off again (and createRoom's initial state never
+            # reaches the gate): redacting the state event would not help, so tell the admins.
+            self._encryption_enabled(room_id, sender, verdict, batch, done)
+        elif verdict.wants(Action.BLOCK) or verdict.wants(Action.REDACT):
             rule = (verdict.first_block or verdict.findings[0]).rule
             batch.actions.append(
                 NewAction(
@@ -409,6 +433,8 @@ class Worker:
             )
             done.append("redact")
         for f in verdict.findings:
+            if f.rule == ENCRYPTION_RULE:
+                continue  # reported above
             if Action.WARN in f.actions and room_id in self.joined_rooms:
                 batch.actions.append(
                     NewAction(
@@ -446,6 +472,26 @@ class Worker:
                 },
             )
         )
+
+    def _encryption_enabled(
+        self, room_id: str, sender: str, verdict: Verdict, batch: Batch, done: list[str]
+    ) -> None:
+        mgmt = self.services.management_room
+        if not mgmt or not verdict.wants(Action.NOTIFY):
+            return
+        batch.actions.append(
+            notice(
+                mgmt,
+                Reply.plain(
+                    f"⚠️ {sender} turned on end-to-end encryption in {room_id}, where company"
+                    f" policy ({ENCRYPTION_RULE}) forbids it (e.g. set when the room was"
+                    " created, which the gate cannot refuse). Encryption cannot be turned off"
+                    " again: the bridge cannot read or filter messages in this room. Consider"
+                    " replacing the room (upgrade it, or create a new unencrypted room)."
+                ),
+            )
+        )
+        done.append("notify")
 
 
 def _s(value: Any) -> str | None:

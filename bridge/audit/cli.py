@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..config import Config, ConfigError, load_config
 from ..store import AuditEntry, Store, StoreError, StoreUnavailable
-from ..store.store import iter_chain, load_checkpoints
+from ..store.store import AUDIT_KINDS, iter_chain_batches, load_checkpoints
 from .chain import (
     ChainVerifier,
     Checkpoint,
@@ -175,9 +175,9 @@ async def verify_store(
     )
     verifier = ChainVerifier(public_keys, cps)
     if not verifier.done:
-        feed = verifier.feed
-        async for fields, stored_hash, ciphertext in iter_chain(engine):
-            if not feed(fields, stored_hash, ciphertext):
+        feed_rows = verifier.feed_rows
+        async for rows in iter_chain_batches(engine):
+            if not feed_rows(rows):
                 break
     return verifier.finish()
 
@@ -242,17 +242,18 @@ async def _open_for_reading(config: Config) -> Store:
     return await open_store(config, create=False)
 
 
-async def _matches(
+async def _match_batches(
     store: Store, args: argparse.Namespace, *, raw_json: bool = False
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Matching records, decrypted, in batches (one await per batch, not per record)."""
     since, until = _ms(args.since, "--since"), _ms(args.until, "--until")
     words = [w.casefold() for w in (args.text or "").split()]
     # --type matches the event type of events, and the kind of other records
     kind_filter = None
     type_filter = args.type
-    if args.type and args.type in ("decision", "action", "command", "export", "hold"):
+    if args.type and args.type in AUDIT_KINDS:
         kind_filter, type_filter = args.type, None
-    async for rec in store.iter_records(
+    async for recs in store.iter_record_batches(
         kind=kind_filter,
         room=args.room,
         sender=args.sender,
@@ -262,12 +263,20 @@ async def _matches(
         raw_json=raw_json,
     ):
         if words:
-            if rec["data"] is None:
-                continue
-            hay = json.dumps(rec["data"], ensure_ascii=False).casefold()
-            if not all(w in hay for w in words):
-                continue
-        yield rec
+            recs = [
+                r
+                for r in recs
+                if r["data"] is not None
+                and all(w in json.dumps(r["data"], ensure_ascii=False).casefold() for w in words)
+            ]
+        if recs:
+            yield recs
+
+
+async def _matches(store: Store, args: argparse.Namespace) -> AsyncIterator[dict[str, Any]]:
+    async for recs in _match_batches(store, args):
+        for rec in recs:
+            yield rec
 
 
 def _iso(ms: int) -> str:
@@ -307,29 +316,34 @@ async def cmd_search(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_META = ("seq", "ts", "kind", "event_id", "room_id", "sender", "type", "origin_ts")
+_jstr = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept (C speed)
 
 
-async def _write_jsonl(out: IO[str], records: AsyncIterator[dict[str, Any]]) -> int:
+def _jopt(value: str | None) -> str:
+    return "null" if value is None else _jstr(value)
+
+
+async def _write_jsonl(out: IO[str], batches: AsyncIterator[list[dict[str, Any]]]) -> int:
     """One JSON object per line; an event's archived JSON is copied, not re-serialised."""
     dumps = json.dumps
     n = 0
-    chunk: list[str] = []
-    async for rec in records:
-        raw = rec.pop("json", None)
-        if raw is None:
-            chunk.append(dumps(rec, ensure_ascii=False))
-        else:
-            meta = dumps({k: rec[k] for k in _META}, ensure_ascii=False)
-            chunk.append(f'{meta[:-1]}, "data": {raw}}}')
-        n += 1
-        if len(chunk) >= 1000:
-            chunk.append("")
-            out.write("\n".join(chunk))
-            chunk.clear()
-    if chunk:
-        chunk.append("")
+    async for recs in batches:
+        chunk: list[str] = []
+        add = chunk.append
+        for rec in recs:
+            raw = rec.pop("json", None)
+            if raw is None:
+                add(dumps(rec, ensure_ascii=False))
+            else:
+                add(
+                    f'{{"seq": {rec["seq"]:d}, "ts": {rec["ts"]:d}, "kind": {_jstr(rec["kind"])}, '
+                    f'"event_id": {_jopt(rec["event_id"])}, "room_id": {_jopt(rec["room_id"])}, '
+                    f'"sender": {_jopt(rec["sender"])}, "type": {_jopt(rec["type"])}, '
+                    f'"origin_ts": {rec["origin_ts"]:d}, "data": {raw}}}'
+                )
+        add("")
         out.write("\n".join(chunk))
+        n += len(recs)
     return n
 
 
@@ -344,8 +358,8 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
     out = (
         sys.stdout
         if to_stdout
-        else open(args.output, "w", encoding="utf-8", newline="", buffering=1 << 20)
-    )  # noqa: ASYNC230
+        else open(args.output, "w", encoding="utf-8", newline="", buffering=1 << 20)  # noqa: ASYNC230
+    )
     try:
         if args.format == "csv":
             writer = csv.writer(out)
@@ -356,7 +370,7 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
                 writer.writerow(["" if v is None else v for v in row])
                 n += 1
         else:
-            n = await _write_jsonl(out, _matches(store, args, raw_json=True))
+            n = await _write_jsonl(out, _match_batches(store, args, raw_json=True))
         out.flush()
         actor = args.actor or getpass.getuser()
         await store.append(

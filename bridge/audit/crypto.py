@@ -247,7 +247,9 @@ def blind_index(index_key: bytes, field_name: str, value: str | bytes) -> bytes:
     ``str`` values are UTF-8 encoded, without normalisation (Matrix ids are
     case-sensitive). Prefer :class:`BlindIndexer` in loops: it caches subkeys.
     """
-    data = value.encode("utf-8") if isinstance(value, str) else value
+    # surrogatepass: a lone surrogate (JSON allows "\ud800") must not raise; valid strings
+    # encode exactly as in UTF-8, so existing indexes are unchanged.
+    data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
     return hmac.digest(_subkey(index_key, field_name), data, "sha256")[:BLIND_INDEX_BYTES]
 
 
@@ -269,7 +271,7 @@ class BlindIndexer:
         sub = self._subkeys.get(field_name)
         if sub is None:
             sub = self._subkeys[field_name] = _subkey(self._index_key, field_name)
-        data = value.encode("utf-8") if isinstance(value, str) else value
+        data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
         return hmac.digest(sub, data, "sha256")[:BLIND_INDEX_BYTES]
 
     def room(self, room_id: str | None) -> bytes:
@@ -279,3 +281,34 @@ class BlindIndexer:
         idx = self("room", room_id)
         assert idx is not None
         return idx
+
+
+# -- operational data ------------------------------------------------------------------
+
+#: Scope of the data key that encrypts the operational tables (rooms, executor actions,
+#: bridge state): never a room's blind index (those are 16 bytes), never shredded.
+OPERATIONAL_SCOPE = b"operational"
+
+
+def field_aad(table: str, key: str | bytes, column: str) -> bytes:
+    """Associated data binding an operational ciphertext to its table, row and column.
+
+    ``b"PBOPS1" | u16 len(table) | table | u16 len(key) | key | u16 len(column) | column``,
+    so a ciphertext copied into another row, column or table fails to authenticate.
+    """
+    raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
+    return b"PBOPS1" + _enc_id(table) + _enc_bytes16(raw) + _enc_id(column)
+
+
+def seal(data_key: DataKey, aad: bytes, plaintext: bytes) -> bytes:
+    """AES-256-GCM ``nonce || ciphertext+tag`` of ``plaintext`` under ``data_key``."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + data_key.aead.encrypt(nonce, plaintext, aad)
+
+
+def unseal(data_key: DataKey, aad: bytes, blob: bytes) -> bytes:
+    """Inverse of :func:`seal`; raises :class:`CryptoError` if the blob fails to authenticate."""
+    try:
+        return data_key.aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+    except (InvalidTag, ValueError):
+        raise CryptoError("authentication failed (altered, or moved from another row)") from None

@@ -50,13 +50,17 @@ async def open_store(
 ) -> Store:
     """Open the configured database as the encrypted audit store.
 
+    The bridge opens with ``create=True``: the schema is created or migrated, data keys
+    left under an older KEK are re-wrapped under the current one, and the legal holds of
+    ``audit.legal_hold`` are synchronised into the store.
+
     Raises KeyringError (a configuration error: keyring missing for a non-empty database,
     malformed), SigningKeyError, StoreError (keyring does not fit the stored keys) or
     StoreUnavailable (database unreachable).
     """
     cfg = audit_config(config)
     keyring, path = load_keyring(cfg, env)
-    return await Store.open(
+    store = await Store.open(
         config.database.url,
         pool_size=config.database.pool_size,
         create=create,
@@ -65,4 +69,14 @@ async def open_store(
         signing_key=load_signing_key(cfg),
         checkpoint_every=cfg.checkpoint_every,
         checkpoint_log=cfg.checkpoint_log,
+        rewrap_keys=create,
     )
+    if create:  # the bridge (the CLI opens with create=False and writes nothing here)
+        try:
+            changes = await store.sync_config_holds(cfg.legal_hold_rooms, cfg.legal_hold_users)
+        except BaseException:
+            await store.close()
+            raise
+        if changes:
+            log.info("legal holds from the configuration: %d changes (audited)", changes)
+    return store

@@ -52,6 +52,9 @@ def register(registry: CommandRegistry) -> None:
             f"queue: {stats.queue_depth} transactions waiting, lag {stats.queue_lag_s:.1f}s",
             f"executor: {stats.actions_pending} actions pending, {stats.actions_failed} failed",
         ]
+        sweeper = getattr(svc, "sweeper", None)
+        if sweeper is not None:
+            items.extend(sweeper.status_lines())
         return Reply.lines("Policy bridge status", items)
 
 

@@ -2,32 +2,75 @@
 
 Changes are staged in the runtime policy document, committed with the command's audit
 record, and the new engine is swapped in right after the commit, so the gate enforces them
-within the next request.
+within the next request. ``--scope here`` keys the rule by the room the command was typed
+in; when that room is a space, the rule also applies in the rooms of the space.
+``--retroactive`` starts a background scan of the archive after the commit
+(:mod:`bridge.retroactive`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from .. import retroactive
 from ..policies import RUNTIME_DLP_KEY, LivePolicy
 from ..policy import layers
-from ..policy.dlp import DETECTORS, InvalidPattern
+from ..policy.dlp import DETECTORS, DlpEngine, DlpPolicy, InvalidPattern, KeywordList
+from ..policy.durations import DurationError, format_duration, parse_duration
+from ..policy.engine import PolicyEngine
 from ..policy.model import Action
 from .registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
 
 ACTIONS = tuple(a.value for a in Action)
-SCOPE_FLAG = Flag("scope", "global, or here (this room)", value="SCOPE", choices=("global", "here"))
+SCOPE_FLAG = Flag(
+    "scope",
+    "global, or here (this room; in a space: the space and its rooms)",
+    value="SCOPE",
+    choices=("global", "here"),
+)
 ACTION_FLAG = Flag("action", "what a match does (default block)", value="A", choices=ACTIONS)
+RETRO_FLAG = Flag(
+    "retroactive", "also apply it to archived messages (then redacts matches of block/redact)"
+)
+WINDOW_FLAG = Flag(
+    "window", "how far back --retroactive looks (default dlp.retroactive_window)", value="DUR"
+)
 
 
 def _scope(ctx: CommandContext) -> str:
     return ctx.room_id if ctx.flags.get("scope") == "here" else layers.GLOBAL
 
 
-def _stage(ctx: CommandContext, doc: Mapping[str, Any], what: str) -> None:
-    """Validate the new document, stage it for the commit, swap the engine after it."""
+def _window_ms(ctx: CommandContext) -> int:
+    if "window" in ctx.flags:
+        try:
+            return parse_duration(str(ctx.flags["window"]))
+        except DurationError as e:
+            raise CommandError(f"--window: {e}") from None
+    raw = getattr(ctx.services.config, "raw", {}) or {}
+    try:
+        return layers.retroactive_window_ms(raw.get("dlp") or {})
+    except ValueError:
+        return layers.retroactive_window_ms({})
+
+
+def _stage(
+    ctx: CommandContext,
+    doc: Mapping[str, Any],
+    what: str,
+    retro: tuple[str, DlpEngine | None, str] | None = None,
+) -> str:
+    """Validate the new document, stage it for the commit, swap the engine after it.
+
+    ``retro`` (rule name, optional probe engine, what to call it) with ``--retroactive``
+    schedules the archive scan after the commit. Returns the text to add to the reply.
+    """
     live: LivePolicy = ctx.services.policy
+    if "window" in ctx.flags and not ctx.flags.get("retroactive"):
+        raise CommandError("--window only makes sense with --retroactive")
+    window = _window_ms(ctx) if ctx.flags.get("retroactive") else 0
     try:
         engine = live.preview(doc)
     except InvalidPattern as e:
@@ -38,10 +81,40 @@ def _stage(ctx: CommandContext, doc: Mapping[str, Any], what: str) -> None:
     ctx.state_updates[RUNTIME_DLP_KEY] = live.encode(candidate)
     ctx.after_commit.append(lambda: live.apply(candidate, engine))
     ctx.audit["change"] = what
+    if not (retro and ctx.flags.get("retroactive")):
+        return ""
+    rule, probe, name = retro
+    job = retroactive.RetroJob(
+        scope=_scope(ctx),
+        rules=frozenset({rule}),
+        since_ms=int(time.time() * 1000) - window,
+        window_ms=window,
+        requested_by=ctx.sender,
+        command_room=ctx.room_id,
+        change=name,
+        probe=probe,
+    )
+    ctx.audit["retroactive"] = {"window_ms": window, "rule": rule}
+    services = ctx.services
+    ctx.after_commit.append(lambda: _start_scan(services, engine, job))
+    return (
+        f"\nScanning the archive of the last {format_duration(window)} in the background; "
+        "the result will be reported in the management room."
+    )
 
 
-def _scope_label(scope: str) -> str:
-    return "globally" if scope == layers.GLOBAL else f"in {scope}"
+def _start_scan(services: Any, engine: PolicyEngine, job: retroactive.RetroJob) -> None:
+    retroactive.start(services, engine, job)
+
+
+def _scope_label(scope: str, ctx: CommandContext | None = None) -> str:
+    if scope == layers.GLOBAL:
+        return "globally"
+    if ctx is not None:
+        spaces = ctx.services.policy.room_spaces
+        if any(scope in parents for parents in spaces.values()):
+            return f"in {scope} and the rooms of this space"
+    return f"in {scope}"
 
 
 def register(registry: CommandRegistry) -> None:
@@ -52,7 +125,7 @@ def register(registry: CommandRegistry) -> None:
         "add-keyword",
         summary='block (or act on) a word or "a phrase"',
         args=(Arg("word", "the word, or a phrase in quotes"),),
-        flags=(ACTION_FLAG, SCOPE_FLAG),
+        flags=(ACTION_FLAG, SCOPE_FLAG, RETRO_FLAG, WINDOW_FLAG),
         room_scoped=True,
     )
     async def add_keyword(ctx: CommandContext) -> Reply:
@@ -61,8 +134,18 @@ def register(registry: CommandRegistry) -> None:
         if not word:
             raise CommandError("the keyword is empty")
         doc = layers.add_keyword(ctx.services.policy.runtime_dlp, scope, word, action)
-        _stage(ctx, doc, f"add keyword ({action}) {_scope_label(scope)}")
-        return Reply.plain(f"✅ keyword added ({action}) {_scope_label(scope)}: {word}")
+        probe = None
+        if ctx.flags.get("retroactive"):
+            try:
+                probe = DlpEngine.compile(DlpPolicy(keyword_lists=(KeywordList("new", (word,)),)))
+            except ValueError as e:
+                raise CommandError(str(e)) from None
+        rule = f"keyword:{layers.RUNTIME_PREFIX}{action}"
+        label = _scope_label(scope, ctx)
+        more = _stage(
+            ctx, doc, f"add keyword ({action}) {label}", (rule, probe, f"keyword {word!r} ({rule})")
+        )
+        return Reply.plain(f"✅ keyword added ({action}) {label}: {word}{more}")
 
     @registry.command(
         "dlp",
@@ -88,16 +171,23 @@ def register(registry: CommandRegistry) -> None:
         "add-regex",
         summary="add or replace a named RE2 pattern",
         args=(Arg("name", "rule name"), Arg("pattern", "RE2 pattern", rest=True)),
-        flags=(ACTION_FLAG, SCOPE_FLAG),
+        flags=(ACTION_FLAG, SCOPE_FLAG, RETRO_FLAG, WINDOW_FLAG),
         room_scoped=True,
     )
     async def add_regex(ctx: CommandContext) -> Reply:
         scope, action = _scope(ctx), ctx.flags.get("action", "block")
+        name = ctx.args["name"]
         doc = layers.add_regex(
-            ctx.services.policy.runtime_dlp, scope, ctx.args["name"], ctx.args["pattern"], action
+            ctx.services.policy.runtime_dlp, scope, name, ctx.args["pattern"], action
         )
-        _stage(ctx, doc, f"add regex {ctx.args['name']} ({action}) {_scope_label(scope)}")
-        return Reply.plain(f"✅ regex {ctx.args['name']} ({action}) set {_scope_label(scope)}")
+        label = _scope_label(scope, ctx)
+        more = _stage(
+            ctx,
+            doc,
+            f"add regex {name} ({action}) {label}",
+            (f"regex:{name}", None, f"regex:{name}"),
+        )
+        return Reply.plain(f"✅ regex {name} ({action}) set {label}{more}")
 
     @registry.command(
         "dlp",
@@ -107,16 +197,47 @@ def register(registry: CommandRegistry) -> None:
             Arg("switch", choices=("enable", "disable")),
             Arg("name", choices=tuple(sorted(DETECTORS))),
         ),
-        flags=(ACTION_FLAG, SCOPE_FLAG),
+        flags=(ACTION_FLAG, SCOPE_FLAG, RETRO_FLAG, WINDOW_FLAG),
         room_scoped=True,
     )
     async def detectors(ctx: CommandContext) -> Reply:
         scope, name = _scope(ctx), ctx.args["name"]
         action = ctx.flags.get("action", "block") if ctx.args["switch"] == "enable" else None
+        if action is None and ctx.flags.get("retroactive"):
+            raise CommandError("--retroactive only applies when enabling a detector")
         doc = layers.set_detector(ctx.services.policy.runtime_dlp, scope, name, action)
         state = f"enabled ({action})" if action else "disabled"
-        _stage(ctx, doc, f"detector {name} {state} {_scope_label(scope)}")
-        return Reply.plain(f"✅ detector {name} {state} {_scope_label(scope)}")
+        label = _scope_label(scope, ctx)
+        more = _stage(
+            ctx,
+            doc,
+            f"detector {name} {state} {label}",
+            (f"detector:{name}", None, f"detector:{name}"),
+        )
+        return Reply.plain(f"✅ detector {name} {state} {label}{more}")
+
+    @registry.command(
+        "dlp",
+        "encryption",
+        summary="forbid end-to-end encryption (the gate refuses it), allow it, or inherit",
+        args=(Arg("setting", choices=("forbid", "allow", "inherit")),),
+        flags=(SCOPE_FLAG,),
+        room_scoped=True,
+    )
+    async def encryption(ctx: CommandContext) -> Reply:
+        scope, setting = _scope(ctx), ctx.args["setting"]
+        forbid = {"forbid": True, "allow": False, "inherit": None}[setting]
+        doc = layers.set_encryption(ctx.services.policy.runtime_dlp, scope, forbid)
+        label = _scope_label(scope, ctx)
+        _stage(ctx, doc, f"encryption {setting} {label}")
+        if forbid is None:
+            return Reply.plain(f"✅ encryption rule removed {label}: the wider scope decides")
+        if forbid:
+            return Reply.plain(
+                f"✅ end-to-end encryption is now forbidden {label}: the gate refuses"
+                " m.room.encryption. Rooms that are already encrypted stay encrypted."
+            )
+        return Reply.plain(f"✅ end-to-end encryption is allowed {label}")
 
     @registry.command(
         "dlp",
@@ -141,7 +262,11 @@ def register(registry: CommandRegistry) -> None:
             items.append(f"detector {det.name} [{', '.join(sorted(det.actions))}]")
         if policy.exempt_users or policy.exempt_rooms:
             items.append("exempt: " + ", ".join(sorted(policy.exempt_users | policy.exempt_rooms)))
-        title = f"DLP rules in force {_scope_label(scope)}" + ("" if items else ": none")
+        if ctx.services.policy.engine.encryption_forbidden(
+            None if scope == layers.GLOBAL else scope
+        ):
+            items.append("end-to-end encryption: forbidden (the gate refuses m.room.encryption)")
+        title = f"DLP rules in force {_scope_label(scope, ctx)}" + ("" if items else ": none")
         return Reply.lines(title, items)
 
     @registry.command(

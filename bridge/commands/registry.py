@@ -7,6 +7,7 @@ Parsing and help come from these declarations, so they cannot drift apart.
 
 from __future__ import annotations
 
+import difflib
 import html
 import shlex
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -142,6 +143,10 @@ def tokenize(text: str) -> list[str]:
 
     Backslashes are kept as typed (regex patterns need them) and ``#`` is not a comment.
     """
+    if len(text) > MAX_COMMAND_LENGTH:
+        raise CommandError(
+            f"the command is too long ({len(text)} characters; at most {MAX_COMMAND_LENGTH})"
+        )
     lexer = shlex.shlex(text.translate(_QUOTES), posix=True)
     lexer.whitespace_split = True
     lexer.escape = ""
@@ -198,13 +203,7 @@ class CommandRegistry:
         """Match tokens (after the prefix) to a command and bind its arguments."""
         spec, used = self.find(tokens)
         if spec is None:
-            known = sorted({s.words[0] for s in self._specs.values()})
-            got = " ".join(tokens[:2]) if tokens else ""
-            raise CommandError(
-                f"unknown command {got!r}. Try `{prefix} help` (groups: {', '.join(known)})"
-                if got
-                else f"say what to do, e.g. `{prefix} help`"
-            )
+            raise CommandError(self._unknown(tokens, prefix))
         rest = list(tokens[used:])
         flags: dict[str, Any] = {}
         positional: list[str] = []
@@ -257,6 +256,30 @@ class CommandRegistry:
         if positional:
             raise CommandError(f"unexpected {' '.join(positional)!r}. Usage: {spec.usage(prefix)}")
         return ParsedCommand(spec, args, flags)
+
+    def _unknown(self, tokens: Sequence[str], prefix: str) -> str:
+        """Why ``tokens`` name no command, with the closest commands as suggestions."""
+        if not tokens:
+            return f"say what to do, e.g. `{prefix} help`"
+        words = [t.lower() for t in tokens[:4]]
+        group = [s.name for s in self.specs if s.words[0] == words[0]]
+        if group and len(tokens) == 1:
+            return f"`{prefix} {words[0]}` needs a subcommand: " + ", ".join(
+                f"`{prefix} {name}`" for name in group
+            )
+        names = [s.name for s in self.specs]
+        close: list[str] = []
+        for n in range(len(words), 0, -1):  # the closest match over the most words wins
+            close = difflib.get_close_matches(" ".join(words[:n]), names, n=2, cutoff=0.75)
+            if close:
+                break
+        else:
+            close = group
+        got = " ".join(tokens[:2])
+        known = sorted({s.words[0] for s in self._specs.values()})
+        hint = " or ".join(f"`{prefix} {c}`" for c in close)
+        hint = f" Did you mean {hint}?" if hint else ""
+        return f"unknown command {got!r}.{hint} Try `{prefix} help` (groups: {', '.join(known)})"
 
     def help(self, prefix: str, role: str | None, *, topic: Sequence[str] = ()) -> Reply:
         """Help for the commands ``role`` may use, optionally only those starting with topic."""

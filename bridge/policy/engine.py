@@ -14,10 +14,30 @@ from typing import Any
 from . import federation as fed
 from .dlp import DlpEngine, DlpPolicy
 from .federation import FederationPolicy
-from .model import ALLOW, Verdict
+from .model import ALLOW, Action, Finding, Verdict
 from .retention import RetentionPolicy
 from .rooms import RoomPlan, RoomState, plan_room
 from .scopes import ScopedSetting, federation_setting, retention_setting
+
+ENCRYPTION_EVENT = "m.room.encryption"
+ENCRYPTION_RULE = "encryption:forbidden"
+ENCRYPTION_MESSAGE = (
+    "end-to-end encryption is not allowed in this room by company policy: messages here must"
+    " be inspectable. Ask your administrator if this room needs an exception."
+)
+#: The finding for an m.room.encryption event where encryption is forbidden. The gate
+#: refuses it; on the ingest path (createRoom's initial state never reaches the gate) it
+#: cannot be undone, so the management room is told instead of redacting.
+ENCRYPTION_FORBIDDEN = Finding(
+    rule=ENCRYPTION_RULE,
+    category="encryption",
+    actions=frozenset({Action.BLOCK, Action.NOTIFY}),
+    message=ENCRYPTION_MESSAGE,
+)
+
+
+def _no_encryption_rules() -> ScopedSetting[bool]:
+    return ScopedSetting({}, {}, lambda f: bool(f.get("forbid", False)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +58,8 @@ class PolicySet:
     )
     room_spaces: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     kick_excluded: bool = True
+    # Scopes where the gate refuses m.room.encryption (DLP layers' forbid_encryption).
+    encryption_forbidden: ScopedSetting[bool] = field(default_factory=_no_encryption_rules)
 
 
 class PolicyEngine:
@@ -58,7 +80,17 @@ class PolicyEngine:
             return ALLOW  # the bot's own notices quote rule names, never secrets
         if self.policy.management_room and event.get("room_id") == self.policy.management_room:
             return ALLOW
+        if event.get("type") == ENCRYPTION_EVENT and "state_key" in event:
+            room = event.get("room_id")
+            if self.encryption_forbidden(room if isinstance(room, str) else None):
+                return Verdict((ENCRYPTION_FORBIDDEN,))
+            return ALLOW
         return self.dlp_for(event.get("room_id")).check(event)
+
+    def encryption_forbidden(self, room_id: str | None) -> bool:
+        """Whether company policy forbids end-to-end encryption in ``room_id``."""
+        spaces = self.policy.room_spaces.get(room_id, ()) if room_id else ()
+        return self.policy.encryption_forbidden.resolve(room_id, spaces)
 
     def federation_for(self, room_id: str | None) -> FederationPolicy:
         """The federation policy in force in ``room_id`` (global for None)."""

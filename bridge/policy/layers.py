@@ -1,24 +1,37 @@
 """DLP policy layers: the config file's rules and the runtime rules set by admin commands.
 
 A layer is plain data (the ``dlp:`` section of the config, or the JSON document the
-commands keep in the database). The effective DLP policy of a room merges, in order:
-config global, runtime global, config room, runtime room. Later layers override earlier
-ones rule by rule (same name replaces; a detector set to ``off`` disables it), so a room
-can switch off what applies globally. Pure: no I/O.
+commands keep in the database), keyed by scope: ``global`` or a room ID. A room ID's layer
+applies to that room and, when the room is a space, to the rooms in it (its children, as
+tracked from ``m.space.child``/``m.space.parent``). The effective DLP policy of a room
+merges, in order: config global, runtime global, then for each parent space config space,
+runtime space, then config room, runtime room. Later layers override earlier ones rule by
+rule (same name replaces; a detector set to ``off`` disables it; ``forbid_encryption``
+set in a layer replaces the inherited value), so a room can switch off what its space or
+the global scope imposes. Exemptions (users, rooms) accumulate. Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .dlp import DETECTORS, DetectorRule, DlpEngine, DlpPolicy, KeywordList, RegexRule
+from .durations import DurationError, parse_duration
 from .model import Action
+from .scopes import ScopedSetting
 
 GLOBAL = "global"
 RUNTIME_PREFIX = "admin-"
+#: Keys of one scope's rules (config and runtime form).
+LAYER_KEYS = frozenset(
+    {"keywords", "regexes", "detectors", "exempt_users", "exempt_rooms", "forbid_encryption"}
+)
+#: Keys of the ``dlp:`` config section that are not global rules.
+SECTION_KEYS = frozenset({"spaces", "rooms", "retroactive_window"})
+DEFAULT_RETROACTIVE_WINDOW = "30d"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +43,8 @@ class DlpLayer:
     detectors: Mapping[str, DetectorRule | None] = field(default_factory=dict)
     exempt_users: frozenset[str] = frozenset()
     exempt_rooms: frozenset[str] = frozenset()
+    # True: the gate refuses m.room.encryption in this scope; None: inherited.
+    forbid_encryption: bool | None = None
 
 
 def _actions(value: Any, where: str) -> frozenset[Action]:
@@ -50,6 +65,12 @@ def parse_layer(data: Any, where: str) -> DlpLayer:
         return DlpLayer()
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected a mapping")
+    unknown = set(data) - LAYER_KEYS
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown option(s) {', '.join(sorted(map(str, unknown)))}; expected "
+            + ", ".join(sorted(LAYER_KEYS))
+        )
     lists: dict[str, KeywordList] = {}
     raw_lists = data.get("keywords") or []
     if not isinstance(raw_lists, list):
@@ -98,7 +119,10 @@ def parse_layer(data: Any, where: str) -> DlpLayer:
     rooms = data.get("exempt_rooms") or []
     if not isinstance(users, list) or not isinstance(rooms, list):
         raise ValueError(f"{where}: exempt_users and exempt_rooms must be lists")
-    return DlpLayer(lists, regexes, detectors, frozenset(users), frozenset(rooms))
+    forbid = data.get("forbid_encryption")
+    if forbid is not None and not isinstance(forbid, bool):
+        raise ValueError(f"{where}.forbid_encryption: expected true or false, got {forbid!r}")
+    return DlpLayer(lists, regexes, detectors, frozenset(users), frozenset(rooms), forbid)
 
 
 def merge_layers(layers: list[DlpLayer]) -> DlpPolicy:
@@ -123,9 +147,44 @@ def merge_layers(layers: list[DlpLayer]) -> DlpPolicy:
     )
 
 
+class EngineCache:
+    """Compiled engines by policy, kept across rebuilds.
+
+    The engine set is rebuilt whenever the runtime rules, the management room or the
+    room→space map change; a policy that did not change must not be compiled again (100k
+    keywords take seconds). Entries not used by the last ``keep`` builds are dropped.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.generation = 0
+        self.compiled = 0  # engines compiled so far (tests and metrics)
+        self._entries: dict[DlpPolicy, tuple[DlpEngine, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def begin(self) -> None:
+        """Start a build: later, :meth:`prune` drops what the last builds did not use."""
+        self.generation += 1
+
+    def get(self, policy: DlpPolicy) -> DlpEngine:
+        hit = self._entries.get(policy)
+        engine = hit[0] if hit is not None else DlpEngine.compile(policy)
+        if hit is None:
+            self.compiled += 1
+        self._entries[policy] = (engine, self.generation)
+        return engine
+
+    def prune(self) -> None:
+        oldest = self.generation - self.keep + 1
+        for policy in [p for p, (_, gen) in self._entries.items() if gen < oldest]:
+            del self._entries[policy]
+
+
 @dataclass(frozen=True, slots=True)
 class DlpLayers:
-    """Config and runtime layers per scope (``global`` or a room ID)."""
+    """Config and runtime layers per scope (``global`` or a room/space ID)."""
 
     config: Mapping[str, DlpLayer]
     runtime: Mapping[str, DlpLayer]
@@ -133,40 +192,118 @@ class DlpLayers:
     def scopes(self) -> set[str]:
         return (set(self.config) | set(self.runtime)) - {GLOBAL}
 
-    def effective(self, room_id: str | None) -> DlpPolicy:
-        layers = [self.config.get(GLOBAL, DlpLayer()), self.runtime.get(GLOBAL, DlpLayer())]
-        if room_id is not None and room_id != GLOBAL:
-            layers += [self.config.get(room_id, DlpLayer()), self.runtime.get(room_id, DlpLayer())]
-        return merge_layers(layers)
+    def _chain(self, room_id: str | None, space_ids: Iterable[str] = ()) -> tuple[str, ...]:
+        """The scopes with layers that apply in ``room_id``, least specific first.
 
-    def compile(self) -> tuple[DlpEngine, dict[str, DlpEngine]]:
-        """Engines for the global scope and each room with its own rules (shared if equal)."""
-        cache: dict[DlpPolicy, DlpEngine] = {}
+        ``space_ids`` are the room's parent spaces, most significant first (as in
+        :class:`~bridge.policy.scopes.ScopedSetting`): the first one wins a conflict.
+        """
+        scopes = self.scopes()
+        chain = [s for s in reversed(tuple(space_ids)) if s in scopes and s != room_id]
+        if room_id is not None and room_id != GLOBAL and room_id in scopes:
+            chain.append(room_id)
+        return tuple(dict.fromkeys(chain))
 
-        def engine_for(policy: DlpPolicy) -> DlpEngine:
-            if policy not in cache:
-                cache[policy] = DlpEngine.compile(policy)
-            return cache[policy]
+    def _layers(self, chain: tuple[str, ...]) -> list[DlpLayer]:
+        empty = DlpLayer()
+        layers = [self.config.get(GLOBAL, empty), self.runtime.get(GLOBAL, empty)]
+        for scope in chain:
+            layers += [self.config.get(scope, empty), self.runtime.get(scope, empty)]
+        return layers
 
-        global_engine = engine_for(self.effective(None))
-        return global_engine, {room: engine_for(self.effective(room)) for room in self.scopes()}
+    def effective(self, room_id: str | None, space_ids: Iterable[str] = ()) -> DlpPolicy:
+        """The merged policy in ``room_id`` (global for None) with parent spaces ``space_ids``."""
+        return merge_layers(self._layers(self._chain(room_id, space_ids)))
+
+    def encryption_setting(self) -> ScopedSetting[bool]:
+        """``forbid_encryption`` of every layer as a scoped setting (resolved like federation)."""
+
+        def fields(layers: Mapping[str, DlpLayer]) -> dict[str, dict[str, Any]]:
+            return {
+                scope: {"forbid": layer.forbid_encryption}
+                for scope, layer in layers.items()
+                if layer.forbid_encryption is not None
+            }
+
+        return ScopedSetting(
+            fields(self.config), fields(self.runtime), lambda f: bool(f.get("forbid", False))
+        )
+
+    def compile(
+        self,
+        room_spaces: Mapping[str, Iterable[str]] | None = None,
+        cache: EngineCache | None = None,
+    ) -> tuple[DlpEngine, dict[str, DlpEngine]]:
+        """Engines for the global scope and each room whose rules differ from it.
+
+        A room differs when it, or one of its parent spaces (``room_spaces``: room → parent
+        spaces), has a layer. Rooms with the same chain of scopes share one policy, and equal
+        policies share one engine; with ``cache``, engines survive from earlier builds.
+        """
+        cache = cache if cache is not None else EngineCache(keep=1)
+        cache.begin()
+        global_engine = cache.get(self.effective(None))
+        by_chain: dict[tuple[str, ...], DlpEngine] = {}
+        rooms: dict[str, DlpEngine] = {}
+        candidates: dict[str, tuple[str, ...]] = {room: () for room in self.scopes()}
+        scopes = self.scopes()
+        for room, parents in (room_spaces or {}).items():
+            parents = tuple(parents)
+            if room in scopes or any(p in scopes for p in parents):
+                candidates[room] = parents
+        for room, parents in candidates.items():
+            chain = self._chain(room, parents)
+            if not chain:
+                continue
+            engine = by_chain.get(chain)
+            if engine is None:
+                engine = by_chain[chain] = cache.get(merge_layers(self._layers(chain)))
+            rooms[room] = engine
+        cache.prune()
+        return global_engine, rooms
 
 
 def parse_config_dlp(section: Any) -> dict[str, DlpLayer]:
-    """The ``dlp:`` config section: global rules at top level, room rules under ``rooms``."""
+    """The ``dlp:`` config section.
+
+    Global rules at top level, space rules under ``spaces`` and room rules under ``rooms``
+    (both keyed by room ID: a space's rules also apply in the rooms it contains), and
+    ``retroactive_window``.
+    """
     if section is None:
         return {}
     if not isinstance(section, Mapping):
         raise ValueError("dlp: expected a mapping")
-    out = {GLOBAL: parse_layer({k: v for k, v in section.items() if k != "rooms"}, "dlp")}
-    rooms = section.get("rooms") or {}
-    if not isinstance(rooms, Mapping):
-        raise ValueError("dlp.rooms: expected a mapping of room ID to rules")
-    for room, rules in rooms.items():
-        if not str(room).startswith("!"):
-            raise ValueError(f"dlp.rooms.{room}: expected a room ID (!…)")
-        out[str(room)] = parse_layer(rules, f"dlp.rooms.{room}")
+    retroactive_window_ms(section)  # validated here, read where it is used
+    out = {GLOBAL: parse_layer({k: v for k, v in section.items() if k not in SECTION_KEYS}, "dlp")}
+    for kind in ("spaces", "rooms"):
+        scoped = section.get(kind) or {}
+        if not isinstance(scoped, Mapping):
+            raise ValueError(f"dlp.{kind}: expected a mapping of room ID to rules")
+        for room, rules in scoped.items():
+            if not str(room).startswith("!"):
+                raise ValueError(f"dlp.{kind}.{room}: expected a room ID (!…)")
+            if str(room) in out:
+                raise ValueError(
+                    f"dlp.{kind}.{room}: listed under both dlp.spaces and dlp.rooms; a space's"
+                    " rules apply to the space room itself too, so list it once"
+                )
+            out[str(room)] = parse_layer(rules, f"dlp.{kind}.{room}")
     return out
+
+
+def retroactive_window_ms(section: Any) -> int:
+    """``dlp.retroactive_window`` (default 30d) in milliseconds: how far back
+    ``--retroactive`` scans the archive."""
+    value = section.get("retroactive_window") if isinstance(section, Mapping) else None
+    if value in (None, ""):
+        value = DEFAULT_RETROACTIVE_WINDOW
+    if not isinstance(value, str):
+        raise ValueError(f"dlp.retroactive_window: expected a duration like 30d, got {value!r}")
+    try:
+        return parse_duration(value)
+    except DurationError as e:
+        raise ValueError(f"dlp.retroactive_window: {e}") from None
 
 
 def parse_runtime_dlp(doc: Mapping[str, Any]) -> dict[str, DlpLayer]:
@@ -224,4 +361,14 @@ def set_detector(
     """Enable a detector with ``action`` in ``scope``, or disable it (``None``)."""
     new, rules = _scope_doc(doc, scope)
     rules.setdefault("detectors", {})[name] = action if action is not None else "off"
+    return new
+
+
+def set_encryption(doc: Mapping[str, Any], scope: str, forbid: bool | None) -> dict[str, Any]:
+    """Forbid (True) or allow (False) encryption in ``scope``; None: inherit again."""
+    new, rules = _scope_doc(doc, scope)
+    if forbid is None:
+        rules.pop("forbid_encryption", None)
+    else:
+        rules["forbid_encryption"] = forbid
     return new

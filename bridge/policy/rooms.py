@@ -101,10 +101,12 @@ class RoomState:
         return float(default) if isinstance(default, int) else 50.0
 
     def needed_for(self, action: str) -> float:
-        if not self.has_power_levels:
-            return 0.0
-        value = self.power_levels.get(action, 50)
-        return float(value) if isinstance(value, int) else 50.0
+        """Power needed to ``kick``/``ban``/``redact``/``invite``. Without a power levels
+        event the spec's defaults still apply (50; invite 0): only the creator, with 100,
+        may kick then (Synapse's ``get_named_level``)."""
+        default = 0 if action == "invite" else 50
+        value = self.power_levels.get(action, default) if self.has_power_levels else default
+        return float(value) if isinstance(value, int) else float(default)
 
 
 def _power_text(value: float) -> str:

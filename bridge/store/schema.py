@@ -16,7 +16,9 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 2
+#: 1: plaintext records. 2: encrypted, chained records. 3: the operational tables (rooms,
+#: actions, bridge_state values) encrypted too, rooms looked up by blind index.
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -76,6 +78,23 @@ checkpoints = Table(
     Column("signature", LargeBinary(64), nullable=False),
 )
 
+# Legal holds: rooms and users whose records archive retention must not expire (and whose
+# rooms the room-retention purge must leave alone). Nothing readable: the target is a blind
+# index (room / sender field, as in ``records``) for lookups, and the target, who set the
+# hold and why are AES-256-GCM ciphertext under the data key of records without a room.
+# ``source`` is "command" (``!policy hold``) or "config" (``audit.legal_hold``).
+legal_holds = Table(
+    "legal_holds",
+    metadata,
+    Column("scope", String(8), primary_key=True),  # room | user
+    Column("target_idx", LargeBinary(16), primary_key=True),
+    Column("source", String(16), nullable=False),
+    Column("set_ts", BigInteger, nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("nonce", LargeBinary(12), nullable=False),
+    Column("ciphertext", LargeBinary, nullable=False),
+)
+
 # One row per appservice transaction: makes txnIds idempotent and is the work queue
 # (rows with processed = false are waiting for the worker).
 transactions = Table(
@@ -91,34 +110,43 @@ transactions = Table(
     Index("ix_transactions_pending", "processed", "id"),
 )
 
-# The executor's durable queue of Matrix / admin-API actions.
+# The executor's durable queue of Matrix / admin-API actions. Nothing readable: the room
+# and payload (notice bodies, event IDs, reasons) are one AES-256-GCM blob under the
+# operational data key (``nonce || ciphertext``, AAD = table, id, column), ``last_error``
+# another; ``room_idx`` is the room's blind index (as in ``records``). ``id`` is random,
+# ``kind`` and ``status`` name no one.
 actions = Table(
     "actions",
     metadata,
     Column("id", String(64), primary_key=True),
     Column("kind", String(32), nullable=False),
-    Column("room_id", String(255), nullable=True),
-    Column("payload", Text, nullable=False),
+    Column("room_idx", LargeBinary(16), nullable=True),
+    Column("data", LargeBinary, nullable=False),  # sealed {"room_id", "payload"}
     Column("status", String(16), nullable=False),  # pending | done | failed
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_at", Float, nullable=False),
-    Column("last_error", Text, nullable=True),
+    Column("last_error", LargeBinary, nullable=True),  # sealed text
     Column("created_ts", BigInteger, nullable=False),
     Column("updated_ts", BigInteger, nullable=False),
     Index("ix_actions_due", "status", "next_at"),
 )
 
-# Rooms the bridge knows, and whether it can enforce there.
+# Rooms the bridge knows, and whether it can enforce there: keyed by the room's blind
+# index; the room ID and what power the bot lacks there are sealed in ``data``.
 rooms = Table(
     "rooms",
     metadata,
-    Column("room_id", String(255), primary_key=True),
+    Column("room_idx", LargeBinary(16), primary_key=True),
     Column("joined", Boolean, nullable=False, default=False),
-    Column("lacking", Text, nullable=False, default=""),  # what power the bot lacks, if any
+    Column("data", LargeBinary, nullable=False),  # sealed {"room_id", "lacking"}
     Column("updated_ts", BigInteger, nullable=False),
+    Index("ix_rooms_joined", "joined", "room_idx"),
 )
 
-# Small key/value state: management room ID, runtime policy overrides, schema version.
+# Small key/value state: management room ID, runtime policy overrides, rollouts, sweeper
+# progress. Values are sealed under the operational data key (``enc:`` + base64, AAD =
+# table and key) except the few the store needs before the keys are unlocked
+# (``store.PLAIN_STATE_KEYS``: schema version, index check, expiry cursor).
 state = Table(
     "bridge_state",
     metadata,

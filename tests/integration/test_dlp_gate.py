@@ -134,3 +134,26 @@ async def test_redact_and_notify_act_after_the_fact(stack: Stack, management_roo
             )
 
         await wait_for(notified, timeout=30, message="the management-room notice")
+
+
+async def test_block_and_notify_reaches_the_management_room(
+    stack: Stack, management_room: str
+) -> None:
+    await command(stack, management_room, "!policy dlp add-keyword kingfisher --action notify")
+    await command(stack, management_room, "!policy dlp add-keyword kingfisher --action block")
+    user = stack.new_user("birdwatcher")
+    async with stack.client(user) as u:
+        room = await u.create_room(name="birds")
+        err = await refused(u, room, "a kingfisher on the river")
+        assert err.errcode == "M_FORBIDDEN"
+    async with stack.client(stack.admin) as admin:
+
+        async def notified() -> bool:
+            events = await admin.messages(management_room, limit=50)
+            return any(
+                "blocked a message from" in e.get("content", {}).get("body", "")
+                and user.user_id in e["content"]["body"]
+                for e in events
+            )
+
+        await wait_for(notified, timeout=30, message="the notice about the refused message")

@@ -32,7 +32,10 @@ async def managed_room(stack: Stack, client: MatrixTestClient, name: str, power:
 async def wait_acl(client: MatrixTestClient, room: str, expected: dict) -> None:
     async def matches() -> bool:
         acl = await client.get_state(room, "m.room.server_acl")
-        return bool(acl) and {k: sorted(v) if isinstance(v, list) else v for k, v in acl.items()} == expected
+        return (
+            bool(acl)
+            and {k: sorted(v) if isinstance(v, list) else v for k, v in acl.items()} == expected
+        )
 
     await wait_for(matches, timeout=30, interval=0.3, message=f"ACL {expected}")
 
@@ -74,7 +77,9 @@ async def test_allowlist_sets_acl_restores_drift_and_refuses_invites(
             text = await command(stack, management_room, "!policy rooms")
             return any(weak in line and "lacks power" in line for line in text.splitlines())
 
-        await wait_for(weak_reported, timeout=30, interval=1, message="lacks power in !policy rooms")
+        await wait_for(
+            weak_reported, timeout=30, interval=1, message="lacks power in !policy rooms"
+        )
         show = await command(stack, management_room, "!policy federation show")
         assert "mode: allowlist" in show and "partner.example" in show
 

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bridge.appservice import AppserviceAPI
@@ -174,7 +175,14 @@ async def test_secrets_never_reach_the_database_files(env: Env) -> None:
     else:
         await store.close()
         dump = subprocess.run(
-            ["pg_dump", "-h", "127.0.0.1", "-U", "postgres", "test"],
+            [
+                "pg_dump",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                make_url(env.config.database.url).database,
+            ],
             capture_output=True,
             check=True,
             env={**os.environ, "PGCONNECT_TIMEOUT": "10"},

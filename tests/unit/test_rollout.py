@@ -53,9 +53,7 @@ async def test_rollout_is_durable_across_a_restart_and_reported(store: Store) ->
             await enf.on_result(a.room_id or "", result)
 
     await run_some(enforcer, 300)
-    assert said == [
-        "Policy rollout (federation mode internal): 250 of 1000 rooms processed (25%)."
-    ]
+    assert said == ["Policy rollout (federation mode internal): 250 of 1000 rooms processed (25%)."]
 
     # Restart: a new enforcer resumes reporting from the stored rollout record.
     resumed = RoomEnforcer(store, lambda: 1000.0, notify)

@@ -1,0 +1,220 @@
+"""``!policy hold …`` and ``!policy audit …``: legal hold and the audit archive from Matrix.
+
+Replies are summaries: counts, record kinds, room IDs, event IDs and times, never message
+content, so an auditor's search cannot pour other rooms' messages into a chat room (the
+``audit search`` / ``audit export`` CLI is the way to read records).
+
+A hold change is committed by :meth:`bridge.store.Store.set_hold` together with its own
+``hold`` audit record (the hold table is not part of the staged command state); the
+command's record follows in the worker's commit.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from ..audit.setup import audit_config
+from ..store.store import AUDIT_KINDS
+from .registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
+
+LATEST = 5
+GROUPS = 15
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _ms(value: str | None, flag: str) -> int | None:
+    if not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise CommandError(
+            f"--{flag}: {value!r} is not an ISO date/time (e.g. 2025-01-31 or 2025-01-31T08:00:00Z)"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+async def _target(ctx: CommandContext) -> tuple[str, str]:
+    """(scope, target) of a hold command: a room ID, an alias, a user ID, or this room."""
+    raw = (ctx.args.get("target") or ctx.room_id).strip()
+    if raw.startswith("@") and ":" in raw:
+        return "user", raw
+    if raw.startswith("!") and len(raw) > 1:  # room version 12 IDs have no :server
+        return "room", raw
+    if raw.startswith("#") and ":" in raw:
+        client = getattr(ctx.services, "client", None)
+        if client is None:
+            raise CommandError(f"cannot resolve {raw} here; give the room ID (!…)")
+        try:
+            resolved = await client.resolve_room_alias(raw)
+        except Exception as e:
+            raise CommandError(f"cannot resolve {raw}: {e}") from None
+        return "room", str(resolved.room_id)
+    raise CommandError(f"{raw!r} is neither a room (!id, #alias:server) nor a user (@user:server)")
+
+
+def register(registry: CommandRegistry) -> None:
+    """Add the ``hold`` and ``audit`` command groups."""
+
+    @registry.command(
+        "hold",
+        "on",
+        summary="put a room (default: this one) or a user on legal hold: "
+        "archive expiry and retention purges leave it alone",
+        args=(Arg("target", "room ID, #alias or @user (default: this room)", required=False),),
+        flags=(Flag("reason", "why (kept, encrypted, with the hold)", value="TEXT"),),
+        room_scoped=True,
+    )
+    async def hold_on(ctx: CommandContext) -> Reply:
+        scope, target = await _target(ctx)
+        reason = ctx.flags.get("reason")
+        result = await ctx.services.store.set_hold(
+            scope, target, True, by=ctx.sender, reason=reason
+        )
+        ctx.audit.update(hold={"scope": scope, "target": target, "result": result})
+        if result == "unchanged":
+            return Reply.plain(f"{scope.title()} {target} is already on legal hold.")
+        return Reply.plain(
+            f"🔒 {scope} {target} is on legal hold: archive expiry and retention purges "
+            f"skip it until `hold off`."
+        )
+
+    @registry.command(
+        "hold",
+        "off",
+        summary="lift a legal hold set with `hold on` (holds from config.yaml stay)",
+        args=(Arg("target", "room ID, #alias or @user (default: this room)", required=False),),
+        flags=(Flag("reason", "why", value="TEXT"),),
+        room_scoped=True,
+    )
+    async def hold_off(ctx: CommandContext) -> Reply:
+        scope, target = await _target(ctx)
+        result = await ctx.services.store.set_hold(
+            scope, target, False, by=ctx.sender, reason=ctx.flags.get("reason")
+        )
+        ctx.audit.update(hold={"scope": scope, "target": target, "result": result})
+        if result == "config":
+            raise CommandError(
+                f"the legal hold on {target} comes from the configuration "
+                f"(audit.legal_hold); remove it there and restart the bridge"
+            )
+        if result == "unchanged":
+            return Reply.plain(f"{scope.title()} {target} is not on legal hold.")
+        return Reply.plain(f"🔓 legal hold on {scope} {target} lifted.")
+
+    @registry.command("hold", "list", summary="rooms and users on legal hold", role="auditor")
+    async def hold_list(ctx: CommandContext) -> Reply:
+        holds = await ctx.services.store.list_holds()
+        items = []
+        for h in holds:
+            who = "config.yaml" if h.source == "config" else (h.by or "?")
+            line = f"{h.scope} {h.target}: since {_iso(h.set_ts)}, by {who}"
+            if h.reason:
+                line += f": {h.reason}"
+            items.append(line)
+        title = f"Legal holds: {len(items)}" if items else "No room or user is on legal hold."
+        return Reply.lines(title, items)
+
+    @registry.command(
+        "audit",
+        "verify",
+        summary="check the archive's hash chain and signed checkpoints",
+        role="auditor",
+    )
+    async def audit_verify(ctx: CommandContext) -> Reply:
+        from ..audit.cli import verify_store
+
+        svc = ctx.services
+        started = time.monotonic()
+        # streams in batches, so the event loop keeps serving between them
+        report = await verify_store(
+            svc.store.engine,
+            [svc.store.signing_key.public_key()],
+            audit_config(svc.config).checkpoint_log,
+        )
+        took = time.monotonic() - started
+        ctx.audit.update(
+            ok=report.ok,
+            records=report.records_checked,
+            checkpoints=report.checkpoints_checked,
+            first_bad_seq=report.first_bad_seq,
+            problem=report.problem_kind,
+        )
+        if report.ok:
+            head = report.head_hash.hex() if report.head_hash else "-"
+            return Reply.lines(
+                "✅ Audit archive intact",
+                [
+                    f"{report.records_checked} records verified (last seq {report.last_seq})",
+                    f"{report.checkpoints_checked} signed checkpoints verified",
+                    f"{report.records_without_ciphertext} records expired (ciphertext dropped)",
+                    f"head {head}",
+                    f"took {took:.1f}s",
+                ],
+            )
+        return Reply.lines(
+            "❌ Audit archive BROKEN",
+            [
+                f"first bad record: seq {report.first_bad_seq} ({report.problem_kind})",
+                str(report.problem),
+                f"{report.records_checked} records verified before it",
+                "run `python -m bridge audit verify -c config.yaml` for details",
+            ],
+        )
+
+    @registry.command(
+        "audit",
+        "search",
+        summary="count matching archive records per room and type, and show the latest "
+        "event IDs (no message content)",
+        role="auditor",
+        flags=(
+            Flag("room", "room ID", value="ROOM"),
+            Flag("sender", "user ID", value="USER"),
+            Flag("type", "event type, or a record kind (" + ", ".join(AUDIT_KINDS) + ")", "T"),
+            Flag("since", "ISO time, inclusive", value="ISO"),
+            Flag("until", "ISO time, exclusive", value="ISO"),
+        ),
+    )
+    async def audit_search(ctx: CommandContext) -> Reply:
+        f = ctx.flags
+        kind: str | None = None
+        etype: str | None = f.get("type")
+        if etype in AUDIT_KINDS:
+            kind, etype = etype, None
+        filters: dict[str, Any] = {
+            "kind": kind,
+            "room": f.get("room"),
+            "sender": f.get("sender"),
+            "type": etype,
+            "since": _ms(f.get("since"), "since"),
+            "until": _ms(f.get("until"), "until"),
+        }
+        summary = await ctx.services.store.search_summary(**filters, groups=GROUPS, latest=LATEST)
+        ctx.audit.update(matches=summary.total)
+        used = " ".join(f"--{k} {v}" for k, v in f.items() if v) or "(no filter)"
+        if not summary.total:
+            return Reply.plain(f"No archive records match {used}.")
+        items = []
+        for g in summary.groups:
+            where = g.room_id or ("(no room)" if g.readable else "(room unreadable: expired)")
+            what = g.kind if g.kind != "event" else (g.type or "?")
+            items.append(f"{g.count} x {what} in {where} (latest {_iso(g.latest_ts)})")
+        if summary.more_groups:
+            items.append("… more groups: narrow the search with --room/--type/--since")
+        items.append(f"latest {len(summary.latest)}:")
+        for m in summary.latest:
+            ident = m.event_id or f"{m.kind} record"
+            items.append(
+                f"#{m.seq} {_iso(m.origin_ts)} {ident}"
+                + (f" in {m.room_id}" if m.room_id else "")
+                + (f" ({m.type})" if m.type else "")
+            )
+        return Reply.lines(f"{summary.total} archive records match {used}", items)

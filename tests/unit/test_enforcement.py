@@ -1,0 +1,234 @@
+"""RoomEnforcer: scheduling reconciles and rollouts, room state bookkeeping, affected()."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import pytest
+
+from bridge.commands.registry import Reply
+from bridge.enforcement import ROLLOUT_KEY, RoomEnforcer
+from bridge.policy.federation import FederationMode, FederationPolicy
+from bridge.store import Store
+
+OWN = "corp.example"
+INTERNAL = FederationPolicy(FederationMode.INTERNAL)
+OPEN = FederationPolicy(FederationMode.OPEN)
+
+
+class Notes:
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    async def __call__(self, reply: Reply) -> None:
+        self.said.append(reply.text)
+
+
+def enforcer(store: Store, rate: float = 10.0) -> tuple[RoomEnforcer, Notes]:
+    notes = Notes()
+    return RoomEnforcer(store, lambda: rate, notes), notes
+
+
+async def rooms_by_id(store: Store) -> dict[str, dict[str, object]]:
+    return {r["room_id"]: r for r in await store.list_rooms()}
+
+
+def test_reconcile_is_one_action_for_now(store: Store) -> None:
+    a = RoomEnforcer.reconcile("!r:x", "drift", event_id="$e")
+    assert (a.kind, a.room_id, dict(a.payload), a.not_before) == (
+        "reconcile",
+        "!r:x",
+        {"reason": "drift", "event_id": "$e"},
+        0.0,
+    )
+
+
+def test_rollout_spreads_rooms_at_the_configured_rate(store: Store) -> None:
+    enf, _ = enforcer(store, rate=4.0)
+    before = time.time()
+    acts, record = enf.rollout(["!c:x", "!a:x", "!b:x"], "mode internal")
+    after = time.time()
+    assert [a.room_id for a in acts] == ["!a:x", "!b:x", "!c:x"]  # a stable order
+    assert all(a.kind == "reconcile" for a in acts)
+    assert {a.payload["rollout"] for a in acts} == {record["id"]}
+    assert {a.payload["reason"] for a in acts} == {"mode internal"}
+    assert len({a.id for a in acts}) == 3
+    assert before <= acts[0].not_before <= after
+    assert [round(b.not_before - a.not_before, 9) for a, b in itertools.pairwise(acts)] == [
+        0.25,
+        0.25,
+    ]
+    assert record["total"] == 3 and record["reason"] == "mode internal"
+    assert before <= record["started"] <= after
+    # A second rollout has its own id.
+    _acts, record2 = enf.rollout(["!a:x"], "again")
+    assert record2["id"] != record["id"]
+
+
+def test_rollout_rate_has_a_floor(store: Store) -> None:
+    enf, _ = enforcer(store, rate=0.0)
+    acts, _ = enf.rollout(["!a:x", "!b:x"], "r")
+    assert acts[1].not_before - acts[0].not_before == pytest.approx(100.0)  # 0.01 rooms/s
+
+
+def test_empty_rollout(store: Store) -> None:
+    enf, _ = enforcer(store)
+    acts, record = enf.rollout([], "nothing")
+    assert acts == [] and record["total"] == 0
+
+
+def test_members_from_state_and_from_the_event_stream(store: Store) -> None:
+    enf, _ = enforcer(store)
+    enf.on_state(
+        "!r:x",
+        [
+            {"type": "m.room.create", "state_key": "", "content": {}},
+            {
+                "type": "m.room.member",
+                "state_key": "@a:corp.example",
+                "content": {"membership": "join"},
+            },
+            {
+                "type": "m.room.member",
+                "state_key": "@e:evil.example",
+                "content": {"membership": "invite"},
+            },
+            {"type": "m.room.member", "state_key": 5, "content": {"membership": "join"}},
+        ],
+    )
+    assert enf.members["!r:x"] == {"@a:corp.example": "join", "@e:evil.example": "invite"}
+    enf.note_member("!r:x", "@e:evil.example", "leave")
+    enf.note_member("!new:x", "@b:corp.example", "join")
+    assert enf.members["!r:x"]["@e:evil.example"] == "leave"
+    assert enf.members["!new:x"] == {"@b:corp.example": "join"}
+    # A full state read replaces what the stream told us.
+    enf.on_state("!r:x", [])
+    assert enf.members["!r:x"] == {}
+
+
+async def test_on_result_records_success_and_problems(store: Store) -> None:
+    enf, notes = enforcer(store)
+    await enf.on_result("!ok:x", {"sent": [], "kicked": [], "lacking": [], "unkickable": []})
+    await enf.on_result(
+        "!weak:x",
+        {
+            "sent": [],
+            "kicked": [],
+            "lacking": ["power level 50 to send m.room.server_acl (the bot has 0)"],
+            "unkickable": ["@e:evil.example: a room creator cannot be removed (room version 12)"],
+        },
+    )
+    rooms = await rooms_by_id(store)
+    assert rooms["!ok:x"]["joined"] and rooms["!ok:x"]["lacking"] == ""
+    assert rooms["!weak:x"]["joined"]
+    assert rooms["!weak:x"]["lacking"] == (
+        "power level 50 to send m.room.server_acl (the bot has 0); "
+        "@e:evil.example: a room creator cannot be removed (room version 12)"
+    )
+    assert notes.said == []
+
+
+async def test_on_result_errors_mark_not_joined_only_when_the_state_was_unreadable(
+    store: Store,
+) -> None:
+    enf, _ = enforcer(store)
+    await store.upsert_room("!out:x", joined=True)
+    await store.upsert_room("!weak:x", joined=True)
+    unreadable = (
+        "the bot is not allowed to read the room state in !out:x (M_FORBIDDEN: not in room)"
+    )
+    refused_kick = "the bot is not allowed to kick users in !weak:x (M_FORBIDDEN: no)"
+    await enf.on_result("!out:x", {"error": unreadable})
+    await enf.on_result("!weak:x", {"error": refused_kick})
+    rooms = await rooms_by_id(store)
+    assert (rooms["!out:x"]["joined"], rooms["!out:x"]["lacking"]) == (False, unreadable)
+    # The bot is in the room, it just lacks power: still joined.
+    assert (rooms["!weak:x"]["joined"], rooms["!weak:x"]["lacking"]) == (True, refused_kick)
+    # A later success clears the problem.
+    await enf.on_result("!out:x", {"lacking": [], "unkickable": []})
+    rooms = await rooms_by_id(store)
+    assert (rooms["!out:x"]["joined"], rooms["!out:x"]["lacking"]) == (True, "")
+
+
+async def test_rollout_progress_is_reported_once_per_quarter(store: Store) -> None:
+    enf, notes = enforcer(store, rate=1000.0)
+    rooms = [f"!r{i}:x" for i in range(4)]
+    acts, record = enf.rollout(rooms, "federation mode internal")
+    await store.enqueue_actions(acts)
+    enf.start_rollout(record)
+    other = RoomEnforcer.reconcile("!r0:x", "unrelated drift")
+    await store.enqueue_actions([other])
+
+    for i, a in enumerate(acts):
+        await store.finish_action(a.id, status="done", attempts=1)
+        await enf.on_result(a.room_id or "", {"lacking": [], "payload": dict(a.payload)})
+        assert len(notes.said) == i + 1
+    assert notes.said == [
+        f"Policy rollout (federation mode internal): {n} of 4 rooms processed ({pct}%)."
+        for n, pct in ((1, 25), (2, 50), (3, 75), (4, 100))
+    ]
+    # Results outside the rollout (and after it finished) say nothing.
+    await enf.on_result("!r0:x", {"lacking": [], "payload": dict(other.payload)})
+    await enf.on_result("!r0:x", {"lacking": [], "payload": dict(acts[0].payload)})
+    assert len(notes.said) == 4
+
+
+async def test_rollout_reporting_resumes_after_a_restart(store: Store) -> None:
+    enf, before = enforcer(store, rate=1000.0)
+    acts, record = enf.rollout([f"!r{i}:x" for i in range(4)], "restarted")
+    await store.enqueue_actions(acts)
+    await store.set_state(ROLLOUT_KEY, json.dumps(record))
+    enf.start_rollout(record)
+    for a in acts[:2]:
+        await store.finish_action(a.id, status="done", attempts=1)
+        await enf.on_result(a.room_id or "", {"lacking": [], "payload": dict(a.payload)})
+    assert len(before.said) == 2
+
+    # Restart: a fresh enforcer picks the rollout up from the store.
+    fresh, after = enforcer(store)
+    await fresh.load()
+    for a in acts[2:]:
+        await store.finish_action(a.id, status="done", attempts=1)
+        await fresh.on_result(a.room_id or "", {"lacking": [], "payload": dict(a.payload)})
+    assert after.said == [
+        "Policy rollout (restarted): 3 of 4 rooms processed (75%).",
+        "Policy rollout (restarted): 4 of 4 rooms processed (100%).",
+    ]
+
+
+async def test_load_without_a_rollout_is_quiet(store: Store) -> None:
+    enf, notes = enforcer(store)
+    await enf.load()
+    await enf.on_result("!a:x", {"lacking": [], "payload": {"rollout": "nope"}})
+    assert notes.said == []
+
+
+def test_affected_counts_rooms_members_and_servers(store: Store) -> None:
+    enf, _ = enforcer(store)
+    enf.members = {
+        "!a:x": {
+            "@me:corp.example": "join",
+            "@e1:evil.example": "join",
+            "@e2:evil.example": "invite",
+            "@gone:evil.example": "leave",
+            "@ban:evil.example": "ban",
+        },
+        "!b:x": {"@p:partner.example": "join", "@me:corp.example": "join"},
+        "!c:x": {"@me:corp.example": "join"},
+        "!open:x": {"@e3:evil.example": "join"},
+    }
+    policies = {"!open:x": OPEN}
+
+    rooms, members, servers = enf.affected(lambda room: policies.get(room, INTERNAL), OWN)
+    assert (rooms, members, servers) == (2, 3, {"evil.example", "partner.example"})
+
+    allow_partner = FederationPolicy(FederationMode.ALLOWLIST, ("partner.example",))
+    assert enf.affected(lambda _room: allow_partner, OWN) == (2, 3, {"evil.example"})
+    assert enf.affected(lambda _room: OPEN, OWN) == (0, 0, set())
+
+
+def test_affected_with_no_known_members(store: Store) -> None:
+    enf, _ = enforcer(store)
+    assert enf.affected(lambda _room: INTERNAL, OWN) == (0, 0, set())
