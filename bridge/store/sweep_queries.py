@@ -22,6 +22,15 @@ from .store import Store, StoreError
 log = logging.getLogger(__name__)
 
 REDACTION = "m.room.redaction"
+#: The columns :meth:`SweepQueries._open` reads: seq, origin_ts and the sealed part.
+_EVENT_COLS = (
+    records.c.seq,
+    records.c.origin_ts,
+    records.c.room_idx,
+    records.c.key_id,
+    records.c.nonce,
+    records.c.ciphertext,
+)
 # Common state types, left out of the "messages that would be deleted" estimate without
 # decrypting anything (state events are never deleted by retention).
 STATE_TYPES = (
@@ -116,14 +125,7 @@ class SweepQueries:
         """Up to ``limit`` events of the room older than ``cutoff``, after the position
         (``after_ts``, ``after_seq``), oldest first, decrypted."""
         query = (
-            select(
-                records.c.seq,
-                records.c.origin_ts,
-                records.c.room_idx,
-                records.c.key_id,
-                records.c.nonce,
-                records.c.ciphertext,
-            )
+            select(*_EVENT_COLS)
             .where(*self._window(room_id, cutoff, after_ts, after_seq))
             .order_by(records.c.origin_ts, records.c.seq)
             .limit(limit)
@@ -168,14 +170,7 @@ class SweepQueries:
         excluded = self._blind_all("sender", exclude_senders)
         if excluded:
             conds.append(records.c.sender_idx.not_in(excluded))
-        query = select(
-            records.c.seq,
-            records.c.origin_ts,
-            records.c.room_idx,
-            records.c.key_id,
-            records.c.nonce,
-            records.c.ciphertext,
-        ).where(*conds)
+        query = select(*_EVENT_COLS).where(*conds)
         out: set[str] = set()
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()

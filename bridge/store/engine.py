@@ -1,0 +1,62 @@
+"""The database engine: connection settings per backend, and SQLite's WAL truncation."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from .models import StoreUnavailable
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before we answer 200 to Synapse, even across power loss.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def connect(url: str, *, pool_size: int) -> tuple[AsyncEngine, URL]:
+    """An engine for ``url`` (not connected yet) and the parsed URL.
+
+    Raises StoreUnavailable if the directory of a SQLite database cannot be created.
+    """
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            try:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreUnavailable(
+                    f"cannot create the directory for database {parsed.database}: {e}"
+                ) from e
+    else:
+        kwargs.update(
+            pool_size=pool_size,
+            pool_pre_ping=True,
+            # asyncpg prepares every statement; after 5 runs PostgreSQL may switch to a
+            # generic plan chosen while a table was empty (a full scan forever after)
+            connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
+        )
+    engine = create_async_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine, parsed
+
+
+async def truncate_wal(engine: AsyncEngine) -> None:
+    """Push SQLite's WAL into the database file and empty it (best effort).
+
+    After a secure delete, the WAL still holds the old pages: this leaves them nowhere.
+    """
+    with contextlib.suppress(SQLAlchemyError):
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,0 +1,271 @@
+"""Reading the records back: iteration, search summaries, counts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, TypedDict, Unpack
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .chain import prefetched
+from .codec import str_or_none
+from .keys import KeysMixin
+from .models import RecordMeta, SearchGroup, SearchSummary, StoreError
+from .schema import records
+
+#: What a reader decrypts of a record: seq, ts, kind, origin_ts and the sealed part.
+_READ = (
+    records.c.seq,
+    records.c.ts,
+    records.c.kind,
+    records.c.origin_ts,
+    records.c.room_idx,
+    records.c.key_id,
+    records.c.nonce,
+    records.c.ciphertext,
+)
+
+
+class RecordQuery(TypedDict, total=False):
+    """The keyword arguments of :meth:`ReadingMixin.iter_record_batches`."""
+
+    kind: str | None
+    batch: int
+    room: str | None
+    sender: str | None
+    type: str | None
+    since: int | None
+    until: int | None
+    after: int
+    raw_json: bool
+
+
+class ReadingMixin(KeysMixin):
+    """Decrypting reads of the records: streams, search summaries, counts."""
+
+    async def iter_record_batches(
+        self,
+        *,
+        kind: str | None = None,
+        batch: int = 2000,
+        room: str | None = None,
+        sender: str | None = None,
+        type: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        after: int = 0,
+        raw_json: bool = False,
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Stream records in sequence order, decrypted, in constant memory, by batches.
+
+        Filters: room, sender and type by blind-index equality; ``since``/``until`` (ms,
+        inclusive/exclusive) on the event's origin_server_ts; ``after`` a seq. Each dict has
+        seq, ts, kind, event_id, room_id, sender, type, origin_ts and data (the event, or the
+        audit entry's data); ``data`` is None when the ciphertext expired or the room key was
+        destroyed (``unreadable`` says which). With ``raw_json`` an event's dict also holds
+        ``json``: its stored JSON text, exactly as archived (exports copy it instead of
+        serialising ``data`` again). A record that fails to authenticate raises StoreError.
+        """
+        conds = self._record_conds(kind, room, sender, type, since, until)
+        loads = json.loads
+        decrypt = self._decrypt
+        query = select(*_READ).where(*conds).order_by(records.c.seq).limit(batch)
+
+        async def fetch(last: int) -> Sequence[Any]:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query.where(records.c.seq > last))).all()
+                await self._keys_by_ids(conn, {r[5] for r in rows})
+            return rows
+
+        async for rows in prefetched(fetch, after):
+            out: list[dict[str, Any]] = []
+            append = out.append
+            for seq, ts, rkind, origin, room_idx, key_id, nonce, ct in rows:
+                pt = decrypt(seq, room_idx, key_id, nonce, ct)
+                if pt is None:
+                    append(
+                        {
+                            "seq": seq,
+                            "ts": ts,
+                            "kind": rkind,
+                            "event_id": None,
+                            "room_id": None,
+                            "sender": None,
+                            "type": None,
+                            "origin_ts": origin,
+                            "data": None,
+                            "unreadable": (
+                                "ciphertext expired (archive retention)"
+                                if ct is None
+                                else f"data key {key_id} destroyed"
+                            ),
+                        }
+                    )
+                    continue
+                try:
+                    text = pt.decode("utf-8")
+                    obj = loads(text)
+                except ValueError:
+                    raise StoreError(f"audit record seq {seq}: plaintext is not JSON") from None
+                if not isinstance(obj, dict):
+                    raise StoreError(f"audit record seq {seq}: plaintext is not a JSON object")
+                get = obj.get
+                if rkind == "event":
+                    rec = {
+                        "seq": seq,
+                        "ts": ts,
+                        "kind": rkind,
+                        "event_id": str_or_none(get("event_id")),
+                        "room_id": str_or_none(get("room_id")),
+                        "sender": str_or_none(get("sender")),
+                        "type": str_or_none(get("type")),
+                        "origin_ts": origin,
+                        "data": obj,
+                    }
+                    if raw_json:
+                        rec["json"] = text
+                    append(rec)
+                else:
+                    append(
+                        {
+                            "seq": seq,
+                            "ts": ts,
+                            "kind": rkind,
+                            "event_id": None,
+                            "room_id": get("room_id"),
+                            "sender": get("sender"),
+                            "type": get("type"),
+                            "origin_ts": origin,
+                            "data": get("data"),
+                        }
+                    )
+            yield out
+
+    async def iter_records(self, **query: Unpack[RecordQuery]) -> AsyncIterator[dict[str, Any]]:
+        """Stream records in sequence order, decrypted (see :meth:`iter_record_batches`)."""
+        async for recs in self.iter_record_batches(**query):
+            for rec in recs:
+                yield rec
+
+    def _record_conds(
+        self,
+        kind: str | None,
+        room: str | None,
+        sender: str | None,
+        type: str | None,
+        since: int | None,
+        until: int | None,
+    ) -> list[Any]:
+        conds: list[Any] = []
+        if kind is not None:
+            conds.append(records.c.kind == kind)
+        if room is not None:
+            conds.append(records.c.room_idx == self._bidx("room", room))
+        if sender is not None:
+            conds.append(records.c.sender_idx == self._bidx("sender", sender))
+        if type is not None:
+            conds.append(records.c.type_idx == self._bidx("type", type))
+        if since is not None:
+            conds.append(records.c.origin_ts >= since)
+        if until is not None:
+            conds.append(records.c.origin_ts < until)
+        return conds
+
+    async def _describe(self, conn: AsyncConnection, seqs: Iterable[int]) -> dict[int, RecordMeta]:
+        """Metadata (never content) of the records ``seqs``, decrypted where readable."""
+        rows = (await conn.execute(select(*_READ).where(records.c.seq.in_(list(seqs))))).all()
+        await self._keys_by_ids(conn, {r[5] for r in rows})
+        out = {}
+        for seq, ts, rkind, origin, room_idx, key_id, nonce, ct in rows:
+            pt = self._decrypt(seq, room_idx, key_id, nonce, ct)
+            obj: Any = {}
+            if pt is not None:
+                try:
+                    obj = json.loads(pt)
+                except ValueError:
+                    raise StoreError(f"audit record seq {seq}: plaintext is not JSON") from None
+            if not isinstance(obj, dict):
+                obj = {}
+            out[seq] = RecordMeta(
+                seq,
+                ts,
+                rkind,
+                origin,
+                str_or_none(obj.get("event_id")) if rkind == "event" else None,
+                str_or_none(obj.get("room_id")),
+                str_or_none(obj.get("sender")),
+                str_or_none(obj.get("type")),
+                pt is not None,
+            )
+        return out
+
+    async def search_summary(
+        self,
+        *,
+        kind: str | None = None,
+        room: str | None = None,
+        sender: str | None = None,
+        type: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        groups: int = 15,
+        latest: int = 5,
+    ) -> SearchSummary:
+        """How many records match, per (kind, room, type), and the latest few, no content.
+
+        Counting runs in the database over the blind indexes; only one record per group
+        and the ``latest`` ones are decrypted, for their room ID, type and event ID.
+        """
+        conds = self._record_conds(kind, room, sender, type, since, until)
+        async with self.engine.connect() as conn:
+            total = (
+                await conn.execute(select(func.count()).select_from(records).where(*conds))
+            ).scalar_one()
+            count = func.count().label("n")
+            grouped = (
+                await conn.execute(
+                    select(
+                        records.c.kind,
+                        records.c.room_idx,
+                        records.c.type_idx,
+                        count,
+                        func.max(records.c.seq),
+                    )
+                    .where(*conds)
+                    .group_by(records.c.kind, records.c.room_idx, records.c.type_idx)
+                    .order_by(count.desc(), func.max(records.c.seq).desc())
+                    .limit(groups + 1)
+                )
+            ).all()
+            last = (
+                await conn.execute(
+                    select(records.c.seq).where(*conds).order_by(records.c.seq.desc()).limit(latest)
+                )
+            ).all()
+            metas = await self._describe(
+                conn, {g[4] for g in grouped[:groups]} | {r[0] for r in last}
+            )
+        out_groups = [
+            SearchGroup(
+                metas[g[4]].kind,
+                metas[g[4]].room_id,
+                metas[g[4]].type,
+                g[3],
+                metas[g[4]].origin_ts,
+                metas[g[4]].readable,
+            )
+            for g in grouped[:groups]
+        ]
+        return SearchSummary(total, out_groups, len(grouped) > groups, [metas[r[0]] for r in last])
+
+    async def count_events(self, event_id: str) -> int:
+        async with self.engine.connect() as conn:
+            return (
+                await conn.execute(
+                    select(func.count()).where(
+                        records.c.event_id_idx == self._bidx("event_id", event_id)
+                    )
+                )
+            ).scalar_one()

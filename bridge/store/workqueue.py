@@ -1,0 +1,91 @@
+"""The work queue: committed transactions waiting to be processed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .models import (
+    AuditEntry,
+    NewAction,
+    StoredEvent,
+    StoreError,
+    WorkItem,
+)
+from .operational import PLAIN_STATE_KEYS, OperationalMixin
+from .schema import records, transactions
+
+
+class WorkQueueMixin(OperationalMixin):
+    """Reading pending transactions and committing what processing them produced."""
+
+    async def pending_work(self, limit: int = 10) -> list[WorkItem]:
+        """The oldest unprocessed transactions with their stored events (decrypted), in order."""
+        async with self.engine.connect() as conn:
+            txns = (
+                await conn.execute(
+                    select(
+                        transactions.c.id,
+                        transactions.c.txn_id,
+                        transactions.c.received_ts,
+                        transactions.c.first_seq,
+                        transactions.c.last_seq,
+                    )
+                    .where(transactions.c.processed.is_(False))
+                    .order_by(transactions.c.id)
+                    .limit(limit)
+                )
+            ).all()
+            items = []
+            for qid, txn_id, received, first, last in txns:
+                rows = (
+                    await conn.execute(
+                        select(
+                            records.c.seq,
+                            records.c.room_idx,
+                            records.c.key_id,
+                            records.c.nonce,
+                            records.c.ciphertext,
+                        )
+                        .where(records.c.seq.between(first, last), records.c.kind == "event")
+                        .order_by(records.c.seq)
+                    )
+                ).all()
+                await self._keys_by_ids(conn, {r[2] for r in rows})
+                evs = []
+                for seq, room, key_id, nonce, ct in rows:
+                    pt = self._decrypt(seq, room, key_id, nonce, ct)
+                    if pt is None:
+                        raise StoreError(f"audit record seq {seq}: its ciphertext is gone")
+                    evs.append(StoredEvent(seq, json.loads(pt)))
+                items.append(WorkItem(qid, txn_id, received, evs))
+            return items
+
+    async def complete_work(
+        self,
+        queue_ids: Sequence[int],
+        new_actions: Sequence[NewAction] = (),
+        audit: Sequence[AuditEntry] = (),
+        state_updates: Mapping[str, str] | None = None,
+    ) -> None:
+        """Mark transactions processed together with everything processing produced."""
+        if new_actions or any(k not in PLAIN_STATE_KEYS for k in state_updates or {}):
+            await self._op_key()
+
+        async def run(conn: AsyncConnection) -> None:
+            if queue_ids:
+                await conn.execute(
+                    update(transactions)
+                    .where(transactions.c.id.in_(list(queue_ids)))
+                    .values(processed=True)
+                )
+            await self._insert_actions(conn, new_actions)
+            if audit:
+                await self._append_audit(conn, audit)
+            for key, value in (state_updates or {}).items():
+                await self._put_state(conn, key, value)
+
+        await self._write_or_unavailable(run)
