@@ -14,10 +14,11 @@ import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import ClientSession, ClientTimeout, web
 from mautrix.errors import MatrixError, MatrixRequestError
+from mautrix.types import RoomAlias, RoomID, UserID
 
 from . import __version__, metrics
 from .appservice import AppserviceAPI
@@ -252,13 +253,13 @@ class Bridge:
         cfg = self.config
         room = cfg.bridge.management_room
         if room.startswith("#"):
-            resolved = await self.client.resolve_room_alias(room)
+            resolved = await self.client.resolve_room_alias(RoomAlias(room))
             room = str(resolved.room_id)
         if not room:
             room = await self.store.get_state(MANAGEMENT_ROOM_KEY) or ""
         if room:
             try:
-                await self.client.join_room_by_id(room)
+                await self.client.join_room_by_id(RoomID(room))
             except MatrixRequestError as e:
                 log.error("cannot join the management room %s: %s", room, e.message)
         else:
@@ -267,11 +268,11 @@ class Bridge:
                 await self.client.create_room(
                     name="Policy bridge management",
                     topic="Commands and reports of the policy bridge. Type !policy help.",
-                    invitees=admins,
+                    invitees=[UserID(a) for a in admins],
                     is_direct=False,
                     # Room version 12 makes the creator (the bot) all-powerful already;
                     # listing it in users is refused.
-                    power_level_override={"users": dict.fromkeys(admins, 100)},
+                    power_level_override=cast(Any, {"users": dict.fromkeys(admins, 100)}),
                 )
             )
             await self.store.set_state(MANAGEMENT_ROOM_KEY, room)

@@ -12,12 +12,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from mautrix.api import Method, Path
 from mautrix.client import ClientAPI
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
-from mautrix.types import EventType
+from mautrix.types import EventType, UserID
 
 from . import metrics
 from .config import ExecutorConfig
@@ -324,7 +324,7 @@ class Executor:
         if p.get("mentions") is not None:
             content["m.mentions"] = {"user_ids": list(p["mentions"])}
         event_id = await self.client.send_message_event(
-            self._room(action), EventType.ROOM_MESSAGE, content, txn_id=action.id
+            self._room(action), EventType.ROOM_MESSAGE, cast(Any, content), txn_id=action.id
         )
         return {"event_id": str(event_id)}
 
@@ -385,11 +385,11 @@ class Executor:
             await _step(
                 action,
                 "send_state",
-                self.client.send_state_event(room, etype_obj, content, state_key=key),
+                self.client.send_state_event(room, etype_obj, cast(Any, content), state_key=key),
             )
             sent.append(etype)
         for user, reason in plan.kicks:
-            await _step(action, "kick", self.client.kick_user(room, user, reason=reason))
+            await _step(action, "kick", self.client.kick_user(room, UserID(user), reason=reason))
             kicked.append(user)
         return {
             "sent": sent,

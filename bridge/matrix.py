@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from aiohttp import ClientError, ClientSession, ClientTimeout
 from mautrix.api import HTTPAPI, Method, Path
 from mautrix.client import ClientAPI
 from mautrix.errors import MatrixRequestError, make_request_error
+from mautrix.types import UserID
+from mautrix.util.logging import TraceLogger
 from yarl import URL
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ class BridgeHTTPAPI(HTTPAPI):
     """mautrix HTTPAPI that keeps ``retry_after_ms`` on rate-limit errors and never retries
     by itself (the executor owns retries)."""
 
-    async def _send(  # type: ignore[override]
+    async def _send(
         self,
         method: Method,
         url: URL,
@@ -72,9 +74,9 @@ def make_client(
         as_token,
         client_session=session,
         default_retry_count=0,
-        log=logging.getLogger("bridge.http"),
+        log=cast(TraceLogger, logging.getLogger("bridge.http")),
     )
-    return ClientAPI(mxid=bot_mxid, api=api)
+    return ClientAPI(mxid=UserID(bot_mxid), api=api)
 
 
 async def wait_for_homeserver(
@@ -149,7 +151,7 @@ class AdminAPI:
             token,
             client_session=session,
             default_retry_count=0,
-            log=logging.getLogger("bridge.http.admin"),
+            log=cast(TraceLogger, logging.getLogger("bridge.http.admin")),
         )
 
     async def make_room_admin(self, room_id: str, user_id: str) -> None:

@@ -266,7 +266,8 @@ class Worker:
         """Track which rooms belong to which spaces (scopes of space policies)."""
         room_id = _s(event.get("room_id")) or ""
         key = event["state_key"]
-        content = event.get("content") if isinstance(event.get("content"), dict) else {}
+        raw = event.get("content")
+        content: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
         present = bool(content.get("via"))
         child, parent = (key, room_id) if event["type"] == "m.space.child" else (room_id, key)
         if not child.startswith("!") or not parent.startswith("!"):

@@ -7,7 +7,7 @@ ingest path and ``dlp test``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,7 +124,7 @@ class PolicyEngine:
         """A remote user asks to join one of our rooms (``accept_make_join``)."""
         return fed.check_remote_join(self.federation_for(room_id), self.policy.own_server, user)
 
-    def plan_room(self, room_id: str, state_events: list[Mapping[str, Any]]) -> RoomPlan:
+    def plan_room(self, room_id: str, state_events: Sequence[Mapping[str, Any]]) -> RoomPlan:
         """What must change in ``room_id`` (given its current state) to match policy."""
         return plan_room(
             RoomState.from_events(state_events),
