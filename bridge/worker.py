@@ -9,6 +9,7 @@ processed again from scratch; after it, never again.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CONFIRM_REACTION = "\u2705"  # ✅ (with or without a variation selector)
 CONFIRM_SECONDS = 600
+CONFIRMATIONS_KEY = "commands.pending_confirmations"
 ENROLL_DELAY = 3.0  # seconds between seeing a new room and enrolling it
 
 
@@ -75,15 +77,26 @@ class Worker:
         self.on_actions = on_actions
         self._wake = asyncio.Event()
         self.joined_rooms: set[str] = set()
-        # Commands waiting for a ✅ reaction (kept in memory: a restart asks again).
+        # Commands waiting for a ✅ reaction (persisted with the batch that asked).
         self.pending_confirmations: dict[str, dict[str, Any]] = {}
 
     def wake(self) -> None:
         self._wake.set()
 
     async def load(self) -> None:
-        """Read which rooms the bot is joined to."""
+        """Read which rooms the bot is joined to, and commands awaiting confirmation."""
         self.joined_rooms = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
+        raw = await self.store.get_state(CONFIRMATIONS_KEY)
+        if raw:
+            self.pending_confirmations = json.loads(raw)
+
+    def _stage_confirmations(self, batch: Batch) -> None:
+        """Persist the open confirmations (expired ones dropped) with this batch."""
+        now = time.time()
+        self.pending_confirmations = {
+            k: v for k, v in self.pending_confirmations.items() if now - v["at"] <= CONFIRM_SECONDS
+        }
+        batch.state[CONFIRMATIONS_KEY] = json.dumps(self.pending_confirmations)
 
     async def run(self) -> None:
         """Process the queue forever, waking on new commits (and every few seconds)."""
@@ -347,6 +360,7 @@ class Worker:
             tokens = tokenize(body[len(prefix) :])
             if confirmed:
                 self.pending_confirmations.pop(event_id, None)
+                self._stage_confirmations(batch)
                 tokens.append("--yes")
             parsed = self.registry.parse(tokens, prefix)
             name = parsed.spec.name
@@ -381,6 +395,7 @@ class Worker:
                 "event": dict(event),
                 "at": time.time(),
             }
+            self._stage_confirmations(batch)
             reply = Reply.plain(f"❓ {e}")
             details = {}
         except CommandError as e:

@@ -140,6 +140,10 @@ async def test_federation_change_needs_confirmation_by_reaction(worker: Worker) 
         return ev
 
     assert await feed(worker, reaction("@eve:corp.example")) == []  # not the one who asked
+    # A restart between the question and the answer: the confirmation is kept.
+    worker.pending_confirmations = {}
+    await worker.load()
+    assert cmd["event_id"] in worker.pending_confirmations
     acts = await feed(worker, reaction(ADMIN))
     assert any("federation mode set to internal" in b for b in notices(acts))
     assert any(a.kind == "reconcile" and a.room_id == ROOM for a in acts)
