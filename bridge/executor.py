@@ -196,6 +196,17 @@ class Executor:
         """One attempt at one action, with its outcome recorded."""
         handler = self._handlers.get(action.kind)
         attempts = action.attempts + 1
+        if await self._held(action):
+            # A hold placed after the sweep queued this: the hold wins, nothing is removed.
+            metrics.EXECUTOR_ACTIONS.labels(action.kind, "held").inc()
+            await self.store.finish_action(
+                action.id,
+                status="cancelled",
+                attempts=action.attempts,
+                error="legal hold",
+                audit=self._audit(action, "cancelled: legal hold", action.attempts),
+            )
+            return
         try:
             if handler is None:
                 raise PermanentFailure(f"unknown action kind {action.kind!r}")
@@ -238,6 +249,19 @@ class Executor:
             await self.store.upsert_room(action.room_id, joined=True)
         if action.kind == "reconcile" and self.rooms and self.rooms.on_result:
             await self.rooms.on_result(action.room_id or "", {**result, "payload": action.payload})
+
+    async def _held(self, action: ActionRow) -> bool:
+        """Whether a retention removal must not run because of a legal hold."""
+        retention = action.kind in ("purge_history", "purge_status") or (
+            action.kind == "redact" and action.payload.get("retention")
+        )
+        holds = getattr(self.store, "holds", None)
+        if not retention or holds is None:
+            return False
+        held = await holds()
+        if action.room_id in held.rooms:
+            return True
+        return action.kind == "redact" and action.payload.get("sender") in held.users
 
     async def _retry(self, action: ActionRow, attempts: int, delay: float, why: str) -> None:
         await self.store.finish_action(

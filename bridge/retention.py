@@ -473,7 +473,12 @@ class RetentionSweeper:
                 actions.append(
                     NewAction(
                         "redact",
-                        {"event_id": event_id, "reason": reason, "retention": True},
+                        {
+                            "event_id": event_id,
+                            "reason": reason,
+                            "retention": True,
+                            "sender": sender,
+                        },
                         room_id=room,
                     )
                 )

@@ -681,3 +681,52 @@ async def test_reconcile_with_a_non_list_state_fails_permanently(
     row = await action(store, a.id)
     assert (row.status, row.last_error) == ("failed", "the homeserver returned no state list")
     assert stub.planned == []
+
+
+# -- legal hold ------------------------------------------------------------------------------
+
+
+async def test_retention_removals_queued_before_a_hold_are_cancelled_not_run(
+    store: Store, homeserver: FakeHomeserver, session: ClientSession
+) -> None:
+    ex = make_executor(store, homeserver, session)
+    held_room = NewAction(
+        "redact", {"event_id": "$a", "reason": "retention", "retention": True}, room_id=ROOM
+    )
+    held_user = NewAction(
+        "redact",
+        {"event_id": "$b", "reason": "retention", "retention": True, "sender": "@kept:x"},
+        room_id="!other:x",
+    )
+    free = NewAction(
+        "redact",
+        {"event_id": "$c", "reason": "retention", "retention": True, "sender": "@free:x"},
+        room_id="!other:x",
+    )
+    purge = NewAction("purge_history", {"purge_up_to_ts": 1}, room_id=ROOM)
+    dlp = NewAction("redact", {"event_id": "$d", "reason": "dlp"}, room_id=ROOM)
+    await store.enqueue_actions([held_room, held_user, free, purge, dlp])
+    # The hold arrives after the sweep queued its work.
+    await store.set_hold("room", ROOM, True, by="@admin:x")
+    await store.set_hold("user", "@kept:x", True, by="@admin:x")
+    await ex.run_due()
+    statuses = {a.id: (await action(store, a.id)).status for a in (held_room, held_user, purge)}
+    assert set(statuses.values()) == {"cancelled"}
+    assert (await action(store, free.id)).status == "done"
+    # A DLP redaction is not a retention removal: the hold does not stop it.
+    assert (await action(store, dlp.id)).status == "done"
+    redacted = {
+        s.path.split("/redact/")[1].split("/")[0] for s in homeserver.sent("PUT", "/redact/")
+    }
+    assert redacted == {"$c", "$d"}
+    outcomes = {
+        r["payload"]["event_id"]: r["outcome"]
+        for r in await audit_actions(store)
+        if r["kind"] == "redact"
+    }
+    assert outcomes == {
+        "$a": "cancelled: legal hold",
+        "$b": "cancelled: legal hold",
+        "$c": "done",
+        "$d": "done",
+    }
