@@ -30,13 +30,29 @@ SCOPE_FLAG = Flag(
     value="SCOPE",
     choices=("global", "here"),
 )
-ACTION_FLAG = Flag("action", "what a match does (default block)", value="A", choices=ACTIONS)
+ACTION_FLAG = Flag(
+    "action",
+    "what a match does: " + ", ".join(ACTIONS) + "; several with commas (default block)",
+    value="A[,A…]",
+)
 RETRO_FLAG = Flag(
     "retroactive", "also apply it to archived messages (then redacts matches of block/redact)"
 )
 WINDOW_FLAG = Flag(
     "window", "how far back --retroactive looks (default dlp.retroactive_window)", value="DUR"
 )
+
+
+def _action(ctx: CommandContext) -> str:
+    """The --action flag as one token: ``block`` or, for several, ``block+notify``."""
+    wanted = [a.strip().lower() for a in str(ctx.flags.get("action", "block")).split(",")]
+    unknown = [a for a in wanted if a not in ACTIONS]
+    if unknown or not any(wanted):
+        raise CommandError(
+            f"--action must be one or more of {', '.join(ACTIONS)} (comma-separated), "
+            f"not {', '.join(unknown) or 'nothing'}"
+        )
+    return "+".join(a for a in ACTIONS if a in wanted)
 
 
 def _scope(ctx: CommandContext) -> str:
@@ -129,7 +145,7 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def add_keyword(ctx: CommandContext) -> Reply:
-        scope, action = _scope(ctx), ctx.flags.get("action", "block")
+        scope, action = _scope(ctx), _action(ctx)
         word = ctx.args["word"].strip()
         if not word:
             raise CommandError("the keyword is empty")
@@ -175,7 +191,7 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def add_regex(ctx: CommandContext) -> Reply:
-        scope, action = _scope(ctx), ctx.flags.get("action", "block")
+        scope, action = _scope(ctx), _action(ctx)
         name = ctx.args["name"]
         doc = layers.add_regex(
             ctx.services.policy.runtime_dlp, scope, name, ctx.args["pattern"], action
@@ -202,7 +218,7 @@ def register(registry: CommandRegistry) -> None:
     )
     async def detectors(ctx: CommandContext) -> Reply:
         scope, name = _scope(ctx), ctx.args["name"]
-        action = ctx.flags.get("action", "block") if ctx.args["switch"] == "enable" else None
+        action = _action(ctx) if ctx.args["switch"] == "enable" else None
         if action is None and ctx.flags.get("retroactive"):
             raise CommandError("--retroactive only applies when enabling a detector")
         doc = layers.set_detector(ctx.services.policy.runtime_dlp, scope, name, action)

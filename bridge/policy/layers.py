@@ -319,6 +319,11 @@ def _scope_doc(doc: Mapping[str, Any], scope: str) -> tuple[dict[str, Any], dict
     return new, new.setdefault(scope, {})
 
 
+def _action_value(action: str) -> str | list[str]:
+    """``block`` stays a string; ``block+notify`` (several actions) becomes a list."""
+    return action.split("+") if "+" in action else action
+
+
 def add_keyword(doc: Mapping[str, Any], scope: str, word: str, action: str) -> dict[str, Any]:
     """Add ``word`` to the runtime list for ``action`` in ``scope``."""
     new, rules = _scope_doc(doc, scope)
@@ -329,7 +334,7 @@ def add_keyword(doc: Mapping[str, Any], scope: str, word: str, action: str) -> d
             if word not in item["keywords"]:
                 item["keywords"].append(word)
             return new
-    lists.append({"name": name, "keywords": [word], "action": action})
+    lists.append({"name": name, "keywords": [word], "action": _action_value(action)})
     return new
 
 
@@ -350,7 +355,7 @@ def add_regex(
     """Add or replace the named regex rule in ``scope``."""
     new, rules = _scope_doc(doc, scope)
     regexes = [r for r in rules.get("regexes", []) if r.get("name") != name]
-    regexes.append({"name": name, "pattern": pattern, "action": action})
+    regexes.append({"name": name, "pattern": pattern, "action": _action_value(action)})
     rules["regexes"] = regexes
     return new
 
@@ -360,7 +365,7 @@ def set_detector(
 ) -> dict[str, Any]:
     """Enable a detector with ``action`` in ``scope``, or disable it (``None``)."""
     new, rules = _scope_doc(doc, scope)
-    rules.setdefault("detectors", {})[name] = action if action is not None else "off"
+    rules.setdefault("detectors", {})[name] = _action_value(action) if action is not None else "off"
     return new
 
 

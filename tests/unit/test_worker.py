@@ -155,3 +155,18 @@ async def test_a_broken_event_does_not_block_the_queue(worker: Worker) -> None:
     acts = await feed(worker, weird, msg("!policy help"))
     assert any("Commands" in b for b in notices(acts))
     assert (await worker.store.stats()).queue_depth == 0
+
+
+async def test_commands_take_several_actions_and_refuse_unknown_ones(worker: Worker) -> None:
+    [ok] = notices(await feed(worker, msg("!policy dlp add-keyword osprey --action block,notify")))
+    assert "keyword added (block+notify)" in ok
+    verdict = worker.services.policy.engine.check_event(
+        msg("an osprey overhead", sender="@joe:corp.example", room=ROOM)
+    )
+    [finding] = verdict.findings
+    assert {a.value for a in finding.actions} == {"block", "notify"}
+    [bad] = notices(await feed(worker, msg("!policy dlp add-keyword hawk --action block,shout")))
+    assert "--action must be one or more of" in bad and "shout" in bad
+    assert not worker.services.policy.engine.check_event(
+        msg("a hawk", sender="@joe:corp.example", room=ROOM)
+    ).findings
