@@ -20,7 +20,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 from mautrix.errors import MatrixError, MatrixRequestError
 from mautrix.types import RoomAlias, RoomID, UserID
 
-from . import __version__, metrics
+from . import __version__, metrics, retroactive
 from .appservice import AppserviceAPI
 from .audit.jobs import run_audit_jobs
 from .audit_sink import AuditSink
@@ -242,6 +242,9 @@ class Bridge:
         await self._rollout_if_policy_changed()
         self._spawn(self.worker.run(), "worker")
         self._spawn(self.executor.run(), "executor")
+        resumed = await retroactive.resume(self)
+        if resumed:
+            log.info("resumed %d unfinished retroactive DLP scan(s)", resumed)
         self._spawn(self.sweeper.run(), "retention-sweeper")
         self._spawn(run_audit_jobs(self), "audit-jobs")  # archive expiry, checkpoint notices
         if cfg.bridge.auto_enroll and self.admin is not None:

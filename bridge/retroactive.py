@@ -14,14 +14,16 @@ The scan is not resumable: if the bridge stops while it runs, run the command ag
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .commands.registry import Reply
-from .policy.dlp import DlpEngine
+from .policy.dlp import DlpEngine, DlpPolicy, KeywordList
 from .policy.durations import format_duration
 from .policy.engine import PolicyEngine
 from .policy.extract import extract_texts
@@ -52,6 +54,43 @@ class RetroJob:
     # For keyword lists: an engine with only the new keyword, so other words of the same
     # list (which were not asked to apply retroactively) do not count.
     probe: DlpEngine | None = None
+    probe_word: str | None = None  # what ``probe`` was built from (to resume after a restart)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as plain data (kept in the store until the scan has finished)."""
+        return {
+            "id": self.id,
+            "scope": self.scope,
+            "rules": sorted(self.rules),
+            "since_ms": self.since_ms,
+            "window_ms": self.window_ms,
+            "requested_by": self.requested_by,
+            "command_room": self.command_room,
+            "change": self.change,
+            "probe_word": self.probe_word,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RetroJob:
+        word = data.get("probe_word")
+        probe = (
+            DlpEngine.compile(DlpPolicy(keyword_lists=(KeywordList("new", (word,)),)))
+            if isinstance(word, str) and word
+            else None
+        )
+        return cls(
+            scope=str(data["scope"]),
+            rules=frozenset(data["rules"]),
+            since_ms=int(data["since_ms"]),
+            window_ms=int(data["window_ms"]),
+            requested_by=str(data["requested_by"]),
+            command_room=str(data["command_room"]),
+            change=str(data["change"]),
+            probe=probe,
+            probe_word=word if isinstance(word, str) else None,
+            id=str(data["id"]),
+        )
 
 
 @dataclass
@@ -253,12 +292,51 @@ async def run(services: Any, engine: PolicyEngine, job: RetroJob) -> RetroResult
         return None
 
 
+PENDING_KEY = "dlp.retroactive.pending"
+_PENDING: dict[str, RetroJob] = {}
+_PERSIST = asyncio.Lock()
+
+
+async def _persist(store: Any) -> None:
+    async with _PERSIST:
+        await store.set_state(PENDING_KEY, json.dumps([j.to_json() for j in _PENDING.values()]))
+
+
+async def _run_recorded(services: Any, engine: PolicyEngine, job: RetroJob) -> None:
+    """Record the job as pending, scan, then clear it: a restart mid-scan starts it again
+    (redactions already done are found in the archive and skipped)."""
+    _PENDING[job.id] = job
+    try:
+        await _persist(services.store)
+    except Exception:
+        log.warning("could not record the retroactive scan %s as pending", job.id)
+    result = await run(services, engine, job)
+    if result is not None:
+        _PENDING.pop(job.id, None)
+        try:
+            await _persist(services.store)
+        except Exception:
+            log.warning("could not clear the finished retroactive scan %s", job.id)
+
+
 def start(services: Any, engine: PolicyEngine, job: RetroJob) -> asyncio.Task[Any]:
     """Run the scan in the background (called after the command's commit)."""
-    task = asyncio.get_running_loop().create_task(run(services, engine, job), name="retroactive")
+    task = asyncio.get_running_loop().create_task(
+        _run_recorded(services, engine, job), name="retroactive"
+    )
     _TASKS.add(task)
     task.add_done_callback(_TASKS.discard)
     return task
+
+
+async def resume(services: Any) -> int:
+    """Start again the scans a previous run did not finish; returns how many."""
+    raw = await services.store.get_state(PENDING_KEY)
+    jobs = [RetroJob.from_json(d) for d in (json.loads(raw) if raw else [])]
+    for job in jobs:
+        log.info("resuming the retroactive scan for %s", job.change)
+        start(services, services.policy.engine, job)
+    return len(jobs)
 
 
 async def wait_all() -> None:

@@ -109,6 +109,7 @@ def _stage(
         command_room=ctx.room_id,
         change=name,
         probe=probe,
+        probe_word=probe.policy.keyword_lists[0].keywords[0] if probe is not None else None,
     )
     ctx.audit["retroactive"] = {"window_ms": window, "rule": rule}
     services = ctx.services

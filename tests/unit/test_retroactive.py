@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,32 @@ async def test_list_shows_space_rules_in_a_child(store: Store, tmp_path: Path, s
     worker.services.policy.set_room_spaces({CHILD: (SPACE,)})
     [reply] = await feed(worker, msg(f"!policy dlp list --scope {scope}", sender=ADMIN, room=CHILD))
     assert ("detector iban" in reply.payload["body"]) == (scope == "here")
+
+
+async def test_a_scan_interrupted_by_a_restart_runs_again(store: Store, tmp_path: Path) -> None:
+    worker = await make_worker(store, make_config(tmp_path))
+    old = msg("bluefin at noon")
+    await feed(worker, old)
+    # The bridge stopped after the command committed but before its scan finished: the job
+    # is recorded as pending in the store (as `start` records it before scanning).
+    await feed(worker, msg("!policy dlp add-keyword bluefin", sender=ADMIN, room=MGMT))
+    job = retroactive.RetroJob(
+        scope=retroactive.GLOBAL,
+        rules=frozenset({"keyword:admin-block"}),
+        since_ms=int(time.time() * 1000) - DAY,
+        window_ms=DAY,
+        requested_by=ADMIN,
+        command_room=MGMT,
+        change="keyword 'bluefin' (keyword:admin-block)",
+        probe_word="bluefin",
+    )
+    assert retroactive.RetroJob.from_json(job.to_json()).to_json() == job.to_json()
+    await store.set_state(retroactive.PENDING_KEY, json.dumps([job.to_json()]))
+    before = {a.id for a in await store.due_actions(now=10**12, limit=10_000)}
+    # Start after the "restart": the pending scan runs again, then is cleared.
+    assert await retroactive.resume(worker.services) == 1
+    await retroactive.wait_all()
+    redacts = [a for a in await new_actions(worker, before) if a.kind == "redact"]
+    assert [a.payload["event_id"] for a in redacts] == [old["event_id"]]
+    assert json.loads(await store.get_state(retroactive.PENDING_KEY) or "[]") == []
+    assert await retroactive.resume(worker.services) == 0
