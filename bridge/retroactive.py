@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -293,28 +294,32 @@ async def run(services: Any, engine: PolicyEngine, job: RetroJob) -> RetroResult
 
 
 PENDING_KEY = "dlp.retroactive.pending"
-_PENDING: dict[str, RetroJob] = {}
+# Unfinished scans per store (a process normally has one); written whole under a lock.
+_PENDING: weakref.WeakKeyDictionary[Any, dict[str, RetroJob]] = weakref.WeakKeyDictionary()
 _PERSIST = asyncio.Lock()
 
 
 async def _persist(store: Any) -> None:
     async with _PERSIST:
-        await store.set_state(PENDING_KEY, json.dumps([j.to_json() for j in _PENDING.values()]))
+        jobs = _PENDING.get(store, {})
+        await store.set_state(PENDING_KEY, json.dumps([j.to_json() for j in jobs.values()]))
 
 
 async def _run_recorded(services: Any, engine: PolicyEngine, job: RetroJob) -> None:
     """Record the job as pending, scan, then clear it: a restart mid-scan starts it again
-    (redactions already done are found in the archive and skipped)."""
-    _PENDING[job.id] = job
+    (redactions already done are found in the archive and skipped). A scan that failed
+    stays pending and runs again at the next start."""
+    store = services.store
+    _PENDING.setdefault(store, {})[job.id] = job
     try:
-        await _persist(services.store)
+        await _persist(store)
     except Exception:
         log.warning("could not record the retroactive scan %s as pending", job.id)
     result = await run(services, engine, job)
     if result is not None:
-        _PENDING.pop(job.id, None)
+        _PENDING.get(store, {}).pop(job.id, None)
         try:
-            await _persist(services.store)
+            await _persist(store)
         except Exception:
             log.warning("could not clear the finished retroactive scan %s", job.id)
 
