@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +28,8 @@ from .policy.dlp import DlpEngine, DlpPolicy, KeywordList
 from .policy.durations import format_duration
 from .policy.engine import PolicyEngine
 from .policy.extract import extract_texts
-from .policy.layers import GLOBAL
 from .policy.model import Action
+from .policy.scopes import GLOBAL, rooms_in_scope
 from .store import AuditEntry, NewAction
 
 log = logging.getLogger(__name__)
@@ -123,20 +123,6 @@ def _redacted_target(event: Mapping[str, Any]) -> str | None:
         content = event.get("content")
         target = content.get("redacts") if isinstance(content, dict) else None
     return target if isinstance(target, str) else None
-
-
-def rooms_in_scope(
-    scope: str,
-    managed: Iterable[str],
-    room_spaces: Mapping[str, Iterable[str]],
-    management_room: str,
-) -> list[str]:
-    """The managed rooms a scope covers: all for global; else the room and its children."""
-    managed = [r for r in managed if r != management_room]
-    if scope == GLOBAL:
-        return sorted(managed)
-    children = {room for room, parents in room_spaces.items() if scope in tuple(parents)}
-    return [scope, *sorted(children & set(managed) - {scope})]
 
 
 async def scan_archive(

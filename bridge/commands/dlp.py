@@ -22,14 +22,9 @@ from ..policy.durations import DurationError, format_duration, parse_duration
 from ..policy.engine import PolicyEngine
 from ..policy.model import Action
 from .registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
+from .scope import SCOPE_FLAG, room_of, scope_of, where
 
 ACTIONS = tuple(a.value for a in Action)
-SCOPE_FLAG = Flag(
-    "scope",
-    "global, or here (this room; in a space: the space and its rooms)",
-    value="SCOPE",
-    choices=("global", "here"),
-)
 ACTION_FLAG = Flag(
     "action",
     "what a match does: " + ", ".join(ACTIONS) + "; several with commas (default block)",
@@ -53,10 +48,6 @@ def _action(ctx: CommandContext) -> str:
             f"not {', '.join(unknown) or 'nothing'}"
         )
     return "+".join(a for a in ACTIONS if a in wanted)
-
-
-def _scope(ctx: CommandContext) -> str:
-    return ctx.room_id if ctx.flags.get("scope") == "here" else layers.GLOBAL
 
 
 def _window_ms(ctx: CommandContext) -> int:
@@ -101,7 +92,7 @@ def _stage(
         return ""
     rule, probe, name = retro
     job = retroactive.RetroJob(
-        scope=_scope(ctx),
+        scope=scope_of(ctx),
         rules=frozenset({rule}),
         since_ms=int(time.time() * 1000) - window,
         window_ms=window,
@@ -124,16 +115,6 @@ def _start_scan(services: Any, engine: PolicyEngine, job: retroactive.RetroJob) 
     retroactive.start(services, engine, job)
 
 
-def _scope_label(scope: str, ctx: CommandContext | None = None) -> str:
-    if scope == layers.GLOBAL:
-        return "globally"
-    if ctx is not None:
-        spaces = ctx.services.policy.room_spaces
-        if any(scope in parents for parents in spaces.values()):
-            return f"in {scope} and the rooms of this space"
-    return f"in {scope}"
-
-
 def register(registry: CommandRegistry) -> None:
     """Add the ``dlp`` command group."""
 
@@ -146,7 +127,7 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def add_keyword(ctx: CommandContext) -> Reply:
-        scope, action = _scope(ctx), _action(ctx)
+        scope, action = scope_of(ctx), _action(ctx)
         word = ctx.args["word"].strip()
         if not word:
             raise CommandError("the keyword is empty")
@@ -158,7 +139,7 @@ def register(registry: CommandRegistry) -> None:
             except ValueError as e:
                 raise CommandError(str(e)) from None
         rule = f"keyword:{layers.RUNTIME_PREFIX}{action}"
-        label = _scope_label(scope, ctx)
+        label = where(scope, ctx)
         more = _stage(
             ctx, doc, f"add keyword ({action}) {label}", (rule, probe, f"keyword {word!r} ({rule})")
         )
@@ -173,15 +154,15 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def remove_keyword(ctx: CommandContext) -> Reply:
-        scope = _scope(ctx)
+        scope = scope_of(ctx)
         doc, found = layers.remove_keyword(ctx.services.policy.runtime_dlp, scope, ctx.args["word"])
         if not found:
             raise CommandError(
-                f"no runtime keyword {ctx.args['word']!r} {_scope_label(scope)} "
+                f"no runtime keyword {ctx.args['word']!r} {where(scope)} "
                 "(keywords from config.yaml are changed in that file)"
             )
-        _stage(ctx, doc, f"remove keyword {_scope_label(scope)}")
-        return Reply.plain(f"✅ keyword removed {_scope_label(scope)}: {ctx.args['word']}")
+        _stage(ctx, doc, f"remove keyword {where(scope)}")
+        return Reply.plain(f"✅ keyword removed {where(scope)}: {ctx.args['word']}")
 
     @registry.command(
         "dlp",
@@ -192,12 +173,12 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def add_regex(ctx: CommandContext) -> Reply:
-        scope, action = _scope(ctx), _action(ctx)
+        scope, action = scope_of(ctx), _action(ctx)
         name = ctx.args["name"]
         doc = layers.add_regex(
             ctx.services.policy.runtime_dlp, scope, name, ctx.args["pattern"], action
         )
-        label = _scope_label(scope, ctx)
+        label = where(scope, ctx)
         more = _stage(
             ctx,
             doc,
@@ -218,13 +199,13 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def detectors(ctx: CommandContext) -> Reply:
-        scope, name = _scope(ctx), ctx.args["name"]
+        scope, name = scope_of(ctx), ctx.args["name"]
         action = _action(ctx) if ctx.args["switch"] == "enable" else None
         if action is None and ctx.flags.get("retroactive"):
             raise CommandError("--retroactive only applies when enabling a detector")
         doc = layers.set_detector(ctx.services.policy.runtime_dlp, scope, name, action)
         state = f"enabled ({action})" if action else "disabled"
-        label = _scope_label(scope, ctx)
+        label = where(scope, ctx)
         more = _stage(
             ctx,
             doc,
@@ -242,10 +223,10 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def encryption(ctx: CommandContext) -> Reply:
-        scope, setting = _scope(ctx), ctx.args["setting"]
+        scope, setting = scope_of(ctx), ctx.args["setting"]
         forbid = {"forbid": True, "allow": False, "inherit": None}[setting]
         doc = layers.set_encryption(ctx.services.policy.runtime_dlp, scope, forbid)
-        label = _scope_label(scope, ctx)
+        label = where(scope, ctx)
         _stage(ctx, doc, f"encryption {setting} {label}")
         if forbid is None:
             return Reply.plain(f"✅ encryption rule removed {label}: the wider scope decides")
@@ -265,8 +246,8 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def list_rules(ctx: CommandContext) -> Reply:
-        scope = _scope(ctx)
-        engine = ctx.services.policy.engine.dlp_for(None if scope == layers.GLOBAL else scope)
+        scope = scope_of(ctx)
+        engine = ctx.services.policy.engine.dlp_for(room_of(scope))
         policy = engine.policy
         items = []
         for kl in policy.keyword_lists:
@@ -279,11 +260,9 @@ def register(registry: CommandRegistry) -> None:
             items.append(f"detector {det.name} [{', '.join(sorted(det.actions))}]")
         if policy.exempt_users or policy.exempt_rooms:
             items.append("exempt: " + ", ".join(sorted(policy.exempt_users | policy.exempt_rooms)))
-        if ctx.services.policy.engine.encryption_forbidden(
-            None if scope == layers.GLOBAL else scope
-        ):
+        if ctx.services.policy.engine.encryption_forbidden(room_of(scope)):
             items.append("end-to-end encryption: forbidden (the gate refuses m.room.encryption)")
-        title = f"DLP rules in force {_scope_label(scope, ctx)}" + ("" if items else ": none")
+        title = f"DLP rules in force {where(scope, ctx)}" + ("" if items else ": none")
         return Reply.lines(title, items)
 
     @registry.command(

@@ -14,8 +14,9 @@ from typing import Any
 from ..enforcement import DRIFTED, ROLLOUT_KEY
 from ..policies import LivePolicy, runtime_key
 from ..policy.durations import DurationError, format_duration, parse_duration
-from ..policy.federation import FederationMode, FederationPolicyError, acl_content
-from ..policy.scopes import GLOBAL
+from ..policy.engine import PolicyEngine
+from ..policy.federation import FederationMode, acl_content
+from ..policy.scopes import rooms_in_scope
 from .registry import (
     Arg,
     CommandContext,
@@ -25,33 +26,36 @@ from .registry import (
     NeedsConfirmation,
     Reply,
 )
+from .scope import SCOPE_FLAG, room_of, scope_of, where
 
-SCOPE_FLAG = Flag("scope", "global, or here (this room)", value="SCOPE", choices=("global", "here"))
 YES_FLAG = Flag("yes", "confirm a change that removes members")
 
 
-def _scope(ctx: CommandContext) -> str:
-    return ctx.room_id if ctx.flags.get("scope") == "here" else GLOBAL
-
-
-def _where(scope: str) -> str:
-    return "globally" if scope == GLOBAL else f"in {scope}"
-
-
-async def _stage(ctx: CommandContext, section: str, doc: Mapping[str, Any], what: str) -> int:
-    """Validate, stage the document and a rollout to the rooms it concerns; returns rooms."""
-    live: LivePolicy = ctx.services.policy
+def _preview(ctx: CommandContext, section: str, doc: Mapping[str, Any]) -> PolicyEngine:
+    """The engine with ``doc`` as the section's runtime layer; bad values are refused."""
     try:
-        engine = live.preview(doc, section)
-    except (ValueError, FederationPolicyError) as e:
+        return ctx.services.policy.preview(doc, section)
+    except ValueError as e:  # FederationPolicyError, DurationError, … are ValueErrors
         raise CommandError(str(e)) from None
-    scope = _scope(ctx)
-    joined = [
-        r["room_id"]
-        for r in await ctx.services.store.list_rooms()
-        if r["joined"] and r["room_id"] != ctx.services.management_room
-    ]
-    rooms = joined if scope == GLOBAL else [r for r in joined if r == scope]
+
+
+async def _stage(
+    ctx: CommandContext,
+    section: str,
+    doc: Mapping[str, Any],
+    what: str,
+    engine: PolicyEngine | None = None,
+) -> int:
+    """Stage the document and a rollout to the rooms it concerns; returns how many rooms.
+
+    ``engine`` is the already compiled preview of ``doc``, if the caller has one.
+    """
+    live: LivePolicy = ctx.services.policy
+    if engine is None:
+        engine = _preview(ctx, section, doc)
+    joined = {r["room_id"] for r in await ctx.services.store.list_rooms() if r["joined"]}
+    covered = rooms_in_scope(scope_of(ctx), joined, live.room_spaces, ctx.services.management_room)
+    rooms = [r for r in covered if r in joined]
     acts, record = ctx.services.rooms.rollout(rooms, what)
     ctx.actions.extend(acts)
     ctx.state_updates[runtime_key(section)] = live.encode(doc)
@@ -69,7 +73,7 @@ async def _stage(ctx: CommandContext, section: str, doc: Mapping[str, Any], what
 
 def _describe_federation(ctx: CommandContext, scope: str) -> list[str]:
     engine = ctx.services.policy.engine
-    policy = engine.federation_for(None if scope == GLOBAL else scope)
+    policy = engine.federation_for(room_of(scope))
     items = [f"mode: {policy.mode.value}"]
     if policy.servers:
         items.append("servers: " + ", ".join(policy.servers))
@@ -91,16 +95,15 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def fed_show(ctx: CommandContext) -> Reply:
-        scope = _scope(ctx)
-        return Reply.lines(f"Federation policy {_where(scope)}", _describe_federation(ctx, scope))
+        scope = scope_of(ctx)
+        return Reply.lines(
+            f"Federation policy {where(scope, ctx)}", _describe_federation(ctx, scope)
+        )
 
     async def change_federation(ctx: CommandContext, doc: dict[str, Any], what: str) -> Reply:
-        scope = _scope(ctx)
+        scope = scope_of(ctx)
         live: LivePolicy = ctx.services.policy
-        try:
-            candidate = live.preview(doc, "federation")
-        except (ValueError, FederationPolicyError) as e:
-            raise CommandError(str(e)) from None
+        candidate = _preview(ctx, "federation", doc)
         own = candidate.policy.own_server
         rooms, members, servers = ctx.services.rooms.affected(candidate.federation_for, own)
         before = ctx.services.rooms.affected(live.engine.federation_for, own)
@@ -110,15 +113,15 @@ def register(registry: CommandRegistry) -> None:
                 f"(servers: {', '.join(sorted(servers))}). Repeat the command with --yes "
                 "or react ✅ to it to apply it."
             )
-        count = await _stage(ctx, "federation", doc, what)
-        return Reply.plain(f"✅ {what} {_where(scope)}; bringing {count} room(s) in line.")
+        count = await _stage(ctx, "federation", doc, what, candidate)
+        return Reply.plain(f"✅ {what} {where(scope, ctx)}; bringing {count} room(s) in line.")
 
     def fed_doc(ctx: CommandContext) -> tuple[dict[str, Any], dict[str, Any]]:
         live: LivePolicy = ctx.services.policy
         doc = live.doc("federation")
-        scope = _scope(ctx)
+        scope = scope_of(ctx)
         if "servers" not in doc.setdefault(scope, {}):
-            current = live.engine.federation_for(None if scope == GLOBAL else scope)
+            current = live.engine.federation_for(room_of(scope))
             doc[scope]["servers"] = list(current.servers)
         return doc, doc[scope]
 
@@ -153,9 +156,7 @@ def register(registry: CommandRegistry) -> None:
             doc, scoped = fed_doc(ctx)
             server = ctx.args["server"].strip().lower()
             servers: list[str] = list(scoped["servers"])
-            mode = ctx.services.policy.engine.federation_for(
-                None if _scope(ctx) == GLOBAL else _scope(ctx)
-            ).mode.value
+            mode = ctx.services.policy.engine.federation_for(room_of(scope_of(ctx))).mode.value
             if verb == "remove":
                 if server not in servers:
                     raise CommandError(f"{server} is not in the list")
@@ -178,9 +179,9 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def ret_show(ctx: CommandContext) -> Reply:
-        scope = _scope(ctx)
-        policy = ctx.services.policy.engine.retention_for(None if scope == GLOBAL else scope)
-        return Reply.plain(f"Retention {_where(scope)}: {policy.describe()}")
+        scope = scope_of(ctx)
+        policy = ctx.services.policy.engine.retention_for(room_of(scope))
+        return Reply.plain(f"Retention {where(scope, ctx)}: {policy.describe()}")
 
     @registry.command(
         "retention",
@@ -195,9 +196,9 @@ def register(registry: CommandRegistry) -> None:
             ms = parse_duration(ctx.args["duration"])
         except DurationError as e:
             raise CommandError(str(e)) from None
-        scope = _scope(ctx)
+        scope = scope_of(ctx)
         live: LivePolicy = ctx.services.policy
-        current = live.engine.retention_for(None if scope == GLOBAL else scope)
+        current = live.engine.retention_for(room_of(scope))
         shorter = current.max_lifetime_ms is None or ms < current.max_lifetime_ms
         if shorter and not ctx.flags.get("yes"):
             counter = getattr(ctx.services, "count_expiring", None)
@@ -212,7 +213,7 @@ def register(registry: CommandRegistry) -> None:
         doc.setdefault(scope, {})["max_lifetime"] = ctx.args["duration"]
         count = await _stage(ctx, "retention", doc, f"retention set to {format_duration(ms)}")
         return Reply.plain(
-            f"✅ messages older than {format_duration(ms)} will be removed {_where(scope)}; "
+            f"✅ messages older than {format_duration(ms)} will be removed {where(scope, ctx)}; "
             f"updating {count} room(s)."
         )
 
@@ -224,12 +225,12 @@ def register(registry: CommandRegistry) -> None:
         room_scoped=True,
     )
     async def ret_off(ctx: CommandContext) -> Reply:
-        scope = _scope(ctx)
+        scope = scope_of(ctx)
         live: LivePolicy = ctx.services.policy
         doc = live.doc("retention")
         doc.setdefault(scope, {})["max_lifetime"] = "off"
         await _stage(ctx, "retention", doc, "retention off")
-        return Reply.plain(f"✅ retention off {_where(scope)}")
+        return Reply.plain(f"✅ retention off {where(scope, ctx)}")
 
     @registry.command(
         "rooms",

@@ -21,9 +21,8 @@ from typing import Any
 from .dlp import DETECTORS, DetectorRule, DlpEngine, DlpPolicy, KeywordList, RegexRule
 from .durations import DurationError, parse_duration
 from .model import Action
-from .scopes import ScopedSetting
+from .scopes import GLOBAL, ScopedSetting
 
-GLOBAL = "global"
 RUNTIME_PREFIX = "admin-"
 #: Keys of one scope's rules (config and runtime form).
 LAYER_KEYS = frozenset(

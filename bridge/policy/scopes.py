@@ -7,7 +7,7 @@ within a scope, the runtime layer (admin commands) overrides the config file. Pu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -139,3 +139,17 @@ def retention_setting(
         dict(runtime or {}),
         build_retention,
     )
+
+
+def rooms_in_scope(
+    scope: str,
+    managed: Iterable[str],
+    room_spaces: Mapping[str, Iterable[str]],
+    management_room: str,
+) -> list[str]:
+    """The managed rooms a scope covers: all for global; else the room and its children."""
+    managed = [r for r in managed if r != management_room]
+    if scope == GLOBAL:
+        return sorted(managed)
+    children = {room for room, parents in room_spaces.items() if scope in tuple(parents)}
+    return [scope, *sorted(children & set(managed) - {scope})]

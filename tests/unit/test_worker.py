@@ -170,3 +170,18 @@ async def test_commands_take_several_actions_and_refuse_unknown_ones(worker: Wor
     assert not worker.services.policy.engine.check_event(
         msg("a hawk", sender="@joe:corp.example", room=ROOM)
     ).findings
+
+
+async def test_a_space_scoped_change_is_rolled_out_to_the_rooms_of_the_space(
+    worker: Worker,
+) -> None:
+    space, outside = "!space:corp.example", "!outside:corp.example"
+    for room in (space, outside):
+        await worker.store.upsert_room(room, joined=True)
+    worker.joined_rooms |= {space, outside}
+    worker.services.policy.set_room_spaces({ROOM: (space,)})
+    acts = await feed(worker, msg("!policy retention set 30d --scope here --yes", room=space))
+    assert any("and the rooms of this space" in b for b in notices(acts))
+    assert {a.room_id for a in acts if a.kind == "reconcile"} == {space, ROOM}
+    assert worker.services.policy.engine.retention_for(ROOM).max_lifetime_ms == 30 * 86_400_000
+    assert worker.services.policy.engine.retention_for(outside).max_lifetime_ms is None
