@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..config import Config, ConfigError, load_config
+from ..policy.durations import parse_instant
 from ..store import AuditEntry, Store, StoreError, StoreUnavailable
 from ..store.store import AUDIT_KINDS, iter_chain_batches, load_checkpoints
 from .chain import (
@@ -212,12 +213,9 @@ def _ms(value: str | None, flag: str) -> int | None:
     if not value:
         return None
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_instant(value)
     except ValueError:
         raise _Fail(EXIT_USAGE, f"{flag}: {value!r} is not an ISO date/time") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
 
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..audit.setup import audit_config
+from ..policy.durations import parse_instant
 from ..store.store import AUDIT_KINDS
 from .registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
 
@@ -31,14 +32,11 @@ def _ms(value: str | None, flag: str) -> int | None:
     if not value:
         return None
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_instant(value)
     except ValueError:
         raise CommandError(
             f"--{flag}: {value!r} is not an ISO date/time (e.g. 2025-01-31 or 2025-01-31T08:00:00Z)"
         ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
 
 
 async def _target(ctx: CommandContext) -> tuple[str, str]:

@@ -14,6 +14,7 @@ every value a safe integer in Matrix's canonical JSON.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 __all__ = [
     "MAX_DURATION_MS",
@@ -124,3 +125,12 @@ def format_duration(ms: int) -> str:
         strict=True,
     )
     return "".join(f"{count}{unit}" for count, unit in parts if count)
+
+
+def parse_instant(text: str) -> int:
+    """An ISO 8601 date or date/time (``2025-01-31``, ``2025-01-31T08:00:00Z``) as ms since
+    the epoch; without a zone it is UTC. Raises ValueError for anything else."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
