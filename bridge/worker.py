@@ -130,9 +130,9 @@ class Worker:
         for item in items:
             await self.process(item)
         if items:
-            stats = await self.store.stats()
-            metrics.QUEUE_DEPTH.set(stats.queue_depth)
-            metrics.QUEUE_LAG.set(stats.queue_lag_s)
+            depth, lag = await self.store.queue_state()
+            metrics.QUEUE_DEPTH.set(depth)
+            metrics.QUEUE_LAG.set(lag)
         return len(items)
 
     async def process(self, item: WorkItem) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .core import StoreCore
 from .models import StoreStats, now_ms
@@ -11,6 +12,22 @@ from .schema import actions, records, rooms, transactions
 
 class StatsMixin(StoreCore):
     """Cheap counters for status and metrics."""
+
+    async def queue_state(self) -> tuple[int, float]:
+        """(transactions waiting, age in seconds of the oldest): one indexed query."""
+        async with self.engine.connect() as conn:
+            return await self._queue_state(conn)
+
+    @staticmethod
+    async def _queue_state(conn: AsyncConnection) -> tuple[int, float]:
+        depth, oldest = (
+            await conn.execute(
+                select(func.count(), func.min(transactions.c.received_ts)).where(
+                    transactions.c.processed.is_(False)
+                )
+            )
+        ).one()
+        return int(depth), max(0.0, (now_ms() - oldest) / 1000) if oldest else 0.0
 
     async def stats(self) -> StoreStats:
         """Counters for status and metrics; cheap: index lookups, no scan of the records.
@@ -25,13 +42,7 @@ class StatsMixin(StoreCore):
                 ).scalar_one()
             events = self._events
             total = (await conn.execute(select(func.max(records.c.seq)))).scalar() or 0
-            depth, oldest = (
-                await conn.execute(
-                    select(func.count(), func.min(transactions.c.received_ts)).where(
-                        transactions.c.processed.is_(False)
-                    )
-                )
-            ).one()
+            depth, lag = await self._queue_state(conn)
             by_status: dict[str, int] = dict(
                 (
                     await conn.execute(
@@ -42,7 +53,6 @@ class StatsMixin(StoreCore):
                 ).all()
             )
             known = (await conn.execute(select(func.count()).select_from(rooms))).scalar_one()
-        lag = max(0.0, (now_ms() - oldest) / 1000) if oldest else 0.0
         return StoreStats(
             events=events,
             records=total,
