@@ -46,7 +46,7 @@ from .policy.model import Action, Verdict
 from .retention import RetentionSweeper
 from .store import ActionRow, AuditEntry, NewAction, Store, StoreUnavailable
 from .web import health_routes
-from .worker import Worker, notice
+from .worker import Worker, notice, notify_text
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +309,7 @@ class Bridge:
         if not wanted or not self.management_room:
             return
         lines = [
-            f"Policy {f.rule} blocked a message from {subject.get('sender')} in "
-            f"{subject.get('room_id')}" + (f": {f.excerpt}" if f.excerpt else "")
-            for f in wanted
+            notify_text(f, "blocked", subject.get("sender"), subject.get("room_id")) for f in wanted
         ]
         task = asyncio.get_running_loop().create_task(
             self._notify_management(Reply.plain("\n".join(lines)))

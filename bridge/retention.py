@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from .config import Config
 from .policy.durations import DurationError, format_duration, parse_duration
@@ -121,8 +121,28 @@ async def load_holds(store: Store, config: Config) -> Holds:
     return Holds(frozenset(rooms), frozenset(users))
 
 
+class _JsonState:
+    """A small dataclass kept as JSON in the store's state table."""
+
+    @classmethod
+    def decode(cls, text: str | None) -> Self:
+        """The stored value (unknown keys ignored); a fresh one if missing or unreadable."""
+        if not text:
+            return cls()
+        try:
+            doc = json.loads(text)
+            known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}  # type: ignore[attr-defined]
+            return cls(**known)
+        except (ValueError, TypeError, AttributeError):
+            log.warning("unreadable %s %r; starting afresh", cls.__name__, text)
+            return cls()
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)  # type: ignore[call-overload]
+
+
 @dataclass
-class RoomProgress:
+class RoomProgress(_JsonState):
     """Where a room's sweep stands (kept as JSON under its blind key; no IDs inside).
 
     ``ts``/``seq``: the last swept event; ``unpurged``: messages swept since the last
@@ -143,24 +163,9 @@ class RoomProgress:
     rescan_to: list[int] | None = None
     rescan_users: list[str] = field(default_factory=list)
 
-    @classmethod
-    def decode(cls, text: str | None) -> RoomProgress:
-        if not text:
-            return cls()
-        try:
-            doc = json.loads(text)
-            known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
-            return cls(**known)
-        except (ValueError, TypeError, AttributeError):
-            log.warning("unreadable retention progress %r; starting that room afresh", text)
-            return cls()
-
-    def encode(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
-
 
 @dataclass
-class SweepTotals:
+class SweepTotals(_JsonState):
     """Counters shown by ``!policy status`` (persisted under ``retention.sweep``)."""
 
     last_run: int = 0  # ms
@@ -173,19 +178,6 @@ class SweepTotals:
     rooms_behind: int = 0  # ... of which not yet caught up
     rooms_held: int = 0  # ... of which skipped for legal hold
     waiting: bool = False  # the last tick waited for the executor
-
-    @classmethod
-    def decode(cls, text: str | None) -> SweepTotals:
-        if not text:
-            return cls()
-        try:
-            doc = json.loads(text)
-            return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
-        except (ValueError, TypeError, AttributeError):
-            return cls()
-
-    def encode(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from .enforcement import DRIFTED
 from .policies import SPACES_KEY
 from .policy.engine import ENCRYPTION_EVENT, ENCRYPTION_RULE, PolicyEngine
 from .policy.federation import acl_content, acl_matches, server_allowed
-from .policy.model import Action, Verdict, server_name
+from .policy.model import Action, Finding, Verdict, server_name
 from .policy.retention import retention_content, retention_matches
 from .policy.rooms import ACL, RETENTION
 from .store import AuditEntry, NewAction, Store, StoreUnavailable, WorkItem
@@ -55,6 +55,12 @@ def notice(room_id: str, reply: Reply, *, reply_to: str | None = None, **extra: 
     if reply_to:
         payload["reply_to"] = reply_to
     return NewAction("send_notice", payload, room_id=room_id)
+
+
+def notify_text(finding: Finding, verb: str, sender: object, room_id: object) -> str:
+    """The management-room line of a ``notify`` rule (with the masked excerpt, if any)."""
+    text = f"Policy {finding.rule} {verb} a message from {sender} in {room_id}"
+    return text + (f": {finding.excerpt}" if finding.excerpt else "")
 
 
 class Worker:
@@ -466,9 +472,7 @@ class Worker:
                 )
                 done.append("warn")
             if Action.NOTIFY in f.actions and self.services.management_room:
-                text = f"Policy {f.rule} matched a message from {sender} in {room_id}" + (
-                    f": {f.excerpt}" if f.excerpt else ""
-                )
+                text = notify_text(f, "matched", sender, room_id)
                 batch.actions.append(notice(self.services.management_room, Reply.plain(text)))
                 done.append("notify")
         batch.audit.append(
