@@ -20,7 +20,6 @@ from .policy.scopes import federation_setting, retention_setting
 log = logging.getLogger(__name__)
 
 SECTIONS = ("dlp", "federation", "retention")
-RUNTIME_DLP_KEY = "policy.dlp"
 SPACES_KEY = "room_spaces"
 
 
@@ -121,6 +120,3 @@ class LivePolicy:
 
     def encode(self, doc: Mapping[str, Any]) -> str:
         return json.dumps(doc, ensure_ascii=False, sort_keys=True)
-
-    def encoded(self) -> str:
-        return self.encode(self.runtime_dlp)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import retroactive
-from ..policies import RUNTIME_DLP_KEY, LivePolicy
+from ..policies import LivePolicy, runtime_key
 from ..policy import layers
 from ..policy.dlp import DETECTORS, DlpEngine, DlpPolicy, InvalidPattern, KeywordList
 from ..policy.durations import DurationError, format_duration, parse_duration
@@ -85,7 +85,7 @@ def _stage(
     except ValueError as e:
         raise CommandError(str(e)) from None
     candidate = dict(doc)
-    ctx.state_updates[RUNTIME_DLP_KEY] = live.encode(candidate)
+    ctx.state_updates[runtime_key("dlp")] = live.encode(candidate)
     ctx.after_commit.append(lambda: live.apply(candidate, engine))
     ctx.audit["change"] = what
     if not (retro and ctx.flags.get("retroactive")):
