@@ -34,15 +34,19 @@ from .enforcement import RoomEnforcer
 from .executor import Executor, RateLimiter, RoomEnforcement
 from .gate import Gate
 from .matrix import (
+    PING_RETRY_DELAYS,
     AdminAPI,
     HomeserverUnreachable,
     make_client,
     ping_homeserver,
+    ping_is_transient,
+    ping_until_reached,
     register_bot,
     wait_for_homeserver,
 )
 from .policies import SECTIONS, SPACES_KEY, LivePolicy, runtime_key
 from .policy.model import Action, Verdict
+from .redelivery import RedeliveryNudger
 from .retention import RetentionSweeper
 from .store import ActionRow, AuditEntry, NewAction, Store, StoreUnavailable
 from .web import health_routes
@@ -98,6 +102,7 @@ class Bridge:
             allow_query_token=self.config.appservice.allow_query_token,
             on_committed=lambda: self.worker.wake(),
             accepting=lambda: self.accepting,
+            on_refused=self.redelivery.refused,
         )
         self.gate = Gate(
             self.config.gate.base_path,
@@ -166,6 +171,9 @@ class Bridge:
             on_actions=self.executor.wake,
         )
         await self.sweeper.load()
+        self.redelivery = RedeliveryNudger(
+            self.store.reachable, lambda: ping_until_reached(self._ping_once)
+        )
         stored_room = await self.store.get_state(MANAGEMENT_ROOM_KEY)
         self.management_room = self.config.bridge.management_room or stored_room or ""
         self.runner = web.AppRunner(
@@ -228,10 +236,35 @@ class Bridge:
             except MatrixError as e:
                 log.warning("could not set the bot's display name: %s", e)
         await self._bootstrap_management_room()
-        try:
-            rtt = await ping_homeserver(self.client, cfg.appservice.id, f"startup-{time.time_ns()}")
-            log.info("homeserver reached the bridge through the appservice ping (%d ms)", rtt)
-        except MatrixRequestError as e:
+        await self._ping_homeserver()
+        await self._rollout_if_policy_changed()
+        self._spawn(self.worker.run(), "worker")
+        self._spawn(self.executor.run(), "executor")
+        resumed = await retroactive.resume(self)
+        if resumed:
+            log.info("resumed %d unfinished retroactive DLP scan(s)", resumed)
+        self._spawn(self.redelivery.run(), "redelivery")
+        self._spawn(self.sweeper.run(), "retention-sweeper")
+        self._spawn(run_audit_jobs(self), "audit-jobs")  # archive expiry, checkpoint notices
+        if cfg.bridge.auto_enroll and self.admin is not None:
+            self._spawn(self._auto_enroll(), "auto-enroll")
+        self.ready = True
+        log.info("bridge ready (bot %s, management room %s)", cfg.bot_mxid, self.management_room)
+
+    async def _ping_once(self) -> int:
+        txn_id = f"ping-{time.time_ns()}"
+        return await ping_homeserver(self.client, self.config.appservice.id, txn_id)
+
+    async def _ping_homeserver(self) -> None:
+        """Ask Synapse to call us back: proves the registration works and makes Synapse
+        replay the transactions it queued while we were down now, not after its backoff.
+
+        A transient failure (Synapse could not reach us yet, or the ping raced its own retry)
+        is repeated in the background so startup does not wait for it.
+        """
+        cfg = self.config
+
+        def failed(e: MatrixRequestError) -> None:
             log.error(
                 "appservice ping failed (%s: %s): check that the registration's url (%s) "
                 "reaches this bridge and the tokens match",
@@ -239,18 +272,34 @@ class Bridge:
                 e.message,
                 cfg.appservice.address,
             )
-        await self._rollout_if_policy_changed()
-        self._spawn(self.worker.run(), "worker")
-        self._spawn(self.executor.run(), "executor")
-        resumed = await retroactive.resume(self)
-        if resumed:
-            log.info("resumed %d unfinished retroactive DLP scan(s)", resumed)
-        self._spawn(self.sweeper.run(), "retention-sweeper")
-        self._spawn(run_audit_jobs(self), "audit-jobs")  # archive expiry, checkpoint notices
-        if cfg.bridge.auto_enroll and self.admin is not None:
-            self._spawn(self._auto_enroll(), "auto-enroll")
-        self.ready = True
-        log.info("bridge ready (bot %s, management room %s)", cfg.bot_mxid, self.management_room)
+
+        try:
+            rtt = await self._ping_once()
+        except MatrixRequestError as e:
+            if not ping_is_transient(e):
+                failed(e)
+                return
+            log.info("appservice ping failed (%s); retrying in the background", e.errcode)
+        else:
+            log.info("homeserver reached the bridge through the appservice ping (%d ms)", rtt)
+            return
+
+        async def keep_pinging() -> None:
+            await asyncio.sleep(PING_RETRY_DELAYS[0])
+            try:
+                rtt, attempts = await ping_until_reached(self._ping_once, PING_RETRY_DELAYS[1:])
+            except MatrixRequestError as e:
+                failed(e)
+            except Exception as e:  # best effort: Synapse's own backoff still delivers
+                log.warning("appservice ping gave up: %r", e)
+            else:
+                log.info(
+                    "homeserver reached the bridge through the appservice ping (%d ms, attempt %d)",
+                    rtt,
+                    attempts + 1,
+                )
+
+        self._spawn(keep_pinging(), "appservice-ping")
 
     async def _bootstrap_management_room(self) -> None:
         cfg = self.config

@@ -55,6 +55,7 @@ class AppserviceAPI:
         on_committed: Callable[[], None] = lambda: None,
         accepting: Callable[[], bool] = lambda: True,
         on_ping: Callable[[], Awaitable[None]] | None = None,
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.hs_token = hs_token
@@ -62,6 +63,7 @@ class AppserviceAPI:
         self.on_committed = on_committed
         self.accepting = accepting
         self.on_ping = on_ping
+        self.on_refused = on_refused
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -112,6 +114,8 @@ class AppserviceAPI:
         except StoreUnavailable as e:
             metrics.TRANSACTIONS.labels("store_unavailable").inc()
             log.error("transaction %s not stored, asking Synapse to retry: %s", txn_id, e)
+            if self.on_refused is not None:
+                self.on_refused()
             return matrix_error(503, "M_UNKNOWN", "storage unavailable; retry later")
         metrics.EVENTS_INGESTED.inc(result.stored)
         metrics.TRANSACTIONS.labels("duplicate" if result.duplicate else "ok").inc()

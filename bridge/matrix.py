@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -140,6 +141,49 @@ async def ping_homeserver(client: ClientAPI, appservice_id: str, txn_id: str) ->
         {"transaction_id": txn_id},
     )
     return int(resp.get("duration_ms", 0))
+
+
+# Delays between ping attempts after a transient failure: about four minutes in all, which
+# outlasts Synapse's own early backoff steps (2, 4, 8, ... seconds).
+PING_RETRY_DELAYS: tuple[float, ...] = (1, 2, 4, 8, 15, 30, 30, 60, 60)
+
+
+def ping_is_transient(error: MatrixRequestError) -> bool:
+    """Whether a failed ping may succeed if repeated.
+
+    Synapse answers 502/504 when it could not reach us (or when the ping raced its own retry
+    of a queued transaction: it then fails with ``AlreadyCalled``). A 4xx (wrong as_token, no
+    URL in the registration) will not fix itself.
+    """
+    return error.http_status >= 500 or error.http_status == 0
+
+
+async def ping_until_reached(
+    ping: Callable[[], Awaitable[int]],
+    delays: Sequence[float] = PING_RETRY_DELAYS,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> tuple[int, int]:
+    """Repeat ``ping`` after transient failures until it succeeds.
+
+    Returns ``(round trip ms, attempts)``. Raises the last error when the delays run out or
+    the failure is not transient.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await ping(), attempt
+        except MatrixRequestError as e:
+            if not ping_is_transient(e) or attempt > len(delays):
+                raise
+            log.info(
+                "appservice ping attempt %d failed (%s %s); retrying in %ss",
+                attempt,
+                e.http_status,
+                e.errcode,
+                delays[attempt - 1],
+            )
+            await sleep(delays[attempt - 1])
 
 
 class AdminAPI:

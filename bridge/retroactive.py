@@ -14,6 +14,7 @@ The scan is not resumable: if the bridge stops while it runs, run the command ag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -132,37 +133,39 @@ async def scan_archive(
     result = RetroResult(rooms=len(rooms))
     redacted: set[str] = set()
     for room in rooms:
-        async for rec in store.iter_records(kind="event", room=room, since=job.since_ms):
-            event = rec.get("data")
-            if not isinstance(event, dict):
-                continue
-            result.scanned += 1
-            if event.get("type") == "m.room.redaction":
-                target = _redacted_target(event)
-                if target:
-                    redacted.add(target)
-                continue
-            verdict = engine.check_event(event)
-            found = [f for f in verdict.findings if f.rule in job.rules]
-            if not found:
-                continue
-            if job.probe is not None and not job.probe.scan(extract_texts(event)):
-                continue
-            f = found[0]
-            result.matches.append(
-                Match(
-                    room_id=str(event.get("room_id") or room),
-                    event_id=str(event.get("event_id") or ""),
-                    sender=str(event.get("sender") or "?"),
-                    rule=f.rule,
-                    actions=frozenset().union(*(x.actions for x in found)),
-                    excerpt=f.excerpt,
+        records = store.iter_records(kind="event", room=room, since=job.since_ms)
+        async with contextlib.aclosing(records):  # a break must end the read-ahead now
+            async for rec in records:
+                event = rec.get("data")
+                if not isinstance(event, dict):
+                    continue
+                result.scanned += 1
+                if event.get("type") == "m.room.redaction":
+                    target = _redacted_target(event)
+                    if target:
+                        redacted.add(target)
+                    continue
+                verdict = engine.check_event(event)
+                found = [f for f in verdict.findings if f.rule in job.rules]
+                if not found:
+                    continue
+                if job.probe is not None and not job.probe.scan(extract_texts(event)):
+                    continue
+                f = found[0]
+                result.matches.append(
+                    Match(
+                        room_id=str(event.get("room_id") or room),
+                        event_id=str(event.get("event_id") or ""),
+                        sender=str(event.get("sender") or "?"),
+                        rule=f.rule,
+                        actions=frozenset().union(*(x.actions for x in found)),
+                        excerpt=f.excerpt,
+                    )
                 )
-            )
-            if len(result.matches) >= MAX_MATCHES:
-                result.truncated = True
-                break
-            await asyncio.sleep(0)  # let the gate and the worker run between matches
+                if len(result.matches) >= MAX_MATCHES:
+                    result.truncated = True
+                    break
+                await asyncio.sleep(0)  # let the gate and the worker run between matches
         if result.truncated:
             break
     before = len(result.matches)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import getpass
 import json
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -177,9 +178,12 @@ async def verify_store(
     verifier = ChainVerifier(public_keys, cps)
     if not verifier.done:
         feed_rows = verifier.feed_rows
-        async for rows in iter_chain_batches(engine):
-            if not feed_rows(rows):
-                break
+        # aclosing: stopping early must also stop the read-ahead query, before the engine
+        # is disposed (not later, when the generator is collected).
+        async with contextlib.aclosing(iter_chain_batches(engine)) as batches:
+            async for rows in batches:
+                if not feed_rows(rows):
+                    break
     return verifier.finish()
 
 
@@ -242,7 +246,7 @@ async def _open_for_reading(config: Config) -> Store:
 
 async def _match_batches(
     store: Store, args: argparse.Namespace, *, raw_json: bool = False
-) -> AsyncIterator[list[dict[str, Any]]]:
+) -> AsyncGenerator[list[dict[str, Any]], None]:
     """Matching records, decrypted, in batches (one await per batch, not per record)."""
     since, until = _ms(args.since, "--since"), _ms(args.until, "--until")
     words = [w.casefold() for w in (args.text or "").split()]
@@ -251,7 +255,7 @@ async def _match_batches(
     type_filter = args.type
     if args.type and args.type in AUDIT_KINDS:
         kind_filter, type_filter = args.type, None
-    async for recs in store.iter_record_batches(
+    batches = store.iter_record_batches(
         kind=kind_filter,
         room=args.room,
         sender=args.sender,
@@ -259,22 +263,27 @@ async def _match_batches(
         since=since,
         until=until,
         raw_json=raw_json,
-    ):
-        if words:
-            recs = [
-                r
-                for r in recs
-                if r["data"] is not None
-                and all(w in json.dumps(r["data"], ensure_ascii=False).casefold() for w in words)
-            ]
-        if recs:
-            yield recs
+    )
+    async with contextlib.aclosing(batches):
+        async for recs in batches:
+            if words:
+                recs = [
+                    r
+                    for r in recs
+                    if r["data"] is not None
+                    and all(
+                        w in json.dumps(r["data"], ensure_ascii=False).casefold() for w in words
+                    )
+                ]
+            if recs:
+                yield recs
 
 
-async def _matches(store: Store, args: argparse.Namespace) -> AsyncIterator[dict[str, Any]]:
-    async for recs in _match_batches(store, args):
-        for rec in recs:
-            yield rec
+async def _matches(store: Store, args: argparse.Namespace) -> AsyncGenerator[dict[str, Any], None]:
+    async with contextlib.aclosing(_match_batches(store, args)) as batches:
+        async for recs in batches:
+            for rec in recs:
+                yield rec
 
 
 def _iso(ms: int) -> str:
@@ -302,12 +311,13 @@ async def cmd_search(config: Config, args: argparse.Namespace) -> int:
     store = await _open_for_reading(config)
     n = 0
     try:
-        async for rec in _matches(store, args):
-            print(json.dumps(rec, ensure_ascii=False) if args.json else _line(rec))
-            n += 1
-            if args.limit and n >= args.limit:
-                print(f"(stopped at --limit {args.limit})", file=sys.stderr)
-                break
+        async with contextlib.aclosing(_matches(store, args)) as matches:
+            async for rec in matches:
+                print(json.dumps(rec, ensure_ascii=False) if args.json else _line(rec))
+                n += 1
+                if args.limit and n >= args.limit:
+                    print(f"(stopped at --limit {args.limit})", file=sys.stderr)
+                    break
     finally:
         await store.close()
     print(f"{n} matching records", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -16,7 +16,7 @@ from .schema import checkpoints, records
 
 async def iter_chain_batches(
     engine: AsyncEngine, *, after: int = 0, batch: int = 10_000
-) -> AsyncIterator[Sequence[Any]]:
+) -> AsyncGenerator[Sequence[Any], None]:
     """Batches of rows ``(*ChainFields, hash, ciphertext)`` in seq order, read ahead.
 
     For :meth:`bridge.audit.chain.ChainVerifier.feed_rows`; constant memory (two batches).
@@ -42,22 +42,24 @@ async def iter_chain_batches(
         async with engine.connect() as conn:
             return (await conn.execute(query.where(records.c.seq > last))).all()
 
-    async for rows in prefetched(fetch, after):
-        yield rows
+    async with contextlib.aclosing(prefetched(fetch, after)) as batches:
+        async for rows in batches:
+            yield rows
 
 
 async def iter_chain(
     engine: AsyncEngine, *, after: int = 0, batch: int = 10_000
-) -> AsyncIterator[ChainRecord]:
+) -> AsyncGenerator[ChainRecord, None]:
     """Stream every record's hashed fields, stored hash and ciphertext, in seq order."""
-    async for rows in iter_chain_batches(engine, after=after, batch=batch):
-        for r in rows:
-            yield ChainRecord(ChainFields(*r[:11]), r[11], r[12])
+    async with contextlib.aclosing(iter_chain_batches(engine, after=after, batch=batch)) as it:
+        async for rows in it:
+            for r in rows:
+                yield ChainRecord(ChainFields(*r[:11]), r[11], r[12])
 
 
 async def prefetched(
     fetch: Callable[[int], Awaitable[Sequence[Any]]], after: int
-) -> AsyncIterator[Sequence[Any]]:
+) -> AsyncGenerator[Sequence[Any], None]:
     """Batches of rows keyed by their first column (seq), the next one read ahead.
 
     While the caller works through one batch (CPU: hashing, decrypting), the database

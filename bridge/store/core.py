@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..audit.chain import Checkpoint
@@ -57,3 +59,12 @@ class StoreCore:
         self._tentative_events = 0
         #: Called (in the event loop, after the commit) with every new signed checkpoint.
         self.on_checkpoint: Callable[[Checkpoint], None] | None = None
+
+    async def reachable(self) -> bool:
+        """Whether the database answers a trivial query right now."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (SQLAlchemyError, OSError):
+            return False
+        return True

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any, TypedDict, Unpack
 
 from sqlalchemy import func, select
@@ -57,7 +58,7 @@ class ReadingMixin(KeysMixin):
         until: int | None = None,
         after: int = 0,
         raw_json: bool = False,
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Stream records in sequence order, decrypted, in constant memory, by batches.
 
         Filters: room, sender and type by blind-index equality; ``since``/``until`` (ms,
@@ -79,75 +80,79 @@ class ReadingMixin(KeysMixin):
                 await self._keys_by_ids(conn, {r[5] for r in rows})
             return rows
 
-        async for rows in prefetched(fetch, after):
-            out: list[dict[str, Any]] = []
-            append = out.append
-            for seq, ts, rkind, origin, room_idx, key_id, nonce, ct in rows:
-                pt = decrypt(seq, room_idx, key_id, nonce, ct)
-                if pt is None:
-                    append(
-                        {
+        async with contextlib.aclosing(prefetched(fetch, after)) as batches:
+            async for rows in batches:
+                out: list[dict[str, Any]] = []
+                append = out.append
+                for seq, ts, rkind, origin, room_idx, key_id, nonce, ct in rows:
+                    pt = decrypt(seq, room_idx, key_id, nonce, ct)
+                    if pt is None:
+                        append(
+                            {
+                                "seq": seq,
+                                "ts": ts,
+                                "kind": rkind,
+                                "event_id": None,
+                                "room_id": None,
+                                "sender": None,
+                                "type": None,
+                                "origin_ts": origin,
+                                "data": None,
+                                "unreadable": (
+                                    "ciphertext expired (archive retention)"
+                                    if ct is None
+                                    else f"data key {key_id} destroyed"
+                                ),
+                            }
+                        )
+                        continue
+                    try:
+                        text = pt.decode("utf-8")
+                        obj = loads(text)
+                    except ValueError:
+                        raise StoreError(f"audit record seq {seq}: plaintext is not JSON") from None
+                    if not isinstance(obj, dict):
+                        raise StoreError(f"audit record seq {seq}: plaintext is not a JSON object")
+                    get = obj.get
+                    if rkind == "event":
+                        rec = {
                             "seq": seq,
                             "ts": ts,
                             "kind": rkind,
-                            "event_id": None,
-                            "room_id": None,
-                            "sender": None,
-                            "type": None,
+                            "event_id": str_or_none(get("event_id")),
+                            "room_id": str_or_none(get("room_id")),
+                            "sender": str_or_none(get("sender")),
+                            "type": str_or_none(get("type")),
                             "origin_ts": origin,
-                            "data": None,
-                            "unreadable": (
-                                "ciphertext expired (archive retention)"
-                                if ct is None
-                                else f"data key {key_id} destroyed"
-                            ),
+                            "data": obj,
                         }
-                    )
-                    continue
-                try:
-                    text = pt.decode("utf-8")
-                    obj = loads(text)
-                except ValueError:
-                    raise StoreError(f"audit record seq {seq}: plaintext is not JSON") from None
-                if not isinstance(obj, dict):
-                    raise StoreError(f"audit record seq {seq}: plaintext is not a JSON object")
-                get = obj.get
-                if rkind == "event":
-                    rec = {
-                        "seq": seq,
-                        "ts": ts,
-                        "kind": rkind,
-                        "event_id": str_or_none(get("event_id")),
-                        "room_id": str_or_none(get("room_id")),
-                        "sender": str_or_none(get("sender")),
-                        "type": str_or_none(get("type")),
-                        "origin_ts": origin,
-                        "data": obj,
-                    }
-                    if raw_json:
-                        rec["json"] = text
-                    append(rec)
-                else:
-                    append(
-                        {
-                            "seq": seq,
-                            "ts": ts,
-                            "kind": rkind,
-                            "event_id": None,
-                            "room_id": get("room_id"),
-                            "sender": get("sender"),
-                            "type": get("type"),
-                            "origin_ts": origin,
-                            "data": get("data"),
-                        }
-                    )
-            yield out
+                        if raw_json:
+                            rec["json"] = text
+                        append(rec)
+                    else:
+                        append(
+                            {
+                                "seq": seq,
+                                "ts": ts,
+                                "kind": rkind,
+                                "event_id": None,
+                                "room_id": get("room_id"),
+                                "sender": get("sender"),
+                                "type": get("type"),
+                                "origin_ts": origin,
+                                "data": get("data"),
+                            }
+                        )
+                yield out
 
-    async def iter_records(self, **query: Unpack[RecordQuery]) -> AsyncIterator[dict[str, Any]]:
+    async def iter_records(
+        self, **query: Unpack[RecordQuery]
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Stream records in sequence order, decrypted (see :meth:`iter_record_batches`)."""
-        async for recs in self.iter_record_batches(**query):
-            for rec in recs:
-                yield rec
+        async with contextlib.aclosing(self.iter_record_batches(**query)) as batches:
+            async for recs in batches:
+                for rec in recs:
+                    yield rec
 
     def _record_conds(
         self,

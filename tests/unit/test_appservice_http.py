@@ -34,11 +34,15 @@ def txn(*ids: str) -> dict:
 @pytest.fixture
 async def client(store: Store) -> AsyncIterator[TestClient]:
     woken: list[int] = []
-    api = AppserviceAPI(store, TOKEN, on_committed=lambda: woken.append(1))
+    refused: list[int] = []
+    api = AppserviceAPI(
+        store, TOKEN, on_committed=lambda: woken.append(1), on_refused=lambda: refused.append(1)
+    )
     app = web.Application(client_max_size=64 * 1024)
     app.add_routes(api.routes())
     async with TestClient(TestServer(app)) as c:
         c.woken = woken  # type: ignore[attr-defined]
+        c.refused = refused  # type: ignore[attr-defined]
         yield c
 
 
@@ -93,6 +97,8 @@ async def test_store_failure_answers_503_so_synapse_retries(
     r = await client.put("/_matrix/app/v1/transactions/9", json=txn("$a"), headers=AUTH)
     assert r.status == 503
     assert (await r.json())["errcode"] == "M_UNKNOWN"
+    assert client.refused == [1]  # type: ignore[attr-defined]  # the redelivery nudger is told
+    assert client.woken == []  # type: ignore[attr-defined]
 
 
 async def test_ping_and_queries(client: TestClient) -> None:
