@@ -28,6 +28,13 @@ def stored_counts(stack: Stack, event_ids: list[str]) -> dict[str, int]:
     return counts
 
 
+def appservice_delivery_log(stack: Stack, lines: int = 60) -> str:
+    """Synapse's log lines about delivering to appservices (recoverer, retries, pings)."""
+    words = ("recoverer", "Retrying", "Scheduling retries", "ping", "push_bulk", "transactions/")
+    log = stack.dev.synapse.log_path.read_text("utf-8", "replace").splitlines()
+    return "\n".join([line for line in log if any(w in line for w in words)][-lines:])
+
+
 async def test_status_answers_admin_and_refuses_stranger(
     stack: Stack, management_room: str
 ) -> None:
@@ -118,7 +125,15 @@ async def test_sigkill_under_load_loses_and_duplicates_nothing(stack: Stack) -> 
         async def all_stored() -> bool:
             return all(stored_counts(stack, sent).values())
 
-        await wait_for(all_stored, timeout=90, interval=0.5, message="every message stored")
+        try:
+            await wait_for(all_stored, timeout=90, interval=0.5, message="every message stored")
+        except TimeoutError:
+            missing = sum(1 for n in stored_counts(stack, sent).values() if n == 0)
+            raise AssertionError(
+                f"{missing} of {len(sent)} messages not stored\n"
+                f"bridge log:\n{stack.bridge.log_tail(60)}\n"
+                f"Synapse's appservice delivery:\n{appservice_delivery_log(stack)}"
+            ) from None
     assert set(stored_counts(stack, sent).values()) == {1}, "an event was stored twice"
     assert len(sent) == 120
 
