@@ -1,9 +1,17 @@
-"""Compact JSON for what the store seals (orjson where it is exact), and a reading helper."""
+"""JSON for what the store seals and reads back: orjson where it is exact, else the stdlib."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
+
+# orjson reads integers beyond 64 bits as floats (silently); such an integer has at least 20
+# digits in a row. Found by mapping every digit to "0" and everything else to a space (C speed,
+# ten times faster than a regex here). Card numbers and other long digit strings inside JSON
+# strings also match and merely take the stdlib path.
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_TWENTY_DIGITS = b"0" * 20
 
 
 def _json_dumps(obj: Any) -> bytes:
@@ -30,12 +38,29 @@ def _orjson_dumps(obj: Any) -> bytes:
     return out
 
 
+def _orjson_loads(data: bytes) -> Any:
+    """Parse UTF-8 JSON through orjson (≈ 3x faster), the stdlib where orjson differs.
+
+    orjson refuses NaN, Infinity, out-of-range floats and lone surrogates (the stdlib reads
+    them, and the archive may hold them) and turns huge integers into floats, so those take
+    the stdlib path: the result is always what ``json.loads`` gives.
+    """
+    if _TWENTY_DIGITS not in data.translate(_DIGITS_AS_ZERO):
+        try:
+            return _orjson.loads(data)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
 try:
     import orjson as _orjson
 except ImportError:  # pragma: no cover - orjson is a dependency; keep working without it
     dumps = _json_dumps
+    loads: Callable[[bytes], Any] = json.loads
 else:
     dumps = _orjson_dumps
+    loads = _orjson_loads
 
 
 def str_or_none(value: Any) -> str | None:

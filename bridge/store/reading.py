@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any, TypedDict, Unpack
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from . import codec
 from .chain import prefetched
 from .codec import str_or_none
 from .keys import KeysMixin
@@ -70,7 +70,7 @@ class ReadingMixin(KeysMixin):
         serialising ``data`` again). A record that fails to authenticate raises StoreError.
         """
         conds = self._record_conds(kind, room, sender, type, since, until)
-        loads = json.loads
+        loads = codec.loads
         decrypt = self._decrypt
         query = select(*_READ).where(*conds).order_by(records.c.seq).limit(batch)
 
@@ -107,8 +107,7 @@ class ReadingMixin(KeysMixin):
                         )
                         continue
                     try:
-                        text = pt.decode("utf-8")
-                        obj = loads(text)
+                        obj = loads(pt)
                     except ValueError:
                         raise StoreError(f"audit record seq {seq}: plaintext is not JSON") from None
                     if not isinstance(obj, dict):
@@ -127,7 +126,7 @@ class ReadingMixin(KeysMixin):
                             "data": obj,
                         }
                         if raw_json:
-                            rec["json"] = text
+                            rec["json"] = pt.decode("utf-8")
                         append(rec)
                     else:
                         append(
@@ -193,7 +192,7 @@ class ReadingMixin(KeysMixin):
             obj: Any = {}
             if pt is not None:
                 try:
-                    obj = json.loads(pt)
+                    obj = codec.loads(pt)
                 except ValueError:
                     raise StoreError(f"audit record seq {seq}: plaintext is not JSON") from None
             if not isinstance(obj, dict):

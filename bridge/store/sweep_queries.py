@@ -8,7 +8,6 @@ the sweeper's progress commits together with the actions it enqueued.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
+from . import codec
 from .schema import actions, records
 from .store import Store, StoreError
 
@@ -146,7 +146,7 @@ class SweepQueries:
         if pt is None:
             return None
         try:
-            obj = json.loads(pt)
+            obj = codec.loads(pt)
         except ValueError:
             log.error("retention sweep: audit record seq %d is not JSON (skipped)", seq)
             return None

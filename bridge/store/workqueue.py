@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from . import codec
 from .models import (
     AuditEntry,
     NewAction,
@@ -60,7 +60,7 @@ class WorkQueueMixin(OperationalMixin):
                     pt = self._decrypt(seq, room, key_id, nonce, ct)
                     if pt is None:
                         raise StoreError(f"audit record seq {seq}: its ciphertext is gone")
-                    evs.append(StoredEvent(seq, json.loads(pt)))
+                    evs.append(StoredEvent(seq, codec.loads(pt)))
                 items.append(WorkItem(qid, txn_id, received, evs))
             return items
 
