@@ -8,7 +8,9 @@ with the new policy, and enqueues, in batches, a redaction for each match of a `
 and exempt ones are skipped. The management room gets one summary (count, and the first
 matches with masked excerpts for ``notify`` rules); the run is audited (``retroactive``).
 
-The scan is not resumable: if the bridge stops while it runs, run the command again.
+A scan is recorded as pending until it has finished. If the bridge stops while one runs, the
+next start runs it again from the beginning (it enqueues nothing before it has read
+everything, so nothing is done twice); a scan that failed also runs again at the next start.
 """
 
 from __future__ import annotations
