@@ -9,6 +9,7 @@ then start the worker and executor and report ready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from mautrix.errors import MatrixError, MatrixRequestError
 from mautrix.types import RoomAlias, RoomID, UserID
 
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 MANAGEMENT_ROOM_KEY = "management_room"
 SHUTDOWN_STEP = 10.0  # seconds each shutdown step may take
+AUTO_ENROLL_RETRY = (5, 15, 60, 300)  # seconds between attempts while Synapse or the DB fails
 
 
 def build_registry() -> CommandRegistry:
@@ -209,9 +211,15 @@ class Bridge:
                     "the runtime %s rules in the database are invalid, ignored: %s", section, e
                 )
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str, *, critical: bool = True) -> None:
+        """Run ``coro`` in the background until shutdown.
+
+        A critical task (the worker, the executor, ...) that dies stops the bridge with exit
+        code 1, so a supervisor restarts it; a one-off task (a reload, auto-enrolment, a
+        ping) that fails is logged and the bridge carries on.
+        """
         task = asyncio.create_task(coro, name=name)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(self._task_done if critical else self._one_off_done)
         self._tasks.append(task)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
@@ -222,6 +230,11 @@ class Bridge:
             log.error("background task %s died: %r", task.get_name(), exc, exc_info=exc)
             self.exit_code = self.exit_code or 1
             self._stop.set()
+
+    @staticmethod
+    def _one_off_done(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s failed: %r", task.get_name(), exc, exc_info=exc)
 
     # -- startup ------------------------------------------------------------------------
 
@@ -247,7 +260,7 @@ class Bridge:
         self._spawn(self.sweeper.run(), "retention-sweeper")
         self._spawn(run_audit_jobs(self), "audit-jobs")  # archive expiry, checkpoint notices
         if cfg.bridge.auto_enroll and self.admin is not None:
-            self._spawn(self._auto_enroll(), "auto-enroll")
+            self._spawn(self._auto_enroll(), "auto-enroll", critical=False)
         self.ready = True
         log.info("bridge ready (bot %s, management room %s)", cfg.bot_mxid, self.management_room)
 
@@ -299,7 +312,7 @@ class Bridge:
                     attempts + 1,
                 )
 
-        self._spawn(keep_pinging(), "appservice-ping")
+        self._spawn(keep_pinging(), "appservice-ping", critical=False)
 
     async def _bootstrap_management_room(self) -> None:
         cfg = self.config
@@ -335,6 +348,39 @@ class Bridge:
         await self.store.upsert_room(room, joined=True)
 
     async def _auto_enroll(self) -> None:
+        """Enrol every room of the homeserver; retried while the homeserver or the database
+        fails, given up (and reported) when the admin API refuses the token."""
+        for delay in (*AUTO_ENROLL_RETRY, None):
+            try:
+                await self._auto_enroll_once()
+                return
+            except MatrixRequestError as e:
+                if 400 <= e.http_status < 500:
+                    log.error(
+                        "auto-enrolment impossible: the admin API refused homeserver.admin_token "
+                        "(%s %s)",
+                        e.http_status,
+                        e.errcode,
+                    )
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._notify_management(
+                            Reply.plain(
+                                "⚠️ auto-enrolment failed: Synapse's admin API refused the "
+                                f"bridge's admin token ({e.errcode}). Rooms are not enrolled "
+                                "until it is fixed and the bridge restarted."
+                            )
+                        )
+                    return
+                failure: Exception = e
+            except (StoreUnavailable, ClientError, TimeoutError) as e:
+                failure = e
+            if delay is None:
+                log.error("auto-enrolment gave up: %r", failure)
+                return
+            log.warning("auto-enrolment failed (%r); retrying in %ds", failure, delay)
+            await asyncio.sleep(delay)
+
+    async def _auto_enroll_once(self) -> None:
         assert self.admin is not None
         rooms = await self.admin.list_rooms()
         known = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
@@ -511,7 +557,7 @@ class Bridge:
                 metrics.ACTIONS_BACKLOG.labels("pending").set(stats.actions_pending)
                 metrics.ACTIONS_BACKLOG.labels("failed").set(stats.actions_failed)
                 metrics.AUDIT_RECORDS.set(stats.records)
-                cp_ts = getattr(self.store, "last_checkpoint_ts", None)
+                cp_ts = self.store.last_checkpoint_ts
                 if cp_ts:
                     metrics.CHECKPOINT_AGE.set(max(0.0, time.time() - cp_ts / 1000))
             except Exception as e:
@@ -524,7 +570,8 @@ class Bridge:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(
-            signal.SIGHUP, lambda: self._spawn(self._reload_quietly("SIGHUP"), "reload")
+            signal.SIGHUP,
+            lambda: self._spawn(self._reload_quietly("SIGHUP"), "reload", critical=False),
         )
         await self.open()
         try:

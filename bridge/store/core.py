@@ -44,6 +44,8 @@ class StoreCore:
         self._next_seq: int | None = None
         self._head: bytes | None = None
         self._last_cp_seq = 0
+        #: When the newest signed checkpoint was made (ms since the epoch), once known.
+        self.last_checkpoint_ts: int | None = None
         self.keyring: Keyring | None = keyring
         self.keyring_path = keyring_path
         self.signing_key = signing_key or Ed25519PrivateKey.generate()

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -87,7 +87,16 @@ class RecordsMixin(KeysMixin):
         ).first()
         self._next_seq = (last[0] if last else 0) + 1
         self._head = bytes(last[1]) if last else GENESIS
-        self._last_cp_seq = (await conn.execute(select(func.max(checkpoints.c.seq)))).scalar() or 0
+        cp = (
+            await conn.execute(
+                select(checkpoints.c.seq, checkpoints.c.ts)
+                .order_by(checkpoints.c.seq.desc())
+                .limit(1)
+            )
+        ).first()
+        self._last_cp_seq = cp[0] if cp else 0
+        if cp:
+            self.last_checkpoint_ts = cp[1]
         return last is not None
 
     async def _seq_start(self, conn: AsyncConnection) -> int:
@@ -201,6 +210,7 @@ class RecordsMixin(KeysMixin):
         self._next_seq, self._head = next_seq, head
         if cp is not None:
             self._last_cp_seq = cp.seq
+            self.last_checkpoint_ts = cp.ts
             self._publish_checkpoint(cp)
 
     def _publish_checkpoint(self, cp: Checkpoint) -> None:

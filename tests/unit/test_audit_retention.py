@@ -287,6 +287,24 @@ async def test_checkpoint_callback_sees_each_new_checkpoint(env: Env) -> None:
     assert seen and len(seen) == stored and seen == sorted(seen)
 
 
+async def test_last_checkpoint_time_is_known_after_signing_and_after_reopening(env: Env) -> None:
+    """What the checkpoint-age metric reads."""
+    store = await env.open()
+    try:
+        assert store.last_checkpoint_ts is None  # an empty store has none
+        await store.ingest_transaction("t", [ev("!a:x") for _ in range(12)])  # every 10
+        signed = store.last_checkpoint_ts
+        newest = await env.scalar("SELECT max(ts) FROM checkpoints")
+        assert signed is not None and signed == newest
+    finally:
+        await store.close()
+    reopened = await env.open()
+    try:
+        assert reopened.last_checkpoint_ts == await env.scalar("SELECT max(ts) FROM checkpoints")
+    finally:
+        await reopened.close()
+
+
 async def test_checkpoint_poster_is_rate_limited() -> None:
     key = __import__(
         "cryptography.hazmat.primitives.asymmetric.ed25519", fromlist=["x"]
