@@ -34,6 +34,7 @@ from .config import Config, ConfigError, load_config
 from .enforcement import RoomEnforcer
 from .executor import Executor, RateLimiter, RoomEnforcement
 from .gate import Gate
+from .logs import setup_logging
 from .matrix import (
     PING_RETRY_DELAYS,
     AdminAPI,
@@ -513,7 +514,7 @@ class Bridge:
         self.policy = policy
         self.executor.config = new.executor
         self.executor.limiter = RateLimiter(new.executor.rate_per_second)
-        logging.getLogger().setLevel(new.logging.level)
+        setup_logging(new.logging.level, new.logging.format)
         await self.sink_append(
             AuditEntry(
                 kind="config",
@@ -593,7 +594,10 @@ class Bridge:
             text = ("✅ configuration reloaded: " if ok else "⚠️ reload rejected: ") + "; ".join(
                 notes
             )
-            await self._notify_management(Reply.plain(text))
+            try:
+                await self._notify_management(Reply.plain(text))
+            except StoreUnavailable as e:  # the reload itself took effect; only the notice is lost
+                log.warning("could not post the reload result to the management room: %s", e)
 
     async def close(self) -> None:
         """Stop taking transactions, let the commit in flight finish, stop tasks, close.

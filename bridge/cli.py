@@ -15,8 +15,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from mautrix.errors import MatrixRequestError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -117,6 +121,8 @@ def cmd_generate_registration(config_path: Path, registration_path: Path) -> int
 
 
 def cmd_run(path: Path) -> int:
+    from mautrix.errors import MatrixRequestError
+
     from .app import Bridge
     from .audit.chain import SigningKeyError
     from .audit.keyring import KeyringError
@@ -147,11 +153,31 @@ def cmd_run(path: Path) -> int:
     except HomeserverUnreachable as e:
         log.error("%s", e)
         return EXIT_HOMESERVER
+    except MatrixRequestError as e:  # refused during start-up (registering the bot, ...)
+        return homeserver_refused(e)
     except OSError as e:
         log.error("cannot start: %s", e)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def homeserver_refused(e: MatrixRequestError) -> int:
+    """Explain a request the homeserver refused at start; the exit code says whose fault.
+
+    401/403 mean Synapse does not know our as_token: a configuration error (the registration
+    is not loaded, or its tokens differ from the config's). Anything else is the homeserver's.
+    """
+    if e.http_status in (401, 403):
+        log.error(
+            "the homeserver refused the bridge's as_token (%s): check that Synapse loads the "
+            "registration file (app_service_config_files in homeserver.yaml, then restart "
+            "Synapse) and that its as_token equals appservice.as_token in the config",
+            e.errcode,
+        )
+        return EXIT_CONFIG
+    log.error("the homeserver refused a start-up request: %s %s", e.http_status, e.errcode)
+    return EXIT_HOMESERVER
 
 
 def data_dir_problem(data_dir: Path) -> str | None:

@@ -25,6 +25,9 @@ from .store import AuditEntry
 
 log = logging.getLogger(__name__)
 
+#: Seconds a refusal may wait for its audit record's commit before answering Synapse.
+DENY_AUDIT_WAIT = 1.0
+
 # Callbacks we judge. Any other callback the module is configured to send is allowed.
 JUDGED = (
     "check_event_for_spam",
@@ -115,15 +118,22 @@ class Gate:
             if f.category == "dlp":
                 metrics.DLP_HITS.labels(f.rule).inc()
         metrics.GATE_LATENCY.labels(name).observe(time.perf_counter() - started)
-        if finding is not None or verdict.findings:
-            self._audit(name, subject, verdict)
         if finding is None:
+            if verdict.findings:  # notify/audit rules: recorded, in the background
+                self._submit(self._audit_entry(name, subject, verdict))
             return web.json_response({})
+        if self.sink is not None:
+            # A refusal is evidence: answer once its record is committed (grouped with the
+            # others of the moment), but never hold Synapse for long; it stays queued anyway.
+            entry = self._audit_entry(name, subject, verdict)
+            if not await self.sink.record(entry, DENY_AUDIT_WAIT):
+                log.warning("gate refusal answered before its audit record was committed")
         log.info(
-            "gate denied %s for %s in %s: rule %s",
+            "gate denied %s for %s in %s (event %s): rule %s",
             name,
             subject.get("sender"),
             subject.get("room_id"),
+            subject.get("event_id") or "-",
             finding.rule,
         )
         if self.on_blocked is not None:
@@ -165,29 +175,30 @@ class Gate:
         user, room = _str(body, "user"), _str(body, "room")
         return engine.check_remote_join(user, room), {"sender": user, "room_id": room}
 
-    def _audit(self, name: str, subject: Mapping[str, Any], verdict: Verdict) -> None:
-        if self.sink is None:
-            return
-        self.sink.submit(
-            AuditEntry(
-                kind="gate",
-                room_id=subject.get("room_id"),
-                sender=subject.get("sender"),
-                type=subject.get("type"),
-                data={
-                    "callback": name,
-                    "decision": "deny" if verdict.blocked else "allow",
-                    "subject": dict(subject),
-                    "findings": [
-                        {
-                            "rule": f.rule,
-                            "category": f.category,
-                            "actions": sorted(f.actions),
-                            "message": f.message,
-                            "excerpt": f.excerpt,
-                        }
-                        for f in verdict.findings
-                    ],
-                },
-            )
+    def _submit(self, entry: AuditEntry) -> None:
+        if self.sink is not None:
+            self.sink.submit(entry)
+
+    @staticmethod
+    def _audit_entry(name: str, subject: Mapping[str, Any], verdict: Verdict) -> AuditEntry:
+        return AuditEntry(
+            kind="gate",
+            room_id=subject.get("room_id"),
+            sender=subject.get("sender"),
+            type=subject.get("type"),
+            data={
+                "callback": name,
+                "decision": "deny" if verdict.blocked else "allow",
+                "subject": dict(subject),
+                "findings": [
+                    {
+                        "rule": f.rule,
+                        "category": f.category,
+                        "actions": sorted(f.actions),
+                        "message": f.message,
+                        "excerpt": f.excerpt,
+                    }
+                    for f in verdict.findings
+                ],
+            },
         )

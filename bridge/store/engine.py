@@ -46,7 +46,9 @@ def connect(url: str, *, pool_size: int) -> tuple[AsyncEngine, URL]:
             # generic plan chosen while a table was empty (a full scan forever after)
             connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
         )
-    engine = create_async_engine(url, **kwargs)
+    # Errors quote their SQL; never their parameters (sealed values, but also blind indexes
+    # and IDs that have no business in a log).
+    engine = create_async_engine(url, hide_parameters=True, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine, parsed

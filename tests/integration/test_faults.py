@@ -405,6 +405,7 @@ async def test_gate_down_fails_closed_when_configured(tmp_path: Path) -> None:
 
 # -- an unusable data directory at start --------------------------------------------------------
 
+EXIT_CONFIG = 3
 EXIT_DATA_DIR = 6
 
 
@@ -564,3 +565,26 @@ def _async(fn: Callable[[], bool]) -> Callable[[], Any]:
         return fn()
 
     return wrapped
+
+
+# -- a registration Synapse does not know ---------------------------------------------------------
+
+
+async def test_as_token_unknown_to_synapse_is_a_clear_config_error(tmp_path: Path) -> None:
+    """The most common setup mistake: Synapse does not load our registration (or has other
+    tokens). One line saying what to check, exit code 3, no traceback."""
+    with fault_stack(tmp_path, start_bridge=False) as fs:
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", "run", "-c", str(fs.dev.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "POLICY_BRIDGE__APPSERVICE__AS_TOKEN": "not-the-registered-token"},
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == EXIT_CONFIG, output
+    assert "refused the bridge's as_token (M_UNKNOWN_TOKEN)" in output, output
+    assert "app_service_config_files" in output, output
+    assert "Traceback" not in output, output
+    assert "not-the-registered-token" not in output, output  # a secret, even a wrong one

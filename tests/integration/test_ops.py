@@ -4,6 +4,7 @@ metrics, graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import urllib.request
 from collections.abc import Iterator
@@ -106,6 +107,41 @@ async def test_sighup_reload_applies_rules_and_rejects_bad_config(ops: OpsStack)
             await u.send_text(room, "pelican still blocked")
         ops.dev.config_path.write_text(good)
         assert ops.bridge.running
+
+
+async def test_reload_changes_roles_and_the_log_format(ops: OpsStack) -> None:
+    room_mgmt = await mgmt_room(ops)
+    bot = "@policybot:localhost"
+    async with ops.client(ops.user) as u:
+        room = await u.create_room(name="roles room", invite=[bot])
+
+        async def bot_joined() -> bool:
+            return bot in await u.joined_members(room)
+
+        await wait_for(bot_joined, timeout=20, message="the bot to join")
+        cmd = await u.send_text(room, "!policy status")
+        [reply] = await bot_replies(u, room, bot, cmd)
+        assert "not allowed" in reply["content"]["body"]
+
+        # The worker becomes an auditor (by user ID) and the log turns to JSON lines.
+        ops.edit_config(
+            "bridge", {"permissions": {ops.admin.user_id: "admin", ops.user.user_id: "auditor"}}
+        )
+        ops.edit_config("logging", {"format": "json"})
+        async with ops.client(ops.admin) as admin:
+            cmd = await admin.send_text(room_mgmt, "!policy reload")
+            [reply] = await bot_replies(admin, room_mgmt, bot, cmd)
+        body = reply["content"]["body"]
+        assert "configuration reloaded" in body and "bridge" in body and "logging" in body, body
+
+        cmd = await u.send_text(room, "!policy status")
+        [reply] = await bot_replies(u, room, bot, cmd)
+        assert "Policy bridge status" in reply["content"]["body"]
+
+    log_lines = (ops.dev.workdir / "bridge.log").read_text().splitlines()
+    after = log_lines[[i for i, line in enumerate(log_lines) if "config reloaded" in line][-1] :]
+    records = [json.loads(line) for line in after if line.startswith("{")]
+    assert records and {"ts", "level", "logger", "msg"} <= set(records[0])
 
 
 async def test_logs_never_contain_message_text_or_secrets(ops: OpsStack) -> None:

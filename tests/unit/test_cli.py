@@ -166,3 +166,22 @@ def test_unknown_subcommand_is_a_usage_error() -> None:
     result = run_cli("frobnicate")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_the_example_registration_is_what_generate_registration_writes(tmp_path: Path) -> None:
+    """registration.yaml in the repository matches config.example.yaml but for its tokens,
+    which are the placeholders the bridge refuses."""
+    root = Path(__file__).resolve().parents[2]
+    config = tmp_path / "config.yaml"
+    config.write_text((root / "config.example.yaml").read_text("utf-8"), encoding="utf-8")
+    generated = tmp_path / "registration.yaml"
+    assert run_cli("generate-registration", "-c", str(config), "-r", str(generated)).returncode == 0
+    example = YAML(typ="safe").load((root / "registration.yaml").read_text("utf-8"))
+    fresh = YAML(typ="safe").load(generated.read_text("utf-8"))
+    tokens = ("as_token", "hs_token")
+    assert {k: v for k, v in example.items() if k not in tokens} == {
+        k: v for k, v in fresh.items() if k not in tokens
+    }
+    placeholders = YAML(typ="safe").load((root / "config.example.yaml").read_text("utf-8"))
+    assert example["as_token"] == placeholders["appservice"]["as_token"]
+    assert example["hs_token"] == placeholders["appservice"]["hs_token"]

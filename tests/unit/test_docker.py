@@ -448,6 +448,11 @@ def test_compose_bridge_service(compose: dict[str, Any]) -> None:
     assert cfg.database.url == url
     assert cfg.homeserver.url == "http://synapse:8008"
     assert cfg.appservice.address == "http://bridge:29330"
+    # A clean shutdown (bounded steps of SHUTDOWN_STEP seconds) fits in the grace period.
+    from bridge.app import SHUTDOWN_STEP
+
+    grace = bridge["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) >= 3 * SHUTDOWN_STEP
 
 
 def test_compose_synapse_gets_the_antispam_module_and_registration(

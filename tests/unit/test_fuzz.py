@@ -116,6 +116,8 @@ class Harness:
         self.policy = LivePolicy(self.config)
         self.policy.set_management_room(MGMT)
         self.sink = AuditSink(self.store)
+        # As in the bridge: refusals wait for the sink to commit their record.
+        self.sink_task = asyncio.ensure_future(self.sink.run())
         app = web.Application(client_max_size=MAX_BODY)
         app.add_routes(AppserviceAPI(self.store, HS_TOKEN).routes())
         gate = Gate("/_bridge/antispam", GATE_TOKEN, lambda: self.policy.engine, self.sink)
@@ -152,6 +154,9 @@ class Harness:
 
     def close(self) -> None:
         async def shut() -> None:
+            if self.sink_task.done():  # it serves forever unless a record broke it
+                self.sink_task.result()
+            self.sink_task.cancel()
             await self.sink.flush()  # gate decisions with odd strings must be storable
             await self.client.close()
             await self.store.close()

@@ -109,3 +109,18 @@ async def test_rooms(store: Store) -> None:
     assert rooms["!a:x"]["joined"] is True
     assert rooms["!a:x"]["lacking"] == "send state events"
     assert rooms["!b:x"]["joined"] is False
+
+
+async def test_database_errors_do_not_quote_parameters(store: Store) -> None:
+    """Errors get logged (``%s``): they may show the SQL, never the values bound to it."""
+    import pytest
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    with pytest.raises(SQLAlchemyError) as info:
+        async with store.engine.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO no_such_table (x) VALUES (:v)"), {"v": "parameter-secret"}
+            )
+    assert "no_such_table" in str(info.value)
+    assert "parameter-secret" not in str(info.value)
