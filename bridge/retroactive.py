@@ -61,6 +61,11 @@ class RetroJob:
     probe_word: str | None = None  # what ``probe`` was built from (to resume after a restart)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
+    @property
+    def rule_names(self) -> str:
+        """The rules it looks for, for logs (which must not quote keywords)."""
+        return ", ".join(sorted(self.rules))
+
     def to_json(self) -> dict[str, Any]:
         """The job as plain data (kept in the store until the scan has finished)."""
         return {
@@ -255,16 +260,17 @@ async def run(services: Any, engine: PolicyEngine, job: RetroJob) -> RetroResult
                 )
             ]
         )
-        log.info(
-            "retroactive scan (%s): %d events read, %d matches, %d redactions queued",
-            job.change,
+        log.info(  # rule names, not job.change: that names the keyword, policy text
+            "retroactive scan %s (%s): %d events read, %d matches, %d redactions queued",
+            job.id,
+            job.rule_names,
             result.scanned,
             len(result.matches),
             len(result.redactions),
         )
         return result
     except Exception as e:
-        log.exception("retroactive scan for %s failed", job.change)
+        log.exception("retroactive scan %s (%s) failed", job.id, job.rule_names)
         try:
             if mgmt:
                 await services.executor.submit(
@@ -330,7 +336,7 @@ async def resume(services: Any) -> int:
     raw = await services.store.get_state(PENDING_KEY)
     jobs = [RetroJob.from_json(d) for d in (json.loads(raw) if raw else [])]
     for job in jobs:
-        log.info("resuming the retroactive scan for %s", job.change)
+        log.info("resuming the retroactive scan %s (%s)", job.id, job.rule_names)
         start(services, services.policy.engine, job)
     return len(jobs)
 
