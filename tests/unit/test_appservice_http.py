@@ -59,6 +59,19 @@ async def test_wrong_or_missing_token_stores_nothing(client: TestClient, store: 
     assert (await store.stats()).events == 0
 
 
+async def test_legacy_query_token_when_configured(store: Store) -> None:
+    api = AppserviceAPI(store, TOKEN, allow_query_token=True)
+    app = web.Application()
+    app.add_routes(api.routes())
+    async with TestClient(TestServer(app)) as c:
+        r = await c.put("/_matrix/app/v1/transactions/q1?access_token=wrong", json=txn("$a"))
+        assert r.status == 403 and (await r.json())["errcode"] == "M_FORBIDDEN"
+        assert (await store.stats()).events == 0
+        r = await c.put(f"/_matrix/app/v1/transactions/q1?access_token={TOKEN}", json=txn("$a"))
+        assert r.status == 200
+        assert (await store.stats()).events == 1
+
+
 async def test_bad_bodies_get_matrix_errors(client: TestClient, store: Store) -> None:
     r = await client.put("/_matrix/app/v1/transactions/1", data=b"{nope", headers=AUTH)
     assert r.status == 400 and (await r.json())["errcode"] == "M_NOT_JSON"
