@@ -47,17 +47,21 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsStack]:
     dev = prepare_stack(
         work,
         permissions={"@admin:localhost": "admin"},
-        bridge_options={"dlp": {"detectors": {"card": "block"}}},
+        # DEBUG: the secrets test must hold at the most talkative level too.
+        bridge_options={"dlp": {"detectors": {"card": "block"}}, "logging": {"level": "DEBUG"}},
     )
     dev.synapse.start()
     admin = User(*dev.synapse.register_user("admin", "pw", admin=True))
     user = User(*dev.synapse.register_user("worker", "pw"))
-    bridge = BridgeProcess(dev.config_path, work / "bridge.log", dev.bridge_port)
+    ops = OpsStack(
+        dev, BridgeProcess(dev.config_path, work / "bridge.log", dev.bridge_port), admin, user
+    )
+    ops.edit_config("homeserver", {"admin_token": admin.token})  # a secret the bridge holds
     try:
-        bridge.start()
-        yield OpsStack(dev, bridge, admin, user)
+        ops.bridge.start()
+        yield ops
     finally:
-        bridge.stop()
+        ops.bridge.stop()
         dev.synapse.stop()
 
 
@@ -163,11 +167,22 @@ async def test_logs_never_contain_message_text_or_secrets(ops: OpsStack) -> None
         config["appservice"]["as_token"],
         config["appservice"]["hs_token"],
         config["gate"]["token"],
+        config["homeserver"]["admin_token"],
         ops.user.token,
+        *audit_key_material(ops),
     ]
     for secret in secrets:
         assert secret not in log_text, f"leaked into the log: {secret[:12]}…"
     assert "gate denied check_event_for_spam" in log_text  # the log does say what happened
+
+
+def audit_key_material(ops: OpsStack) -> list[str]:
+    """The keyring's keys (base64, as stored) and the signing key's PEM body lines."""
+    data = ops.dev.workdir / "data"
+    keyring = json.loads((data / "audit-keyring.json").read_text())
+    keys = [keyring["index_key"], *(k["key"] for k in keyring["keks"])]
+    pem = (data / "audit-signing.pem").read_text().splitlines()
+    return keys + [line for line in pem if line and not line.startswith("-----")]
 
 
 async def test_metrics_are_exposed(ops: OpsStack) -> None:
