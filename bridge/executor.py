@@ -22,8 +22,10 @@ from mautrix.types import EventType, UserID
 from . import metrics
 from .config import ExecutorConfig
 from .matrix import AdminAPI
+from .policy.retention import event_hold, purge_hold
 from .policy.rooms import RoomPlan
 from .store import ActionRow, AuditEntry, NewAction, Store
+from .store.sweep_queries import SweepQueries
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ _NEEDS = {
 
 # A purge still running after this long is given up on (and reported).
 PURGE_GIVE_UP_S = 24 * 3600.0
+_END = 1 << 62  # a timestamp after every real one
 
 
 class RoomEnforcement:
@@ -196,15 +199,16 @@ class Executor:
         """One attempt at one action, with its outcome recorded."""
         handler = self._handlers.get(action.kind)
         attempts = action.attempts + 1
-        if await self._held(action):
+        hold = await self._held(action)
+        if hold is not None:
             # A hold placed after the sweep queued this: the hold wins, nothing is removed.
             metrics.EXECUTOR_ACTIONS.labels(action.kind, "held").inc()
             await self.store.finish_action(
                 action.id,
                 status="cancelled",
                 attempts=action.attempts,
-                error="legal hold",
-                audit=self._audit(action, "cancelled: legal hold", action.attempts),
+                error=f"legal hold: {hold}",
+                audit=self._audit(action, "cancelled: legal hold", action.attempts, hold=hold),
             )
             return
         try:
@@ -250,18 +254,34 @@ class Executor:
         if action.kind == "reconcile" and self.rooms and self.rooms.on_result:
             await self.rooms.on_result(action.room_id or "", {**result, "payload": action.payload})
 
-    async def _held(self, action: ActionRow) -> bool:
-        """Whether a retention removal must not run because of a legal hold."""
+    async def _held(self, action: ActionRow) -> str | None:
+        """The legal hold a retention removal must not break (its reason), or None.
+
+        The same rules as the sweeper's (:mod:`bridge.policy.retention`), with the holds
+        as they are now: a redaction is held by its room's or its sender's hold; a purge by
+        its room's hold or by a hold on any user who sent messages in the room before
+        ``purge_up_to_ts`` (``purge_history`` cannot spare one sender).
+        """
         retention = action.kind in ("purge_history", "purge_status") or (
             action.kind == "redact" and action.payload.get("retention")
         )
         holds = getattr(self.store, "holds", None)
         if not retention or holds is None:
-            return False
+            return None
         held = await holds()
-        if action.room_id in held.rooms:
-            return True
-        return action.kind == "redact" and action.payload.get("sender") in held.users
+        room = action.room_id
+        if action.kind == "redact":
+            sender = action.payload.get("sender")
+            return event_hold(
+                room, sender if isinstance(sender, str) else None, held.rooms, held.users
+            )
+        senders: set[str] = set()
+        if action.kind == "purge_history" and room and held.users:
+            up_to = action.payload.get("purge_up_to_ts")
+            before = up_to if isinstance(up_to, int) and not isinstance(up_to, bool) else _END
+            senders = await SweepQueries(self.store).senders_before(room, held.users, before)
+        # (a purge_status polls a purge Synapse already runs: only a room hold stops it)
+        return purge_hold(room, held.rooms, senders)
 
     async def _retry(self, action: ActionRow, attempts: int, delay: float, why: str) -> None:
         await self.store.finish_action(

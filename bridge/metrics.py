@@ -71,3 +71,31 @@ AUDIT_RECORDS = Gauge(
 CHECKPOINT_AGE = Gauge(
     "bridge_audit_checkpoint_age_seconds", "Age of the last signed checkpoint", registry=REGISTRY
 )
+RETENTION_ROOMS = Gauge(
+    "bridge_retention_rooms",
+    "Rooms in the last retention sweep: with a retention limit (limited), not yet caught up"
+    " (behind), skipped for legal hold (held)",
+    ["state"],
+    registry=REGISTRY,
+)
+RETENTION_REMOVALS = Counter(
+    "bridge_retention_removals_total",
+    "Removals the retention sweeper queued: redactions (one per event) and purges",
+    ["kind"],
+    registry=REGISTRY,
+)
+RETENTION_HOLD_SKIPS = Counter(
+    "bridge_retention_hold_skips_total",
+    "Times the retention sweeper skipped events or a purge because of a legal hold",
+    registry=REGISTRY,
+)
+RETENTION_LAST_SWEEP = Gauge(
+    "bridge_retention_last_sweep_timestamp_seconds",
+    "When the retention sweeper last ran (Unix time)",
+    registry=REGISTRY,
+)
+UNREADABLE_EVENTS = Counter(
+    "bridge_worker_unreadable_events_total",
+    "Archived events the worker could not read back and skipped (ciphertext gone, damaged)",
+    registry=REGISTRY,
+)

@@ -20,7 +20,10 @@ Legal hold: a room on hold is not swept at all (no redactions, no purge); events
 on hold are not redacted and a room where such a user spoke before the cutoff is not purged.
 Holds are read again before every commit of batches, and a group computed under other holds
 is dropped, so a hold placed during a sweep stops it before its next batch is queued.
-Every purge and every skip because of a hold is audited with counts.
+Every purge and every skip because of a hold is audited with counts. What becomes of each
+event and whether a room is purged are decided by the pure core in
+:mod:`bridge.policy.retention` (:func:`sweep_fate`, :func:`plan_purge`), which the executor
+also consults before it runs a queued removal.
 """
 
 from __future__ import annotations
@@ -34,13 +37,23 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Self
 
+from . import metrics
 from .config import Config
 from .policy.durations import DurationError, format_duration, parse_duration
 from .policy.engine import PolicyEngine
-from .policy.retention import expiry_cutoff
-from .policy.scopes import GLOBAL
+from .policy.retention import (
+    USER_HELD,
+    Fate,
+    SkippedPurge,
+    event_hold,
+    expiry_cutoff,
+    plan_purge,
+    purge_due,
+    sweep_fate,
+)
+from .policy.scopes import rooms_in_scope
 from .store import AuditEntry, NewAction, Store, StoreUnavailable, now_ms
-from .store.sweep_queries import REDACTION, SweepQueries
+from .store.sweep_queries import SweepQueries
 
 log = logging.getLogger(__name__)
 
@@ -209,15 +222,6 @@ class _Tick:
     events: int = 0
 
 
-def _is_redacted(event: Mapping[str, Any]) -> bool:
-    unsigned = event.get("unsigned")
-    if isinstance(unsigned, dict) and unsigned.get("redacted_because"):
-        return True
-    content = event.get("content")
-    # an event that reached us already redacted has lost its content
-    return isinstance(content, dict) and not content and event.get("type") != REDACTION
-
-
 class RetentionSweeper:
     """Finds expired events through the store's index and has the executor remove them."""
 
@@ -321,6 +325,7 @@ class RetentionSweeper:
         totals = self.totals
         totals.ticks += 1
         totals.last_run = self.clock()
+        metrics.RETENTION_LAST_SWEEP.set(totals.last_run / 1000)
         if await self.q.pending_actions() > settings.max_pending:
             totals.waiting = True
             log.info("retention sweep: the executor is busy; waiting before adding work")
@@ -338,6 +343,9 @@ class RetentionSweeper:
         totals.rooms_in_policy = tick.in_policy
         totals.rooms_behind = tick.behind
         totals.rooms_held = tick.held
+        metrics.RETENTION_ROOMS.labels("limited").set(tick.in_policy)
+        metrics.RETENTION_ROOMS.labels("behind").set(tick.behind)
+        metrics.RETENTION_ROOMS.labels("held").set(tick.held)
         await self.store.set_state(TOTALS_KEY, totals.encode())
         return tick.behind > 0 or stopped_at is not None
 
@@ -402,6 +410,9 @@ class RetentionSweeper:
         except BaseException:
             await self.load()  # the counters in memory ran ahead of what was committed
             raise
+        metrics.RETENTION_REMOVALS.labels("redact").inc(group.removed)
+        metrics.RETENTION_REMOVALS.labels("purge").inc(group.purges)
+        metrics.RETENTION_HOLD_SKIPS.inc(group.hold_skips)
         if group.actions:
             self.on_actions()
 
@@ -417,16 +428,15 @@ class RetentionSweeper:
         assert policy.max_lifetime_ms is not None
         if progress.held_users:
             self._maybe_rewind(progress, holds)
-        if room in holds.rooms:
+        room_hold = event_hold(room, None, holds.rooms, ())
+        if room_hold is not None:
             tick.held += 1
             waiting = await self.q.count_expired(room, cutoff, progress.ts, progress.seq)
             marker = f"room:{waiting}"
             if waiting and progress.audited != marker:
                 progress.audited = marker
                 group.hold_skips += 1
-                group.audit.append(
-                    self._audit(room, "skipped", "room on legal hold", events=waiting)
-                )
+                group.audit.append(self._audit(room, "skipped", room_hold, events=waiting))
                 group.add(key, progress)
             return 0
         limit = max(1, min(settings.batch, tick.budget))
@@ -443,20 +453,20 @@ class RetentionSweeper:
             rescan = set(progress.rescan_users)
             for rec in batch:
                 ev = rec.event
-                if ev is None:
+                fate = sweep_fate(ev, redacted, holds.users)
+                if ev is None or fate is Fate.UNREADABLE:
                     continue
-                event_id = ev.get("event_id")
-                if "state_key" in ev or ev.get("type") == REDACTION:
+                if fate is Fate.STATE:
                     state_events += 1
                     continue
-                if not isinstance(event_id, str) or event_id in redacted or _is_redacted(ev):
+                if fate is Fate.REDACTED:
                     already += 1
                     continue
-                sender = ev.get("sender")
+                event_id, sender = ev["event_id"], ev.get("sender")
                 sender_idx = self.store.blind("sender", sender) if isinstance(sender, str) else None
                 if rescan and (sender_idx is None or sender_idx.hex() not in rescan):
                     continue  # swept before the hold was lifted
-                if sender in holds.users and sender_idx is not None:
+                if fate is Fate.HELD and sender_idx is not None:
                     held_events += 1
                     held_idx.add(sender_idx.hex())
                     if progress.held_from is None:
@@ -495,9 +505,7 @@ class RetentionSweeper:
             )
             if held_events:
                 group.hold_skips += 1
-                group.audit.append(
-                    self._audit(room, "skipped", "user on legal hold", events=held_events)
-                )
+                group.audit.append(self._audit(room, "skipped", USER_HELD, events=held_events))
         if len(batch) < limit:  # caught up with the cutoff
             if batch:
                 group.completed += 1
@@ -538,26 +546,32 @@ class RetentionSweeper:
         actions: list[NewAction],
         group: _Group,
     ) -> None:
-        if not self.purge() or progress.unpurged <= 0 or cutoff <= progress.purged_to:
+        if not self.purge() or not purge_due(cutoff, progress.purged_to, progress.unpurged):
             return
-        if holds.users and await self.q.sent_by_before(room, holds.users, cutoff):
+        senders = await self.q.senders_before(room, holds.users, cutoff) if holds.users else ()
+        plan = plan_purge(
+            room,
+            cutoff,
+            purged_to=progress.purged_to,
+            pending=progress.unpurged,
+            held_rooms=holds.rooms,
+            held_senders=senders,
+        )
+        if plan is None:
+            return
+        if isinstance(plan, SkippedPurge):
             marker = f"users:{progress.unpurged}"
             if progress.audited != marker:
                 progress.audited = marker
                 group.hold_skips += 1
                 group.audit.append(
-                    self._audit(
-                        room,
-                        "purge_skipped",
-                        "a user on legal hold sent messages in this room",
-                        events=progress.unpurged,
-                    )
+                    self._audit(room, "purge_skipped", plan.reason, events=progress.unpurged)
                 )
             return
         actions.append(
             NewAction(
                 "purge_history",
-                {"purge_up_to_ts": cutoff, "delete_local_events": True},
+                {"purge_up_to_ts": plan.purge_up_to_ts, "delete_local_events": True},
                 room_id=room,
                 not_before=time.time() + self.settings.purge_delay_s,
             )
@@ -587,21 +601,23 @@ class RetentionSweeper:
         self, scope: str, candidate: PolicyEngine, current: PolicyEngine | None = None
     ) -> tuple[int, int]:
         """Messages (and rooms holding them) that ``candidate`` would delete and the
-        policy in force (``current``) would not yet, not counting rooms on hold."""
+        policy in force (``current``) would not yet, not counting rooms on hold.
+
+        The rooms are those the change reaches (:func:`rooms_in_scope`, as the rollout
+        and the retroactive scan use): every joined room for ``global``, else the scope's
+        room and, for a space, the joined rooms in it."""
         now = self.clock()
         holds = await load_holds(self.store, self.config())
         mgmt = self.management_room()
         events = rooms = 0
-        targets: list[str] = []
-        if scope == GLOBAL:
-            after = ""
-            while page := await self.q.joined_rooms(after, ROOM_PAGE):
-                targets.extend(r for r, _ in page)
-                after = page[-1][0]
-        else:
-            targets = [scope]
+        joined: list[str] = []
+        after = ""
+        while page := await self.q.joined_rooms(after, ROOM_PAGE):
+            joined.extend(r for r, _ in page)
+            after = page[-1][0]
+        targets = rooms_in_scope(scope, joined, candidate.policy.room_spaces, mgmt)
         for room in targets:
-            if room == mgmt or room in holds.rooms:
+            if room == mgmt or event_hold(room, None, holds.rooms, ()) is not None:
                 continue
             cutoff = expiry_cutoff(candidate.retention_for(room), now)
             if not cutoff:

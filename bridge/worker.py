@@ -24,12 +24,14 @@ from .commands.registry import MAX_COMMAND_LENGTH, NeedsConfirmation, summarize_
 from .config import Config
 from .enforcement import DRIFTED
 from .policies import SPACES_KEY
+from .policy.dlp import CATEGORY as DLP_CATEGORY
 from .policy.engine import ENCRYPTION_EVENT, ENCRYPTION_RULE, PolicyEngine
 from .policy.federation import acl_content, acl_matches, server_allowed
 from .policy.model import Action, Finding, Verdict, server_name
 from .policy.retention import retention_content, retention_matches
 from .policy.rooms import ACL, RETENTION
 from .store import AuditEntry, NewAction, Store, StoreUnavailable, WorkItem
+from .store.workqueue import UnreadableEvent
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,11 @@ class Worker:
     async def process(self, item: WorkItem) -> None:
         """Process one transaction and commit everything it produced at once."""
         batch = Batch()
+        unreadable: list[UnreadableEvent] = []
         for stored in item.events:
+            if isinstance(stored, UnreadableEvent):
+                unreadable.append(stored)
+                continue
             event = stored.event
             try:
                 await self.handle_event(event, batch)
@@ -164,11 +170,53 @@ class Worker:
                         },
                     )
                 )
+        if unreadable:
+            self._unreadable(item, unreadable, batch)
         await self.store.complete_work([item.queue_id], batch.actions, batch.audit, batch.state)
         for callback in batch.after_commit:
             callback()
         if batch.actions:
             self.on_actions()
+
+    def _unreadable(self, item: WorkItem, events: list[UnreadableEvent], batch: Batch) -> None:
+        """Archived events that cannot be read back are skipped, not retried forever: each
+        gets an ``error`` audit record (its seq and why; nothing of its content), and the
+        management room one notice per transaction. The record itself stays in the archive
+        (``audit verify`` reports it if it was altered)."""
+        for ev in events:
+            log.error(
+                "audit record seq %d of transaction %s cannot be read (%s); skipped by the worker",
+                ev.seq,
+                item.txn_id,
+                ev.reason,
+            )
+            batch.audit.append(
+                AuditEntry(
+                    kind="error",
+                    data={
+                        "seq": ev.seq,
+                        "error": "unreadable",
+                        "reason": ev.reason,
+                        "queue_id": item.queue_id,
+                    },
+                )
+            )
+        batch.after_commit.append(lambda: metrics.UNREADABLE_EVENTS.inc(len(events)))
+        if self.services.management_room:
+            seqs = ", ".join(str(e.seq) for e in events[:20])
+            more = f" and {len(events) - 20} more" if len(events) > 20 else ""
+            reasons = "; ".join(sorted({e.reason for e in events}))
+            batch.actions.append(
+                notice(
+                    self.services.management_room,
+                    Reply.plain(
+                        f"⚠️ {len(events)} archived event(s) could not be read back for "
+                        f"policy checks (audit record seq {seqs}{more}: {reasons}). They were "
+                        "skipped; the transaction's other events were processed. "
+                        "`!policy audit verify` checks the archive."
+                    ),
+                )
+            )
 
     # -- per event ----------------------------------------------------------------------
 
@@ -204,6 +252,9 @@ class Worker:
             return
         verdict = self.engine().check_event(event)
         if verdict.findings:
+            rules = [f.rule for f in verdict.findings if f.category == DLP_CATEGORY]
+            if rules:  # counted once committed (a transaction processed again is not)
+                batch.after_commit.append(lambda: _count_dlp_hits(rules))
             self._enforce(event, verdict, batch, cfg)
 
     def _is_command(self, event: Mapping[str, Any], cfg: Config) -> bool:
@@ -512,6 +563,11 @@ class Worker:
             )
         )
         done.append("notify")
+
+
+def _count_dlp_hits(rules: list[str]) -> None:
+    for rule in rules:
+        metrics.DLP_HITS.labels(rule).inc()
 
 
 def _s(value: Any) -> str | None:

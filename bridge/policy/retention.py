@@ -6,33 +6,50 @@ itself only when its own ``retention:`` config is enabled (and it clamps lifetim
 that config's ``allowed_lifetime_min``/``max``); the bridge can also purge through the
 admin API ``purge_history`` with ``purge_up_to_ts`` = :func:`expiry_cutoff`.
 
-A legal hold suspends deletion: a held room is never purged, and since
-``purge_history`` cannot spare single senders, a room where a held user has spoken is
-not purged either (:func:`plan_sweep`).
+The sweeper (``bridge.retention``) decides with the pure core below: what becomes of
+each expired event (:func:`sweep_fate`) and whether a room's history is purged
+(:func:`plan_purge`). A legal hold suspends deletion: a held room is never swept, a held
+user's messages are never redacted, and since ``purge_history`` cannot spare single
+senders, a room where a held user has spoken before the cutoff is not purged either. The
+executor asks the same questions (:func:`event_hold`, :func:`purge_hold`) again just before
+a queued removal runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from bridge.policy.durations import MAX_DURATION_MS, format_duration, parse_duration
 
 __all__ = [
+    "REDACTION",
+    "ROOM_HELD",
+    "SENDER_HELD",
+    "USER_HELD",
+    "Fate",
     "Purge",
     "RetentionPolicy",
     "RetentionPolicyError",
-    "RoomRetention",
     "SkippedPurge",
-    "SweepPlan",
+    "already_redacted",
+    "event_hold",
     "expiry_cutoff",
     "is_expired",
-    "is_on_hold",
-    "plan_sweep",
+    "plan_purge",
+    "purge_due",
+    "purge_hold",
     "retention_content",
     "retention_matches",
+    "sweep_fate",
 ]
+
+REDACTION = "m.room.redaction"
+ROOM_HELD = "room on legal hold"
+USER_HELD = "user on legal hold"
+SENDER_HELD = "a user on legal hold sent messages in this room"
 
 
 class RetentionPolicyError(ValueError):
@@ -110,9 +127,15 @@ class RetentionPolicy:
 
 
 def retention_content(policy: RetentionPolicy | None) -> dict[str, int] | None:
-    """The ``m.room.retention`` content for ``policy``; ``None`` when it sets no bound
-    (the bridge then leaves the room's retention state alone)."""
-    if policy is None or policy.empty:
+    """The ``m.room.retention`` content for ``policy``; ``None`` only when there is no
+    policy at all (``None``: retention is not managed).
+
+    A policy without bounds (retention lifted with ``retention off``) gives ``{}``: a room
+    that still shows an old ``max_lifetime`` must drop it, or clients would show a limit
+    that no longer applies and Synapse's purge jobs (where enabled) would keep deleting by
+    it. Synapse reads an empty content as "no room policy" (its own default applies).
+    """
+    if policy is None:
         return None
     content: dict[str, int] = {}
     if policy.max_lifetime_ms is not None:
@@ -133,8 +156,8 @@ def retention_matches(current: Mapping[str, Any] | None, desired: Mapping[str, A
     """Whether a room's ``m.room.retention`` content already is the desired one.
 
     Only ``max_lifetime`` and ``min_lifetime`` count; a missing or non-integer value
-    means "no bound" (as Synapse reads it). ``desired`` ``None`` means the policy does
-    not manage retention: always a match.
+    means "no bound" (as Synapse reads it), so a room without retention state matches
+    ``{}``. ``desired`` ``None`` means the policy does not manage retention: always a match.
     """
     if desired is None:
         return True
@@ -162,29 +185,74 @@ def is_expired(policy: RetentionPolicy | None, origin_server_ts: int, now_ms: in
     return cutoff is not None and origin_server_ts < cutoff
 
 
-def is_on_hold(
+def event_hold(
     room_id: str | None,
     sender: str | None,
     held_rooms: Collection[str],
     held_users: Collection[str],
-) -> bool:
-    """Whether an event (its room and sender) is under legal hold and must not be deleted."""
-    return (room_id is not None and room_id in held_rooms) or (
-        sender is not None and sender in held_users
-    )
+) -> str | None:
+    """Why an event (its room and sender) must not be removed: the legal hold covering it
+    (``"room on legal hold"`` / ``"user on legal hold"``), or ``None``."""
+    if room_id is not None and room_id in held_rooms:
+        return ROOM_HELD
+    if sender is not None and sender in held_users:
+        return USER_HELD
+    return None
 
 
-@dataclass(frozen=True, slots=True)
-class RoomRetention:
-    """What a sweep needs to know about one room.
+def purge_hold(
+    room_id: str | None, held_rooms: Collection[str], held_senders: Collection[str]
+) -> str | None:
+    """Why a room's history must not be purged, or ``None``.
 
-    ``senders`` are the users known to have sent events in the room (or its members,
-    when senders are not tracked): used to honour holds on users.
+    ``held_senders``: the users on hold who sent events in the room before the purge's
+    cutoff. ``purge_history`` removes every sender's events, so one of them is enough.
     """
+    if room_id is not None and room_id in held_rooms:
+        return ROOM_HELD
+    if held_senders:
+        return SENDER_HELD
+    return None
 
-    room_id: str
-    policy: RetentionPolicy | None
-    senders: frozenset[str] = field(default_factory=frozenset)
+
+def already_redacted(event: Mapping[str, Any]) -> bool:
+    """Whether an archived event was redacted before it reached us (or since, by Synapse)."""
+    unsigned = event.get("unsigned")
+    if isinstance(unsigned, dict) and unsigned.get("redacted_because"):
+        return True
+    content = event.get("content")
+    # an event that reached us already redacted has lost its content
+    return isinstance(content, dict) and not content and event.get("type") != REDACTION
+
+
+class Fate(Enum):
+    """What the sweeper does with one expired event."""
+
+    REDACT = "redact"
+    STATE = "state"  # state events and redactions: retention never removes them
+    REDACTED = "redacted"  # gone already (or no event ID to redact)
+    HELD = "held"  # its sender is on legal hold
+    UNREADABLE = "unreadable"  # the archive cannot open it (expired, shredded, damaged)
+
+
+def sweep_fate(
+    event: Mapping[str, Any] | None,
+    redacted: Collection[str],
+    held_users: Collection[str],
+) -> Fate:
+    """The fate of an expired event (``None`` when unreadable); ``redacted``: event IDs
+    known to be redacted already; ``held_users``: users on legal hold."""
+    if event is None:
+        return Fate.UNREADABLE
+    if "state_key" in event or event.get("type") == REDACTION:
+        return Fate.STATE
+    event_id = event.get("event_id")
+    if not isinstance(event_id, str) or event_id in redacted or already_redacted(event):
+        return Fate.REDACTED
+    sender = event.get("sender")
+    if event_hold(None, sender if isinstance(sender, str) else None, (), held_users):
+        return Fate.HELD
+    return Fate.REDACT
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,52 +265,33 @@ class Purge:
 
 @dataclass(frozen=True, slots=True)
 class SkippedPurge:
-    """A room that would expire events but must not be purged, and why."""
+    """A room whose purge is due but must not run, and why (a legal hold)."""
 
     room_id: str
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class SweepPlan:
-    """The outcome of :func:`plan_sweep`: purges to run and rooms held back."""
-
-    purges: tuple[Purge, ...] = ()
-    skipped: tuple[SkippedPurge, ...] = ()
+def purge_due(cutoff: int, purged_to: int, pending: int) -> bool:
+    """Whether a purge up to ``cutoff`` has work: messages were swept since the last purge
+    (``pending``) and the cutoff moved past the last purge's (``purged_to``)."""
+    return pending > 0 and cutoff > purged_to
 
 
-def plan_sweep(
-    rooms: Iterable[RoomRetention],
-    now_ms: int,
-    held_rooms: Collection[str] = frozenset(),
-    held_users: Collection[str] = frozenset(),
-    last_purged: Mapping[str, int] | None = None,
-) -> SweepPlan:
-    """Plan one retention sweep over ``rooms`` at ``now_ms``.
-
-    A room with a ``max_lifetime`` gets a :class:`Purge` up to its cutoff, unless it
-    is on hold or one of its ``senders`` is (then a :class:`SkippedPurge` names the
-    hold), or ``last_purged`` shows it was already purged up to that cutoff or later.
-    Rooms without ``max_lifetime`` are left out. Order follows ``rooms``.
-    """
-    last_purged = last_purged or {}
-    purges: list[Purge] = []
-    skipped: list[SkippedPurge] = []
-    for room in rooms:
-        cutoff = expiry_cutoff(room.policy, now_ms)
-        if cutoff is None or cutoff == 0:
-            continue
-        if room.room_id in held_rooms:
-            skipped.append(SkippedPurge(room.room_id, f"room {room.room_id} is on legal hold"))
-            continue
-        held = sorted(u for u in room.senders if u in held_users)
-        if held:
-            who = ", ".join(held)
-            reason = f"legal hold on {who}, who sent messages in {room.room_id}"
-            skipped.append(SkippedPurge(room.room_id, reason))
-            continue
-        previous = last_purged.get(room.room_id)
-        if previous is not None and previous >= cutoff:
-            continue
-        purges.append(Purge(room.room_id, cutoff))
-    return SweepPlan(tuple(purges), tuple(skipped))
+def plan_purge(
+    room_id: str,
+    cutoff: int,
+    *,
+    purged_to: int,
+    pending: int,
+    held_rooms: Collection[str],
+    held_senders: Collection[str],
+) -> Purge | SkippedPurge | None:
+    """Whether to purge a caught-up room's history up to ``cutoff``: ``None`` when nothing
+    is due (:func:`purge_due`), a :class:`SkippedPurge` naming the hold that forbids it
+    (:func:`purge_hold`), else the :class:`Purge`."""
+    if not purge_due(cutoff, purged_to, pending):
+        return None
+    reason = purge_hold(room_id, held_rooms, held_senders)
+    if reason is not None:
+        return SkippedPurge(room_id, reason)
+    return Purge(room_id, cutoff)

@@ -15,13 +15,14 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
+from ..policy.retention import REDACTION
 from . import codec
 from .schema import actions, records
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
-REDACTION = "m.room.redaction"
+__all__ = ["REDACTION", "STATE_TYPES", "ExpiredRecord", "SweepQueries"]
 #: The columns :meth:`SweepQueries._open` reads: seq, origin_ts and the sealed part.
 _EVENT_COLS = (
     records.c.seq,
@@ -187,23 +188,30 @@ class SweepQueries:
                 out.add(target)
         return out
 
-    async def sent_by_before(self, room_id: str, users: Iterable[str], before: int) -> bool:
-        """Whether any of ``users`` sent an event in the room before ``before``."""
-        idx = self._blind_all("sender", users)
-        if not idx:
-            return False
-        query = (
-            select(records.c.seq)
-            .where(
-                records.c.room_idx == self.room_idx(room_id),
-                records.c.sender_idx.in_(idx),
-                records.c.kind == "event",
-                records.c.origin_ts < before,
-            )
-            .limit(1)
-        )
+    async def senders_before(self, room_id: str, users: Iterable[str], before: int) -> set[str]:
+        """Which of ``users`` sent an event in the room before ``before`` (the legal holds
+        a purge up to ``before`` would break). One indexed look-up per user (holds are few),
+        each stopping at the first event found."""
+        room = self.room_idx(room_id)
+        found: set[str] = set()
         async with self.engine.connect() as conn:
-            return (await conn.execute(query)).first() is not None
+            for user in sorted(set(users)):
+                idx = self.store.blind("sender", user)
+                if idx is None:
+                    continue
+                query = (
+                    select(records.c.seq)
+                    .where(
+                        records.c.room_idx == room,
+                        records.c.sender_idx == idx,
+                        records.c.kind == "event",
+                        records.c.origin_ts < before,
+                    )
+                    .limit(1)
+                )
+                if (await conn.execute(query)).first() is not None:
+                    found.add(user)
+        return found
 
     async def count_expired(self, room_id: str, cutoff: int, after_ts: int, after_seq: int) -> int:
         """Roughly how many messages (not state) of the room are older than ``cutoff`` and

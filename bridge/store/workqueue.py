@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -19,11 +20,43 @@ from .operational import PLAIN_STATE_KEYS, OperationalMixin
 from .schema import records, transactions
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableEvent(StoredEvent):
+    """An event of a pending transaction that cannot be read back (its ciphertext expired
+    or was shredded, it fails to authenticate, or it is not a JSON object). ``event`` is
+    empty; ``reason`` says which, without any of the record's content."""
+
+    reason: str
+
+
 class WorkQueueMixin(OperationalMixin):
     """Reading pending transactions and committing what processing them produced."""
 
+    def _open_queued(
+        self, seq: int, room: bytes | None, key_id: str | None, nonce: bytes, ct: bytes | None
+    ) -> StoredEvent:
+        """The decrypted event of one record, or an :class:`UnreadableEvent` saying why not."""
+        try:
+            pt = self._decrypt(seq, room, key_id, nonce, ct)
+        except StoreError:
+            return UnreadableEvent(seq, {}, "it fails to authenticate (damaged or altered)")
+        if pt is None:
+            return UnreadableEvent(seq, {}, "its ciphertext is gone (expired or key destroyed)")
+        try:
+            event = codec.loads(pt)
+        except ValueError:
+            return UnreadableEvent(seq, {}, "it is not valid JSON")
+        if not isinstance(event, dict):
+            return UnreadableEvent(seq, {}, "it is not a JSON object")
+        return StoredEvent(seq, event)
+
     async def pending_work(self, limit: int = 10) -> list[WorkItem]:
-        """The oldest unprocessed transactions with their stored events (decrypted), in order."""
+        """The oldest unprocessed transactions with their stored events (decrypted), in order.
+
+        A record that cannot be read back is returned as an :class:`UnreadableEvent` in its
+        place, so one bad record does not stop the queue: the worker skips it and reports
+        it. (A data key that cannot be unwrapped still raises StoreError: that is the
+        keyring, not one record.)"""
         async with self.engine.connect() as conn:
             txns = (
                 await conn.execute(
@@ -55,12 +88,7 @@ class WorkQueueMixin(OperationalMixin):
                     )
                 ).all()
                 await self._keys_by_ids(conn, {r[2] for r in rows})
-                evs = []
-                for seq, room, key_id, nonce, ct in rows:
-                    pt = self._decrypt(seq, room, key_id, nonce, ct)
-                    if pt is None:
-                        raise StoreError(f"audit record seq {seq}: its ciphertext is gone")
-                    evs.append(StoredEvent(seq, codec.loads(pt)))
+                evs = [self._open_queued(*row) for row in rows]
                 items.append(WorkItem(qid, txn_id, received, evs))
             return items
 

@@ -157,6 +157,11 @@ async def test_old_messages_are_redacted_newer_ones_stay(rstack: RetentionStack)
         assert not any(is_redacted(events[i]) for i in new)
         # freeze: retention off here, and the newer messages are still there afterwards
         await command(rstack, c, room, "!policy retention off --scope here")
+
+        async def lifted() -> bool:  # the room no longer shows the old limit
+            return "max_lifetime" not in (await c.get_state(room, "m.room.retention") or {})
+
+        await wait_for(lifted, timeout=30, interval=0.3, message="m.room.retention emptied")
         await asyncio.sleep(9)
         events = await timeline(c, room)
         assert not any(is_redacted(events[i]) for i in new)

@@ -730,3 +730,51 @@ async def test_retention_removals_queued_before_a_hold_are_cancelled_not_run(
         "$c": "done",
         "$d": "done",
     }
+
+
+async def test_a_user_hold_cancels_a_queued_purge_of_a_room_where_that_user_wrote(
+    store: Store, homeserver: FakeHomeserver, session: ClientSession
+) -> None:
+    admin = AdminAPI(homeserver.url, "admin-token", session)
+    ex = make_executor(store, homeserver, session, admin=admin)
+    kept, late, free = "!kept:x", "!late:x", "!free:x"
+
+    def message(room: str, sender: str, ts: int) -> dict[str, Any]:
+        return {
+            "event_id": f"${room[1:5]}{sender[1:5]}{ts}",
+            "room_id": room,
+            "sender": sender,
+            "type": "m.room.message",
+            "origin_server_ts": ts,
+            "content": {"body": "hi"},
+        }
+
+    await store.ingest_transaction(
+        "t1",
+        [
+            message(kept, "@held:x", 100),  # before the cutoff: the purge would remove it
+            message(late, "@held:x", 5000),  # after the cutoff: the purge keeps it
+            message(late, "@other:x", 100),
+            message(free, "@other:x", 100),
+        ],
+    )
+    purges = [
+        NewAction("purge_history", {"purge_up_to_ts": 1000, "delete_local_events": True}, room_id=r)
+        for r in (kept, late, free)
+    ]
+    await store.enqueue_actions(purges)
+    # The hold arrives after the sweep queued the purges.
+    await store.set_hold("user", "@held:x", True, by="@admin:x")
+    homeserver.fail_next(200, {"purge_id": "p1"}, when=lambda m, p: "/purge_history/" in p, times=2)
+    await ex.run_due()
+    status = {p.room_id: (await action(store, p.id)) for p in purges}
+    assert status[kept].status == "cancelled"
+    assert status[kept].last_error == "legal hold: a user on legal hold sent messages in this room"
+    assert status[late].status == status[free].status == "done"
+    purged = {
+        s.path.split("/purge_history/")[1] for s in homeserver.sent("POST", "/purge_history/")
+    }
+    assert purged == {late, free}
+    [audit] = [r for r in await audit_actions(store) if r["outcome"] == "cancelled: legal hold"]
+    assert audit["payload"]["purge_up_to_ts"] == 1000
+    assert audit["hold"] == "a user on legal hold sent messages in this room"

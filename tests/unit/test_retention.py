@@ -8,17 +8,21 @@ from hypothesis import strategies as st
 
 from bridge.policy.durations import MAX_DURATION_MS, DurationError
 from bridge.policy.retention import (
+    Fate,
     Purge,
     RetentionPolicy,
     RetentionPolicyError,
-    RoomRetention,
     SkippedPurge,
+    already_redacted,
+    event_hold,
     expiry_cutoff,
     is_expired,
-    is_on_hold,
-    plan_sweep,
+    plan_purge,
+    purge_due,
+    purge_hold,
     retention_content,
     retention_matches,
+    sweep_fate,
 )
 
 D = 24 * 60 * 60 * 1000
@@ -63,7 +67,8 @@ def test_describe() -> None:
 
 def test_retention_content() -> None:
     assert retention_content(None) is None
-    assert retention_content(RetentionPolicy()) is None
+    # lifted: the room's retention state is emptied, not left as it was
+    assert retention_content(RetentionPolicy()) == {}
     assert retention_content(RetentionPolicy(30 * D)) == {"max_lifetime": 30 * D}
     assert retention_content(RetentionPolicy(30 * D, D)) == {
         "max_lifetime": 30 * D,
@@ -81,6 +86,10 @@ def test_retention_matches() -> None:
     assert not retention_matches(None, desired)
     assert not retention_matches({"max_lifetime": "2592000000"}, desired)  # string is no bound
     assert retention_matches({"max_lifetime": "30d"}, {})  # both unbounded
+    assert retention_matches(None, {})  # no retention state: already unbounded
+    assert retention_matches({}, {})
+    assert not retention_matches({"max_lifetime": 30 * D}, {})  # a stale limit
+    assert not retention_matches({"min_lifetime": D}, {})
     assert retention_matches({"max_lifetime": 1}, None)  # unmanaged
 
 
@@ -96,42 +105,68 @@ def test_expiry_cutoff_and_is_expired() -> None:
     assert expiry_cutoff(policy, 5) == 0  # never negative
 
 
-def test_is_on_hold() -> None:
-    assert is_on_hold("!a:x", "@u:x", {"!a:x"}, set())
-    assert is_on_hold("!b:x", "@u:x", set(), {"@u:x"})
-    assert not is_on_hold("!b:x", "@v:x", {"!a:x"}, {"@u:x"})
-    assert not is_on_hold(None, None, {"!a:x"}, {"@u:x"})
+def test_event_hold() -> None:
+    assert event_hold("!a:x", "@u:x", {"!a:x"}, set()) == "room on legal hold"
+    assert event_hold("!b:x", "@u:x", set(), {"@u:x"}) == "user on legal hold"
+    assert event_hold("!a:x", "@u:x", {"!a:x"}, {"@u:x"}) == "room on legal hold"
+    assert event_hold("!b:x", "@v:x", {"!a:x"}, {"@u:x"}) is None
+    assert event_hold(None, None, {"!a:x"}, {"@u:x"}) is None
 
 
-def test_plan_sweep() -> None:
-    thirty = RetentionPolicy(30 * D)
-    rooms = [
-        RoomRetention("!plain:x", thirty, frozenset({"@a:x"})),
-        RoomRetention("!held:x", thirty),
-        RoomRetention("!user-held:x", thirty, frozenset({"@b:x", "@c:x"})),
-        RoomRetention("!no-max:x", RetentionPolicy(None, D)),
-        RoomRetention("!none:x", None),
-        RoomRetention("!done:x", thirty),
-        RoomRetention("!stale:x", thirty),
-    ]
+def test_purge_hold() -> None:
+    assert purge_hold("!a:x", {"!a:x"}, ()) == "room on legal hold"
+    assert purge_hold("!b:x", {"!a:x"}, {"@u:x"}) == (
+        "a user on legal hold sent messages in this room"
+    )
+    assert purge_hold("!b:x", {"!a:x"}, ()) is None
+
+
+def message(**over: object) -> dict[str, object]:
+    return {
+        "event_id": "$e",
+        "type": "m.room.message",
+        "sender": "@a:x",
+        "content": {"body": "hi"},
+        **over,
+    }
+
+
+def test_sweep_fate() -> None:
+    assert sweep_fate(message(), set(), set()) is Fate.REDACT
+    assert sweep_fate(None, set(), set()) is Fate.UNREADABLE
+    # state events and redactions are never removed by retention
+    assert sweep_fate(message(type="m.room.topic", state_key=""), set(), set()) is Fate.STATE
+    assert sweep_fate(message(type="m.room.redaction", content={}), set(), set()) is Fate.STATE
+    # gone already: redacted by someone (known), redacted on arrival, or no ID to redact
+    assert sweep_fate(message(), {"$e"}, set()) is Fate.REDACTED
+    assert sweep_fate(message(content={}), set(), set()) is Fate.REDACTED
+    redacted = message(unsigned={"redacted_because": {"event_id": "$r"}})
+    assert sweep_fate(redacted, set(), set()) is Fate.REDACTED
+    assert sweep_fate(message(event_id=None), set(), set()) is Fate.REDACTED
+    # a held sender's messages stay; a state event of theirs is still just state
+    assert sweep_fate(message(), set(), {"@a:x"}) is Fate.HELD
+    assert sweep_fate(message(sender="@b:x"), set(), {"@a:x"}) is Fate.REDACT
+    assert sweep_fate(message(state_key="x"), set(), {"@a:x"}) is Fate.STATE
+    assert not already_redacted(message(type="m.room.redaction", content={}))
+
+
+def test_plan_purge() -> None:
     cutoff = NOW - 30 * D
-    plan = plan_sweep(
-        rooms,
-        NOW,
-        held_rooms={"!held:x"},
-        held_users={"@c:x"},
-        last_purged={"!done:x": cutoff, "!stale:x": cutoff - 1},
+    kw = {"held_rooms": {"!held:x"}, "held_senders": ()}
+    assert plan_purge("!a:x", cutoff, purged_to=0, pending=3, **kw) == Purge("!a:x", cutoff)
+    # nothing swept since the last purge, or that purge already reached this cutoff
+    assert plan_purge("!a:x", cutoff, purged_to=0, pending=0, **kw) is None
+    assert plan_purge("!a:x", cutoff, purged_to=cutoff, pending=3, **kw) is None
+    assert plan_purge("!a:x", cutoff, purged_to=cutoff - 1, pending=3, **kw) == Purge(
+        "!a:x", cutoff
     )
-    assert plan.purges == (Purge("!plain:x", cutoff), Purge("!stale:x", cutoff))
-    assert plan.skipped == (
-        SkippedPurge("!held:x", "room !held:x is on legal hold"),
-        SkippedPurge("!user-held:x", "legal hold on @c:x, who sent messages in !user-held:x"),
+    assert plan_purge("!held:x", cutoff, purged_to=0, pending=3, **kw) == SkippedPurge(
+        "!held:x", "room on legal hold"
     )
-
-
-def test_plan_sweep_nothing_expired_yet() -> None:
-    plan = plan_sweep([RoomRetention("!a:x", RetentionPolicy(30 * D))], now_ms=D)
-    assert plan.purges == () and plan.skipped == ()
+    assert plan_purge(
+        "!a:x", cutoff, purged_to=0, pending=3, held_rooms=(), held_senders={"@c:x"}
+    ) == SkippedPurge("!a:x", "a user on legal hold sent messages in this room")
+    assert purge_due(cutoff, 0, 1) and not purge_due(cutoff, cutoff, 1)
 
 
 lifetimes = st.one_of(st.none(), st.integers(1, MAX_DURATION_MS))

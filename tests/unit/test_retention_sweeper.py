@@ -401,3 +401,59 @@ async def test_a_group_computed_under_other_holds_is_dropped(store: Store) -> No
     sweeper.q.expired_batch = real  # type: ignore[method-assign]
     await sweeper.tick()
     assert {a.room_id for a in await actions(store)} == {ROOM_B}
+
+
+async def test_count_expiring_for_a_space_counts_the_rooms_of_the_space(store: Store) -> None:
+    space = "!space:example.org"
+    await joined(store, space, ROOM_A, ROOM_B, ROOM_C)
+    await ingest(store, [message(ROOM_A, OLD + i) for i in range(3)])  # in the space
+    await ingest(store, [message(ROOM_C, OLD + i) for i in range(2)])  # in it, but held
+    await ingest(store, [message(ROOM_B, OLD + i) for i in range(4)])  # outside
+    await ingest(store, [message(space, OLD)])
+    await store.set_hold("room", ROOM_C, True, by="@admin:example.org")
+    cfg_none = build_config(
+        {
+            "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
+            "appservice": {"as_token": "as-secret", "hs_token": "hs-secret"},
+            "gate": {"token": "gate-secret"},
+        },
+        env={},
+    )
+    spaces = {ROOM_A: (space,), ROOM_C: (space,)}
+    h = Harness(store, cfg_none)
+    current = build_engine(cfg_none, {}, "!mgmt:example.org", spaces)
+    candidate = build_engine(
+        cfg_none, {"retention": {space: {"max_lifetime": "1d"}}}, "!mgmt:example.org", spaces
+    )
+    # the space room itself (1) and its joined, not held child ROOM_A (3); not ROOM_B
+    assert await h.sweeper().count_expiring(space, candidate, current) == (4, 2)
+
+
+async def test_sweep_progress_shows_in_the_metrics(store: Store) -> None:
+    from bridge import metrics
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    await joined(store, ROOM_A, ROOM_B, ROOM_C)
+    await ingest(store, [message(ROOM_A, OLD + i) for i in range(3)])
+    await ingest(store, [message(ROOM_B, OLD + i) for i in range(2)])
+    await ingest(store, [message(ROOM_C, OLD)])
+    await store.set_hold("room", ROOM_C, True, by="@admin:example.org")
+    redacts = sample("bridge_retention_removals_total", kind="redact")
+    purges = sample("bridge_retention_removals_total", kind="purge")
+    skips = sample("bridge_retention_hold_skips_total")
+    h = Harness(store, config(), batch=2, purge=True)
+    sweeper = h.sweeper()
+    assert await sweeper.tick()
+    assert sample("bridge_retention_rooms", state="limited") == 3
+    assert sample("bridge_retention_rooms", state="behind") == 2  # A and B: full batches
+    assert sample("bridge_retention_rooms", state="held") == 1
+    assert sample("bridge_retention_removals_total", kind="redact") == redacts + 4
+    assert sample("bridge_retention_hold_skips_total") == skips + 1
+    assert sample("bridge_retention_last_sweep_timestamp_seconds") == NOW / 1000
+    while await sweeper.tick():
+        pass
+    assert sample("bridge_retention_rooms", state="behind") == 0
+    assert sample("bridge_retention_removals_total", kind="redact") == redacts + 5
+    assert sample("bridge_retention_removals_total", kind="purge") == purges + 2

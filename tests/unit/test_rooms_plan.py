@@ -295,3 +295,36 @@ def test_old_room_versions_never_report_creator_unkickable(version: str) -> None
     rs = room(create(version, EVE), power({BOT: 100}), member(EVE), member(BOT))
     p = plan(rs, INTERNAL)
     assert p.kicks == ((EVE, "federation with evil.example is not allowed by company policy"),)
+
+
+# -- retention lifted ---------------------------------------------------------------------
+
+
+def test_a_lifted_retention_empties_the_rooms_stale_retention_state() -> None:
+    rs = room(
+        create("10", ALICE), power({BOT: 100}), state("m.room.retention", {"max_lifetime": DAY})
+    )
+    # retention off: the room must not keep showing (and Synapse purging by) the old limit
+    p = plan(rs, OPEN, RetentionPolicy())
+    assert p.set_state == (("m.room.retention", "", {}),)
+    stale_min = room(
+        create("10", ALICE), power({BOT: 100}), state("m.room.retention", {"min_lifetime": DAY})
+    )
+    assert plan(stale_min, OPEN, RetentionPolicy()).set_state == (("m.room.retention", "", {}),)
+    # already empty, or never set: nothing to send; no policy at all: not managed
+    assert plan(
+        room(create("10", ALICE), power({BOT: 100}), state("m.room.retention", {})),
+        OPEN,
+        RetentionPolicy(),
+    ).in_line
+    assert plan(room(create("10", ALICE), power({BOT: 100})), OPEN, RetentionPolicy()).in_line
+    assert plan(rs, OPEN, None).in_line
+
+
+def test_emptying_a_stale_retention_needs_power_too() -> None:
+    rs = room(
+        create("10", ALICE), power({BOT: 10}), state("m.room.retention", {"max_lifetime": DAY})
+    )
+    p = plan(rs, OPEN, RetentionPolicy())
+    assert p.set_state == ()
+    assert p.lacking == ("power level 50 to send m.room.retention (the bot has 10)",)

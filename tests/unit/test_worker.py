@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from bridge import metrics
 from bridge.app import build_registry
 from bridge.config import build_config
 from bridge.enforcement import RoomEnforcer
@@ -185,3 +186,92 @@ async def test_a_space_scoped_change_is_rolled_out_to_the_rooms_of_the_space(
     assert {a.room_id for a in acts if a.kind == "reconcile"} == {space, ROOM}
     assert worker.services.policy.engine.retention_for(ROOM).max_lifetime_ms == 30 * 86_400_000
     assert worker.services.policy.engine.retention_for(outside).max_lifetime_ms is None
+
+
+# -- unreadable records, metrics ---------------------------------------------------------
+
+
+async def _damage(store: Store, event_id: str, how: str) -> int:
+    """Make the archived record of ``event_id`` unreadable; returns its seq."""
+    from sqlalchemy import select, update
+
+    from bridge.store.schema import records
+
+    idx = store.blind("event_id", event_id)
+    async with store.engine.begin() as conn:
+        seq, ct = (
+            await conn.execute(
+                select(records.c.seq, records.c.ciphertext).where(records.c.event_id_idx == idx)
+            )
+        ).one()
+        if how == "gone":  # expired by archive retention, or its room key destroyed
+            value = None
+        else:  # altered: fails to authenticate
+            value = bytes([ct[0] ^ 1]) + bytes(ct[1:])
+        await conn.execute(update(records).where(records.c.seq == seq).values(ciphertext=value))
+    return int(seq)
+
+
+@pytest.mark.parametrize("how", ["gone", "altered"])
+async def test_an_unreadable_record_is_skipped_and_reported_not_fatal(
+    worker: Worker, how: str
+) -> None:
+    lost = msg("the unreadable one", sender="@joe:corp.example", room=ROOM)
+    bad = msg("bluefin for lunch", sender="@joe:corp.example", room=ROOM)
+    cmd = msg("!policy help")
+    await worker.store.ingest_transaction("t-damaged", [lost, bad, cmd])
+    seq = await _damage(worker.store, lost["event_id"], how)
+    counted = metrics.REGISTRY.get_sample_value("bridge_worker_unreadable_events_total") or 0
+    assert await worker.run_once() == 1  # no StoreError: the worker (and the bridge) lives on
+    acts = await worker.store.due_actions(now=10**12, limit=10_000)
+    # the transaction's other events were processed
+    assert [a.payload["event_id"] for a in acts if a.kind == "redact"] == [bad["event_id"]]
+    assert any("Commands" in b for b in notices(acts))
+    # one notice to the management room naming the record, nothing of its content
+    [warning] = [
+        a for a in acts if a.kind == "send_notice" and "could not be read" in a.payload["body"]
+    ]
+    assert warning.room_id == MGMT and f"seq {seq}" in warning.payload["body"]
+    assert "unreadable one" not in warning.payload["body"]
+    [error] = [r async for r in worker.store.iter_records(kind="error")]
+    assert error["data"]["seq"] == seq and error["data"]["error"] == "unreadable"
+    assert "unreadable one" not in json.dumps(error["data"])
+    # the queue entry completed: a restart does not meet the record again
+    assert (await worker.store.stats()).queue_depth == 0
+    assert await worker.store.pending_work() == []
+    assert await worker.run_once() == 0
+    assert metrics.REGISTRY.get_sample_value("bridge_worker_unreadable_events_total") == (
+        counted + 1
+    )
+
+
+async def test_dlp_findings_on_the_ingest_path_are_counted(worker: Worker) -> None:
+    def hits() -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "bridge_dlp_hits_total", {"rule": "keyword:secret"}
+        )
+        return value or 0.0
+
+    before = hits()
+    await feed(worker, msg("bluefin for lunch", sender="@joe:corp.example", room=ROOM))
+    assert hits() == before + 1
+    await feed(worker, msg("salmon for lunch", sender="@joe:corp.example", room=ROOM))
+    assert hits() == before + 1
+
+
+async def test_a_stale_retention_limit_where_retention_is_off_is_restored_to_none(
+    worker: Worker,
+) -> None:
+    def retention(content: dict[str, Any]) -> dict[str, Any]:
+        ev = msg("", sender="@joe:corp.example", room=ROOM)
+        ev.update(type="m.room.retention", state_key="", content=content)
+        return ev
+
+    [ok] = notices(await feed(worker, msg("!policy retention off --scope here", room=ROOM)))
+    assert "retention off" in ok
+    # someone puts the old limit back: the room must show the policy (none) again
+    acts = await feed(worker, retention({"max_lifetime": 86_400_000}))
+    assert [a.room_id for a in acts if a.kind == "reconcile"] == [ROOM]
+    assert any("changed m.room.retention" in b for b in notices(acts))
+    # an empty retention state is what the policy wants: nothing to do
+    assert await feed(worker, retention({})) == []
