@@ -244,7 +244,8 @@ class Worker:
             return
         if etype == "m.room.message" and self._is_command(event, cfg):
             await self._command(event, batch, cfg)
-            return
+            # and judged like any message below: a command prefix must not be a way around
+            # the rules (the management room is exempt from DLP, so admins can quote text)
         if etype == "m.reaction" and self._confirmation(event) is not None:
             original = self._confirmation(event)
             assert original is not None
@@ -278,10 +279,20 @@ class Worker:
         if membership == "invite":
             inviter = _s(event.get("sender")) or ""
             if server_name(inviter) == cfg.homeserver.domain or cfg.role_of(inviter):
-                log.info("invited to %s by %s; joining", room_id, inviter)
+                log.info(
+                    "invited to %s by %s (event %s); joining",
+                    room_id,
+                    inviter,
+                    event.get("event_id"),
+                )
                 batch.actions.append(NewAction("join", {}, room_id=room_id))
             else:
-                log.info("ignoring invite to %s from remote user %s", room_id, inviter)
+                log.info(
+                    "ignoring invite to %s from remote user %s (event %s)",
+                    room_id,
+                    inviter,
+                    event.get("event_id"),
+                )
         elif membership == "join":
             if room_id not in self.joined_rooms:
                 batch.actions.append(self.services.rooms.reconcile(room_id, "bot joined"))
@@ -318,7 +329,13 @@ class Worker:
         if in_line:
             return
         sender = _s(event.get("sender")) or "?"
-        log.info("drift: %s changed %s in %s; restoring", sender, etype, room_id)
+        log.info(
+            "drift: %s changed %s in %s (event %s); restoring",
+            sender,
+            etype,
+            room_id,
+            event.get("event_id"),
+        )
         await self.store.upsert_room(room_id, lacking=DRIFTED)
         batch.actions.append(self.services.rooms.reconcile(room_id, f"drift of {etype}"))
         if self.services.management_room:

@@ -115,6 +115,18 @@ async def test_ingest_path_redacts_what_a_redact_rule_matches(worker: Worker) ->
     assert "keyword:secret" in redact.payload["reason"]
 
 
+async def test_a_command_prefix_is_no_way_around_the_rules(worker: Worker) -> None:
+    """`!policy bluefin …` in an ordinary room: refused as a command AND redacted."""
+    bad = msg("!policy bluefin for lunch", sender="@joe:corp.example", room=ROOM)
+    acts = await feed(worker, bad)
+    assert any("not allowed" in n for n in notices(acts))
+    [redact] = [a for a in acts if a.kind == "redact"]
+    assert redact.payload["event_id"] == bad["event_id"]
+    # In the management room (exempt from DLP) admins may quote the word in a command.
+    acts = await feed(worker, msg("!policy dlp remove-keyword bluefin"))
+    assert not [a for a in acts if a.kind == "redact"]
+
+
 async def test_policy_change_applies_after_commit(worker: Worker) -> None:
     [reply] = notices(await feed(worker, msg('!policy dlp add-keyword "falcon x"')))
     assert "keyword added" in reply
