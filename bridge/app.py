@@ -141,6 +141,8 @@ class Bridge:
             self.store,
             lambda: float(self.config.federation.get("rollout_rate", 10.0)),
             self._notify_management,
+            own_server=self.config.homeserver.domain,
+            command_prefix=self.config.bridge.command_prefix,
         )
         await self.rooms.load()
         self.executor = Executor(
@@ -466,7 +468,9 @@ class Bridge:
         log.info("policy changed since the last start: %d rooms to bring in line", len(rooms))
 
     async def _report_failure(self, action: ActionRow, reason: str) -> None:
-        if not self.management_room or action.kind == "send_notice":
+        # Notices cannot report themselves; a reconcile's failure is the room enforcer's to
+        # report (batched per rollout, once per room), not one notice per room here.
+        if not self.management_room or action.kind in ("send_notice", "reconcile"):
             return
         await self.executor.submit(
             [notice(self.management_room, Reply.plain(f"⚠️ {action.kind} failed: {reason}"))]
@@ -617,6 +621,10 @@ class Bridge:
         for task in [*self._tasks, *self._background]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        try:  # membership changes not yet written (for the federation confirmation counts)
+            await asyncio.wait_for(self.rooms.close(), SHUTDOWN_STEP)
+        except Exception as e:
+            log.warning("could not store the last membership changes: %r", e)
         try:
             await asyncio.wait_for(self.sink.flush(), SHUTDOWN_STEP)
         except Exception as e:

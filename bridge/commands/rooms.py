@@ -31,6 +31,35 @@ from .scope import SCOPE_FLAG, room_of, scope_of, where
 YES_FLAG = Flag("yes", "confirm a change that removes members")
 
 
+#: Rooms listed per page of ``!policy rooms`` (keeps a reply well under Matrix's 64 KiB).
+ROOMS_PAGE = 50
+#: A room's line is cut at this length (a lack can list many unkickable members).
+ROOM_LINE_LIMIT = 240
+ROOM_FILTERS = ("all", "enforced", "drifted", "lacking", "not-joined")
+_LABELS = {
+    "all": "in all",
+    "enforced": "enforced",
+    "drifted": "drifted",
+    "lacking": "lack power",
+    "not-joined": "not joined",
+}
+
+
+def _room_state(row: Mapping[str, Any]) -> tuple[str, str]:
+    """The filter a known room falls under, and how it is shown."""
+    if not row["joined"]:
+        return "not-joined", "not joined"
+    if row["lacking"] == DRIFTED:
+        return "drifted", "drifted"
+    if row["lacking"]:
+        return "lacking", f"lacks power: {row['lacking']}"
+    return "enforced", "enforced"
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= ROOM_LINE_LIMIT else line[: ROOM_LINE_LIMIT - 1] + "…"
+
+
 def _preview(ctx: CommandContext, section: str, doc: Mapping[str, Any]) -> PolicyEngine:
     """The engine with ``doc`` as the section's runtime layer; bad values are refused."""
     try:
@@ -39,23 +68,32 @@ def _preview(ctx: CommandContext, section: str, doc: Mapping[str, Any]) -> Polic
         raise CommandError(str(e)) from None
 
 
+async def _target_rooms(ctx: CommandContext) -> list[str]:
+    """The joined rooms a change in the command's scope reaches (its rollout)."""
+    live: LivePolicy = ctx.services.policy
+    joined = {r["room_id"] for r in await ctx.services.store.list_rooms() if r["joined"]}
+    covered = rooms_in_scope(scope_of(ctx), joined, live.room_spaces, ctx.services.management_room)
+    return [r for r in covered if r in joined]
+
+
 async def _stage(
     ctx: CommandContext,
     section: str,
     doc: Mapping[str, Any],
     what: str,
     engine: PolicyEngine | None = None,
+    rooms: list[str] | None = None,
 ) -> int:
     """Stage the document and a rollout to the rooms it concerns; returns how many rooms.
 
-    ``engine`` is the already compiled preview of ``doc``, if the caller has one.
+    ``engine`` is the already compiled preview of ``doc`` and ``rooms`` the rooms it
+    reaches (:func:`_target_rooms`), if the caller has them.
     """
     live: LivePolicy = ctx.services.policy
     if engine is None:
         engine = _preview(ctx, section, doc)
-    joined = {r["room_id"] for r in await ctx.services.store.list_rooms() if r["joined"]}
-    covered = rooms_in_scope(scope_of(ctx), joined, live.room_spaces, ctx.services.management_room)
-    rooms = [r for r in covered if r in joined]
+    if rooms is None:
+        rooms = await _target_rooms(ctx)
     acts, record = ctx.services.rooms.rollout(rooms, what)
     ctx.actions.extend(acts)
     ctx.state_updates[runtime_key(section)] = live.encode(doc)
@@ -104,16 +142,22 @@ def register(registry: CommandRegistry) -> None:
         scope = scope_of(ctx)
         live: LivePolicy = ctx.services.policy
         candidate = _preview(ctx, "federation", doc)
-        own = candidate.policy.own_server
-        rooms, members, servers = ctx.services.rooms.affected(candidate.federation_for, own)
-        before = ctx.services.rooms.affected(live.engine.federation_for, own)
-        if members > before[1] and not ctx.flags.get("yes"):
-            raise NeedsConfirmation(
-                f"this change would remove {members} member(s) from {rooms} room(s) "
-                f"(servers: {', '.join(sorted(servers))}). Repeat the command with --yes "
-                "or react ✅ to it to apply it."
+        rooms = await _target_rooms(ctx)
+        if candidate.policy.kick_excluded and not ctx.flags.get("yes"):
+            # Members the new policy removes and the one in force keeps, in the rooms the
+            # change reaches (counted from the stored members, also after a restart).
+            affected = await ctx.services.rooms.affected(
+                live.engine.federation_for,
+                candidate.federation_for,
+                candidate.policy.own_server,
+                rooms,
             )
-        count = await _stage(ctx, "federation", doc, what, candidate)
+            if affected:
+                raise NeedsConfirmation(
+                    f"{affected.describe()}\nRepeat the command with --yes or react ✅ to it "
+                    "to apply it."
+                )
+        count = await _stage(ctx, "federation", doc, what, candidate, rooms)
         return Reply.plain(f"✅ {what} {where(scope, ctx)}; bringing {count} room(s) in line.")
 
     def fed_doc(ctx: CommandContext) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -234,22 +278,40 @@ def register(registry: CommandRegistry) -> None:
 
     @registry.command(
         "rooms",
-        summary="every room the bridge knows, with its enforcement state",
+        summary=(
+            f"the rooms the bridge knows, with their enforcement state, {ROOMS_PAGE} a page "
+            "(filter: enforced, drifted, lacking, not-joined)"
+        ),
         role="auditor",
+        args=(Arg("state", "which rooms", required=False, choices=ROOM_FILTERS),),
+        flags=(Flag("page", "page number, from 1", value="N"),),
     )
     async def rooms_cmd(ctx: CommandContext) -> Reply:
-        rows = await ctx.services.store.list_rooms()
+        wanted = ctx.args.get("state", "all")
+        raw_page = str(ctx.flags.get("page", "1"))
+        if not raw_page.isdigit() or int(raw_page) < 1:
+            raise CommandError(f"--page must be a whole number from 1, not {raw_page!r}")
+        page = int(raw_page)
+        counts = dict.fromkeys(ROOM_FILTERS[1:], 0)
         items = []
-        for r in rows:
+        for r in await ctx.services.store.list_rooms():
             if r["room_id"] == ctx.services.management_room:
                 continue
-            if not r["joined"]:
-                state = "not joined"
-            elif r["lacking"] == DRIFTED:
-                state = "drifted"
-            elif r["lacking"]:
-                state = f"lacks power: {r['lacking']}"
-            else:
-                state = "enforced"
-            items.append(f"{r['room_id']}: {state}")
-        return Reply.lines(f"{len(items)} room(s)", items[:200])
+            state, text = _room_state(r)
+            counts[state] += 1
+            if wanted in ("all", state):
+                items.append(_cut(f"{r['room_id']}: {text}"))
+        total = sum(counts.values())
+        pages = max(1, -(-len(items) // ROOMS_PAGE))
+        if page > pages:
+            raise CommandError(f"there are {pages} page(s) of {wanted} rooms; page {page} is empty")
+        shown = items[(page - 1) * ROOMS_PAGE : page * ROOMS_PAGE]
+        summary = ", ".join(f"{n} {_LABELS[k]}" for k, n in counts.items() if n)
+        title = f"{total} room(s)" + (f": {summary}" if summary else "")
+        if wanted != "all":
+            title += f". {len(items)} {_LABELS[wanted]}"
+        if pages > 1:
+            prefix = ctx.services.config.bridge.command_prefix
+            more = f"{prefix} rooms {wanted} --page {page + 1}" if page < pages else ""
+            title += f". Page {page} of {pages}" + (f" (next: {more})" if more else "")
+        return Reply.lines(title, shown)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -125,10 +126,37 @@ class OperationalMixin(RecordsMixin):
         pt = self._op_open(dk, "bridge_state", key, "value", blob, f"state {key!r}")
         return pt.decode("utf-8", "surrogatepass")
 
-    def _room_values(self, dk: DataKey, room_id: str, lacking: str) -> dict[str, Any]:
+    def _room_values(
+        self,
+        dk: DataKey,
+        room_id: str,
+        lacking: str,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         idx = self._bidx("room", room_id)
-        data = dumps({"room_id": room_id, "lacking": lacking})
+        data = dumps({**(extra or {}), "room_id": room_id, "lacking": lacking})
         return {"room_idx": idx, "data": self._op_seal(dk, "rooms", idx, "data", data)}
+
+    def _room_data_lock(self) -> asyncio.Lock:
+        """Serialises read-modify-writes of rooms' sealed data within this process (SQLite
+        reads outside the write transaction; PostgreSQL also locks the rows)."""
+        lock: asyncio.Lock | None = getattr(self, "_room_rmw_lock", None)
+        if lock is None:
+            lock = self._room_rmw_lock = asyncio.Lock()
+        return lock
+
+    async def _room_objs(
+        self, conn: AsyncConnection, dk: DataKey, idxs: Sequence[bytes]
+    ) -> dict[bytes, dict[str, Any]]:
+        """The opened sealed data of existing rooms (locked for update on PostgreSQL)."""
+        out: dict[bytes, dict[str, Any]] = {}
+        for i in range(0, len(idxs), 500):
+            chunk = list(idxs[i : i + 500])
+            query = select(rooms.c.room_idx, rooms.c.data).where(rooms.c.room_idx.in_(chunk))
+            for idx, blob in (await conn.execute(query.with_for_update())).all():
+                key = bytes(idx)
+                out[key] = json.loads(self._op_open(dk, "rooms", key, "data", blob, "a known room"))
+        return out
 
     def _action_values(
         self, dk: DataKey, action_id: str, room_id: str | None, payload: Any
@@ -355,9 +383,11 @@ class OperationalMixin(RecordsMixin):
         values: dict[str, Any] = {"updated_ts": now_ms()}
         if joined is not None:
             values["joined"] = joined
-        if lacking is not None:
-            values["data"] = self._room_values(dk, room_id, lacking)["data"]
-        async with self.engine.begin() as conn:
+        async with self._room_data_lock(), self.engine.begin() as conn:
+            if lacking is not None:
+                # Keep the other sealed fields (see update_rooms_data).
+                old = (await self._room_objs(conn, dk, [idx])).get(idx, {})
+                values["data"] = self._room_values(dk, room_id, lacking, old)["data"]
             result = await conn.execute(
                 update(rooms).where(rooms.c.room_idx == idx).values(**values)
             )
@@ -365,6 +395,47 @@ class OperationalMixin(RecordsMixin):
                 values.setdefault("joined", False)
                 values.setdefault("data", self._room_values(dk, room_id, "")["data"])
                 await conn.execute(insert(rooms).values(room_idx=idx, **values))
+
+    async def update_rooms_data(self, updates: Mapping[str, Mapping[str, Any]]) -> int:
+        """Merge fields into known rooms' sealed data, in one commit: ``{room_id: {field:
+        value}}`` (``room_id`` and ``lacking`` are not fields of this kind). Rooms the
+        store does not know are skipped; returns how many rooms were updated.
+        :meth:`room_data` reads the fields back; :meth:`upsert_room` keeps them."""
+        if not updates:
+            return 0
+        dk = await self._op_key()
+        assert dk is not None
+        by_idx = {self._bidx("room", r): r for r in updates}
+        async with self._room_data_lock(), self.engine.begin() as conn:
+            old = await self._room_objs(conn, dk, list(by_idx))
+            for idx, obj in old.items():
+                room = by_idx[idx]
+                fields = {k: v for k, v in updates[room].items() if k not in ("room_id", "lacking")}
+                data = self._room_values(dk, room, obj.get("lacking") or "", {**obj, **fields})
+                await conn.execute(
+                    update(rooms).where(rooms.c.room_idx == idx).values(data=data["data"])
+                )
+        return len(old)
+
+    async def room_data(self) -> dict[str, dict[str, Any]]:
+        """Every known room's sealed data by room ID: ``joined``, ``lacking`` and the fields
+        written by :meth:`update_rooms_data`."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(select(rooms.c.room_idx, rooms.c.joined, rooms.c.data))
+            ).all()
+        if not rows:
+            return {}
+        dk = await self._op_key_needed("a known room")
+        out: dict[str, dict[str, Any]] = {}
+        for idx, joined, blob in rows:
+            key = bytes(idx)
+            obj = json.loads(self._op_open(dk, "rooms", key, "data", blob, "a known room"))
+            room = obj.pop("room_id")
+            obj["lacking"] = obj.get("lacking") or ""
+            obj["joined"] = bool(joined)
+            out[room] = obj
+        return out
 
     async def upsert_rooms(self, room_ids: Iterable[str], *, joined: bool) -> None:
         """Mark many rooms joined (or not) in one commit; new ones lack nothing."""

@@ -80,6 +80,9 @@ async def test_allowlist_sets_acl_restores_drift_and_refuses_invites(
         await wait_for(
             weak_reported, timeout=30, interval=1, message="lacks power in !policy rooms"
         )
+        # The filter lists only such rooms.
+        lacking = await command(stack, management_room, "!policy rooms lacking")
+        assert weak in lacking and existing not in lacking and fresh not in lacking
         show = await command(stack, management_room, "!policy federation show")
         assert "mode: allowlist" in show and "partner.example" in show
 
@@ -87,6 +90,24 @@ async def test_allowlist_sets_acl_restores_drift_and_refuses_invites(
         events = await admin.messages(management_room, limit=100)
         bodies = [e.get("content", {}).get("body", "") for e in events]
         assert any("changed m.room.server_acl" in b and fresh in b for b in bodies)
+
+        # Unasked, the bridge tells the management room what it lacks in the weak room:
+        # once, in a batched notice (sent within the report delay, 30 s by default).
+        def lack_notices(events: list[dict]) -> list[str]:
+            return [
+                line
+                for e in events
+                if e.get("sender") == stack.bot
+                for line in str(e.get("content", {}).get("body", "")).splitlines()
+                # "• ROOM: power level …" (the replies of !policy rooms say "lacks power: …")
+                if line.startswith(f"• {weak}: power level") and "m.room.server_acl" in line
+            ]
+
+        async def weak_notice() -> list[str] | None:
+            return lack_notices(await admin.messages(management_room, limit=200)) or None
+
+        await wait_for(weak_notice, timeout=60, interval=2, message="a notice about the weak room")
+        assert len(lack_notices(await admin.messages(management_room, limit=200))) == 1
 
     # Back to open for the other tests.
     assert "open" in await command(stack, management_room, "!policy federation mode open")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bridge.commands.registry import Reply
-from bridge.enforcement import ROLLOUT_KEY, RoomEnforcer
+from bridge.enforcement import ROLLOUT_KEY, Affected, RoomEnforcer
 from bridge.policy.federation import FederationMode, FederationPolicy
 from bridge.store import Store
 
@@ -101,11 +101,25 @@ def test_members_from_state_and_from_the_event_stream(store: Store) -> None:
     assert enf.members["!r:x"] == {"@a:corp.example": "join", "@e:evil.example": "invite"}
     enf.note_member("!r:x", "@e:evil.example", "leave")
     enf.note_member("!new:x", "@b:corp.example", "join")
-    assert enf.members["!r:x"]["@e:evil.example"] == "leave"
-    assert enf.members["!new:x"] == {"@b:corp.example": "join"}
+    enf.note_member("!new:x", "@k:evil.example", "knock")
+    assert enf.members["!r:x"] == {"@a:corp.example": "join"}  # only members present
+    assert enf.members["!new:x"] == {"@b:corp.example": "join", "@k:evil.example": "knock"}
     # A full state read replaces what the stream told us.
     enf.on_state("!r:x", [])
     assert enf.members["!r:x"] == {}
+
+
+def test_members_of_our_own_server_are_not_kept_when_it_is_known(store: Store) -> None:
+    enf = RoomEnforcer(store, lambda: 1.0, Notes(), own_server=OWN)
+    enf.on_state(
+        "!r:x",
+        [
+            {"type": "m.room.member", "state_key": u, "content": {"membership": "join"}}
+            for u in ("@a:corp.example", "@e:evil.example")
+        ],
+    )
+    enf.note_member("!r:x", "@b:corp.example", "join")
+    assert enf.members["!r:x"] == {"@e:evil.example": "join"}
 
 
 async def test_on_result_records_success_and_problems(store: Store) -> None:
@@ -127,7 +141,8 @@ async def test_on_result_records_success_and_problems(store: Store) -> None:
         "power level 50 to send m.room.server_acl (the bot has 0); "
         "@e:evil.example: a room creator cannot be removed (room version 12)"
     )
-    assert notes.said == []
+    assert notes.said == []  # reported later, batched (test_enforcement_reports.py)
+    await enf.close()
 
 
 async def test_on_result_errors_mark_not_joined_only_when_the_state_was_unreadable(
@@ -150,6 +165,7 @@ async def test_on_result_errors_mark_not_joined_only_when_the_state_was_unreadab
     await enf.on_result("!out:x", {"lacking": [], "unkickable": []})
     rooms = await rooms_by_id(store)
     assert (rooms["!out:x"]["joined"], rooms["!out:x"]["lacking"]) == (True, "")
+    await enf.close()
 
 
 async def test_rollout_progress_is_reported_once_per_quarter(store: Store) -> None:
@@ -205,15 +221,13 @@ async def test_load_without_a_rollout_is_quiet(store: Store) -> None:
     assert notes.said == []
 
 
-def test_affected_counts_rooms_members_and_servers(store: Store) -> None:
+async def test_affected_counts_rooms_members_and_servers(store: Store) -> None:
     enf, _ = enforcer(store)
     enf.members = {
         "!a:x": {
             "@me:corp.example": "join",
             "@e1:evil.example": "join",
             "@e2:evil.example": "invite",
-            "@gone:evil.example": "leave",
-            "@ban:evil.example": "ban",
         },
         "!b:x": {"@p:partner.example": "join", "@me:corp.example": "join"},
         "!c:x": {"@me:corp.example": "join"},
@@ -221,14 +235,57 @@ def test_affected_counts_rooms_members_and_servers(store: Store) -> None:
     }
     policies = {"!open:x": OPEN}
 
-    rooms, members, servers = enf.affected(lambda room: policies.get(room, INTERNAL), OWN)
-    assert (rooms, members, servers) == (2, 3, {"evil.example", "partner.example"})
+    found = await enf.affected(lambda _r: OPEN, lambda room: policies.get(room, INTERNAL), OWN)
+    assert found.rooms == {
+        "!a:x": ("@e1:evil.example", "@e2:evil.example"),
+        "!b:x": ("@p:partner.example",),
+    }
+    assert (len(found.rooms), found.members, found.servers) == (
+        2,
+        3,
+        {"evil.example", "partner.example"},
+    )
 
     allow_partner = FederationPolicy(FederationMode.ALLOWLIST, ("partner.example",))
-    assert enf.affected(lambda _room: allow_partner, OWN) == (2, 3, {"evil.example"})
-    assert enf.affected(lambda _room: OPEN, OWN) == (0, 0, set())
+    found = await enf.affected(lambda _r: OPEN, lambda _r: allow_partner, OWN)
+    assert (len(found.rooms), found.members, found.servers) == (2, 3, {"evil.example"})
+    assert not await enf.affected(lambda _r: OPEN, lambda _r: OPEN, OWN)
+    # Only the rooms the change reaches count.
+    found = await enf.affected(lambda _r: OPEN, lambda _r: INTERNAL, OWN, rooms=["!b:x", "!z:x"])
+    assert found.rooms == {"!b:x": ("@p:partner.example",)}
 
 
-def test_affected_with_no_known_members(store: Store) -> None:
+async def test_affected_compares_with_the_policy_in_force(store: Store) -> None:
+    """Swapping one partner for another removes as many members as before: still a removal
+    (comparing totals, as before, asked nothing)."""
     enf, _ = enforcer(store)
-    assert enf.affected(lambda _room: INTERNAL, OWN) == (0, 0, set())
+    enf.members = {"!a:x": {"@p:partner.example": "join", "@o:other.example": "join"}}
+    partner = FederationPolicy(FederationMode.ALLOWLIST, ("partner.example",))
+    other = FederationPolicy(FederationMode.ALLOWLIST, ("other.example",))
+    found = await enf.affected(lambda _r: partner, lambda _r: other, OWN)
+    assert found.rooms == {"!a:x": ("@p:partner.example",)}
+    # Members the policy in force already excludes are not this change's doing.
+    assert not await enf.affected(lambda _r: INTERNAL, lambda _r: partner, OWN)
+
+
+async def test_affected_with_no_known_members(store: Store) -> None:
+    enf, _ = enforcer(store)
+    assert not await enf.affected(lambda _r: OPEN, lambda _r: INTERNAL, OWN)
+
+
+def test_affected_describes_rooms_and_members_within_bounds() -> None:
+    many = {
+        f"!r{i:03d}:x": tuple(f"@u{j}:evil.example" for j in range(i % 7 + 1)) for i in range(40)
+    }
+    text = Affected(many).describe(max_rooms=10, max_users=5)
+    lines = text.splitlines()
+    assert lines[0] == (
+        f"this change would remove {sum(len(u) for u in many.values())} member(s) from 40 "
+        "room(s) (servers: evil.example):"
+    )
+    assert len(lines) == 12 and lines[-1] == "• … and 30 more room(s)"
+    # The rooms losing the most members come first, with their first members named.
+    assert lines[1] == (
+        "• !r006:x: 7 member(s): @u0:evil.example, @u1:evil.example, @u2:evil.example, "
+        "@u3:evil.example, @u4:evil.example and 2 more"
+    )
