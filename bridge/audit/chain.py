@@ -27,17 +27,34 @@ its ``ciphertext_digest`` column stays.
 Checkpoints sign ``b"PBCKPT01" || u64 seq || head_hash(32) || i64 ts ||
 u64 record_count || u16 len(key_id) || key_id`` with Ed25519; ``key_id`` is the
 signer's public-key fingerprint (:func:`key_fingerprint`).
+
+Removals. A verifier holds no data keys, so what retention removed must be stated by
+records it can read without them: their plain, hashed columns.
+
+* An **expiry record** (kind ``expiry``, :data:`EXPIRY_KIND`) is appended, and signed into a
+  checkpoint, before an archive-expiry run drops any ciphertext; its ``origin_ts`` is the
+  run's cutoff. It justifies a NULL ciphertext in every *earlier* record (lower seq)
+  archived before that cutoff (``ts < origin_ts``).
+* A **shred record** (kind ``shred``, :data:`SHRED_KIND`) is appended, with a checkpoint, in
+  the commit that deletes a data key; its ``key_id`` is the destroyed key and it has no
+  ciphertext of its own. It justifies records whose data key is no longer in ``data_keys``.
+
+Given the :class:`Removals` read from the store, :class:`ChainVerifier` reports a NULL
+ciphertext or a missing data key that no such record justifies. Only removal records that a
+signed checkpoint covers count: records after the last checkpoint can be appended by anyone
+who can write the database.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import hashlib
 import logging
 import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,6 +84,12 @@ _I64 = struct.Struct(">q").pack
 _CKPT = struct.Struct(">8sQ32sqQH").pack
 _ABSENT = b"\x00"
 _PRESENT = b"\x01"
+
+#: Record kinds whose plain columns state a removal (see the module docstring).
+EXPIRY_KIND = "expiry"
+SHRED_KIND = "shred"
+_NEVER = -(1 << 63)  # no record's ts is below this: nothing justified
+_ALWAYS = 1 << 63  # every record's ts is below this: no check
 
 
 class ChainFields(NamedTuple):
@@ -359,14 +382,34 @@ DUPLICATE = "duplicate"
 CHECKPOINT_SIGNATURE = "checkpoint_signature"
 CHECKPOINT_MISMATCH = "checkpoint_mismatch"
 TRUNCATED = "truncated"
+CIPHERTEXT_REMOVED = "ciphertext_removed"
+DATA_KEY_MISSING = "data_key_missing"
+CHANGED = "changed_while_verifying"
+
+
+@dataclass(frozen=True, slots=True)
+class Removals:
+    """What the store's plain columns say about removed data (read without any key).
+
+    ``data_keys``: the key ids in the ``data_keys`` table; ``expiries``: ``(seq, cutoff)``
+    of every expiry record; ``shreds``: ``(seq, key_id)`` of every shred record.
+    """
+
+    data_keys: frozenset[str | None] = frozenset()
+    expiries: tuple[tuple[int, int], ...] = ()
+    shreds: tuple[tuple[int, str], ...] = ()
 
 
 class ChainVerifier:
     """Streaming verifier: feed records in seq order, then call :meth:`finish`.
 
-    Memory is constant in the number of records (checkpoints are held in memory;
-    there are few). Stops at the first problem; after a seq gap it looks ahead up
-    to ``lookahead`` records to tell a deleted record from a reordered one.
+    Memory is constant in the number of records (checkpoints and removal records are held
+    in memory; there are few). Stops at the first problem; after a seq gap it looks ahead
+    up to ``lookahead`` records to tell a deleted record from a reordered one.
+
+    With ``removals`` (read from the store, see :class:`Removals`) a NULL ciphertext must be
+    justified by a later expiry record and a data key missing from the store by a shred
+    record, both covered by a signed checkpoint; without, neither is checked.
     """
 
     def __init__(
@@ -377,6 +420,7 @@ class ChainVerifier:
         start: Checkpoint | None = None,
         check_ciphertext: bool = True,
         lookahead: int = 10_000,
+        removals: Removals | None = None,
     ) -> None:
         """Prepare to verify from the genesis, or after a trusted ``start`` checkpoint."""
         self._keys = _as_key_map(public_keys)
@@ -402,12 +446,56 @@ class ChainVerifier:
         self._gap: tuple[int, int] | None = None
         self.report: VerifyReport | None = None
         self._next_cp = -1
+        self._next_stop = -1
+        self._setup_removals(removals, start)
         # checkpoints before the first record we will see are only signature-checked
         while self._cp_i < len(self._cps) and self._cps[self._cp_i].seq < self._expected:
             if not self._check_sig(self._cps[self._cp_i]):
                 return
             self._cp_i += 1
         self._next_cp = self._cps[self._cp_i].seq if self._cp_i < len(self._cps) else -1
+        self._set_next_stop()
+
+    def _setup_removals(self, removals: Removals | None, start: Checkpoint | None) -> None:
+        self._removals = removals
+        #: claims checked when their record is reached: seq -> (kind, cutoff or key id)
+        self._claims: dict[int, tuple[str, int | str]] = {}
+        self._claim_seqs: list[int] = []
+        self._claim_i = 0
+        self._next_claim = -1
+        self._exp_seqs: list[int] = []
+        self._exp_max: list[int] = []  # max cutoff of the expiry records from index i on
+        self._exp_i = 0
+        self._cutoff = _ALWAYS  # a NULL ciphertext is accepted for ts < this
+        self._keys_ok: frozenset[str | None] | None = None  # None: not checked
+        if removals is None:
+            return
+        # only removal records a signed checkpoint covers count (the tail is forgeable)
+        covered = max([c.seq for c in self._cps] + [start.seq if start else 0])
+        expiries = sorted((s, c) for s, c in removals.expiries if s <= covered)
+        shreds = sorted((s, k) for s, k in removals.shreds if s <= covered)
+        for s, c in expiries:
+            self._claims[s] = (EXPIRY_KIND, c)
+        for s, k in shreds:
+            self._claims[s] = (SHRED_KIND, k)
+        self._claim_seqs = sorted(self._claims)
+        self._claim_i = bisect.bisect_left(self._claim_seqs, self._expected)
+        self._next_claim = (
+            self._claim_seqs[self._claim_i] if self._claim_i < len(self._claim_seqs) else -1
+        )
+        self._exp_seqs = [s for s, _ in expiries]
+        best = _NEVER
+        self._exp_max = [0] * len(expiries)
+        for i in range(len(expiries) - 1, -1, -1):
+            best = max(best, expiries[i][1])
+            self._exp_max[i] = best
+        self._exp_i = bisect.bisect_left(self._exp_seqs, self._expected)
+        self._cutoff = self._exp_max[self._exp_i] if self._exp_i < len(expiries) else _NEVER
+        self._keys_ok = frozenset(removals.data_keys) | {k for _, k in shreds} | {None}
+
+    def _set_next_stop(self) -> None:
+        cp, claim = self._next_cp, self._next_claim
+        self._next_stop = cp if claim < 0 or 0 <= cp < claim else claim
 
     # -- failure bookkeeping
 
@@ -463,6 +551,76 @@ class ChainVerifier:
             self._cp_i += 1
         self._next_cp = cps[self._cp_i].seq if self._cp_i < len(cps) else -1
 
+    def _pass_claim(self, f: ChainFields) -> bool:
+        """The record at a removal record's seq: is it that record? Then step past it."""
+        kind, value = self._claims[f.seq]
+        actual = f.origin_ts if kind == EXPIRY_KIND else f.key_id
+        if f.kind != kind or actual != value:
+            self._fail(
+                f.seq,
+                CHANGED,
+                f"record seq {f.seq} is not the {kind} record read before verifying (the "
+                f"records table changed while verifying: run verify again)",
+            )
+            return False
+        if kind == EXPIRY_KIND:
+            self._exp_i += 1
+            i = self._exp_i
+            self._cutoff = self._exp_max[i] if i < len(self._exp_max) else _NEVER
+        self._claim_i += 1
+        i = self._claim_i
+        self._next_claim = self._claim_seqs[i] if i < len(self._claim_seqs) else -1
+        return True
+
+    def _uncovered(self, kind: str, seq: int, ok: Callable[[int | str], bool]) -> int | None:
+        """Seq of a removal record that would justify ``seq`` were it covered by a checkpoint."""
+        rm = self._removals
+        assert rm is not None
+        found: list[tuple[int, int | str]] = sorted(
+            rm.expiries if kind == EXPIRY_KIND else rm.shreds
+        )
+        for s, v in found:
+            if s not in self._claims and (kind == SHRED_KIND or s > seq) and ok(v):
+                return s
+        return None
+
+    def _removed_problem(self, f: ChainFields) -> tuple[str, str]:
+        """Why a NULL ciphertext or a missing data key is not justified."""
+        rm = self._removals
+        assert rm is not None
+        seq = f.seq
+        legacy = (
+            " (an archive whose expiry ran before expiry and shred records existed: start "
+            "the bridge once, it records the earlier runs from their retention records)"
+            if not rm.expiries
+            else ""
+        )
+        if f.key_id not in (self._keys_ok or ()):
+            s = self._uncovered(SHRED_KIND, seq, lambda k: k == f.key_id)
+            why = (
+                f"the shred record at seq {s} names it, but no signed checkpoint covers that "
+                f"record yet"
+                if s is not None
+                else f"no shred record names it: deleted outside the bridge{legacy}"
+            )
+            return (
+                DATA_KEY_MISSING,
+                f"record seq {seq}: its data key {f.key_id!r} is not in the data_keys table and "
+                f"{why}",
+            )
+        s = self._uncovered(EXPIRY_KIND, seq, lambda c: isinstance(c, int) and f.ts < c)
+        if s is not None:
+            why = (
+                f"the expiry record at seq {s} covers it, but no signed checkpoint covers "
+                f"that record yet"
+            )
+        else:
+            why = (
+                "no later archive-expiry record has a cutoff after its archive time "
+                f"(ts {f.ts}): removed outside the bridge{legacy}"
+            )
+        return CIPHERTEXT_REMOVED, f"record seq {seq}: its ciphertext was removed (NULL) but {why}"
+
     def _seq_problem(self, seq: int) -> None:
         exp = self._expected
         if seq > exp:
@@ -517,9 +675,7 @@ class ChainVerifier:
         if seq != self._expected:
             self._seq_problem(seq)
             return not self._done
-        if ciphertext is None:
-            self._no_ct += 1
-        elif self._check_ct and _sha256(ciphertext).digest() != fields[9]:
+        if ciphertext is not None and self._check_ct and _sha256(ciphertext).digest() != fields[9]:
             self._fail(
                 seq,
                 CIPHERTEXT_DIGEST,
@@ -536,30 +692,44 @@ class ChainVerifier:
                 f"this record was altered, or the previous record was rewritten with its hash)",
             )
             return False
+        if seq == self._next_claim and not self._pass_claim(fields):
+            return False
+        keys = self._keys_ok
+        if (keys is not None and fields.key_id not in keys) or (
+            ciphertext is None and fields.kind != SHRED_KIND and fields.ts >= self._cutoff
+        ):
+            self._fail(seq, *self._removed_problem(fields))
+            return False
+        if ciphertext is None:
+            self._no_ct += 1
         self._prev = h
         self._expected = seq + 1
         self._count += 1
         self._checked += 1
         if seq == self._next_cp:
             self._check_checkpoints(seq)
-            return not self._done
-        return True
+        self._set_next_stop()
+        return not self._done
 
     def feed_rows(self, rows: Iterable[Sequence[Any]]) -> bool:
         """:meth:`feed` for a batch of rows ``(*ChainFields, stored_hash, ciphertext)``.
 
         Same checks and report as feeding the rows one by one, in a tighter loop (the
-        common case: the expected seq, no checkpoint there, hashes match); anything else
-        goes through :meth:`feed`. Returns False once verification has concluded.
+        common case: the expected seq, no checkpoint or removal record there, hashes match,
+        the data key known, a NULL ciphertext justified); anything else goes through
+        :meth:`feed`. Returns False once verification has concluded.
         """
         sha, enc, check_ct = _sha256, _encode, self._check_ct
-        prev, expected, next_cp = self._prev, self._expected, self._next_cp
+        prev, expected, stop = self._prev, self._expected, self._next_stop
+        cutoff, keys = self._cutoff, self._keys_ok
         n = no_ct = 0
         for r in rows:
             seq = r[0]
-            if not self._failed and seq == expected and seq != next_cp:
+            if not self._failed and seq == expected and seq != stop:
                 ct = r[12]
-                if ct is None or not check_ct or sha(ct).digest() == r[9]:
+                if (r[1] < cutoff if ct is None else not check_ct or sha(ct).digest() == r[9]) and (
+                    keys is None or r[7] in keys
+                ):
                     h = sha(enc(prev, r[:11])).digest()  # type: ignore[arg-type]
                     if h == r[11]:
                         prev, expected = h, seq + 1
@@ -575,7 +745,8 @@ class ChainVerifier:
             n = no_ct = 0
             if not self.feed(ChainFields(*r[:11]), r[11], r[12]):
                 return False
-            prev, expected, next_cp = self._prev, self._expected, self._next_cp
+            prev, expected, stop = self._prev, self._expected, self._next_stop
+            cutoff = self._cutoff
         self._prev, self._expected = prev, expected
         self._count += n
         self._checked += n
@@ -620,10 +791,15 @@ def verify_chain(
     *,
     start: Checkpoint | None = None,
     check_ciphertext: bool = True,
+    removals: Removals | None = None,
 ) -> VerifyReport:
     """Verify a stream of records (in seq order) against the chain and signed checkpoints."""
     verifier = ChainVerifier(
-        public_keys, checkpoints, start=start, check_ciphertext=check_ciphertext
+        public_keys,
+        checkpoints,
+        start=start,
+        check_ciphertext=check_ciphertext,
+        removals=removals,
     )
     if not verifier.done:
         feed = verifier.feed
@@ -639,12 +815,15 @@ def checkpoint_due(last_checkpoint_seq: int, seq: int, every: int = 1000) -> boo
 
 
 __all__ = [
+    "EXPIRY_KIND",
     "GENESIS",
+    "SHRED_KIND",
     "ChainFields",
     "ChainRecord",
     "ChainVerifier",
     "Checkpoint",
     "CheckpointError",
+    "Removals",
     "SigningKeyError",
     "VerifyReport",
     "checkpoint_due",

@@ -1,7 +1,12 @@
-"""``python -m bridge audit verify|search|export|rotate-key -c config.yaml``.
+"""``python -m bridge audit verify|search|export|rotate-key|public-key -c config.yaml``.
 
 Exit codes as in :mod:`bridge.cli` (0 ok, 2 usage, 3 configuration, 5 database) plus
 6: ``verify`` found the archive altered (the message names the first bad record).
+
+No command creates the checkpoint signing key or signs a checkpoint. Only ``public-key``
+(which prints its public key, where the key is) and ``verify`` without ``--public-key`` read
+it. ``search``, ``export`` and ``rotate-key`` record themselves in the archive (who:
+``--actor``, else the OS user); the bridge's next checkpoint covers those records.
 """
 
 from __future__ import annotations
@@ -25,14 +30,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ..config import Config, ConfigError, load_config
 from ..policy.durations import parse_instant
 from ..store import AuditEntry, Store, StoreError, StoreUnavailable
-from ..store.store import AUDIT_KINDS, iter_chain_batches, load_checkpoints
+from ..store.store import AUDIT_KINDS, iter_chain_batches, load_checkpoints, load_removals
 from .chain import (
+    CHANGED,
+    CIPHERTEXT_REMOVED,
+    DATA_KEY_MISSING,
     ChainVerifier,
     Checkpoint,
     SigningKeyError,
     VerifyReport,
+    key_fingerprint,
     load_public_key,
     load_signing_key,
+    public_key_pem,
 )
 from .keyring import KeyringError
 from .setup import audit_config, load_keyring, open_store
@@ -64,8 +74,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         action="append",
         default=[],
-        help="trusted checkpoint public key (PEM); default: the configured signing key's",
+        help="trusted checkpoint public key (PEM, repeatable: e.g. the old and the new key "
+        "after a replacement); default: the configured signing key's",
     )
+    k = sub.add_parser(
+        "public-key", help="print the checkpoint signing key's public key (PEM) for verifiers"
+    )
+    common(k)
+    k.add_argument("-o", "--output", type=Path, help="write it to this file (default: stdout)")
 
     def filters(sp: argparse.ArgumentParser) -> None:
         common(sp)
@@ -80,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     filters(s)
     s.add_argument("--limit", type=int, default=100, help="at most this many (0 = all)")
     s.add_argument("--json", action="store_true", help="one full JSON object per record")
+    s.add_argument("--actor", help="who searches (default: the OS user)")
 
     e = sub.add_parser("export", help="export matching records (streaming), audited")
     filters(e)
@@ -94,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="afterwards remove the older KEKs (refused while any data key still uses one)",
     )
+    r.add_argument("--actor", help="who rotates (default: the OS user)")
     return p
 
 
@@ -113,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "search": cmd_search,
         "export": cmd_export,
         "rotate-key": cmd_rotate_key,
+        "public-key": cmd_public_key,
     }[args.command]
     try:
         return asyncio.run(handler(config, args))
@@ -167,24 +186,38 @@ def _merge_checkpoints(*sources: list[Checkpoint]) -> list[Checkpoint]:
     return sorted(seen.values(), key=lambda c: c.seq)
 
 
+_REMOVAL_PROBLEMS = (CIPHERTEXT_REMOVED, DATA_KEY_MISSING, CHANGED)
+
+
 async def verify_store(
     engine: AsyncEngine, public_keys: list[Ed25519PublicKey], checkpoint_log: Path | None
 ) -> VerifyReport:
-    """Stream the chain from the database and check it against every known checkpoint."""
-    cps = _merge_checkpoints(
-        await load_checkpoints(engine),
-        read_checkpoint_log(checkpoint_log) if checkpoint_log else [],
-    )
-    verifier = ChainVerifier(public_keys, cps)
-    if not verifier.done:
-        feed_rows = verifier.feed_rows
-        # aclosing: stopping early must also stop the read-ahead query, before the engine
-        # is disposed (not later, when the generator is collected).
-        async with contextlib.aclosing(iter_chain_batches(engine)) as batches:
-            async for rows in batches:
-                if not feed_rows(rows):
-                    break
-    return verifier.finish()
+    """Stream the chain from the database and check it against every known checkpoint,
+    and every removed ciphertext and data key against the removal records (no keys)."""
+    for attempt in (0, 1):
+        # removal records first: the checkpoint over each one is committed with it, so the
+        # checkpoints read next include it
+        removals = await load_removals(engine)
+        cps = _merge_checkpoints(
+            await load_checkpoints(engine),
+            read_checkpoint_log(checkpoint_log) if checkpoint_log else [],
+        )
+        verifier = ChainVerifier(public_keys, cps, removals=removals)
+        if not verifier.done:
+            feed_rows = verifier.feed_rows
+            # aclosing: stopping early must also stop the read-ahead query, before the
+            # engine is disposed (not later, when the generator is collected).
+            async with contextlib.aclosing(iter_chain_batches(engine)) as batches:
+                async for rows in batches:
+                    if not feed_rows(rows):
+                        break
+        report = verifier.finish()
+        if report.ok or report.problem_kind not in _REMOVAL_PROBLEMS or attempt:
+            return report
+        # a running bridge may have expired or shredded since: then verify once more
+        if await load_removals(engine) == removals:
+            return report
+    raise AssertionError("unreachable")
 
 
 async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
@@ -192,7 +225,15 @@ async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     if args.public_key:
         keys = [load_public_key(p.read_bytes()) for p in args.public_key]
     else:
-        keys = [load_signing_key(cfg.signing_key).public_key()]
+        try:
+            keys = [load_signing_key(cfg.signing_key).public_key()]
+        except SigningKeyError as e:
+            raise _Fail(
+                EXIT_CONFIG,
+                f"configuration error: {e}. Where the private key is not available, give "
+                f"the public key: --public-key FILE (print it with `audit public-key` where "
+                f"the key is)",
+            ) from None
     engine = _engine(config)
     try:
         report = await verify_store(engine, keys, cfg.checkpoint_log)
@@ -318,9 +359,27 @@ async def cmd_search(config: Config, args: argparse.Namespace) -> int:
                 if args.limit and n >= args.limit:
                     print(f"(stopped at --limit {args.limit})", file=sys.stderr)
                     break
+        actor = args.actor or getpass.getuser()
+        await store.append(
+            [
+                AuditEntry(
+                    "command",
+                    {
+                        "command": "audit search",
+                        "via": "cli",
+                        "actor": actor,
+                        "filters": {k: v for k, v in _filters(args).items() if v},
+                        "limit": args.limit,
+                        "count": n,
+                    },
+                    sender=actor,
+                    type="audit search",
+                )
+            ]
+        )
     finally:
         await store.close()
-    print(f"{n} matching records", file=sys.stderr)
+    print(f"{n} matching records (search recorded in the audit store)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -425,16 +484,21 @@ async def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
     store = await open_store(config, create=False)
     keyring = store.keyring  # the one the store unlocked with: the new KEK must reach it
     assert keyring is not None
+    actor = args.actor or getpass.getuser()
+    done: dict[str, Any] = {}
     try:
         old = keyring.kek_ids
         new = keyring.add_kek()
         keyring.save(path)  # first: a crash now leaves a keyring that still has the old KEKs
+        done.update(new_kek=new.id, old_keks=old)
         changed = await store.rewrap_data_keys()
+        done.update(rewrapped=changed, removed_old=False)
         print(f"added KEK {new.id}; re-wrapped {changed} data keys under it")
         if args.remove_old:
             usage = await store.kek_usage()
             still = {k: n for k, n in usage.items() if k != new.id}
             if still:
+                done["not_removed"] = f"data keys still use {still}"
                 raise _Fail(
                     EXIT_DATABASE,
                     f"not removing old KEKs: data keys still use {still} (is a bridge running "
@@ -443,6 +507,7 @@ async def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
             for kid in old:
                 keyring.remove_kek(kid)
             keyring.save(path)
+            done["removed_old"] = True
             print(f"removed old KEK(s): {', '.join(old)}")
         else:
             print(
@@ -451,5 +516,37 @@ async def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
             )
         print(f"BACK UP the keyring file {path} now. Restart the bridge to use the new KEK.")
     finally:
-        await store.close()
+        try:
+            if done:  # the keyring changed: record it, even when a later step failed
+                await store.append(
+                    [
+                        AuditEntry(
+                            "command",
+                            {"command": "audit rotate-key", "via": "cli", "actor": actor, **done},
+                            sender=actor,
+                            type="audit rotate-key",
+                        )
+                    ]
+                )
+        finally:
+            await store.close()
+    return EXIT_OK
+
+
+# -- public-key ------------------------------------------------------------------------
+
+
+async def cmd_public_key(config: Config, args: argparse.Namespace) -> int:
+    cfg = audit_config(config)
+    key = load_signing_key(cfg.signing_key)  # read only: never creates a key
+    pem = public_key_pem(key).decode("ascii")
+    if args.output:
+        args.output.write_text(pem, encoding="ascii")
+    else:
+        sys.stdout.write(pem)
+    print(
+        f"checkpoint signing key {key_fingerprint(key.public_key())} (the key_id of its "
+        f"checkpoints){f': written to {args.output}' if args.output else ''}",
+        file=sys.stderr,
+    )
     return EXIT_OK

@@ -15,6 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from ..audit.chain import CHECKPOINT_SIGNATURE
 from ..audit.setup import audit_config
 from ..policy.durations import parse_instant
 from ..store.store import AUDIT_KINDS
@@ -157,15 +158,20 @@ def register(registry: CommandRegistry) -> None:
                     f"took {took:.1f}s",
                 ],
             )
-        return Reply.lines(
-            "❌ Audit archive BROKEN",
-            [
-                f"first bad record: seq {report.first_bad_seq} ({report.problem_kind})",
-                str(report.problem),
-                f"{report.records_checked} records verified before it",
-                "run `python -m bridge audit verify -c config.yaml` for details",
-            ],
-        )
+        lines = [
+            f"first bad record: seq {report.first_bad_seq} ({report.problem_kind})",
+            str(report.problem),
+            f"{report.records_checked} records verified before it",
+            "run `python -m bridge audit verify -c config.yaml` for details",
+        ]
+        if report.problem_kind == CHECKPOINT_SIGNATURE and "not a trusted" in str(report.problem):
+            # this command trusts only the bridge's current signing key
+            lines.append(
+                "if the signing key was replaced, verify from the CLI trusting the old and "
+                "the new public key: `python -m bridge audit verify -c config.yaml "
+                "--public-key old.pem --public-key new.pem`"
+            )
+        return Reply.lines("❌ Audit archive BROKEN", lines)
 
     @registry.command(
         "audit",

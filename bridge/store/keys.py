@@ -1,13 +1,19 @@
-"""Data keys and blind indexes: unwrapping, creating, caching, re-wrapping, shredding."""
+"""Data keys and blind indexes: unwrapping, creating, caching, re-wrapping.
+
+A data key missing from ``data_keys`` is either shredded (a chained ``shred`` record names
+it: its records read as "data key destroyed") or unknown (deleted outside the bridge): a
+read of a record under an unknown key raises StoreError naming the record.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..audit.chain import SHRED_KIND
 from ..audit.crypto import (
     GLOBAL_SCOPE,
     DataKey,
@@ -21,7 +27,7 @@ from ..audit.crypto import (
 )
 from .core import StoreCore, log
 from .models import StoreError, now_ms
-from .schema import data_keys
+from .schema import data_keys, records
 
 #: A data key row as wrapped: ``WrappedKey(key_id, scope, kek_id, blob)``.
 _WRAPPED = (data_keys.c.key_id, data_keys.c.scope, data_keys.c.kek_id, data_keys.c.blob)
@@ -33,7 +39,16 @@ def _wrapped(row: Any) -> WrappedKey:
 
 
 class KeysMixin(StoreCore):
-    """Blind indexes and the data-key cache; key maintenance (re-wrap, shred)."""
+    """Blind indexes and the data-key cache; key maintenance (re-wrap)."""
+
+    #: Ids of data keys that shred records say were destroyed (filled as reads meet them).
+    _shredded_cache: set[str] | None = None
+
+    @property
+    def _shredded(self) -> set[str]:
+        if self._shredded_cache is None:
+            self._shredded_cache = set()
+        return self._shredded_cache
 
     def _bidx(self, field_name: str, value: str) -> bytes:
         key = (field_name, value)
@@ -108,22 +123,43 @@ class KeysMixin(StoreCore):
         await conn.execute(insert(data_keys), rows)
 
     async def _keys_by_ids(self, conn: AsyncConnection, key_ids: Iterable[str | None]) -> None:
-        missing = {k for k in key_ids if k is not None and k not in self._keys_by_id}
+        """Cache the data keys ``key_ids``; note which missing ones were shredded."""
+        shredded = self._shredded
+        missing = {
+            k for k in key_ids if k is not None and k not in self._keys_by_id and k not in shredded
+        }
+        if not missing:
+            return
+        await self._load_keys(conn, data_keys.c.key_id.in_(missing))
+        missing.difference_update(self._keys_by_id)
         if missing:
-            await self._load_keys(conn, data_keys.c.key_id.in_(missing))
+            rows = await conn.execute(
+                select(records.c.key_id).where(
+                    records.c.kind == SHRED_KIND, records.c.key_id.in_(missing)
+                )
+            )
+            shredded.update(r[0] for r in rows)
 
     def _decrypt(
         self, seq: int, room: bytes | None, key_id: str | None, nonce: bytes, ct: bytes | None
     ) -> bytes | None:
         """Plaintext of a record; None if its ciphertext expired or its room key was shredded.
 
-        Raises StoreError naming the record if it fails to authenticate.
+        Raises StoreError naming the record if it fails to authenticate, or if its data key
+        is neither in the store nor named by a shred record (call :meth:`_keys_by_ids`
+        first).
         """
         if ct is None or key_id is None:
             return None
         dk = self._keys_by_id.get(key_id)
         if dk is None:
-            return None
+            if key_id in self._shredded:
+                return None
+            raise StoreError(
+                f"audit record seq {seq}: its data key {key_id!r} is not in the store and no "
+                f"shred record says it was destroyed (deleted outside the bridge, or a store "
+                f"from before shred records: start the bridge once to record earlier expiry)"
+            )
         try:
             return decrypt_record(
                 dk, seq, bytes(room) if room is not None else GLOBAL_SCOPE, bytes(nonce), bytes(ct)
@@ -191,11 +227,3 @@ class KeysMixin(StoreCore):
                 select(data_keys.c.kek_id, func.count()).group_by(data_keys.c.kek_id)
             )
             return {k: n for k, n in rows}
-
-    async def destroy_room_key(self, room_id: str) -> bool:
-        """Crypto-shred a room: delete its data key (records stay, chain still verifies)."""
-        scope = self._bidx("room", room_id)
-        async with self._append_lock, self.engine.begin() as conn:
-            result = await conn.execute(delete(data_keys).where(data_keys.c.scope == scope))
-        self._forget_key(scope)
-        return bool(result.rowcount)

@@ -9,6 +9,7 @@ from typing import Any, TypedDict, Unpack
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..audit.chain import SHRED_KIND
 from . import codec
 from .chain import prefetched
 from .codec import str_or_none
@@ -65,9 +66,11 @@ class ReadingMixin(KeysMixin):
         inclusive/exclusive) on the event's origin_server_ts; ``after`` a seq. Each dict has
         seq, ts, kind, event_id, room_id, sender, type, origin_ts and data (the event, or the
         audit entry's data); ``data`` is None when the ciphertext expired or the room key was
-        destroyed (``unreadable`` says which). With ``raw_json`` an event's dict also holds
-        ``json``: its stored JSON text, exactly as archived (exports copy it instead of
-        serialising ``data`` again). A record that fails to authenticate raises StoreError.
+        destroyed (``unreadable`` says which). A shred record has no ciphertext: its ``data``
+        is ``{"destroyed_key_id": …}`` from its plain columns. With ``raw_json`` an event's
+        dict also holds ``json``: its stored JSON text, exactly as archived (exports copy it
+        instead of serialising ``data`` again). A record that fails to authenticate, or whose
+        data key is unknown (neither in the store nor shredded), raises StoreError naming it.
         """
         conds = self._record_conds(kind, room, sender, type, since, until)
         loads = codec.loads
@@ -86,6 +89,21 @@ class ReadingMixin(KeysMixin):
                 append = out.append
                 for seq, ts, rkind, origin, room_idx, key_id, nonce, ct in rows:
                     pt = decrypt(seq, room_idx, key_id, nonce, ct)
+                    if pt is None and rkind == SHRED_KIND:
+                        append(
+                            {
+                                "seq": seq,
+                                "ts": ts,
+                                "kind": rkind,
+                                "event_id": None,
+                                "room_id": None,
+                                "sender": None,
+                                "type": None,
+                                "origin_ts": origin,
+                                "data": {"destroyed_key_id": key_id},
+                            }
+                        )
+                        continue
                     if pt is None:
                         append(
                             {

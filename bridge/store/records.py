@@ -13,7 +13,15 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..audit.chain import GENESIS, ChainFields, Checkpoint, record_hash, sign_checkpoint
+from ..audit.chain import (
+    EXPIRY_KIND,
+    GENESIS,
+    SHRED_KIND,
+    ChainFields,
+    Checkpoint,
+    record_hash,
+    sign_checkpoint,
+)
 from ..audit.crypto import GLOBAL_SCOPE, encrypt_record
 from .codec import dumps, str_or_none
 from .core import log
@@ -60,11 +68,19 @@ AUDIT_KINDS = (
     "hold",
     "retention",
     "error",
+    EXPIRY_KIND,
+    SHRED_KIND,
 )
+#: ``ct_digest`` of a record that never had a ciphertext (a shred record).
+_NO_CIPHERTEXT_DIGEST = _sha256(b"").digest()
 
 
 class RecordsMixin(KeysMixin):
     """Appends to the record chain (ingest, audit entries) and its signed checkpoints."""
+
+    #: False for a store opened by a CLI command: it appends (an export records itself)
+    #: but never signs a checkpoint; the bridge's next checkpoint covers what it appended.
+    sign_checkpoints: bool = True
 
     def _reset(self) -> None:
         """Forget the in-memory head after a failure: it is re-read from the last row."""
@@ -105,23 +121,37 @@ class RecordsMixin(KeysMixin):
         assert self._next_seq is not None
         return self._next_seq
 
+    async def _chain_start(self, conn: AsyncConnection) -> tuple[int, bytes]:
+        """The next seq and the hash before it, counting appends earlier in this transaction."""
+        if self._tentative is not None:
+            return self._tentative[0], self._tentative[1]
+        seq0 = await self._seq_start(conn)
+        assert self._head is not None
+        return seq0, self._head
+
     async def _append_records(
-        self, conn: AsyncConnection, items: Sequence[Plain], ts: int, *, checkpoints: bool = True
+        self,
+        conn: AsyncConnection,
+        items: Sequence[Plain],
+        ts: int,
+        *,
+        checkpoints: bool = True,
+        sign: bool = False,
     ) -> tuple[int, int]:
         """Encrypt, chain and insert ``items``; returns (first_seq, last_seq).
 
-        ``ts`` is the archive time of items without one of their own. The new head is only
-        adopted after the commit (:meth:`_write`).
+        ``ts`` is the archive time of items without one of their own. With ``sign`` the new
+        head is signed into a checkpoint in the same commit (removal records: a verifier
+        trusts them only under a checkpoint). The new head is only adopted after the commit
+        (:meth:`_write`); several appends in one transaction continue each other.
         """
-        seq0 = await self._seq_start(conn)
+        seq0, prev = await self._chain_start(conn)
         if not items:
             return seq0, seq0 - 1
         bidx = self._bidx
         scopes = [GLOBAL_SCOPE if p.room_id is None else bidx("room", p.room_id) for p in items]
         await self._keys_for_scopes(conn, set(scopes))
         keys = self._keys_by_scope
-        prev = self._head
-        assert prev is not None
         rows: list[tuple[Any, ...]] = []
         seq = seq0
         for p, scope in zip(items, scopes, strict=True):
@@ -167,6 +197,21 @@ class RecordsMixin(KeysMixin):
                 )
             )
             seq += 1
+        self._tentative_events += sum(1 for p in items if p.kind == "event")
+        await self._insert_rows(conn, rows, prev, ts, checkpoints=checkpoints, sign=sign)
+        return seq0, seq - 1
+
+    async def _insert_rows(
+        self,
+        conn: AsyncConnection,
+        rows: list[tuple[Any, ...]],
+        head: bytes,
+        ts: int,
+        *,
+        checkpoints: bool,
+        sign: bool,
+    ) -> None:
+        """Insert chained rows (``_RECORD_COLS``) ending at ``head``; checkpoint if due."""
         if self.backend == "sqlite":
             # executemany straight to the driver: skips per-value bind processing
             await conn.exec_driver_sql(_SQLITE_INSERT_RECORDS, rows)
@@ -174,13 +219,49 @@ class RecordsMixin(KeysMixin):
             await conn.execute(
                 _INSERT_RECORDS, [dict(zip(_RECORD_COLS, r, strict=True)) for r in rows]
             )
-        last = seq - 1
-        self._tentative_events += sum(1 for p in items if p.kind == "event")
-        cp = None
-        if checkpoints and last - self._last_cp_seq >= self.checkpoint_every:
-            cp = await self._insert_checkpoint(conn, last, prev, ts)
-        self._tentative = (last + 1, prev, cp)
-        return seq0, last
+        last = rows[-1][0]
+        cp = self._tentative[2] if self._tentative is not None else None
+        last_cp = cp.seq if cp is not None else self._last_cp_seq
+        if self.sign_checkpoints and (
+            sign or (checkpoints and last - last_cp >= self.checkpoint_every)
+        ):
+            cp = await self._insert_checkpoint(conn, last, head, ts)
+        self._tentative = (last + 1, head, cp)
+
+    async def _append_shreds(
+        self,
+        conn: AsyncConnection,
+        shreds: Sequence[tuple[str, bytes]],
+        ts: int,
+        *,
+        sign: bool = True,
+    ) -> int:
+        """Chain one shred record per destroyed data key ``(key_id, scope)``, then sign
+        (unless ``sign`` is False: the caller signs after more appends).
+
+        A shred record has no ciphertext: what it says is in its hashed plain columns
+        (kind ``shred``, ``key_id`` = the destroyed key, ``room_idx`` = its room), so a
+        verifier without keys can read it. Returns the seq of the last one.
+        """
+        seq, prev = await self._chain_start(conn)
+        rows: list[tuple[Any, ...]] = []
+        for key_id, scope in shreds:
+            nonce = os.urandom(12)
+            room = scope or None
+            prev = record_hash(
+                prev,
+                ChainFields(
+                    seq, ts, SHRED_KIND, None, room, None, None, key_id, nonce,
+                    _NO_CIPHERTEXT_DIGEST, ts,
+                ),
+            )  # fmt: skip
+            rows.append(
+                (seq, ts, SHRED_KIND, None, room, None, None, ts, key_id, nonce, None,
+                 _NO_CIPHERTEXT_DIGEST, prev)
+            )  # fmt: skip
+            seq += 1
+        await self._insert_rows(conn, rows, prev, ts, checkpoints=False, sign=sign)
+        return seq - 1
 
     async def _insert_checkpoint(
         self, conn: AsyncConnection, seq: int, head: bytes, ts: int
@@ -265,7 +346,12 @@ class RecordsMixin(KeysMixin):
         raise AssertionError("unreachable")
 
     async def checkpoint(self) -> Checkpoint | None:
-        """Sign the current head now (if not yet signed); done at close."""
+        """Sign the current head now (if not yet signed); done at close.
+
+        A store that does not sign checkpoints (CLI commands) returns None.
+        """
+        if not self.sign_checkpoints:
+            return None
 
         async def run(conn: AsyncConnection) -> Checkpoint | None:
             seq = await self._seq_start(conn) - 1
@@ -300,12 +386,18 @@ class RecordsMixin(KeysMixin):
         ]
 
     async def _append_audit(
-        self, conn: AsyncConnection, entries: Iterable[AuditEntry], ts: int | None = None
-    ) -> None:
-        """Append audit records in ``conn``'s transaction, archived at ``ts`` (else now)."""
+        self,
+        conn: AsyncConnection,
+        entries: Iterable[AuditEntry],
+        ts: int | None = None,
+        *,
+        sign: bool = False,
+    ) -> tuple[int, int]:
+        """Append audit records in ``conn``'s transaction, archived at ``ts`` (else now);
+        returns their (first_seq, last_seq). ``sign``: see :meth:`_append_records`."""
         if ts is None:
             ts = now_ms()
-        await self._append_records(conn, self._audit_items(entries, ts), ts)
+        return await self._append_records(conn, self._audit_items(entries, ts), ts, sign=sign)
 
     async def ingest_transaction(
         self, txn_id: str, events: Sequence[Mapping[str, Any]]

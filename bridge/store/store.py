@@ -11,8 +11,10 @@ Records are the audit store of issue 3 (see :mod:`bridge.audit.crypto` and
 data key (wrapped by the keyring's current KEK), queryable fields are blind indexes, and
 every record is hash-chained to the previous one. The chain head is kept in memory (read
 from the last row at open, never recomputed); a signed checkpoint is written every
-``checkpoint_every`` records and at :meth:`Store.close`, into the ``checkpoints`` table and
-appended to the checkpoint log file (outside the database).
+``checkpoint_every`` records, after every removal record and at :meth:`Store.close`, into
+the ``checkpoints`` table and appended to the checkpoint log file (outside the database).
+A store opened with ``sign_checkpoints=False`` (the audit CLI) signs none: it may append
+(an export records itself), and the bridge's next checkpoint covers that.
 
 :class:`Store` is put together from mixins, one module each, over :class:`.core.StoreCore`
 (the shared state): :mod:`.keys` (data keys, blind indexes), :mod:`.records` (appends,
@@ -33,7 +35,7 @@ from ..audit.keyring import Keyring
 from .chain import iter_chain, iter_chain_batches, load_checkpoints
 from .core import log
 from .engine import connect
-from .expiry import ExpiryMixin
+from .expiry import ExpiryMixin, load_removals
 from .holds import HOLD_SCOPES
 from .migrations import MigrationsMixin
 from .models import (
@@ -85,6 +87,7 @@ __all__ = [
     "iter_chain",
     "iter_chain_batches",
     "load_checkpoints",
+    "load_removals",
     "now_ms",
 ]
 
@@ -95,7 +98,8 @@ class Store(MigrationsMixin, ExpiryMixin, WorkQueueMixin, ReadingMixin, StatsMix
     ``keyring`` unlocks the data keys; without one, a fresh in-memory keyring is generated
     for an empty database (saved to ``keyring_path`` when given, else ephemeral: tests and
     benchmarks) and a non-empty database is refused. ``signing_key`` signs checkpoints
-    (ephemeral when omitted); ``checkpoint_log`` is the file checkpoints are appended to.
+    (ephemeral when omitted); ``checkpoint_log`` is the file checkpoints are appended to;
+    with ``sign_checkpoints=False`` no checkpoint is signed at all.
     """
 
     @classmethod
@@ -111,6 +115,7 @@ class Store(MigrationsMixin, ExpiryMixin, WorkQueueMixin, ReadingMixin, StatsMix
         checkpoint_every: int = 1000,
         checkpoint_log: Path | None = None,
         rewrap_keys: bool = False,
+        sign_checkpoints: bool = True,
     ) -> Store:
         """Connect, create or migrate the schema, unlock the audit keys.
 
@@ -131,6 +136,7 @@ class Store(MigrationsMixin, ExpiryMixin, WorkQueueMixin, ReadingMixin, StatsMix
             checkpoint_every=checkpoint_every,
             checkpoint_log=checkpoint_log,
         )
+        store.sign_checkpoints = sign_checkpoints
         try:
             await store.migrate(create=create)
             if rewrap_keys:
@@ -144,7 +150,8 @@ class Store(MigrationsMixin, ExpiryMixin, WorkQueueMixin, ReadingMixin, StatsMix
         return store
 
     async def close(self) -> None:
-        """Write a final signed checkpoint of the chain head, then disconnect."""
+        """Write a final signed checkpoint of the chain head (unless this store signs
+        none), then disconnect."""
         try:
             await self.checkpoint()
         except Exception as e:  # never block shutdown on it; the next start continues

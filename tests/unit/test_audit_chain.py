@@ -15,12 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.audit.chain import (
+    EXPIRY_KIND,
     GENESIS,
+    SHRED_KIND,
     ChainFields,
     ChainRecord,
     ChainVerifier,
     Checkpoint,
     CheckpointError,
+    Removals,
     SigningKeyError,
     encode_record,
     key_fingerprint,
@@ -503,3 +506,122 @@ def test_signing_key_errors(tmp_path: Path) -> None:
         load_or_create_signing_key(bad)
     with pytest.raises(SigningKeyError, match="cannot parse"):
         load_public_key("%%%")
+
+
+# -- removals: NULL ciphertexts and missing data keys need a removal record ------------------
+
+
+def _removal_chain(
+    n: int = 60, *, expiry_at: int = 40, cutoff: int = 21, shred: tuple[int, str] | None = None
+) -> list[tuple[Any, ...]]:
+    """Records 1..n (ts = seq, key "k1"); an expiry record at ``expiry_at`` (origin_ts =
+    ``cutoff``) and optionally a shred record ``(seq, key_id)``, chained as the store does."""
+    rows: list[tuple[Any, ...]] = []
+    prev = GENESIS
+    for seq in range(1, n + 1):
+        ct: bytes | None = b"ct-%d" % seq
+        kind, key, origin = "event", "k1", seq
+        if seq == expiry_at:
+            kind, origin = EXPIRY_KIND, cutoff
+        elif shred is not None and seq == shred[0]:
+            kind, key, ct = SHRED_KIND, shred[1], None
+        f = ChainFields(
+            seq, seq, kind, None, b"R" * 16, None, None, key, b"n" * 12,
+            ciphertext_digest(ct or b""), origin,
+        )  # fmt: skip
+        prev = record_hash(prev, f)
+        rows.append((*f, prev, ct))
+    return rows
+
+
+def _drop_ct(rows: list[tuple[Any, ...]], *seqs: int) -> None:
+    for s in seqs:
+        rows[s - 1] = (*rows[s - 1][:12], None)
+
+
+def _with_key(rows: list[tuple[Any, ...]], seq: int, key: str) -> list[tuple[Any, ...]]:
+    """Rechain with record ``seq`` under another data key (as if written so)."""
+    out, prev = [], GENESIS
+    for r in rows:
+        f = ChainFields(*r[:11])
+        if f.seq == seq:
+            f = f._replace(key_id=key)
+        prev = record_hash(prev, f)
+        out.append((*f, prev, r[12]))
+    return out
+
+
+def _both_ways(
+    rows: list[tuple[Any, ...]], cps: list[Checkpoint], removals: Removals | None
+) -> tuple[bool, int | None, str | None, str]:
+    one = verify_chain(
+        [(ChainFields(*r[:11]), r[11], r[12]) for r in rows], cps, PK, removals=removals
+    )
+    batched = ChainVerifier(PK, cps, removals=removals)
+    for i in range(0, len(rows), 7):
+        if not batched.feed_rows(rows[i : i + 7]):
+            break
+    two = batched.finish()
+    got = (one.ok, one.first_bad_seq, one.problem_kind, one.records_checked)
+    assert got == (two.ok, two.first_bad_seq, two.problem_kind, two.records_checked)
+    assert one.problem == two.problem
+    return one.ok, one.first_bad_seq, one.problem_kind, str(one.problem)
+
+
+def _cp(rows: list[tuple[Any, ...]], seq: int) -> Checkpoint:
+    return sign_checkpoint(SK, seq, rows[seq - 1][11], seq, seq)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("expired before the cutoff", (True, None, None)),
+        ("no removals given: unchecked", (True, None, None)),
+        ("expired at the cutoff", (False, 21, "ciphertext_removed")),
+        ("expired after the expiry record", (False, 45, "ciphertext_removed")),
+        ("expiry record not under a checkpoint", (False, 5, "ciphertext_removed")),
+        ("unknown data key", (False, 50, "data_key_missing")),
+        ("shredded data key", (True, None, None)),
+        ("shred record not under a checkpoint", (False, 50, "data_key_missing")),
+        ("expiry record read differs", (False, 40, "changed_while_verifying")),
+    ],
+)
+def test_removals_must_be_recorded_and_checkpointed(
+    case: str, expected: tuple[bool, int | None, str | None]
+) -> None:
+    shred = (55, "k2") if "shred" in case else None
+    rows = _removal_chain(shred=shred)
+    cps = [_cp(rows, 30), _cp(rows, 60)]
+    removals: Removals | None = Removals(
+        frozenset({"k1"}), ((40, 21),), ((shred[0], shred[1]),) if shred else ()
+    )
+    if case in ("expired before the cutoff", "no removals given: unchecked"):
+        _drop_ct(rows, 5, 20)
+        if case.startswith("no removals"):
+            _drop_ct(rows, 25, 45)
+            removals = None
+    elif case == "expired at the cutoff":
+        _drop_ct(rows, 5, 21)
+    elif case == "expired after the expiry record":
+        _drop_ct(rows, 45)
+    elif case == "expiry record not under a checkpoint":
+        _drop_ct(rows, 5)
+        cps = [_cp(rows, 30)]
+    elif case in ("unknown data key", "shredded data key"):
+        rows = _with_key(rows, 50, "k2")
+        cps = [_cp(rows, 30), _cp(rows, 60)]
+        if case == "unknown data key":
+            removals = Removals(frozenset({"k1"}), ((40, 21),))
+    elif case == "shred record not under a checkpoint":
+        rows = _with_key(rows, 50, "k2")
+        cps = [_cp(rows, 30), _cp(rows, 52)]
+    elif case == "expiry record read differs":
+        removals = Removals(frozenset({"k1"}), ((40, 99),))
+    ok, seq, kind, problem = _both_ways(rows, cps, removals)
+    assert (ok, seq, kind) == expected, problem
+    if case == "expiry record not under a checkpoint":
+        assert "the expiry record at seq 40 covers it, but no signed checkpoint" in problem
+    if case == "shred record not under a checkpoint":
+        assert "the shred record at seq 55 names it, but no signed checkpoint" in problem
+    if case == "unknown data key":
+        assert "'k2' is not in the data_keys table and no shred record names it" in problem

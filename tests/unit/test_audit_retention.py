@@ -28,7 +28,7 @@ from bridge.audit.jobs import CheckpointPoster, checkpoint_notice
 from bridge.audit.keyring import Keyring
 from bridge.audit.setup import open_store
 from bridge.config import ConfigError, build_config, load_config
-from bridge.store import NewAction, Store, now_ms
+from bridge.store import AuditEntry, NewAction, Store, now_ms
 from tests.conftest import BACKENDS, fresh_store_url
 
 
@@ -63,11 +63,19 @@ class Env:
             audit_main, [args[0], "-c", str(self.config_path), *args[1:]]
         )
 
-    async def scalar(self, statement: str) -> Any:
+    async def scalar(self, statement: str, **params: Any) -> Any:
         engine = create_async_engine(self.url)
         try:
             async with engine.connect() as conn:
-                return (await conn.execute(text(statement))).scalar()
+                return (await conn.execute(text(statement), params)).scalar()
+        finally:
+            await engine.dispose()
+
+    async def sql(self, statement: str, **params: Any) -> None:
+        engine = create_async_engine(self.url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(statement), params)
         finally:
             await engine.dispose()
 
@@ -105,6 +113,10 @@ async def readable(store: Store) -> dict[str, bool]:
     return out
 
 
+async def events(store: Store) -> list[dict[str, Any]]:
+    return [r async for r in store.iter_records(kind="event")]
+
+
 async def test_expiry_drops_old_ciphertext_honours_holds_and_keeps_the_chain(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -134,8 +146,13 @@ async def test_expiry_drops_old_ciphertext_honours_holds_and_keeps_the_chain(
             assert e["event_id"] not in ids
         for e in held_room + held_user + new:
             assert e["event_id"] in ids
-        async for rec in store.iter_records(room="!old:x"):
+        async for rec in store.iter_records(room="!old:x", kind="event"):
             assert rec["data"] is None and "expired" in rec["unreadable"]
+        # the removals are stated in the chain: the cutoff before, the destroyed key after
+        [claim] = [r async for r in store.iter_records(kind="expiry")]
+        assert claim["origin_ts"] == boundary and claim["data"]["cutoff_ts"] == boundary
+        [shred] = [r async for r in store.iter_records(room="!old:x", kind="shred")]
+        assert shred["seq"] > claim["seq"] > max(e["seq"] for e in await events(store))
 
         again = await store.expire_archive(1000, now=boundary + 1000)  # resumes: nothing left
         assert (again.expired, again.skipped_on_hold, again.rooms_shredded) == (0, 0, 0)
@@ -150,6 +167,9 @@ async def test_expiry_drops_old_ciphertext_honours_holds_and_keeps_the_chain(
         runs = [r async for r in store.iter_records(kind="retention")]
         assert len(runs) == 3
         assert runs[0]["data"]["expired"] == report.expired
+        assert runs[0]["data"]["shredded_key_ids"] == [shred["data"]["destroyed_key_id"]]
+        assert runs[0]["data"]["expiry_record_seq"] == claim["seq"]
+        assert runs[1]["data"]["expiry_record_seq"] is None  # nothing to expire: no claim
         assert runs[0]["data"]["skipped_on_hold"] == report.skipped_on_hold
         holds = [r async for r in store.iter_records(kind="hold")]
         # config on, room on (both old, expired once unheld), room off (recent)
@@ -158,6 +178,118 @@ async def test_expiry_drops_old_ciphertext_honours_holds_and_keeps_the_chain(
         await store.close()
     assert await env.cli("verify") == 0, capsys.readouterr().err
     assert "without ciphertext" in capsys.readouterr().out
+
+
+async def test_a_hold_placed_during_an_expiry_run_applies_from_the_next_batch(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = await env.open()
+    other = await env.open()  # e.g. `!policy hold on` handled while the run goes on
+    try:
+        late = [ev("!late:x") for _ in range(6)]
+        await store.ingest_transaction("a", late)
+        reads = 0
+        holds = store.holds
+
+        async def holds_then_hold_placed() -> Any:
+            nonlocal reads
+            reads += 1
+            if reads == 2:  # the first batch is committed, the second not yet started
+                assert await other.set_hold("room", "!late:x", True, by="@admin:x") == "on"
+            return await holds()
+
+        monkeypatch.setattr(store, "holds", holds_then_hold_placed)
+        report = await store.expire_archive(1000, now=now_ms() + 60_000, batch=2)
+        assert reads > 2
+        ids = await readable(store)
+        first = await env.scalar("SELECT min(seq) FROM records WHERE kind = 'event'")
+        # batch 1 (the config hold's record and the first event) expired before the hold
+        assert first == 2 and report.expired == 2
+        assert [e["event_id"] in ids for e in late] == [False] + [True] * 5
+        assert report.skipped_on_hold == 5 and report.rooms_shredded == 0
+    finally:
+        await other.close()
+        await store.close()
+    assert await env.cli("verify") == 0, capsys.readouterr().err
+
+
+async def test_verify_accepts_only_removals_the_chain_records(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = await env.open()
+    try:
+        await store.ingest_transaction("a", [ev("!a:x") for _ in range(3)])
+        await asyncio.sleep(0.01)
+        boundary = now_ms()
+        await asyncio.sleep(0.01)
+        await store.ingest_transaction("b", [ev("!b:x") for _ in range(3)])
+        await store.expire_archive(1000, now=boundary + 1000)
+    finally:
+        await store.close()
+    assert await env.cli("verify") == 0, capsys.readouterr().err
+    # a record archived after the cutoff loses its ciphertext: no expiry record covers it
+    seq = await env.scalar(
+        "SELECT min(seq) FROM records WHERE kind = 'event' AND ciphertext IS NOT NULL"
+    )
+    await env.sql("UPDATE records SET ciphertext = NULL WHERE seq = :s", s=seq)
+    capsys.readouterr()
+    assert await env.cli("verify") == 6
+    err = capsys.readouterr().err
+    assert f"first bad record: seq {seq} " in err and "ciphertext_removed" in err
+
+
+async def test_expiry_from_before_removal_records_is_recorded_once_at_start(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store whose expiry ran before this version: only its retention records say so."""
+    store = await env.open()
+    try:
+        gone, kept = [ev("!gone:x") for _ in range(3)], [ev("!kept:x") for _ in range(2)]
+        await store.ingest_transaction("a", gone + kept)
+        cutoff = now_ms() + 1
+        await asyncio.sleep(0.01)
+        await store.ingest_transaction("b", [ev("!kept:x")])
+    finally:
+        await store.close()
+    # what an expiry run did then: drop ciphertext, delete a room's key, one retention record
+    await env.sql("UPDATE records SET ciphertext = NULL WHERE kind = 'event' AND ts < :c", c=cutoff)
+    await env.sql(
+        "DELETE FROM data_keys WHERE key_id = (SELECT key_id FROM records WHERE seq = 2)"
+    )  # seq 1 is the config hold's record, 2..4 are !gone:x
+    store = await open_store(load_config(env.config_path, env={}), create=False)
+    try:
+        await store.append(
+            [
+                AuditEntry(
+                    "retention",
+                    {"job": "archive_expiry", "cutoff_ts": cutoff, "rooms_shredded": 1},
+                    type="archive_expiry",
+                )
+            ]
+        )
+    finally:
+        await store.close()
+    capsys.readouterr()
+    assert await env.cli("verify") == 6
+    err = capsys.readouterr().err
+    assert "first bad record: seq 2 " in err and "start the bridge once" in err
+    for _ in range(2):  # the bridge starts: the earlier removals are recorded, once
+        store = await env.open()
+        await store.close()
+    assert await env.scalar("SELECT count(*) FROM records WHERE kind = 'expiry'") == 1
+    assert await env.scalar("SELECT count(*) FROM records WHERE kind = 'shred'") == 1
+    assert await env.cli("verify") == 0, capsys.readouterr().err
+    store = await env.open()
+    try:
+        recs = [r async for r in store.iter_records()]
+        unreadable = {r["seq"]: r.get("unreadable") for r in recs if r["data"] is None}
+        assert set(unreadable) == {2, 3, 4, 5, 6}
+        [claim] = [r["data"] for r in recs if r["kind"] == "expiry"]
+        assert claim["recorded_later"] is True and claim["cutoff_ts"] == cutoff
+        [shred] = [r["data"]["destroyed_key_id"] for r in recs if r["kind"] == "shred"]
+        assert claim["shredded_key_ids"] == [shred]
+    finally:
+        await store.close()
 
 
 async def test_holds_are_encrypted_listed_and_follow_the_config(env: Env) -> None:

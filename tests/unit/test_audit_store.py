@@ -8,6 +8,7 @@ key rotation keeps old records readable; keyring mistakes fail clearly.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -128,7 +129,9 @@ def leaked(blob: bytes) -> list[str]:
     return found
 
 
-async def test_secrets_never_reach_the_database_files(env: Env) -> None:
+async def test_secrets_never_reach_the_database_files(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = await env.open()
     api = AppserviceAPI(store, TOKEN)
     app = web.Application()
@@ -191,11 +194,19 @@ async def test_secrets_never_reach_the_database_files(env: Env) -> None:
         blob = dump
     assert not leaked(blob), leaked(blob)
     # ...and the archive still finds them by blind index and after decryption
+    capsys.readouterr()
     found = await asyncio.to_thread(
         audit_main,
         ["search", "-c", str(env.config_path), "--room", SECRET_ROOM, "--text", "zulu", "--json"],
     )
     assert found == 0
+    # the message and the gate decision quoting it; not the room name event
+    message, decision = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (message["seq"], message["event_id"], message["sender"]) == (2, "$msg", SECRET_SENDER)
+    assert message["room_id"] == SECRET_ROOM
+    assert message["data"]["content"]["body"] == SECRET_BODY
+    assert (decision["seq"], decision["kind"], decision["sender"]) == (3, "decision", SECRET_SENDER)
+    assert decision["data"] == {"reason": SECRET_BODY}
 
 
 # -- tamper evidence -------------------------------------------------------------------
@@ -222,6 +233,9 @@ ATTACKS: dict[str, tuple[int, str]] = {
     "truncated tail": (26, "truncated"),
     "forged checkpoint": (20, "checkpoint"),
     "rewritten with hashes": (20, "rewritten"),
+    "ciphertext set to NULL": (12, "ciphertext was removed (null) but no later archive-expiry"),
+    "data key deleted": (2, "is not in the data_keys table and no shred record names it"),
+    "forged expiry record": (3, "no signed checkpoint covers that record"),
 }
 
 
@@ -255,6 +269,34 @@ async def attack(env: Env, name: str) -> None:
         await env.sql("UPDATE checkpoints SET head_hash = :v WHERE seq = 20", v=os.urandom(32))
         log = env.config.audit.checkpoint_log  # type: ignore[union-attr]
         log.write_text("")  # and the outside copy is wiped
+    elif name == "ciphertext set to NULL":
+        await env.sql("UPDATE records SET ciphertext = NULL WHERE seq = 12")
+    elif name == "data key deleted":  # the key of !room1:x, first used by record 2
+        await env.sql(
+            "DELETE FROM data_keys WHERE key_id = (SELECT key_id FROM records WHERE seq = 2)"
+        )
+    elif name == "forged expiry record":
+        # drop a ciphertext, then append an expiry record "justifying" it at the tail, where
+        # no signed checkpoint protects the chain
+        from bridge.audit.chain import EXPIRY_KIND, ChainFields, record_hash
+
+        await env.sql("UPDATE records SET ciphertext = NULL WHERE seq = 3")
+        last = bytes(await column("hash", 30))
+        ct = os.urandom(40)
+        f = ChainFields(
+            31, 1, EXPIRY_KIND, None, None, None, None, "k", os.urandom(12),
+            hashlib.sha256(ct).digest(), 1 << 62,
+        )  # fmt: skip
+        await env.sql(
+            "INSERT INTO records (seq, ts, kind, origin_ts, key_id, nonce, ciphertext, "
+            "ct_digest, hash) VALUES (31, 1, :k, :o, 'k', :n, :c, :d, :h)",
+            k=EXPIRY_KIND,
+            o=f.origin_ts,
+            n=f.nonce,
+            c=ct,
+            d=f.ciphertext_digest,
+            h=record_hash(last, f),
+        )
     elif name == "rewritten with hashes":
         # change record 12's ciphertext and recompute the digest and every later hash
         from bridge.audit.chain import ChainFields, record_hash
@@ -298,6 +340,31 @@ async def test_verify_catches_attacks_and_names_the_first_bad_record(
     assert rc == 6, err
     assert f"first bad record: seq {seq} " in err, err
     assert hint in err.lower(), err
+
+
+async def test_reads_name_a_record_whose_data_key_is_unknown(env: Env) -> None:
+    """A deleted data key no shred record names is an error naming the record, not
+    "destroyed"; a key destroyed by the bridge reads as destroyed and verifies."""
+    await fill(env, n=10)
+    store = await env.open()
+    try:
+        assert await store.destroy_room_key("!room0:x")
+        recs = [r async for r in store.iter_records(room="!room0:x")]
+        assert [r["data"] for r in recs if r["kind"] == "event"] == [None] * 4
+        assert all("destroyed" in r["unreadable"] for r in recs if r["kind"] == "event")
+        [shred] = [r for r in recs if r["kind"] == "shred"]
+        assert shred["data"]["destroyed_key_id"]
+    finally:
+        await store.close()
+    assert await env.cli("verify") == 0
+    await env.sql("DELETE FROM data_keys WHERE key_id = (SELECT key_id FROM records WHERE seq = 2)")
+    store = await env.open()
+    try:
+        with pytest.raises(StoreError, match=r"seq 2: its data key '[0-9a-f]+' is not in the"):
+            [r async for r in store.iter_records()]
+    finally:
+        await store.close()
+    assert await env.cli("verify") == 6
 
 
 async def test_reads_name_a_corrupted_record(env: Env) -> None:
@@ -365,13 +432,58 @@ async def test_rotate_key_rewraps_and_old_kek_can_be_removed(
     assert ring.kek_ids != [old] and len(ring.kek_ids) == 1
     store = await env.open()
     try:
-        assert await store.kek_usage() == {ring.current.id: 3}
-        bodies = [r["data"]["content"]["body"] async for r in store.iter_records()]
-        assert bodies == [f"hello {i}" for i in range(1, 11)]
-        await store.ingest_transaction("new", [ev(99, room="!new:x")])
+        # three rooms, and the key of records without a room (the rotation's own record)
         assert await store.kek_usage() == {ring.current.id: 4}
+        bodies = [r["data"]["content"]["body"] async for r in store.iter_records(kind="event")]
+        assert bodies == [f"hello {i}" for i in range(1, 11)]
+        [rotation] = [r["data"] async for r in store.iter_records(kind="command")]
+        assert rotation["command"] == "audit rotate-key" and rotation["new_kek"] == ring.current.id
+        assert rotation["old_keks"] == [old] and rotation["removed_old"] is True
+        assert rotation["rewrapped"] == 3 and rotation["actor"]
+        await store.ingest_transaction("new", [ev(99, room="!new:x")])
+        assert await store.kek_usage() == {ring.current.id: 5}
     finally:
         await store.close()
+    assert await env.cli("verify") == 0
+
+
+# -- the CLI never creates the signing key, never signs ---------------------------------
+
+
+async def test_read_only_commands_create_no_signing_key_and_sign_nothing(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await fill(env)
+    key = env.config.audit.signing_key  # type: ignore[union-attr]
+    log = env.config.audit.checkpoint_log  # type: ignore[union-attr]
+    pub = env.tmp / "signing.pub.pem"
+    assert await env.cli("public-key", "-o", str(pub)) == 0
+    assert pub.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    capsys.readouterr()
+    assert await env.cli("public-key") == 0
+    assert capsys.readouterr().out == pub.read_text()
+    # on a machine without the private key: search, export and rotate-key still work...
+    key.rename(key.with_suffix(".away"))
+    cps, logged = await env.scalar("SELECT count(*) FROM checkpoints"), log.read_text()
+    assert await env.cli("search", "--room", "!room0:x", "--actor", "dave") == 0
+    assert await env.cli("export", "-o", str(env.tmp / "x.jsonl")) == 0
+    assert await env.cli("rotate-key") == 0
+    assert await env.cli("public-key") == 3  # nothing to print: it does not make one either
+    # ...create no key, sign no checkpoint (not even on close)...
+    assert not key.exists()
+    assert await env.scalar("SELECT count(*) FROM checkpoints") == cps
+    assert log.read_text() == logged
+    # ...and the archive verifies with the public key: their records are chained
+    capsys.readouterr()
+    assert await env.cli("verify") == 3
+    assert "--public-key" in capsys.readouterr().err
+    assert await env.cli("verify", "--public-key", str(pub)) == 0
+    assert "OK: 33 records" in capsys.readouterr().out
+    # the bridge's next checkpoint covers them
+    key.with_suffix(".away").rename(key)
+    store = await env.open()
+    await store.close()
+    assert await env.scalar("SELECT max(seq) FROM checkpoints") == 33
     assert await env.cli("verify") == 0
 
 
@@ -418,4 +530,16 @@ async def test_search_and_export(env: Env, capsys: pytest.CaptureFixture[str]) -
     assert [e["data"]["count"] for e in exports] == [3, 3]
     assert exports[0]["data"]["actor"] == "carol"
     assert exports[0]["data"]["filters"] == {"room": "!a:x"}
+    # searches are recorded too (who, what filter, how many)
+    store = await env.open()
+    try:
+        searches = [r["data"] async for r in store.iter_records(kind="command")]
+    finally:
+        await store.close()
+    assert [(d["command"], d["count"], d["via"]) for d in searches] == [
+        ("audit search", 2, "cli"),
+        ("audit search", 2, "cli"),
+    ]
+    assert searches[0]["filters"] == {"sender": "@alice:x", "text": "quarterly"}
+    assert searches[0]["actor"] and searches[0]["limit"] == 100
     assert await env.cli("verify") == 0
