@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check-config", help="validate the config; exit 0 if usable")
     chk.add_argument("-c", "--config", type=Path, dest="sub_config")
 
-    sub.add_parser("audit", help="audit archive: verify, search, export, rotate-key (-h)")
+    sub.add_parser(
+        "audit", help="audit archive: verify, search, export, rotate-key, public-key (-h)"
+    )
     demo = sub.add_parser("demo", help="run a throwaway Synapse with the bridge, for a try-out")
     demo.add_argument("--port", type=int, default=0, help="Synapse port (default: a free one)")
     demo.add_argument("--keep", action="store_true", help="keep the temp directory on exit")
@@ -69,7 +71,7 @@ def _config_path(args: argparse.Namespace) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["audit"]:  # audit verify|search|export|rotate-key
+    if argv[:1] == ["audit"]:  # audit verify|search|export|rotate-key|public-key
         from .audit.cli import main as audit_main
 
         return audit_main(argv[1:])

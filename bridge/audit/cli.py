@@ -155,7 +155,7 @@ def _engine(config: Config) -> AsyncEngine:
         db = url.split(":///", 1)[-1]
         if db and db != ":memory:" and not Path(db).exists():
             raise _Fail(EXIT_DATABASE, f"database error: the SQLite database {db} does not exist")
-    return create_async_engine(url)
+    return create_async_engine(url, hide_parameters=True)  # errors never quote values
 
 
 def read_checkpoint_log(path: Path) -> list[Checkpoint]:
