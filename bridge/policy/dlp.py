@@ -14,7 +14,11 @@ What runs on which form of the text (see :mod:`bridge.policy.normalize`):
   *clean* text (NFKC, invisibles removed, whitespace collapsed, case kept -- write ``(?i)`` for
   case-insensitive rules) and, when it differs, on the original text too, so patterns that rely
   on line breaks or exact spacing still work. All rules are matched in one pass with an
-  ``RE2::Set``; only rules that matched are searched again for the excerpt.
+  ``RE2::Set``; only rules that matched are searched again for the excerpt (at most
+  two per message; further matches are reported without an excerpt). To keep every message
+  cheap, at most :data:`MAX_REGEX_RULES` rules apply in a scope, each with an RE2 program of
+  at most :data:`MAX_REGEX_PROGRAM_SIZE` and :data:`MAX_REGEX_TOTAL_PROGRAM_SIZE` together;
+  a pattern or policy over a cap is refused when it is added, saying which cap.
 * **Detectors** run on the clean text: full-width digits, zero-width characters inside a
   card number and line-wrapped keys are caught. A single ``RE2::Set`` pass tells which
   detectors have a candidate; only those run their validators (Luhn, mod-97, SSN ranges,
@@ -44,6 +48,9 @@ from .normalize import clean, fold, normalize
 
 __all__ = [
     "DETECTORS",
+    "MAX_REGEX_PROGRAM_SIZE",
+    "MAX_REGEX_RULES",
+    "MAX_REGEX_TOTAL_PROGRAM_SIZE",
     "DetectorRule",
     "DlpEngine",
     "DlpPolicy",
@@ -55,6 +62,17 @@ __all__ = [
 ]
 
 CATEGORY = "dlp"
+
+#: Regex rules in force in one scope (config and commands, global, space and room together).
+MAX_REGEX_RULES = 100
+#: RE2 program size of one pattern (``(?i)\btkt-[0-9]{5}\b`` is 18; counted repetitions
+#: such as ``[A-Za-z0-9]{32,64}`` cost about 8 per repetition).
+MAX_REGEX_PROGRAM_SIZE = 1_000
+#: Sum of the RE2 program sizes of the regex rules in force in one scope.
+MAX_REGEX_TOTAL_PROGRAM_SIZE = 10_000
+# Matched regex rules per scan searched again for their (masked) excerpt; the others report
+# no excerpt. One search of a 60 KB message can cost milliseconds with a heavy pattern.
+_MAX_EXCERPT_SEARCHES = 2
 
 
 # --- rules ---------------------------------------------------------------------------------
@@ -188,8 +206,9 @@ def compile_regex(pattern: str) -> re2._Regexp:
     """Compile an admin-supplied pattern with RE2 (linear time), never Python ``re``.
 
     Raises :class:`InvalidPattern` with RE2's reason for what RE2 rejects (backreferences,
-    lookaround, syntax errors, patterns too large) and for patterns that match the empty
-    string, which would match every message.
+    lookaround, syntax errors, patterns too large), for patterns whose RE2 program is larger
+    than :data:`MAX_REGEX_PROGRAM_SIZE` (they cost the gate time on every message) and for
+    patterns that match the empty string, which would match every message.
     """
     if not isinstance(pattern, str) or not pattern:
         raise InvalidPattern("the pattern is empty", "")
@@ -202,6 +221,13 @@ def compile_regex(pattern: str) -> re2._Regexp:
         raise InvalidPattern(str(reason), pattern) from None
     except (TypeError, UnicodeError) as exc:
         raise InvalidPattern(str(exc), pattern) from None
+    if compiled.programsize > MAX_REGEX_PROGRAM_SIZE:
+        raise InvalidPattern(
+            f"it is too complex (RE2 program size {compiled.programsize}, at most"
+            f" {MAX_REGEX_PROGRAM_SIZE} allowed, so that every message stays fast to check);"
+            " use smaller repetition counts such as {8,} instead of {32,64}, or split it",
+            pattern,
+        )
     if compiled.search("") is not None:
         raise InvalidPattern("it matches empty text, so it would match every message", pattern)
     return compiled
@@ -256,30 +282,62 @@ def _card_excerpt(digits: bytes) -> str | None:
 
 
 def _find_card(data: bytes) -> str | None:
-    """A run of 13-19 digits (single spaces/dashes allowed) is one number, judged whole.
+    """A Luhn-valid card number anywhere in a run of digit groups.
 
-    Longer runs (numbers glued together by separators, ``2024 4111 1111 1111 1111``) are
-    searched for a card made of consecutive whole groups.
+    A run is digits with single spaces or dashes between groups (``qty 2 4111-1111-1111-1111``,
+    ``4111 1111 1111 1111 12/26``, ``5500 0000 0000 0004 123``). A card is
+
+    * the whole run, if it has 13-19 digits in at most 5 groups (``4111 1111 1111 1111``,
+      ``411 11111 1111 1111``) or in groups of one size but the last (``4 1 1 1 ...``,
+      ``41 11 11 ...``, written to get around the detector) -- while a list of small
+      numbers (``12 7 33 5 18 ...``) is not a card;
+    * one whole group of 13-19 digits (written without separators) inside the run;
+    * consecutive whole groups inside the run, written the way cards are: a first group of
+      4 digits, middle groups of 4 or 6, a last group of 3-6 (``4-4-4-4``, ``4-6-5`` Amex,
+      ``4-6-4`` Diners, ``4-4-4-4-3``), so phone numbers and dates side by side do not form
+      a "card" out of pieces of several numbers.
+
+    A card never starts or ends inside a group: the 20-digit order number
+    ``41111111111111111111`` is not searched for 16-digit windows. The price of finding a
+    card followed by more digits: a 17-19 digit number grouped by 4 whose first 16 digits
+    pass Luhn is reported too (it reads like a card and a CVC).
     """
     for groups in _digit_groups(data):
         total = sum(map(len, groups))
         if total < 13:
             continue
-        if total <= 19:
+        count = len(groups)
+        if total <= 19 and (count <= 5 or len({len(g) for g in groups[:-1]}) == 1):
             excerpt = _card_excerpt(b"".join(groups))
             if excerpt is not None:
                 return excerpt
+        if count == 1:
             continue
-        for i in range(len(groups)):
-            digits = b""
-            j = i
-            while j < len(groups) and len(digits) + len(groups[j]) <= 19:
-                digits += groups[j]
-                j += 1
-                if len(digits) >= 13:
-                    excerpt = _card_excerpt(digits)
+        for i, first in enumerate(groups):
+            size = len(first)
+            if size != 4:
+                if 13 <= size <= 19:
+                    excerpt = _card_excerpt(first)
                     if excerpt is not None:
                         return excerpt
+                continue
+            # Longest first: a 19-digit card written 4-4-4-4-3 reads like a 16-digit card
+            # and a CVC; both are tried.
+            candidates = []
+            digits = first
+            for j in range(i + 1, count):
+                group = groups[j]
+                digits += group
+                if len(digits) > 19:
+                    break
+                if len(digits) >= 13 and 3 <= len(group) <= 6:
+                    candidates.append(digits)
+                if len(group) not in (4, 6):  # only the last group has another length
+                    break
+            for digits in reversed(candidates):
+                excerpt = _card_excerpt(digits)
+                if excerpt is not None:
+                    return excerpt
     return None
 
 
@@ -450,7 +508,9 @@ DETECTORS: Mapping[str, _Detector] = {
 
 # --- words ---------------------------------------------------------------------------------
 
-_ASCII_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+# ``_`` is not a word character: ``_nightingale_`` is Markdown emphasis, shown as the word, and
+# a codename inside an identifier (``falcon_prod_db``) is still the codename.
+_ASCII_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 # Scripts written without spaces between words: their letters never form a word boundary.
 _NO_SPACE_SCRIPTS = (
     (0x0E00, 0x0EFF),  # Thai, Lao
@@ -466,7 +526,7 @@ _NO_SPACE_SCRIPTS = (
 
 
 def _is_word(ch: str) -> bool:
-    """Whether ``ch`` continues a word (letters, digits, ``_``, combining marks)."""
+    """Whether ``ch`` continues a word (letters, digits, combining marks; not ``_``)."""
     if ch < "\x80":
         return ch in _ASCII_WORD
     cp = ord(ch)
@@ -558,7 +618,11 @@ class DlpEngine:
 
         Raises :class:`ValueError` (or its subclass :class:`InvalidPattern`) naming the rule
         that is wrong: duplicate names, keywords empty after normalization, bad patterns,
-        bad exemption patterns.
+        bad exemption patterns. Regex rules are capped so that the gate stays fast: at most
+        :data:`MAX_REGEX_RULES` rules, each with an RE2 program of at most
+        :data:`MAX_REGEX_PROGRAM_SIZE`, together at most
+        :data:`MAX_REGEX_TOTAL_PROGRAM_SIZE`; a policy over a cap is refused with a
+        :class:`ValueError` that says which cap.
         """
         engine = cls()
         engine.policy = policy
@@ -601,8 +665,15 @@ class DlpEngine:
             automaton.make_automaton()
             engine._automaton = automaton
 
+        if len(policy.regex_rules) > MAX_REGEX_RULES:
+            raise ValueError(
+                f"too many DLP regex rules: {len(policy.regex_rules)} apply here, at most"
+                f" {MAX_REGEX_RULES} are allowed (config file and commands, all scopes"
+                " together); combine patterns with | or remove unused ones"
+            )
         if policy.regex_rules:
             regex_set = re2.Set.SearchSet(_options(64 << 20))
+            program_size = 0
             for rule in policy.regex_rules:
                 try:
                     compiled = compile_regex(rule.pattern)
@@ -618,6 +689,14 @@ class DlpEngine:
                         secret=False,
                     )
                 )
+                program_size += compiled.programsize
+                if program_size > MAX_REGEX_TOTAL_PROGRAM_SIZE:
+                    raise ValueError(
+                        f"regex rule {rule.name!r}: the DLP regex rules that apply here are"
+                        f" too complex together (RE2 program size over"
+                        f" {MAX_REGEX_TOTAL_PROGRAM_SIZE}, so that every message stays fast"
+                        " to check); simplify or remove some patterns"
+                    )
                 engine._regexes.append(compiled)
                 engine._regex_rules.append(index)
                 regex_set.Add(rule.pattern)
@@ -687,6 +766,7 @@ class DlpEngine:
     def scan(self, texts: Sequence[str]) -> tuple[Finding, ...]:
         """All rules that match any of ``texts``: one finding per rule, in policy order."""
         found: dict[int, str] = {}
+        excerpt_searches = [_MAX_EXCERPT_SEARCHES]
         for raw in texts:
             if not isinstance(raw, str) or not raw:
                 continue
@@ -696,9 +776,9 @@ class DlpEngine:
             if self._automaton is not None:
                 self._scan_keywords(fold(cleaned), found)
             if self._regexes:
-                self._scan_regexes(cleaned, found)
+                self._scan_regexes(cleaned, found, excerpt_searches)
                 if raw != cleaned:
-                    self._scan_regexes(raw, found)
+                    self._scan_regexes(raw, found, excerpt_searches)
             if self._detectors:
                 self._scan_detectors(cleaned.encode("utf-8", "replace"), found)
         if not found:
@@ -718,16 +798,22 @@ class DlpEngine:
                     continue
                 found[index] = _mask_text(text[start : end + 1])
 
-    def _scan_regexes(self, text: str, found: dict[int, str]) -> None:
+    def _scan_regexes(self, text: str, found: dict[int, str], searches: list[int]) -> None:
+        """Rules matching ``text``; ``searches[0]`` is the budget of excerpt searches left."""
         data = text.encode("utf-8", "replace")
         if self._regex_set is not None:
             hits: Iterable[int] = self._regex_set.Match(data) or ()
-        else:
+        else:  # no set: every rule is searched anyway, so the excerpt comes for free
             hits = range(len(self._regexes))
+            searches = [len(self._regexes)]
         for position in hits:
             index = self._regex_rules[position]
             if index in found:
                 continue
+            if searches[0] <= 0:  # the set says it matched; skip the costly excerpt search
+                found[index] = ""
+                continue
+            searches[0] -= 1
             m = self._regexes[position].search(data)
             if m is not None:
                 found[index] = _mask_text(m.group().decode("utf-8", "replace"))

@@ -4,12 +4,16 @@ What is scanned, by event type:
 
 * any event type (custom types too -- data leaks whether or not a client renders it):
   ``content.body``, ``content.formatted_body`` (HTML reduced to text), ``content.filename``,
-  the extensible-event text forms ``m.text`` / ``org.matrix.msc1767.text``, and the same fields
-  of an edit's ``content["m.new_content"]``;
+  ``content.reason`` (redactions, kicks, bans, leaves, knocks: clients show it), the
+  extensible-event text forms ``m.text`` / ``org.matrix.msc1767.text``, media captions
+  ``m.caption`` / ``org.matrix.msc1767.caption`` (in either text form), location
+  descriptions (``m.location`` / ``org.matrix.msc3488.location`` ``description``, and
+  live-location ``m.beacon_info`` / ``org.matrix.msc3672.beacon_info`` ``description``), and
+  the same fields of an edit's ``content["m.new_content"]``;
 * polls (``m.poll.start``, ``org.matrix.msc3381.poll.start``, ``m.poll``): question and answer
   texts in both the ``m.text`` list and the plain ``body``/``msc1767.text`` forms;
 * ``m.room.name`` ``name``; ``m.room.topic`` ``topic`` and ``m.topic``;
-  ``m.room.member`` ``displayname`` and ``reason``; ``m.reaction`` ``m.relates_to.key``.
+  ``m.room.member`` ``displayname``; ``m.reaction`` ``m.relates_to.key``.
 
 Not scanned: ``m.room.encrypted`` (ciphertext), canonical aliases, pinned events, IDs, URLs of
 media (``mxc://``), and any other structured field. The total is capped at
@@ -28,6 +32,10 @@ __all__ = ["MAX_SCAN_CHARS", "extract_texts"]
 MAX_SCAN_CHARS = 256 * 1024
 _POLL_KEYS = ("m.poll.start", "org.matrix.msc3381.poll.start", "m.poll")
 _TEXT_KEYS = ("m.text", "org.matrix.msc1767.text")
+_CAPTION_KEYS = ("m.caption", "org.matrix.msc1767.caption")
+_LOCATION_KEYS = ("m.location", "org.matrix.msc3488.location")
+_EXTRA_KEYS = frozenset({"reason", *_CAPTION_KEYS, *_LOCATION_KEYS})
+_BEACON_TYPES = frozenset({"m.beacon_info", "org.matrix.msc3672.beacon_info"})
 _HTML_MIMETYPES = frozenset({"text/html", "org.matrix.custom.html"})
 _MAX_LIST = 256  # answers, m.text representations: more than any real client sends
 
@@ -72,11 +80,27 @@ def _add_text_forms(out: _Collector, obj: Mapping[str, Any]) -> None:
                     out.add(rep)
 
 
+def _add_extra_fields(out: _Collector, content: Mapping[str, Any]) -> None:
+    out.add(content.get("reason"))
+    for key in _CAPTION_KEYS:
+        caption = content.get(key)
+        if isinstance(caption, Mapping):  # {"m.text": [...]}
+            _add_text_forms(out, caption)
+        elif isinstance(caption, list | str):  # the bare list (or string) shape
+            _add_text_forms(out, {"m.text": caption})
+    for key in _LOCATION_KEYS:
+        location = content.get(key)
+        if isinstance(location, Mapping):
+            out.add(location.get("description"))
+
+
 def _add_message_fields(out: _Collector, content: Mapping[str, Any]) -> None:
     out.add(content.get("body"))
     out.add(content.get("formatted_body"), html=True)
     out.add(content.get("filename"))
     _add_text_forms(out, content)
+    if not _EXTRA_KEYS.isdisjoint(content):  # rare: one cheap test for the common case
+        _add_extra_fields(out, content)
 
 
 def _add_poll(out: _Collector, poll: object) -> None:
@@ -113,7 +137,8 @@ def _add_content(out: _Collector, etype: str, content: Mapping[str, Any]) -> Non
             _add_text_forms(out, {"m.text": topic})
     elif etype == "m.room.member":
         out.add(content.get("displayname"))
-        out.add(content.get("reason"))
+    elif etype in _BEACON_TYPES:
+        out.add(content.get("description"))
     elif etype == "m.reaction":
         relates = content.get("m.relates_to")
         if isinstance(relates, Mapping):

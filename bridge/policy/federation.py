@@ -13,7 +13,9 @@ Matching follows the ``m.room.server_acl`` rules of the Matrix spec, as Synapse
 implements them:
 
 * entries are globs: ``*`` matches any run of characters (including none), ``?``
-  exactly one character; no CIDR ranges;
+  exactly one character; no CIDR ranges. Globs are matched with RE2, in time linear in
+  the server name whatever the glob (a backtracking matcher needs minutes for
+  ``*a*a*a*a*a*a*a*b`` against a 60-character name: one invite would stall the gate);
 * entries match the server name *without its port* (``evil.example:8448`` is matched by
   ``evil.example``), and matching is case-insensitive (DNS names are; Synapse compiles
   ACL globs case-insensitively);
@@ -31,11 +33,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
+
+import re2
 
 from bridge.policy.model import ALLOW, Action, Finding, Verdict, server_name
 
@@ -69,7 +73,7 @@ class FederationPolicyError(ValueError):
 class FederationMode(StrEnum):
     """How remote servers are treated."""
 
-    OPEN = "open"  # every server may federate; the bridge leaves room ACLs alone
+    OPEN = "open"  # every server may federate; room ACLs are opened to everyone
     ALLOWLIST = "allowlist"  # only our own server and the listed ones
     DENYLIST = "denylist"  # every server except the listed ones
     INTERNAL = "internal"  # only our own server
@@ -163,28 +167,66 @@ def is_ip_literal(server: str) -> bool:
     return True
 
 
+def _glob_to_re2(glob: str) -> str:
+    """An RE2 pattern for one glob: ``*`` -> ``.*``, ``?`` -> ``.``, the rest literal."""
+    out = []
+    for ch in glob:
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch.isascii() and not ch.isalnum():
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False
+    options.case_sensitive = False  # DNS names are case-insensitive, as Synapse matches
+    options.dot_nl = True
+    options.max_mem = 64 << 20
+    return options
+
+
+def _valid_utf8(text: str) -> str:
+    """``text`` without lone surrogates (which cannot reach RE2), replaced by ``?``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
 @lru_cache(maxsize=1024)
-def _compile(globs: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One case-insensitive regex matching any of ``globs`` as a whole string."""
+def _compile(globs: tuple[str, ...]) -> Callable[[str], bool] | None:
+    """A case-insensitive matcher: whether a name is matched, as a whole, by any of ``globs``.
+
+    One RE2 alternation (linear time in the name); if RE2 refuses it as too large, one RE2
+    program per glob, and a glob RE2 refuses even alone never matches.
+    """
     if not globs:
         return None
-    parts = []
-    for glob in globs:
-        pieces = []
-        for ch in glob:
-            if ch == "*":
-                pieces.append(".*")
-            elif ch == "?":
-                pieces.append(".")
-            else:
-                pieces.append(re.escape(ch))
-        parts.append("".join(pieces))
-    return re.compile("(?:" + "|".join(parts) + ")", re.IGNORECASE | re.DOTALL)
+    options = _re2_options()
+    parts = [_glob_to_re2(_valid_utf8(glob)) for glob in globs]
+    try:
+        combined = re2.compile("(?:" + "|".join(parts) + ")", options)
+    except re2.error:
+        singles = []
+        for part in parts:
+            try:
+                singles.append(re2.compile(part, options))
+            except re2.error:
+                continue
+        return lambda host: any(r.fullmatch(host) is not None for r in singles)
+    return lambda host: combined.fullmatch(host) is not None
 
 
 def _any_match(globs: tuple[str, ...], host: str) -> bool:
-    pattern = _compile(globs)
-    return pattern is not None and pattern.fullmatch(host) is not None
+    matcher = _compile(globs)
+    return matcher is not None and matcher(_valid_utf8(host))
 
 
 def glob_matches(glob: str, server: str) -> bool:
@@ -204,8 +246,8 @@ def server_allowed(policy: FederationPolicy, own_server: str, server: str) -> bo
 
     Our own server is always allowed. For other servers the ``m.room.server_acl``
     rules apply to the name without port: IP literals first, then the mode's globs.
-    In every mode but ``open`` (which manages no ACL) this agrees with
-    :func:`acl_allows` on :func:`acl_content` for every server.
+    This agrees with :func:`acl_allows` on :func:`acl_content` for every server (except
+    IP literals in ``open`` mode when our own server is one: that ACL has to let them in).
     """
     if _same_server(server, own_server):
         return True
@@ -281,20 +323,24 @@ def _dedup(items: Iterable[str]) -> list[str]:
 def acl_content(policy: FederationPolicy, own_server: str) -> dict[str, Any] | None:
     """The ``m.room.server_acl`` content that enforces ``policy`` in a room.
 
-    ``None`` for ``open`` mode: the bridge does not manage ACLs then, so ACLs that
-    room moderators set (to shut out a spamming server, say) are left alone.
-    Otherwise ``allow`` always holds our own server (without port):
+    ``allow`` always holds our own server (without port), or ``*``:
 
+    * ``open``:      ``allow ["*"]``, ``deny []``
     * ``internal``:  ``allow [own]``
     * ``allowlist``: ``allow [own, *servers]``
     * ``denylist``:  ``allow ["*"]``, ``deny [*servers]``
+
+    In ``open`` mode the bridge still owns the ACL, so that going from ``internal`` (or any
+    other mode) to ``open`` lifts the restrictive ACL it wrote before, and an ACL someone else
+    writes to shut servers out is restored like in any other mode (moderators who want to
+    shut out a spamming server ask for ``denylist`` mode in that room). A room that never had
+    an ACL is left without one: :func:`acl_matches` counts no ACL as a match for an ACL that
+    allows every server by name, whatever ``allow_ip_literals`` says.
 
     Raises :class:`FederationPolicyError` if the ACL would lock our own server out
     (see :func:`policy_problems`); the result always satisfies
     ``acl_allows(content, own_server)``.
     """
-    if policy.mode is FederationMode.OPEN:
-        return None
     lockout, _ = _problems(policy, own_server)
     if lockout:
         raise FederationPolicyError("; ".join(lockout))
@@ -302,6 +348,8 @@ def acl_content(policy: FederationPolicy, own_server: str) -> dict[str, Any] | N
     allow: list[str]
     deny: list[str] = []
     match policy.mode:
+        case FederationMode.OPEN:
+            allow = ["*"]
         case FederationMode.INTERNAL:
             allow = [own_host]
         case FederationMode.ALLOWLIST:
@@ -311,11 +359,10 @@ def acl_content(policy: FederationPolicy, own_server: str) -> dict[str, Any] | N
             deny = _dedup(policy.servers)
         case _:  # pragma: no cover
             raise AssertionError(f"unhandled federation mode {policy.mode!r}")
-    content: dict[str, Any] = {
-        "allow": allow,
-        "deny": deny,
-        "allow_ip_literals": policy.allow_ip_literals,
-    }
+    allow_ip = policy.allow_ip_literals
+    if policy.mode is FederationMode.OPEN and is_ip_literal(own_server):
+        allow_ip = True  # an ACL refusing IP literals would lock this homeserver out
+    content: dict[str, Any] = {"allow": allow, "deny": deny, "allow_ip_literals": allow_ip}
     assert acl_allows(content, own_server), "server ACL would lock out own server"
     return content
 
@@ -363,15 +410,26 @@ def acl_matches(current: Mapping[str, Any] | None, desired: Mapping[str, Any] | 
 
     Order, duplicates and letter case of entries do not matter; missing fields take the
     spec's defaults, and no ACL at all equals ``allow ["*"]`` with IP literals allowed.
+    A room without an ACL (or with empty content, as :class:`~bridge.policy.rooms.RoomState`
+    reads it) also matches a desired ACL that allows every server by name
+    (``allow ["*"]``, nothing denied; ``open`` mode, or ``denylist`` with an empty list)
+    even when that ACL refuses IP literals: writing an ACL into every room only to refuse
+    servers named by an IP address is churn the policy does not need (the gate still
+    refuses those servers' invites and joins).
     ``desired`` ``None`` means the policy does not manage ACLs: always a match.
     """
     if desired is None:
         return True
-    cur_ip, cur_allow, cur_deny = _acl_parts(current)
-    want_ip, want_allow, want_deny = _acl_parts(desired)
 
     def norm(entries: tuple[str, ...]) -> frozenset[str]:
         return frozenset(e.lower() for e in entries)
+
+    if not current:  # empty content counts as no ACL, as the room planner reads it
+        current = None
+    cur_ip, cur_allow, cur_deny = _acl_parts(current)
+    want_ip, want_allow, want_deny = _acl_parts(desired)
+    if current is None and norm(want_allow) == {"*"} and not want_deny:
+        return True
 
     return (
         cur_ip == want_ip

@@ -9,11 +9,19 @@ runtime space, then config room, runtime room. Later layers override earlier one
 rule (same name replaces; a detector set to ``off`` disables it; ``forbid_encryption``
 set in a layer replaces the inherited value), so a room can switch off what its space or
 the global scope imposes. Exemptions (users, rooms) accumulate. Pure: no I/O.
+
+Keywords added by ``!policy dlp add-keyword`` (lists named ``admin-<action>``, one per
+action and scope) are the exception: they merge *word by word*. A narrower scope adds its
+words to the broader scopes' words, and a word it lists again takes the action it has
+there (``add-keyword kingfisher`` globally, then ``add-keyword kingfisher --action warn
+--scope here``: only a warning in that room). Removing a word at a scope removes what that
+scope added; the broader scopes' words still apply.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +29,7 @@ from typing import Any
 from .dlp import DETECTORS, DetectorRule, DlpEngine, DlpPolicy, KeywordList, RegexRule
 from .durations import DurationError, parse_duration
 from .model import Action
+from .normalize import normalize
 from .scopes import GLOBAL, ScopedSetting
 
 RUNTIME_PREFIX = "admin-"
@@ -125,18 +134,36 @@ def parse_layer(data: Any, where: str) -> DlpLayer:
 
 
 def merge_layers(layers: list[DlpLayer]) -> DlpPolicy:
-    """Merge layers (least specific first) into one policy."""
+    """Merge layers (least specific first) into one policy.
+
+    Rules replace same-named rules of earlier layers, except the command-added keyword
+    lists (``admin-<action>``), which merge word by word (see the module docstring).
+    """
     lists: dict[str, KeywordList] = {}
     regexes: dict[str, RegexRule] = {}
     detectors: dict[str, DetectorRule | None] = {}
     users: set[str] = set()
     rooms: set[str] = set()
+    # Command-added words: normalized word -> {list name: word as typed}, narrowest scope's.
+    words: dict[str, dict[str, str]] = {}
     for layer in layers:
-        lists.update(layer.keyword_lists)
+        scope_words: dict[str, dict[str, str]] = {}
+        for name, klist in layer.keyword_lists.items():
+            if not name.startswith(RUNTIME_PREFIX):
+                lists[name] = klist
+                continue
+            lists[name] = klist  # settings (action) of the narrowest list of that name
+            for word in klist.keywords:
+                scope_words.setdefault(normalize(word) or word, {})[name] = word
+        words.update(scope_words)
         regexes.update(layer.regexes)
         detectors.update(layer.detectors)
         users |= layer.exempt_users
         rooms |= layer.exempt_rooms
+    for name, klist in lists.items():
+        if name.startswith(RUNTIME_PREFIX):
+            merged = tuple(lists_[name] for lists_ in words.values() if name in lists_)
+            lists[name] = dataclasses.replace(klist, keywords=merged)
     return DlpPolicy(
         keyword_lists=tuple(v for v in lists.values() if v.keywords),
         regex_rules=tuple(regexes.values()),

@@ -3,11 +3,16 @@
 Two levels are exposed:
 
 * :func:`clean` -- the *case-preserving* canonical form: invisible / format characters
-  removed, Unicode NFKC (full-width letters and digits become ASCII, ligatures are split),
-  combining marks stacked on ASCII characters removed (``s̶e̶c̶r̶e̶t̶`` -> ``secret``), and every
-  whitespace run collapsed to one space. Detectors and regex rules run on this.
+  removed, every Unicode decimal digit mapped to its ASCII digit (Arabic-Indic ``٤١١١``,
+  Devanagari, Bengali, ... -- NFKC leaves those alone), every Unicode dash and minus sign
+  (en/em dash, non-breaking hyphen, the minus sign U+2212, ...) mapped to ``-``, Unicode
+  NFKC (full-width letters and digits become ASCII, ligatures are split), combining marks
+  stacked on ASCII characters removed (``s̶e̶c̶r̶e̶t̶`` -> ``secret``), and every whitespace
+  run collapsed to one space. Detectors and regex rules run on this.
 * :func:`normalize` -- :func:`clean` followed by case folding (and NFKC again, since case
-  folding can denormalize). Keyword lists run on this. ``normalize(t) == fold(clean(t))``.
+  folding can denormalize), and Cyrillic/Greek look-alike letters inside *mixed-script* words
+  mapped to Latin (``nightingale`` spelt with a Cyrillic U+0435 for its last ``e``). Keyword
+  lists run on this. ``normalize(t) == fold(clean(t))``.
 
 Both take a fast path for pure-ASCII text (the common case in chat), which costs about as much
 as ``" ".join(text.lower().split())``.
@@ -44,6 +49,8 @@ _EXTRA_INVISIBLE: tuple[tuple[int, int], ...] = (
 )
 # Blank-looking symbols that read as a space.
 _BLANKS = (0x2800,)  # braille pattern blank
+# Dash-like characters outside category Pd that people type between digit groups.
+_EXTRA_DASHES = (0x02D7, 0x2043, 0x2212, 0x2796)  # modifier minus, hyphen bullet, minus signs
 
 
 def _ranges(codepoints: list[int]) -> str:
@@ -60,26 +67,37 @@ def _ranges(codepoints: list[int]) -> str:
 
 
 def _build_tables() -> tuple[dict[int, int | None], dict[int, None], list[int]]:
-    """Build the translate tables and the list of combining marks once, at import (~25 ms)."""
-    invisible: dict[int, int | None] = {}
+    """Build the translate tables and the list of combining marks once, at import (~25 ms).
+
+    The first table drops invisibles and maps non-ASCII decimal digits and dashes to ASCII;
+    it is applied before NFKC, which maps none of its outputs back to a non-ASCII digit or dash.
+    """
+    table: dict[int, int | None] = {}
     ascii_ctrl: dict[int, None] = {}
     marks: list[int] = []
     whitespace = {c for c in range(0x100) if chr(c).isspace()}
     for block in (range(0x0000, 0x20000), range(0xE0000, 0xE1000)):
         for cp in block:
-            cat = unicodedata.category(chr(cp))
+            ch = chr(cp)
+            cat = unicodedata.category(ch)
             if cat == "Cf" or (cat == "Cc" and cp not in whitespace):
-                invisible[cp] = None
+                table[cp] = None
                 if cp < 0x80:
                     ascii_ctrl[cp] = None
             elif cat == "Mn":
                 marks.append(cp)
+            elif cp >= 0x80 and cat == "Nd":
+                table[cp] = 0x30 + unicodedata.decimal(ch)
+            elif cp >= 0x80 and cat == "Pd":
+                table[cp] = 0x2D
     for lo, hi in _EXTRA_INVISIBLE:
         for cp in range(lo, hi + 1):
-            invisible[cp] = None
+            table[cp] = None
     for cp in _BLANKS:
-        invisible[cp] = 0x20
-    return invisible, ascii_ctrl, marks
+        table[cp] = 0x20
+    for cp in _EXTRA_DASHES:
+        table[cp] = 0x2D
+    return table, ascii_ctrl, marks
 
 
 def _re2(pattern: str) -> re2._Regexp:
@@ -88,23 +106,78 @@ def _re2(pattern: str) -> re2._Regexp:
     return re2.compile(pattern, options)
 
 
-_INVISIBLE, _ASCII_CTRL, _MARKS = _build_tables()
+_TRANSLATE, _ASCII_CTRL, _MARKS = _build_tables()
 _HAS_ASCII_CTRL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 # RE2 scans a character class in a DFA; Python re is ~20x slower on large classes here.
-_HAS_INVISIBLE = _re2(
-    "[" + _ranges(sorted(cp for cp in _INVISIBLE if not 0xD800 <= cp <= 0xDFFF)) + "]"
+_HAS_TRANSLATED = _re2(
+    "[" + _ranges(sorted(cp for cp in _TRANSLATE if not 0xD800 <= cp <= 0xDFFF)) + "]"
 )
 # Combining marks stacked on an ASCII character ("Zalgo", strike-through, underline tricks).
 _MARKS_ON_ASCII = _re2("([\\x00-\\x7f])[" + _ranges(_MARKS) + "]+")
 
 
-def _drop_invisible(text: str) -> str:
+def _translate(text: str) -> str:
+    """Drop invisibles; map non-ASCII decimal digits and dashes to ASCII."""
     try:
-        if _HAS_INVISIBLE.search(text) is None:
+        if _HAS_TRANSLATED.search(text) is None:
             return text
     except UnicodeEncodeError:  # lone surrogates cannot be UTF-8 encoded for RE2
         pass
-    return text.translate(_INVISIBLE)
+    return text.translate(_TRANSLATE)
+
+
+# Cyrillic and Greek letters that look like Latin ones. Only used inside words that mix
+# Latin with Cyrillic or Greek letters: real Russian, Ukrainian, Greek ... words never contain
+# Latin letters, so their text is left alone, and a keyword list in those scripts still
+# matches (keywords are normalized the same way).
+_LOOKALIKE_PAIRS = (
+    # Cyrillic
+    "\u0410A \u0430a \u0412B \u0432b \u0415E \u0435e \u0405S \u0455s \u0406I \u0456i "
+    "\u0408J \u0458j \u041aK \u043ak \u041cM \u043cm \u041dH \u043dh \u041eO \u043eo "
+    "\u0420P \u0440p \u0421C \u0441c \u0422T \u0442t \u0423Y \u0443y \u0425X \u0445x "
+    "\u04bah \u04bbh \u0501d \u051aQ \u051bq \u051cW \u051dw \u04c0l \u04cfl \u04aeY "
+    "\u04afy "
+    # Greek
+    "\u0391A \u03b1a \u0392B \u03b2b \u0395E \u03b5e \u0396Z \u03b6z \u0397H \u03b7n "
+    "\u0399I \u03b9i \u039aK \u03bak \u039cM \u03bcu \u039dN \u03bdv \u039fO \u03bfo "
+    "\u03a1P \u03c1p \u03a4T \u03c4t \u03a5Y \u03c5u \u03a7X \u03c7x"
+)
+
+
+def _lookalike_table() -> dict[int, int]:
+    table = {ord(pair[0]): ord(pair[1]) for pair in _LOOKALIKE_PAIRS.split()}
+    # Closed under case folding, so that fold() stays idempotent: a letter whose folded form
+    # is mapped is mapped too (to the same letter, case aside).
+    for cp in list(range(0x370, 0x400)) + list(range(0x400, 0x530)):
+        folded = chr(cp).casefold()
+        if cp not in table and len(folded) == 1 and ord(folded) in table:
+            table[cp] = table[ord(folded)]
+    return table
+
+
+_LOOKALIKES = _lookalike_table()
+# A Latin letter next to a Cyrillic or Greek one: the only texts that need a closer look.
+_MIXED_PAIR = _re2(r"\p{Latin}[\p{Cyrillic}\p{Greek}]|[\p{Cyrillic}\p{Greek}]\p{Latin}")
+_WORD_LETTERS = _re2(r"[\p{Latin}\p{Cyrillic}\p{Greek}]+")
+
+
+def _unmix_lookalikes(text: str) -> str:
+    """Map Cyrillic/Greek look-alikes to Latin inside words that mix the scripts."""
+    try:
+        if _MIXED_PAIR.search(text) is None:
+            return text
+    except UnicodeEncodeError:
+        return text
+    parts: list[str] = []
+    pos = 0
+    for m in _WORD_LETTERS.finditer(text):
+        word = m.group()
+        if _MIXED_PAIR.search(word) is not None:
+            parts.append(text[pos : m.start()])
+            parts.append(word.translate(_LOOKALIKES))
+            pos = m.end()
+    parts.append(text[pos:])
+    return "".join(parts)
 
 
 def _drop_marks_on_ascii(text: str) -> str:
@@ -123,7 +196,7 @@ def clean(text: str) -> str:
         if _HAS_ASCII_CTRL.search(text) is not None:
             text = text.translate(_ASCII_CTRL)
         return " ".join(text.split())
-    text = _drop_marks_on_ascii(unicodedata.normalize("NFKC", _drop_invisible(text)))
+    text = _drop_marks_on_ascii(unicodedata.normalize("NFKC", _translate(text)))
     return " ".join(text.split())
 
 
@@ -131,7 +204,8 @@ def fold(cleaned: str) -> str:
     """Case-fold a :func:`clean` result; ``fold(clean(t)) == normalize(t)``."""
     if cleaned.isascii():
         return cleaned.lower()
-    text = _drop_marks_on_ascii(unicodedata.normalize("NFKC", cleaned.casefold()))
+    text = _unmix_lookalikes(cleaned)
+    text = _drop_marks_on_ascii(unicodedata.normalize("NFKC", text.casefold()))
     return " ".join(text.split())
 
 

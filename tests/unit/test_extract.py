@@ -98,6 +98,58 @@ def test_room_name_topic_member() -> None:
     assert extract_texts(ev("m.room.member", kick, state_key="@b:x.org")) == ["leaked the key"]
 
 
+def test_redaction_reason() -> None:
+    # Clients show why a message was removed; the reason is sent to every member.
+    content = {"redacts": "$e", "reason": "it had the card 4111 1111 1111 1111"}
+    texts = extract_texts(ev("m.room.redaction", content, redacts="$e"))
+    assert texts == ["it had the card 4111 1111 1111 1111"]
+    # Room versions before 11 carry ``redacts`` at the top level only.
+    assert extract_texts(ev("m.room.redaction", {"reason": "codename"}, redacts="$e")) == [
+        "codename"
+    ]
+
+
+@pytest.mark.parametrize("key", ["m.location", "org.matrix.msc3488.location"])
+def test_location_description(key: str) -> None:
+    content = {
+        "msgtype": "m.location",
+        "body": "Location: Site Falcon",
+        "geo_uri": "geo:51.5,-0.1",
+        key: {"uri": "geo:51.5,-0.1", "description": "Project Falcon HQ"},
+    }
+    texts = extract_texts(ev("m.room.message", content))
+    assert texts == ["Location: Site Falcon", "Project Falcon HQ"]
+
+
+@pytest.mark.parametrize("etype", ["m.beacon_info", "org.matrix.msc3672.beacon_info"])
+def test_live_location_description(etype: str) -> None:
+    content = {"description": "Falcon convoy", "live": True, "timeout": 60_000}
+    assert extract_texts(ev(etype, content, state_key="@a:x.org")) == ["Falcon convoy"]
+
+
+@pytest.mark.parametrize("key", ["m.caption", "org.matrix.msc1767.caption"])
+def test_extensible_media_caption(key: str) -> None:
+    content = {
+        "m.file": {"url": "mxc://x/y", "name": "report.pdf"},
+        key: {"m.text": [{"body": "the <b>Falcon</b> numbers", "mimetype": "text/html"}]},
+    }
+    assert extract_texts(ev("m.file", content)) == ["the Falcon numbers"]
+    bare = {key: [{"body": "bare caption"}]}
+    assert extract_texts(ev("m.image", bare)) == ["bare caption"]
+
+
+def test_media_body_filename_and_caption_all_scanned() -> None:
+    content = {
+        "msgtype": "m.image",
+        "body": "caption with the codename",
+        "filename": "falcon.png",
+        "format": "org.matrix.custom.html",
+        "formatted_body": "caption with <i>the</i> codename!",
+    }
+    texts = extract_texts(ev("m.room.message", content))
+    assert texts == ["caption with the codename", "caption with the codename!", "falcon.png"]
+
+
 def test_reaction_key() -> None:
     content = {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$e", "key": "secret"}}
     assert extract_texts(ev("m.reaction", content)) == ["secret"]
@@ -116,6 +168,8 @@ def test_reaction_key() -> None:
         ("m.reaction", {"m.relates_to": "x"}),
         ("m.poll.start", {"m.poll.start": {"question": 5, "answers": "nope"}}),
         ("m.poll.start", {"m.poll.start": {"answers": [None, 3, {"m.text": "x"}]}}),
+        ("m.room.message", {"m.location": "x", "m.caption": 5, "reason": ["y"]}),
+        ("m.file", {"m.caption": {"m.text": 7}, "org.matrix.msc3488.location": [1]}),
     ],
 )
 def test_yields_nothing_for_unscanned_or_malformed(etype: str, content: Any) -> None:
@@ -163,6 +217,10 @@ json_values = st.recursive(
                     "displayname",
                     "filename",
                     "org.matrix.msc1767.text",
+                    "reason",
+                    "description",
+                    "m.location",
+                    "m.caption",
                     "x",
                 ]
             )
@@ -175,7 +233,8 @@ json_values = st.recursive(
 )
 event_types = st.sampled_from(
     ["m.room.message", "m.sticker", "m.poll.start", "m.room.name", "m.room.topic",
-     "m.room.member", "m.reaction", "m.room.encrypted", "custom.type"]
+     "m.room.member", "m.reaction", "m.room.encrypted", "m.room.redaction", "m.beacon_info",
+     "custom.type"]
 )  # fmt: skip
 
 

@@ -174,6 +174,68 @@ def test_runtime_rule_keyed_by_a_space_applies_to_its_rooms(tmp_path: Path) -> N
     assert not live.engine.check_event(event("bluefin", LONER)).findings
 
 
+def test_command_keywords_at_narrower_scopes_add_to_the_global_ones(tmp_path: Path) -> None:
+    # The layering the commands use: add-keyword, then add-keyword --scope here.
+    live = LivePolicy(config(tmp_path, {}))
+    live.set_room_spaces({CHILD: (SPACE,)})
+    doc = layers.add_keyword(live.runtime_dlp, layers.GLOBAL, "kingfisher", "block")
+    doc = layers.add_keyword(doc, ROOM, "marlin", "block")
+    doc = layers.add_keyword(doc, SPACE, "bluefin", "block")
+    live.apply(doc, live.preview(doc))
+    engine = live.engine
+    for room in (ROOM, CHILD, SPACE, LONER):
+        assert engine.check_event(event("the kingfisher flies", room)).blocked, room
+    assert engine.check_event(event("marlin", ROOM)).blocked
+    assert not engine.check_event(event("marlin", LONER)).findings
+    assert engine.check_event(event("bluefin", CHILD)).blocked
+    assert engine.check_event(event("bluefin", SPACE)).blocked
+    assert not engine.check_event(event("bluefin", ROOM)).findings
+    [room_list] = engine.dlp_for(ROOM).policy.keyword_lists
+    assert room_list.name == "admin-block"
+    assert set(room_list.keywords) == {"kingfisher", "marlin"}
+    [child_list] = engine.dlp_for(CHILD).policy.keyword_lists
+    assert set(child_list.keywords) == {"kingfisher", "bluefin"}
+
+
+def test_a_narrower_scope_may_change_the_action_of_a_command_keyword(tmp_path: Path) -> None:
+    live = LivePolicy(config(tmp_path, {}))
+    live.set_room_spaces({CHILD: (SPACE,)})
+    doc = layers.add_keyword(live.runtime_dlp, layers.GLOBAL, "kingfisher", "block")
+    doc = layers.add_keyword(doc, layers.GLOBAL, "heron", "block")
+    doc = layers.add_keyword(doc, SPACE, "Kingfisher", "warn")  # same word, other case
+    live.apply(doc, live.preview(doc))
+    child = live.engine.check_event(event("kingfisher and heron", CHILD))
+    assert {f.rule: f.actions for f in child.findings} == {
+        "keyword:admin-block": {Action.BLOCK},  # heron
+        "keyword:admin-warn": {Action.WARN},
+    }
+    assert not live.engine.check_event(event("kingfisher", CHILD)).blocked
+    assert live.engine.check_event(event("kingfisher", LONER)).blocked
+    # Removing it at the space brings the global action back there.
+    doc, found = layers.remove_keyword(doc, SPACE, "Kingfisher")
+    assert found
+    live.apply(doc, live.preview(doc))
+    assert live.engine.check_event(event("kingfisher", CHILD)).blocked
+    # An explicit removal at the scope that added a word still removes it.
+    doc, found = layers.remove_keyword(doc, layers.GLOBAL, "kingfisher")
+    assert found
+    live.apply(doc, live.preview(doc))
+    assert not live.engine.check_event(event("kingfisher", CHILD)).findings
+    assert not live.engine.check_event(event("kingfisher", LONER)).findings
+    assert live.engine.check_event(event("heron", CHILD)).blocked
+
+
+def test_same_word_with_two_actions_in_one_scope_keeps_both() -> None:
+    doc = layers.add_keyword({}, layers.GLOBAL, "osprey", "block")
+    doc = layers.add_keyword(doc, layers.GLOBAL, "osprey", "notify")
+    doc = layers.add_keyword(doc, ROOM, "kite", "block")
+    policy = DlpLayers({}, parse_runtime_dlp(doc)).effective(ROOM)
+    assert {k.name: set(k.keywords) for k in policy.keyword_lists} == {
+        "admin-block": {"osprey", "kite"},
+        "admin-notify": {"osprey"},
+    }
+
+
 def test_encryption_can_be_forbidden_per_scope(tmp_path: Path) -> None:
     live = LivePolicy(
         config(

@@ -39,6 +39,62 @@ def test_normalize_examples(raw: str, expected: str) -> None:
     assert normalize(raw) == expected
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("4111\u20131111\u20141111\u22121111", "4111-1111-1111-1111"),  # en/em dash, minus
+        ("a\u2010b\u2011c\u2012d\u2015e\ufe63f\uff0dg", "a-b-c-d-e-f-g"),  # hyphens, dashes
+        ("\u0664\u0661\u0661\u0661", "4111"),  # Arabic-Indic digits
+        ("\u06f4\u06f1", "41"),  # Extended Arabic-Indic (Persian)
+        ("\u096a\u0967 \u09ea\u09e7 \u0e54\u0e51", "41 41 41"),  # Devanagari, Bengali, Thai
+        ("\U0001d7d2\U0001d7cf", "41"),  # mathematical bold digits (NFKC)
+    ],
+)
+def test_clean_maps_unicode_digits_and_dashes_to_ascii(raw: str, expected: str) -> None:
+    assert clean(raw) == expected
+    assert normalize(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("nightingal\u0435", "nightingale"),  # Cyrillic е at the end of a Latin word
+        ("\u0420assword", "password"),  # Cyrillic Р
+        ("\u039d\u0399GHT", "night"),  # Greek Ν, Ι in upper case
+        ("kingfish\u0435r and \u0455ecret", "kingfisher and secret"),
+        ("привет, nightingalе!", "привет, nightingale!"),  # the Russian word is kept
+    ],
+)
+def test_look_alike_letters_in_mixed_words_become_latin(raw: str, expected: str) -> None:
+    assert normalize(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "сор рос сесс",  # all-Cyrillic words that look like Latin ones: real Russian text
+        "ορος",  # Greek
+        "Ελληνικά κείμενα",
+        "kız ılık",  # Turkish dotless ı is a letter of its own: not folded
+    ],
+)
+def test_single_script_words_are_left_alone(text: str) -> None:
+    assert normalize(text) == text.casefold()
+
+
+mixed_text = st.text(
+    alphabet=st.sampled_from(list("abcxyzABCXYZ а е о р с у х і АВЕКМНОРСТХ αονρΑΒΕΗΙΚΝΟΡΤΧ-_٤"))
+)
+
+
+@given(mixed_text)
+@settings(max_examples=300)
+def test_look_alike_folding_is_idempotent(text: str) -> None:
+    once = normalize(text)
+    assert normalize(once) == once
+    assert fold(clean(text)) == once
+
+
 def test_clean_keeps_case() -> None:
     assert clean("ＡＫＩＡ\u200b  X") == "AKIA X"
     assert clean("4111\u200b1111") == "41111111"
