@@ -13,14 +13,12 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..audit import decode  # a module, not its names: it imports this package's codec
 from ..audit.chain import SHRED_KIND
 from ..audit.crypto import (
-    GLOBAL_SCOPE,
     DataKey,
     KeyUnwrapError,
-    RecordDecryptError,
     WrappedKey,
-    decrypt_record,
     rewrap,
     unwrap_with_keyring,
     wrap,
@@ -147,25 +145,33 @@ class KeysMixin(StoreCore):
 
         Raises StoreError naming the record if it fails to authenticate, or if its data key
         is neither in the store nor named by a shred record (call :meth:`_keys_by_ids`
-        first).
+        first). See :func:`bridge.audit.decode.open_sealed`.
         """
-        if ct is None or key_id is None:
-            return None
-        dk = self._keys_by_id.get(key_id)
-        if dk is None:
-            if key_id in self._shredded:
-                return None
-            raise StoreError(
-                f"audit record seq {seq}: its data key {key_id!r} is not in the store and no "
-                f"shred record says it was destroyed (deleted outside the bridge, or a store "
-                f"from before shred records: start the bridge once to record earlier expiry)"
-            )
-        try:
-            return decrypt_record(
-                dk, seq, bytes(room) if room is not None else GLOBAL_SCOPE, bytes(nonce), bytes(ct)
-            )
-        except RecordDecryptError as e:
-            raise StoreError(str(e)) from None
+        return decode.open_sealed(self._keys_by_id, self._shredded, seq, room, key_id, nonce, ct)
+
+    def key_material(
+        self, key_ids: Iterable[str | None]
+    ) -> tuple[tuple[tuple[str, bytes, bytes], ...], frozenset[str]]:
+        """What another process needs to open records under ``key_ids`` as this store would.
+
+        ``((key_id, scope, key), …)`` for the ids whose data key is loaded (raw key material:
+        hand it to a worker process through a pipe; never write or log it), and the ids
+        among the others that shred records say were destroyed. Any other id is unknown:
+        :func:`bridge.audit.decode.open_sealed` raises for its records. Call
+        :meth:`_keys_by_ids` first (:meth:`iter_sealed_batches` does).
+        """
+        by_id, shredded = self._keys_by_id, self._shredded
+        keys = []
+        gone = []
+        for k in set(key_ids):
+            if k is None:
+                continue
+            dk = by_id.get(k)
+            if dk is not None:
+                keys.append((k, dk.scope, dk.key))
+            elif k in shredded:
+                gone.append(k)
+        return tuple(keys), frozenset(gone)
 
     async def rewrap_data_keys(self, batch: int = 500) -> int:
         """Re-wrap every data key under the keyring's current KEK; returns how many changed.

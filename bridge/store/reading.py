@@ -9,7 +9,7 @@ from typing import Any, TypedDict, Unpack
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..audit.chain import SHRED_KIND
+from ..audit import decode  # a module, not its names: it imports this package's codec
 from . import codec
 from .chain import prefetched
 from .codec import str_or_none
@@ -17,7 +17,8 @@ from .keys import KeysMixin
 from .models import RecordMeta, SearchGroup, SearchSummary, StoreError
 from .schema import records
 
-#: What a reader decrypts of a record: seq, ts, kind, origin_ts and the sealed part.
+#: What a reader decrypts of a record: seq, ts, kind, origin_ts and the sealed part
+#: (:data:`bridge.audit.decode.SEALED_COLUMNS`).
 _READ = (
     records.c.seq,
     records.c.ts,
@@ -68,13 +69,45 @@ class ReadingMixin(KeysMixin):
         audit entry's data); ``data`` is None when the ciphertext expired or the room key was
         destroyed (``unreadable`` says which). A shred record has no ciphertext: its ``data``
         is ``{"destroyed_key_id": …}`` from its plain columns. With ``raw_json`` an event's
-        dict also holds ``json``: its stored JSON text, exactly as archived (exports copy it
-        instead of serialising ``data`` again). A record that fails to authenticate, or whose
-        data key is unknown (neither in the store nor shredded), raises StoreError naming it.
+        dict also holds ``json``: its stored JSON text (UTF-8 bytes), exactly as archived
+        (exports copy it instead of serialising ``data`` again). A record that fails to
+        authenticate, or whose data key is unknown (neither in the store nor shredded), raises
+        StoreError naming it.
+        Decoding: :func:`bridge.audit.decode.decode_rows`.
+        """
+        sealed = self.iter_sealed_batches(
+            kind=kind,
+            batch=batch,
+            room=room,
+            sender=sender,
+            type=type,
+            since=since,
+            until=until,
+            after=after,
+        )
+        async with contextlib.aclosing(sealed) as batches:
+            async for rows in batches:
+                yield decode.decode_rows(rows, self._keys_by_id, self._shredded, raw_json=raw_json)
+
+    async def iter_sealed_batches(
+        self,
+        *,
+        kind: str | None = None,
+        batch: int = 2000,
+        room: str | None = None,
+        sender: str | None = None,
+        type: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        after: int = 0,
+    ) -> AsyncGenerator[Sequence[Any], None]:
+        """The rows of :meth:`iter_record_batches`, still sealed, their data keys loaded.
+
+        Rows of :data:`bridge.audit.decode.SEALED_COLUMNS`, in seq order, the next batch read
+        ahead; open them with :func:`bridge.audit.decode.decode_rows` and this store's keys,
+        or in another process with :meth:`key_material`.
         """
         conds = self._record_conds(kind, room, sender, type, since, until)
-        loads = codec.loads
-        decrypt = self._decrypt
         query = select(*_READ).where(*conds).order_by(records.c.seq).limit(batch)
 
         async def fetch(last: int) -> Sequence[Any]:
@@ -85,82 +118,31 @@ class ReadingMixin(KeysMixin):
 
         async with contextlib.aclosing(prefetched(fetch, after)) as batches:
             async for rows in batches:
-                out: list[dict[str, Any]] = []
-                append = out.append
-                for seq, ts, rkind, origin, room_idx, key_id, nonce, ct in rows:
-                    pt = decrypt(seq, room_idx, key_id, nonce, ct)
-                    if pt is None and rkind == SHRED_KIND:
-                        append(
-                            {
-                                "seq": seq,
-                                "ts": ts,
-                                "kind": rkind,
-                                "event_id": None,
-                                "room_id": None,
-                                "sender": None,
-                                "type": None,
-                                "origin_ts": origin,
-                                "data": {"destroyed_key_id": key_id},
-                            }
-                        )
-                        continue
-                    if pt is None:
-                        append(
-                            {
-                                "seq": seq,
-                                "ts": ts,
-                                "kind": rkind,
-                                "event_id": None,
-                                "room_id": None,
-                                "sender": None,
-                                "type": None,
-                                "origin_ts": origin,
-                                "data": None,
-                                "unreadable": (
-                                    "ciphertext expired (archive retention)"
-                                    if ct is None
-                                    else f"data key {key_id} destroyed"
-                                ),
-                            }
-                        )
-                        continue
-                    try:
-                        obj = loads(pt)
-                    except ValueError:
-                        raise StoreError(f"audit record seq {seq}: plaintext is not JSON") from None
-                    if not isinstance(obj, dict):
-                        raise StoreError(f"audit record seq {seq}: plaintext is not a JSON object")
-                    get = obj.get
-                    if rkind == "event":
-                        rec = {
-                            "seq": seq,
-                            "ts": ts,
-                            "kind": rkind,
-                            "event_id": str_or_none(get("event_id")),
-                            "room_id": str_or_none(get("room_id")),
-                            "sender": str_or_none(get("sender")),
-                            "type": str_or_none(get("type")),
-                            "origin_ts": origin,
-                            "data": obj,
-                        }
-                        if raw_json:
-                            rec["json"] = pt.decode("utf-8")
-                        append(rec)
-                    else:
-                        append(
-                            {
-                                "seq": seq,
-                                "ts": ts,
-                                "kind": rkind,
-                                "event_id": None,
-                                "room_id": get("room_id"),
-                                "sender": get("sender"),
-                                "type": get("type"),
-                                "origin_ts": origin,
-                                "data": get("data"),
-                            }
-                        )
-                yield out
+                yield rows
+
+    async def count_records(
+        self,
+        *,
+        kind: str | None = None,
+        room: str | None = None,
+        sender: str | None = None,
+        type: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        at_most: int | None = None,
+    ) -> int:
+        """How many records the filters of :meth:`iter_record_batches` match (no decryption).
+
+        With ``at_most`` the database stops counting there (cheap on a large archive).
+        """
+        conds = self._record_conds(kind, room, sender, type, since, until)
+        matching = select(records.c.seq).where(*conds)
+        if at_most is not None:
+            matching = matching.limit(at_most)
+        async with self.engine.connect() as conn:
+            return (
+                await conn.execute(select(func.count()).select_from(matching.subquery()))
+            ).scalar_one()
 
     async def iter_records(
         self, **query: Unpack[RecordQuery]
