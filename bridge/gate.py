@@ -116,7 +116,7 @@ class Gate:
         metrics.GATE_DECISIONS.labels(name, "deny" if finding else "allow", rule).inc()
         for f in verdict.findings:
             if f.category == "dlp":
-                metrics.DLP_HITS.labels(f.rule).inc()
+                metrics.DLP_HITS.labels(f.rule, "gate").inc()
         metrics.GATE_LATENCY.labels(name).observe(time.perf_counter() - started)
         if finding is None:
             if verdict.findings:  # notify/audit rules: recorded, in the background

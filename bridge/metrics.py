@@ -42,7 +42,12 @@ GATE_LATENCY = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1),
     registry=REGISTRY,
 )
-DLP_HITS = Counter("bridge_dlp_hits_total", "DLP rule matches", ["rule"], registry=REGISTRY)
+DLP_HITS = Counter(
+    "bridge_dlp_hits_total",
+    "DLP rule matches, by rule and where found (gate, ingest)",
+    ["rule", "path"],
+    registry=REGISTRY,
+)
 EXECUTOR_ACTIONS = Counter(
     "bridge_executor_actions_total",
     "Executor attempts by kind and outcome",

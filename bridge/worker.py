@@ -584,7 +584,7 @@ class Worker:
 
 def _count_dlp_hits(rules: list[str]) -> None:
     for rule in rules:
-        metrics.DLP_HITS.labels(rule).inc()
+        metrics.DLP_HITS.labels(rule, "ingest").inc()
 
 
 def _s(value: Any) -> str | None:

@@ -260,7 +260,7 @@ async def test_an_unreadable_record_is_skipped_and_reported_not_fatal(
 async def test_dlp_findings_on_the_ingest_path_are_counted(worker: Worker) -> None:
     def hits() -> float:
         value = metrics.REGISTRY.get_sample_value(
-            "bridge_dlp_hits_total", {"rule": "keyword:secret"}
+            "bridge_dlp_hits_total", {"rule": "keyword:secret", "path": "ingest"}
         )
         return value or 0.0
 
