@@ -122,6 +122,8 @@ class AuditConfig:
     legal_hold_users: tuple[str, ...] = ()
     post_checkpoints: bool = True  # post checkpoint heads to the management room
     checkpoint_post_interval_s: float = 3600.0  # at most one such notice per interval
+    # public keys (PEM) of earlier signing keys, trusted by verify besides the current one
+    previous_public_keys: tuple[Path, ...] = ()
 
     @property
     def checkpoint_log(self) -> Path:
@@ -523,6 +525,19 @@ def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
                 v.fail(f"audit.legal_hold.{key}", item, what)
         return tuple(str(i) for i in raw)
 
+    def key_files(key: str) -> tuple[Path, ...]:
+        raw = v.get(f"audit.{key}")
+        if raw is None:
+            return ()
+        if not isinstance(raw, list) or not all(isinstance(i, str) and i for i in raw):
+            v.fail(f"audit.{key}", raw, "a list of paths of public key files (PEM)")
+            return ()
+        paths = tuple(p if p.is_absolute() else (base_dir / p).resolve() for p in map(Path, raw))
+        for p in paths:
+            if not p.is_file():
+                v.fail(f"audit.{key}", str(p), "an existing public key file (PEM)")
+        return paths
+
     return AuditConfig(
         keyring=path_of("keyring", "audit-keyring.json"),
         signing_key=path_of("signing_key", "audit-signing.pem"),
@@ -533,6 +548,7 @@ def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
         legal_hold_users=id_list("users", "@", "user IDs (@user:server)"),
         post_checkpoints=v.boolean("audit.post_checkpoints"),
         checkpoint_post_interval_s=seconds("checkpoint_post_interval"),
+        previous_public_keys=key_files("previous_public_keys"),
     )
 
 

@@ -251,6 +251,7 @@ async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     else:
         try:
             keys = [load_signing_key(cfg.signing_key).public_key()]
+            keys += [load_public_key(p.read_bytes()) for p in cfg.previous_public_keys]
         except SigningKeyError as e:
             raise _Fail(
                 EXIT_CONFIG,

@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from ..audit.chain import CHECKPOINT_SIGNATURE
+from ..audit.chain import CHECKPOINT_SIGNATURE, SigningKeyError, load_public_key
 from ..audit.setup import audit_config
 from ..policy.durations import parse_instant
 from ..store.store import AUDIT_KINDS
@@ -133,10 +133,13 @@ def register(registry: CommandRegistry) -> None:
         svc = ctx.services
         started = time.monotonic()
         # streams in batches, so the event loop keeps serving between them
+        cfg = audit_config(svc.config)
+        try:
+            earlier = [load_public_key(p.read_bytes()) for p in cfg.previous_public_keys]
+        except (OSError, SigningKeyError) as e:
+            raise CommandError(f"audit.previous_public_keys: {e}") from None
         report = await verify_store(
-            svc.store.engine,
-            [svc.store.signing_key.public_key()],
-            audit_config(svc.config).checkpoint_log,
+            svc.store.engine, [svc.store.signing_key.public_key(), *earlier], cfg.checkpoint_log
         )
         took = time.monotonic() - started
         ctx.audit.update(
@@ -165,10 +168,11 @@ def register(registry: CommandRegistry) -> None:
             "run `python -m bridge audit verify -c config.yaml` for details",
         ]
         if report.problem_kind == CHECKPOINT_SIGNATURE and "not a trusted" in str(report.problem):
-            # this command trusts only the bridge's current signing key
+            # this command trusts the current signing key and audit.previous_public_keys
             lines.append(
-                "if the signing key was replaced, verify from the CLI trusting the old and "
-                "the new public key: `python -m bridge audit verify -c config.yaml "
+                "if the signing key was replaced, list the old key's public key under "
+                "audit.previous_public_keys in the config (then `!policy reload`), or verify "
+                "from the CLI: `python -m bridge audit verify -c config.yaml "
                 "--public-key old.pem --public-key new.pem`"
             )
         return Reply.lines("❌ Audit archive BROKEN", lines)

@@ -543,3 +543,42 @@ async def test_search_and_export(env: Env, capsys: pytest.CaptureFixture[str]) -
     assert searches[0]["filters"] == {"sender": "@alice:x", "text": "quarterly"}
     assert searches[0]["actor"] and searches[0]["limit"] == 100
     assert await env.cli("verify") == 0
+
+
+async def test_a_replaced_signing_key_is_trusted_through_previous_public_keys(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await fill(env)
+    keyfile = env.config.audit.signing_key  # type: ignore[union-attr]
+    assert await env.cli("public-key", "-o", str(env.tmp / "old.pem")) == 0
+    keyfile.rename(keyfile.with_name("retired.pem"))  # replaced: the next start makes a new one
+    store = await env.open()
+    try:
+        await store.ingest_transaction("after", [ev(1000 + i) for i in range(12)])
+    finally:
+        await store.close()
+    capsys.readouterr()
+    assert await env.cli("verify") == 6  # the old checkpoints' key is not trusted
+    assert "not a trusted" in capsys.readouterr().err
+
+    cfg = json.loads(env.config_path.read_text())
+    cfg["audit"]["previous_public_keys"] = [str(env.tmp / "old.pem")]
+    env.config_path.write_text(json.dumps(cfg))
+    assert await env.cli("verify") == 0, capsys.readouterr().err
+
+
+def test_previous_public_keys_must_exist(tmp_path: Path) -> None:
+    from bridge.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError) as info:
+        build_config(
+            {
+                "appservice": {"as_token": "a", "hs_token": "b"},
+                "gate": {"token": "c"},
+                "audit": {"previous_public_keys": ["nowhere.pem"]},
+            },
+            base_dir=tmp_path,
+            env={},
+        )
+    assert "audit.previous_public_keys" in str(info.value)
+    assert "nowhere.pem" in str(info.value)
