@@ -287,3 +287,42 @@ async def test_a_stale_retention_limit_where_retention_is_off_is_restored_to_non
     assert any("changed m.room.retention" in b for b in notices(acts))
     # an empty retention state is what the policy wants: nothing to do
     assert await feed(worker, retention({})) == []
+
+
+async def test_a_crash_before_the_commit_redoes_the_work_exactly_once(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker dies between judging a transaction and committing what it produced (the
+    process is killed): nothing of it is kept, and the next run produces it once."""
+    bad = msg("bluefin again", sender="@joe:corp.example", room=ROOM)
+    cmd = msg("!policy status")
+    before = {a.id for a in await worker.store.due_actions(now=10**12, limit=10_000)}
+    await worker.store.ingest_transaction("crash-txn", [bad, cmd])
+
+    real_complete = worker.store.complete_work
+
+    async def killed(*_a: object, **_k: object) -> None:
+        raise SystemExit("killed before the commit")
+
+    monkeypatch.setattr(worker.store, "complete_work", killed)
+    with pytest.raises(SystemExit):
+        await worker.run_once()
+    new = [
+        a for a in await worker.store.due_actions(now=10**12, limit=10_000) if a.id not in before
+    ]
+    assert new == []  # nothing half-done
+
+    monkeypatch.setattr(worker.store, "complete_work", real_complete)
+    assert await worker.run_once() == 1
+    assert await worker.run_once() == 0  # done, not redone
+    new = [
+        a for a in await worker.store.due_actions(now=10**12, limit=10_000) if a.id not in before
+    ]
+    redactions = [a for a in new if a.kind == "redact"]
+    replies = [
+        a for a in new if a.kind == "send_notice" and a.payload.get("reply_to") == cmd["event_id"]
+    ]
+    assert [r.payload["event_id"] for r in redactions] == [bad["event_id"]]
+    assert len(replies) == 1
+    commands = [r async for r in worker.store.iter_records(kind="command")]
+    assert len([c for c in commands if c["data"]["command"] == "status"]) == 1
