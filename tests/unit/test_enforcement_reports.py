@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worker_services import Services
+
 from bridge.app import build_registry
 from bridge.commands.registry import Reply
 from bridge.config import build_config
 from bridge.enforcement import DRIFTED, REPORTED_FIELD, RoomEnforcer
-from bridge.policies import LivePolicy
 from bridge.store import Store
 from bridge.worker import Worker
 
@@ -226,17 +227,6 @@ MGMT = f"!mgmt:{OWN}"
 ADMIN = f"@boss:{OWN}"
 
 
-class Services:
-    def __init__(self, store: Store, config: Any) -> None:
-        self.store = store
-        self.config = config
-        self.management_room = MGMT
-        self.policy = LivePolicy(config)
-        self.policy.set_management_room(MGMT)
-        self.started_monotonic = time.monotonic()
-        self.rooms = RoomEnforcer(store, lambda: 1000.0, Notes())
-
-
 async def rooms_command(worker: Worker, text: str) -> str:
     before = {a.id for a in await worker.store.due_actions(now=10**12, limit=10_000)}
     ev = {
@@ -269,7 +259,7 @@ async def test_rooms_command_filters_and_pages(store: Store, tmp_path: Path) -> 
         base_dir=tmp_path,
         env={},
     )
-    services = Services(store, config)
+    services = Services(store, config, MGMT, notify=Notes())
     worker = Worker(
         store, lambda: config, lambda: services.policy.engine, build_registry(), services
     )

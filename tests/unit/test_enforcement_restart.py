@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worker_services import Services
+
 from bridge.app import build_registry
 from bridge.commands.registry import Reply
 from bridge.config import build_config
 from bridge.enforcement import MEMBERS_FIELD, RoomEnforcer
-from bridge.policies import LivePolicy
 from bridge.policy.federation import FederationMode, FederationPolicy
 from bridge.store import Store
 from bridge.worker import Worker
@@ -122,17 +123,6 @@ async def test_member_records_are_sealed(tmp_path: Path) -> None:
 # -- through the command, across a restart -------------------------------------------------
 
 
-class Services:
-    def __init__(self, store: Store, config: Any) -> None:
-        self.store = store
-        self.config = config
-        self.management_room = MGMT
-        self.policy = LivePolicy(config)
-        self.policy.set_management_room(MGMT)
-        self.started_monotonic = time.monotonic()
-        self.rooms = RoomEnforcer(store, lambda: 1000.0, _quiet, own_server=OWN)
-
-
 async def start(store: Store, tmp_path: Path) -> Worker:
     """A worker with fresh in-memory state over ``store``: a (re)start of the bridge."""
     config = build_config(
@@ -146,7 +136,7 @@ async def start(store: Store, tmp_path: Path) -> Worker:
         base_dir=tmp_path,
         env={},
     )
-    services = Services(store, config)
+    services = Services(store, config, MGMT, notify=_quiet, own_server=OWN)
     await services.rooms.load()
     worker = Worker(
         store, lambda: config, lambda: services.policy.engine, build_registry(), services

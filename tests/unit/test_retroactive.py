@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from worker_services import Services
 
 from bridge import retroactive
 from bridge.app import build_registry
 from bridge.config import build_config
-from bridge.enforcement import RoomEnforcer
-from bridge.policies import LivePolicy
 from bridge.policy.layers import GLOBAL
 from bridge.store import NewAction, Store
 from bridge.worker import Worker
@@ -36,22 +35,6 @@ class Executor:
         await self.store.enqueue_actions(actions)
 
 
-class Services:
-    def __init__(self, store: Store, config: Any) -> None:
-        self.store = store
-        self.config = config
-        self.management_room = MGMT
-        self.policy = LivePolicy(config)
-        self.policy.set_management_room(MGMT)
-        self.started_monotonic = time.monotonic()
-        self.executor = Executor(store)
-
-        async def notify(_reply: Any) -> None:
-            return None
-
-        self.rooms = RoomEnforcer(store, lambda: 1000.0, notify)
-
-
 def make_config(tmp_path: Path, dlp: dict[str, Any] | None = None) -> Any:
     return build_config(
         {
@@ -67,7 +50,8 @@ def make_config(tmp_path: Path, dlp: dict[str, Any] | None = None) -> Any:
 
 
 async def make_worker(store: Store, config: Any) -> Worker:
-    services = Services(store, config)
+    services = Services(store, config, MGMT)
+    services.executor = Executor(store)  # type: ignore[attr-defined]
     w = Worker(store, lambda: config, lambda: services.policy.engine, build_registry(), services)
     w.joined_rooms = {MGMT, ROOM, CHILD}
     for room in (MGMT, ROOM, CHILD):

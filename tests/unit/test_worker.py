@@ -8,33 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from worker_services import Services
 
 from bridge import metrics
 from bridge.app import build_registry
 from bridge.config import build_config
-from bridge.enforcement import RoomEnforcer
-from bridge.policies import LivePolicy
 from bridge.store import Store
 from bridge.worker import Worker
 
 MGMT = "!mgmt:corp.example"
 ROOM = "!room:corp.example"
 ADMIN = "@boss:corp.example"
-
-
-class Services:
-    def __init__(self, store: Store, config: Any) -> None:
-        self.store = store
-        self.config = config
-        self.management_room = MGMT
-        self.policy = LivePolicy(config)
-        self.policy.set_management_room(MGMT)
-        self.started_monotonic = time.monotonic()
-
-        async def notify(_reply: Any) -> None:
-            return None
-
-        self.rooms = RoomEnforcer(store, lambda: 1000.0, notify)
 
 
 @pytest.fixture
@@ -50,7 +34,7 @@ async def worker(store: Store, tmp_path: Path) -> Worker:
         base_dir=tmp_path,
         env={},
     )
-    services = Services(store, config)
+    services = Services(store, config, MGMT)
     w = Worker(store, lambda: config, lambda: services.policy.engine, build_registry(), services)
     w.joined_rooms = {MGMT, ROOM}
     for room in (MGMT, ROOM):
