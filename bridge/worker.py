@@ -246,9 +246,7 @@ class Worker:
             await self._command(event, batch, cfg)
             # and judged like any message below: a command prefix must not be a way around
             # the rules (the management room is exempt from DLP, so admins can quote text)
-        if etype == "m.reaction" and self._confirmation(event) is not None:
-            original = self._confirmation(event)
-            assert original is not None
+        if etype == "m.reaction" and (original := self._confirmation(event)) is not None:
             await self._command(original, batch, cfg, confirmed=True)
             return
         verdict = self.engine().check_event(event)

@@ -29,7 +29,7 @@ from .engine import truncate_wal
 from .holds import HoldsMixin
 from .models import AuditEntry, ExpiryReport, Plain, now_ms
 from .operational import EXPIRY_CURSOR_KEY
-from .schema import data_keys, records
+from .schema import SEALED_PART, data_keys, records
 
 #: ``type`` of the retention record that ends an archive-expiry run.
 RUN_TYPE = "archive_expiry"
@@ -305,13 +305,7 @@ class ExpiryMixin(HoldsMixin):
                 return 0
             rows = (
                 await conn.execute(
-                    select(
-                        records.c.seq,
-                        records.c.room_idx,
-                        records.c.key_id,
-                        records.c.nonce,
-                        records.c.ciphertext,
-                    )
+                    select(records.c.seq, *SEALED_PART)
                     .where(
                         records.c.kind == "retention",
                         records.c.type_idx == self._bidx("type", RUN_TYPE),

@@ -15,20 +15,11 @@ from .chain import prefetched
 from .codec import str_or_none
 from .keys import KeysMixin
 from .models import RecordMeta, SearchGroup, SearchSummary, StoreError
-from .schema import records
+from .schema import SEALED_PART, records
 
 #: What a reader decrypts of a record: seq, ts, kind, origin_ts and the sealed part
 #: (:data:`bridge.audit.decode.SEALED_COLUMNS`).
-_READ = (
-    records.c.seq,
-    records.c.ts,
-    records.c.kind,
-    records.c.origin_ts,
-    records.c.room_idx,
-    records.c.key_id,
-    records.c.nonce,
-    records.c.ciphertext,
-)
+_READ = (records.c.seq, records.c.ts, records.c.kind, records.c.origin_ts, *SEALED_PART)
 
 
 class RecordQuery(TypedDict, total=False):

@@ -52,6 +52,10 @@ records = Table(
     Index("ix_records_origin_ts", "origin_ts"),
 )
 
+#: A record's sealed part, in the order ``_decrypt(seq, *sealed)`` takes it: what opening a
+#: record needs besides its seq.
+SEALED_PART = (records.c.room_idx, records.c.key_id, records.c.nonce, records.c.ciphertext)
+
 # Per-room data keys (scope = the room's blind index; empty scope = records without a
 # room), only ever stored wrapped by a key-encryption key of the keyring (never in the DB).
 # Deleting a row crypto-shreds that room's records.

@@ -17,21 +17,14 @@ from sqlalchemy import and_, func, or_, select
 
 from ..policy.retention import REDACTION
 from . import codec
-from .schema import actions, records
+from .schema import SEALED_PART, actions, records
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["REDACTION", "STATE_TYPES", "ExpiredRecord", "SweepQueries"]
 #: The columns :meth:`SweepQueries._open` reads: seq, origin_ts and the sealed part.
-_EVENT_COLS = (
-    records.c.seq,
-    records.c.origin_ts,
-    records.c.room_idx,
-    records.c.key_id,
-    records.c.nonce,
-    records.c.ciphertext,
-)
+_EVENT_COLS = (records.c.seq, records.c.origin_ts, *SEALED_PART)
 # Common state types, left out of the "messages that would be deleted" estimate without
 # decrypting anything (state events are never deleted by retention).
 STATE_TYPES = (

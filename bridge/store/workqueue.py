@@ -17,7 +17,7 @@ from .models import (
     WorkItem,
 )
 from .operational import PLAIN_STATE_KEYS, OperationalMixin
-from .schema import records, transactions
+from .schema import SEALED_PART, records, transactions
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,13 +76,7 @@ class WorkQueueMixin(OperationalMixin):
             for qid, txn_id, received, first, last in txns:
                 rows = (
                     await conn.execute(
-                        select(
-                            records.c.seq,
-                            records.c.room_idx,
-                            records.c.key_id,
-                            records.c.nonce,
-                            records.c.ciphertext,
-                        )
+                        select(records.c.seq, *SEALED_PART)
                         .where(records.c.seq.between(first, last), records.c.kind == "event")
                         .order_by(records.c.seq)
                     )
