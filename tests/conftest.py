@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -66,3 +68,15 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     s = await Store.open(url)
     yield s
     await s.close()
+
+
+@contextlib.asynccontextmanager
+async def in_background(coro: Coroutine[Any, Any, Any]) -> AsyncIterator[asyncio.Task[Any]]:
+    """Run ``coro`` (a serve-forever loop) as a task during the block, then cancel it."""
+    task = asyncio.create_task(coro)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

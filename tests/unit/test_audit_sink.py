@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 from bridge.audit_sink import AuditSink
 from bridge.store import AuditEntry, Store, StoreUnavailable
+from tests.conftest import in_background
 
 
 def entry(i: int) -> AuditEntry:
     return AuditEntry(kind="gate", room_id="!r:x", data={"decision": "deny", "n": i})
-
-
-@contextlib.asynccontextmanager
-async def serving(sink: AuditSink) -> AsyncIterator[None]:
-    task = asyncio.create_task(sink.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def gate_records(store: Store) -> list[int]:
@@ -40,7 +28,7 @@ async def test_record_returns_once_committed_and_groups_concurrent_refusals(stor
         await append(entries)
 
     store.append = counting  # type: ignore[method-assign]
-    async with serving(sink):
+    async with in_background(sink.run()):
         results = await asyncio.gather(*(sink.record(entry(i), within=30) for i in range(20)))
     assert results == [True] * 20
     assert sorted(await gate_records(store)) == list(range(20))
@@ -58,7 +46,7 @@ async def test_record_gives_up_waiting_but_keeps_the_record(store: Store) -> Non
         await append(entries)
 
     store.append = flaky  # type: ignore[method-assign]
-    async with serving(sink):
+    async with in_background(sink.run()):
         assert await sink.record(entry(1), within=0.2) is False
         assert sink.pending == 1
         down = False

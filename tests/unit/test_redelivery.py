@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
 
 from bridge.redelivery import RedeliveryNudger
+from tests.conftest import in_background
 
 
 class Database:
@@ -37,17 +36,6 @@ class Homeserver:
         return 3
 
 
-@contextlib.asynccontextmanager
-async def running(nudger: RedeliveryNudger) -> AsyncIterator[None]:
-    task = asyncio.create_task(nudger.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
@@ -57,7 +45,7 @@ async def test_no_refusal_no_ping() -> None:
     db, hs = Database(), Homeserver()
     db.up = True
     nudger = RedeliveryNudger(db.reachable, hs.ping, probe_interval=0.001)
-    async with running(nudger):
+    async with in_background(nudger.run()):
         await asyncio.sleep(0.02)
     assert hs.pings == 0 and db.probes == 0
 
@@ -65,7 +53,7 @@ async def test_no_refusal_no_ping() -> None:
 async def test_pings_once_when_the_database_comes_back() -> None:
     db, hs = Database(), Homeserver()
     nudger = RedeliveryNudger(db.reachable, hs.ping, probe_interval=0.001)
-    async with running(nudger):
+    async with in_background(nudger.run()):
         nudger.refused()
         nudger.refused()  # several refusals during one outage make one ping
         await asyncio.sleep(0.02)
@@ -84,7 +72,7 @@ async def test_a_failing_ping_is_logged_and_the_nudger_keeps_serving(
     db, hs = Database(), Homeserver(fail=True)
     db.up = True
     nudger = RedeliveryNudger(db.reachable, hs.ping, probe_interval=0.001)
-    async with running(nudger):
+    async with in_background(nudger.run()):
         nudger.refused()
         await asyncio.wait_for(hs.pinged.wait(), 5)
         await asyncio.sleep(0.02)
@@ -112,7 +100,7 @@ async def test_refusals_right_after_a_ping_space_the_pings_out() -> None:
         await asyncio.sleep(0)
 
     nudger = RedeliveryNudger(db.reachable, hs.ping, probe_interval=1, max_gap=4, sleep=sleep)
-    async with running(nudger):
+    async with in_background(nudger.run()):
         nudger.refused()
         await settle()
         assert hs.pings == 5
