@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bridge.config import build_config
-from bridge.policies import LivePolicy
+from bridge.pipeline.live_policy import LivePolicy
 from bridge.policy.dlp import DETECTORS
 
 SYLLABLES = "ka lo mi ra ze tu vo ni sha pe qui dro fle gar bin tor mex lus wen yaz".split()

@@ -39,7 +39,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridge.devstack import BridgeProcess, DevStack, prepare_stack
+from bridge.dev.devstack import BridgeProcess, DevStack, prepare_stack
 from bridge.policy.dlp import DETECTORS
 
 WORDS = (

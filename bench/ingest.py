@@ -51,7 +51,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql import sqltypes
 
-from bridge.appservice import PREFIX, AppserviceAPI
+from bridge.http.transactions import PREFIX, AppserviceAPI
 from bridge.store import Store, schema
 
 EVENTS_PER_TXN = 100

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import delete
 
 from bridge.config import Config, build_config
-from bridge.policies import build_engine
-from bridge.retention import PROGRESS_PREFIX, TOTALS_KEY, RetentionSweeper, SweepSettings
+from bridge.pipeline.live_policy import build_engine
+from bridge.pipeline.sweeper import PROGRESS_PREFIX, TOTALS_KEY, RetentionSweeper, SweepSettings
 from bridge.store import AuditEntry, NewAction, Store
 from bridge.store.schema import state
 

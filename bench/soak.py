@@ -57,7 +57,7 @@ from gate_latency import bucket_quantile, gate_histogram, keywords, message, pct
 
 from bridge.audit.crypto import BlindIndexer
 from bridge.audit.keyring import Keyring
-from bridge.devstack import BridgeProcess, DevStack, prepare_stack
+from bridge.dev.devstack import BridgeProcess, DevStack, prepare_stack
 from bridge.policy.dlp import DETECTORS
 
 METRIC_LINE = re.compile(

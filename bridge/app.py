@@ -21,21 +21,20 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from mautrix.errors import MatrixError, MatrixRequestError
 from mautrix.types import RoomAlias, RoomID, UserID
 
-from . import __version__, metrics, retroactive
-from .appservice import AppserviceAPI
-from .audit.jobs import run_audit_jobs
-from .audit_sink import AuditSink
-from .commands import CommandRegistry, Reply
-from .commands import audit as audit_commands
-from .commands import core as core_commands
-from .commands import dlp as dlp_commands
-from .commands import rooms as room_commands
-from .config import Config, ConfigError, load_config
-from .enforcement import RoomEnforcer
-from .executor import Executor, RateLimiter, RoomEnforcement
-from .gate import Gate
-from .logs import setup_logging
-from .matrix import (
+from bridge import __version__, metrics
+from bridge.archive.jobs import run_audit_jobs
+from bridge.archive.sink import AuditSink
+from bridge.commands import CommandRegistry, Reply
+from bridge.commands import audit as audit_commands
+from bridge.commands import core as core_commands
+from bridge.commands import dlp as dlp_commands
+from bridge.commands import rooms as room_commands
+from bridge.config import Config, ConfigError, load_config
+from bridge.http.gate import Gate
+from bridge.http.health import health_routes
+from bridge.http.transactions import AppserviceAPI
+from bridge.logs import setup_logging
+from bridge.matrix import (
     PING_RETRY_DELAYS,
     AdminAPI,
     HomeserverUnreachable,
@@ -46,13 +45,15 @@ from .matrix import (
     register_bot,
     wait_for_homeserver,
 )
-from .policies import SECTIONS, SPACES_KEY, LivePolicy, runtime_key
-from .policy.model import Action, Verdict
-from .redelivery import RedeliveryNudger
-from .retention import RetentionSweeper
-from .store import ActionRow, AuditEntry, NewAction, Store, StoreUnavailable
-from .web import health_routes
-from .worker import Worker, notice, notify_text
+from bridge.pipeline import retroactive
+from bridge.pipeline.enforcement import RoomEnforcer
+from bridge.pipeline.executor import Executor, RateLimiter, RoomEnforcement
+from bridge.pipeline.live_policy import SECTIONS, SPACES_KEY, LivePolicy, runtime_key
+from bridge.pipeline.redelivery import RedeliveryNudger
+from bridge.pipeline.sweeper import RetentionSweeper
+from bridge.pipeline.worker import Worker, notice, notify_text
+from bridge.policy.model import Action, Verdict
+from bridge.store import ActionRow, AuditEntry, NewAction, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Bridge:
 
     async def open(self) -> None:
         """Open the store and start listening. Raises StoreUnavailable / OSError."""
-        from .audit.setup import open_store
+        from bridge.archive.setup import open_store
 
         # the encrypted audit store: keyring + checkpoint signing key from `audit:`
         self.store = await open_store(self.config)

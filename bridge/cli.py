@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from bridge import __version__
 
 if TYPE_CHECKING:
     from mautrix.errors import MatrixRequestError
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["audit"]:  # audit verify|search|export|rotate-key|public-key
-        from .audit.cli import main as audit_main
+        from bridge.archive.cli import main as audit_main
 
         return audit_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -84,14 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check-config":
         return cmd_check_config(_config_path(args))
     if command == "demo":
-        from .demo import run_demo
+        from bridge.dev.demo import run_demo
 
         return run_demo(port=args.port, keep=args.keep)
     return EXIT_USAGE
 
 
 def cmd_check_config(path: Path) -> int:
-    from .config import ConfigError, load_config
+    from bridge.config import ConfigError, load_config
 
     try:
         config = load_config(path)
@@ -106,8 +106,8 @@ def cmd_check_config(path: Path) -> int:
 
 
 def cmd_generate_registration(config_path: Path, registration_path: Path) -> int:
-    from .config import ConfigError
-    from .registration import generate_registration
+    from bridge.config import ConfigError
+    from bridge.registration import generate_registration
 
     try:
         reg = generate_registration(config_path, registration_path)
@@ -125,13 +125,13 @@ def cmd_generate_registration(config_path: Path, registration_path: Path) -> int
 def cmd_run(path: Path) -> int:
     from mautrix.errors import MatrixRequestError
 
-    from .app import Bridge
-    from .audit.chain import SigningKeyError
-    from .audit.keyring import KeyringError
-    from .config import ConfigError, load_config
-    from .logs import setup_logging
-    from .matrix import HomeserverUnreachable
-    from .store import StoreError, StoreUnavailable
+    from bridge.app import Bridge
+    from bridge.audit.chain import SigningKeyError
+    from bridge.audit.keyring import KeyringError
+    from bridge.config import ConfigError, load_config
+    from bridge.logs import setup_logging
+    from bridge.matrix import HomeserverUnreachable
+    from bridge.store import StoreError, StoreUnavailable
 
     try:
         config = load_config(path)

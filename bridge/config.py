@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from .policy.model import server_name
+from bridge.policy.model import server_name
 
 ENV_PREFIX = "POLICY_BRIDGE__"
 PLACEHOLDER_PREFIX = "CHANGE_ME"
@@ -415,16 +415,16 @@ def build_config(
     )
     dlp_layers: Mapping[str, Any] = {}
     try:
-        from .policy.layers import parse_config_dlp
+        from bridge.policy.layers import parse_config_dlp
 
         dlp_layers = parse_config_dlp(data.get("dlp"))
-        from .policy.layers import DlpLayers
+        from bridge.policy.layers import DlpLayers
 
         DlpLayers(dlp_layers, {}).compile()  # refuse bad patterns now, not at the gate
     except ValueError as e:
         v.problems.append(str(e))
     audit = _audit_config(v, data_dir, base_dir)
-    from .policy.scopes import federation_setting, retention_setting
+    from bridge.policy.scopes import federation_setting, retention_setting
 
     for name, make in (("federation", federation_setting), ("retention", retention_setting)):
         try:
@@ -466,7 +466,7 @@ def build_config(
 
 def _check_sweep(v: _Validator) -> None:
     """The retention sweeper's pacing options."""
-    from .policy.durations import DurationError, parse_duration
+    from bridge.policy.durations import DurationError, parse_duration
 
     raw = v.get("retention.sweep_interval")
     try:
@@ -482,7 +482,7 @@ def _check_sweep(v: _Validator) -> None:
 
 
 def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
-    from .policy.durations import DurationError, parse_duration
+    from bridge.policy.durations import DurationError, parse_duration
 
     def path_of(key: str, default: str) -> Path:
         raw = v.string(f"audit.{key}", nonempty=False)

@@ -24,9 +24,9 @@ from typing import Any, NoReturn, TextIO
 
 from ruamel.yaml import YAML
 
-from .cli import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
-from .cli import main as cli_main
-from .config import (
+from bridge.cli import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
+from bridge.cli import main as cli_main
+from bridge.config import (
     ENV_PREFIX,
     Config,
     ConfigError,
@@ -37,7 +37,7 @@ from .config import (
     read_yaml,
     update_config_file,
 )
-from .registration import registration_dict
+from bridge.registration import registration_dict
 
 DATA_DIR_ENV = "BRIDGE_DATA_DIR"
 SYNC_ENV = "BRIDGE_SYNC_REGISTRATION"

@@ -10,7 +10,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from .config import Config, load_config, update_config_file
+from bridge.config import Config, load_config, update_config_file
 
 
 def new_token() -> str:
@@ -46,7 +46,7 @@ def generate_registration(config_path: Path, registration_path: Path) -> dict[st
     """
     as_token, hs_token, gate_token = new_token(), new_token(), new_token()
     if not config_path.exists():
-        from .config import default_config_text
+        from bridge.config import default_config_text
 
         config_path.write_text(default_config_text(), "utf-8")
         os.chmod(config_path, 0o600)

@@ -2,7 +2,7 @@
 
 Used by the store's reads (:meth:`bridge.store.reading.ReadingMixin.iter_record_batches`,
 :meth:`bridge.store.keys.KeysMixin._decrypt`) and by the export's worker processes
-(:mod:`bridge.audit.export`), which get the data keys of each batch from the store. It
+(:mod:`bridge.archive.export`), which get the data keys of each batch from the store. It
 imports nothing that needs SQLAlchemy (``bridge.store.codec`` and ``bridge.store.models``
 are standard-library only), so a worker can load it without the whole store.
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
-from ..store.codec import loads, str_or_none
-from ..store.models import StoreError
-from .chain import SHRED_KIND
-from .crypto import GLOBAL_SCOPE, DataKey, RecordDecryptError, decrypt_record
+from bridge.audit.chain import SHRED_KIND
+from bridge.audit.crypto import GLOBAL_SCOPE, DataKey, RecordDecryptError, decrypt_record
+from bridge.store.codec import loads, str_or_none
+from bridge.store.models import StoreError
 
 #: The columns of a sealed row, in this order (see ``bridge.store.reading._READ``).
 SEALED_COLUMNS = ("seq", "ts", "kind", "origin_ts", "room_idx", "key_id", "nonce", "ciphertext")

@@ -1,6 +1,6 @@
 """Admin commands typed in Matrix rooms."""
 
-from .registry import (
+from bridge.commands.registry import (
     Arg,
     CommandContext,
     CommandError,

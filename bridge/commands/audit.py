@@ -15,11 +15,11 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from ..audit.chain import CHECKPOINT_SIGNATURE, SigningKeyError, load_public_key
-from ..audit.setup import audit_config
-from ..policy.durations import parse_instant
-from ..store.store import AUDIT_KINDS
-from .registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
+from bridge.archive.setup import audit_config
+from bridge.audit.chain import CHECKPOINT_SIGNATURE, SigningKeyError, load_public_key
+from bridge.commands.registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
+from bridge.policy.durations import parse_instant
+from bridge.store.store import AUDIT_KINDS
 
 LATEST = 5
 GROUPS = 15
@@ -128,7 +128,7 @@ def register(registry: CommandRegistry) -> None:
         role="auditor",
     )
     async def audit_verify(ctx: CommandContext) -> Reply:
-        from ..audit.cli import verify_store
+        from bridge.archive.cli import verify_store
 
         svc = ctx.services
         started = time.monotonic()

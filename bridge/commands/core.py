@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from .. import __version__
-from .registry import Arg, CommandContext, CommandRegistry, Reply
+from bridge import __version__
+from bridge.commands.registry import Arg, CommandContext, CommandRegistry, Reply
 
 
 def _duration(seconds: float) -> str:

@@ -5,7 +5,7 @@ record, and the new engine is swapped in right after the commit, so the gate enf
 within the next request. ``--scope here`` keys the rule by the room the command was typed
 in; when that room is a space, the rule also applies in the rooms of the space.
 ``--retroactive`` starts a background scan of the archive after the commit
-(:mod:`bridge.retroactive`).
+(:mod:`bridge.pipeline.retroactive`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .. import retroactive
-from ..policies import LivePolicy, runtime_key
-from ..policy import layers
-from ..policy.dlp import DETECTORS, DlpEngine, DlpPolicy, InvalidPattern, KeywordList
-from ..policy.durations import DurationError, format_duration, parse_duration
-from ..policy.engine import PolicyEngine
-from ..policy.model import Action
-from .registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
-from .scope import SCOPE_FLAG, room_of, scope_of, where
+from bridge.commands.registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
+from bridge.commands.scope import SCOPE_FLAG, room_of, scope_of, where
+from bridge.pipeline import retroactive
+from bridge.pipeline.live_policy import LivePolicy, runtime_key
+from bridge.policy import layers
+from bridge.policy.dlp import DETECTORS, DlpEngine, DlpPolicy, InvalidPattern, KeywordList
+from bridge.policy.durations import DurationError, format_duration, parse_duration
+from bridge.policy.engine import PolicyEngine
+from bridge.policy.model import Action
 
 ACTIONS = tuple(a.value for a in Action)
 ACTION_FLAG = Flag(

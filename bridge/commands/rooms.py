@@ -11,13 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..enforcement import DRIFTED, ROLLOUT_KEY
-from ..policies import LivePolicy, runtime_key
-from ..policy.durations import DurationError, format_duration, parse_duration
-from ..policy.engine import PolicyEngine
-from ..policy.federation import FederationMode, acl_content
-from ..policy.scopes import rooms_in_scope
-from .registry import (
+from bridge.commands.registry import (
     Arg,
     CommandContext,
     CommandError,
@@ -26,7 +20,13 @@ from .registry import (
     NeedsConfirmation,
     Reply,
 )
-from .scope import SCOPE_FLAG, room_of, scope_of, where
+from bridge.commands.scope import SCOPE_FLAG, room_of, scope_of, where
+from bridge.pipeline.enforcement import DRIFTED, ROLLOUT_KEY
+from bridge.pipeline.live_policy import LivePolicy, runtime_key
+from bridge.policy.durations import DurationError, format_duration, parse_duration
+from bridge.policy.engine import PolicyEngine
+from bridge.policy.federation import FederationMode, acl_content
+from bridge.policy.scopes import rooms_in_scope
 
 YES_FLAG = Flag("yes", "confirm a change that removes members")
 

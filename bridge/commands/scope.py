@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..policy.scopes import GLOBAL
-from .registry import CommandContext, Flag
+from bridge.commands.registry import CommandContext, Flag
+from bridge.policy.scopes import GLOBAL
 
 SCOPE_FLAG = Flag(
     "scope",

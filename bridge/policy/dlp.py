@@ -42,9 +42,9 @@ from typing import Any
 import ahocorasick
 import re2
 
-from .extract import extract_texts
-from .model import ALLOW, Action, Finding, Verdict, server_name
-from .normalize import clean, fold, normalize
+from bridge.policy.extract import extract_texts
+from bridge.policy.model import ALLOW, Action, Finding, Verdict, server_name
+from bridge.policy.normalize import clean, fold, normalize
 
 __all__ = [
     "DETECTORS",

@@ -11,13 +11,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import federation as fed
-from .dlp import DlpEngine, DlpPolicy
-from .federation import FederationPolicy
-from .model import ALLOW, Action, Finding, Verdict
-from .retention import RetentionPolicy
-from .rooms import RoomPlan, RoomState, plan_room
-from .scopes import ScopedSetting, federation_setting, retention_setting
+from bridge.policy import federation as fed
+from bridge.policy.dlp import DlpEngine, DlpPolicy
+from bridge.policy.federation import FederationPolicy
+from bridge.policy.model import ALLOW, Action, Finding, Verdict
+from bridge.policy.retention import RetentionPolicy
+from bridge.policy.rooms import RoomPlan, RoomState, plan_room
+from bridge.policy.scopes import ScopedSetting, federation_setting, retention_setting
 
 ENCRYPTION_EVENT = "m.room.encryption"
 ENCRYPTION_RULE = "encryption:forbidden"

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .normalize import html_to_text
+from bridge.policy.normalize import html_to_text
 
 __all__ = ["MAX_SCAN_CHARS", "extract_texts"]
 

@@ -26,11 +26,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dlp import DETECTORS, DetectorRule, DlpEngine, DlpPolicy, KeywordList, RegexRule
-from .durations import DurationError, parse_duration
-from .model import Action
-from .normalize import normalize
-from .scopes import GLOBAL, ScopedSetting
+from bridge.policy.dlp import DETECTORS, DetectorRule, DlpEngine, DlpPolicy, KeywordList, RegexRule
+from bridge.policy.durations import DurationError, parse_duration
+from bridge.policy.model import Action
+from bridge.policy.normalize import normalize
+from bridge.policy.scopes import GLOBAL, ScopedSetting
 
 RUNTIME_PREFIX = "admin-"
 #: Keys of one scope's rules (config and runtime form).

@@ -6,7 +6,7 @@ itself only when its own ``retention:`` config is enabled (and it clamps lifetim
 that config's ``allowed_lifetime_min``/``max``); the bridge can also purge through the
 admin API ``purge_history`` with ``purge_up_to_ts`` = :func:`expiry_cutoff`.
 
-The sweeper (``bridge.retention``) decides with the pure core below: what becomes of
+The sweeper (``bridge.pipeline.sweeper``) decides with the pure core below: what becomes of
 each expired event (:func:`sweep_fate`) and whether a room's history is purged
 (:func:`plan_purge`). A legal hold suspends deletion: a held room is never swept, a held
 user's messages are never redacted, and since ``purge_history`` cannot spare single

@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .federation import FederationPolicy, acl_content, acl_matches, members_to_remove
-from .model import server_name
-from .retention import RetentionPolicy, retention_content, retention_matches
+from bridge.policy.federation import FederationPolicy, acl_content, acl_matches, members_to_remove
+from bridge.policy.model import server_name
+from bridge.policy.retention import RetentionPolicy, retention_content, retention_matches
 
 ACL = "m.room.server_acl"
 RETENTION = "m.room.retention"

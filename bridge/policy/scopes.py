@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .durations import DurationError, parse_duration
-from .federation import FederationMode, FederationPolicy
-from .retention import RetentionPolicy
+from bridge.policy.durations import DurationError, parse_duration
+from bridge.policy.federation import FederationMode, FederationPolicy
+from bridge.policy.retention import RetentionPolicy
 
 GLOBAL = "global"
 FEDERATION_FIELDS = ("mode", "servers", "allow_ip_literals")

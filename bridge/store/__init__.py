@@ -1,6 +1,6 @@
 """Durable storage: events, audit records, the work queue and executor actions."""
 
-from .store import (
+from bridge.store.store import (
     ActionRow,
     AuditEntry,
     ExpiryReport,

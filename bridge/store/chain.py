@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..audit.chain import ChainFields, ChainRecord, Checkpoint
-from .schema import checkpoints, records
+from bridge.audit.chain import ChainFields, ChainRecord, Checkpoint
+from bridge.store.schema import checkpoints, records
 
 
 async def iter_chain_batches(

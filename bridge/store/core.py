@@ -12,9 +12,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..audit.chain import Checkpoint
-from ..audit.crypto import BlindIndexer, DataKey
-from ..audit.keyring import Keyring
+from bridge.audit.chain import Checkpoint
+from bridge.audit.crypto import BlindIndexer, DataKey
+from bridge.audit.keyring import Keyring
 
 #: One logger for every part of the store (its name as before the store was split up).
 log = logging.getLogger("bridge.store.store")

@@ -10,11 +10,11 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..audit.crypto import GLOBAL_SCOPE
-from .codec import dumps
-from .models import AuditEntry, HoldInfo, Holds, StoreError, now_ms
-from .operational import EXPIRY_CURSOR_KEY, OperationalMixin
-from .schema import legal_holds
+from bridge.audit.crypto import GLOBAL_SCOPE
+from bridge.store.codec import dumps
+from bridge.store.models import AuditEntry, HoldInfo, Holds, StoreError, now_ms
+from bridge.store.operational import EXPIRY_CURSOR_KEY, OperationalMixin
+from bridge.store.schema import legal_holds
 
 HOLD_SCOPES = ("room", "user")
 

@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..audit import decode  # a module, not its names: it imports this package's codec
-from ..audit.chain import SHRED_KIND
-from ..audit.crypto import (
+from bridge.audit import decode  # a module, not its names: it imports this package's codec
+from bridge.audit.chain import SHRED_KIND
+from bridge.audit.crypto import (
     DataKey,
     KeyUnwrapError,
     WrappedKey,
@@ -23,9 +23,9 @@ from ..audit.crypto import (
     unwrap_with_keyring,
     wrap,
 )
-from .core import StoreCore, log
-from .models import StoreError, now_ms
-from .schema import data_keys, records
+from bridge.store.core import StoreCore, log
+from bridge.store.models import StoreError, now_ms
+from bridge.store.schema import data_keys, records
 
 #: A data key row as wrapped: ``WrappedKey(key_id, scope, kek_id, blob)``.
 _WRAPPED = (data_keys.c.key_id, data_keys.c.scope, data_keys.c.kek_id, data_keys.c.blob)

@@ -11,15 +11,20 @@ from sqlalchemy import func, insert, inspect, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..audit.crypto import BlindIndexer
-from ..audit.keyring import Keyring, KeyringMissingError
-from . import schema
-from .codec import dumps
-from .core import log
-from .engine import truncate_wal
-from .models import Plain, StoreError, now_ms
-from .operational import INDEX_CHECK_KEY, PLAIN_STATE_KEYS, SEALED_PREFIX, OperationalMixin
-from .schema import actions, data_keys, rooms, state, transactions
+from bridge.audit.crypto import BlindIndexer
+from bridge.audit.keyring import Keyring, KeyringMissingError
+from bridge.store import schema
+from bridge.store.codec import dumps
+from bridge.store.core import log
+from bridge.store.engine import truncate_wal
+from bridge.store.models import Plain, StoreError, now_ms
+from bridge.store.operational import (
+    INDEX_CHECK_KEY,
+    PLAIN_STATE_KEYS,
+    SEALED_PREFIX,
+    OperationalMixin,
+)
+from bridge.store.schema import actions, data_keys, rooms, state, transactions
 
 _MIGRATE_BATCH = 2000
 

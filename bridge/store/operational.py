@@ -12,11 +12,11 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..audit.crypto import OPERATIONAL_SCOPE, CryptoError, DataKey, field_aad, seal, unseal
-from .codec import dumps
-from .models import ActionRow, AuditEntry, NewAction, StoreError, now_ms
-from .records import RecordsMixin
-from .schema import actions, data_keys, rooms, state
+from bridge.audit.crypto import OPERATIONAL_SCOPE, CryptoError, DataKey, field_aad, seal, unseal
+from bridge.store.codec import dumps
+from bridge.store.models import ActionRow, AuditEntry, NewAction, StoreError, now_ms
+from bridge.store.records import RecordsMixin
+from bridge.store.schema import actions, data_keys, rooms, state
 
 INDEX_CHECK_KEY = "audit_index_check"
 EXPIRY_CURSOR_KEY = "audit_expiry_cursor"

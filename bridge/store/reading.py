@@ -9,13 +9,13 @@ from typing import Any, TypedDict, Unpack
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..audit import decode  # a module, not its names: it imports this package's codec
-from . import codec
-from .chain import prefetched
-from .codec import str_or_none
-from .keys import KeysMixin
-from .models import RecordMeta, SearchGroup, SearchSummary, StoreError
-from .schema import SEALED_PART, records
+from bridge.audit import decode  # a module, not its names: it imports this package's codec
+from bridge.store import codec
+from bridge.store.chain import prefetched
+from bridge.store.codec import str_or_none
+from bridge.store.keys import KeysMixin
+from bridge.store.models import RecordMeta, SearchGroup, SearchSummary, StoreError
+from bridge.store.schema import SEALED_PART, records
 
 #: What a reader decrypts of a record: seq, ts, kind, origin_ts and the sealed part
 #: (:data:`bridge.audit.decode.SEALED_COLUMNS`).

@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..audit.chain import (
+from bridge.audit.chain import (
     EXPIRY_KIND,
     GENESIS,
     SHRED_KIND,
@@ -22,12 +22,12 @@ from ..audit.chain import (
     record_hash,
     sign_checkpoint,
 )
-from ..audit.crypto import GLOBAL_SCOPE, encrypt_record
-from .codec import dumps, str_or_none
-from .core import log
-from .keys import KeysMixin
-from .models import AuditEntry, IngestResult, Plain, StoreUnavailable, now_ms
-from .schema import checkpoints, records, transactions
+from bridge.audit.crypto import GLOBAL_SCOPE, encrypt_record
+from bridge.store.codec import dumps, str_or_none
+from bridge.store.core import log
+from bridge.store.keys import KeysMixin
+from bridge.store.models import AuditEntry, IngestResult, Plain, StoreUnavailable, now_ms
+from bridge.store.schema import checkpoints, records, transactions
 
 T = TypeVar("T")
 _RECORD_COLS = (

@@ -5,9 +5,9 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .core import StoreCore
-from .models import StoreStats, now_ms
-from .schema import actions, records, rooms, transactions
+from bridge.store.core import StoreCore
+from bridge.store.models import StoreStats, now_ms
+from bridge.store.schema import actions, records, rooms, transactions
 
 
 class StatsMixin(StoreCore):

@@ -31,14 +31,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..audit.keyring import Keyring
-from .chain import iter_chain, iter_chain_batches, load_checkpoints
-from .core import log
-from .engine import connect
-from .expiry import ExpiryMixin, load_removals
-from .holds import HOLD_SCOPES
-from .migrations import MigrationsMixin
-from .models import (
+from bridge.audit.keyring import Keyring
+from bridge.store.archive_expiry import ExpiryMixin, load_removals
+from bridge.store.chain import iter_chain, iter_chain_batches, load_checkpoints
+from bridge.store.core import log
+from bridge.store.engine import connect
+from bridge.store.holds import HOLD_SCOPES
+from bridge.store.migrations import MigrationsMixin
+from bridge.store.models import (
     ActionRow,
     AuditEntry,
     ExpiryReport,
@@ -56,11 +56,11 @@ from .models import (
     WorkItem,
     now_ms,
 )
-from .operational import EXPIRY_CURSOR_KEY, INDEX_CHECK_KEY, PLAIN_STATE_KEYS
-from .reading import ReadingMixin
-from .records import AUDIT_KINDS
-from .stats import StatsMixin
-from .workqueue import WorkQueueMixin
+from bridge.store.operational import EXPIRY_CURSOR_KEY, INDEX_CHECK_KEY, PLAIN_STATE_KEYS
+from bridge.store.reading import ReadingMixin
+from bridge.store.records import AUDIT_KINDS
+from bridge.store.stats import StatsMixin
+from bridge.store.workqueue import WorkQueueMixin
 
 __all__ = [
     "AUDIT_KINDS",

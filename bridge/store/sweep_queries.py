@@ -15,10 +15,10 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
-from ..policy.retention import REDACTION
-from . import codec
-from .schema import SEALED_PART, actions, records
-from .store import Store, StoreError
+from bridge.policy.retention import REDACTION
+from bridge.store import codec
+from bridge.store.schema import SEALED_PART, actions, records
+from bridge.store.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 

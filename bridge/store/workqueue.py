@@ -8,16 +8,16 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from . import codec
-from .models import (
+from bridge.store import codec
+from bridge.store.models import (
     AuditEntry,
     NewAction,
     StoredEvent,
     StoreError,
     WorkItem,
 )
-from .operational import PLAIN_STATE_KEYS, OperationalMixin
-from .schema import SEALED_PART, records, transactions
+from bridge.store.operational import PLAIN_STATE_KEYS, OperationalMixin
+from bridge.store.schema import SEALED_PART, records, transactions
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from matrix_client import MatrixTestClient, wait_for
 from synapse_fixtures import require_synapse
 
-from bridge.devstack import BridgeProcess, DevStack, prepare_stack
+from bridge.dev.devstack import BridgeProcess, DevStack, prepare_stack
 
 
 @dataclass

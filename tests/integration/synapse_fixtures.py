@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bridge.devsynapse import SynapseServer
+from bridge.dev.devsynapse import SynapseServer
 
 
 def require_synapse(antispam: bool = False) -> None:

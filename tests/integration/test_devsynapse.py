@@ -13,7 +13,7 @@ from aiohttp import web
 from matrix_client import MatrixError, MatrixTestClient, wait_for
 from synapse_fixtures import start_test_synapse
 
-from bridge.devsynapse import SynapseServer, free_port
+from bridge.dev.devsynapse import SynapseServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -245,7 +245,7 @@ async def test_wait_for_times_out() -> None:
 def test_unsupported_callback_is_explained(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Synapse 1.163 has no accept_make_join spam-checker callback: the module then kills
     Synapse at startup, and the harness says why in plain words."""
-    from bridge.devsynapse import SynapseStartError
+    from bridge.dev.devsynapse import SynapseStartError
 
     settings = {
         "base_url": f"http://127.0.0.1:{free_port()}",

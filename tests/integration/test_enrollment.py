@@ -15,7 +15,7 @@ import pytest
 from matrix_client import MatrixTestClient, wait_for
 from synapse_fixtures import require_synapse
 
-from bridge.devstack import BridgeProcess, prepare_stack
+from bridge.dev.devstack import BridgeProcess, prepare_stack
 
 pytestmark = pytest.mark.integration
 

@@ -39,8 +39,8 @@ from synapse_fixtures import require_synapse
 
 from bridge.audit.crypto import BlindIndexer
 from bridge.audit.keyring import Keyring
-from bridge.devstack import BridgeProcess, DevStack, prepare_stack
-from bridge.devsynapse import free_port
+from bridge.dev.devstack import BridgeProcess, DevStack, prepare_stack
+from bridge.dev.devsynapse import free_port
 from bridge.store import Store
 
 pytestmark = pytest.mark.integration

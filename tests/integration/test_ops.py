@@ -17,7 +17,7 @@ from matrix_client import MatrixError, MatrixTestClient, wait_for
 from ruamel.yaml import YAML
 from synapse_fixtures import require_synapse
 
-from bridge.devstack import BridgeProcess, DevStack, prepare_stack
+from bridge.dev.devstack import BridgeProcess, DevStack, prepare_stack
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from helpers import bot_replies
 from matrix_client import MatrixTestClient, wait_for
 from synapse_fixtures import require_synapse
 
-from bridge.devstack import BridgeProcess, DevStack, prepare_stack
+from bridge.dev.devstack import BridgeProcess, DevStack, prepare_stack
 
 pytestmark = pytest.mark.integration
 

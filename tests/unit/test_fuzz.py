@@ -34,16 +34,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.app import build_registry
-from bridge.appservice import AppserviceAPI
-from bridge.audit_sink import AuditSink
+from bridge.archive.sink import AuditSink
 from bridge.commands import CommandError, tokenize
 from bridge.config import Config, build_config
-from bridge.enforcement import RoomEnforcer
-from bridge.gate import JUDGED, Gate
-from bridge.policies import LivePolicy, build_engine
+from bridge.http.gate import JUDGED, Gate
+from bridge.http.transactions import AppserviceAPI
+from bridge.pipeline.enforcement import RoomEnforcer
+from bridge.pipeline.live_policy import LivePolicy, build_engine
+from bridge.pipeline.worker import Worker
 from bridge.policy.normalize import clean, fold, html_to_text, normalize
 from bridge.store import Store
-from bridge.worker import Worker
 
 T = TypeVar("T")
 

@@ -1,0 +1,253 @@
+"""``audit export``'s output formats, and the work of an export worker process.
+
+One copy of the formatting (:func:`format_jsonl`, :func:`format_csv`) and of ``--text``
+(:func:`text_matches`) for the in-process path and the workers, so both write the same bytes.
+:func:`export_batch` is what a worker does with a batch of sealed rows (see
+:mod:`bridge.archive.parallel`): open them (:func:`bridge.audit.decode.decode_rows`, the store's
+own code) with the data keys that came with the batch, apply ``--text``, format them.
+
+A worker process loads this module, the crypto and the two standard-library modules of the
+store that decoding needs: not asyncio, SQLAlchemy or the store (each worker is a process of
+its own, and its memory counts).
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import functools
+import gc
+import io
+import json
+import sys
+import types
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bridge.audit.crypto import DataKey
+
+CSV_COLUMNS = ("seq", "ts", "origin_ts", "kind", "event_id", "room_id", "sender", "type", "data")
+FORMATS = ("jsonl", "csv")
+
+_jstr = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept (C speed)
+
+
+def _json_text_function() -> Callable[[Any], str]:
+    """``json.dumps(value, ensure_ascii=False)`` for values parsed from JSON.
+
+    The same C encoder with the same settings, made once instead of per call (json.dumps
+    builds a JSONEncoder and a C encoder every time: a third of its cost on an event). No
+    check for reference cycles: a parsed JSON value has none (the output is the same).
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has the C encoder
+        return functools.partial(json.dumps, ensure_ascii=False)
+    encode = make(None, json.JSONEncoder().default, _jstr, None, ": ", ", ", False, False, True)
+    join = "".join
+
+    def json_text(value: Any) -> str:
+        if isinstance(value, str):
+            return _jstr(value)
+        return join(encode(value, 0))
+
+    return json_text
+
+
+json_text = _json_text_function()
+
+
+def text_matches(recs: list[dict[str, Any]], words: Sequence[str]) -> list[dict[str, Any]]:
+    """The records whose data holds every one of ``words`` (casefolded), as ``--text``.
+
+    Matched against the data's JSON text (non-ASCII kept), casefolded; unreadable records
+    (no data) never match.
+    """
+    if not words:
+        return recs
+    dumps = json_text
+    out = []
+    for r in recs:
+        data = r["data"]
+        if data is None:
+            continue
+        text = dumps(data).casefold()
+        if all(w in text for w in words):
+            out.append(r)
+    return out
+
+
+def format_jsonl(recs: list[dict[str, Any]]) -> bytes:
+    """One JSON object per line, UTF-8. Pops ``json`` from the records: an event's archived
+    JSON, copied into its line as stored (not serialised again from ``data``).
+
+    Built as bytes, line by line: a chunk joined as text first would be as wide as its widest
+    character (one emoji, and every character of the chunk takes 4 bytes and the slow path
+    of the encoder).
+    """
+    dumps = json.dumps
+    jstr = _jstr
+    parts: list[bytes] = []
+    add = parts.append
+    for rec in recs:
+        raw = rec.pop("json", None)
+        if raw is None:
+            add(dumps(rec, ensure_ascii=False).encode())
+            add(b"\n")
+            continue
+        event_id, room_id = rec["event_id"], rec["room_id"]
+        sender, etype = rec["sender"], rec["type"]
+        add(
+            (
+                f'{{"seq": {rec["seq"]:d}, "ts": {rec["ts"]:d}, "kind": {jstr(rec["kind"])}, '
+                f'"event_id": {"null" if event_id is None else jstr(event_id)}, '
+                f'"room_id": {"null" if room_id is None else jstr(room_id)}, '
+                f'"sender": {"null" if sender is None else jstr(sender)}, '
+                f'"type": {"null" if etype is None else jstr(etype)}, '
+                f'"origin_ts": {rec["origin_ts"]:d}, "data": '
+            ).encode()
+        )
+        add(raw)
+        add(b"}\n")
+    return b"".join(parts)
+
+
+def _csv_cell(value: Any) -> str:
+    """One field as the csv module writes it in its default dialect (``excel``): None empty,
+    other values as ``str()``; quoted when it holds a quote, comma, CR or LF, quotes doubled.
+    """
+    if value is None:
+        return ""
+    if type(value) is not str:
+        if type(value) is int:  # digits and a sign: never quoted
+            return str(value)
+        value = str(value)
+    if '"' in value:
+        return '"' + value.replace('"', '""') + '"'
+    if "," in value or "\n" in value or "\r" in value:
+        return '"' + value + '"'
+    return value
+
+
+def csv_header() -> bytes:
+    """The header row (:data:`CSV_COLUMNS`), written by the csv module itself."""
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerow(CSV_COLUMNS)
+    return buf.getvalue().encode()
+
+
+def format_csv(recs: list[dict[str, Any]]) -> bytes:
+    """CSV rows (:data:`CSV_COLUMNS`, CRLF), UTF-8, the data as JSON (``json.dumps``).
+
+    The bytes of ``csv.writer`` in its default dialect (the tests compare them), written
+    without it: its per-character loop cost more than everything else per record. The data
+    field, the long one, is quoted as UTF-8 bytes (a quote is one byte there, and no other
+    character contains that byte).
+    """
+    text = json_text
+    cell = _csv_cell
+    parts: list[bytes] = []
+    add = parts.append
+    for rec in recs:
+        get = rec.get
+        add(
+            (
+                f"{cell(get('seq'))},{cell(get('ts'))},{cell(get('origin_ts'))},"
+                f"{cell(get('kind'))},{cell(get('event_id'))},{cell(get('room_id'))},"
+                f"{cell(get('sender'))},{cell(get('type'))},"
+            ).encode()
+        )
+        data = text(rec["data"]).encode()
+        if b'"' in data:
+            add(b'"')
+            add(data.replace(b'"', b'""'))
+            add(b'"\r\n')
+        elif b"," in data or b"\n" in data or b"\r" in data:
+            add(b'"')
+            add(data)
+            add(b'"\r\n')
+        else:
+            add(data)
+            add(b"\r\n")
+    return b"".join(parts)
+
+
+def format_records(recs: list[dict[str, Any]], fmt: str) -> bytes:
+    """``recs`` in the output format ``fmt`` (``jsonl`` or ``csv``), UTF-8."""
+    return format_jsonl(recs) if fmt == "jsonl" else format_csv(recs)
+
+
+# -- both sides ------------------------------------------------------------------------
+
+
+def keep_heap_pages() -> None:
+    """Serve batch-sized buffers from the heap, and keep freed heap pages (glibc only).
+
+    Each batch makes buffers of about a megabyte on both sides of the pool's pipes (pickled
+    rows, output chunks). By default glibc maps each one afresh and unmaps it when freed, so
+    every page of every batch faults in again: that doubled the CPU time of moving a batch.
+    Up to 64 MB of freed heap is kept instead (the peak resident size stays that of the
+    largest batches in flight). Elsewhere (no ``mallopt``) this does nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return
+    mallopt(_M_MMAP_THRESHOLD, 16 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+# -- worker side -----------------------------------------------------------------------
+
+#: Data keys a worker has seen, by id (each batch brings the ones it needs again).
+_worker_keys: dict[str, DataKey] = {}
+
+
+def init_worker() -> None:
+    """Start of a worker process: load what opening records needs, and only that."""
+    if "bridge.store" not in sys.modules:
+        # bridge/store/__init__.py imports the whole store (SQLAlchemy: ≈ 30 MB and 0.3 s
+        # per process); decoding needs two of its modules, both standard-library only
+        # (codec, models): a bare package lets them load alone.
+        pkg = types.ModuleType("bridge.store")
+        pkg.__path__ = [str(Path(__file__).resolve().parent.parent / "store")]
+        sys.modules["bridge.store"] = pkg
+    from bridge.audit import decode  # noqa: F401
+
+    keep_heap_pages()
+    # what is loaded now lives as long as the process: keep it out of every collection
+    gc.freeze()
+
+
+def _keys(material: Iterable[tuple[str, bytes, bytes]]) -> dict[str, DataKey]:
+    out = {}
+    cache = _worker_keys
+    for key_id, scope, key in material:
+        dk = cache.get(key_id)
+        if dk is None or dk.key != key or dk.scope != scope:
+            dk = cache[key_id] = DataKey(key_id, scope, key)
+        out[key_id] = dk
+    return out
+
+
+def export_batch(
+    rows: Sequence[Sequence[Any]],
+    material: Iterable[tuple[str, bytes, bytes]],
+    shredded: frozenset[str],
+    fmt: str,
+    words: Sequence[str],
+) -> tuple[bytes, int]:
+    """Open, filter and format one batch of sealed rows: ``(output, records written)``.
+
+    Runs in a worker process (or anywhere: it is pure). ``material`` and ``shredded`` as
+    :meth:`bridge.store.keys.KeysMixin.key_material` returns them.
+    """
+    from bridge.audit.decode import decode_rows
+
+    recs = decode_rows(rows, _keys(material), shredded, raw_json=fmt == "jsonl")
+    recs = text_matches(recs, words)
+    return format_records(recs, fmt), len(recs)

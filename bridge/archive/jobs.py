@@ -1,0 +1,143 @@
+"""Background audit jobs of a running bridge: archive expiry and checkpoint notices.
+
+``run_audit_jobs(bridge)`` is spawned once the bridge has started. It
+
+* runs archive expiry (:meth:`bridge.store.Store.expire_archive`) at start and then every
+  ``audit.archive_expiry_interval`` when ``audit.archive_retention`` is set, and
+* posts new checkpoint heads to the management room (``audit.post_checkpoints``), at most
+  one notice per ``audit.checkpoint_post_interval``; a checkpoint written in between is
+  remembered, and the newest one is posted when the interval has passed.
+
+A failing run is logged and retried later; it never stops the bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.archive.setup import audit_config
+from bridge.audit.chain import Checkpoint
+from bridge.store import NewAction, Store
+
+log = logging.getLogger(__name__)
+
+TICK_S = 30.0
+RETRY_S = 300.0
+
+
+def checkpoint_notice(room_id: str, cp: Checkpoint) -> NewAction:
+    """The management-room notice carrying a checkpoint head (a copy outside the store)."""
+    when = datetime.fromtimestamp(cp.ts / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    lines = [
+        "Audit checkpoint",
+        f"seq: {cp.seq} ({cp.record_count} records)",
+        f"head: {cp.head_hash.hex()}",
+        f"signing key: {cp.key_id}",
+        f"time: {when}",
+    ]
+    body = "\n".join(lines)
+    items = "".join(f"<li>{html.escape(x)}</li>" for x in lines[1:])
+    return NewAction(
+        "send_notice",
+        {
+            "body": body,
+            "html": f"<p>{html.escape(lines[0])}</p><ul>{items}</ul>",
+            "checkpoint": cp.to_dict(),
+        },
+        room_id=room_id,
+    )
+
+
+class CheckpointPoster:
+    """Store callback: posts checkpoint heads to the management room, rate-limited."""
+
+    def __init__(
+        self,
+        submit: Callable[[list[NewAction]], Awaitable[None]],
+        room: Callable[[], str],
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.submit = submit
+        self.room = room
+        self.interval_s = interval_s
+        self.clock = clock
+        self.pending: Checkpoint | None = None
+        self.last_post: float | None = None
+        self.posted = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __call__(self, cp: Checkpoint) -> None:
+        if self.pending is None or cp.seq > self.pending.seq:
+            self.pending = cp
+        self.tick()
+
+    def tick(self) -> None:
+        """Post the newest unposted checkpoint if the interval allows it."""
+        cp, room = self.pending, self.room()
+        if cp is None or not room:
+            return
+        now = self.clock()
+        if self.last_post is not None and now - self.last_post < self.interval_s:
+            return
+        self.pending = None
+        self.last_post = now
+        self.posted += 1
+        task = asyncio.get_running_loop().create_task(self._post(room, cp))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, room: str, cp: Checkpoint) -> None:
+        try:
+            await self.submit([checkpoint_notice(room, cp)])
+        except Exception as e:  # the checkpoint is in the log file and table anyway
+            log.warning("could not queue the checkpoint notice for seq %d: %s", cp.seq, e)
+
+
+async def expire_once(store: Store, retention_ms: int) -> None:
+    report = await store.expire_archive(retention_ms)
+    log.info(
+        "archive expiry: %d records expired, %d skipped (legal hold), %d room keys destroyed",
+        report.expired,
+        report.skipped_on_hold,
+        report.rooms_shredded,
+    )
+
+
+async def run_audit_jobs(bridge: Any) -> None:
+    """Forever: archive expiry on schedule, checkpoint notices (see the module docstring)."""
+    cfg = audit_config(bridge.config)
+    store: Store = bridge.store
+    poster: CheckpointPoster | None = None
+    if cfg.post_checkpoints:
+        poster = CheckpointPoster(
+            bridge.executor.submit,
+            lambda: bridge.management_room,
+            cfg.checkpoint_post_interval_s,
+        )
+        store.on_checkpoint = poster
+    retention = cfg.archive_retention_ms
+    next_expiry = time.monotonic()
+    try:
+        while True:
+            if poster is not None:
+                poster.tick()
+            if retention is not None and time.monotonic() >= next_expiry:
+                try:
+                    await expire_once(store, retention)
+                    next_expiry = time.monotonic() + cfg.archive_expiry_interval_s
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("archive expiry failed; retrying in %.0fs", RETRY_S)
+                    next_expiry = time.monotonic() + min(RETRY_S, cfg.archive_expiry_interval_s)
+            await asyncio.sleep(TICK_S)
+    finally:
+        if store.on_checkpoint is poster:
+            store.on_checkpoint = None

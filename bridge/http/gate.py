@@ -1,0 +1,204 @@
+"""The pre-send gate: the HTTP side of the ``synapse-http-antispam`` module.
+
+Synapse calls ``POST {base_url}/{callback}`` before it accepts an event, invite or join.
+2xx with a JSON body allows; 403 with ``{"errcode", "error"}`` denies, and the error text
+reaches the sender's client. Answers come from the in-memory policy engine; decisions are
+audited in the background.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from bridge import metrics
+from bridge.archive.sink import AuditSink
+from bridge.http.transactions import bearer_token, matrix_error, token_matches
+from bridge.policy.engine import PolicyEngine
+from bridge.policy.model import Verdict
+from bridge.store import AuditEntry
+
+log = logging.getLogger(__name__)
+
+#: Seconds a refusal may wait for its audit record's commit before answering Synapse.
+DENY_AUDIT_WAIT = 1.0
+
+# Callbacks we judge. Any other callback the module is configured to send is allowed.
+JUDGED = (
+    "check_event_for_spam",
+    "user_may_invite",
+    "federated_user_may_invite",
+    "user_may_join_room",
+    "accept_make_join",
+)
+
+
+def _str(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string")
+    return value
+
+
+async def _read_json(request: web.Request) -> Any:
+    """The JSON body, or the Matrix error response to send instead (413, 400)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return matrix_error(413, "M_TOO_LARGE", "request body too large")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return matrix_error(400, "M_NOT_JSON", "body is not valid JSON")
+
+
+class Gate:
+    """aiohttp handlers answering the antispam module from the current policy engine."""
+
+    def __init__(
+        self,
+        base_path: str,
+        token: str,
+        engine: Callable[[], PolicyEngine],
+        sink: AuditSink | None,
+        on_blocked: Callable[[Mapping[str, Any], Verdict], None] | None = None,
+    ) -> None:
+        self.base_path = base_path
+        self.token = token
+        self.engine = engine
+        self.sink = sink
+        # Told about refused events (which never reach the ingest path) so that `notify`
+        # rules still reach the management room. Must not block: it only schedules work.
+        self.on_blocked = on_blocked
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post(self.base_path + "/ping", self.ping),
+            web.post(self.base_path + "/{callback:[^/]+}", self.callback),
+        ]
+
+    def _authorized(self, request: web.Request) -> bool:
+        return token_matches(bearer_token(request), self.token)
+
+    async def ping(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return matrix_error(403, "M_FORBIDDEN", "invalid gate token")
+        body = await _read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        req_id = body.get("id") if isinstance(body, dict) else None
+        return web.json_response({"id": req_id, "status": "ok"})
+
+    async def callback(self, request: web.Request) -> web.Response:
+        name = request.match_info["callback"]
+        if not self._authorized(request):
+            log.warning("gate call %s refused: bad or missing token", name)
+            return matrix_error(403, "M_FORBIDDEN", "invalid gate token")
+        started = time.perf_counter()
+        body = await _read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        if not isinstance(body, dict):
+            return matrix_error(400, "M_BAD_JSON", "expected a JSON object")
+        if name not in JUDGED:
+            return web.json_response({})
+        try:
+            verdict, subject = self.judge(name, body)
+        except ValueError as e:
+            return matrix_error(400, "M_BAD_JSON", str(e))
+        finding = verdict.first_block
+        rule = finding.rule if finding else ""
+        metrics.GATE_DECISIONS.labels(name, "deny" if finding else "allow", rule).inc()
+        for f in verdict.findings:
+            if f.category == "dlp":
+                metrics.DLP_HITS.labels(f.rule, "gate").inc()
+        metrics.GATE_LATENCY.labels(name).observe(time.perf_counter() - started)
+        if finding is None:
+            if verdict.findings:  # notify/audit rules: recorded, in the background
+                self._submit(self._audit_entry(name, subject, verdict))
+            return web.json_response({})
+        if self.sink is not None:
+            # A refusal is evidence: answer once its record is committed (grouped with the
+            # others of the moment), but never hold Synapse for long; it stays queued anyway.
+            entry = self._audit_entry(name, subject, verdict)
+            if not await self.sink.record(entry, DENY_AUDIT_WAIT):
+                log.warning("gate refusal answered before its audit record was committed")
+        log.info(
+            "gate denied %s for %s in %s (event %s): rule %s",
+            name,
+            subject.get("sender"),
+            subject.get("room_id"),
+            subject.get("event_id") or "-",
+            finding.rule,
+        )
+        if self.on_blocked is not None:
+            try:
+                self.on_blocked(subject, verdict)
+            except Exception:
+                log.exception("reporting a refused event failed")
+        return matrix_error(403, finding.errcode, finding.message)
+
+    def judge(self, name: str, body: Mapping[str, Any]) -> tuple[Verdict, dict[str, Any]]:
+        """Run one callback through the engine; returns the verdict and what it was about."""
+        engine = self.engine()
+        if name in ("check_event_for_spam", "federated_user_may_invite"):
+            event = body.get("event")
+            if not isinstance(event, dict):
+                raise ValueError("'event' must be an object")
+            subject = {
+                "event_id": event.get("event_id"),
+                "room_id": event.get("room_id"),
+                "sender": event.get("sender"),
+                "type": event.get("type"),
+            }
+            if name == "check_event_for_spam":
+                return engine.check_event(event), subject
+            return engine.check_federated_invite(event), subject
+        if name == "user_may_invite":
+            inviter, invitee, room = (
+                _str(body, "inviter"),
+                _str(body, "invitee"),
+                _str(body, "room_id"),
+            )
+            subject = {"sender": inviter, "invitee": invitee, "room_id": room}
+            return engine.check_invite(inviter, invitee, room), subject
+        if name == "user_may_join_room":
+            user, room = _str(body, "user"), _str(body, "room")
+            is_invited = bool(body.get("is_invited", False))
+            subject = {"sender": user, "room_id": room}
+            return engine.check_local_join(user, room, is_invited), subject
+        user, room = _str(body, "user"), _str(body, "room")
+        return engine.check_remote_join(user, room), {"sender": user, "room_id": room}
+
+    def _submit(self, entry: AuditEntry) -> None:
+        if self.sink is not None:
+            self.sink.submit(entry)
+
+    @staticmethod
+    def _audit_entry(name: str, subject: Mapping[str, Any], verdict: Verdict) -> AuditEntry:
+        return AuditEntry(
+            kind="gate",
+            room_id=subject.get("room_id"),
+            sender=subject.get("sender"),
+            type=subject.get("type"),
+            data={
+                "callback": name,
+                "decision": "deny" if verdict.blocked else "allow",
+                "subject": dict(subject),
+                "findings": [
+                    {
+                        "rule": f.rule,
+                        "category": f.category,
+                        "actions": sorted(f.actions),
+                        "message": f.message,
+                        "excerpt": f.excerpt,
+                    }
+                    for f in verdict.findings
+                ],
+            },
+        )

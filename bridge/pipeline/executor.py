@@ -1,0 +1,485 @@
+"""The enforcement executor: the only place that acts on Matrix and the admin API.
+
+Actions are rows in the store (written in the same commit as the decision that produced
+them), so they survive restarts. Each attempt's outcome is recorded; transient failures
+retry with exponential backoff, ``M_LIMIT_EXCEEDED`` waits ``retry_after_ms``, and
+permanent failures are kept with a reason an admin can read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from mautrix.api import Method, Path
+from mautrix.client import ClientAPI
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.types import EventType, UserID
+
+from bridge import metrics
+from bridge.config import ExecutorConfig
+from bridge.matrix import AdminAPI
+from bridge.policy.retention import event_hold, purge_hold
+from bridge.policy.rooms import RoomPlan
+from bridge.store import ActionRow, AuditEntry, NewAction, Store
+from bridge.store.sweep_queries import SweepQueries
+
+log = logging.getLogger(__name__)
+
+# What each action needs the bot to be allowed to do, for messages to admins.
+_NEEDS = {
+    "send_notice": "send messages",
+    "send_state": "send state events",
+    "redact": "redact events",
+    "kick": "kick users",
+    "invite": "invite users",
+    "join": "join",
+    "leave": "leave",
+    "make_room_admin": "use the admin API make_room_admin",
+    "reconcile": "read the room state",
+    "purge_history": "purge history with the admin API",
+    "purge_status": "read a purge's status with the admin API",
+}
+
+# A purge still running after this long is given up on (and reported).
+PURGE_GIVE_UP_S = 24 * 3600.0
+_END = 1 << 62  # a timestamp after every real one
+
+
+class RoomEnforcement:
+    """Hooks the ``reconcile`` action uses: the pure planner and where results go."""
+
+    def __init__(
+        self,
+        plan: Callable[[str, list[dict[str, Any]]], RoomPlan],
+        on_state: Callable[[str, list[dict[str, Any]]], None] = lambda _r, _s: None,
+        on_result: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.on_state = on_state
+        self.on_result = on_result
+
+
+class PermanentFailure(Exception):
+    """The action cannot succeed by retrying (forbidden, unknown room, bad request)."""
+
+
+class Deferred(Exception):
+    """Not finished yet (e.g. a purge still running): look again in ``delay`` seconds.
+
+    Does not use up an attempt.
+    """
+
+    def __init__(self, why: str, delay: float) -> None:
+        super().__init__(why)
+        self.delay = delay
+
+
+class RateLimiter:
+    """A token bucket: at most ``rate`` acquisitions per second, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate)
+        self._tokens = self.burst
+        self._last = time.monotonic()
+
+    async def acquire(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return
+            await asyncio.sleep((1 - self._tokens) / self.rate)
+
+
+def describe_failure(action: ActionRow, err: MatrixRequestError, step: str | None = None) -> str:
+    """An admin-readable reason for a failed action (``step``: the kind of the failed part)."""
+    kind = step or action.kind
+    what = _NEEDS.get(kind, kind)
+    where = f" in {action.room_id}" if action.room_id else ""
+    detail = err.message or getattr(err, "text", "") or ""
+    if err.http_status == 403:
+        return f"the bot is not allowed to {what}{where} ({err.errcode}: {detail})"
+    if err.http_status == 404:
+        return f"not found while trying to {what}{where} ({err.errcode}: {detail})"
+    return f"homeserver refused to {what}{where}: HTTP {err.http_status} {err.errcode}: {detail}"
+
+
+async def _step(action: ActionRow, step: str, request: Awaitable[Any]) -> Any:
+    """One request of a multi-step action; a refusal names the step that was refused.
+
+    Rate limits and 5xx pass through unchanged so the action is retried as a whole.
+    """
+    try:
+        return await request
+    except MatrixRequestError as e:
+        if e.errcode == "M_LIMIT_EXCEEDED" or e.http_status == 429 or e.http_status >= 500:
+            raise
+        raise PermanentFailure(describe_failure(action, e, step)) from e
+
+
+class Executor:
+    """Runs pending actions from the store."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: ClientAPI,
+        config: ExecutorConfig,
+        admin: AdminAPI | None = None,
+        on_permanent_failure: Callable[[ActionRow, str], Awaitable[None]] | None = None,
+        rooms: RoomEnforcement | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.config = config
+        self.admin = admin
+        self.on_permanent_failure = on_permanent_failure
+        self.rooms = rooms
+        self.limiter = RateLimiter(config.rate_per_second)
+        self._wake = asyncio.Event()
+        self._handlers: dict[str, Callable[[ActionRow], Awaitable[dict[str, Any]]]] = {
+            "send_notice": self._send_notice,
+            "send_state": self._send_state,
+            "redact": self._redact,
+            "kick": self._kick,
+            "invite": self._invite,
+            "join": self._join,
+            "leave": self._leave,
+            "make_room_admin": self._make_room_admin,
+            "reconcile": self._reconcile,
+            "purge_history": self._purge_history,
+            "purge_status": self._purge_status,
+        }
+
+    def wake(self) -> None:
+        """New actions were committed: look at the queue now."""
+        self._wake.set()
+
+    async def submit(self, actions: list[NewAction]) -> None:
+        """Persist actions and wake the loop (for callers outside the worker's commit)."""
+        await self.store.enqueue_actions(actions)
+        self.wake()
+
+    async def run(self) -> None:
+        """Process due actions forever; sleeps until woken or the next retry is due."""
+        while True:
+            try:
+                ran = await self.run_due()
+                # (inside the try: a database outage must not end the loop)
+                nxt = None if ran else await self.store.next_action_time()
+            except Exception:
+                log.exception("executor loop error; retrying in 5s")
+                await asyncio.sleep(5)
+                continue
+            if ran:
+                continue
+            timeout = 30.0 if nxt is None else max(0.05, min(30.0, nxt - time.time()))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def run_due(self, limit: int = 50) -> int:
+        """Attempt every action that is due now; returns how many were attempted."""
+        due = await self.store.due_actions(time.time(), limit)
+        for action in due:
+            await self.limiter.acquire()
+            await self.attempt(action)
+        return len(due)
+
+    async def attempt(self, action: ActionRow) -> None:
+        """One attempt at one action, with its outcome recorded."""
+        handler = self._handlers.get(action.kind)
+        attempts = action.attempts + 1
+        hold = await self._held(action)
+        if hold is not None:
+            # A hold placed after the sweep queued this: the hold wins, nothing is removed.
+            metrics.EXECUTOR_ACTIONS.labels(action.kind, "held").inc()
+            await self.store.finish_action(
+                action.id,
+                status="cancelled",
+                attempts=action.attempts,
+                error=f"legal hold: {hold}",
+                audit=self._audit(action, "cancelled: legal hold", action.attempts, hold=hold),
+            )
+            return
+        try:
+            if handler is None:
+                raise PermanentFailure(f"unknown action kind {action.kind!r}")
+            result = await handler(action)
+        except MatrixRequestError as e:
+            if e.errcode == "M_LIMIT_EXCEEDED" or e.http_status == 429:
+                retry_ms = getattr(e, "retry_after_ms", None) or 1000
+                metrics.RATE_LIMIT_WAITS.inc()
+                log.info("rate limited on %s %s; waiting %dms", action.kind, action.id, retry_ms)
+                # Rate limiting is not the action's fault: it does not use up an attempt.
+                await self._retry(action, action.attempts, retry_ms / 1000, "rate limited")
+                return
+            if e.http_status >= 500:
+                await self._transient(action, attempts, f"HTTP {e.http_status} {e.errcode}")
+                return
+            await self._fail(action, attempts, describe_failure(action, e))
+            return
+        except (MatrixConnectionError, OSError, TimeoutError) as e:
+            await self._transient(action, attempts, f"homeserver unreachable: {e}")
+            return
+        except PermanentFailure as e:
+            await self._fail(action, attempts, str(e))
+            return
+        except Deferred as e:
+            await self._retry(action, action.attempts, e.delay, str(e))
+            return
+        except Exception as e:
+            # A bug must not wedge the queue behind this action: record it and move on.
+            log.exception("action %s (%s) raised unexpectedly", action.id, action.kind)
+            await self._fail(action, attempts, f"internal error: {e.__class__.__name__}")
+            return
+        metrics.EXECUTOR_ACTIONS.labels(action.kind, "done").inc()
+        await self.store.finish_action(
+            action.id,
+            status="done",
+            attempts=attempts,
+            audit=self._audit(action, "done", attempts, result=result),
+        )
+        if action.kind == "join" and action.room_id:
+            await self.store.upsert_room(action.room_id, joined=True)
+        if action.kind == "reconcile" and self.rooms and self.rooms.on_result:
+            await self.rooms.on_result(action.room_id or "", {**result, "payload": action.payload})
+
+    async def _held(self, action: ActionRow) -> str | None:
+        """The legal hold a retention removal must not break (its reason), or None.
+
+        The same rules as the sweeper's (:mod:`bridge.policy.retention`), with the holds
+        as they are now: a redaction is held by its room's or its sender's hold; a purge by
+        its room's hold or by a hold on any user who sent messages in the room before
+        ``purge_up_to_ts`` (``purge_history`` cannot spare one sender).
+        """
+        retention = action.kind in ("purge_history", "purge_status") or (
+            action.kind == "redact" and action.payload.get("retention")
+        )
+        holds = getattr(self.store, "holds", None)
+        if not retention or holds is None:
+            return None
+        held = await holds()
+        room = action.room_id
+        if action.kind == "redact":
+            sender = action.payload.get("sender")
+            return event_hold(
+                room, sender if isinstance(sender, str) else None, held.rooms, held.users
+            )
+        senders: set[str] = set()
+        if action.kind == "purge_history" and room and held.users:
+            up_to = action.payload.get("purge_up_to_ts")
+            before = up_to if isinstance(up_to, int) and not isinstance(up_to, bool) else _END
+            senders = await SweepQueries(self.store).senders_before(room, held.users, before)
+        # (a purge_status polls a purge Synapse already runs: only a room hold stops it)
+        return purge_hold(room, held.rooms, senders)
+
+    async def _retry(self, action: ActionRow, attempts: int, delay: float, why: str) -> None:
+        await self.store.finish_action(
+            action.id, status="pending", attempts=attempts, next_at=time.time() + delay, error=why
+        )
+
+    async def _transient(self, action: ActionRow, attempts: int, why: str) -> None:
+        if attempts >= self.config.max_attempts:
+            await self._fail(action, attempts, f"gave up after {attempts} attempts: {why}")
+            return
+        metrics.EXECUTOR_ACTIONS.labels(action.kind, "retry").inc()
+        delay = min(self.config.max_backoff, self.config.initial_backoff * 2 ** (attempts - 1))
+        log.warning(
+            "action %s (%s) failed (%s); retry %d in %.1fs",
+            action.id,
+            action.kind,
+            why,
+            attempts,
+            delay,
+        )
+        await self._retry(action, attempts, delay, why)
+
+    async def _fail(self, action: ActionRow, attempts: int, reason: str) -> None:
+        metrics.EXECUTOR_ACTIONS.labels(action.kind, "failed").inc()
+        log.warning("action %s (%s) failed permanently: %s", action.id, action.kind, reason)
+        await self.store.finish_action(
+            action.id,
+            status="failed",
+            attempts=attempts,
+            error=reason,
+            audit=self._audit(action, "failed", attempts, error=reason),
+        )
+        if action.room_id and action.kind in ("send_state", "redact", "kick", "invite"):
+            await self.store.upsert_room(action.room_id, lacking=f"cannot {_NEEDS[action.kind]}")
+        if action.kind == "reconcile" and self.rooms and self.rooms.on_result:
+            await self.rooms.on_result(
+                action.room_id or "", {"error": reason, "payload": action.payload}
+            )
+        if self.on_permanent_failure is not None:
+            try:
+                await self.on_permanent_failure(action, reason)
+            except Exception:
+                log.exception("reporting the failure of action %s failed", action.id)
+
+    @staticmethod
+    def _audit(action: ActionRow, outcome: str, attempts: int, **extra: Any) -> AuditEntry:
+        payload = {k: v for k, v in action.payload.items() if k not in ("body", "html")}
+        return AuditEntry(
+            kind="action",
+            room_id=action.room_id,
+            type=action.kind,
+            data={
+                "action_id": action.id,
+                "kind": action.kind,
+                "outcome": outcome,
+                "attempts": attempts,
+                "payload": payload,
+                **extra,
+            },
+        )
+
+    # -- handlers -----------------------------------------------------------------------
+
+    def _room(self, action: ActionRow) -> Any:
+        if not action.room_id:
+            raise PermanentFailure(f"{action.kind} needs a room")
+        return action.room_id
+
+    async def _send_notice(self, action: ActionRow) -> dict[str, Any]:
+        p = action.payload
+        content: dict[str, Any] = {"msgtype": p.get("msgtype", "m.notice"), "body": p["body"]}
+        if p.get("html"):
+            content["format"] = "org.matrix.custom.html"
+            content["formatted_body"] = p["html"]
+        if p.get("thread_root"):
+            content["m.relates_to"] = {
+                "rel_type": "m.thread",
+                "event_id": p["thread_root"],
+                "is_falling_back": True,
+                "m.in_reply_to": {"event_id": p["thread_root"]},
+            }
+        elif p.get("reply_to"):
+            content["m.relates_to"] = {"m.in_reply_to": {"event_id": p["reply_to"]}}
+        if p.get("mentions") is not None:
+            content["m.mentions"] = {"user_ids": list(p["mentions"])}
+        event_id = await self.client.send_message_event(
+            self._room(action), EventType.ROOM_MESSAGE, cast(Any, content), txn_id=action.id
+        )
+        return {"event_id": str(event_id)}
+
+    async def _send_state(self, action: ActionRow) -> dict[str, Any]:
+        p = action.payload
+        etype = EventType.find(p["type"], t_class=EventType.Class.STATE)
+        event_id = await self.client.send_state_event(
+            self._room(action), etype, p["content"], state_key=p.get("state_key", "")
+        )
+        return {"event_id": str(event_id)}
+
+    async def _redact(self, action: ActionRow) -> dict[str, Any]:
+        p = action.payload
+        event_id = await self.client.redact(
+            self._room(action), p["event_id"], reason=p.get("reason")
+        )
+        return {"redaction_id": str(event_id)}
+
+    async def _kick(self, action: ActionRow) -> dict[str, Any]:
+        p = action.payload
+        await self.client.kick_user(self._room(action), p["user_id"], reason=p.get("reason", ""))
+        return {}
+
+    async def _invite(self, action: ActionRow) -> dict[str, Any]:
+        p = action.payload
+        try:
+            await self.client.invite_user(self._room(action), p["user_id"])
+        except MatrixRequestError as e:
+            # Already invited or joined: the goal is reached.
+            if e.http_status == 403 and "already" in (e.message or "").lower():
+                return {"already": True}
+            raise
+        return {}
+
+    async def _join(self, action: ActionRow) -> dict[str, Any]:
+        room_id = await self.client.join_room_by_id(self._room(action))
+        return {"room_id": str(room_id)}
+
+    async def _leave(self, action: ActionRow) -> dict[str, Any]:
+        await self.client.leave_room(self._room(action))
+        return {}
+
+    async def _reconcile(self, action: ActionRow) -> dict[str, Any]:
+        """Bring one room in line with policy: read its state, plan, send, kick."""
+        if self.rooms is None:
+            raise PermanentFailure("room enforcement is not configured")
+        room = self._room(action)
+        state = await _step(
+            action, "reconcile", self.client.api.request(Method.GET, Path.v3.rooms[room].state)
+        )
+        if not isinstance(state, list):
+            raise PermanentFailure("the homeserver returned no state list")
+        self.rooms.on_state(room, state)
+        plan = self.rooms.plan(room, state)
+        sent, kicked = [], []
+        for etype, key, content in plan.set_state:
+            etype_obj = EventType.find(etype, t_class=EventType.Class.STATE)
+            await _step(
+                action,
+                "send_state",
+                self.client.send_state_event(room, etype_obj, cast(Any, content), state_key=key),
+            )
+            sent.append(etype)
+        for user, reason in plan.kicks:
+            await _step(action, "kick", self.client.kick_user(room, UserID(user), reason=reason))
+            kicked.append(user)
+        return {
+            "sent": sent,
+            "kicked": kicked,
+            "lacking": list(plan.lacking),
+            "unkickable": [f"{u}: {why}" for u, why in plan.unkickable],
+        }
+
+    async def _make_room_admin(self, action: ActionRow) -> dict[str, Any]:
+        if self.admin is None:
+            raise PermanentFailure("no Synapse admin token configured (homeserver.admin_token)")
+        await self.admin.make_room_admin(self._room(action), action.payload["user_id"])
+        return {}
+
+    async def _purge_history(self, action: ActionRow) -> dict[str, Any]:
+        """Start a purge (admin API) and queue the polling of its status."""
+        if self.admin is None:
+            raise PermanentFailure("no Synapse admin token configured (homeserver.admin_token)")
+        p = action.payload
+        try:
+            purge_id = await self.admin.purge_history(
+                self._room(action),
+                int(p["purge_up_to_ts"]),
+                bool(p.get("delete_local_events", True)),
+            )
+        except MatrixRequestError as e:
+            if e.http_status == 404 and "no event to be purged" in (e.message or ""):
+                return {"purged": False, "why": "nothing older than the cutoff"}
+            raise
+        poll = {**p, "purge_id": purge_id, "started": time.time()}
+        await self.store.enqueue_actions(
+            [NewAction("purge_status", poll, room_id=action.room_id, not_before=time.time() + 1)]
+        )
+        self.wake()
+        return {"purge_id": purge_id}
+
+    async def _purge_status(self, action: ActionRow) -> dict[str, Any]:
+        """Poll a purge until Synapse reports it complete or failed."""
+        if self.admin is None:
+            raise PermanentFailure("no Synapse admin token configured (homeserver.admin_token)")
+        p = action.payload
+        status = await self.admin.purge_status(str(p["purge_id"]))
+        if status == "complete":
+            return {"status": status, "purge_id": p["purge_id"]}
+        if status == "failed":
+            raise PermanentFailure(f"Synapse reports purge {p['purge_id']} failed")
+        if time.time() - float(p.get("started", time.time())) > PURGE_GIVE_UP_S:
+            raise PermanentFailure(f"purge {p['purge_id']} still {status} after a day")
+        raise Deferred(f"purge {status}", 2.0)

@@ -1,0 +1,122 @@
+"""The live policy: config rules plus the runtime layers admins change with commands.
+
+Holds the current :class:`PolicyEngine` and rebuilds it when a runtime document, the
+management room or the room→space map changes. Runtime documents are persisted in the
+store's state table (``policy.dlp``, ``policy.federation``, ``policy.retention``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from bridge.config import Config
+from bridge.policy.engine import PolicyEngine, PolicySet
+from bridge.policy.layers import DlpLayers, EngineCache, parse_runtime_dlp
+from bridge.policy.scopes import federation_setting, retention_setting
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("dlp", "federation", "retention")
+SPACES_KEY = "room_spaces"
+
+
+def runtime_key(section: str) -> str:
+    """The state-table key of a section's runtime document."""
+    return f"policy.{section}"
+
+
+def build_engine(
+    config: Config,
+    runtime: Mapping[str, Mapping[str, Any]] | None = None,
+    management_room: str = "",
+    room_spaces: Mapping[str, tuple[str, ...]] | None = None,
+    cache: EngineCache | None = None,
+) -> PolicyEngine:
+    """Compile config + runtime rules into an engine. Raises ValueError on bad rules.
+
+    ``cache`` keeps compiled DLP engines across builds, so a change of the room→space map
+    or of one room's rules does not recompile the others.
+    """
+    runtime = runtime or {}
+    layers = DlpLayers(config.dlp, parse_runtime_dlp(runtime.get("dlp") or {}))
+    dlp_global, dlp_rooms = layers.compile(room_spaces, cache)
+    federation = federation_setting(config.federation, runtime.get("federation"))
+    retention = retention_setting(config.retention, runtime.get("retention"))
+    federation.validate()
+    retention.validate()
+    return PolicyEngine(
+        PolicySet(
+            own_server=config.homeserver.domain,
+            bot_mxid=config.bot_mxid,
+            dlp_global=dlp_global,
+            dlp_rooms=dlp_rooms,
+            management_room=management_room,
+            federation=federation,
+            retention=retention,
+            room_spaces=dict(room_spaces or {}),
+            kick_excluded=bool(config.federation.get("kick_excluded_members", True)),
+            encryption_forbidden=layers.encryption_setting(),
+        )
+    )
+
+
+class LivePolicy:
+    """The engine in force, and the runtime documents it was built from."""
+
+    def __init__(
+        self, config: Config, runtime: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        self.config = config
+        self.runtime: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (runtime or {}).items()}
+        self.management_room = ""
+        self.room_spaces: dict[str, tuple[str, ...]] = {}
+        self.dlp_cache = EngineCache()
+        self.engine = self._build(self.runtime)
+
+    def _build(self, runtime: Mapping[str, Mapping[str, Any]]) -> PolicyEngine:
+        return build_engine(
+            self.config, runtime, self.management_room, self.room_spaces, self.dlp_cache
+        )
+
+    @property
+    def runtime_dlp(self) -> dict[str, Any]:
+        return self.runtime.get("dlp", {})
+
+    def doc(self, section: str) -> dict[str, Any]:
+        """A copy of a section's runtime document."""
+        return json.loads(json.dumps(self.runtime.get(section, {})))
+
+    @staticmethod
+    def decode(value: str | None) -> dict[str, Any]:
+        if not value:
+            return {}
+        doc = json.loads(value)
+        return doc if isinstance(doc, dict) else {}
+
+    def preview(self, doc: Mapping[str, Any], section: str = "dlp") -> PolicyEngine:
+        """Compile with a candidate document for ``section`` (raises ValueError)."""
+        return self._build({**self.runtime, section: dict(doc)})
+
+    def apply(
+        self, doc: Mapping[str, Any], engine: PolicyEngine | None = None, section: str = "dlp"
+    ) -> None:
+        """Swap in a new runtime document (and its already compiled engine)."""
+        runtime = {**self.runtime, section: dict(doc)}
+        self.engine = engine or self._build(runtime)
+        self.runtime = runtime
+
+    def set_management_room(self, room_id: str) -> None:
+        """Exempt the management room from DLP (rebuilds the engine)."""
+        self.management_room = room_id
+        self.engine = self._build(self.runtime)
+
+    def set_room_spaces(self, room_spaces: Mapping[str, tuple[str, ...]]) -> None:
+        """Which spaces each room belongs to (rebuilds the engine)."""
+        self.room_spaces = dict(room_spaces)
+        self.engine = self._build(self.runtime)
+
+    def encode(self, doc: Mapping[str, Any]) -> str:
+        return json.dumps(doc, ensure_ascii=False, sort_keys=True)
