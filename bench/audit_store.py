@@ -217,8 +217,11 @@ async def build_store(url: str, directory: Path, n: int) -> dict[str, Any]:
         await store.close()
     seconds = time.perf_counter() - t
     config = {
-        "appservice": {"as_token": "bench-as-token-xxxx", "hs_token": "bench-hs-token-yyyy"},
-        "gate": {"token": "bench-gate-token-zzzz"},
+        "appservice": {
+            "as_token": "bench-as-token-xxxx-xxxxxxxxxxxx",
+            "hs_token": "bench-hs-token-yyyy-xxxxxxxxxxxx",
+        },
+        "gate": {"token": "bench-gate-token-zzzz-xxxxxxxxxx"},
         "data_dir": str(directory / "data"),
         "database": {"url": url},
         "audit": {

@@ -33,8 +33,11 @@ def main() -> None:
     config = build_config(
         {
             "homeserver": {"domain": "corp.example"},
-            "appservice": {"as_token": "a", "hs_token": "h"},
-            "gate": {"token": "g"},
+            "appservice": {
+                "as_token": "a-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "h-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "g-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "dlp": {
                 "keywords": [{"name": "big", "keywords": sorted(words)}],
                 "detectors": dict.fromkeys(DETECTORS, "block"),

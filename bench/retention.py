@@ -48,8 +48,11 @@ def _config() -> Config:
     return build_config(
         {
             "homeserver": {"url": "http://127.0.0.1:1", "domain": SERVER},
-            "appservice": {"as_token": "as-bench", "hs_token": "hs-bench"},
-            "gate": {"token": "gate-bench"},
+            "appservice": {
+                "as_token": "as-bench-xxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "hs-bench-xxxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "gate-bench-xxxxxxxxxxxxxxxxxxxxx"},
             "retention": {"max_lifetime": "30d"},
         },
         env={},

@@ -48,7 +48,13 @@ from bridge.matrix import (
 from bridge.pipeline import retroactive
 from bridge.pipeline.enforcement import RoomEnforcer
 from bridge.pipeline.executor import Executor, RateLimiter, RoomEnforcement
-from bridge.pipeline.live_policy import SECTIONS, SPACES_KEY, LivePolicy, runtime_key
+from bridge.pipeline.live_policy import (
+    SECTIONS,
+    SPACES_KEY,
+    LivePolicy,
+    rollout_fingerprint,
+    runtime_key,
+)
 from bridge.pipeline.redelivery import RedeliveryNudger
 from bridge.pipeline.sweeper import RetentionSweeper
 from bridge.pipeline.worker import Worker, notice, notify_text
@@ -140,7 +146,7 @@ class Bridge:
         )
         self.rooms = RoomEnforcer(
             self.store,
-            lambda: float(self.config.federation.get("rollout_rate", 10.0)),
+            lambda: self.config.federation.rollout_rate,
             self._notify_management,
             own_server=self.config.homeserver.domain,
             command_prefix=self.config.bridge.command_prefix,
@@ -442,17 +448,9 @@ class Bridge:
 
     async def _rollout_if_policy_changed(self) -> None:
         """After a restart with a changed config, bring every managed room in line."""
-        import hashlib
         import json
 
-        doc = {
-            "federation": self.config.federation,
-            "retention": self.config.retention,
-            "runtime": {k: self.policy.runtime.get(k) for k in ("federation", "retention")},
-        }
-        fingerprint = hashlib.sha256(
-            json.dumps(doc, sort_keys=True, default=str).encode()
-        ).hexdigest()
+        fingerprint = rollout_fingerprint(self.config, self.policy.runtime)
         if await self.store.get_state("policy.fingerprint") == fingerprint:
             return
         rooms = [
@@ -505,7 +503,7 @@ class Bridge:
         old = self.config
         restart = [
             name
-            for name in ("appservice", "gate", "database", "homeserver")
+            for name in ("appservice", "gate", "database", "homeserver", "metrics")
             if getattr(old, name) != getattr(new, name)
         ]
         if old.data_dir != new.data_dir:

@@ -23,6 +23,10 @@ from bridge.policy.model import server_name
 
 ENV_PREFIX = "POLICY_BRIDGE__"
 PLACEHOLDER_PREFIX = "CHANGE_ME"
+# A token containing one of these (letter case, spaces and punctuation ignored) is a
+# placeholder someone forgot to replace, like the example config's CHANGE_ME_AS_TOKEN.
+PLACEHOLDER_MARKERS = ("changeme", "replaceme", "placeholder")
+MIN_TOKEN_LENGTH = 32  # generate-registration writes 43 characters (256 bits)
 ROLES = ("admin", "auditor")
 # Mappings whose keys are data (user IDs, room IDs, detector names), not options.
 FREEFORM = frozenset({"permissions", "rooms", "spaces", "detectors"})
@@ -135,6 +139,50 @@ class AuditConfig:
         return cls(data_dir / "audit-keyring.json", data_dir / "audit-signing.pem", 1000, None)
 
 
+# A scoped policy section as written: "global" (the section's own fields) and space and room
+# IDs (from its ``spaces:`` and ``rooms:``) -> the policy fields that scope sets.
+ScopeFields = Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class FederationConfig:
+    """The ``federation:`` section. The policy layer merges ``scopes`` (see policy.scopes)."""
+
+    scopes: ScopeFields  # mode, servers, allow_ip_literals per scope
+    kick_excluded_members: bool
+    rollout_rate: float  # rooms per second brought in line after a policy change
+    # The section as written, merged over the defaults: what the rollout fingerprint hashes.
+    written: Mapping[str, Any] = field(repr=False, compare=False)
+
+    def to_doc(self) -> dict[str, Any]:
+        """The section as written (a copy), the same document earlier versions hashed."""
+        return copy.deepcopy(dict(self.written))
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """The ``retention:`` section: scoped lifetimes and the sweeper's pacing."""
+
+    scopes: ScopeFields  # max_lifetime, min_lifetime per scope
+    sweep_interval_s: float
+    sweep_batch: int  # events per room per sweep
+    sweep_max_events: int  # events per sweep, all rooms together
+    sweep_max_pending: int  # no new sweep work while more executor actions wait
+    written: Mapping[str, Any] = field(repr=False, compare=False)
+
+    def to_doc(self) -> dict[str, Any]:
+        """The section as written (a copy), the same document earlier versions hashed."""
+        return copy.deepcopy(dict(self.written))
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Who may read ``/metrics`` and where it is served."""
+
+    token: str  # bearer token /metrics requires; "" = none
+    listen: tuple[str, int] | None  # its own (host, port); None = the appservice listener
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The validated configuration. Immutable: a reload builds a new one."""
@@ -147,10 +195,11 @@ class Config:
     bridge: BridgeConfig
     executor: ExecutorConfig
     logging: LoggingConfig
+    federation: FederationConfig
+    retention: RetentionConfig
+    metrics: MetricsConfig
     audit: AuditConfig | None = None
     dlp: Mapping[str, Any] = field(default_factory=dict)  # scope -> DlpLayer
-    federation: Mapping[str, Any] = field(default_factory=dict)  # the raw section
-    retention: Mapping[str, Any] = field(default_factory=dict)  # the raw section
     source: str = "<defaults>"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -231,16 +280,21 @@ class _Validator:
             return ""
         return value.strip()
 
-    def secret(self, path: str, *, required: bool = True) -> str:
-        value = self.string(path, nonempty=required)
-        if value.startswith("env:"):
-            name = value[4:]
+    def secret(self, path: str, *, required: bool = True, placeholders: bool = False) -> str:
+        """A secret, resolved from ``env:NAME`` or ``file:PATH``.
+
+        Placeholders are refused unless ``placeholders`` (a URL that holds a password).
+        """
+        written = self.string(path, nonempty=required)
+        value = written
+        if written.startswith("env:"):
+            name = written[4:]
             if name not in self.env:
                 self.problems.append(f"{path}: environment variable {name} is not set")
                 return ""
             value = self.env[name].strip()
-        elif value.startswith("file:"):
-            file = Path(value[5:])
+        elif written.startswith("file:"):
+            file = Path(written[5:])
             if not file.is_absolute():
                 file = self.base_dir / file
             try:
@@ -248,12 +302,38 @@ class _Validator:
             except OSError as e:
                 self.problems.append(f"{path}: cannot read secret file {file}: {e.strerror}")
                 return ""
-        if required and value.startswith(PLACEHOLDER_PREFIX):
+        if required and written and not value:
+            self.problems.append(f"{path}: {written} is empty, expected a secret")
+        elif not placeholders and is_placeholder(value):
             self.problems.append(
-                f"{path}: still the placeholder {value!r}; run "
+                f"{path}: still a placeholder, not a secret; run "
                 "`python -m bridge generate-registration` or set a real secret"
             )
         return value
+
+    def token(self, path: str, *, required: bool = True) -> str:
+        """A token shared with another program: a secret of at least MIN_TOKEN_LENGTH."""
+        value = self.secret(path, required=required)
+        if value and not is_placeholder(value) and len(value) < MIN_TOKEN_LENGTH:
+            self.problems.append(
+                f"{path}: too short ({len(value)} characters), expected at least "
+                f"{MIN_TOKEN_LENGTH} random characters; `python -m bridge "
+                "generate-registration` writes fresh tokens (or: openssl rand -hex 32)"
+            )
+        return value
+
+    def distinct(self, tokens: Mapping[str, str]) -> None:
+        """Every token (path -> value) set differs from every other."""
+        seen: dict[str, str] = {}
+        for path, value in tokens.items():
+            if not value:
+                continue
+            if value in seen:
+                self.problems.append(
+                    f"{seen[value]} and {path} must differ: each token is a separate secret"
+                )
+            else:
+                seen[value] = path
 
     def integer(self, path: str, low: int, high: int) -> int:
         value = self.get(path)
@@ -293,6 +373,12 @@ class _Validator:
         if value and (parsed.scheme not in schemes or not parsed.netloc):
             self.fail(path, value, "a URL starting with " + " or ".join(f"{s}://" for s in schemes))
         return value.rstrip("/")
+
+
+def is_placeholder(value: str) -> bool:
+    """Whether a secret is a placeholder (any letter case, punctuation ignored)."""
+    folded = "".join(c for c in value.casefold() if c.isalnum())
+    return any(marker in folded for marker in PLACEHOLDER_MARKERS)
 
 
 def _check_unknown_keys(
@@ -352,22 +438,29 @@ def build_config(
         address=v.url("appservice.address", ("http", "https")),
         hostname=v.string("appservice.hostname"),
         port=v.integer("appservice.port", 1, 65535),
-        as_token=v.secret("appservice.as_token"),
-        hs_token=v.secret("appservice.hs_token"),
+        as_token=v.token("appservice.as_token"),
+        hs_token=v.token("appservice.hs_token"),
         allow_query_token=v.boolean("appservice.allow_query_token"),
         max_body_size=v.integer("appservice.max_body_size", 1024, 1 << 30),
         bot_localpart=v.string("appservice.bot_localpart"),
         bot_displayname=v.string("appservice.bot_displayname", nonempty=False),
     )
-    if appservice.as_token and appservice.as_token == appservice.hs_token:
-        v.problems.append("appservice.as_token and appservice.hs_token must differ")
-    gate = GateConfig(base_path=base_path.rstrip("/"), token=v.secret("gate.token"))
+    gate = GateConfig(base_path=base_path.rstrip("/"), token=v.token("gate.token"))
+    metrics = _metrics_config(v)
+    v.distinct(
+        {
+            "appservice.as_token": appservice.as_token,
+            "appservice.hs_token": appservice.hs_token,
+            "gate.token": gate.token,
+            "metrics.token": metrics.token,
+        }
+    )
 
     data_dir_raw = v.string("data_dir")
     data_dir = Path(data_dir_raw)
     if not data_dir.is_absolute():
         data_dir = (base_dir / data_dir).resolve()
-    db_url = v.secret("database.url", required=False)
+    db_url = v.secret("database.url", required=False, placeholders=True)
     if not db_url:
         db_url = f"sqlite+aiosqlite:///{data_dir / 'bridge.db'}"
     elif not db_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
@@ -424,25 +517,8 @@ def build_config(
     except ValueError as e:
         v.problems.append(str(e))
     audit = _audit_config(v, data_dir, base_dir)
-    from bridge.policy.scopes import federation_setting, retention_setting
-
-    for name, make in (("federation", federation_setting), ("retention", retention_setting)):
-        try:
-            make(data.get(name)).validate()
-        except ValueError as e:
-            v.problems.append(str(e) if str(e).startswith(name) else f"{name}: {e}")
-    fed_raw = data.get("federation") or {}
-    if isinstance(fed_raw, Mapping):
-        if not isinstance(fed_raw.get("kick_excluded_members", True), bool):
-            v.fail(
-                "federation.kick_excluded_members",
-                fed_raw.get("kick_excluded_members"),
-                "true or false",
-            )
-        rate = fed_raw.get("rollout_rate", 10.0)
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1000:
-            v.fail("federation.rollout_rate", rate, "a number of rooms per second, 0 < n <= 1000")
-    _check_sweep(v)
+    federation = _federation_config(v)
+    retention = _retention_config(v)
     problems.extend(v.problems)
     if problems:
         raise ConfigError(source, problems)
@@ -455,20 +531,55 @@ def build_config(
         bridge=bridge,
         executor=executor,
         logging=logging_cfg,
+        federation=federation,
+        retention=retention,
+        metrics=metrics,
         audit=audit,
         dlp=dlp_layers,
-        federation=dict(data.get("federation") or {}),
-        retention=dict(data.get("retention") or {}),
         source=source,
         raw=data,
     )
 
 
-def _check_sweep(v: _Validator) -> None:
-    """The retention sweeper's pacing options."""
+def _scopes(v: _Validator, name: str) -> tuple[ScopeFields, Mapping[str, Any]]:
+    """A scoped policy section: its scopes (checked by building every one) and as written."""
+    from bridge.policy import scopes
+
+    written = v.get(name)
+    try:
+        if name == "federation":
+            layers = scopes.split_section(written, scopes.FEDERATION_FIELDS, name)
+            scopes.federation_layers(layers).validate()
+        else:
+            layers = scopes.split_section(written, scopes.RETENTION_FIELDS, name)
+            scopes.retention_layers(layers).validate()
+    except ValueError as e:
+        v.problems.append(str(e) if str(e).startswith(name) else f"{name}: {e}")
+        return {}, {}
+    return layers, copy.deepcopy(dict(written or {}))
+
+
+def _federation_config(v: _Validator) -> FederationConfig:
+    layers, written = _scopes(v, "federation")
+    rate = v.get("federation.rollout_rate")
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1000:
+        v.fail("federation.rollout_rate", rate, "a number of rooms per second, 0 < n <= 1000")
+        rate = 1.0
+    return FederationConfig(
+        scopes=layers,
+        kick_excluded_members=v.boolean("federation.kick_excluded_members"),
+        rollout_rate=float(rate),
+        written=written,
+    )
+
+
+def _retention_config(v: _Validator) -> RetentionConfig:
+    """The retention section: scoped lifetimes and the sweeper's pacing options."""
     from bridge.policy.durations import DurationError, parse_duration
 
+    layers, written = _scopes(v, "retention")
     raw = v.get("retention.sweep_interval")
+    ms = 60_000
     try:
         ms = parse_duration(str(raw))
     except DurationError as e:
@@ -476,9 +587,28 @@ def _check_sweep(v: _Validator) -> None:
     else:
         if not 100 <= ms <= 86_400_000:
             v.fail("retention.sweep_interval", raw, "a duration from 100ms to 1d, e.g. 60s")
-    v.integer("retention.sweep_batch", 1, 10_000)
-    v.integer("retention.sweep_max_events", 1, 10_000_000)
-    v.integer("retention.sweep_max_pending", 1, 10_000_000)
+    return RetentionConfig(
+        scopes=layers,
+        sweep_interval_s=ms / 1000,
+        sweep_batch=v.integer("retention.sweep_batch", 1, 10_000),
+        sweep_max_events=v.integer("retention.sweep_max_events", 1, 10_000_000),
+        sweep_max_pending=v.integer("retention.sweep_max_pending", 1, 10_000_000),
+        written=written,
+    )
+
+
+def _metrics_config(v: _Validator) -> MetricsConfig:
+    """``metrics.token`` (optional bearer token) and ``metrics.listen`` (host:port or empty)."""
+    raw = v.string("metrics.listen", nonempty=False)
+    listen: tuple[str, int] | None = None
+    if raw:
+        host, sep, port = raw.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")  # [::1]:9102
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            v.fail("metrics.listen", raw, "host:port such as 127.0.0.1:9102, or empty")
+        else:
+            listen = (host, int(port))
+    return MetricsConfig(token=v.token("metrics.token", required=False), listen=listen)
 
 
 def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:

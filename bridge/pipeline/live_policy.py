@@ -7,6 +7,7 @@ store's state table (``policy.dlp``, ``policy.federation``, ``policy.retention``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from typing import Any
 from bridge.config import Config
 from bridge.policy.engine import PolicyEngine, PolicySet
 from bridge.policy.layers import DlpLayers, EngineCache, parse_runtime_dlp
-from bridge.policy.scopes import federation_setting, retention_setting
+from bridge.policy.scopes import federation_layers, retention_layers
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def build_engine(
     runtime = runtime or {}
     layers = DlpLayers(config.dlp, parse_runtime_dlp(runtime.get("dlp") or {}))
     dlp_global, dlp_rooms = layers.compile(room_spaces, cache)
-    federation = federation_setting(config.federation, runtime.get("federation"))
-    retention = retention_setting(config.retention, runtime.get("retention"))
+    federation = federation_layers(config.federation.scopes, runtime.get("federation"))
+    retention = retention_layers(config.retention.scopes, runtime.get("retention"))
     federation.validate()
     retention.validate()
     return PolicyEngine(
@@ -57,10 +58,25 @@ def build_engine(
             federation=federation,
             retention=retention,
             room_spaces=dict(room_spaces or {}),
-            kick_excluded=bool(config.federation.get("kick_excluded_members", True)),
+            kick_excluded=config.federation.kick_excluded_members,
             encryption_forbidden=layers.encryption_setting(),
         )
     )
+
+
+def rollout_fingerprint(config: Config, runtime: Mapping[str, Any]) -> str:
+    """A digest of the federation and retention rules (config and runtime layers).
+
+    A different digest at start means the rules changed while the bridge was down, and
+    every managed room is brought in line. It hashes the sections as written, so the digest
+    of an unchanged config stays the same across versions of the bridge.
+    """
+    doc = {
+        "federation": config.federation.to_doc(),
+        "retention": config.retention.to_doc(),
+        "runtime": {k: runtime.get(k) for k in ("federation", "retention")},
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class LivePolicy:

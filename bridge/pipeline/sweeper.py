@@ -39,7 +39,7 @@ from typing import Any, Self
 
 from bridge import metrics
 from bridge.config import Config
-from bridge.policy.durations import DurationError, format_duration, parse_duration
+from bridge.policy.durations import format_duration
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.retention import (
     USER_HELD,
@@ -81,17 +81,12 @@ class SweepSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> SweepSettings:
-        section = config.retention or {}
-        interval = section.get("sweep_interval", "60s")
-        try:
-            interval_s = parse_duration(str(interval)) / 1000
-        except DurationError:
-            interval_s = 60.0  # refused by config validation already
+        section = config.retention
         return cls(
-            interval_s=interval_s,
-            batch=int(section.get("sweep_batch", 200)),
-            max_events=int(section.get("sweep_max_events", 2000)),
-            max_pending=int(section.get("sweep_max_pending", 5000)),
+            interval_s=section.sweep_interval_s,
+            batch=section.sweep_batch,
+            max_events=section.sweep_max_events,
+            max_pending=section.sweep_max_pending,
         )
 
 

@@ -22,8 +22,11 @@ RETENTION_FIELDS = ("max_lifetime", "min_lifetime")
 T = TypeVar("T")
 
 
-def _split_config(section: Any, fields: tuple[str, ...], name: str) -> dict[str, dict[str, Any]]:
-    """A config section (global fields + ``spaces:`` + ``rooms:``) as scope -> fields."""
+def split_section(section: Any, fields: tuple[str, ...], name: str) -> dict[str, dict[str, Any]]:
+    """A config section (global fields + ``spaces:`` + ``rooms:``) as scope -> fields.
+
+    Raises ValueError naming the section and scope when its shape is wrong.
+    """
     if section is None:
         return {}
     if not isinstance(section, Mapping):
@@ -119,26 +122,36 @@ def build_retention(fields: Mapping[str, Any]) -> RetentionPolicy:
     )
 
 
+def federation_layers(
+    config: Mapping[str, Mapping[str, Any]],
+    runtime: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ScopedSetting[FederationPolicy]:
+    """The scoped federation setting from config fields per scope and the runtime layer."""
+    return ScopedSetting(dict(config), dict(runtime or {}), build_federation)
+
+
+def retention_layers(
+    config: Mapping[str, Mapping[str, Any]],
+    runtime: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ScopedSetting[RetentionPolicy]:
+    """The scoped retention setting from config fields per scope and the runtime layer."""
+    return ScopedSetting(dict(config), dict(runtime or {}), build_retention)
+
+
 def federation_setting(
     config_section: Any, runtime: Mapping[str, Mapping[str, Any]] | None = None
 ) -> ScopedSetting[FederationPolicy]:
-    """The scoped federation setting from the ``federation:`` section and runtime layer."""
-    return ScopedSetting(
-        _split_config(config_section, FEDERATION_FIELDS, "federation"),
-        dict(runtime or {}),
-        build_federation,
+    """The scoped federation setting from a ``federation:`` section and runtime layer."""
+    return federation_layers(
+        split_section(config_section, FEDERATION_FIELDS, "federation"), runtime
     )
 
 
 def retention_setting(
     config_section: Any, runtime: Mapping[str, Mapping[str, Any]] | None = None
 ) -> ScopedSetting[RetentionPolicy]:
-    """The scoped retention setting from the ``retention:`` section and runtime layer."""
-    return ScopedSetting(
-        _split_config(config_section, RETENTION_FIELDS, "retention"),
-        dict(runtime or {}),
-        build_retention,
-    )
+    """The scoped retention setting from a ``retention:`` section and runtime layer."""
+    return retention_layers(split_section(config_section, RETENTION_FIELDS, "retention"), runtime)
 
 
 def rooms_in_scope(

@@ -570,6 +570,9 @@ def _async(fn: Callable[[], bool]) -> Callable[[], Any]:
 # -- a registration Synapse does not know ---------------------------------------------------------
 
 
+WRONG_AS_TOKEN = "not-the-registered-token-0123456789"
+
+
 async def test_as_token_unknown_to_synapse_is_a_clear_config_error(tmp_path: Path) -> None:
     """The most common setup mistake: Synapse does not load our registration (or has other
     tokens). One line saying what to check, exit code 3, no traceback."""
@@ -580,11 +583,11 @@ async def test_as_token_unknown_to_synapse_is_a_clear_config_error(tmp_path: Pat
             text=True,
             timeout=120,
             check=False,
-            env={**os.environ, "POLICY_BRIDGE__APPSERVICE__AS_TOKEN": "not-the-registered-token"},
+            env={**os.environ, "POLICY_BRIDGE__APPSERVICE__AS_TOKEN": WRONG_AS_TOKEN},
         )
     output = result.stdout + result.stderr
     assert result.returncode == EXIT_CONFIG, output
     assert "refused the bridge's as_token (M_UNKNOWN_TOKEN)" in output, output
     assert "app_service_config_files" in output, output
     assert "Traceback" not in output, output
-    assert "not-the-registered-token" not in output, output  # a secret, even a wrong one
+    assert WRONG_AS_TOKEN not in output, output  # a secret, even a wrong one

@@ -37,12 +37,12 @@ def write_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
     data: dict[str, Any] = {
         "homeserver": {"domain": "corp.example", "url": "http://127.0.0.1:8008"},
         "appservice": {
-            "as_token": "as-secret-1",
-            "hs_token": "hs-secret-1",
+            "as_token": "as-secret-1-xxxxxxxxxxxxxxxxxxxx",
+            "hs_token": "hs-secret-1-xxxxxxxxxxxxxxxxxxxx",
             "hostname": "127.0.0.1",
             "port": closed_port(),
         },
-        "gate": {"token": "gate-secret-1"},
+        "gate": {"token": "gate-secret-1-xxxxxxxxxxxxxxxxxx"},
         "data_dir": str(tmp_path / "data"),
     }
     for name, values in sections.items():

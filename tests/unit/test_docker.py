@@ -155,7 +155,14 @@ def test_dockerfile_is_multi_stage_non_root_with_data_volume() -> None:
 
 def test_dockerfile_port_matches_the_default_config() -> None:
     cfg = build_config(
-        {"appservice": {"as_token": "a", "hs_token": "b"}, "gate": {"token": "c"}}, env={}
+        {
+            "appservice": {
+                "as_token": "a-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "b-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "c-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
+        },
+        env={},
     )
     text = DOCKERFILE.read_text("utf-8")
     assert f"EXPOSE {cfg.appservice.port}" in text
@@ -441,7 +448,13 @@ def test_compose_bridge_service(compose: dict[str, Any]) -> None:
     assert SAMPLE_ENV["POLICY_BRIDGE_DB_PASSWORD"] in url
     # The overrides are accepted by the config loader as they stand in the compose file.
     cfg = build_config(
-        {"appservice": {"as_token": "a", "hs_token": "b"}, "gate": {"token": "c"}},
+        {
+            "appservice": {
+                "as_token": "a-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "b-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "c-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
+        },
         env={k: str(v) for k, v in env.items()},
     )
     assert cfg.database.backend == "postgresql"

@@ -47,8 +47,8 @@ from bridge.store import Store
 
 T = TypeVar("T")
 
-HS_TOKEN = "hs-fuzz-token"
-GATE_TOKEN = "gate-fuzz-token"
+HS_TOKEN = "hs-fuzz-token-xxxxxxxxxxxxxxxxxx"
+GATE_TOKEN = "gate-fuzz-token-xxxxxxxxxxxxxxxx"
 HS_AUTH = {"Authorization": f"Bearer {HS_TOKEN}"}
 GATE_AUTH = {"Authorization": f"Bearer {GATE_TOKEN}"}
 MAX_BODY = 256 * 1024
@@ -80,7 +80,7 @@ def fuzz_config(tmp: Path) -> Config:
     return build_config(
         {
             "homeserver": {"domain": DOMAIN},
-            "appservice": {"as_token": "as-fuzz", "hs_token": HS_TOKEN},
+            "appservice": {"as_token": "as-fuzz-xxxxxxxxxxxxxxxxxxxxxxxx", "hs_token": HS_TOKEN},
             "gate": {"token": GATE_TOKEN},
             "bridge": {"permissions": {ADMIN: "admin", f"@eve:{DOMAIN}": "auditor"}},
             "dlp": {

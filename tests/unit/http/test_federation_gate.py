@@ -36,7 +36,7 @@ from bridge.policy.engine import PolicyEngine
 from bridge.store import Store
 
 OWN = "corp.example"
-TOKEN = "gate-federation-token"
+TOKEN = "gate-federation-token-xxxxxxxxxx"
 BASE = "/_bridge/antispam"
 BOB = f"@bob:{OWN}"
 ALICE = f"@alice:{OWN}"
@@ -105,7 +105,10 @@ def engine_for(federation: Mapping[str, Any], tmp: Path) -> PolicyEngine:
     config = build_config(
         {
             "homeserver": {"domain": OWN},
-            "appservice": {"as_token": "as", "hs_token": "hs"},
+            "appservice": {
+                "as_token": "as-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "hs-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            },
             "gate": {"token": TOKEN},
             "federation": dict(federation),
         },

@@ -15,7 +15,7 @@ from bridge.http.gate import Gate
 from bridge.pipeline.live_policy import build_engine
 from bridge.store import Store
 
-TOKEN = "gate-token"
+TOKEN = "gate-token-xxxxxxxxxxxxxxxxxxxxx"
 BASE = "/_bridge/antispam"
 
 
@@ -30,7 +30,10 @@ async def test_a_refusal_is_audited_before_the_answer_and_counted_at_the_gate(
     config = build_config(
         {
             "homeserver": {"domain": "corp.example"},
-            "appservice": {"as_token": "as", "hs_token": "hs"},
+            "appservice": {
+                "as_token": "as-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "hs-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            },
             "gate": {"token": TOKEN},
             "dlp": {"detectors": {"card": "block"}},
         },

@@ -252,8 +252,11 @@ async def test_rooms_command_filters_and_pages(store: Store, tmp_path: Path) -> 
     config = build_config(
         {
             "homeserver": {"domain": OWN},
-            "appservice": {"as_token": "a1", "hs_token": "h1"},
-            "gate": {"token": "g1"},
+            "appservice": {
+                "as_token": "a1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "h1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "g1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "bridge": {"permissions": {ADMIN: "admin"}},
         },
         base_dir=tmp_path,

@@ -128,8 +128,11 @@ async def start(store: Store, tmp_path: Path) -> Worker:
     config = build_config(
         {
             "homeserver": {"domain": OWN},
-            "appservice": {"as_token": "a1", "hs_token": "h1"},
-            "gate": {"token": "g1"},
+            "appservice": {
+                "as_token": "a1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "h1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "g1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "bridge": {"permissions": {ADMIN: "admin"}},
             "federation": {"mode": "allowlist", "servers": ["partner.example"]},
         },

@@ -41,8 +41,11 @@ _ids = itertools.count()
 def config(**audit: Any) -> Config:
     data: dict[str, Any] = {
         "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
-        "appservice": {"as_token": "as-secret", "hs_token": "hs-secret"},
-        "gate": {"token": "gate-secret"},
+        "appservice": {
+            "as_token": "as-secret-xxxxxxxxxxxxxxxxxxxxxx",
+            "hs_token": "hs-secret-xxxxxxxxxxxxxxxxxxxxxx",
+        },
+        "gate": {"token": "gate-secret-xxxxxxxxxxxxxxxxxxxx"},
         "retention": {"max_lifetime": "1d"},
     }
     if audit:
@@ -302,8 +305,11 @@ async def test_rooms_without_power_or_policy_are_left_alone(store: Store) -> Non
     cfg = build_config(
         {
             "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
-            "appservice": {"as_token": "as-secret", "hs_token": "hs-secret"},
-            "gate": {"token": "gate-secret"},
+            "appservice": {
+                "as_token": "as-secret-xxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "hs-secret-xxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "gate-secret-xxxxxxxxxxxxxxxxxxxx"},
             "retention": {"max_lifetime": "", "rooms": {ROOM_A: {"max_lifetime": "1d"}}},
         },
         env={},
@@ -324,8 +330,11 @@ async def test_count_expiring(store: Store) -> None:
     cfg = build_config(
         {
             "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
-            "appservice": {"as_token": "as-secret", "hs_token": "hs-secret"},
-            "gate": {"token": "gate-secret"},
+            "appservice": {
+                "as_token": "as-secret-xxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "hs-secret-xxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "gate-secret-xxxxxxxxxxxxxxxxxxxx"},
             "retention": {"max_lifetime": "30d"},
         },
         env={},
@@ -352,8 +361,11 @@ def test_sweep_interval_is_validated(bad: str) -> None:
         build_config(
             {
                 "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
-                "appservice": {"as_token": "as-secret", "hs_token": "hs-secret"},
-                "gate": {"token": "gate-secret"},
+                "appservice": {
+                    "as_token": "as-secret-xxxxxxxxxxxxxxxxxxxxxx",
+                    "hs_token": "hs-secret-xxxxxxxxxxxxxxxxxxxxxx",
+                },
+                "gate": {"token": "gate-secret-xxxxxxxxxxxxxxxxxxxx"},
                 "retention": {"sweep_interval": bad},
             },
             env={},
@@ -414,8 +426,11 @@ async def test_count_expiring_for_a_space_counts_the_rooms_of_the_space(store: S
     cfg_none = build_config(
         {
             "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
-            "appservice": {"as_token": "as-secret", "hs_token": "hs-secret"},
-            "gate": {"token": "gate-secret"},
+            "appservice": {
+                "as_token": "as-secret-xxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "hs-secret-xxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "gate-secret-xxxxxxxxxxxxxxxxxxxx"},
         },
         env={},
     )

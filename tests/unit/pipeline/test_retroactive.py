@@ -39,8 +39,11 @@ def make_config(tmp_path: Path, dlp: dict[str, Any] | None = None) -> Any:
     return build_config(
         {
             "homeserver": {"domain": "corp.example"},
-            "appservice": {"as_token": "a1", "hs_token": "h1"},
-            "gate": {"token": "g1"},
+            "appservice": {
+                "as_token": "a1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "h1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "g1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "bridge": {"permissions": {ADMIN: "admin"}},
             "dlp": dlp or {},
         },

@@ -26,8 +26,11 @@ async def worker(store: Store, tmp_path: Path) -> Worker:
     config = build_config(
         {
             "homeserver": {"domain": "corp.example"},
-            "appservice": {"as_token": "a1", "hs_token": "h1"},
-            "gate": {"token": "g1"},
+            "appservice": {
+                "as_token": "a1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "h1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "g1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "bridge": {"permissions": {ADMIN: "admin", "@eve:corp.example": "auditor"}},
             "dlp": {"keywords": [{"name": "secret", "keywords": ["bluefin"], "action": "redact"}]},
         },

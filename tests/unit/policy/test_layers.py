@@ -46,8 +46,11 @@ def config(tmp_path: Path, dlp: dict[str, Any]) -> Any:
     return build_config(
         {
             "homeserver": {"domain": "corp.example"},
-            "appservice": {"as_token": "a", "hs_token": "h"},
-            "gate": {"token": "g"},
+            "appservice": {
+                "as_token": "a-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "h-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "g-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "dlp": dlp,
         },
         base_dir=tmp_path,

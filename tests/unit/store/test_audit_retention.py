@@ -41,8 +41,11 @@ class Env:
 
     def write(self, holds: dict[str, list[str]] | None = None) -> None:
         cfg = {
-            "appservice": {"as_token": "as-token-x", "hs_token": "hs-token-y"},
-            "gate": {"token": "gate-token-x"},
+            "appservice": {
+                "as_token": "as-token-x-xxxxxxxxxxxxxxxxxxxxx",
+                "hs_token": "hs-token-y-xxxxxxxxxxxxxxxxxxxxx",
+            },
+            "gate": {"token": "gate-token-x-xxxxxxxxxxxxxxxxxxx"},
             "data_dir": str(self.tmp / "data"),
             "database": {"url": self.url},
             "audit": {
@@ -469,7 +472,13 @@ async def test_checkpoint_poster_is_rate_limited() -> None:
 
 
 def test_legal_hold_config_is_validated() -> None:
-    base = {"appservice": {"as_token": "a" * 12, "hs_token": "b" * 12}, "gate": {"token": "c" * 12}}
+    base = {
+        "appservice": {
+            "as_token": "a-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" * 12,
+            "hs_token": "b-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" * 12,
+        },
+        "gate": {"token": "c-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" * 12},
+    }
     ok = build_config({**base, "audit": {"legal_hold": {"rooms": ["!r:x"], "users": ["@u:x"]}}})
     assert ok.audit is not None
     assert ok.audit.legal_hold_rooms == ("!r:x",) and ok.audit.legal_hold_users == ("@u:x",)

@@ -32,7 +32,7 @@ from bridge.http.transactions import AppserviceAPI
 from bridge.store import AuditEntry, Store, StoreError
 from tests.conftest import BACKENDS, fresh_store_url
 
-TOKEN = "hs-token-for-audit-tests"
+TOKEN = "hs-token-for-audit-tests-xxxxxxx"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -74,8 +74,8 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     url = await fresh_store_url(request.param, tmp_path)
     keys = tmp_path / "keys"  # the signing key lives apart from the database
     cfg = {
-        "appservice": {"as_token": "as-token-x", "hs_token": TOKEN},
-        "gate": {"token": "gate-token-x"},
+        "appservice": {"as_token": "as-token-x-xxxxxxxxxxxxxxxxxxxxx", "hs_token": TOKEN},
+        "gate": {"token": "gate-token-x-xxxxxxxxxxxxxxxxxxx"},
         "data_dir": str(tmp_path / "data"),
         "database": {"url": url},
         "audit": {
@@ -573,8 +573,11 @@ def test_previous_public_keys_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         build_config(
             {
-                "appservice": {"as_token": "a", "hs_token": "b"},
-                "gate": {"token": "c"},
+                "appservice": {
+                    "as_token": "a-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                    "hs_token": "b-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                },
+                "gate": {"token": "c-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
                 "audit": {"previous_public_keys": ["nowhere.pem"]},
             },
             base_dir=tmp_path,

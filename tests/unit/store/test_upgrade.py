@@ -158,8 +158,11 @@ class Env:
 async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
     url = await fresh_store_url(request.param, tmp_path)
     cfg = {
-        "appservice": {"as_token": "as-token-x", "hs_token": "hs-token-x"},
-        "gate": {"token": "gate-token-x"},
+        "appservice": {
+            "as_token": "as-token-x-xxxxxxxxxxxxxxxxxxxxx",
+            "hs_token": "hs-token-x-xxxxxxxxxxxxxxxxxxxxx",
+        },
+        "gate": {"token": "gate-token-x-xxxxxxxxxxxxxxxxxxx"},
         "data_dir": str(tmp_path / "data"),
         "database": {"url": url},
         "audit": {
