@@ -31,7 +31,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from bridge.archive.export import FORMATS, csv_header, format_records, text_matches
+from bridge.archive.export import (
+    FORMATS,
+    OutputExists,
+    PrivateOutput,
+    csv_header,
+    format_records,
+    text_matches,
+)
 from bridge.archive.parallel import export_parallel, frozen_heap
 from bridge.archive.setup import audit_config, load_keyring, open_store
 from bridge.audit.chain import (
@@ -119,6 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     filters(e)
     e.add_argument("--format", choices=FORMATS, default="jsonl")
     e.add_argument("-o", "--output", required=True, help="output file ('-' = stdout)")
+    e.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the output file if it exists (it is written anew with mode 0600)",
+    )
     e.add_argument(
         "--jobs",
         type=_jobs,
@@ -503,14 +515,23 @@ class _TextOut(io.RawIOBase):
 async def cmd_export(config: Config, args: argparse.Namespace) -> int:
     since = _cpu_clock()  # how busy the machine is, measured while the store opens
     store = await _open_for_reading(config)
+    to_stdout = args.output == "-"
     n = 0
     out: IO[bytes] | _TextOut
-    to_stdout = args.output == "-"
+    private: PrivateOutput | None = None
     if to_stdout:
         sys.stdout.flush()
         out = getattr(sys.stdout, "buffer", None) or _TextOut(sys.stdout)
     else:
-        out = open(args.output, "wb", buffering=1 << 20)  # noqa: ASYNC230
+        try:
+            private = PrivateOutput(Path(args.output), replace=args.force)
+        except OutputExists as e:
+            await store.close()
+            raise _Fail(EXIT_USAGE, str(e)) from None
+        except OSError:
+            await store.close()
+            raise
+        out = private.file
     try:
         jobs = await _export_jobs(store, args, to_stdout, since)
         if args.format == "csv":
@@ -526,6 +547,8 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
             else:
                 n = await _export_in_process(store, args, out.write)
         out.flush()
+        if private is not None:
+            private.commit()  # the file is in place before the record says so
         actor = args.actor or getpass.getuser()
         await store.append(
             [
@@ -543,9 +566,11 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
                 )
             ]
         )
+    except BaseException:
+        if private is not None:
+            private.discard()
+        raise
     finally:
-        if not to_stdout:
-            out.close()
         await store.close()
     print(f"exported {n} records to {args.output} (recorded in the audit store)", file=sys.stderr)
     return EXIT_OK

@@ -19,11 +19,13 @@ import functools
 import gc
 import io
 import json
+import os
+import secrets
 import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from bridge.audit.crypto import DataKey
 
@@ -251,3 +253,56 @@ def export_batch(
     recs = decode_rows(rows, _keys(material), shredded, raw_json=fmt == "jsonl")
     recs = text_matches(recs, words)
     return format_records(recs, fmt), len(recs)
+
+
+# -- the output file ---------------------------------------------------------------------
+
+PRIVATE_MODE = 0o600
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class OutputExists(FileExistsError):
+    """The export's output file exists and ``--force`` was not given."""
+
+
+class PrivateOutput:
+    """An export's output file, readable by its owner only (mode 0600).
+
+    It is created with ``O_CREAT|O_EXCL|O_NOFOLLOW``: an existing file, or a symlink planted
+    where the output goes, is refused (:class:`OutputExists`). With ``replace`` the export is
+    written to a new file beside it, created the same way, which :meth:`commit` renames over
+    the old one: the rename replaces a symlink itself, never the file it points to, and a
+    failed export leaves the old file as it was.
+    """
+
+    def __init__(self, path: Path, *, replace: bool = False, buffering: int = 1 << 20) -> None:
+        self.path = path
+        self._temp: Path | None = None
+        self.committed = False
+        target = path
+        if replace:
+            target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
+            self._temp = target
+        try:
+            fd = os.open(target, _CREATE, PRIVATE_MODE)
+        except FileExistsError:
+            raise OutputExists(f"{path} already exists; pass --force to replace it") from None
+        os.fchmod(fd, PRIVATE_MODE)  # whatever the umask
+        self.file: IO[bytes] = os.fdopen(fd, "wb", buffering=buffering)
+
+    def commit(self) -> None:
+        """Close the file; with ``replace``, move it to the output path."""
+        self.committed = True
+        self.file.close()
+        if self._temp is not None:
+            os.replace(self._temp, self.path)
+            self._temp = None
+
+    def discard(self) -> None:
+        """Close the file after a failure; with ``replace``, delete the new file."""
+        if self.committed:
+            return
+        self.file.close()
+        if self._temp is not None:
+            self._temp.unlink(missing_ok=True)
+            self._temp = None

@@ -373,10 +373,10 @@ async def test_jobs_default_uses_workers_for_large_exports_to_a_file_on_a_free_m
     assert await env.cli("export", "-o", str(out)) == 0
     assert calls == [2]  # min(2, CPUs)
     spare[0] = 1.2  # the machine is busy: one process is faster
-    assert await env.cli("export", "-o", str(out)) == 0
+    assert await env.cli("export", "--force", "-o", str(out)) == 0
     assert calls == [2]
     spare[0] = 2.0
-    assert await env.cli("export", "--room", "!room0:x", "-o", str(out)) == 0
+    assert await env.cli("export", "--force", "--room", "!room0:x", "-o", str(out)) == 0
     assert calls == [2]  # 10 records match: in this process
     capsys.readouterr()
     assert await env.cli("export", "-o", "-") == 0  # stdout: in this process
@@ -388,7 +388,7 @@ async def test_jobs_default_uses_workers_for_large_exports_to_a_file_on_a_free_m
     more = capsys.readouterr().out.splitlines()
     assert more[:33] == lines and json.loads(more[33])["kind"] == "export"
     monkeypatch.setattr(cli, "_cpus", lambda: 1)
-    assert await env.cli("export", "-o", str(out)) == 0
+    assert await env.cli("export", "--force", "-o", str(out)) == 0
     assert calls == [2, 3]
     assert await env.cli("export", "--jobs", "0", "-o", str(out)) == 2
 
