@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlparse
 
 from ruamel.yaml import YAML
@@ -714,8 +715,22 @@ def update_config_file(path: Path, updates: Mapping[str, Mapping[str, Any]]) -> 
             doc[section] = {}
         for key, value in values.items():
             doc[section][key] = value
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        y.dump(doc, fh)
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    write_private(path, lambda fh: y.dump(doc, fh))
+
+
+def write_private(path: Path, write: Callable[[TextIO], object]) -> None:
+    """(Re)write a text file only its owner can read (config, registration: they hold tokens).
+
+    ``write`` fills a new file beside ``path``, created with mode 0600 (never through a
+    symlink, whatever the umask), which then replaces ``path`` in one rename.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

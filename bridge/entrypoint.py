@@ -36,6 +36,7 @@ from bridge.config import (
     load_config,
     read_yaml,
     update_config_file,
+    write_private,
 )
 from bridge.registration import registration_dict
 
@@ -97,11 +98,7 @@ def _set_data_dir(config_path: Path, data_dir: Path) -> None:
     y = _yaml()
     doc = y.load(config_path.read_text("utf-8"))
     doc["data_dir"] = str(data_dir)
-    tmp = config_path.with_suffix(config_path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        y.dump(doc, fh)
-    os.chmod(tmp, 0o600)
-    tmp.replace(config_path)
+    write_private(config_path, lambda fh: y.dump(doc, fh))
 
 
 def _env_override_name(env: Mapping[str, str], dotted: str) -> str | None:
@@ -170,8 +167,7 @@ def first_start(
     config_path = data_dir / CONFIG_NAME
     registration_path = data_dir / REGISTRATION_NAME
     tmp = config_path.with_suffix(".yaml.new")
-    tmp.write_text(default_config_text(), "utf-8")
-    os.chmod(tmp, 0o600)
+    write_private(tmp, lambda fh: fh.write(default_config_text()))
     update_config_file(tmp, {"appservice": {"hostname": LISTEN_ALL}})
     _set_data_dir(tmp, data_dir)
     tmp.replace(config_path)
@@ -197,12 +193,12 @@ def first_start(
 def _write_registration(path: Path, reg: Mapping[str, Any]) -> None:
     y = YAML()
     y.default_flow_style = False
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+
+    def write(fh: TextIO) -> None:
         fh.write("# Appservice registration for the policy bridge. Generated; keep it secret.\n")
         y.dump(dict(reg), fh)
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+
+    write_private(path, write)
 
 
 def sync_registration(

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ruamel.yaml import YAML
 
-from bridge.config import Config, load_config, update_config_file
+from bridge.config import Config, load_config, update_config_file, write_private
 
 
 def new_token() -> str:
@@ -48,8 +47,7 @@ def generate_registration(config_path: Path, registration_path: Path) -> dict[st
     if not config_path.exists():
         from bridge.config import default_config_text
 
-        config_path.write_text(default_config_text(), "utf-8")
-        os.chmod(config_path, 0o600)
+        write_private(config_path, lambda fh: fh.write(default_config_text()))
     update_config_file(
         config_path,
         {
@@ -61,10 +59,10 @@ def generate_registration(config_path: Path, registration_path: Path) -> dict[st
     reg = registration_dict(config, as_token, hs_token)
     y = YAML()
     y.default_flow_style = False
-    tmp = registration_path.with_suffix(registration_path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+
+    def write(fh: TextIO) -> None:
         fh.write("# Appservice registration for the policy bridge. Generated; keep it secret.\n")
         y.dump(reg, fh)
-    os.chmod(tmp, 0o600)
-    tmp.replace(registration_path)
+
+    write_private(registration_path, write)
     return reg

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,30 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+PRIVATE_FILE = 0o600
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def private_sqlite_file(database: Path) -> None:
+    """Make the SQLite database file readable by its owner only, before SQLite opens it.
+
+    SQLite creates the WAL, shared-memory and journal files with the database file's
+    permissions, so a database created here (mode 0600) keeps all of them private. An
+    existing database (and its companions) readable by others is made 0600.
+    """
+    try:
+        fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
+    for path in (database, *(Path(f"{database}{s}") for s in SQLITE_COMPANIONS)):
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(path)
+            if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.getuid():
+                os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+
+
 def connect(url: str, *, pool_size: int) -> tuple[AsyncEngine, URL]:
     """An engine for ``url`` (not connected yet) and the parsed URL.
 
@@ -33,10 +59,16 @@ def connect(url: str, *, pool_size: int) -> tuple[AsyncEngine, URL]:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             try:
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                Path(parsed.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as e:
                 raise StoreUnavailable(
                     f"cannot create the directory for database {parsed.database}: {e}"
+                ) from e
+            try:
+                private_sqlite_file(Path(parsed.database))
+            except OSError as e:
+                raise StoreUnavailable(
+                    f"cannot create the database file {parsed.database}: {e}"
                 ) from e
     else:
         kwargs.update(

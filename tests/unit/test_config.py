@@ -386,3 +386,24 @@ def test_the_rollout_fingerprint_of_an_unchanged_config_is_unchanged() -> None:
         {**tokens(), **CUSTOM, "federation": {**CUSTOM["federation"], "rollout_rate": 6}}, env={}
     )
     assert rollout_fingerprint(changed, runtime) != rollout_fingerprint(cfg, runtime)
+
+
+def test_config_writes_are_0600_from_the_start_and_never_follow_a_symlink(
+    tmp_path: Path,
+) -> None:
+    from bridge.config import update_config_file
+
+    target = tmp_path / "elsewhere.yaml"
+    target.write_text("untouched: true\n")
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.symlink_to(target)
+    old = os.umask(0)
+    try:
+        update_config_file(cfg_path, {"gate": {"token": "g" * 32}})
+    finally:
+        os.umask(old)
+    assert target.read_text() == "untouched: true\n"
+    assert not cfg_path.is_symlink()
+    assert stat.S_IMODE(os.stat(cfg_path).st_mode) == 0o600
+    assert "g" * 32 in cfg_path.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "elsewhere.yaml"]

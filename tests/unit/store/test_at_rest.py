@@ -201,3 +201,46 @@ async def test_sealed_values_are_bound_to_their_row(backend: str, tmp_path: Path
             await store.get_state("other")
     finally:
         await store.close()
+
+
+# -- file modes: the SQLite database, its WAL and shared memory are the owner's only ------
+
+
+def _mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+async def test_sqlite_files_are_created_0600_whatever_the_umask(tmp_path: Path) -> None:
+    db = tmp_path / "data" / "bridge.db"
+    old = os.umask(0)  # the process's umask would let anyone read new files
+    try:
+        store = await Store.open(f"sqlite+aiosqlite:///{db}", keyring=Keyring.generate())
+        try:
+            await flow(store)
+            files = [p for p in db.parent.iterdir() if p.name.startswith("bridge.db")]
+            assert {p.name for p in files} >= {"bridge.db", "bridge.db-wal", "bridge.db-shm"}
+            assert {p.name: _mode(p) for p in files} == {p.name: 0o600 for p in files}
+            assert _mode(db.parent) == 0o700
+        finally:
+            await store.close()
+    finally:
+        os.umask(old)
+
+
+async def test_an_existing_sqlite_database_readable_by_others_is_made_0600(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "bridge.db"
+    url = f"sqlite+aiosqlite:///{db}"
+    keyring = Keyring.generate()
+    store = await Store.open(url, keyring=keyring)
+    await flow(store)
+    await store.close()
+    os.chmod(db, 0o644)
+    store = await Store.open(url, keyring=keyring)
+    try:
+        await store.set_state("after", "reopen")
+        assert _mode(db) == 0o600
+        assert _mode(Path(f"{db}-wal")) == 0o600
+    finally:
+        await store.close()
