@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from bridge.commands.disclosure import redact_rule_listing, redact_test_result
 from bridge.commands.registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
 from bridge.commands.scope import SCOPE_FLAG, room_of, scope_of, where
 from bridge.pipeline import retroactive
@@ -249,6 +250,11 @@ def register(registry: CommandRegistry) -> None:
         scope = scope_of(ctx)
         engine = ctx.services.policy.engine.dlp_for(room_of(scope))
         policy = engine.policy
+        if not ctx.in_management_room:  # rule contents would leak into this room
+            forbidden = ctx.services.policy.engine.encryption_forbidden(room_of(scope))
+            return Reply.lines(
+                *redact_rule_listing(policy, where(scope, ctx), encryption_forbidden=forbidden)
+            )
         items = []
         for kl in policy.keyword_lists:
             acts = ", ".join(sorted(kl.actions))
@@ -278,6 +284,8 @@ def register(registry: CommandRegistry) -> None:
         findings = engine.scan([ctx.args["text"]])
         ctx.audit["matched"] = [f.rule for f in findings]
         ctx.args.pop("text", None)  # the tested text is not kept in the audit record
+        if not ctx.in_management_room:  # rule names and excerpts would leak into this room
+            return Reply.plain(redact_test_result(findings))
         if not findings:
             return Reply.plain("No DLP rule matches: the message would be sent.")
         blocked = any(Action.BLOCK in f.actions for f in findings)
