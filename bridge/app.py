@@ -31,7 +31,7 @@ from bridge.commands import dlp as dlp_commands
 from bridge.commands import rooms as room_commands
 from bridge.config import Config, ConfigError, load_config
 from bridge.http.gate import Gate
-from bridge.http.health import health_routes
+from bridge.http.health import health_routes, main_listener_metrics, start_metrics_listener
 from bridge.http.transactions import AppserviceAPI
 from bridge.logs import setup_logging
 from bridge.matrix import (
@@ -99,6 +99,7 @@ class Bridge:
         self.store: Store
         self.session: ClientSession
         self.runner: web.AppRunner | None = None
+        self.metrics_runner: web.AppRunner | None = None
 
     # -- building -----------------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class Bridge:
         app.add_routes(self.appservice_api.routes())
         app.add_routes(self.gate.routes())
         app.add_routes(health_routes(self))
+        app.add_routes(main_listener_metrics(self.config.metrics))
         return app
 
     async def open(self) -> None:
@@ -199,6 +201,7 @@ class Bridge:
             self.runner, self.config.appservice.hostname, self.config.appservice.port
         )
         await site.start()
+        self.metrics_runner = await start_metrics_listener(self.config.metrics)
         self._spawn(self.sink.run(), "audit-sink")
         self._spawn(self._refresh_metrics(), "metrics")
         log.info(
@@ -617,6 +620,8 @@ class Bridge:
                 await asyncio.wait_for(self.runner.cleanup(), SHUTDOWN_STEP + 5)
             except TimeoutError:
                 log.warning("in-flight requests did not finish within %ss", SHUTDOWN_STEP)
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
         for task in [*self._tasks, *self._background]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)

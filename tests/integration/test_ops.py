@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.integration
 
 SECRET_BODY = "the vault combination is 31-07-19 and the launch codeword is heron"
 CARD = "4111 1111 1111 1111"
+METRICS_TOKEN = "ops-metrics-token-0123456789abcdef"
 
 
 class OpsStack:
@@ -48,7 +50,11 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsStack]:
         work,
         permissions={"@admin:localhost": "admin"},
         # DEBUG: the secrets test must hold at the most talkative level too.
-        bridge_options={"dlp": {"detectors": {"card": "block"}}, "logging": {"level": "DEBUG"}},
+        bridge_options={
+            "dlp": {"detectors": {"card": "block"}},
+            "logging": {"level": "DEBUG"},
+            "metrics": {"token": METRICS_TOKEN},
+        },
     )
     dev.synapse.start()
     admin = User(*dev.synapse.register_user("admin", "pw", admin=True))
@@ -168,6 +174,7 @@ async def test_logs_never_contain_message_text_or_secrets(ops: OpsStack) -> None
         config["appservice"]["hs_token"],
         config["gate"]["token"],
         config["homeserver"]["admin_token"],
+        config["metrics"]["token"],
         ops.user.token,
         *audit_key_material(ops),
     ]
@@ -185,8 +192,13 @@ def audit_key_material(ops: OpsStack) -> list[str]:
     return keys + [line for line in pem if line and not line.startswith("-----")]
 
 
-async def test_metrics_are_exposed(ops: OpsStack) -> None:
-    with urllib.request.urlopen(f"{ops.dev.bridge_url}/metrics", timeout=5) as resp:
+async def test_metrics_are_exposed_to_the_bearer_of_metrics_token(ops: OpsStack) -> None:
+    url = f"{ops.dev.bridge_url}/metrics"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=5)
+    assert refused.value.code == 401
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
         text = resp.read().decode()
     for name in (
         "bridge_transactions_total",
