@@ -4,11 +4,14 @@ death of a critical task ends ``run()``."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bridge.app import Bridge
 from bridge.config import Config, build_config
@@ -104,3 +107,43 @@ async def test_a_stop_request_ends_run_with_exit_code_0(
     bridge = Bridge(_config(tmp_path))
     assert await asyncio.wait_for(bridge.run(), 30) == 0
     assert _others() == set()
+
+
+async def test_sighup_reloads_the_config_file_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "homeserver": {"domain": "corp.example", "url": "http://127.0.0.1:9"},
+                "appservice": {
+                    "as_token": "a" * 32,
+                    "hs_token": "h" * 32,
+                    "hostname": "127.0.0.1",
+                    "port": config.appservice.port,
+                },
+                "gate": {"token": "g" * 32},
+                "data_dir": str(tmp_path),
+                "executor": {"rate_per_second": 3},
+            }
+        )
+    )
+    reloaded: list[Config] = []
+
+    async def startup(self: Bridge) -> None:
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(500):
+            if self.config is not config:
+                reloaded.append(self.config)
+                break
+            await asyncio.sleep(0.01)
+        self.request_stop()
+
+    monkeypatch.setattr(Bridge, "startup", startup)
+    bridge = Bridge(config, path)
+    assert await asyncio.wait_for(bridge.run(), 30) == 0
+    [new] = reloaded
+    assert new.executor.rate_per_second == 3
+    assert bridge.executor.config is new.executor
