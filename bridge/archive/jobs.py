@@ -1,6 +1,6 @@
 """Background audit jobs of a running bridge: archive expiry and checkpoint notices.
 
-``run_audit_jobs(bridge)`` is spawned once the bridge has started. It
+``run_audit_jobs(...)`` is spawned once the bridge has started. It
 
 * runs archive expiry (:meth:`bridge.store.Store.expire_archive`) at start and then every
   ``audit.archive_expiry_interval`` when ``audit.archive_retention`` is set, and
@@ -19,10 +19,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from bridge.archive.setup import audit_config
 from bridge.audit.chain import Checkpoint
+from bridge.config import Config
+from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import NewAction, Store
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,11 @@ def checkpoint_notice(room_id: str, cp: Checkpoint) -> NewAction:
 
 
 class CheckpointPoster:
-    """Store callback: posts checkpoint heads to the management room, rate-limited."""
+    """Store callback: posts checkpoint heads to the management room, rate-limited.
+
+    Each post runs as a one-off task of ``scheduler`` (alone, as in tests, a scheduler of its
+    own).
+    """
 
     def __init__(
         self,
@@ -63,6 +68,7 @@ class CheckpointPoster:
         room: Callable[[], str],
         interval_s: float,
         clock: Callable[[], float] = time.monotonic,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.submit = submit
         self.room = room
@@ -71,7 +77,7 @@ class CheckpointPoster:
         self.pending: Checkpoint | None = None
         self.last_post: float | None = None
         self.posted = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.scheduler = scheduler or Scheduler()
 
     def __call__(self, cp: Checkpoint) -> None:
         if self.pending is None or cp.seq > self.pending.seq:
@@ -89,9 +95,7 @@ class CheckpointPoster:
         self.pending = None
         self.last_post = now
         self.posted += 1
-        task = asyncio.get_running_loop().create_task(self._post(room, cp))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.scheduler.spawn(self._post(room, cp), "checkpoint-notice", TaskKind.ONE_OFF)
 
     async def _post(self, room: str, cp: Checkpoint) -> None:
         try:
@@ -110,16 +114,26 @@ async def expire_once(store: Store, retention_ms: int) -> None:
     )
 
 
-async def run_audit_jobs(bridge: Any) -> None:
-    """Forever: archive expiry on schedule, checkpoint notices (see the module docstring)."""
-    cfg = audit_config(bridge.config)
-    store: Store = bridge.store
+async def run_audit_jobs(
+    config: Config,
+    store: Store,
+    submit: Callable[[list[NewAction]], Awaitable[None]],
+    management_room: Callable[[], str],
+    scheduler: Scheduler,
+) -> None:
+    """Forever: archive expiry on schedule, checkpoint notices (see the module docstring).
+
+    ``config`` is the config at start (the audit settings need a restart); ``submit`` queues
+    the notices for the executor; ``management_room`` says where they go right now.
+    """
+    cfg = audit_config(config)
     poster: CheckpointPoster | None = None
     if cfg.post_checkpoints:
         poster = CheckpointPoster(
-            bridge.executor.submit,
-            lambda: bridge.management_room,
+            submit,
+            management_room,
             cfg.checkpoint_post_interval_s,
+            scheduler=scheduler,
         )
         store.on_checkpoint = poster
     retention = cfg.archive_retention_ms

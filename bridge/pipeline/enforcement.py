@@ -24,6 +24,7 @@ from typing import Any
 from bridge.commands.registry import Reply
 from bridge.policy.federation import FederationPolicy, server_allowed
 from bridge.policy.model import server_name
+from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import NewAction, Store
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,12 @@ class RoomEnforcer:
         report_delay: float = 30.0,
         report_grace: float = 10.0,
         report_limit: int = 20,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.store = store
+        # Background bookkeeping runs as one-off tasks of the bridge's scheduler (alone, as
+        # in tests, the enforcer has a scheduler of its own).
+        self.scheduler = scheduler or Scheduler()
         self.rollout_rate = rollout_rate
         self.notify = notify
         self.own_server = own_server
@@ -241,7 +246,7 @@ class RoomEnforcer:
         if task is not None and not task.done():
             return
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:  # no loop (a synchronous caller): the next flush stores it
             return
 
@@ -253,7 +258,9 @@ class RoomEnforcer:
             except Exception:
                 log.warning("room bookkeeping (%s) failed; retried later", name, exc_info=True)
 
-        self._tasks[name] = loop.create_task(run())
+        task = self.scheduler.spawn(run(), f"room-{name}", TaskKind.ONE_OFF)
+        if task is not None:
+            self._tasks[name] = task
 
     async def _flush_soon(self) -> None:
         while self._dirty or self._told_dirty:

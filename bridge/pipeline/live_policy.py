@@ -7,7 +7,6 @@ store's state table (``policy.dlp``, ``policy.federation``, ``policy.retention``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -62,21 +61,6 @@ def build_engine(
             encryption_forbidden=layers.encryption_setting(),
         )
     )
-
-
-def rollout_fingerprint(config: Config, runtime: Mapping[str, Any]) -> str:
-    """A digest of the federation and retention rules (config and runtime layers).
-
-    A different digest at start means the rules changed while the bridge was down, and
-    every managed room is brought in line. It hashes the sections as written, so the digest
-    of an unchanged config stays the same across versions of the bridge.
-    """
-    doc = {
-        "federation": config.federation.to_doc(),
-        "retention": config.retention.to_doc(),
-        "runtime": {k: runtime.get(k) for k in ("federation", "retention")},
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class LivePolicy:

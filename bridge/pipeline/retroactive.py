@@ -24,7 +24,7 @@ import uuid
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.commands.registry import Reply
 from bridge.policy.dlp import DlpEngine, DlpPolicy, KeywordList
@@ -33,7 +33,12 @@ from bridge.policy.engine import PolicyEngine
 from bridge.policy.extract import extract_texts
 from bridge.policy.model import Action
 from bridge.policy.scopes import GLOBAL, rooms_in_scope
-from bridge.store import AuditEntry, NewAction
+from bridge.scheduler import Scheduler, TaskKind
+from bridge.store import AuditEntry, NewAction, Store
+
+if TYPE_CHECKING:
+    from bridge.pipeline.live_policy import LivePolicy
+    from bridge.services import ActionSubmitter
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,23 @@ BATCH = 100  # actions per enqueue (one commit each)
 MAX_MATCHES = 10_000  # beyond this the scan stops and says so
 LISTED = 20  # matches listed by name in the summary
 
-_TASKS: set[asyncio.Task[Any]] = set()
+TASK_NAME = "retroactive"
+
+
+class RetroServices(Protocol):
+    """What a scan needs of the running bridge: the archive, the executor's queue, where to
+    report, the policy in force (to resume) and the scheduler that owns the scan's task."""
+
+    @property
+    def store(self) -> Store: ...
+    @property
+    def executor(self) -> ActionSubmitter: ...
+    @property
+    def management_room(self) -> str: ...
+    @property
+    def policy(self) -> LivePolicy: ...
+    @property
+    def scheduler(self) -> Scheduler: ...
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,7 @@ def _redacted_target(event: Mapping[str, Any]) -> str | None:
 
 
 async def scan_archive(
-    store: Any, engine: PolicyEngine, job: RetroJob, rooms: list[str]
+    store: Store, engine: PolicyEngine, job: RetroJob, rooms: list[str]
 ) -> RetroResult:
     """Read the archive of ``rooms`` and collect the matches of ``job.rules`` (no effects)."""
     result = RetroResult(rooms=len(rooms))
@@ -218,7 +239,7 @@ def summary(result: RetroResult, job: RetroJob) -> Reply:
     return Reply.lines(title, items)
 
 
-async def run(services: Any, engine: PolicyEngine, job: RetroJob) -> RetroResult | None:
+async def run(services: RetroServices, engine: PolicyEngine, job: RetroJob) -> RetroResult | None:
     """Scan, enqueue the redactions in batches, report and audit. Never raises."""
     from bridge.pipeline.worker import notice
 
@@ -292,17 +313,17 @@ async def run(services: Any, engine: PolicyEngine, job: RetroJob) -> RetroResult
 
 PENDING_KEY = "dlp.retroactive.pending"
 # Unfinished scans per store (a process normally has one); written whole under a lock.
-_PENDING: weakref.WeakKeyDictionary[Any, dict[str, RetroJob]] = weakref.WeakKeyDictionary()
+_PENDING: weakref.WeakKeyDictionary[Store, dict[str, RetroJob]] = weakref.WeakKeyDictionary()
 _PERSIST = asyncio.Lock()
 
 
-async def _persist(store: Any) -> None:
+async def _persist(store: Store) -> None:
     async with _PERSIST:
         jobs = _PENDING.get(store, {})
         await store.set_state(PENDING_KEY, json.dumps([j.to_json() for j in jobs.values()]))
 
 
-async def _run_recorded(services: Any, engine: PolicyEngine, job: RetroJob) -> None:
+async def _run_recorded(services: RetroServices, engine: PolicyEngine, job: RetroJob) -> None:
     """Record the job as pending, scan, then clear it: a restart mid-scan starts it again
     (redactions already done are found in the archive and skipped). A scan that failed
     stays pending and runs again at the next start."""
@@ -321,17 +342,16 @@ async def _run_recorded(services: Any, engine: PolicyEngine, job: RetroJob) -> N
             log.warning("could not clear the finished retroactive scan %s", job.id)
 
 
-def start(services: Any, engine: PolicyEngine, job: RetroJob) -> asyncio.Task[Any]:
-    """Run the scan in the background (called after the command's commit)."""
-    task = asyncio.get_running_loop().create_task(
-        _run_recorded(services, engine, job), name="retroactive"
+def start(services: RetroServices, engine: PolicyEngine, job: RetroJob) -> asyncio.Task[Any] | None:
+    """Run the scan in the background (called after the command's commit), owned by the
+    bridge's scheduler: a stop cancels it and the next start runs it again. Returns its task,
+    or None when the bridge is already shutting down."""
+    return services.scheduler.spawn(
+        _run_recorded(services, engine, job), TASK_NAME, TaskKind.ONE_OFF
     )
-    _TASKS.add(task)
-    task.add_done_callback(_TASKS.discard)
-    return task
 
 
-async def resume(services: Any) -> int:
+async def resume(services: RetroServices) -> int:
     """Start again the scans a previous run did not finish; returns how many."""
     raw = await services.store.get_state(PENDING_KEY)
     jobs = [RetroJob.from_json(d) for d in (json.loads(raw) if raw else [])]
@@ -339,9 +359,3 @@ async def resume(services: Any) -> int:
         log.info("resuming the retroactive scan %s (%s)", job.id, job.rule_names)
         start(services, services.policy.engine, job)
     return len(jobs)
-
-
-async def wait_all() -> None:
-    """Wait for running scans (tests)."""
-    while _TASKS:
-        await asyncio.gather(*list(_TASKS), return_exceptions=True)

@@ -37,6 +37,7 @@ from bridge.policy.federation import acl_content, acl_matches, server_allowed
 from bridge.policy.model import Action, Finding, Verdict, server_name
 from bridge.policy.retention import retention_content, retention_matches
 from bridge.policy.rooms import ACL, RETENTION
+from bridge.services import WorkerServices
 from bridge.store import AuditEntry, NewAction, Store, StoreUnavailable, WorkItem
 from bridge.store.workqueue import UnreadableEvent
 
@@ -81,7 +82,7 @@ class Worker:
         config: Callable[[], Config],
         engine: Callable[[], PolicyEngine],
         registry: CommandRegistry,
-        services: Any,
+        services: WorkerServices,
         on_actions: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store

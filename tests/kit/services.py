@@ -8,6 +8,7 @@ from typing import Any
 
 from bridge.pipeline.enforcement import RoomEnforcer
 from bridge.pipeline.live_policy import LivePolicy
+from bridge.scheduler import Scheduler
 from bridge.store import Store
 
 
@@ -16,7 +17,7 @@ async def _quiet(_reply: Any) -> None:
 
 
 class Services:
-    """Store, config, live policy, management room and room enforcer, nothing else."""
+    """Store, config, live policy, management room, room enforcer and scheduler, nothing else."""
 
     def __init__(
         self,
@@ -33,4 +34,7 @@ class Services:
         self.policy = LivePolicy(config)
         self.policy.set_management_room(management_room)
         self.started_monotonic = time.monotonic()
-        self.rooms = RoomEnforcer(store, lambda: 1000.0, notify, own_server=own_server)
+        self.scheduler = Scheduler()
+        self.rooms = RoomEnforcer(
+            store, lambda: 1000.0, notify, own_server=own_server, scheduler=self.scheduler
+        )

@@ -364,7 +364,7 @@ CUSTOM = {
 def test_the_rollout_fingerprint_of_an_unchanged_config_is_unchanged() -> None:
     """The digests the bridge stored before the sections were typed (computed on the raw
     dicts): an upgrade must not mistake an unchanged config for a policy change."""
-    from bridge.pipeline.live_policy import rollout_fingerprint
+    from bridge.pipeline.rollout import policy_fingerprint as rollout_fingerprint
 
     cfg = build_config(tokens(), env={})
     assert (

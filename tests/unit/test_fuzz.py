@@ -43,6 +43,7 @@ from bridge.pipeline.enforcement import RoomEnforcer
 from bridge.pipeline.live_policy import LivePolicy, build_engine
 from bridge.pipeline.worker import Worker
 from bridge.policy.normalize import clean, fold, html_to_text, normalize
+from bridge.scheduler import Scheduler
 from bridge.store import Store
 
 T = TypeVar("T")
@@ -134,7 +135,8 @@ class Harness:
         async def notify(_reply: Any) -> None:
             return None
 
-        self.rooms = RoomEnforcer(self.store, lambda: 1000.0, notify)
+        self.scheduler = Scheduler()
+        self.rooms = RoomEnforcer(self.store, lambda: 1000.0, notify, scheduler=self.scheduler)
         self.management_room = MGMT
         self.started_monotonic = time.monotonic()
 
@@ -157,6 +159,7 @@ class Harness:
             if self.sink_task.done():  # it serves forever unless a record broke it
                 self.sink_task.result()
             self.sink_task.cancel()
+            await self.scheduler.stop(5.0)
             await self.sink.flush()  # gate decisions with odd strings must be storable
             await self.client.close()
             await self.store.close()

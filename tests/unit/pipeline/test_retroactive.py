@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.kit.services import Services
 
 from bridge.app import build_registry
 from bridge.config import build_config
@@ -16,6 +15,7 @@ from bridge.pipeline import retroactive
 from bridge.pipeline.worker import Worker
 from bridge.policy.layers import GLOBAL
 from bridge.store import NewAction, Store
+from tests.kit.services import Services
 
 MGMT = "!mgmt:corp.example"
 ROOM = "!room:corp.example"
@@ -123,7 +123,7 @@ async def test_retroactive_keyword_redacts_archived_matches_only(
     [reply] = [a for a in acts if a.kind == "send_notice"]
     assert "keyword added" in reply.payload["body"]
     assert "Scanning the archive of the last 30d" in reply.payload["body"]
-    await retroactive.wait_all()
+    await worker.services.scheduler.wait(retroactive.TASK_NAME)
     acts = await new_actions(worker, before)
     redacts = [a for a in acts if a.kind == "redact"]
     targets = {a.payload["event_id"] for a in redacts}
@@ -182,7 +182,7 @@ async def test_retroactive_regex_in_a_space_scope_and_window_flag(
     [reply] = [a for a in acts if a.kind == "send_notice"]
     assert "in !space:corp.example and the rooms of this space" in reply.payload["body"]
     assert "last 10d" in reply.payload["body"]
-    await retroactive.wait_all()
+    await worker.services.scheduler.wait(retroactive.TASK_NAME)
     acts = await new_actions(worker, before)
     targets = {a.payload["event_id"] for a in acts if a.kind == "redact"}
     assert targets == {in_child["event_id"], week_old["event_id"]}
@@ -293,7 +293,7 @@ async def test_a_scan_interrupted_by_a_restart_runs_again(store: Store, tmp_path
     before = {a.id for a in await store.due_actions(now=10**12, limit=10_000)}
     # Start after the "restart": the pending scan runs again, then is cleared.
     assert await retroactive.resume(worker.services) == 1
-    await retroactive.wait_all()
+    await worker.services.scheduler.wait(retroactive.TASK_NAME)
     redacts = [a for a in await new_actions(worker, before) if a.kind == "redact"]
     assert [a.payload["event_id"] for a in redacts] == [old["event_id"]]
     assert json.loads(await store.get_state(retroactive.PENDING_KEY) or "[]") == []
