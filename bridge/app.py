@@ -45,15 +45,16 @@ from bridge.matrix import (
     register_bot,
     wait_for_homeserver,
 )
-from bridge.pipeline import retroactive
-from bridge.pipeline.enforcement import RoomEnforcer
-from bridge.pipeline.executor import Executor, RateLimiter, RoomEnforcement
+from bridge.pipeline import actions, retroactive
+from bridge.pipeline.actions import ActionKind, notice
+from bridge.pipeline.enforcement import RoomEnforcement, RoomEnforcer
+from bridge.pipeline.executor import Executor, RateLimiter
 from bridge.pipeline.live_policy import SECTIONS, SPACES_KEY, LivePolicy, runtime_key
 from bridge.pipeline.redelivery import RedeliveryNudger
 from bridge.pipeline.sweeper import RetentionSweeper
-from bridge.pipeline.worker import Worker, notice, notify_text
+from bridge.pipeline.worker import Worker, notify_text
 from bridge.policy.model import Action, Verdict
-from bridge.store import ActionRow, AuditEntry, NewAction, Store, StoreUnavailable
+from bridge.store import ActionRow, AuditEntry, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +349,7 @@ class Bridge:
             log.info("created the management room %s and invited %d admins", room, len(admins))
         self.management_room = room
         self.policy.set_management_room(room)
-        self.worker.joined_rooms.add(room)
-        await self.store.upsert_room(room, joined=True)
+        await self.worker.tracker.note_joined(room)
 
     async def _auto_enroll(self) -> None:
         """Enrol every room of the homeserver; retried while the homeserver or the database
@@ -389,17 +389,15 @@ class Bridge:
         rooms = await self.admin.list_rooms()
         known = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
         todo = [r for r in rooms if r not in known]
-        actions = []
+        queued = []
         for room in todo:
-            actions.append(
-                NewAction("make_room_admin", {"user_id": self.config.bot_mxid}, room_id=room)
-            )
+            queued.append(actions.make_room_admin(room, self.config.bot_mxid))
             # Due at once, but ordered after every make_room_admin (the queue runs by
             # not_before, then creation time, which ties within a batch): joining a
             # private room before make_room_admin's invite would be refused.
-            actions.append(NewAction("join", {}, room_id=room, not_before=1.0))
-        if actions:
-            await self.executor.submit(actions)
+            queued.append(actions.join(room, not_before=1.0))
+        if queued:
+            await self.executor.submit(queued)
         log.info("auto-enrolment: %d of %d rooms queued", len(todo), len(rooms))
 
     def _gate_blocked(self, subject: Mapping[str, Any], verdict: Verdict) -> None:
@@ -433,10 +431,8 @@ class Bridge:
             log.info("obtaining power in %s through make_room_admin", room_id)
             await self.executor.submit(
                 [
-                    NewAction(
-                        "make_room_admin", {"user_id": self.config.bot_mxid}, room_id=room_id
-                    ),
-                    self.rooms.reconcile(room_id, "after make_room_admin", after_admin=True),
+                    actions.make_room_admin(room_id, self.config.bot_mxid),
+                    actions.reconcile(room_id, "after make_room_admin", after_admin=True),
                 ]
             )
 
@@ -471,7 +467,10 @@ class Bridge:
     async def _report_failure(self, action: ActionRow, reason: str) -> None:
         # Notices cannot report themselves; a reconcile's failure is the room enforcer's to
         # report (batched per rollout, once per room), not one notice per room here.
-        if not self.management_room or action.kind in ("send_notice", "reconcile"):
+        if not self.management_room or action.kind in (
+            ActionKind.SEND_NOTICE,
+            ActionKind.RECONCILE,
+        ):
             return
         await self.executor.submit(
             [notice(self.management_room, Reply.plain(f"⚠️ {action.kind} failed: {reason}"))]

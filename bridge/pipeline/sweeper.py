@@ -39,6 +39,8 @@ from typing import Any, Self
 
 from bridge import metrics
 from bridge.config import Config
+from bridge.pipeline.actions import purge_history, redact
+from bridge.pipeline.batch import as_str
 from bridge.policy.durations import DurationError, format_duration, parse_duration
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.retention import (
@@ -473,16 +475,7 @@ class RetentionSweeper:
                         progress.held_from = [rec.origin_ts, rec.seq - 1]
                     continue
                 actions.append(
-                    NewAction(
-                        "redact",
-                        {
-                            "event_id": event_id,
-                            "reason": reason,
-                            "retention": True,
-                            "sender": sender,
-                        },
-                        room_id=room,
-                    )
+                    redact(room, event_id, reason, retention=True, sender=as_str(sender))
                 )
             progress.ts, progress.seq = last.origin_ts, last.seq
             progress.held_users = sorted(held_idx)
@@ -569,10 +562,10 @@ class RetentionSweeper:
                 )
             return
         actions.append(
-            NewAction(
-                "purge_history",
-                {"purge_up_to_ts": plan.purge_up_to_ts, "delete_local_events": True},
-                room_id=room,
+            purge_history(
+                room,
+                plan.purge_up_to_ts,
+                delete_local_events=True,
                 not_before=time.time() + self.settings.purge_delay_s,
             )
         )

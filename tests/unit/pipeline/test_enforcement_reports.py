@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.kit.services import Services
-
 from bridge.app import build_registry
 from bridge.commands.registry import Reply
 from bridge.config import build_config
 from bridge.pipeline.enforcement import DRIFTED, REPORTED_FIELD, RoomEnforcer
 from bridge.pipeline.worker import Worker
 from bridge.store import Store
+from tests.kit.services import Services
 
 OWN = "corp.example"
 WEAK = f"!weak:{OWN}"
@@ -263,7 +262,7 @@ async def test_rooms_command_filters_and_pages(store: Store, tmp_path: Path) -> 
     worker = Worker(
         store, lambda: config, lambda: services.policy.engine, build_registry(), services
     )
-    worker.joined_rooms = {MGMT}
+    worker.tracker.joined_rooms = {MGMT}
     await store.upsert_room(MGMT, joined=True)
     enforced = [f"!ok{i:03d}:{OWN}" for i in range(120)]
     lacking = [f"!weak{i}:{OWN}" for i in range(5)]

@@ -20,7 +20,8 @@ from aiohttp import ClientSession, web
 from bridge import metrics
 from bridge.config import ExecutorConfig
 from bridge.matrix import AdminAPI, make_client
-from bridge.pipeline.executor import Executor, RoomEnforcement
+from bridge.pipeline.enforcement import RoomEnforcement
+from bridge.pipeline.executor import Executor
 from bridge.policy.rooms import RoomPlan
 from bridge.store import ActionRow, NewAction, Store
 

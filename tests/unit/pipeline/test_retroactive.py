@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.kit.services import Services
 
 from bridge.app import build_registry
 from bridge.config import build_config
@@ -16,6 +15,7 @@ from bridge.pipeline import retroactive
 from bridge.pipeline.worker import Worker
 from bridge.policy.layers import GLOBAL
 from bridge.store import NewAction, Store
+from tests.kit.services import Services
 
 MGMT = "!mgmt:corp.example"
 ROOM = "!room:corp.example"
@@ -53,7 +53,7 @@ async def make_worker(store: Store, config: Any) -> Worker:
     services = Services(store, config, MGMT)
     services.executor = Executor(store)  # type: ignore[attr-defined]
     w = Worker(store, lambda: config, lambda: services.policy.engine, build_registry(), services)
-    w.joined_rooms = {MGMT, ROOM, CHILD}
+    w.tracker.joined_rooms = {MGMT, ROOM, CHILD}
     for room in (MGMT, ROOM, CHILD):
         await store.upsert_room(room, joined=True)
     return w
@@ -166,7 +166,7 @@ async def test_retroactive_regex_in_a_space_scope_and_window_flag(
     )
     # The bot does not answer in rooms it has not joined: join the space first.
     assert not acts
-    worker.joined_rooms.add(SPACE)
+    worker.tracker.joined_rooms.add(SPACE)
     acts = await feed(
         worker,
         msg(
