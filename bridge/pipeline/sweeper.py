@@ -40,7 +40,6 @@ from typing import Any, Self
 from bridge import metrics
 from bridge.config import Config
 from bridge.pipeline.actions import purge_history, redact
-from bridge.pipeline.batch import as_str
 from bridge.policy.durations import DurationError, format_duration, parse_duration
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.retention import (
@@ -474,9 +473,8 @@ class RetentionSweeper:
                     if progress.held_from is None:
                         progress.held_from = [rec.origin_ts, rec.seq - 1]
                     continue
-                actions.append(
-                    redact(room, event_id, reason, retention=True, sender=as_str(sender))
-                )
+                named = sender if isinstance(sender, str) else None
+                actions.append(redact(room, event_id, reason, retention=True, sender=named))
             progress.ts, progress.seq = last.origin_ts, last.seq
             progress.held_users = sorted(held_idx)
             if progress.rescan_to is not None and [last.origin_ts, last.seq] >= progress.rescan_to:
