@@ -258,7 +258,7 @@ class Bridge:
         room = await management.bootstrap(self.client, self.store, cfg.bridge)
         self.management.room_id = room
         self.policy.set_management_room(room)
-        self.worker.joined_rooms.add(room)
+        self.worker.tracker.joined_rooms.add(room)  # bootstrap() stored it joined
         await self.ping.at_startup()
         await self._rollout_if_policy_changed()
         spawn = self.scheduler.spawn

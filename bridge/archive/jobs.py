@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from bridge.archive.setup import audit_config
 from bridge.audit.chain import Checkpoint
 from bridge.config import Config
+from bridge.pipeline.actions import send_notice
 from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import NewAction, Store
 
@@ -44,14 +45,11 @@ def checkpoint_notice(room_id: str, cp: Checkpoint) -> NewAction:
     ]
     body = "\n".join(lines)
     items = "".join(f"<li>{html.escape(x)}</li>" for x in lines[1:])
-    return NewAction(
-        "send_notice",
-        {
-            "body": body,
-            "html": f"<p>{html.escape(lines[0])}</p><ul>{items}</ul>",
-            "checkpoint": cp.to_dict(),
-        },
-        room_id=room_id,
+    return send_notice(
+        room_id,
+        body,
+        f"<p>{html.escape(lines[0])}</p><ul>{items}</ul>",
+        details={"checkpoint": cp.to_dict()},
     )
 
 

@@ -1,12 +1,12 @@
 """Room enforcement bookkeeping: what we know of rooms, rollouts of policy changes.
 
 The executor's ``reconcile`` action does the work in a room (read state, plan, send ACL and
-retention, kick); this module decides when to schedule it, remembers each room's members
-(from reconciles and the event stream; kept in the store's sealed room records, so the
-count of members a federation change would remove survives a restart), records each room's
-enforcement state (enforced, drifted, lacks power, not joined), reports what power the bot
-lacks (once per room and distinct lack, batched into few notices), and reports rollout
-progress.
+retention, kick) through the :class:`RoomEnforcement` hooks; this module decides when to
+schedule it, remembers each room's members (from reconciles and the event stream; kept in
+the store's sealed room records, so the count of members a federation change would remove
+survives a restart), records each room's enforcement state (enforced, drifted, lacks power,
+not joined), reports what power the bot lacks (once per room and distinct lack, batched
+into few notices), and reports rollout progress.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.commands.registry import Reply
+from bridge.pipeline import actions
+from bridge.pipeline.actions import ActionKind
 from bridge.policy.federation import FederationPolicy, server_allowed
 from bridge.policy.model import server_name
+from bridge.policy.rooms import RoomPlan
 from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import NewAction, Store
 
@@ -73,6 +76,16 @@ class Affected:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class RoomEnforcement:
+    """Hooks the executor's ``reconcile`` action uses: the pure planner, and where the
+    state it read (``on_state``) and the outcome (``on_result``) go."""
+
+    plan: Callable[[str, list[dict[str, Any]]], RoomPlan]
+    on_state: Callable[[str, list[dict[str, Any]]], None] = lambda _r, _s: None
+    on_result: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
+
+
 class RoomEnforcer:
     """Schedules reconciles and keeps per-room enforcement state.
 
@@ -95,8 +108,10 @@ class RoomEnforcer:
         report_grace: float = 10.0,
         report_limit: int = 20,
         scheduler: Scheduler | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.store = store
+        self._sleep = sleep  # the report timer's clock (tests drive it tick by tick)
         # Background bookkeeping runs as one-off tasks of the bridge's scheduler (alone, as
         # in tests, the enforcer has a scheduler of its own).
         self.scheduler = scheduler or Scheduler()
@@ -123,23 +138,13 @@ class RoomEnforcer:
 
     # -- scheduling ---------------------------------------------------------------------
 
-    @staticmethod
-    def reconcile(room_id: str, reason: str, **extra: Any) -> NewAction:
-        """One reconcile action for one room, now."""
-        return NewAction("reconcile", {"reason": reason, **extra}, room_id=room_id)
-
     def rollout(self, rooms: Iterable[str], reason: str) -> tuple[list[NewAction], dict[str, Any]]:
         """Reconciles for many rooms, spread at the rollout rate; and the rollout record."""
         rate = max(0.01, self.rollout_rate())
         rid = uuid.uuid4().hex[:12]
         now = time.time()
         out = [
-            NewAction(
-                "reconcile",
-                {"reason": reason, "rollout": rid},
-                room_id=room,
-                not_before=now + i / rate,
-            )
+            actions.reconcile(room, reason, rollout=rid, not_before=now + i / rate)
             for i, room in enumerate(sorted(rooms))
         ]
         record = {"id": rid, "total": len(out), "reason": reason, "started": now}
@@ -166,7 +171,9 @@ class RoomEnforcer:
 
     async def _pending(self, rollout_id: str) -> int:
         # payloads are sealed at rest: the store decrypts the pending reconciles to match
-        return await self.store.count_actions("reconcile", "pending", {"rollout": rollout_id})
+        return await self.store.count_actions(
+            ActionKind.RECONCILE, "pending", {"rollout": rollout_id}
+        )
 
     # -- results from the executor ------------------------------------------------------
 
@@ -331,7 +338,7 @@ class RoomEnforcer:
         """The batching timer: one notice per ``report_delay`` at most, none while a rollout
         is moving (its progress notices carry the reports)."""
         while self._lacks:
-            await asyncio.sleep(self.report_delay)
+            await self._sleep(self.report_delay)
             moving = (
                 self._rollout is not None
                 and time.monotonic() - self._rollout_seen < self.report_delay

@@ -19,6 +19,7 @@ from mautrix.errors import MatrixRequestError
 
 from bridge.commands import Reply
 from bridge.matrix import AdminAPI
+from bridge.pipeline import actions
 from bridge.pipeline.enforcement import RoomEnforcer
 from bridge.store import NewAction, Store, StoreUnavailable
 
@@ -27,11 +28,6 @@ log = logging.getLogger(__name__)
 AUTO_ENROLL_RETRY = (5, 15, 60, 300)  # seconds between attempts while Synapse or the DB fails
 
 Submit = Callable[[list[NewAction]], Awaitable[None]]
-
-
-def make_room_admin(room_id: str, bot_mxid: str) -> NewAction:
-    """The admin-API action that gives the bot the highest power in ``room_id``."""
-    return NewAction("make_room_admin", {"user_id": bot_mxid}, room_id=room_id)
 
 
 class AutoEnroller:
@@ -96,15 +92,15 @@ class AutoEnroller:
         rooms = await self.admin.list_rooms()
         known = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
         todo = [r for r in rooms if r not in known]
-        actions = []
+        queued: list[NewAction] = []
         for room in todo:
-            actions.append(make_room_admin(room, self.bot_mxid))
+            queued.append(actions.make_room_admin(room, self.bot_mxid))
             # Due at once, but ordered after every make_room_admin (the queue runs by
             # not_before, then creation time, which ties within a batch): joining a
             # private room before make_room_admin's invite would be refused.
-            actions.append(NewAction("join", {}, room_id=room, not_before=1.0))
-        if actions:
-            await self.submit(actions)
+            queued.append(actions.join(room, not_before=1.0))
+        if queued:
+            await self.submit(queued)
         log.info("auto-enrolment: %d of %d rooms queued", len(todo), len(rooms))
         return len(todo)
 
@@ -137,7 +133,7 @@ class PowerObtainer:
             log.info("obtaining power in %s through make_room_admin", room_id)
             await self.submit(
                 [
-                    make_room_admin(room_id, self.bot_mxid),
-                    self.rooms.reconcile(room_id, "after make_room_admin", after_admin=True),
+                    actions.make_room_admin(room_id, self.bot_mxid),
+                    actions.reconcile(room_id, "after make_room_admin", after_admin=True),
                 ]
             )

@@ -22,45 +22,36 @@ from mautrix.types import EventType, UserID
 from bridge import metrics
 from bridge.config import ExecutorConfig
 from bridge.matrix import AdminAPI
+from bridge.pipeline.actions import ActionKind, kind_of, purge_status
+from bridge.pipeline.enforcement import RoomEnforcement
 from bridge.policy.retention import event_hold, purge_hold
-from bridge.policy.rooms import RoomPlan
 from bridge.store import ActionRow, AuditEntry, NewAction, Store
 from bridge.store.sweep_queries import SweepQueries
 
 log = logging.getLogger(__name__)
 
 # What each action needs the bot to be allowed to do, for messages to admins.
-_NEEDS = {
-    "send_notice": "send messages",
-    "send_state": "send state events",
-    "redact": "redact events",
-    "kick": "kick users",
-    "invite": "invite users",
-    "join": "join",
-    "leave": "leave",
-    "make_room_admin": "use the admin API make_room_admin",
-    "reconcile": "read the room state",
-    "purge_history": "purge history with the admin API",
-    "purge_status": "read a purge's status with the admin API",
+_NEEDS: dict[str, str] = {
+    ActionKind.SEND_NOTICE: "send messages",
+    ActionKind.SEND_STATE: "send state events",
+    ActionKind.REDACT: "redact events",
+    ActionKind.KICK: "kick users",
+    ActionKind.INVITE: "invite users",
+    ActionKind.JOIN: "join",
+    ActionKind.LEAVE: "leave",
+    ActionKind.MAKE_ROOM_ADMIN: "use the admin API make_room_admin",
+    ActionKind.RECONCILE: "read the room state",
+    ActionKind.PURGE_HISTORY: "purge history with the admin API",
+    ActionKind.PURGE_STATUS: "read a purge's status with the admin API",
 }
+#: Failures that mean the bot lacks power in the room (recorded on the room's row).
+_LACKS_POWER = frozenset(
+    {ActionKind.SEND_STATE, ActionKind.REDACT, ActionKind.KICK, ActionKind.INVITE}
+)
 
 # A purge still running after this long is given up on (and reported).
 PURGE_GIVE_UP_S = 24 * 3600.0
 _END = 1 << 62  # a timestamp after every real one
-
-
-class RoomEnforcement:
-    """Hooks the ``reconcile`` action uses: the pure planner and where results go."""
-
-    def __init__(
-        self,
-        plan: Callable[[str, list[dict[str, Any]]], RoomPlan],
-        on_state: Callable[[str, list[dict[str, Any]]], None] = lambda _r, _s: None,
-        on_result: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None,
-    ) -> None:
-        self.plan = plan
-        self.on_state = on_state
-        self.on_result = on_result
 
 
 class PermanentFailure(Exception):
@@ -98,7 +89,9 @@ class RateLimiter:
             await asyncio.sleep((1 - self._tokens) / self.rate)
 
 
-def describe_failure(action: ActionRow, err: MatrixRequestError, step: str | None = None) -> str:
+def describe_failure(
+    action: ActionRow, err: MatrixRequestError, step: ActionKind | None = None
+) -> str:
     """An admin-readable reason for a failed action (``step``: the kind of the failed part)."""
     kind = step or action.kind
     what = _NEEDS.get(kind, kind)
@@ -111,7 +104,7 @@ def describe_failure(action: ActionRow, err: MatrixRequestError, step: str | Non
     return f"homeserver refused to {what}{where}: HTTP {err.http_status} {err.errcode}: {detail}"
 
 
-async def _step(action: ActionRow, step: str, request: Awaitable[Any]) -> Any:
+async def _step(action: ActionRow, step: ActionKind, request: Awaitable[Any]) -> Any:
     """One request of a multi-step action; a refusal names the step that was refused.
 
     Rate limits and 5xx pass through unchanged so the action is retried as a whole.
@@ -144,18 +137,18 @@ class Executor:
         self.rooms = rooms
         self.limiter = RateLimiter(config.rate_per_second)
         self._wake = asyncio.Event()
-        self._handlers: dict[str, Callable[[ActionRow], Awaitable[dict[str, Any]]]] = {
-            "send_notice": self._send_notice,
-            "send_state": self._send_state,
-            "redact": self._redact,
-            "kick": self._kick,
-            "invite": self._invite,
-            "join": self._join,
-            "leave": self._leave,
-            "make_room_admin": self._make_room_admin,
-            "reconcile": self._reconcile,
-            "purge_history": self._purge_history,
-            "purge_status": self._purge_status,
+        self._handlers: dict[ActionKind, Callable[[ActionRow], Awaitable[dict[str, Any]]]] = {
+            ActionKind.SEND_NOTICE: self._send_notice,
+            ActionKind.SEND_STATE: self._send_state,
+            ActionKind.REDACT: self._redact,
+            ActionKind.KICK: self._kick,
+            ActionKind.INVITE: self._invite,
+            ActionKind.JOIN: self._join,
+            ActionKind.LEAVE: self._leave,
+            ActionKind.MAKE_ROOM_ADMIN: self._make_room_admin,
+            ActionKind.RECONCILE: self._reconcile,
+            ActionKind.PURGE_HISTORY: self._purge_history,
+            ActionKind.PURGE_STATUS: self._purge_status,
         }
 
     def wake(self) -> None:
@@ -197,7 +190,8 @@ class Executor:
 
     async def attempt(self, action: ActionRow) -> None:
         """One attempt at one action, with its outcome recorded."""
-        handler = self._handlers.get(action.kind)
+        kind = kind_of(action.kind)
+        handler = None if kind is None else self._handlers[kind]
         attempts = action.attempts + 1
         hold = await self._held(action)
         if hold is not None:
@@ -249,9 +243,9 @@ class Executor:
             attempts=attempts,
             audit=self._audit(action, "done", attempts, result=result),
         )
-        if action.kind == "join" and action.room_id:
+        if kind is ActionKind.JOIN and action.room_id:
             await self.store.upsert_room(action.room_id, joined=True)
-        if action.kind == "reconcile" and self.rooms and self.rooms.on_result:
+        if kind is ActionKind.RECONCILE and self.rooms and self.rooms.on_result:
             await self.rooms.on_result(action.room_id or "", {**result, "payload": action.payload})
 
     async def _held(self, action: ActionRow) -> str | None:
@@ -262,21 +256,22 @@ class Executor:
         its room's hold or by a hold on any user who sent messages in the room before
         ``purge_up_to_ts`` (``purge_history`` cannot spare one sender).
         """
-        retention = action.kind in ("purge_history", "purge_status") or (
-            action.kind == "redact" and action.payload.get("retention")
+        kind = kind_of(action.kind)
+        retention = kind in (ActionKind.PURGE_HISTORY, ActionKind.PURGE_STATUS) or (
+            kind is ActionKind.REDACT and action.payload.get("retention")
         )
         holds = getattr(self.store, "holds", None)
         if not retention or holds is None:
             return None
         held = await holds()
         room = action.room_id
-        if action.kind == "redact":
+        if kind is ActionKind.REDACT:
             sender = action.payload.get("sender")
             return event_hold(
                 room, sender if isinstance(sender, str) else None, held.rooms, held.users
             )
         senders: set[str] = set()
-        if action.kind == "purge_history" and room and held.users:
+        if kind is ActionKind.PURGE_HISTORY and room and held.users:
             up_to = action.payload.get("purge_up_to_ts")
             before = up_to if isinstance(up_to, int) and not isinstance(up_to, bool) else _END
             senders = await SweepQueries(self.store).senders_before(room, held.users, before)
@@ -314,9 +309,10 @@ class Executor:
             error=reason,
             audit=self._audit(action, "failed", attempts, error=reason),
         )
-        if action.room_id and action.kind in ("send_state", "redact", "kick", "invite"):
+        kind = kind_of(action.kind)
+        if action.room_id and kind in _LACKS_POWER:
             await self.store.upsert_room(action.room_id, lacking=f"cannot {_NEEDS[action.kind]}")
-        if action.kind == "reconcile" and self.rooms and self.rooms.on_result:
+        if kind is ActionKind.RECONCILE and self.rooms and self.rooms.on_result:
             await self.rooms.on_result(
                 action.room_id or "", {"error": reason, "payload": action.payload}
             )
@@ -417,7 +413,9 @@ class Executor:
             raise PermanentFailure("room enforcement is not configured")
         room = self._room(action)
         state = await _step(
-            action, "reconcile", self.client.api.request(Method.GET, Path.v3.rooms[room].state)
+            action,
+            ActionKind.RECONCILE,
+            self.client.api.request(Method.GET, Path.v3.rooms[room].state),
         )
         if not isinstance(state, list):
             raise PermanentFailure("the homeserver returned no state list")
@@ -428,12 +426,14 @@ class Executor:
             etype_obj = EventType.find(etype, t_class=EventType.Class.STATE)
             await _step(
                 action,
-                "send_state",
+                ActionKind.SEND_STATE,
                 self.client.send_state_event(room, etype_obj, cast(Any, content), state_key=key),
             )
             sent.append(etype)
         for user, reason in plan.kicks:
-            await _step(action, "kick", self.client.kick_user(room, UserID(user), reason=reason))
+            await _step(
+                action, ActionKind.KICK, self.client.kick_user(room, UserID(user), reason=reason)
+            )
             kicked.append(user)
         return {
             "sent": sent,
@@ -463,10 +463,8 @@ class Executor:
             if e.http_status == 404 and "no event to be purged" in (e.message or ""):
                 return {"purged": False, "why": "nothing older than the cutoff"}
             raise
-        poll = {**p, "purge_id": purge_id, "started": time.time()}
-        await self.store.enqueue_actions(
-            [NewAction("purge_status", poll, room_id=action.room_id, not_before=time.time() + 1)]
-        )
+        poll = purge_status(action.room_id, p, purge_id, time.time(), not_before=time.time() + 1)
+        await self.store.enqueue_actions([poll])
         self.wake()
         return {"purge_id": purge_id}
 

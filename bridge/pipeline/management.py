@@ -17,7 +17,8 @@ from mautrix.types import RoomAlias, RoomID, UserID
 
 from bridge.commands import Reply
 from bridge.config import BridgeConfig
-from bridge.pipeline.worker import notice, notify_text
+from bridge.pipeline.actions import ActionKind, notice
+from bridge.pipeline.worker import notify_text
 from bridge.policy.model import Action, Verdict
 from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import ActionRow, NewAction, Store
@@ -28,7 +29,7 @@ MANAGEMENT_ROOM_KEY = "management_room"  # the store's state key of the room cre
 
 # Action kinds that are not reported as failures: a notice cannot report itself, and a
 # reconcile's failure is the room enforcer's to report (batched per rollout, once per room).
-UNREPORTED_FAILURES = frozenset({"send_notice", "reconcile"})
+UNREPORTED_FAILURES = frozenset({ActionKind.SEND_NOTICE, ActionKind.RECONCILE})
 
 
 async def known_room(store: Store, configured: str) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.commands.registry import Reply
+from bridge.pipeline.actions import notice, redact
 from bridge.policy.dlp import DlpEngine, DlpPolicy, KeywordList
 from bridge.policy.durations import format_duration
 from bridge.policy.engine import PolicyEngine
@@ -205,13 +206,10 @@ async def scan_archive(
 def plan_actions(result: RetroResult, job: RetroJob) -> list[NewAction]:
     """One redaction per match of a block/redact rule."""
     return [
-        NewAction(
-            "redact",
-            {
-                "event_id": m.event_id,
-                "reason": f"removed by company policy ({m.rule}, applied retroactively)",
-            },
-            room_id=m.room_id,
+        redact(
+            m.room_id,
+            m.event_id,
+            f"removed by company policy ({m.rule}, applied retroactively)",
         )
         for m in result.redactions
     ]
@@ -241,8 +239,6 @@ def summary(result: RetroResult, job: RetroJob) -> Reply:
 
 async def run(services: RetroServices, engine: PolicyEngine, job: RetroJob) -> RetroResult | None:
     """Scan, enqueue the redactions in batches, report and audit. Never raises."""
-    from bridge.pipeline.worker import notice
-
     started = time.perf_counter()
     mgmt = services.management_room
     try:

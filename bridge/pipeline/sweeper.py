@@ -39,6 +39,7 @@ from typing import Any, Self
 
 from bridge import metrics
 from bridge.config import Config
+from bridge.pipeline.actions import purge_history, redact
 from bridge.policy.durations import format_duration
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.retention import (
@@ -467,18 +468,8 @@ class RetentionSweeper:
                     if progress.held_from is None:
                         progress.held_from = [rec.origin_ts, rec.seq - 1]
                     continue
-                actions.append(
-                    NewAction(
-                        "redact",
-                        {
-                            "event_id": event_id,
-                            "reason": reason,
-                            "retention": True,
-                            "sender": sender,
-                        },
-                        room_id=room,
-                    )
-                )
+                named = sender if isinstance(sender, str) else None
+                actions.append(redact(room, event_id, reason, retention=True, sender=named))
             progress.ts, progress.seq = last.origin_ts, last.seq
             progress.held_users = sorted(held_idx)
             if progress.rescan_to is not None and [last.origin_ts, last.seq] >= progress.rescan_to:
@@ -564,10 +555,10 @@ class RetentionSweeper:
                 )
             return
         actions.append(
-            NewAction(
-                "purge_history",
-                {"purge_up_to_ts": plan.purge_up_to_ts, "delete_local_events": True},
-                room_id=room,
+            purge_history(
+                room,
+                plan.purge_up_to_ts,
+                delete_local_events=True,
                 not_before=time.time() + self.settings.purge_delay_s,
             )
         )

@@ -1,70 +1,38 @@
 """The ingest worker: turns committed transactions into decisions and actions.
 
-It reads the work queue in order, judges each event with the policy engine, runs admin
-commands, and commits the resulting executor actions and audit records in the same commit
-that marks the transaction processed. A crash before that commit means the transaction is
+It reads the work queue in order and hands each event to its stages: the room tracker
+(:mod:`bridge.pipeline.room_tracker`), the command runner
+(:mod:`bridge.pipeline.command_runner`), and the policy engine, whose verdicts it enforces
+here. What the stages produce goes into one :class:`~bridge.pipeline.batch.Batch`,
+committed in the same commit that marks the transaction processed; what they remember
+changes after that commit. A crash or a failed commit before it means the transaction is
 processed again from scratch; after it, never again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge import metrics
-from bridge.commands import (
-    CommandContext,
-    CommandError,
-    CommandRegistry,
-    Reply,
-    role_allows,
-    tokenize,
-)
-from bridge.commands.registry import MAX_COMMAND_LENGTH, NeedsConfirmation, summarize_args
+from bridge.commands import CommandRegistry, Reply
 from bridge.config import Config
-from bridge.pipeline.enforcement import DRIFTED
-from bridge.pipeline.live_policy import SPACES_KEY
+from bridge.pipeline import actions
+from bridge.pipeline.batch import Batch, as_str
+from bridge.pipeline.command_runner import CommandRunner
+from bridge.pipeline.room_tracker import RoomTracker
 from bridge.policy.dlp import CATEGORY as DLP_CATEGORY
 from bridge.policy.engine import ENCRYPTION_EVENT, ENCRYPTION_RULE, PolicyEngine
-from bridge.policy.federation import acl_content, acl_matches, server_allowed
-from bridge.policy.model import Action, Finding, Verdict, server_name
-from bridge.policy.retention import retention_content, retention_matches
-from bridge.policy.rooms import ACL, RETENTION
+from bridge.policy.model import Action, Finding, Verdict
 from bridge.services import WorkerServices
-from bridge.store import AuditEntry, NewAction, Store, StoreUnavailable, WorkItem
+from bridge.store import AuditEntry, Store, StoreUnavailable, WorkItem
 from bridge.store.workqueue import UnreadableEvent
 
 log = logging.getLogger(__name__)
-
-CONFIRM_REACTION = "\u2705"  # ✅ (with or without a variation selector)
-CONFIRM_SECONDS = 600
-CONFIRMATIONS_KEY = "commands.pending_confirmations"
-ENROLL_DELAY = 3.0  # seconds between seeing a new room and enrolling it
-
-
-@dataclass
-class Batch:
-    """What processing one transaction produced, committed together."""
-
-    actions: list[NewAction] = field(default_factory=list)
-    audit: list[AuditEntry] = field(default_factory=list)
-    state: dict[str, str] = field(default_factory=dict)
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
-
-
-def notice(room_id: str, reply: Reply, *, reply_to: str | None = None, **extra: Any) -> NewAction:
-    """An executor action sending a notice (text + HTML) to a room."""
-    payload: dict[str, Any] = {"body": reply.text, "html": reply.html, **extra}
-    if reply_to:
-        payload["reply_to"] = reply_to
-    return NewAction("send_notice", payload, room_id=room_id)
 
 
 def notify_text(finding: Finding, verb: str, sender: object, room_id: object) -> str:
@@ -74,7 +42,7 @@ def notify_text(finding: Finding, verb: str, sender: object, room_id: object) ->
 
 
 class Worker:
-    """Processes the work queue."""
+    """Processes the work queue: one transaction, one batch, one commit."""
 
     def __init__(
         self,
@@ -88,31 +56,20 @@ class Worker:
         self.store = store
         self.config = config
         self.engine = engine
-        self.registry = registry
         self.services = services
         self.on_actions = on_actions
+        self.tracker = RoomTracker(store, config, engine, services)
+        self.commands = CommandRunner(store, registry, services, self.tracker)
         self._wake = asyncio.Event()
-        self.joined_rooms: set[str] = set()
-        # Commands waiting for a ✅ reaction (persisted with the batch that asked).
-        self.pending_confirmations: dict[str, dict[str, Any]] = {}
 
     def wake(self) -> None:
+        """New transactions were committed: look at the queue now."""
         self._wake.set()
 
     async def load(self) -> None:
         """Read which rooms the bot is joined to, and commands awaiting confirmation."""
-        self.joined_rooms = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
-        raw = await self.store.get_state(CONFIRMATIONS_KEY)
-        if raw:
-            self.pending_confirmations = json.loads(raw)
-
-    def _stage_confirmations(self, batch: Batch) -> None:
-        """Persist the open confirmations (expired ones dropped) with this batch."""
-        now = time.time()
-        self.pending_confirmations = {
-            k: v for k, v in self.pending_confirmations.items() if now - v["at"] <= CONFIRM_SECONDS
-        }
-        batch.state[CONFIRMATIONS_KEY] = json.dumps(self.pending_confirmations)
+        await self.tracker.load()
+        await self.commands.load()
 
     async def run(self) -> None:
         """Process the queue forever, waking on new commits (and every few seconds)."""
@@ -170,7 +127,7 @@ class Worker:
                 batch.audit.append(
                     AuditEntry(
                         kind="error",
-                        room_id=_s(event.get("room_id")),
+                        room_id=as_str(event.get("room_id")),
                         data={
                             "event_id": event.get("event_id"),
                             "seq": stored.seq,
@@ -180,7 +137,13 @@ class Worker:
                 )
         if unreadable:
             self._unreadable(item, unreadable, batch)
-        await self.store.complete_work([item.queue_id], batch.actions, batch.audit, batch.state)
+        await self.store.complete_work(
+            [item.queue_id],
+            batch.actions,
+            batch.audit,
+            batch.state,
+            rooms=list(batch.rooms.values()),
+        )
         for callback in batch.after_commit:
             callback()
         if batch.actions:
@@ -215,7 +178,7 @@ class Worker:
             more = f" and {len(events) - 20} more" if len(events) > 20 else ""
             reasons = "; ".join(sorted({e.reason for e in events}))
             batch.actions.append(
-                notice(
+                actions.notice(
                     self.services.management_room,
                     Reply.plain(
                         f"⚠️ {len(events)} archived event(s) could not be read back for "
@@ -229,290 +192,29 @@ class Worker:
     # -- per event ----------------------------------------------------------------------
 
     async def handle_event(self, event: Mapping[str, Any], batch: Batch) -> None:
+        """Stage everything one event leads to: room bookkeeping, a command, enforcement."""
         cfg = self.config()
-        etype = event.get("type")
-        sender = _s(event.get("sender")) or ""
-        room_id = _s(event.get("room_id")) or ""
-        if etype == "m.room.member":
-            await self._membership(event, batch, cfg)
-        elif etype in (ACL, RETENTION) and "state_key" in event and sender != cfg.bot_mxid:
-            await self._state_drift(event, batch)
-        elif etype in ("m.space.child", "m.space.parent") and isinstance(
-            event.get("state_key"), str
-        ):
-            self._space_link(event, batch)
-        if (
-            etype == "m.room.create"
-            and sender != cfg.bot_mxid  # rooms the bot creates are its own already
-            and cfg.bridge.auto_enroll
-            and cfg.homeserver.admin_token
-        ):
-            self._enroll(room_id, batch, cfg)
-        if sender == cfg.bot_mxid:
+        self.tracker.on_event(event, batch, cfg)
+        if event.get("sender") == cfg.bot_mxid:
             return
-        if etype == "m.room.message" and self._is_command(event, cfg):
-            await self._command(event, batch, cfg)
-            # and judged like any message below: a command prefix must not be a way around
-            # the rules (the management room is exempt from DLP, so admins can quote text)
-        if etype == "m.reaction" and (original := self._confirmation(event)) is not None:
-            await self._command(original, batch, cfg, confirmed=True)
+        # A command message is judged like any message below: a command prefix must not be
+        # a way around the rules (the management room is exempt from DLP, so admins can
+        # quote text). A reaction that confirms a command is not judged.
+        if await self.commands.handle(event, batch, cfg):
             return
         verdict = self.engine().check_event(event)
         if verdict.findings:
             rules = [f.rule for f in verdict.findings if f.category == DLP_CATEGORY]
             if rules:  # counted once committed (a transaction processed again is not)
                 batch.after_commit.append(lambda: _count_dlp_hits(rules))
-            self._enforce(event, verdict, batch, cfg)
-
-    def _is_command(self, event: Mapping[str, Any], cfg: Config) -> bool:
-        content = event.get("content")
-        body = content.get("body") if isinstance(content, dict) else None
-        if not isinstance(body, str):
-            return False
-        prefix = cfg.bridge.command_prefix
-        return body == prefix or body.startswith(prefix + " ")
-
-    async def _membership(self, event: Mapping[str, Any], batch: Batch, cfg: Config) -> None:
-        room_id = _s(event.get("room_id"))
-        content = event.get("content")
-        membership = content.get("membership") if isinstance(content, dict) else None
-        target = event.get("state_key")
-        if not room_id or not isinstance(target, str):
-            return
-        if target != cfg.bot_mxid:
-            self._other_member(room_id, target, str(membership), batch, cfg)
-            return
-        if membership == "invite":
-            inviter = _s(event.get("sender")) or ""
-            if server_name(inviter) == cfg.homeserver.domain or cfg.role_of(inviter):
-                log.info(
-                    "invited to %s by %s (event %s); joining",
-                    room_id,
-                    inviter,
-                    event.get("event_id"),
-                )
-                batch.actions.append(NewAction("join", {}, room_id=room_id))
-            else:
-                log.info(
-                    "ignoring invite to %s from remote user %s (event %s)",
-                    room_id,
-                    inviter,
-                    event.get("event_id"),
-                )
-        elif membership == "join":
-            if room_id not in self.joined_rooms:
-                batch.actions.append(self.services.rooms.reconcile(room_id, "bot joined"))
-            self.joined_rooms.add(room_id)
-            await self.store.upsert_room(room_id, joined=True)
-        elif membership in ("leave", "ban"):
-            self.joined_rooms.discard(room_id)
-            await self.store.upsert_room(room_id, joined=False)
-
-    def _other_member(
-        self, room_id: str, user: str, membership: str, batch: Batch, cfg: Config
-    ) -> None:
-        self.services.rooms.note_member(room_id, user, membership)
-        if membership not in ("join", "invite", "knock") or room_id not in self.joined_rooms:
-            return
-        policy = self.engine().federation_for(room_id)
-        if not server_allowed(policy, cfg.homeserver.domain, server_name(user)):
-            batch.actions.append(self.services.rooms.reconcile(room_id, f"excluded member {user}"))
-
-    async def _state_drift(self, event: Mapping[str, Any], batch: Batch) -> None:
-        """Someone changed a state event the policy owns: restore it and say so."""
-        room_id = _s(event.get("room_id")) or ""
-        if room_id not in self.joined_rooms or event.get("state_key") != "":
-            return
-        engine = self.engine()
-        etype = event["type"]
-        content = event.get("content") if isinstance(event.get("content"), dict) else {}
-        if etype == ACL:
-            desired = acl_content(engine.federation_for(room_id), engine.policy.own_server)
-            in_line = desired is None or acl_matches(content, desired)
-        else:
-            desired = retention_content(engine.retention_for(room_id))
-            in_line = desired is None or retention_matches(content, desired)
-        if in_line:
-            return
-        sender = _s(event.get("sender")) or "?"
-        log.info(
-            "drift: %s changed %s in %s (event %s); restoring",
-            sender,
-            etype,
-            room_id,
-            event.get("event_id"),
-        )
-        await self.store.upsert_room(room_id, lacking=DRIFTED)
-        batch.actions.append(self.services.rooms.reconcile(room_id, f"drift of {etype}"))
-        if self.services.management_room:
-            batch.actions.append(
-                notice(
-                    self.services.management_room,
-                    Reply.plain(
-                        f"⚠️ {sender} changed {etype} in {room_id} away from company policy; "
-                        "the bridge is restoring it."
-                    ),
-                )
-            )
-
-    def _space_link(self, event: Mapping[str, Any], batch: Batch) -> None:
-        """Track which rooms belong to which spaces (scopes of space policies)."""
-        room_id = _s(event.get("room_id")) or ""
-        key = event["state_key"]
-        raw = event.get("content")
-        content: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
-        present = bool(content.get("via"))
-        child, parent = (key, room_id) if event["type"] == "m.space.child" else (room_id, key)
-        if not child.startswith("!") or not parent.startswith("!"):
-            return
-        live = self.services.policy
-        spaces = dict(live.room_spaces)
-        parents = [p for p in spaces.get(child, ()) if p != parent]
-        if present:
-            parents.append(parent)
-        if parents:
-            spaces[child] = tuple(parents)
-        else:
-            spaces.pop(child, None)
-        if spaces == live.room_spaces:
-            return
-        batch.state[SPACES_KEY] = live.encode({k: list(v) for k, v in spaces.items()})
-        batch.after_commit.append(lambda: live.set_room_spaces(spaces))
-        if child in self.joined_rooms:
-            batch.actions.append(self.services.rooms.reconcile(child, "space membership changed"))
-
-    def _enroll(self, room_id: str, batch: Batch, cfg: Config) -> None:
-        if not room_id:
-            return
-        # The create event reaches us while Synapse is still building the room: until its
-        # power levels exist, make_room_admin answers "No local admin user in room".
-        # make_room_admin invites the bot only where it could not join by itself (rooms
-        # that are not public), so the join follows it (joining twice is harmless).
-        at = time.time() + ENROLL_DELAY
-        batch.actions.append(
-            NewAction("make_room_admin", {"user_id": cfg.bot_mxid}, room_id=room_id, not_before=at)
-        )
-        batch.actions.append(NewAction("join", {}, room_id=room_id, not_before=at + 0.5))
-
-    # -- commands -----------------------------------------------------------------------
-
-    def _confirmation(self, event: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        """The command a ✅ reaction confirms (same sender, within the time limit)."""
-        content = event.get("content")
-        rel = content.get("m.relates_to") if isinstance(content, dict) else None
-        if not isinstance(rel, dict) or rel.get("rel_type") != "m.annotation":
-            return None
-        key = rel.get("key")
-        if not isinstance(key, str) or not key.startswith(CONFIRM_REACTION):
-            return None
-        pending = self.pending_confirmations.get(str(rel.get("event_id")))
-        if pending is None or pending["sender"] != event.get("sender"):
-            return None
-        if time.time() - pending["at"] > CONFIRM_SECONDS:
-            return None
-        return pending["event"]
-
-    async def _command(
-        self, event: Mapping[str, Any], batch: Batch, cfg: Config, *, confirmed: bool = False
-    ) -> None:
-        room_id = _s(event.get("room_id")) or ""
-        sender = _s(event.get("sender")) or ""
-        event_id = _s(event.get("event_id")) or ""
-        body = event["content"]["body"]
-        prefix = cfg.bridge.command_prefix
-        mgmt = self.services.management_room
-        in_mgmt = room_id == mgmt
-        if not in_mgmt and room_id not in self.joined_rooms:
-            return  # we cannot answer where we are not joined
-        role = cfg.role_of(sender)
-        name = "?"
-        outcome = "error"
-        started = time.perf_counter()
-        try:
-            if len(body) > MAX_COMMAND_LENGTH:
-                raise CommandError(f"the command is too long (over {MAX_COMMAND_LENGTH} chars)")
-            if role is None:
-                outcome = "refused"
-                raise CommandError(
-                    f"sorry, {sender} is not allowed to use policy commands. "
-                    "Ask a bridge admin to grant you a role."
-                )
-            tokens = tokenize(body[len(prefix) :])
-            if confirmed:
-                self.pending_confirmations.pop(event_id, None)
-                self._stage_confirmations(batch)
-                tokens.append("--yes")
-            parsed = self.registry.parse(tokens, prefix)
-            name = parsed.spec.name
-            if not role_allows(role, parsed.spec.role):
-                outcome = "refused"
-                raise CommandError(
-                    f"sorry, `{prefix} {name}` needs the {parsed.spec.role} role; you have {role}."
-                )
-            if not in_mgmt and not parsed.spec.room_scoped:
-                outcome = "refused"
-                raise CommandError(f"`{prefix} {name}` only works in the management room.")
-            ctx = CommandContext(
-                sender=sender,
-                room_id=room_id,
-                event_id=event_id,
-                role=role,
-                in_management_room=in_mgmt,
-                args=parsed.args,
-                flags=parsed.flags,
-                services=self.services,
-            )
-            reply = await parsed.spec.handler(ctx)
-            outcome = "ok"
-            batch.actions.extend(ctx.actions)
-            batch.state.update(ctx.state_updates)
-            batch.after_commit.extend(ctx.after_commit)
-            details = {**summarize_args(parsed), **ctx.audit}
-        except NeedsConfirmation as e:
-            outcome = "needs confirmation"
-            self.pending_confirmations[event_id] = {
-                "sender": sender,
-                "event": dict(event),
-                "at": time.time(),
-            }
-            self._stage_confirmations(batch)
-            reply = Reply.plain(f"❓ {e}")
-            details = {}
-        except CommandError as e:
-            reply = Reply.plain(f"⚠️ {e}")
-            details = {}
-        except Exception:
-            log.exception("command %s failed", name)
-            reply = Reply.plain("⚠️ the command failed unexpectedly; the error is in the logs.")
-            details = {}
-        metrics.COMMANDS.labels(name, outcome).inc()
-        batch.actions.append(notice(room_id, reply, reply_to=event_id))
-        batch.audit.append(
-            AuditEntry(
-                kind="command",
-                room_id=room_id,
-                sender=sender,
-                type=name,
-                data={
-                    "event_id": event_id,
-                    "command": name,
-                    "role": role,
-                    "outcome": outcome,
-                    "reply": reply.text[:2000],
-                    "ms": round((time.perf_counter() - started) * 1000, 2),
-                    **details,
-                },
-            )
-        )
+            self._enforce(event, verdict, batch)
 
     # -- enforcement on the ingest path -------------------------------------------------
 
-    def _enforce(
-        self, event: Mapping[str, Any], verdict: Verdict, batch: Batch, cfg: Config
-    ) -> None:
-        room_id = _s(event.get("room_id")) or ""
-        event_id = _s(event.get("event_id")) or ""
-        sender = _s(event.get("sender")) or ""
+    def _enforce(self, event: Mapping[str, Any], verdict: Verdict, batch: Batch) -> None:
+        room_id = as_str(event.get("room_id")) or ""
+        event_id = as_str(event.get("event_id")) or ""
+        sender = as_str(event.get("sender")) or ""
         done: list[str] = []
         if event.get("type") == ENCRYPTION_EVENT:
             # Encryption cannot be switched off again (and createRoom's initial state never
@@ -521,40 +223,36 @@ class Worker:
         elif verdict.wants(Action.BLOCK) or verdict.wants(Action.REDACT):
             rule = (verdict.first_block or verdict.findings[0]).rule
             batch.actions.append(
-                NewAction(
-                    "redact",
-                    {"event_id": event_id, "reason": f"removed by company policy ({rule})"},
-                    room_id=room_id,
-                )
+                actions.redact(room_id, event_id, f"removed by company policy ({rule})")
             )
             done.append("redact")
         for f in verdict.findings:
             if f.rule == ENCRYPTION_RULE:
                 continue  # reported above
-            if Action.WARN in f.actions and room_id in self.joined_rooms:
+            if Action.WARN in f.actions and self.tracker.joined(room_id, batch):
+                warning = Reply.plain(f"{sender}: {f.message}")
                 batch.actions.append(
-                    NewAction(
-                        "send_notice",
-                        {
-                            "body": f"{sender}: {f.message}",
-                            "html": Reply.plain(f"{sender}: {f.message}").html,
-                            "thread_root": event_id,
-                            "mentions": [sender],
-                        },
-                        room_id=room_id,
+                    actions.send_notice(
+                        room_id,
+                        warning.text,
+                        warning.html,
+                        thread_root=event_id,
+                        mentions=[sender],
                     )
                 )
                 done.append("warn")
             if Action.NOTIFY in f.actions and self.services.management_room:
                 text = notify_text(f, "matched", sender, room_id)
-                batch.actions.append(notice(self.services.management_room, Reply.plain(text)))
+                batch.actions.append(
+                    actions.notice(self.services.management_room, Reply.plain(text))
+                )
                 done.append("notify")
         batch.audit.append(
             AuditEntry(
                 kind="decision",
                 room_id=room_id,
                 sender=sender,
-                type=_s(event.get("type")),
+                type=as_str(event.get("type")),
                 data={
                     "event_id": event_id,
                     "path": "ingest",
@@ -574,7 +272,7 @@ class Worker:
         if not mgmt or not verdict.wants(Action.NOTIFY):
             return
         batch.actions.append(
-            notice(
+            actions.notice(
                 mgmt,
                 Reply.plain(
                     f"⚠️ {sender} turned on end-to-end encryption in {room_id}, where company"
@@ -591,7 +289,3 @@ class Worker:
 def _count_dlp_hits(rules: list[str]) -> None:
     for rule in rules:
         metrics.DLP_HITS.labels(rule, "ingest").inc()
-
-
-def _s(value: Any) -> str | None:
-    return value if isinstance(value, str) else None

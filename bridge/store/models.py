@@ -58,6 +58,15 @@ class NewAction:
 
 
 @dataclass(frozen=True, slots=True)
+class RoomUpdate:
+    """A change to a room's row (None: keep what is stored), written with a batch."""
+
+    room_id: str
+    joined: bool | None = None
+    lacking: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ActionRow:
     id: str
     kind: str

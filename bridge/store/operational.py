@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.audit.crypto import OPERATIONAL_SCOPE, CryptoError, DataKey, field_aad, seal, unseal
 from bridge.store.codec import dumps
-from bridge.store.models import ActionRow, AuditEntry, NewAction, StoreError, now_ms
+from bridge.store.models import ActionRow, AuditEntry, NewAction, RoomUpdate, StoreError, now_ms
 from bridge.store.records import RecordsMixin
 from bridge.store.schema import actions, data_keys, rooms, state
 
@@ -379,22 +379,24 @@ class OperationalMixin(RecordsMixin):
     ) -> None:
         dk = await self._op_key()
         assert dk is not None
-        idx = self._bidx("room", room_id)
-        values: dict[str, Any] = {"updated_ts": now_ms()}
-        if joined is not None:
-            values["joined"] = joined
         async with self._room_data_lock(), self.engine.begin() as conn:
-            if lacking is not None:
-                # Keep the other sealed fields (see update_rooms_data).
-                old = (await self._room_objs(conn, dk, [idx])).get(idx, {})
-                values["data"] = self._room_values(dk, room_id, lacking, old)["data"]
-            result = await conn.execute(
-                update(rooms).where(rooms.c.room_idx == idx).values(**values)
-            )
-            if result.rowcount == 0:
-                values.setdefault("joined", False)
-                values.setdefault("data", self._room_values(dk, room_id, "")["data"])
-                await conn.execute(insert(rooms).values(room_idx=idx, **values))
+            await self._upsert_room_in(conn, dk, RoomUpdate(room_id, joined, lacking))
+
+    async def _upsert_room_in(self, conn: AsyncConnection, dk: DataKey, room: RoomUpdate) -> None:
+        """:meth:`upsert_room` inside ``conn``'s transaction (hold :meth:`_room_data_lock`)."""
+        idx = self._bidx("room", room.room_id)
+        values: dict[str, Any] = {"updated_ts": now_ms()}
+        if room.joined is not None:
+            values["joined"] = room.joined
+        if room.lacking is not None:
+            # Keep the other sealed fields (see update_rooms_data).
+            old = (await self._room_objs(conn, dk, [idx])).get(idx, {})
+            values["data"] = self._room_values(dk, room.room_id, room.lacking, old)["data"]
+        result = await conn.execute(update(rooms).where(rooms.c.room_idx == idx).values(**values))
+        if result.rowcount == 0:
+            values.setdefault("joined", False)
+            values.setdefault("data", self._room_values(dk, room.room_id, "")["data"])
+            await conn.execute(insert(rooms).values(room_idx=idx, **values))
 
     async def update_rooms_data(self, updates: Mapping[str, Mapping[str, Any]]) -> int:
         """Merge fields into known rooms' sealed data, in one commit: ``{room_id: {field:

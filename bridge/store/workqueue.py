@@ -12,6 +12,7 @@ from bridge.store import codec
 from bridge.store.models import (
     AuditEntry,
     NewAction,
+    RoomUpdate,
     StoredEvent,
     StoreError,
     WorkItem,
@@ -92,10 +93,13 @@ class WorkQueueMixin(OperationalMixin):
         new_actions: Sequence[NewAction] = (),
         audit: Sequence[AuditEntry] = (),
         state_updates: Mapping[str, str] | None = None,
+        rooms: Sequence[RoomUpdate] = (),
     ) -> None:
-        """Mark transactions processed together with everything processing produced."""
-        if new_actions or any(k not in PLAIN_STATE_KEYS for k in state_updates or {}):
-            await self._op_key()
+        """Mark transactions processed together with everything processing produced
+        (``rooms``: room rows, as :meth:`upsert_room` writes them)."""
+        dk = None
+        if new_actions or rooms or any(k not in PLAIN_STATE_KEYS for k in state_updates or {}):
+            dk = await self._op_key()
 
         async def run(conn: AsyncConnection) -> None:
             if queue_ids:
@@ -104,10 +108,17 @@ class WorkQueueMixin(OperationalMixin):
                     .where(transactions.c.id.in_(list(queue_ids)))
                     .values(processed=True)
                 )
+            for room in rooms:
+                assert dk is not None
+                await self._upsert_room_in(conn, dk, room)
             await self._insert_actions(conn, new_actions)
             if audit:
                 await self._append_audit(conn, audit)
             for key, value in (state_updates or {}).items():
                 await self._put_state(conn, key, value)
 
-        await self._write_or_unavailable(run)
+        if not rooms:
+            await self._write_or_unavailable(run)
+            return
+        async with self._room_data_lock():
+            await self._write_or_unavailable(run)

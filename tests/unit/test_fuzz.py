@@ -128,7 +128,7 @@ class Harness:
         self.worker = Worker(
             self.store, lambda: self.config, lambda: self.policy.engine, build_registry(), self
         )
-        self.worker.joined_rooms = {MGMT, ROOM}
+        self.worker.tracker.joined_rooms = {MGMT, ROOM}
         for room in (MGMT, ROOM):
             await self.store.upsert_room(room, joined=True)
 

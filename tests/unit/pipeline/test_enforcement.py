@@ -9,6 +9,7 @@ import time
 import pytest
 
 from bridge.commands.registry import Reply
+from bridge.pipeline import actions
 from bridge.pipeline.enforcement import ROLLOUT_KEY, Affected, RoomEnforcer
 from bridge.policy.federation import FederationMode, FederationPolicy
 from bridge.store import Store
@@ -33,16 +34,6 @@ def enforcer(store: Store, rate: float = 10.0) -> tuple[RoomEnforcer, Notes]:
 
 async def rooms_by_id(store: Store) -> dict[str, dict[str, object]]:
     return {r["room_id"]: r for r in await store.list_rooms()}
-
-
-def test_reconcile_is_one_action_for_now(store: Store) -> None:
-    a = RoomEnforcer.reconcile("!r:x", "drift", event_id="$e")
-    assert (a.kind, a.room_id, dict(a.payload), a.not_before) == (
-        "reconcile",
-        "!r:x",
-        {"reason": "drift", "event_id": "$e"},
-        0.0,
-    )
 
 
 def test_rollout_spreads_rooms_at_the_configured_rate(store: Store) -> None:
@@ -174,7 +165,7 @@ async def test_rollout_progress_is_reported_once_per_quarter(store: Store) -> No
     acts, record = enf.rollout(rooms, "federation mode internal")
     await store.enqueue_actions(acts)
     enf.start_rollout(record)
-    other = RoomEnforcer.reconcile("!r0:x", "unrelated drift")
+    other = actions.reconcile("!r0:x", "unrelated drift")
     await store.enqueue_actions([other])
 
     for i, a in enumerate(acts):

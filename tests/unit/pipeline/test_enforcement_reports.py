@@ -116,23 +116,44 @@ async def test_a_lack_fixed_within_the_grace_period_is_not_reported(store: Store
     await enf.close()
 
 
+class Ticks:
+    """The report timer's clock, advanced by the test one tick at a time."""
+
+    def __init__(self) -> None:
+        self.pending: asyncio.Queue[asyncio.Future[None]] = asyncio.Queue()
+
+    async def sleep(self, _delay: float) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self.pending.put(done)
+        await done
+
+    async def tick(self) -> None:
+        """Let the timer's current sleep end, and wait until it sleeps again or stops."""
+        (await self.pending.get()).set_result(None)
+        for _ in range(200):  # the timer reports (a few awaits), then sleeps again or ends
+            if not self.pending.empty():
+                return
+            await asyncio.sleep(0)
+
+
 async def test_reports_outside_a_rollout_are_batched_per_tick(store: Store) -> None:
-    enf, notes = enforcer(store, report_delay=0.2, report_limit=20)
+    ticks = Ticks()
+    enf, notes = enforcer(store, report_limit=20, sleep=ticks.sleep)
     rooms = [f"!r{i:02d}:{OWN}" for i in range(30)]
     for room in rooms:
         await enf.on_result(room, result(NO_ACL))
-    assert notes.said == []
-    for _ in range(100):
-        if notes.said:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)  # a second tick has nothing to add
+    assert notes.said == []  # nothing before the timer's tick
+    await ticks.tick()
     [notice] = notes.said
     lines = notice.splitlines()
     assert lines[0] == "⚠️ The bot lacks power to enforce the policy in 30 room(s):"
     assert lines[1:21] == [f"• {room}: {NO_ACL}" for room in rooms[:20]]
     assert lines[21] == "• … and 10 more room(s)"
     assert enf.pending_lacks == {}
+    await enf.on_result(rooms[0], result(NO_ACL))  # the same lack again: nothing new
+    if not ticks.pending.empty():
+        await ticks.tick()
+    assert len(notes.said) == 1
     await enf.close()
 
 
@@ -265,7 +286,7 @@ async def test_rooms_command_filters_and_pages(store: Store, tmp_path: Path) -> 
     worker = Worker(
         store, lambda: config, lambda: services.policy.engine, build_registry(), services
     )
-    worker.joined_rooms = {MGMT}
+    worker.tracker.joined_rooms = {MGMT}
     await store.upsert_room(MGMT, joined=True)
     enforced = [f"!ok{i:03d}:{OWN}" for i in range(120)]
     lacking = [f"!weak{i}:{OWN}" for i in range(5)]

@@ -182,7 +182,7 @@ async def remote_members_then_restart(store: Store, tmp_path: Path) -> Worker:
     first = await start(store, tmp_path)
     for room in (MGMT, ROOM):
         await store.upsert_room(room, joined=True)
-    first.joined_rooms = {MGMT, ROOM}
+    first.tracker.joined_rooms = {MGMT, ROOM}
     joins = [
         event(type="m.room.member", room_id=ROOM, sender=u, state_key=u, content={"membership": m})
         for u, m in (
@@ -232,7 +232,7 @@ async def test_the_confirmation_names_only_rooms_that_lose_members(
     first = await start(store, tmp_path)
     for room in (MGMT, ROOM, OTHER):
         await store.upsert_room(room, joined=True)
-    first.joined_rooms = {MGMT, ROOM, OTHER}
+    first.tracker.joined_rooms = {MGMT, ROOM, OTHER}
     # One remote member in each room, learnt from reconciles this time.
     first.services.rooms.on_state(ROOM, [member("@p:partner.example")])
     first.services.rooms.on_state(OTHER, [member("@o:other.example")])

@@ -18,9 +18,13 @@ import pytest
 from aiohttp import ClientSession, web
 
 from bridge import metrics
+from bridge.commands.registry import Reply
 from bridge.config import ExecutorConfig
 from bridge.matrix import AdminAPI, make_client
-from bridge.pipeline.executor import Executor, RoomEnforcement
+from bridge.pipeline import actions
+from bridge.pipeline.actions import ActionKind
+from bridge.pipeline.enforcement import RoomEnforcement
+from bridge.pipeline.executor import Executor
 from bridge.policy.rooms import RoomPlan
 from bridge.store import ActionRow, NewAction, Store
 
@@ -374,6 +378,21 @@ async def test_not_found_is_permanent_and_says_so(
     assert (
         row.last_error == f"not found while trying to leave in {ROOM} (M_NOT_FOUND: Unknown room)"
     )
+
+
+async def test_every_kind_has_a_handler_and_typed_and_stored_kinds_run_alike(
+    store: Store, homeserver: FakeHomeserver, session: ClientSession
+) -> None:
+    ex = make_executor(store, homeserver, session)
+    assert set(ex._handlers) == set(ActionKind)
+    typed = actions.notice(ROOM, Reply.plain("typed"), reply_to="$q")
+    stored = NewAction("send_notice", {"body": "as an older version stored it"}, room_id=ROOM)
+    await store.enqueue_actions([typed, stored])
+    assert await ex.run_due() == 2
+    assert (await action(store, typed.id)).status == "done"
+    assert (await action(store, stored.id)).status == "done"
+    bodies = [r.body["body"] for r in homeserver.sent("PUT", "/send/m.room.message/")]
+    assert sorted(bodies) == ["as an older version stored it", "typed"]
 
 
 async def test_unknown_kind_and_crashing_handler_fail_alone_and_do_not_wedge_the_queue(

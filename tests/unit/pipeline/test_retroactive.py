@@ -56,7 +56,7 @@ async def make_worker(store: Store, config: Any) -> Worker:
     services = Services(store, config, MGMT)
     services.executor = Executor(store)  # type: ignore[attr-defined]
     w = Worker(store, lambda: config, lambda: services.policy.engine, build_registry(), services)
-    w.joined_rooms = {MGMT, ROOM, CHILD}
+    w.tracker.joined_rooms = {MGMT, ROOM, CHILD}
     for room in (MGMT, ROOM, CHILD):
         await store.upsert_room(room, joined=True)
     return w
@@ -169,7 +169,7 @@ async def test_retroactive_regex_in_a_space_scope_and_window_flag(
     )
     # The bot does not answer in rooms it has not joined: join the space first.
     assert not acts
-    worker.joined_rooms.add(SPACE)
+    worker.tracker.joined_rooms.add(SPACE)
     acts = await feed(
         worker,
         msg(

@@ -39,7 +39,7 @@ async def worker(store: Store, tmp_path: Path) -> Worker:
     )
     services = Services(store, config, MGMT)
     w = Worker(store, lambda: config, lambda: services.policy.engine, build_registry(), services)
-    w.joined_rooms = {MGMT, ROOM}
+    w.tracker.joined_rooms = {MGMT, ROOM}
     for room in (MGMT, ROOM):
         await store.upsert_room(room, joined=True)
     return w
@@ -141,9 +141,9 @@ async def test_federation_change_needs_confirmation_by_reaction(worker: Worker) 
 
     assert await feed(worker, reaction("@eve:corp.example")) == []  # not the one who asked
     # A restart between the question and the answer: the confirmation is kept.
-    worker.pending_confirmations = {}
+    worker.commands.pending_confirmations = {}
     await worker.load()
-    assert cmd["event_id"] in worker.pending_confirmations
+    assert cmd["event_id"] in worker.commands.pending_confirmations
     acts = await feed(worker, reaction(ADMIN))
     assert any("federation mode set to internal" in b for b in notices(acts))
     assert any(a.kind == "reconcile" and a.room_id == ROOM for a in acts)
@@ -178,7 +178,7 @@ async def test_a_space_scoped_change_is_rolled_out_to_the_rooms_of_the_space(
     space, outside = "!space:corp.example", "!outside:corp.example"
     for room in (space, outside):
         await worker.store.upsert_room(room, joined=True)
-    worker.joined_rooms |= {space, outside}
+    worker.tracker.joined_rooms |= {space, outside}
     worker.services.policy.set_room_spaces({ROOM: (space,)})
     acts = await feed(worker, msg("!policy retention set 30d --scope here --yes", room=space))
     assert any("and the rooms of this space" in b for b in notices(acts))
