@@ -24,11 +24,10 @@ from mautrix.types import RoomAlias, RoomID, UserID
 from bridge import __version__, metrics
 from bridge.archive.jobs import run_audit_jobs
 from bridge.archive.sink import AuditSink
-from bridge.commands import CommandRegistry, Reply
-from bridge.commands import audit as audit_commands
-from bridge.commands import core as core_commands
-from bridge.commands import dlp as dlp_commands
-from bridge.commands import rooms as room_commands
+from bridge.audit.kinds import AuditKind
+from bridge.commands.catalog import build_registry
+from bridge.commands.replies import Reply
+from bridge.commands.services import CommandServices, RetroScan
 from bridge.config import Config, ConfigError, load_config
 from bridge.http.gate import Gate
 from bridge.http.health import health_routes
@@ -52,6 +51,7 @@ from bridge.pipeline.live_policy import SECTIONS, SPACES_KEY, LivePolicy, runtim
 from bridge.pipeline.redelivery import RedeliveryNudger
 from bridge.pipeline.sweeper import RetentionSweeper
 from bridge.pipeline.worker import Worker, notice, notify_text
+from bridge.policy.engine import PolicyEngine
 from bridge.policy.model import Action, Verdict
 from bridge.store import ActionRow, AuditEntry, NewAction, Store, StoreUnavailable
 
@@ -60,17 +60,6 @@ log = logging.getLogger(__name__)
 MANAGEMENT_ROOM_KEY = "management_room"
 SHUTDOWN_STEP = 10.0  # seconds each shutdown step may take
 AUTO_ENROLL_RETRY = (5, 15, 60, 300)  # seconds between attempts while Synapse or the DB fails
-
-
-def build_registry() -> CommandRegistry:
-    """Every command group the bridge offers."""
-    registry = CommandRegistry()
-    core_commands.register(registry)
-    core_commands.register_reload(registry)
-    dlp_commands.register(registry)
-    room_commands.register(registry)
-    audit_commands.register(registry)
-    return registry
 
 
 class Bridge:
@@ -163,7 +152,7 @@ class Bridge:
             lambda: self.config,
             lambda: self.policy.engine,
             self.registry,
-            self,
+            as_command_services(self),
             on_actions=self.executor.wake,
         )
         await self.worker.load()
@@ -522,7 +511,7 @@ class Bridge:
         setup_logging(new.logging.level, new.logging.format)
         await self.sink_append(
             AuditEntry(
-                kind="config",
+                kind=AuditKind.CONFIG,
                 sender=who if who.startswith("@") else None,
                 data={"event": "reload", "by": who, "changed": changed, "needs_restart": restart},
             )
@@ -545,6 +534,10 @@ class Bridge:
         except ValueError:
             return 0, 0  # the command refuses the change itself
         return await self.sweeper.count_expiring(scope, candidate, self.policy.engine)
+
+    def start_retroactive_scan(self, engine: PolicyEngine, scan: RetroScan) -> None:
+        """Scan the archive for a new DLP rule in the background (``--retroactive``)."""
+        retroactive.start(self, engine, retroactive.RetroJob.from_scan(scan))
 
     async def sink_append(self, entry: AuditEntry) -> None:
         """Record an audit entry now if possible, else through the background sink."""
@@ -637,6 +630,11 @@ class Bridge:
         except Exception as e:
             log.warning("closing the store failed: %s", e.__class__.__name__)
         log.info("bridge stopped")
+
+
+def as_command_services(bridge: Bridge) -> CommandServices:
+    """The bridge as command handlers see it (mypy checks that it satisfies the protocol)."""
+    return bridge
 
 
 __all__ = ["Bridge", "HomeserverUnreachable", "build_registry"]

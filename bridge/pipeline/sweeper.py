@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Self
 
 from bridge import metrics
+from bridge.audit.kinds import AuditKind
 from bridge.config import Config
 from bridge.policy.durations import DurationError, format_duration, parse_duration
 from bridge.policy.engine import PolicyEngine
@@ -589,7 +590,7 @@ class RetentionSweeper:
     @staticmethod
     def _audit(room: str, what: str, reason: str, **counts: Any) -> AuditEntry:
         return AuditEntry(
-            kind="retention",
+            kind=AuditKind.RETENTION,
             room_id=room,
             type=what,
             data={"outcome": what, "reason": reason, **counts},

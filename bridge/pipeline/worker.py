@@ -19,15 +19,11 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge import metrics
-from bridge.commands import (
-    CommandContext,
-    CommandError,
-    CommandRegistry,
-    Reply,
-    role_allows,
-    tokenize,
-)
-from bridge.commands.registry import MAX_COMMAND_LENGTH, NeedsConfirmation, summarize_args
+from bridge.audit.kinds import AuditKind
+from bridge.commands.dispatch import CommandRequest, Outcome, run_command
+from bridge.commands.registry import CommandRegistry
+from bridge.commands.replies import Reply
+from bridge.commands.roles import role_of
 from bridge.config import Config
 from bridge.pipeline.enforcement import DRIFTED
 from bridge.pipeline.live_policy import SPACES_KEY
@@ -168,7 +164,7 @@ class Worker:
                 )
                 batch.audit.append(
                     AuditEntry(
-                        kind="error",
+                        kind=AuditKind.ERROR,
                         room_id=_s(event.get("room_id")),
                         data={
                             "event_id": event.get("event_id"),
@@ -199,7 +195,7 @@ class Worker:
             )
             batch.audit.append(
                 AuditEntry(
-                    kind="error",
+                    kind=AuditKind.ERROR,
                     data={
                         "seq": ev.seq,
                         "error": "unreadable",
@@ -418,77 +414,34 @@ class Worker:
         sender = _s(event.get("sender")) or ""
         event_id = _s(event.get("event_id")) or ""
         body = event["content"]["body"]
-        prefix = cfg.bridge.command_prefix
         mgmt = self.services.management_room
         in_mgmt = room_id == mgmt
         if not in_mgmt and room_id not in self.joined_rooms:
             return  # we cannot answer where we are not joined
-        role = cfg.role_of(sender)
-        name = "?"
-        outcome = "error"
+        role = role_of(cfg, sender)
         started = time.perf_counter()
-        try:
-            if len(body) > MAX_COMMAND_LENGTH:
-                raise CommandError(f"the command is too long (over {MAX_COMMAND_LENGTH} chars)")
-            if role is None:
-                outcome = "refused"
-                raise CommandError(
-                    f"sorry, {sender} is not allowed to use policy commands. "
-                    "Ask a bridge admin to grant you a role."
-                )
-            tokens = tokenize(body[len(prefix) :])
-            if confirmed:
-                self.pending_confirmations.pop(event_id, None)
-                self._stage_confirmations(batch)
-                tokens.append("--yes")
-            parsed = self.registry.parse(tokens, prefix)
-            name = parsed.spec.name
-            if not role_allows(role, parsed.spec.role):
-                outcome = "refused"
-                raise CommandError(
-                    f"sorry, `{prefix} {name}` needs the {parsed.spec.role} role; you have {role}."
-                )
-            if not in_mgmt and not parsed.spec.room_scoped:
-                outcome = "refused"
-                raise CommandError(f"`{prefix} {name}` only works in the management room.")
-            ctx = CommandContext(
-                sender=sender,
-                room_id=room_id,
-                event_id=event_id,
-                role=role,
-                in_management_room=in_mgmt,
-                args=parsed.args,
-                flags=parsed.flags,
-                services=self.services,
-            )
-            reply = await parsed.spec.handler(ctx)
-            outcome = "ok"
-            batch.actions.extend(ctx.actions)
-            batch.state.update(ctx.state_updates)
-            batch.after_commit.extend(ctx.after_commit)
-            details = {**summarize_args(parsed), **ctx.audit}
-        except NeedsConfirmation as e:
-            outcome = "needs confirmation"
+        if confirmed and role is not None:
+            self.pending_confirmations.pop(event_id, None)
+            self._stage_confirmations(batch)
+        request = CommandRequest(sender, room_id, event_id, body, role, in_mgmt, confirmed)
+        result = await run_command(self.registry, self.services, request)
+        name, outcome, reply, details = result.name, result.outcome, result.reply, result.details
+        if result.context is not None:
+            batch.actions.extend(result.context.actions)
+            batch.state.update(result.context.state_updates)
+            batch.after_commit.extend(result.context.after_commit)
+        elif outcome is Outcome.NEEDS_CONFIRMATION:
             self.pending_confirmations[event_id] = {
                 "sender": sender,
                 "event": dict(event),
                 "at": time.time(),
             }
             self._stage_confirmations(batch)
-            reply = Reply.plain(f"❓ {e}")
-            details = {}
-        except CommandError as e:
-            reply = Reply.plain(f"⚠️ {e}")
-            details = {}
-        except Exception:
-            log.exception("command %s failed", name)
-            reply = Reply.plain("⚠️ the command failed unexpectedly; the error is in the logs.")
-            details = {}
         metrics.COMMANDS.labels(name, outcome).inc()
         batch.actions.append(notice(room_id, reply, reply_to=event_id))
         batch.audit.append(
             AuditEntry(
-                kind="command",
+                kind=AuditKind.COMMAND,
                 room_id=room_id,
                 sender=sender,
                 type=name,
@@ -550,7 +503,7 @@ class Worker:
                 done.append("notify")
         batch.audit.append(
             AuditEntry(
-                kind="decision",
+                kind=AuditKind.DECISION,
                 room_id=room_id,
                 sender=sender,
                 type=_s(event.get("type")),

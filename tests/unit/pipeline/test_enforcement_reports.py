@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.kit.services import Services
-
 from bridge.app import build_registry
 from bridge.commands.registry import Reply
 from bridge.config import build_config
 from bridge.pipeline.enforcement import DRIFTED, REPORTED_FIELD, RoomEnforcer
 from bridge.pipeline.worker import Worker
 from bridge.store import Store
+from tests.kit.services import Services
 
 OWN = "corp.example"
 WEAK = f"!weak:{OWN}"

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.kit.services import Services
-
 from bridge.app import build_registry
 from bridge.commands.registry import Reply
 from bridge.config import build_config
@@ -22,6 +20,7 @@ from bridge.pipeline.enforcement import MEMBERS_FIELD, RoomEnforcer
 from bridge.pipeline.worker import Worker
 from bridge.policy.federation import FederationMode, FederationPolicy
 from bridge.store import Store
+from tests.kit.services import Services
 
 OWN = "corp.example"
 MGMT = f"!mgmt:{OWN}"

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.kit.services import Services
 
 from bridge.app import build_registry
 from bridge.config import build_config
@@ -16,6 +15,7 @@ from bridge.pipeline import retroactive
 from bridge.pipeline.worker import Worker
 from bridge.policy.layers import GLOBAL
 from bridge.store import NewAction, Store
+from tests.kit.services import Services
 
 MGMT = "!mgmt:corp.example"
 ROOM = "!room:corp.example"

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.kit.services import Services
 
 from bridge import metrics
 from bridge.app import build_registry
 from bridge.config import build_config
 from bridge.pipeline.worker import Worker
 from bridge.store import Store
+from tests.kit.services import Services
 
 MGMT = "!mgmt:corp.example"
 ROOM = "!room:corp.example"
