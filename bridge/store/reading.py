@@ -10,13 +10,15 @@ from sqlalchemy import case, func, null, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.audit import decode  # a module, not its names: it imports this package's codec
-from bridge.audit.kinds import EVENT_TYPED_KINDS
+from bridge.audit.kinds import EVENT_TYPED_KINDS, AuditKind
 from bridge.store import codec
 from bridge.store.chain import prefetched
 from bridge.store.codec import str_or_none
 from bridge.store.keys import KeysMixin
 from bridge.store.models import RecordMeta, SearchGroup, SearchSummary, StoreError
 from bridge.store.schema import SEALED_PART, records
+
+_EVENT = AuditKind.EVENT  # bound once: compared for every record
 
 #: What a reader decrypts of a record: seq, ts, kind, origin_ts and the sealed part
 #: (:data:`bridge.audit.decode.SEALED_COLUMNS`).
@@ -198,7 +200,7 @@ class ReadingMixin(KeysMixin):
                 ts,
                 rkind,
                 origin,
-                str_or_none(obj.get("event_id")) if rkind == "event" else None,
+                str_or_none(obj.get("event_id")) if rkind == _EVENT else None,
                 str_or_none(obj.get("room_id")),
                 str_or_none(obj.get("sender")),
                 str_or_none(obj.get("type")),

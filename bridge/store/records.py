@@ -29,6 +29,8 @@ from bridge.store.keys import KeysMixin
 from bridge.store.models import AuditEntry, IngestResult, Plain, StoreUnavailable, now_ms
 from bridge.store.schema import checkpoints, records, transactions
 
+_EVENT = AuditKind.EVENT  # bound once: compared for every record
+
 T = TypeVar("T")
 _RECORD_COLS = (
     "seq",
@@ -186,7 +188,7 @@ class RecordsMixin(KeysMixin):
                 )
             )
             seq += 1
-        self._tentative_events += sum(1 for p in items if p.kind == AuditKind.EVENT)
+        self._tentative_events += sum(1 for p in items if p.kind == _EVENT)
         await self._insert_rows(conn, rows, prev, ts, checkpoints=checkpoints, sign=sign)
         return seq0, seq - 1
 
