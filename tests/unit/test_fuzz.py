@@ -39,11 +39,11 @@ from bridge.commands import CommandError, tokenize
 from bridge.config import Config, build_config
 from bridge.http.gate import JUDGED, Gate
 from bridge.http.transactions import AppserviceAPI
-from bridge.pipeline.enforcement import RoomEnforcer
-from bridge.pipeline.live_policy import LivePolicy, build_engine
+from bridge.pipeline.live_policy import build_engine
 from bridge.pipeline.worker import Worker
 from bridge.policy.normalize import clean, fold, html_to_text, normalize
 from bridge.store import Store
+from tests.kit.services import Services
 
 T = TypeVar("T")
 
@@ -113,8 +113,9 @@ class Harness:
 
     async def _open(self, tmp: Path) -> None:
         self.store = await Store.open(f"sqlite+aiosqlite:///{tmp / 'fuzz.db'}")
-        self.policy = LivePolicy(self.config)
-        self.policy.set_management_room(MGMT)
+        # what commands see of the bridge (live policy, room enforcer, management room)
+        self.services = Services(self.store, self.config, MGMT)
+        self.policy = self.services.policy
         self.sink = AuditSink(self.store)
         # As in the bridge: refusals wait for the sink to commit their record.
         self.sink_task = asyncio.ensure_future(self.sink.run())
@@ -125,18 +126,15 @@ class Harness:
         self.client = TestClient(TestServer(app))
         await self.client.start_server()
         self.worker = Worker(
-            self.store, lambda: self.config, lambda: self.policy.engine, build_registry(), self
+            self.store,
+            lambda: self.config,
+            lambda: self.policy.engine,
+            build_registry(),
+            self.services,
         )
         self.worker.joined_rooms = {MGMT, ROOM}
         for room in (MGMT, ROOM):
             await self.store.upsert_room(room, joined=True)
-
-        async def notify(_reply: Any) -> None:
-            return None
-
-        self.rooms = RoomEnforcer(self.store, lambda: 1000.0, notify)
-        self.management_room = MGMT
-        self.started_monotonic = time.monotonic()
 
     def request(
         self, method: str, path: str, data: bytes, headers: dict[str, str]
