@@ -38,11 +38,12 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class CommandRequest:
-    """A command line typed by ``sender`` in ``room_id`` (prefix included)."""
+    """A command line typed by ``sender`` in ``room_id``: ``body`` starts with ``prefix``."""
 
     sender: str
     room_id: str
     event_id: str
+    prefix: str
     body: str
     role: Role | None
     in_management_room: bool
@@ -65,7 +66,7 @@ async def run_command(
     registry: CommandRegistry, services: CommandServices, request: CommandRequest
 ) -> CommandResult:
     """Parse and run ``request``; every failure becomes a reply, never an exception."""
-    prefix = services.config.bridge.command_prefix
+    prefix = request.prefix
     name = "?"
     outcome = Outcome.ERROR
     try:

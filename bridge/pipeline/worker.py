@@ -423,7 +423,9 @@ class Worker:
         if confirmed and role is not None:
             self.pending_confirmations.pop(event_id, None)
             self._stage_confirmations(batch)
-        request = CommandRequest(sender, room_id, event_id, body, role, in_mgmt, confirmed)
+        request = CommandRequest(
+            sender, room_id, event_id, cfg.bridge.command_prefix, body, role, in_mgmt, confirmed
+        )
         result = await run_command(self.registry, self.services, request)
         name, outcome, reply, details = result.name, result.outcome, result.reply, result.details
         if result.context is not None:

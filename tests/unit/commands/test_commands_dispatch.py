@@ -40,7 +40,7 @@ def registry() -> CommandRegistry:
 def request(
     body: str, *, role: Role | None = Role.ADMIN, room: str = MGMT, **kw: bool
 ) -> CommandRequest:
-    return CommandRequest(ADMIN, room, "$e", body, role, room == MGMT, **kw)
+    return CommandRequest(ADMIN, room, "$e", "!policy", body, role, room == MGMT, **kw)
 
 
 async def test_a_command_runs_with_its_context_and_stages_its_changes(fake: CommandFake) -> None:
