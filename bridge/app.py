@@ -24,11 +24,8 @@ from mautrix.errors import MatrixError
 from bridge import __version__
 from bridge.archive.jobs import run_audit_jobs
 from bridge.archive.sink import AuditSink
-from bridge.commands import CommandRegistry
-from bridge.commands import audit as audit_commands
-from bridge.commands import core as core_commands
-from bridge.commands import dlp as dlp_commands
-from bridge.commands import rooms as room_commands
+from bridge.commands.catalog import build_registry
+from bridge.commands.services import RetroScan
 from bridge.config import Config
 from bridge.http.gate import Gate
 from bridge.http.health import (
@@ -59,23 +56,13 @@ from bridge.pipeline.retention_preview import count_expiring
 from bridge.pipeline.rollout import policy_fingerprint, rollout_if_policy_changed
 from bridge.pipeline.sweeper import RetentionSweeper
 from bridge.pipeline.worker import Worker
+from bridge.policy.engine import PolicyEngine
 from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import AuditEntry, NewAction, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_STEP = 10.0  # seconds each shutdown step may take
-
-
-def build_registry() -> CommandRegistry:
-    """Every command group the bridge offers."""
-    registry = CommandRegistry()
-    core_commands.register(registry)
-    core_commands.register_reload(registry)
-    dlp_commands.register(registry)
-    room_commands.register(registry)
-    audit_commands.register(registry)
-    return registry
 
 
 class Bridge:
@@ -101,6 +88,8 @@ class Bridge:
         self.management = ManagementRoom(self._submit, self.scheduler)
         self.store: Store
         self.session: ClientSession
+        self.worker: Worker
+        self.redelivery: RedeliveryNudger
         self.runner: web.AppRunner | None = None
         self.metrics_runner: web.AppRunner | None = None
 
@@ -314,6 +303,10 @@ class Bridge:
         """(messages, rooms) a retention of ``ms`` at ``scope`` would delete that the
         policy in force would not yet (for the confirmation of ``retention set``)."""
         return await count_expiring(self.policy, self.sweeper, scope, ms)
+
+    def start_retroactive_scan(self, engine: PolicyEngine, scan: RetroScan) -> None:
+        """Scan the archive for a new DLP rule in the background (``--retroactive``)."""
+        retroactive.start(self, engine, retroactive.RetroJob.from_scan(scan))
 
     async def sink_append(self, entry: AuditEntry) -> None:
         """Record an audit entry now if possible, else through the background sink."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from bridge.commands.services import CommandServices
+
 if TYPE_CHECKING:  # the protocols only name these types; importing them would be a cycle
     from bridge.pipeline.enforcement import RoomEnforcer
     from bridge.pipeline.live_policy import LivePolicy
@@ -21,11 +23,9 @@ class ActionSubmitter(Protocol):
     async def submit(self, actions: list[NewAction]) -> None: ...
 
 
-class WorkerServices(Protocol):
-    """What the worker reads besides its constructor arguments.
-
-    The worker also hands this object to command handlers (``CommandContext.services``), so
-    whatever implements it must satisfy the commands' seam as well.
+class WorkerServices(CommandServices, Protocol):
+    """What the worker reads besides its constructor arguments: the commands' seam (it runs
+    them with this object), with the live policy and the room enforcer themselves.
     """
 
     @property

@@ -55,10 +55,11 @@ from bridge.audit.chain import (
     public_key_pem,
 )
 from bridge.audit.keyring import KeyringError
+from bridge.audit.kinds import AuditKind, split_type_filter
 from bridge.config import Config, ConfigError, load_config
 from bridge.policy.durations import parse_instant
 from bridge.store import AuditEntry, Store, StoreError, StoreUnavailable
-from bridge.store.store import AUDIT_KINDS, iter_chain_batches, load_checkpoints, load_removals
+from bridge.store.store import iter_chain_batches, load_checkpoints, load_removals
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -325,10 +326,7 @@ async def _open_for_reading(config: Config) -> Store:
 def _query(args: argparse.Namespace) -> dict[str, Any]:
     """The filters as arguments of ``Store.iter_record_batches`` (all but ``--text``)."""
     # --type matches the event type of events, and the kind of other records
-    kind_filter = None
-    type_filter = args.type
-    if args.type and args.type in AUDIT_KINDS:
-        kind_filter, type_filter = args.type, None
+    kind_filter, type_filter = split_type_filter(args.type)
     return {
         "kind": kind_filter,
         "room": args.room,
@@ -371,7 +369,7 @@ def _line(rec: dict[str, Any]) -> str:
     data = rec["data"]
     if data is None:
         what = f"<{rec.get('unreadable', 'unreadable')}>"
-    elif rec["kind"] == "event":
+    elif rec["kind"] == AuditKind.EVENT:
         content = data.get("content")
         body = content.get("body") if isinstance(content, dict) else None
         what = body if isinstance(body, str) else json.dumps(content, ensure_ascii=False)
@@ -399,7 +397,7 @@ async def cmd_search(config: Config, args: argparse.Namespace) -> int:
         await store.append(
             [
                 AuditEntry(
-                    "command",
+                    AuditKind.COMMAND,
                     {
                         "command": "audit search",
                         "via": "cli",
@@ -553,7 +551,7 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
         await store.append(
             [
                 AuditEntry(
-                    "export",
+                    AuditKind.EXPORT,
                     {
                         "actor": actor,
                         "filters": {k: v for k, v in _filters(args).items() if v},
@@ -633,7 +631,7 @@ async def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
                 await store.append(
                     [
                         AuditEntry(
-                            "command",
+                            AuditKind.COMMAND,
                             {"command": "audit rotate-key", "via": "cli", "actor": actor, **done},
                             sender=actor,
                             type="audit rotate-key",

@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from bridge.audit.keyring import check_file_permissions
+from bridge.audit.kinds import AuditKind
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ _ABSENT = b"\x00"
 _PRESENT = b"\x01"
 
 #: Record kinds whose plain columns state a removal (see the module docstring).
-EXPIRY_KIND = "expiry"
-SHRED_KIND = "shred"
+EXPIRY_KIND = AuditKind.EXPIRY
+SHRED_KIND = AuditKind.SHRED
 _NEVER = -(1 << 63)  # no record's ts is below this: nothing justified
 _ALWAYS = 1 << 63  # every record's ts is below this: no check
 

@@ -14,8 +14,11 @@ from typing import Any
 
 from bridge.audit.chain import SHRED_KIND
 from bridge.audit.crypto import GLOBAL_SCOPE, DataKey, RecordDecryptError, decrypt_record
+from bridge.audit.kinds import AuditKind
 from bridge.store.codec import loads, str_or_none
 from bridge.store.models import StoreError
+
+_EVENT = AuditKind.EVENT  # bound once: compared for every record
 
 #: The columns of a sealed row, in this order (see ``bridge.store.reading._READ``).
 SEALED_COLUMNS = ("seq", "ts", "kind", "origin_ts", "room_idx", "key_id", "nonce", "ciphertext")
@@ -105,7 +108,7 @@ def decode_rows(
         if not isinstance(obj, dict):
             raise StoreError(f"audit record seq {seq}: plaintext is not a JSON object")
         get = obj.get
-        if rkind == "event":
+        if rkind == _EVENT:
             rec = {
                 "seq": seq,
                 "ts": ts,

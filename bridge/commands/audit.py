@@ -15,14 +15,32 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from mautrix.types import RoomAlias
+
 from bridge.archive.setup import audit_config
 from bridge.audit.chain import CHECKPOINT_SIGNATURE, SigningKeyError, load_public_key
-from bridge.commands.registry import Arg, CommandContext, CommandError, CommandRegistry, Flag, Reply
+from bridge.audit.kinds import AuditKind, split_type_filter
+from bridge.commands.context import CommandContext
+from bridge.commands.errors import CommandError
+from bridge.commands.registry import Arg, CommandGroup, Flag
+from bridge.commands.replies import Reply
+from bridge.commands.roles import Role
 from bridge.policy.durations import parse_instant
-from bridge.store.store import AUDIT_KINDS
+from bridge.store.models import SearchGroup
+
+commands = CommandGroup()
 
 LATEST = 5
 GROUPS = 15
+
+
+def _group_label(group: SearchGroup) -> str:
+    """What a search group counts: events of a type, decision or gate records with the
+    event type they judged, or records of another kind (grouped by room only, so no type:
+    a command's type is its name)."""
+    if group.kind == AuditKind.EVENT:
+        return group.type or "?"
+    return f"{group.kind} ({group.type})" if group.type else group.kind
 
 
 def _iso(ms: int) -> str:
@@ -48,181 +66,179 @@ async def _target(ctx: CommandContext) -> tuple[str, str]:
     if raw.startswith("!") and len(raw) > 1:  # room version 12 IDs have no :server
         return "room", raw
     if raw.startswith("#") and ":" in raw:
-        client = getattr(ctx.services, "client", None)
-        if client is None:
-            raise CommandError(f"cannot resolve {raw} here; give the room ID (!…)")
         try:
-            resolved = await client.resolve_room_alias(raw)
+            resolved = await ctx.services.client.resolve_room_alias(RoomAlias(raw))
         except Exception as e:
             raise CommandError(f"cannot resolve {raw}: {e}") from None
         return "room", str(resolved.room_id)
     raise CommandError(f"{raw!r} is neither a room (!id, #alias:server) nor a user (@user:server)")
 
 
-def register(registry: CommandRegistry) -> None:
-    """Add the ``hold`` and ``audit`` command groups."""
-
-    @registry.command(
-        "hold",
-        "on",
-        summary="put a room (default: this one) or a user on legal hold: "
-        "archive expiry and retention purges leave it alone",
-        args=(Arg("target", "room ID, #alias or @user (default: this room)", required=False),),
-        flags=(Flag("reason", "why (kept, encrypted, with the hold)", value="TEXT"),),
-        room_scoped=True,
+@commands.command(
+    "hold",
+    "on",
+    summary="put a room (default: this one) or a user on legal hold: "
+    "archive expiry and retention purges leave it alone",
+    args=(Arg("target", "room ID, #alias or @user (default: this room)", required=False),),
+    flags=(Flag("reason", "why (kept, encrypted, with the hold)", value="TEXT"),),
+    room_scoped=True,
+)
+async def hold_on(ctx: CommandContext) -> Reply:
+    """Put a room or user on legal hold (committed with its own audit record)."""
+    scope, target = await _target(ctx)
+    reason = ctx.flags.get("reason")
+    result = await ctx.services.store.set_hold(scope, target, True, by=ctx.sender, reason=reason)
+    ctx.audit.update(hold={"scope": scope, "target": target, "result": result})
+    if result == "unchanged":
+        return Reply.plain(f"{scope.title()} {target} is already on legal hold.")
+    return Reply.plain(
+        f"🔒 {scope} {target} is on legal hold: archive expiry and retention purges "
+        f"skip it until `hold off`."
     )
-    async def hold_on(ctx: CommandContext) -> Reply:
-        scope, target = await _target(ctx)
-        reason = ctx.flags.get("reason")
-        result = await ctx.services.store.set_hold(
-            scope, target, True, by=ctx.sender, reason=reason
-        )
-        ctx.audit.update(hold={"scope": scope, "target": target, "result": result})
-        if result == "unchanged":
-            return Reply.plain(f"{scope.title()} {target} is already on legal hold.")
-        return Reply.plain(
-            f"🔒 {scope} {target} is on legal hold: archive expiry and retention purges "
-            f"skip it until `hold off`."
-        )
 
-    @registry.command(
-        "hold",
-        "off",
-        summary="lift a legal hold set with `hold on` (holds from config.yaml stay)",
-        args=(Arg("target", "room ID, #alias or @user (default: this room)", required=False),),
-        flags=(Flag("reason", "why", value="TEXT"),),
-        room_scoped=True,
+
+@commands.command(
+    "hold",
+    "off",
+    summary="lift a legal hold set with `hold on` (holds from config.yaml stay)",
+    args=(Arg("target", "room ID, #alias or @user (default: this room)", required=False),),
+    flags=(Flag("reason", "why", value="TEXT"),),
+    room_scoped=True,
+)
+async def hold_off(ctx: CommandContext) -> Reply:
+    """Lift a hold set by command; holds from the config stay."""
+    scope, target = await _target(ctx)
+    result = await ctx.services.store.set_hold(
+        scope, target, False, by=ctx.sender, reason=ctx.flags.get("reason")
     )
-    async def hold_off(ctx: CommandContext) -> Reply:
-        scope, target = await _target(ctx)
-        result = await ctx.services.store.set_hold(
-            scope, target, False, by=ctx.sender, reason=ctx.flags.get("reason")
+    ctx.audit.update(hold={"scope": scope, "target": target, "result": result})
+    if result == "config":
+        raise CommandError(
+            f"the legal hold on {target} comes from the configuration "
+            f"(audit.legal_hold); remove it there and restart the bridge"
         )
-        ctx.audit.update(hold={"scope": scope, "target": target, "result": result})
-        if result == "config":
-            raise CommandError(
-                f"the legal hold on {target} comes from the configuration "
-                f"(audit.legal_hold); remove it there and restart the bridge"
-            )
-        if result == "unchanged":
-            return Reply.plain(f"{scope.title()} {target} is not on legal hold.")
-        return Reply.plain(f"🔓 legal hold on {scope} {target} lifted.")
+    if result == "unchanged":
+        return Reply.plain(f"{scope.title()} {target} is not on legal hold.")
+    return Reply.plain(f"🔓 legal hold on {scope} {target} lifted.")
 
-    @registry.command("hold", "list", summary="rooms and users on legal hold", role="auditor")
-    async def hold_list(ctx: CommandContext) -> Reply:
-        holds = await ctx.services.store.list_holds()
-        items = []
-        for h in holds:
-            who = "config.yaml" if h.source == "config" else (h.by or "?")
-            line = f"{h.scope} {h.target}: since {_iso(h.set_ts)}, by {who}"
-            if h.reason:
-                line += f": {h.reason}"
-            items.append(line)
-        title = f"Legal holds: {len(items)}" if items else "No room or user is on legal hold."
-        return Reply.lines(title, items)
 
-    @registry.command(
-        "audit",
-        "verify",
-        summary="check the archive's hash chain and signed checkpoints",
-        role="auditor",
+@commands.command("hold", "list", summary="rooms and users on legal hold", role=Role.AUDITOR)
+async def hold_list(ctx: CommandContext) -> Reply:
+    """Every room and user on legal hold."""
+    holds = await ctx.services.store.list_holds()
+    items = []
+    for h in holds:
+        who = "config.yaml" if h.source == "config" else (h.by or "?")
+        line = f"{h.scope} {h.target}: since {_iso(h.set_ts)}, by {who}"
+        if h.reason:
+            line += f": {h.reason}"
+        items.append(line)
+    title = f"Legal holds: {len(items)}" if items else "No room or user is on legal hold."
+    return Reply.lines(title, items)
+
+
+@commands.command(
+    "audit",
+    "verify",
+    summary="check the archive's hash chain and signed checkpoints",
+    role=Role.AUDITOR,
+)
+async def audit_verify(ctx: CommandContext) -> Reply:
+    """Verify the hash chain and the signed checkpoints, trusting the current signing key
+    and ``audit.previous_public_keys``."""
+    from bridge.archive.cli import verify_store
+
+    svc = ctx.services
+    started = time.monotonic()
+    # streams in batches, so the event loop keeps serving between them
+    cfg = audit_config(svc.config)
+    try:
+        earlier = [load_public_key(p.read_bytes()) for p in cfg.previous_public_keys]
+    except (OSError, SigningKeyError) as e:
+        raise CommandError(f"audit.previous_public_keys: {e}") from None
+    report = await verify_store(
+        svc.store.engine, [svc.store.signing_key.public_key(), *earlier], cfg.checkpoint_log
     )
-    async def audit_verify(ctx: CommandContext) -> Reply:
-        from bridge.archive.cli import verify_store
-
-        svc = ctx.services
-        started = time.monotonic()
-        # streams in batches, so the event loop keeps serving between them
-        cfg = audit_config(svc.config)
-        try:
-            earlier = [load_public_key(p.read_bytes()) for p in cfg.previous_public_keys]
-        except (OSError, SigningKeyError) as e:
-            raise CommandError(f"audit.previous_public_keys: {e}") from None
-        report = await verify_store(
-            svc.store.engine, [svc.store.signing_key.public_key(), *earlier], cfg.checkpoint_log
-        )
-        took = time.monotonic() - started
-        ctx.audit.update(
-            ok=report.ok,
-            records=report.records_checked,
-            checkpoints=report.checkpoints_checked,
-            first_bad_seq=report.first_bad_seq,
-            problem=report.problem_kind,
-        )
-        if report.ok:
-            head = report.head_hash.hex() if report.head_hash else "-"
-            return Reply.lines(
-                "✅ Audit archive intact",
-                [
-                    f"{report.records_checked} records verified (last seq {report.last_seq})",
-                    f"{report.checkpoints_checked} signed checkpoints verified",
-                    f"{report.records_without_ciphertext} records expired (ciphertext dropped)",
-                    f"head {head}",
-                    f"took {took:.1f}s",
-                ],
-            )
-        lines = [
-            f"first bad record: seq {report.first_bad_seq} ({report.problem_kind})",
-            str(report.problem),
-            f"{report.records_checked} records verified before it",
-            "run `python -m bridge audit verify -c config.yaml` for details",
-        ]
-        if report.problem_kind == CHECKPOINT_SIGNATURE and "not a trusted" in str(report.problem):
-            # this command trusts the current signing key and audit.previous_public_keys
-            lines.append(
-                "if the signing key was replaced, list the old key's public key under "
-                "audit.previous_public_keys in the config (then `!policy reload`), or verify "
-                "from the CLI: `python -m bridge audit verify -c config.yaml "
-                "--public-key old.pem --public-key new.pem`"
-            )
-        return Reply.lines("❌ Audit archive BROKEN", lines)
-
-    @registry.command(
-        "audit",
-        "search",
-        summary="count matching archive records per room and type, and show the latest "
-        "event IDs (no message content)",
-        role="auditor",
-        flags=(
-            Flag("room", "room ID", value="ROOM"),
-            Flag("sender", "user ID", value="USER"),
-            Flag("type", "event type, or a record kind (" + ", ".join(AUDIT_KINDS) + ")", "T"),
-            Flag("since", "ISO time, inclusive", value="ISO"),
-            Flag("until", "ISO time, exclusive", value="ISO"),
-        ),
+    took = time.monotonic() - started
+    ctx.audit.update(
+        ok=report.ok,
+        records=report.records_checked,
+        checkpoints=report.checkpoints_checked,
+        first_bad_seq=report.first_bad_seq,
+        problem=report.problem_kind,
     )
-    async def audit_search(ctx: CommandContext) -> Reply:
-        f = ctx.flags
-        kind: str | None = None
-        etype: str | None = f.get("type")
-        if etype in AUDIT_KINDS:
-            kind, etype = etype, None
-        filters: dict[str, Any] = {
-            "kind": kind,
-            "room": f.get("room"),
-            "sender": f.get("sender"),
-            "type": etype,
-            "since": _ms(f.get("since"), "since"),
-            "until": _ms(f.get("until"), "until"),
-        }
-        summary = await ctx.services.store.search_summary(**filters, groups=GROUPS, latest=LATEST)
-        ctx.audit.update(matches=summary.total)
-        used = " ".join(f"--{k} {v}" for k, v in f.items() if v) or "(no filter)"
-        if not summary.total:
-            return Reply.plain(f"No archive records match {used}.")
-        items = []
-        for g in summary.groups:
-            where = g.room_id or ("(no room)" if g.readable else "(room unreadable: expired)")
-            what = g.kind if g.kind != "event" else (g.type or "?")
-            items.append(f"{g.count} x {what} in {where} (latest {_iso(g.latest_ts)})")
-        if summary.more_groups:
-            items.append("… more groups: narrow the search with --room/--type/--since")
-        items.append(f"latest {len(summary.latest)}:")
-        for m in summary.latest:
-            ident = m.event_id or f"{m.kind} record"
-            items.append(
-                f"#{m.seq} {_iso(m.origin_ts)} {ident}"
-                + (f" in {m.room_id}" if m.room_id else "")
-                + (f" ({m.type})" if m.type else "")
-            )
-        return Reply.lines(f"{summary.total} archive records match {used}", items)
+    if report.ok:
+        head = report.head_hash.hex() if report.head_hash else "-"
+        return Reply.lines(
+            "✅ Audit archive intact",
+            [
+                f"{report.records_checked} records verified (last seq {report.last_seq})",
+                f"{report.checkpoints_checked} signed checkpoints verified",
+                f"{report.records_without_ciphertext} records expired (ciphertext dropped)",
+                f"head {head}",
+                f"took {took:.1f}s",
+            ],
+        )
+    lines = [
+        f"first bad record: seq {report.first_bad_seq} ({report.problem_kind})",
+        str(report.problem),
+        f"{report.records_checked} records verified before it",
+        "run `python -m bridge audit verify -c config.yaml` for details",
+    ]
+    if report.problem_kind == CHECKPOINT_SIGNATURE and "not a trusted" in str(report.problem):
+        # this command trusts the current signing key and audit.previous_public_keys
+        lines.append(
+            "if the signing key was replaced, list the old key's public key under "
+            "audit.previous_public_keys in the config (then `!policy reload`), or verify "
+            "from the CLI: `python -m bridge audit verify -c config.yaml "
+            "--public-key old.pem --public-key new.pem`"
+        )
+    return Reply.lines("❌ Audit archive BROKEN", lines)
+
+
+@commands.command(
+    "audit",
+    "search",
+    summary="count matching archive records per room and type, and show the latest "
+    "event IDs (no message content)",
+    role=Role.AUDITOR,
+    flags=(
+        Flag("room", "room ID", value="ROOM"),
+        Flag("sender", "user ID", value="USER"),
+        Flag("type", "event type, or a record kind (" + ", ".join(AuditKind) + ")", "T"),
+        Flag("since", "ISO time, inclusive", value="ISO"),
+        Flag("until", "ISO time, exclusive", value="ISO"),
+    ),
+)
+async def audit_search(ctx: CommandContext) -> Reply:
+    """Count matching records per room and type, with the latest few (no content)."""
+    f = ctx.flags
+    kind, etype = split_type_filter(f.get("type"))
+    filters: dict[str, Any] = {
+        "kind": kind,
+        "room": f.get("room"),
+        "sender": f.get("sender"),
+        "type": etype,
+        "since": _ms(f.get("since"), "since"),
+        "until": _ms(f.get("until"), "until"),
+    }
+    summary = await ctx.services.store.search_summary(**filters, groups=GROUPS, latest=LATEST)
+    ctx.audit.update(matches=summary.total)
+    used = " ".join(f"--{k} {v}" for k, v in f.items() if v) or "(no filter)"
+    if not summary.total:
+        return Reply.plain(f"No archive records match {used}.")
+    items = []
+    for g in summary.groups:
+        where = g.room_id or ("(no room)" if g.readable else "(room unreadable: expired)")
+        items.append(f"{g.count} x {_group_label(g)} in {where} (latest {_iso(g.latest_ts)})")
+    if summary.more_groups:
+        items.append("… more groups: narrow the search with --room/--type/--since")
+    items.append(f"latest {len(summary.latest)}:")
+    for m in summary.latest:
+        ident = m.event_id or f"{m.kind} record"
+        items.append(
+            f"#{m.seq} {_iso(m.origin_ts)} {ident}"
+            + (f" in {m.room_id}" if m.room_id else "")
+            + (f" ({m.type})" if m.type else "")
+        )
+    return Reply.lines(f"{summary.total} archive records match {used}", items)

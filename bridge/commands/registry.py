@@ -1,8 +1,10 @@
 """Declarative admin commands: declared once, parsed, authorised, and documented by help.
 
-A command is a coroutine decorated with :meth:`CommandRegistry.command`, naming its words
-(``("dlp", "add-keyword")``), the role it needs, its positional arguments and its flags.
-Parsing and help come from these declarations, so they cannot drift apart.
+A command is a module-level coroutine declared with :meth:`CommandGroup.command`, naming
+its words (``("dlp", "add-keyword")``), the :class:`~bridge.commands.roles.Role` it needs,
+its positional arguments and its flags. Each command module has one group; the registry
+collects the groups (:func:`bridge.commands.catalog.build_registry`). Parsing and help come
+from these declarations, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -10,28 +12,19 @@ from __future__ import annotations
 import difflib
 import html
 import shlex
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-ROLE_RANK = {None: 0, "auditor": 1, "admin": 2}
+from bridge.commands.context import CommandContext
+from bridge.commands.errors import CommandError, NeedsConfirmation
+from bridge.commands.replies import Reply
+from bridge.commands.roles import Role, role_allows
+
 MAX_COMMAND_LENGTH = 4000
 
 # Clients on phones turn quotes into typographic ones; accept them as plain quotes.
 _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"})
-
-
-class CommandError(Exception):
-    """A user-facing problem with a command (bad arguments, not allowed, …)."""
-
-
-class NeedsConfirmation(CommandError):
-    """The command would have wide effects: repeat with ``--yes`` or react ✅ to confirm."""
-
-
-def role_allows(role: str | None, needed: str) -> bool:
-    """``admin`` includes everything ``auditor`` may do."""
-    return ROLE_RANK.get(role, 0) >= ROLE_RANK[needed]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,53 +48,6 @@ class Flag:
     choices: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A bot reply: plain text and the same as (escaped) HTML."""
-
-    text: str
-    html: str
-
-    @classmethod
-    def plain(cls, text: str) -> Reply:
-        """A reply whose HTML is the text escaped, line breaks kept."""
-        return cls(text, "<br>".join(html.escape(line) for line in text.split("\n")))
-
-    @classmethod
-    def lines(cls, title: str, items: Sequence[str]) -> Reply:
-        """A title and a bullet list, every part escaped."""
-        text = "\n".join([title, *(f"• {i}" for i in items)])
-        body = "".join(f"<li>{html.escape(i)}</li>" for i in items)
-        return cls(
-            text,
-            f"<p>{html.escape(title)}</p><ul>{body}</ul>"
-            if items
-            else f"<p>{html.escape(title)}</p>",
-        )
-
-
-@dataclass
-class CommandContext:
-    """What a handler gets: who asked, where, the parsed arguments, and the services.
-
-    Handlers never write directly: they stage ``state_updates``, ``actions`` and an
-    ``audit`` summary, which the worker commits together with the command's processing.
-    """
-
-    sender: str
-    room_id: str
-    event_id: str
-    role: str | None
-    in_management_room: bool
-    args: dict[str, Any]
-    flags: dict[str, Any]
-    services: Any
-    state_updates: dict[str, str] = field(default_factory=dict)
-    actions: list[Any] = field(default_factory=list)
-    audit: dict[str, Any] = field(default_factory=dict)
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
-
-
 Handler = Callable[[CommandContext], Awaitable[Reply]]
 
 
@@ -109,7 +55,7 @@ Handler = Callable[[CommandContext], Awaitable[Reply]]
 class CommandSpec:
     words: tuple[str, ...]
     summary: str
-    role: str
+    role: Role
     handler: Handler
     args: tuple[Arg, ...] = ()
     flags: tuple[Flag, ...] = ()
@@ -157,32 +103,76 @@ def tokenize(text: str) -> list[str]:
         raise CommandError(f"could not read the command: {e} (check your quotes)") from None
 
 
-class CommandRegistry:
-    """All commands, looked up by their leading words."""
+class CommandGroup:
+    """The commands one module declares, in declaration order.
+
+    ``@group.command("dlp", "list", summary=…, role=Role.AUDITOR)`` on a module-level
+    coroutine records its spec and returns the coroutine unchanged, so handlers stay
+    importable and callable on their own.
+    """
 
     def __init__(self) -> None:
-        self._specs: dict[tuple[str, ...], CommandSpec] = {}
+        self.specs: list[CommandSpec] = []
 
     def command(
         self,
         *words: str,
         summary: str,
-        role: str = "admin",
+        role: Role = Role.ADMIN,
         args: Sequence[Arg] = (),
         flags: Sequence[Flag] = (),
         room_scoped: bool = False,
     ) -> Callable[[Handler], Handler]:
-        """Declare a command."""
-        if role not in ("admin", "auditor"):
+        """Declare a command handled by the decorated coroutine."""
+        if not isinstance(role, Role):
             raise ValueError(f"unknown role {role!r}")
 
         def decorator(fn: Handler) -> Handler:
-            key = tuple(words)
-            if key in self._specs:
-                raise ValueError(f"command {' '.join(words)!r} declared twice")
-            self._specs[key] = CommandSpec(
-                key, summary, role, fn, tuple(args), tuple(flags), room_scoped
+            self.specs.append(
+                CommandSpec(tuple(words), summary, role, fn, tuple(args), tuple(flags), room_scoped)
             )
+            return fn
+
+        return decorator
+
+
+class CommandRegistry:
+    """All commands, looked up by their leading words."""
+
+    def __init__(self, groups: Iterable[CommandGroup] = ()) -> None:
+        self._specs: dict[tuple[str, ...], CommandSpec] = {}
+        for group in groups:
+            self.include(group)
+
+    def add(self, spec: CommandSpec) -> None:
+        """Add one command; its words must be new."""
+        if spec.words in self._specs:
+            raise ValueError(f"command {spec.name!r} declared twice")
+        self._specs[spec.words] = spec
+
+    def include(self, group: CommandGroup) -> None:
+        """Add every command of ``group``."""
+        for spec in group.specs:
+            self.add(spec)
+
+    def command(
+        self,
+        *words: str,
+        summary: str,
+        role: Role = Role.ADMIN,
+        args: Sequence[Arg] = (),
+        flags: Sequence[Flag] = (),
+        room_scoped: bool = False,
+    ) -> Callable[[Handler], Handler]:
+        """Declare a command directly in this registry (tests, one-off registries)."""
+        group = CommandGroup()
+        declare = group.command(
+            *words, summary=summary, role=role, args=args, flags=flags, room_scoped=room_scoped
+        )
+
+        def decorator(fn: Handler) -> Handler:
+            declare(fn)
+            self.include(group)
             return fn
 
         return decorator
@@ -281,7 +271,7 @@ class CommandRegistry:
         hint = f" Did you mean {hint}?" if hint else ""
         return f"unknown command {got!r}.{hint} Try `{prefix} help` (groups: {', '.join(known)})"
 
-    def help(self, prefix: str, role: str | None, *, topic: Sequence[str] = ()) -> Reply:
+    def help(self, prefix: str, role: Role | None, *, topic: Sequence[str] = ()) -> Reply:
         """Help for the commands ``role`` may use, optionally only those starting with topic."""
         visible = [
             s
@@ -309,3 +299,21 @@ class CommandRegistry:
 def summarize_args(parsed: ParsedCommand) -> Mapping[str, Any]:
     """The arguments as recorded in the audit store."""
     return {"args": dict(parsed.args), "flags": dict(parsed.flags)}
+
+
+__all__ = [  # Reply, CommandContext and the errors are re-exported for older imports
+    "MAX_COMMAND_LENGTH",
+    "Arg",
+    "CommandContext",
+    "CommandError",
+    "CommandGroup",
+    "CommandRegistry",
+    "CommandSpec",
+    "Flag",
+    "Handler",
+    "NeedsConfirmation",
+    "ParsedCommand",
+    "Reply",
+    "summarize_args",
+    "tokenize",
+]

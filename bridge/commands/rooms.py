@@ -11,23 +11,19 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from bridge.commands.registry import (
-    Arg,
-    CommandContext,
-    CommandError,
-    CommandRegistry,
-    Flag,
-    NeedsConfirmation,
-    Reply,
-)
+from bridge.commands.context import CommandContext
+from bridge.commands.errors import CommandError, NeedsConfirmation
+from bridge.commands.registry import Arg, CommandGroup, Flag
+from bridge.commands.replies import Reply
+from bridge.commands.roles import Role
 from bridge.commands.scope import SCOPE_FLAG, room_of, scope_of, where
-from bridge.pipeline.enforcement import DRIFTED, ROLLOUT_KEY
-from bridge.pipeline.live_policy import LivePolicy, runtime_key
 from bridge.policy.durations import DurationError, format_duration, parse_duration
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.federation import FederationMode, acl_content
+from bridge.policy.rooms import DRIFTED
 from bridge.policy.scopes import rooms_in_scope
 
+commands = CommandGroup()
 YES_FLAG = Flag("yes", "confirm a change that removes members")
 
 
@@ -70,7 +66,7 @@ def _preview(ctx: CommandContext, section: str, doc: Mapping[str, Any]) -> Polic
 
 async def _target_rooms(ctx: CommandContext) -> list[str]:
     """The joined rooms a change in the command's scope reaches (its rollout)."""
-    live: LivePolicy = ctx.services.policy
+    live = ctx.services.policy
     joined = {r["room_id"] for r in await ctx.services.store.list_rooms() if r["joined"]}
     covered = rooms_in_scope(scope_of(ctx), joined, live.room_spaces, ctx.services.management_room)
     return [r for r in covered if r in joined]
@@ -89,22 +85,12 @@ async def _stage(
     ``engine`` is the already compiled preview of ``doc`` and ``rooms`` the rooms it
     reaches (:func:`_target_rooms`), if the caller has them.
     """
-    live: LivePolicy = ctx.services.policy
     if engine is None:
         engine = _preview(ctx, section, doc)
     if rooms is None:
         rooms = await _target_rooms(ctx)
-    acts, record = ctx.services.rooms.rollout(rooms, what)
-    ctx.actions.extend(acts)
-    ctx.state_updates[runtime_key(section)] = live.encode(doc)
-    ctx.state_updates[ROLLOUT_KEY] = json.dumps(record)
-    candidate = dict(doc)
-
-    def apply() -> None:
-        live.apply(candidate, engine, section=section)
-        ctx.services.rooms.start_rollout(record)
-
-    ctx.after_commit.append(apply)
+    ctx.stage(ctx.services.policy.stage(section, doc, engine))
+    ctx.stage(ctx.services.rooms.stage_rollout(rooms, what))
     ctx.audit["change"] = what
     return len(rooms)
 
@@ -121,197 +107,234 @@ def _describe_federation(ctx: CommandContext, scope: str) -> list[str]:
     return items
 
 
-def register(registry: CommandRegistry) -> None:
-    """Add the federation, retention and rooms commands."""
+@commands.command(
+    "federation",
+    "show",
+    summary="the federation policy in force",
+    role=Role.AUDITOR,
+    flags=(SCOPE_FLAG,),
+    room_scoped=True,
+)
+async def fed_show(ctx: CommandContext) -> Reply:
+    """The federation policy in force at a scope, with the room ACL it implies."""
+    scope = scope_of(ctx)
+    return Reply.lines(f"Federation policy {where(scope, ctx)}", _describe_federation(ctx, scope))
 
-    @registry.command(
-        "federation",
-        "show",
-        summary="the federation policy in force",
-        role="auditor",
-        flags=(SCOPE_FLAG,),
-        room_scoped=True,
-    )
-    async def fed_show(ctx: CommandContext) -> Reply:
-        scope = scope_of(ctx)
-        return Reply.lines(
-            f"Federation policy {where(scope, ctx)}", _describe_federation(ctx, scope)
+
+async def _change_federation(ctx: CommandContext, doc: dict[str, Any], what: str) -> Reply:
+    """Stage a federation change; one that removes members needs ``--yes`` or ✅."""
+    scope = scope_of(ctx)
+    live = ctx.services.policy
+    candidate = _preview(ctx, "federation", doc)
+    rooms = await _target_rooms(ctx)
+    if candidate.policy.kick_excluded and not ctx.flags.get("yes"):
+        # Members the new policy removes and the one in force keeps, in the rooms the
+        # change reaches (counted from the stored members, also after a restart).
+        affected = await ctx.services.rooms.affected(
+            live.engine.federation_for,
+            candidate.federation_for,
+            candidate.policy.own_server,
+            rooms,
         )
-
-    async def change_federation(ctx: CommandContext, doc: dict[str, Any], what: str) -> Reply:
-        scope = scope_of(ctx)
-        live: LivePolicy = ctx.services.policy
-        candidate = _preview(ctx, "federation", doc)
-        rooms = await _target_rooms(ctx)
-        if candidate.policy.kick_excluded and not ctx.flags.get("yes"):
-            # Members the new policy removes and the one in force keeps, in the rooms the
-            # change reaches (counted from the stored members, also after a restart).
-            affected = await ctx.services.rooms.affected(
-                live.engine.federation_for,
-                candidate.federation_for,
-                candidate.policy.own_server,
-                rooms,
+        if affected:
+            raise NeedsConfirmation(
+                f"{affected.describe()}\nRepeat the command with --yes or react ✅ to it "
+                "to apply it."
             )
-            if affected:
-                raise NeedsConfirmation(
-                    f"{affected.describe()}\nRepeat the command with --yes or react ✅ to it "
-                    "to apply it."
-                )
-        count = await _stage(ctx, "federation", doc, what, candidate, rooms)
-        return Reply.plain(f"✅ {what} {where(scope, ctx)}; bringing {count} room(s) in line.")
+    count = await _stage(ctx, "federation", doc, what, candidate, rooms)
+    return Reply.plain(f"✅ {what} {where(scope, ctx)}; bringing {count} room(s) in line.")
 
-    def fed_doc(ctx: CommandContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        live: LivePolicy = ctx.services.policy
-        doc = live.doc("federation")
-        scope = scope_of(ctx)
-        if "servers" not in doc.setdefault(scope, {}):
-            current = live.engine.federation_for(room_of(scope))
-            doc[scope]["servers"] = list(current.servers)
-        return doc, doc[scope]
 
-    @registry.command(
-        "federation",
-        "mode",
-        summary="open, allowlist, denylist or internal",
-        args=(Arg("mode", choices=tuple(m.value for m in FederationMode)),),
-        flags=(SCOPE_FLAG, YES_FLAG),
-        room_scoped=True,
+def _fed_doc(ctx: CommandContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The runtime federation document and its entry for the scope (servers filled in)."""
+    live = ctx.services.policy
+    doc = live.doc("federation")
+    scope = scope_of(ctx)
+    if "servers" not in doc.setdefault(scope, {}):
+        current = live.engine.federation_for(room_of(scope))
+        doc[scope]["servers"] = list(current.servers)
+    return doc, doc[scope]
+
+
+@commands.command(
+    "federation",
+    "mode",
+    summary="open, allowlist, denylist or internal",
+    args=(Arg("mode", choices=tuple(m.value for m in FederationMode)),),
+    flags=(SCOPE_FLAG, YES_FLAG),
+    room_scoped=True,
+)
+async def fed_mode(ctx: CommandContext) -> Reply:
+    """Set the federation mode at a scope."""
+    doc, scoped = _fed_doc(ctx)
+    scoped["mode"] = ctx.args["mode"]
+    return await _change_federation(ctx, doc, f"federation mode set to {ctx.args['mode']}")
+
+
+async def _change_servers(ctx: CommandContext, verb: str) -> Reply:
+    """``federation allow|deny|remove SERVER``: change the list (and the mode it implies)."""
+    doc, scoped = _fed_doc(ctx)
+    server = ctx.args["server"].strip().lower()
+    servers: list[str] = list(scoped["servers"])
+    mode = ctx.services.policy.engine.federation_for(room_of(scope_of(ctx))).mode.value
+    if verb == "remove":
+        if server not in servers:
+            raise CommandError(f"{server} is not in the list")
+        servers.remove(server)
+    else:
+        wanted = "allowlist" if verb == "allow" else "denylist"
+        if mode != wanted:
+            scoped["mode"] = wanted
+        if server not in servers:
+            servers.append(server)
+    scoped["servers"] = servers
+    return await _change_federation(ctx, doc, f"federation {verb} {server}")
+
+
+SERVER_ARG = Arg("server", "server name or glob, e.g. partner.example or *.evil.example")
+
+
+@commands.command(
+    "federation",
+    "allow",
+    summary="add a server (glob) to the allowlist",
+    args=(SERVER_ARG,),
+    flags=(SCOPE_FLAG, YES_FLAG),
+    room_scoped=True,
+)
+async def fed_allow(ctx: CommandContext) -> Reply:
+    """Allow a server (switching to allowlist mode)."""
+    return await _change_servers(ctx, "allow")
+
+
+@commands.command(
+    "federation",
+    "deny",
+    summary="add a server (glob) to the denylist",
+    args=(SERVER_ARG,),
+    flags=(SCOPE_FLAG, YES_FLAG),
+    room_scoped=True,
+)
+async def fed_deny(ctx: CommandContext) -> Reply:
+    """Deny a server (switching to denylist mode)."""
+    return await _change_servers(ctx, "deny")
+
+
+@commands.command(
+    "federation",
+    "remove",
+    summary="remove a server from the list",
+    args=(SERVER_ARG,),
+    flags=(SCOPE_FLAG, YES_FLAG),
+    room_scoped=True,
+)
+async def fed_remove(ctx: CommandContext) -> Reply:
+    """Remove a server from the allow- or denylist."""
+    return await _change_servers(ctx, "remove")
+
+
+@commands.command(
+    "retention",
+    "show",
+    summary="the retention policy in force",
+    role=Role.AUDITOR,
+    flags=(SCOPE_FLAG,),
+    room_scoped=True,
+)
+async def ret_show(ctx: CommandContext) -> Reply:
+    """The retention policy in force at a scope."""
+    scope = scope_of(ctx)
+    policy = ctx.services.policy.engine.retention_for(room_of(scope))
+    return Reply.plain(f"Retention {where(scope, ctx)}: {policy.describe()}")
+
+
+@commands.command(
+    "retention",
+    "set",
+    summary="delete messages older than DURATION (30d, 12h, 1y)",
+    args=(Arg("duration", "e.g. 30d"),),
+    flags=(SCOPE_FLAG, YES_FLAG),
+    room_scoped=True,
+)
+async def ret_set(ctx: CommandContext) -> Reply:
+    """Set a maximum message age; deleting existing messages needs ``--yes`` or ✅."""
+    try:
+        ms = parse_duration(ctx.args["duration"])
+    except DurationError as e:
+        raise CommandError(str(e)) from None
+    scope = scope_of(ctx)
+    live = ctx.services.policy
+    current = live.engine.retention_for(room_of(scope))
+    shorter = current.max_lifetime_ms is None or ms < current.max_lifetime_ms
+    if shorter and not ctx.flags.get("yes"):
+        events, rooms = await ctx.services.count_expiring(scope, ms)
+        if events:
+            raise NeedsConfirmation(
+                f"this would delete {events} existing message(s) in {rooms} room(s). "
+                "Repeat the command with --yes or react ✅ to it to apply it."
+            )
+    doc = live.doc("retention")
+    doc.setdefault(scope, {})["max_lifetime"] = ctx.args["duration"]
+    count = await _stage(ctx, "retention", doc, f"retention set to {format_duration(ms)}")
+    return Reply.plain(
+        f"✅ messages older than {format_duration(ms)} will be removed {where(scope, ctx)}; "
+        f"updating {count} room(s)."
     )
-    async def fed_mode(ctx: CommandContext) -> Reply:
-        doc, scoped = fed_doc(ctx)
-        scoped["mode"] = ctx.args["mode"]
-        return await change_federation(ctx, doc, f"federation mode set to {ctx.args['mode']}")
 
-    for verb, summary in (
-        ("allow", "add a server (glob) to the allowlist"),
-        ("deny", "add a server (glob) to the denylist"),
-        ("remove", "remove a server from the list"),
-    ):
 
-        @registry.command(
-            "federation",
-            verb,
-            summary=summary,
-            args=(Arg("server", "server name or glob, e.g. partner.example or *.evil.example"),),
-            flags=(SCOPE_FLAG, YES_FLAG),
-            room_scoped=True,
-        )
-        async def fed_list(ctx: CommandContext, verb: str = verb) -> Reply:
-            doc, scoped = fed_doc(ctx)
-            server = ctx.args["server"].strip().lower()
-            servers: list[str] = list(scoped["servers"])
-            mode = ctx.services.policy.engine.federation_for(room_of(scope_of(ctx))).mode.value
-            if verb == "remove":
-                if server not in servers:
-                    raise CommandError(f"{server} is not in the list")
-                servers.remove(server)
-            else:
-                wanted = "allowlist" if verb == "allow" else "denylist"
-                if mode != wanted:
-                    scoped["mode"] = wanted
-                if server not in servers:
-                    servers.append(server)
-            scoped["servers"] = servers
-            return await change_federation(ctx, doc, f"federation {verb} {server}")
+@commands.command(
+    "retention",
+    "off",
+    summary="keep messages forever",
+    flags=(SCOPE_FLAG,),
+    room_scoped=True,
+)
+async def ret_off(ctx: CommandContext) -> Reply:
+    """Keep messages forever at a scope."""
+    scope = scope_of(ctx)
+    live = ctx.services.policy
+    doc = live.doc("retention")
+    doc.setdefault(scope, {})["max_lifetime"] = "off"
+    await _stage(ctx, "retention", doc, "retention off")
+    return Reply.plain(f"✅ retention off {where(scope, ctx)}")
 
-    @registry.command(
-        "retention",
-        "show",
-        summary="the retention policy in force",
-        role="auditor",
-        flags=(SCOPE_FLAG,),
-        room_scoped=True,
-    )
-    async def ret_show(ctx: CommandContext) -> Reply:
-        scope = scope_of(ctx)
-        policy = ctx.services.policy.engine.retention_for(room_of(scope))
-        return Reply.plain(f"Retention {where(scope, ctx)}: {policy.describe()}")
 
-    @registry.command(
-        "retention",
-        "set",
-        summary="delete messages older than DURATION (30d, 12h, 1y)",
-        args=(Arg("duration", "e.g. 30d"),),
-        flags=(SCOPE_FLAG, YES_FLAG),
-        room_scoped=True,
-    )
-    async def ret_set(ctx: CommandContext) -> Reply:
-        try:
-            ms = parse_duration(ctx.args["duration"])
-        except DurationError as e:
-            raise CommandError(str(e)) from None
-        scope = scope_of(ctx)
-        live: LivePolicy = ctx.services.policy
-        current = live.engine.retention_for(room_of(scope))
-        shorter = current.max_lifetime_ms is None or ms < current.max_lifetime_ms
-        if shorter and not ctx.flags.get("yes"):
-            counter = getattr(ctx.services, "count_expiring", None)
-            if counter is not None:
-                events, rooms = await counter(scope, ms)
-                if events:
-                    raise NeedsConfirmation(
-                        f"this would delete {events} existing message(s) in {rooms} room(s). "
-                        "Repeat the command with --yes or react ✅ to it to apply it."
-                    )
-        doc = live.doc("retention")
-        doc.setdefault(scope, {})["max_lifetime"] = ctx.args["duration"]
-        count = await _stage(ctx, "retention", doc, f"retention set to {format_duration(ms)}")
-        return Reply.plain(
-            f"✅ messages older than {format_duration(ms)} will be removed {where(scope, ctx)}; "
-            f"updating {count} room(s)."
-        )
-
-    @registry.command(
-        "retention",
-        "off",
-        summary="keep messages forever",
-        flags=(SCOPE_FLAG,),
-        room_scoped=True,
-    )
-    async def ret_off(ctx: CommandContext) -> Reply:
-        scope = scope_of(ctx)
-        live: LivePolicy = ctx.services.policy
-        doc = live.doc("retention")
-        doc.setdefault(scope, {})["max_lifetime"] = "off"
-        await _stage(ctx, "retention", doc, "retention off")
-        return Reply.plain(f"✅ retention off {where(scope, ctx)}")
-
-    @registry.command(
-        "rooms",
-        summary=(
-            f"the rooms the bridge knows, with their enforcement state, {ROOMS_PAGE} a page "
-            "(filter: enforced, drifted, lacking, not-joined)"
-        ),
-        role="auditor",
-        args=(Arg("state", "which rooms", required=False, choices=ROOM_FILTERS),),
-        flags=(Flag("page", "page number, from 1", value="N"),),
-    )
-    async def rooms_cmd(ctx: CommandContext) -> Reply:
-        wanted = ctx.args.get("state", "all")
-        raw_page = str(ctx.flags.get("page", "1"))
-        if not raw_page.isdigit() or int(raw_page) < 1:
-            raise CommandError(f"--page must be a whole number from 1, not {raw_page!r}")
-        page = int(raw_page)
-        counts = dict.fromkeys(ROOM_FILTERS[1:], 0)
-        items = []
-        for r in await ctx.services.store.list_rooms():
-            if r["room_id"] == ctx.services.management_room:
-                continue
-            state, text = _room_state(r)
-            counts[state] += 1
-            if wanted in ("all", state):
-                items.append(_cut(f"{r['room_id']}: {text}"))
-        total = sum(counts.values())
-        pages = max(1, -(-len(items) // ROOMS_PAGE))
-        if page > pages:
-            raise CommandError(f"there are {pages} page(s) of {wanted} rooms; page {page} is empty")
-        shown = items[(page - 1) * ROOMS_PAGE : page * ROOMS_PAGE]
-        summary = ", ".join(f"{n} {_LABELS[k]}" for k, n in counts.items() if n)
-        title = f"{total} room(s)" + (f": {summary}" if summary else "")
-        if wanted != "all":
-            title += f". {len(items)} {_LABELS[wanted]}"
-        if pages > 1:
-            prefix = ctx.services.config.bridge.command_prefix
-            more = f"{prefix} rooms {wanted} --page {page + 1}" if page < pages else ""
-            title += f". Page {page} of {pages}" + (f" (next: {more})" if more else "")
-        return Reply.lines(title, shown)
+@commands.command(
+    "rooms",
+    summary=(
+        f"the rooms the bridge knows, with their enforcement state, {ROOMS_PAGE} a page "
+        "(filter: enforced, drifted, lacking, not-joined)"
+    ),
+    role=Role.AUDITOR,
+    args=(Arg("state", "which rooms", required=False, choices=ROOM_FILTERS),),
+    flags=(Flag("page", "page number, from 1", value="N"),),
+)
+async def rooms_cmd(ctx: CommandContext) -> Reply:
+    """The known rooms and their enforcement state, a page at a time."""
+    wanted = ctx.args.get("state", "all")
+    raw_page = str(ctx.flags.get("page", "1"))
+    if not raw_page.isdigit() or int(raw_page) < 1:
+        raise CommandError(f"--page must be a whole number from 1, not {raw_page!r}")
+    page = int(raw_page)
+    counts = dict.fromkeys(ROOM_FILTERS[1:], 0)
+    items = []
+    for r in await ctx.services.store.list_rooms():
+        if r["room_id"] == ctx.services.management_room:
+            continue
+        state, text = _room_state(r)
+        counts[state] += 1
+        if wanted in ("all", state):
+            items.append(_cut(f"{r['room_id']}: {text}"))
+    total = sum(counts.values())
+    pages = max(1, -(-len(items) // ROOMS_PAGE))
+    if page > pages:
+        raise CommandError(f"there are {pages} page(s) of {wanted} rooms; page {page} is empty")
+    shown = items[(page - 1) * ROOMS_PAGE : page * ROOMS_PAGE]
+    summary = ", ".join(f"{n} {_LABELS[k]}" for k, n in counts.items() if n)
+    title = f"{total} room(s)" + (f": {summary}" if summary else "")
+    if wanted != "all":
+        title += f". {len(items)} {_LABELS[wanted]}"
+    if pages > 1:
+        more = f"{ctx.prefix} rooms {wanted} --page {page + 1}" if page < pages else ""
+        title += f". Page {page} of {pages}" + (f" (next: {more})" if more else "")
+    return Reply.lines(title, shown)

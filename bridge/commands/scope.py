@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bridge.commands.registry import CommandContext, Flag
+from bridge.commands.context import CommandContext
+from bridge.commands.registry import Flag
 from bridge.policy.scopes import GLOBAL
 
 SCOPE_FLAG = Flag(

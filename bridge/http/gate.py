@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bridge import metrics
 from bridge.archive.sink import AuditSink
+from bridge.audit.kinds import AuditKind
 from bridge.http.transactions import bearer_token, matrix_error, token_matches
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.model import Verdict
@@ -182,7 +183,7 @@ class Gate:
     @staticmethod
     def _audit_entry(name: str, subject: Mapping[str, Any], verdict: Verdict) -> AuditEntry:
         return AuditEntry(
-            kind="gate",
+            kind=AuditKind.GATE,
             room_id=subject.get("room_id"),
             sender=subject.get("sender"),
             type=subject.get("type"),

@@ -19,15 +19,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from bridge import metrics
-from bridge.commands import (
-    CommandContext,
-    CommandError,
-    CommandRegistry,
-    Reply,
-    role_allows,
-    tokenize,
-)
-from bridge.commands.registry import MAX_COMMAND_LENGTH, NeedsConfirmation, summarize_args
+from bridge.audit.kinds import AuditKind
+from bridge.commands.dispatch import CommandRequest, Outcome, run_command
+from bridge.commands.registry import CommandRegistry
+from bridge.commands.roles import role_of
 from bridge.config import Config
 from bridge.pipeline import actions
 from bridge.pipeline.batch import Batch, PendingConfirmation, as_str
@@ -142,71 +137,31 @@ class CommandRunner:
         in_mgmt = room_id == self.services.management_room
         if not in_mgmt and not self.tracker.joined(room_id, batch):
             return  # we cannot answer where we are not joined
-        role = cfg.role_of(sender)
-        name = "?"
-        outcome = "error"
+        role = role_of(cfg, sender)
         started = time.perf_counter()
-        try:
-            if len(body) > MAX_COMMAND_LENGTH:
-                raise CommandError(f"the command is too long (over {MAX_COMMAND_LENGTH} chars)")
-            if role is None:
-                outcome = "refused"
-                raise CommandError(
-                    f"sorry, {sender} is not allowed to use policy commands. "
-                    "Ask a bridge admin to grant you a role."
-                )
-            tokens = tokenize(body[len(prefix) :])
-            if confirmed:
-                pending = self._staged(batch)
-                pending.pop(event_id, None)
-                self._stage(batch, pending)
-                tokens.append("--yes")
-            parsed = self.registry.parse(tokens, prefix)
-            name = parsed.spec.name
-            if not role_allows(role, parsed.spec.role):
-                outcome = "refused"
-                raise CommandError(
-                    f"sorry, `{prefix} {name}` needs the {parsed.spec.role} role; you have {role}."
-                )
-            if not in_mgmt and not parsed.spec.room_scoped:
-                outcome = "refused"
-                raise CommandError(f"`{prefix} {name}` only works in the management room.")
-            ctx = CommandContext(
-                sender=sender,
-                room_id=room_id,
-                event_id=event_id,
-                role=role,
-                in_management_room=in_mgmt,
-                args=parsed.args,
-                flags=parsed.flags,
-                services=self.services,
-            )
-            reply = await parsed.spec.handler(ctx)
-            outcome = "ok"
-            batch.actions.extend(ctx.actions)
-            batch.state.update(ctx.state_updates)
-            batch.after_commit.extend(ctx.after_commit)
-            details = {**summarize_args(parsed), **ctx.audit}
-        except NeedsConfirmation as e:
-            outcome = "needs confirmation"
+        if confirmed and role is not None:
+            pending = self._staged(batch)
+            pending.pop(event_id, None)
+            self._stage(batch, pending)
+        request = CommandRequest(
+            sender, room_id, event_id, prefix, body, role, in_mgmt, confirmed=confirmed
+        )
+        result = await run_command(self.registry, self.services, request)
+        name, outcome, reply, details = result.name, result.outcome, result.reply, result.details
+        if result.context is not None:
+            batch.actions.extend(result.context.actions)
+            batch.state.update(result.context.state_updates)
+            batch.after_commit.extend(result.context.after_commit)
+        elif outcome is Outcome.NEEDS_CONFIRMATION:
             pending = self._staged(batch)
             pending[event_id] = {"sender": sender, "event": dict(event), "at": time.time()}
             self._stage(batch, pending)
-            reply = Reply.plain(f"❓ {e}")
-            details = {}
-        except CommandError as e:
-            reply = Reply.plain(f"⚠️ {e}")
-            details = {}
-        except Exception:
-            log.exception("command %s failed", name)
-            reply = Reply.plain("⚠️ the command failed unexpectedly; the error is in the logs.")
-            details = {}
         counter = metrics.COMMANDS.labels(name, outcome)
         batch.after_commit.append(counter.inc)  # counted once committed
         batch.actions.append(actions.notice(room_id, reply, reply_to=event_id))
         batch.audit.append(
             AuditEntry(
-                kind="command",
+                kind=AuditKind.COMMAND,
                 room_id=room_id,
                 sender=sender,
                 type=name,

@@ -21,18 +21,19 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.commands.registry import Reply
+from bridge.commands.replies import Reply
+from bridge.commands.services import StagedChange
 from bridge.pipeline import actions
 from bridge.pipeline.actions import ActionKind
 from bridge.policy.federation import FederationPolicy, server_allowed
 from bridge.policy.model import server_name
+from bridge.policy.rooms import DRIFTED as DRIFTED  # re-exported for the worker
 from bridge.policy.rooms import RoomPlan
 from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import NewAction, Store
 
 log = logging.getLogger(__name__)
 
-DRIFTED = "drifted"
 ROLLOUT_KEY = "rollout"
 #: Memberships the planner removes when the server is excluded.
 PRESENT = frozenset({"join", "invite", "knock"})
@@ -149,6 +150,16 @@ class RoomEnforcer:
         ]
         record = {"id": rid, "total": len(out), "reason": reason, "started": now}
         return out, record
+
+    def stage_rollout(self, rooms: Iterable[str], reason: str) -> StagedChange:
+        """A rollout as a command commits it: the actions, the rollout record, and its
+        start once committed."""
+        actions, record = self.rollout(rooms, reason)
+        return StagedChange(
+            state={ROLLOUT_KEY: json.dumps(record)},
+            actions=tuple(actions),
+            after_commit=(lambda: self.start_rollout(record),),
+        )
 
     def start_rollout(self, record: Mapping[str, Any]) -> None:
         """Called after the rollout's actions are committed."""

@@ -20,6 +20,7 @@ from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import EventType, UserID
 
 from bridge import metrics
+from bridge.audit.kinds import AuditKind
 from bridge.config import ExecutorConfig
 from bridge.matrix import AdminAPI
 from bridge.pipeline.actions import ActionKind, kind_of, purge_status
@@ -326,7 +327,7 @@ class Executor:
     def _audit(action: ActionRow, outcome: str, attempts: int, **extra: Any) -> AuditEntry:
         payload = {k: v for k, v in action.payload.items() if k not in ("body", "html")}
         return AuditEntry(
-            kind="action",
+            kind=AuditKind.ACTION,
             room_id=action.room_id,
             type=action.kind,
             data={

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from bridge.commands.services import StagedChange
 from bridge.config import Config
 from bridge.policy.engine import PolicyEngine, PolicySet
 from bridge.policy.layers import DlpLayers, EngineCache, parse_runtime_dlp
@@ -107,6 +108,15 @@ class LivePolicy:
         runtime = {**self.runtime, section: dict(doc)}
         self.engine = engine or self._build(runtime)
         self.runtime = runtime
+
+    def stage(self, section: str, doc: Mapping[str, Any], engine: PolicyEngine) -> StagedChange:
+        """A command's change of a runtime document: stored in the command's commit, then
+        ``engine`` (compiled from it by :meth:`preview`) swapped in."""
+        candidate = dict(doc)
+        return StagedChange(
+            state={runtime_key(section): self.encode(candidate)},
+            after_commit=(lambda: self.apply(candidate, engine, section=section),),
+        )
 
     def set_management_room(self, room_id: str) -> None:
         """Exempt the management room from DLP (rebuilds the engine)."""

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge.audit.kinds import AuditKind
 from bridge.commands import Reply
 from bridge.config import Config, ConfigError, load_config
 from bridge.logs import setup_logging
@@ -122,7 +123,7 @@ class Reloader:
         setup_logging(new.logging.level, new.logging.format)
         await self.audit(
             AuditEntry(
-                kind="config",
+                kind=AuditKind.CONFIG,
                 sender=who if who.startswith("@") else None,
                 data={
                     "event": "reload",

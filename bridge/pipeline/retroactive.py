@@ -26,7 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bridge.commands.registry import Reply
+from bridge.audit.kinds import AuditKind
+from bridge.commands.replies import Reply
+from bridge.commands.services import RetroScan
 from bridge.pipeline.actions import notice, redact
 from bridge.policy.dlp import DlpEngine, DlpPolicy, KeywordList
 from bridge.policy.durations import format_duration
@@ -103,6 +105,23 @@ class RetroJob:
         }
 
     @classmethod
+    def from_scan(cls, scan: RetroScan) -> RetroJob:
+        """The job a command asked for (:class:`bridge.commands.services.RetroScan`)."""
+        return cls.from_json(
+            {
+                "id": uuid.uuid4().hex[:12],
+                "scope": scan.scope,
+                "rules": sorted(scan.rules),
+                "since_ms": scan.since_ms,
+                "window_ms": scan.window_ms,
+                "requested_by": scan.requested_by,
+                "command_room": scan.command_room,
+                "change": scan.change,
+                "probe_word": scan.probe_word,
+            }
+        )
+
+    @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RetroJob:
         word = data.get("probe_word")
         probe = (
@@ -162,7 +181,7 @@ async def scan_archive(
     result = RetroResult(rooms=len(rooms))
     redacted: set[str] = set()
     for room in rooms:
-        records = store.iter_records(kind="event", room=room, since=job.since_ms)
+        records = store.iter_records(kind=AuditKind.EVENT, room=room, since=job.since_ms)
         async with contextlib.aclosing(records):  # a break must end the read-ahead now
             async for rec in records:
                 event = rec.get("data")
@@ -257,7 +276,7 @@ async def run(services: RetroServices, engine: PolicyEngine, job: RetroJob) -> R
         await services.store.append(
             [
                 AuditEntry(
-                    kind="retroactive",
+                    kind=AuditKind.RETROACTIVE,
                     room_id=None if job.scope == GLOBAL else job.scope,
                     sender=job.requested_by,
                     type="dlp",

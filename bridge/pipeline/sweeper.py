@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Self
 
 from bridge import metrics
+from bridge.audit.kinds import AuditKind
 from bridge.config import Config
 from bridge.pipeline.actions import purge_history, redact
 from bridge.policy.durations import format_duration
@@ -575,7 +576,7 @@ class RetentionSweeper:
     @staticmethod
     def _audit(room: str, what: str, reason: str, **counts: Any) -> AuditEntry:
         return AuditEntry(
-            kind="retention",
+            kind=AuditKind.RETENTION,
             room_id=room,
             type=what,
             data={"outcome": what, "reason": reason, **counts},

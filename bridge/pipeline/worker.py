@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge import metrics
+from bridge.audit.kinds import AuditKind
 from bridge.commands import CommandRegistry, Reply
 from bridge.config import Config
 from bridge.pipeline import actions
@@ -126,7 +127,7 @@ class Worker:
                 )
                 batch.audit.append(
                     AuditEntry(
-                        kind="error",
+                        kind=AuditKind.ERROR,
                         room_id=as_str(event.get("room_id")),
                         data={
                             "event_id": event.get("event_id"),
@@ -163,7 +164,7 @@ class Worker:
             )
             batch.audit.append(
                 AuditEntry(
-                    kind="error",
+                    kind=AuditKind.ERROR,
                     data={
                         "seq": ev.seq,
                         "error": "unreadable",
@@ -249,7 +250,7 @@ class Worker:
                 done.append("notify")
         batch.audit.append(
             AuditEntry(
-                kind="decision",
+                kind=AuditKind.DECISION,
                 room_id=room_id,
                 sender=sender,
                 type=as_str(event.get("type")),

@@ -18,6 +18,8 @@ from bridge.policy.retention import RetentionPolicy, retention_content, retentio
 ACL = "m.room.server_acl"
 RETENTION = "m.room.retention"
 INFINITE = float("inf")
+#: A room's ``lacking`` mark when someone changed its policy state after the bot set it.
+DRIFTED = "drifted"
 
 
 @dataclass(frozen=True, slots=True)

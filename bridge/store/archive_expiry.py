@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bridge.audit.chain import EXPIRY_KIND, SHRED_KIND, Removals
 from bridge.audit.crypto import GLOBAL_SCOPE, OPERATIONAL_SCOPE
+from bridge.audit.kinds import AuditKind
 from bridge.store import codec
 from bridge.store.core import log
 from bridge.store.engine import truncate_wal
@@ -143,7 +144,7 @@ class ExpiryMixin(HoldsMixin):
         await self.append(
             [
                 AuditEntry(
-                    "retention",
+                    AuditKind.RETENTION,
                     {
                         "job": RUN_TYPE,
                         "retention_ms": retention_ms,
@@ -307,7 +308,7 @@ class ExpiryMixin(HoldsMixin):
                 await conn.execute(
                     select(records.c.seq, *SEALED_PART)
                     .where(
-                        records.c.kind == "retention",
+                        records.c.kind == AuditKind.RETENTION,
                         records.c.type_idx == self._bidx("type", RUN_TYPE),
                     )
                     .order_by(records.c.seq)

@@ -11,6 +11,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.audit.crypto import GLOBAL_SCOPE
+from bridge.audit.kinds import AuditKind
 from bridge.store.codec import dumps
 from bridge.store.models import AuditEntry, HoldInfo, Holds, StoreError, now_ms
 from bridge.store.operational import EXPIRY_CURSOR_KEY, OperationalMixin
@@ -130,7 +131,7 @@ class HoldsMixin(OperationalMixin):
         self, action: str, scope: str, target: str, by: str | None, reason: str | None, source: str
     ) -> AuditEntry:
         return AuditEntry(
-            "hold",
+            AuditKind.HOLD,
             {
                 "action": action,
                 "scope": scope,

@@ -6,10 +6,11 @@ import contextlib
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any, TypedDict, Unpack
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, null, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.audit import decode  # a module, not its names: it imports this package's codec
+from bridge.audit.kinds import EVENT_TYPED_KINDS, AuditKind
 from bridge.store import codec
 from bridge.store.chain import prefetched
 from bridge.store.codec import str_or_none
@@ -17,9 +18,15 @@ from bridge.store.keys import KeysMixin
 from bridge.store.models import RecordMeta, SearchGroup, SearchSummary, StoreError
 from bridge.store.schema import SEALED_PART, records
 
+_EVENT = AuditKind.EVENT  # bound once: compared for every record
+
 #: What a reader decrypts of a record: seq, ts, kind, origin_ts and the sealed part
 #: (:data:`bridge.audit.decode.SEALED_COLUMNS`).
 _READ = (records.c.seq, records.c.ts, records.c.kind, records.c.origin_ts, *SEALED_PART)
+#: A summary's type column: the type index where it holds an event type, else NULL.
+_GROUP_TYPE = case(
+    (records.c.kind.in_(sorted(EVENT_TYPED_KINDS)), records.c.type_idx), else_=null()
+).label("group_type")
 
 
 class RecordQuery(TypedDict, total=False):
@@ -193,7 +200,7 @@ class ReadingMixin(KeysMixin):
                 ts,
                 rkind,
                 origin,
-                str_or_none(obj.get("event_id")) if rkind == "event" else None,
+                str_or_none(obj.get("event_id")) if rkind == _EVENT else None,
                 str_or_none(obj.get("room_id")),
                 str_or_none(obj.get("sender")),
                 str_or_none(obj.get("type")),
@@ -215,6 +222,9 @@ class ReadingMixin(KeysMixin):
     ) -> SearchSummary:
         """How many records match, per (kind, room, type), and the latest few, no content.
 
+        Only kinds whose type is an event type (:data:`EVENT_TYPED_KINDS`) are grouped by
+        type; the others (commands, actions, …) by kind and room alone, with ``type`` None.
+
         Counting runs in the database over the blind indexes; only one record per group
         and the ``latest`` ones are decrypted, for their room ID, type and event ID.
         """
@@ -229,12 +239,12 @@ class ReadingMixin(KeysMixin):
                     select(
                         records.c.kind,
                         records.c.room_idx,
-                        records.c.type_idx,
+                        _GROUP_TYPE,
                         count,
                         func.max(records.c.seq),
                     )
                     .where(*conds)
-                    .group_by(records.c.kind, records.c.room_idx, records.c.type_idx)
+                    .group_by(records.c.kind, records.c.room_idx, _GROUP_TYPE)
                     .order_by(count.desc(), func.max(records.c.seq).desc())
                     .limit(groups + 1)
                 )
@@ -251,7 +261,7 @@ class ReadingMixin(KeysMixin):
             SearchGroup(
                 metas[g[4]].kind,
                 metas[g[4]].room_id,
-                metas[g[4]].type,
+                metas[g[4]].type if g[2] is not None else None,
                 g[3],
                 metas[g[4]].origin_ts,
                 metas[g[4]].readable,

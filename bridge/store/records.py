@@ -14,7 +14,6 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.audit.chain import (
-    EXPIRY_KIND,
     GENESIS,
     SHRED_KIND,
     ChainFields,
@@ -23,11 +22,14 @@ from bridge.audit.chain import (
     sign_checkpoint,
 )
 from bridge.audit.crypto import GLOBAL_SCOPE, encrypt_record
+from bridge.audit.kinds import AuditKind
 from bridge.store.codec import dumps, str_or_none
 from bridge.store.core import log
 from bridge.store.keys import KeysMixin
 from bridge.store.models import AuditEntry, IngestResult, Plain, StoreUnavailable, now_ms
 from bridge.store.schema import checkpoints, records, transactions
+
+_EVENT = AuditKind.EVENT  # bound once: compared for every record
 
 T = TypeVar("T")
 _RECORD_COLS = (
@@ -57,20 +59,9 @@ _KNOWN_EVENTS = select(records.c.event_id_idx).where(
 )
 _INSERT_TXN = insert(transactions)
 _INSERT_RECORDS = insert(records)
-#: Kinds of non-event records; ``--type`` with one of these filters on the kind.
-AUDIT_KINDS = (
-    "decision",
-    "gate",
-    "action",
-    "command",
-    "config",
-    "export",
-    "hold",
-    "retention",
-    "error",
-    EXPIRY_KIND,
-    SHRED_KIND,
-)
+#: Kinds of non-event records (kept for callers; ``--type`` parsing is
+#: :func:`bridge.audit.kinds.split_type_filter`).
+AUDIT_KINDS = tuple(k for k in AuditKind if k is not AuditKind.EVENT)
 #: ``ct_digest`` of a record that never had a ciphertext (a shred record).
 _NO_CIPHERTEXT_DIGEST = _sha256(b"").digest()
 
@@ -197,7 +188,7 @@ class RecordsMixin(KeysMixin):
                 )
             )
             seq += 1
-        self._tentative_events += sum(1 for p in items if p.kind == "event")
+        self._tentative_events += sum(1 for p in items if p.kind == _EVENT)
         await self._insert_rows(conn, rows, prev, ts, checkpoints=checkpoints, sign=sign)
         return seq0, seq - 1
 

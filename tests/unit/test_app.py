@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from bridge.app import Bridge
-from bridge.config import Config, build_config
+from bridge.config import Config
 from bridge.pipeline import retroactive
 from bridge.policy.scopes import GLOBAL
 from bridge.scheduler import TaskKind
+from tests.kit.config import make_config
 
 
 def _free_port() -> int:
@@ -27,20 +28,16 @@ def _free_port() -> int:
 
 
 def _config(tmp_path: Path) -> Config:
-    return build_config(
+    return make_config(
         {
             "homeserver": {"domain": "corp.example", "url": "http://127.0.0.1:9"},
             "appservice": {
-                "as_token": "a" * 32,
-                "hs_token": "h" * 32,
                 "hostname": "127.0.0.1",
                 "port": _free_port(),
             },
-            "gate": {"token": "g" * 32},
             "data_dir": str(tmp_path),
         },
         base_dir=tmp_path,
-        env={},
     )
 
 

@@ -25,6 +25,7 @@ from ruamel.yaml import YAML
 
 from bridge import entrypoint
 from bridge.config import ENV_PREFIX, PLACEHOLDER_PREFIX, build_config, load_config
+from tests.kit.config import make_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -154,16 +155,7 @@ def test_dockerfile_is_multi_stage_non_root_with_data_volume() -> None:
 
 
 def test_dockerfile_port_matches_the_default_config() -> None:
-    cfg = build_config(
-        {
-            "appservice": {
-                "as_token": "a-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "b-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": "c-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
-        },
-        env={},
-    )
+    cfg = make_config({})
     text = DOCKERFILE.read_text("utf-8")
     assert f"EXPOSE {cfg.appservice.port}" in text
     assert f"http://127.0.0.1:{cfg.appservice.port}/_bridge/health" in text

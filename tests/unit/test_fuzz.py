@@ -36,15 +36,15 @@ from hypothesis import strategies as st
 from bridge.app import build_registry
 from bridge.archive.sink import AuditSink
 from bridge.commands import CommandError, tokenize
-from bridge.config import Config, build_config
+from bridge.config import Config
 from bridge.http.gate import JUDGED, Gate
 from bridge.http.transactions import AppserviceAPI
-from bridge.pipeline.enforcement import RoomEnforcer
-from bridge.pipeline.live_policy import LivePolicy, build_engine
+from bridge.pipeline.live_policy import build_engine
 from bridge.pipeline.worker import Worker
 from bridge.policy.normalize import clean, fold, html_to_text, normalize
-from bridge.scheduler import Scheduler
 from bridge.store import Store
+from tests.kit.config import make_config
+from tests.kit.services import Services
 
 T = TypeVar("T")
 
@@ -78,11 +78,9 @@ INJECTIONS = [
 
 
 def fuzz_config(tmp: Path) -> Config:
-    return build_config(
+    return make_config(
         {
             "homeserver": {"domain": DOMAIN},
-            "appservice": {"as_token": "as-fuzz-xxxxxxxxxxxxxxxxxxxxxxxx", "hs_token": HS_TOKEN},
-            "gate": {"token": GATE_TOKEN},
             "bridge": {"permissions": {ADMIN: "admin", f"@eve:{DOMAIN}": "auditor"}},
             "dlp": {
                 "keywords": [
@@ -94,7 +92,6 @@ def fuzz_config(tmp: Path) -> Config:
             },
         },
         base_dir=tmp,
-        env={},
     )
 
 
@@ -114,8 +111,9 @@ class Harness:
 
     async def _open(self, tmp: Path) -> None:
         self.store = await Store.open(f"sqlite+aiosqlite:///{tmp / 'fuzz.db'}")
-        self.policy = LivePolicy(self.config)
-        self.policy.set_management_room(MGMT)
+        # what commands see of the bridge (live policy, room enforcer, management room)
+        self.services = Services(self.store, self.config, MGMT)
+        self.policy = self.services.policy
         self.sink = AuditSink(self.store)
         # As in the bridge: refusals wait for the sink to commit their record.
         self.sink_task = asyncio.ensure_future(self.sink.run())
@@ -126,19 +124,15 @@ class Harness:
         self.client = TestClient(TestServer(app))
         await self.client.start_server()
         self.worker = Worker(
-            self.store, lambda: self.config, lambda: self.policy.engine, build_registry(), self
+            self.store,
+            lambda: self.config,
+            lambda: self.policy.engine,
+            build_registry(),
+            self.services,
         )
         self.worker.tracker.joined_rooms = {MGMT, ROOM}
         for room in (MGMT, ROOM):
             await self.store.upsert_room(room, joined=True)
-
-        async def notify(_reply: Any) -> None:
-            return None
-
-        self.scheduler = Scheduler()
-        self.rooms = RoomEnforcer(self.store, lambda: 1000.0, notify, scheduler=self.scheduler)
-        self.management_room = MGMT
-        self.started_monotonic = time.monotonic()
 
     def request(
         self, method: str, path: str, data: bytes, headers: dict[str, str]
@@ -159,7 +153,7 @@ class Harness:
             if self.sink_task.done():  # it serves forever unless a record broke it
                 self.sink_task.result()
             self.sink_task.cancel()
-            await self.scheduler.stop(5.0)
+            await self.services.scheduler.stop(5.0)
             await self.sink.flush()  # gate decisions with odd strings must be storable
             await self.client.close()
             await self.store.close()

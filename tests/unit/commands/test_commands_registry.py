@@ -1,4 +1,4 @@
-"""The command framework: tokenizing, parsing, roles, generated help, reply escaping."""
+"""The command registry: tokenizing, parsing, groups, generated help."""
 
 from __future__ import annotations
 
@@ -6,18 +6,19 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from bridge.app import build_registry
+from bridge.commands.catalog import build_registry
+from bridge.commands.context import CommandContext
+from bridge.commands.errors import CommandError
 from bridge.commands.registry import (
     MAX_COMMAND_LENGTH,
     Arg,
-    CommandContext,
-    CommandError,
+    CommandGroup,
     CommandRegistry,
     Flag,
-    Reply,
-    role_allows,
     tokenize,
 )
+from bridge.commands.replies import Reply
+from bridge.commands.roles import Role
 
 P = "!policy"
 
@@ -28,9 +29,12 @@ async def _handler(_ctx: CommandContext) -> Reply:
 
 def registry() -> CommandRegistry:
     r = CommandRegistry()
-    r.command("status", summary="Show status", role="auditor")(_handler)
+    r.command("status", summary="Show status", role=Role.AUDITOR)(_handler)
     r.command(
-        "help", summary="Show help", role="auditor", args=[Arg("topic", rest=True, required=False)]
+        "help",
+        summary="Show help",
+        role=Role.AUDITOR,
+        args=[Arg("topic", rest=True, required=False)],
     )(_handler)
     r.command(
         "dlp",
@@ -42,8 +46,8 @@ def registry() -> CommandRegistry:
     r.command(
         "dlp", "add-regex", summary="Add a regex", args=[Arg("name"), Arg("pattern", rest=True)]
     )(_handler)
-    r.command("dlp", "list", summary="List rules", role="auditor")(_handler)
-    r.command("dlp", summary="DLP overview", role="auditor")(_handler)
+    r.command("dlp", "list", summary="List rules", role=Role.AUDITOR)(_handler)
+    r.command("dlp", summary="DLP overview", role=Role.AUDITOR)(_handler)
     r.command(
         "retention",
         "set",
@@ -215,35 +219,40 @@ def test_declaring_a_command_twice_or_with_an_unknown_role_is_refused() -> None:
     with pytest.raises(ValueError, match="declared twice"):
         r.command("status", summary="again")(_handler)
     with pytest.raises(ValueError, match="unknown role 'root'"):
-        r.command("x", summary="x", role="root")
+        r.command("x", summary="x", role="root")  # type: ignore[arg-type]
+    # Two groups declaring the same words cannot both be included.
+    group = CommandGroup()
+    group.command("status", summary="again", role=Role.AUDITOR)(_handler)
+    with pytest.raises(ValueError, match="declared twice"):
+        r.include(group)
+
+
+def test_a_group_returns_its_handlers_unchanged_and_keeps_their_specs() -> None:
+    group = CommandGroup()
+    assert group.command("a", "b", summary="s", role=Role.AUDITOR)(_handler) is _handler
+    [spec] = group.specs
+    assert (spec.name, spec.role, spec.handler) == ("a b", Role.AUDITOR, _handler)
+    assert CommandRegistry([group]).find(["a", "b"]) == (spec, 2)
 
 
 # -- roles and help ------------------------------------------------------------------------------
 
 
-def test_roles() -> None:
-    assert role_allows("admin", "admin") and role_allows("admin", "auditor")
-    assert role_allows("auditor", "auditor") and not role_allows("auditor", "admin")
-    for nobody in (None, "", "root", "Admin"):
-        assert not role_allows(nobody, "auditor")
-        assert not role_allows(nobody, "admin")
-
-
 def test_help_lists_only_what_the_role_may_use() -> None:
     r = registry()
-    admin = r.help(P, "admin").text
-    auditor = r.help(P, "auditor").text
+    admin = r.help(P, Role.ADMIN).text
+    auditor = r.help(P, Role.AUDITOR).text
     assert "dlp add-keyword" in admin and "dlp add-keyword" not in auditor
     assert "dlp list" in admin and "dlp list" in auditor
     assert f"{P} retention set DURATION [days|hours] [--scope SCOPE]" in admin
     assert "Show status [auditor]" in auditor
     assert r.help(P, None).text == f"No commands match. Try `{P} help`."
-    topic = r.help(P, "admin", topic=["DLP"]).text
+    topic = r.help(P, Role.ADMIN, topic=["DLP"]).text
     assert "dlp add-regex" in topic and "retention" not in topic and "status" not in topic
 
 
 def test_help_html_is_escaped() -> None:
-    reply = registry().help(P, "admin")
+    reply = registry().help(P, Role.ADMIN)
     assert "Block a &lt;b&gt;keyword&lt;/b&gt; &amp; more" in reply.html
     assert "<b>keyword" not in reply.html
     # The usage's NAME PATTERN… and the prefix appear inside <code>, escaped.
@@ -254,30 +263,12 @@ def test_help_html_is_escaped() -> None:
 
 def test_the_real_help_matches_the_declared_commands() -> None:
     r = build_registry()
-    admin = r.help(P, "admin")
-    auditor = r.help(P, "auditor")
+    admin = r.help(P, Role.ADMIN)
+    auditor = r.help(P, Role.AUDITOR)
     for spec in r.specs:
         assert spec.usage(P) in admin.text
-        assert (spec.usage(P) in auditor.text) == (spec.role == "auditor")
+        assert (spec.usage(P) in auditor.text) == (spec.role is Role.AUDITOR)
     assert "help" in {s.name for s in r.specs} and "status" in {s.name for s in r.specs}
-
-
-# -- replies --------------------------------------------------------------------------------------
-
-
-def test_reply_plain_escapes_and_keeps_line_breaks() -> None:
-    reply = Reply.plain('a <script>alert("x")</script>\nsecond & line')
-    assert reply.text == 'a <script>alert("x")</script>\nsecond & line'
-    assert reply.html == (
-        "a &lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;<br>second &amp; line"
-    )
-
-
-def test_reply_lines_escapes_title_and_items() -> None:
-    reply = Reply.lines("Rooms <3", ["!a:x <b>", "ok & fine"])
-    assert reply.text == "Rooms <3\n• !a:x <b>\n• ok & fine"
-    assert reply.html == "<p>Rooms &lt;3</p><ul><li>!a:x &lt;b&gt;</li><li>ok &amp; fine</li></ul>"
-    assert Reply.lines("Nothing <here>", []).html == "<p>Nothing &lt;here&gt;</p>"
 
 
 # -- robustness -----------------------------------------------------------------------------------

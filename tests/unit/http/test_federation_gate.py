@@ -29,11 +29,11 @@ from synapse.module_api import NOT_SPAM
 from synapse_http_antispam import HTTPAntispam
 
 from bridge.archive.sink import AuditSink
-from bridge.config import build_config
 from bridge.http.gate import Gate
 from bridge.pipeline.live_policy import build_engine
 from bridge.policy.engine import PolicyEngine
 from bridge.store import Store
+from tests.kit.config import make_config
 
 OWN = "corp.example"
 TOKEN = "gate-federation-token-xxxxxxxxxx"
@@ -102,18 +102,12 @@ class Synapse:
 
 
 def engine_for(federation: Mapping[str, Any], tmp: Path) -> PolicyEngine:
-    config = build_config(
+    config = make_config(
         {
             "homeserver": {"domain": OWN},
-            "appservice": {
-                "as_token": "as-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "hs-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": TOKEN},
             "federation": dict(federation),
         },
         base_dir=tmp,
-        env={},
     )
     return build_engine(config)
 

@@ -10,10 +10,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge import metrics
 from bridge.archive.sink import AuditSink
-from bridge.config import build_config
 from bridge.http.gate import Gate
 from bridge.pipeline.live_policy import build_engine
 from bridge.store import Store
+from tests.kit.config import make_config
 
 TOKEN = "gate-token-xxxxxxxxxxxxxxxxxxxxx"
 BASE = "/_bridge/antispam"
@@ -27,18 +27,12 @@ def hits(rule: str, path: str) -> float:
 async def test_a_refusal_is_audited_before_the_answer_and_counted_at_the_gate(
     tmp_path: Path,
 ) -> None:
-    config = build_config(
+    config = make_config(
         {
             "homeserver": {"domain": "corp.example"},
-            "appservice": {
-                "as_token": "as-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "hs-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": TOKEN},
             "dlp": {"detectors": {"card": "block"}},
         },
         base_dir=tmp_path,
-        env={},
     )
     engine = build_engine(config)
     store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'gate.db'}")

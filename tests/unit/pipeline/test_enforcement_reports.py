@@ -12,10 +12,10 @@ from typing import Any
 
 from bridge.app import build_registry
 from bridge.commands.registry import Reply
-from bridge.config import build_config
 from bridge.pipeline.enforcement import DRIFTED, REPORTED_FIELD, RoomEnforcer
 from bridge.pipeline.worker import Worker
 from bridge.store import Store
+from tests.kit.config import make_config
 from tests.kit.services import Services
 
 OWN = "corp.example"
@@ -269,18 +269,12 @@ async def rooms_command(worker: Worker, text: str) -> str:
 
 
 async def test_rooms_command_filters_and_pages(store: Store, tmp_path: Path) -> None:
-    config = build_config(
+    config = make_config(
         {
             "homeserver": {"domain": OWN},
-            "appservice": {
-                "as_token": "a1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "h1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": "g1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "bridge": {"permissions": {ADMIN: "admin"}},
         },
         base_dir=tmp_path,
-        env={},
     )
     services = Services(store, config, MGMT, notify=Notes())
     worker = Worker(

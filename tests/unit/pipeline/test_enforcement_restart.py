@@ -15,11 +15,11 @@ from typing import Any
 
 from bridge.app import build_registry
 from bridge.commands.registry import Reply
-from bridge.config import build_config
 from bridge.pipeline.enforcement import MEMBERS_FIELD, RoomEnforcer
 from bridge.pipeline.worker import Worker
 from bridge.policy.federation import FederationMode, FederationPolicy
 from bridge.store import Store
+from tests.kit.config import make_config
 from tests.kit.services import Services
 
 OWN = "corp.example"
@@ -124,19 +124,13 @@ async def test_member_records_are_sealed(tmp_path: Path) -> None:
 
 async def start(store: Store, tmp_path: Path) -> Worker:
     """A worker with fresh in-memory state over ``store``: a (re)start of the bridge."""
-    config = build_config(
+    config = make_config(
         {
             "homeserver": {"domain": OWN},
-            "appservice": {
-                "as_token": "a1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "h1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": "g1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "bridge": {"permissions": {ADMIN: "admin"}},
             "federation": {"mode": "allowlist", "servers": ["partner.example"]},
         },
         base_dir=tmp_path,
-        env={},
     )
     services = Services(store, config, MGMT, notify=_quiet, own_server=OWN)
     await services.rooms.load()

@@ -24,6 +24,7 @@ from bridge.pipeline.sweeper import (
 )
 from bridge.policy.engine import PolicyEngine
 from bridge.store import ActionRow, Store
+from tests.kit.config import make_config
 
 DAY = 86_400_000
 NOW = 1_750_000_000_000
@@ -302,17 +303,11 @@ async def test_rooms_without_power_or_policy_are_left_alone(store: Store) -> Non
     await joined(store, ROOM_A, ROOM_B)
     await store.upsert_room(ROOM_A, lacking="cannot redact events")
     await ingest(store, [message(ROOM_A, OLD), message(ROOM_B, OLD)])
-    cfg = build_config(
+    cfg = make_config(
         {
             "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
-            "appservice": {
-                "as_token": "as-secret-xxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "hs-secret-xxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": "gate-secret-xxxxxxxxxxxxxxxxxxxx"},
             "retention": {"max_lifetime": "", "rooms": {ROOM_A: {"max_lifetime": "1d"}}},
-        },
-        env={},
+        }
     )
     h = Harness(store, cfg)
     sweeper = h.sweeper()
@@ -327,17 +322,11 @@ async def test_count_expiring(store: Store) -> None:
     await ingest(store, [message(ROOM_B, NOW - 3 * DAY), state_event(ROOM_B, NOW - 3 * DAY)])
     await ingest(store, [message(ROOM_C, NOW - 3 * DAY)])
     await store.set_hold("room", ROOM_C, True, by="@admin:example.org")
-    cfg = build_config(
+    cfg = make_config(
         {
             "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
-            "appservice": {
-                "as_token": "as-secret-xxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "hs-secret-xxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": "gate-secret-xxxxxxxxxxxxxxxxxxxx"},
             "retention": {"max_lifetime": "30d"},
-        },
-        env={},
+        }
     )
     h = Harness(store, cfg)
     sweeper = h.sweeper()
@@ -358,17 +347,11 @@ def test_sweep_interval_is_validated(bad: str) -> None:
     with pytest.raises(
         ConfigError, match=r"retention.sweep_interval: got .*e\.g\. 60s|such as 60s"
     ):
-        build_config(
+        make_config(
             {
                 "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
-                "appservice": {
-                    "as_token": "as-secret-xxxxxxxxxxxxxxxxxxxxxx",
-                    "hs_token": "hs-secret-xxxxxxxxxxxxxxxxxxxxxx",
-                },
-                "gate": {"token": "gate-secret-xxxxxxxxxxxxxxxxxxxx"},
                 "retention": {"sweep_interval": bad},
-            },
-            env={},
+            }
         )
 
 
@@ -423,16 +406,10 @@ async def test_count_expiring_for_a_space_counts_the_rooms_of_the_space(store: S
     await ingest(store, [message(ROOM_B, OLD + i) for i in range(4)])  # outside
     await ingest(store, [message(space, OLD)])
     await store.set_hold("room", ROOM_C, True, by="@admin:example.org")
-    cfg_none = build_config(
+    cfg_none = make_config(
         {
             "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
-            "appservice": {
-                "as_token": "as-secret-xxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "hs-secret-xxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": "gate-secret-xxxxxxxxxxxxxxxxxxxx"},
-        },
-        env={},
+        }
     )
     spaces = {ROOM_A: (space,), ROOM_C: (space,)}
     h = Harness(store, cfg_none)

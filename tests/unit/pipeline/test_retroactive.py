@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from bridge.app import build_registry
-from bridge.config import build_config
 from bridge.pipeline import retroactive
 from bridge.pipeline.worker import Worker
 from bridge.policy.layers import GLOBAL
 from bridge.store import NewAction, Store
+from tests.kit import config as kit
 from tests.kit.services import Services
 
 MGMT = "!mgmt:corp.example"
@@ -36,19 +36,13 @@ class Executor:
 
 
 def make_config(tmp_path: Path, dlp: dict[str, Any] | None = None) -> Any:
-    return build_config(
+    return kit.make_config(
         {
             "homeserver": {"domain": "corp.example"},
-            "appservice": {
-                "as_token": "a1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "h1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": "g1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "bridge": {"permissions": {ADMIN: "admin"}},
             "dlp": dlp or {},
         },
         base_dir=tmp_path,
-        env={},
     )
 
 

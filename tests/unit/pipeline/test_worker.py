@@ -11,9 +11,9 @@ import pytest
 
 from bridge import metrics
 from bridge.app import build_registry
-from bridge.config import build_config
 from bridge.pipeline.worker import Worker
 from bridge.store import Store
+from tests.kit.config import make_config
 from tests.kit.services import Services
 
 MGMT = "!mgmt:corp.example"
@@ -23,19 +23,13 @@ ADMIN = "@boss:corp.example"
 
 @pytest.fixture
 async def worker(store: Store, tmp_path: Path) -> Worker:
-    config = build_config(
+    config = make_config(
         {
             "homeserver": {"domain": "corp.example"},
-            "appservice": {
-                "as_token": "a1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "h1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": "g1-xxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "bridge": {"permissions": {ADMIN: "admin", "@eve:corp.example": "auditor"}},
             "dlp": {"keywords": [{"name": "secret", "keywords": ["bluefin"], "action": "redact"}]},
         },
         base_dir=tmp_path,
-        env={},
     )
     services = Services(store, config, MGMT)
     w = Worker(store, lambda: config, lambda: services.policy.engine, build_registry(), services)

@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
-from bridge.config import ConfigError, build_config
+from bridge.config import ConfigError
 from bridge.pipeline.live_policy import LivePolicy
 from bridge.policy import layers
 from bridge.policy.engine import ENCRYPTION_RULE
 from bridge.policy.layers import DlpLayers, EngineCache, parse_config_dlp, parse_runtime_dlp
 from bridge.policy.model import Action
+from tests.kit.config import make_config
 
 SPACE = "!space:corp.example"
 OTHER_SPACE = "!other:corp.example"
@@ -43,18 +44,12 @@ def encryption(room: str) -> dict[str, Any]:
 
 
 def config(tmp_path: Path, dlp: dict[str, Any]) -> Any:
-    return build_config(
+    return make_config(
         {
             "homeserver": {"domain": "corp.example"},
-            "appservice": {
-                "as_token": "a-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                "hs_token": "h-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-            },
-            "gate": {"token": "g-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
             "dlp": dlp,
         },
         base_dir=tmp_path,
-        env={},
     )
 
 

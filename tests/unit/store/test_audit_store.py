@@ -31,6 +31,7 @@ from bridge.config import Config, load_config
 from bridge.http.transactions import AppserviceAPI
 from bridge.store import AuditEntry, Store, StoreError
 from tests.conftest import BACKENDS, fresh_store_url
+from tests.kit.config import make_config
 
 TOKEN = "hs-token-for-audit-tests-xxxxxxx"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -568,20 +569,14 @@ async def test_a_replaced_signing_key_is_trusted_through_previous_public_keys(
 
 
 def test_previous_public_keys_must_exist(tmp_path: Path) -> None:
-    from bridge.config import ConfigError, build_config
+    from bridge.config import ConfigError
 
     with pytest.raises(ConfigError) as info:
-        build_config(
+        make_config(
             {
-                "appservice": {
-                    "as_token": "a-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                    "hs_token": "b-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                },
-                "gate": {"token": "c-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
                 "audit": {"previous_public_keys": ["nowhere.pem"]},
             },
             base_dir=tmp_path,
-            env={},
         )
     assert "audit.previous_public_keys" in str(info.value)
     assert "nowhere.pem" in str(info.value)
