@@ -178,9 +178,9 @@ class Bridge:
         )
         await self.sweeper.load()
         self.redelivery = RedeliveryNudger(
-            self.store.reachable, lambda: ping_until_reached(self._ping_once)
+            self.store.db.reachable, lambda: ping_until_reached(self._ping_once)
         )
-        stored_room = await self.store.get_state(MANAGEMENT_ROOM_KEY)
+        stored_room = await self.store.state.get(MANAGEMENT_ROOM_KEY)
         self.management_room = self.config.bridge.management_room or stored_room or ""
         self.runner = web.AppRunner(
             self.build_web(),
@@ -199,15 +199,15 @@ class Bridge:
             "listening on %s:%d (database: %s)",
             self.config.appservice.hostname,
             self.config.appservice.port,
-            self.store.backend,
+            self.store.db.backend,
         )
 
     async def _load_runtime_policy(self) -> None:
         """Apply the runtime policy documents and room→space map kept in the store."""
-        spaces = LivePolicy.decode(await self.store.get_state(SPACES_KEY))
+        spaces = LivePolicy.decode(await self.store.state.get(SPACES_KEY))
         self.policy.room_spaces = {room: tuple(ids) for room, ids in spaces.items()}
         for section in SECTIONS:
-            doc = LivePolicy.decode(await self.store.get_state(runtime_key(section)))
+            doc = LivePolicy.decode(await self.store.state.get(runtime_key(section)))
             try:
                 self.policy.apply(doc, section=section)
             except ValueError as e:
@@ -325,7 +325,7 @@ class Bridge:
             resolved = await self.client.resolve_room_alias(RoomAlias(room))
             room = str(resolved.room_id)
         if not room:
-            room = await self.store.get_state(MANAGEMENT_ROOM_KEY) or ""
+            room = await self.store.state.get(MANAGEMENT_ROOM_KEY) or ""
         if room:
             try:
                 await self.client.join_room_by_id(RoomID(room))
@@ -344,12 +344,12 @@ class Bridge:
                     power_level_override=cast(Any, {"users": dict.fromkeys(admins, 100)}),
                 )
             )
-            await self.store.set_state(MANAGEMENT_ROOM_KEY, room)
+            await self.store.state.set(MANAGEMENT_ROOM_KEY, room)
             log.info("created the management room %s and invited %d admins", room, len(admins))
         self.management_room = room
         self.policy.set_management_room(room)
         self.worker.joined_rooms.add(room)
-        await self.store.upsert_room(room, joined=True)
+        await self.store.rooms.upsert(room, joined=True)
 
     async def _auto_enroll(self) -> None:
         """Enrol every room of the homeserver; retried while the homeserver or the database
@@ -387,7 +387,7 @@ class Bridge:
     async def _auto_enroll_once(self) -> None:
         assert self.admin is not None
         rooms = await self.admin.list_rooms()
-        known = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
+        known = {r["room_id"] for r in await self.store.rooms.known() if r["joined"]}
         todo = [r for r in rooms if r not in known]
         actions = []
         for room in todo:
@@ -453,17 +453,17 @@ class Bridge:
         fingerprint = hashlib.sha256(
             json.dumps(doc, sort_keys=True, default=str).encode()
         ).hexdigest()
-        if await self.store.get_state("policy.fingerprint") == fingerprint:
+        if await self.store.state.get("policy.fingerprint") == fingerprint:
             return
         rooms = [
             r["room_id"]
-            for r in await self.store.list_rooms()
+            for r in await self.store.rooms.known()
             if r["joined"] and r["room_id"] != self.management_room
         ]
         acts, record = self.rooms.rollout(rooms, "policy changed since the last start")
-        await self.store.enqueue_actions(acts)
-        await self.store.set_state("policy.fingerprint", fingerprint)
-        await self.store.set_state("rollout", json.dumps(record))
+        await self.store.actions.enqueue(acts)
+        await self.store.state.set("policy.fingerprint", fingerprint)
+        await self.store.state.set("rollout", json.dumps(record))
         self.rooms.start_rollout(record)
         self.executor.wake()
         log.info("policy changed since the last start: %d rooms to bring in line", len(rooms))
@@ -549,7 +549,7 @@ class Bridge:
     async def sink_append(self, entry: AuditEntry) -> None:
         """Record an audit entry now if possible, else through the background sink."""
         try:
-            await self.store.append([entry])
+            await self.store.records.append([entry])
         except StoreUnavailable:
             self.sink.submit(entry)
 
@@ -557,13 +557,13 @@ class Bridge:
         """Keep the gauges that come from the store current (every 15 s)."""
         while True:
             try:
-                stats = await self.store.stats()
+                stats = await self.store.stats.snapshot()
                 metrics.QUEUE_DEPTH.set(stats.queue_depth)
                 metrics.QUEUE_LAG.set(stats.queue_lag_s)
                 metrics.ACTIONS_BACKLOG.labels("pending").set(stats.actions_pending)
                 metrics.ACTIONS_BACKLOG.labels("failed").set(stats.actions_failed)
                 metrics.AUDIT_RECORDS.set(stats.records)
-                cp_ts = self.store.last_checkpoint_ts
+                cp_ts = self.store.records.last_checkpoint_ts
                 if cp_ts:
                     metrics.CHECKPOINT_AGE.set(max(0.0, time.time() - cp_ts / 1000))
             except Exception as e:

@@ -43,10 +43,10 @@ def register(registry: CommandRegistry) -> None:
     )
     async def status_cmd(ctx: CommandContext) -> Reply:
         svc = ctx.services
-        stats = await svc.store.stats()
+        stats = await svc.store.stats.snapshot()
         items = [
             f"version {__version__}, up {_duration(time.monotonic() - svc.started_monotonic)}",
-            f"database: {svc.store.backend}",
+            f"database: {svc.store.db.backend}",
             f"rooms known: {stats.rooms_known}",
             f"events stored: {stats.events} ({stats.records} records in all)",
             f"queue: {stats.queue_depth} transactions waiting, lag {stats.queue_lag_s:.1f}s",

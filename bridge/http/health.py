@@ -30,7 +30,7 @@ def health_routes(bridge: Any) -> list[web.RouteDef]:
                 "status": "ready" if ok else "starting",
                 "version": bridge.version,
                 "uptime_s": round(time.monotonic() - bridge.started_monotonic, 1),
-                "database": bridge.store.backend,
+                "database": bridge.store.db.backend,
             },
             status=200 if ok else 503,
         )

@@ -164,7 +164,7 @@ class Executor:
 
     async def submit(self, actions: list[NewAction]) -> None:
         """Persist actions and wake the loop (for callers outside the worker's commit)."""
-        await self.store.enqueue_actions(actions)
+        await self.store.actions.enqueue(actions)
         self.wake()
 
     async def run(self) -> None:
@@ -173,7 +173,7 @@ class Executor:
             try:
                 ran = await self.run_due()
                 # (inside the try: a database outage must not end the loop)
-                nxt = None if ran else await self.store.next_action_time()
+                nxt = None if ran else await self.store.actions.next_time()
             except Exception:
                 log.exception("executor loop error; retrying in 5s")
                 await asyncio.sleep(5)
@@ -189,7 +189,7 @@ class Executor:
 
     async def run_due(self, limit: int = 50) -> int:
         """Attempt every action that is due now; returns how many were attempted."""
-        due = await self.store.due_actions(time.time(), limit)
+        due = await self.store.actions.due(time.time(), limit)
         for action in due:
             await self.limiter.acquire()
             await self.attempt(action)
@@ -203,7 +203,7 @@ class Executor:
         if hold is not None:
             # A hold placed after the sweep queued this: the hold wins, nothing is removed.
             metrics.EXECUTOR_ACTIONS.labels(action.kind, "held").inc()
-            await self.store.finish_action(
+            await self.store.actions.finish(
                 action.id,
                 status="cancelled",
                 attempts=action.attempts,
@@ -243,14 +243,14 @@ class Executor:
             await self._fail(action, attempts, f"internal error: {e.__class__.__name__}")
             return
         metrics.EXECUTOR_ACTIONS.labels(action.kind, "done").inc()
-        await self.store.finish_action(
+        await self.store.actions.finish(
             action.id,
             status="done",
             attempts=attempts,
             audit=self._audit(action, "done", attempts, result=result),
         )
         if action.kind == "join" and action.room_id:
-            await self.store.upsert_room(action.room_id, joined=True)
+            await self.store.rooms.upsert(action.room_id, joined=True)
         if action.kind == "reconcile" and self.rooms and self.rooms.on_result:
             await self.rooms.on_result(action.room_id or "", {**result, "payload": action.payload})
 
@@ -265,10 +265,9 @@ class Executor:
         retention = action.kind in ("purge_history", "purge_status") or (
             action.kind == "redact" and action.payload.get("retention")
         )
-        holds = getattr(self.store, "holds", None)
-        if not retention or holds is None:
+        if not retention:
             return None
-        held = await holds()
+        held = await self.store.holds.current()
         room = action.room_id
         if action.kind == "redact":
             sender = action.payload.get("sender")
@@ -284,7 +283,7 @@ class Executor:
         return purge_hold(room, held.rooms, senders)
 
     async def _retry(self, action: ActionRow, attempts: int, delay: float, why: str) -> None:
-        await self.store.finish_action(
+        await self.store.actions.finish(
             action.id, status="pending", attempts=attempts, next_at=time.time() + delay, error=why
         )
 
@@ -307,7 +306,7 @@ class Executor:
     async def _fail(self, action: ActionRow, attempts: int, reason: str) -> None:
         metrics.EXECUTOR_ACTIONS.labels(action.kind, "failed").inc()
         log.warning("action %s (%s) failed permanently: %s", action.id, action.kind, reason)
-        await self.store.finish_action(
+        await self.store.actions.finish(
             action.id,
             status="failed",
             attempts=attempts,
@@ -315,7 +314,7 @@ class Executor:
             audit=self._audit(action, "failed", attempts, error=reason),
         )
         if action.room_id and action.kind in ("send_state", "redact", "kick", "invite"):
-            await self.store.upsert_room(action.room_id, lacking=f"cannot {_NEEDS[action.kind]}")
+            await self.store.rooms.upsert(action.room_id, lacking=f"cannot {_NEEDS[action.kind]}")
         if action.kind == "reconcile" and self.rooms and self.rooms.on_result:
             await self.rooms.on_result(
                 action.room_id or "", {"error": reason, "payload": action.payload}
@@ -464,7 +463,7 @@ class Executor:
                 return {"purged": False, "why": "nothing older than the cutoff"}
             raise
         poll = {**p, "purge_id": purge_id, "started": time.time()}
-        await self.store.enqueue_actions(
+        await self.store.actions.enqueue(
             [NewAction("purge_status", poll, room_id=action.room_id, not_before=time.time() + 1)]
         )
         self.wake()

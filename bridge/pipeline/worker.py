@@ -38,7 +38,7 @@ from bridge.policy.model import Action, Finding, Verdict, server_name
 from bridge.policy.retention import retention_content, retention_matches
 from bridge.policy.rooms import ACL, RETENTION
 from bridge.store import AuditEntry, NewAction, Store, StoreUnavailable, WorkItem
-from bridge.store.workqueue import UnreadableEvent
+from bridge.store.queue import UnreadableEvent
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ class Worker:
 
     async def load(self) -> None:
         """Read which rooms the bot is joined to, and commands awaiting confirmation."""
-        self.joined_rooms = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
-        raw = await self.store.get_state(CONFIRMATIONS_KEY)
+        self.joined_rooms = {r["room_id"] for r in await self.store.rooms.known() if r["joined"]}
+        raw = await self.store.state.get(CONFIRMATIONS_KEY)
         if raw:
             self.pending_confirmations = json.loads(raw)
 
@@ -141,11 +141,11 @@ class Worker:
 
     async def run_once(self, limit: int = 20) -> int:
         """Process up to ``limit`` pending transactions; returns how many."""
-        items = await self.store.pending_work(limit)
+        items = await self.store.queue.pending(limit)
         for item in items:
             await self.process(item)
         if items:
-            depth, lag = await self.store.queue_state()
+            depth, lag = await self.store.queue.backlog()
             metrics.QUEUE_DEPTH.set(depth)
             metrics.QUEUE_LAG.set(lag)
         return len(items)
@@ -179,7 +179,7 @@ class Worker:
                 )
         if unreadable:
             self._unreadable(item, unreadable, batch)
-        await self.store.complete_work([item.queue_id], batch.actions, batch.audit, batch.state)
+        await self.store.queue.complete([item.queue_id], batch.actions, batch.audit, batch.state)
         for callback in batch.after_commit:
             callback()
         if batch.actions:
@@ -302,10 +302,10 @@ class Worker:
             if room_id not in self.joined_rooms:
                 batch.actions.append(self.services.rooms.reconcile(room_id, "bot joined"))
             self.joined_rooms.add(room_id)
-            await self.store.upsert_room(room_id, joined=True)
+            await self.store.rooms.upsert(room_id, joined=True)
         elif membership in ("leave", "ban"):
             self.joined_rooms.discard(room_id)
-            await self.store.upsert_room(room_id, joined=False)
+            await self.store.rooms.upsert(room_id, joined=False)
 
     def _other_member(
         self, room_id: str, user: str, membership: str, batch: Batch, cfg: Config
@@ -341,7 +341,7 @@ class Worker:
             room_id,
             event.get("event_id"),
         )
-        await self.store.upsert_room(room_id, lacking=DRIFTED)
+        await self.store.rooms.upsert(room_id, lacking=DRIFTED)
         batch.actions.append(self.services.rooms.reconcile(room_id, f"drift of {etype}"))
         if self.services.management_room:
             batch.actions.append(
