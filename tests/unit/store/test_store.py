@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from bridge.store import AuditEntry, NewAction, Store, StoreSettings
 from tests.kit.store import actions_by_status, count_events, get_action
 
@@ -63,6 +66,35 @@ async def test_complete_work_is_atomic_with_actions_and_audit(store: Store) -> N
     assert await store.state.get("k") == "v"
     kinds = [r["kind"] async for r in store.reader.iter()]
     assert kinds == ["event", "decision"]
+
+
+async def test_repositories_compose_in_one_commit(store: Store) -> None:
+    """Several repositories written through one ``records.write`` commit or roll back as
+    one: the state value, the action and the audit record, and the chain head with them."""
+    await store.keys.op_key()  # before the transaction (SQLite: one writer)
+    action = NewAction("notice", {"body": "x"}, room_id="!r:x")
+
+    async def doomed(conn: AsyncConnection) -> None:
+        await store.state.put(conn, "k", "v")
+        await store.actions.insert(conn, [action])
+        await store.records.append_audit(conn, [AuditEntry("command", {"n": 1})])
+        raise RuntimeError("abort")
+
+    with pytest.raises(RuntimeError, match="abort"):
+        await store.records.write(doomed)
+    assert await store.state.get("k") is None
+    assert await get_action(store, action.id) is None
+    assert [r async for r in store.reader.iter()] == []
+
+    async def together(conn: AsyncConnection) -> None:
+        await store.state.put(conn, "k", "v")
+        await store.actions.insert(conn, [action])
+        await store.records.append_audit(conn, [AuditEntry("command", {"n": 2})])
+
+    await store.records.write(together)
+    assert await store.state.get("k") == "v"
+    assert await get_action(store, action.id) is not None
+    assert [(r["seq"], r["data"]) async for r in store.reader.iter()] == [(1, {"n": 2})]
 
 
 async def test_sequence_continues_after_reopen(store: Store) -> None:
