@@ -52,7 +52,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql import sqltypes
 
 from bridge.http.transactions import PREFIX, AppserviceAPI
-from bridge.store import Store, schema
+from bridge.store import Database, Store, schema
 
 EVENTS_PER_TXN = 100
 ROOMS = 50
@@ -439,9 +439,7 @@ class PostgresBackend(Backend):
             pool_pre_ping=True,
             connect_args={"server_settings": {"search_path": self.schema}},
         )
-        store = Store(engine)
-        await store.migrate()
-        return store
+        return await Store.open_on(Database(engine, make_url(self.url)))
 
 
 # ---------------------------------------------------------------------------------------

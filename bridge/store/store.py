@@ -102,7 +102,12 @@ class Store:
         stored data keys, KeyringMissingError if the database holds records but no keyring
         was given.
         """
-        db = Database.create(url, pool_size=settings.pool_size)
+        return await cls.open_on(Database.create(url, pool_size=settings.pool_size), settings)
+
+    @classmethod
+    async def open_on(cls, db: Database, settings: StoreSettings = StoreSettings()) -> Store:
+        """:meth:`open` on a database whose engine the caller made (``pool_size`` unused);
+        the store closes it."""
         keys = KeyRepository(db, settings.keyring, settings.keyring_path)
         records = RecordLog(
             db,
