@@ -1,7 +1,7 @@
 """Benchmark of ``audit verify`` and ``audit export`` over a real store, against floors.
 
 Builds a store of N records (default 1,000,000; realistic client-format events from
-``bench/ingest.py``'s generator, appended through ``Store.ingest_transaction`` in batches of
+``bench/ingest.py``'s generator, appended through ``WorkQueue.ingest`` in batches of
 1,000: encrypted, chained, checkpointed every 1,000 records as configured by default), then
 runs the real CLI as a child process, exactly as an operator would::
 
@@ -64,8 +64,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bridge.audit.chain import GENESIS, ChainVerifier, load_or_create_signing_key
 from bridge.audit.keyring import Keyring
-from bridge.store import Store
-from bridge.store.store import iter_chain, load_checkpoints
+from bridge.store import Store, StoreSettings, iter_chain, load_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_VERIFY = 100_000
@@ -197,10 +196,12 @@ async def build_store(url: str, directory: Path, n: int) -> dict[str, Any]:
     signing = load_or_create_signing_key(signing_path)
     store = await Store.open(
         url,
-        keyring=keyring,
-        signing_key=signing,
-        checkpoint_every=1000,
-        checkpoint_log=signing_path.with_name("audit-signing.checkpoints.jsonl"),
+        StoreSettings(
+            keyring=keyring,
+            signing_key=signing,
+            checkpoint_every=1000,
+            checkpoint_log=signing_path.with_name("audit-signing.checkpoints.jsonl"),
+        ),
     )
     factory = EventFactory(uuid.uuid4().hex[:8])
     t = time.perf_counter()
@@ -208,7 +209,7 @@ async def build_store(url: str, directory: Path, n: int) -> dict[str, Any]:
     try:
         while done < n:
             k = min(BATCH, n - done)
-            await store.ingest_transaction(f"b{done}", [factory.event() for _ in range(k)])
+            await store.queue.ingest(f"b{done}", [factory.event() for _ in range(k)])
             done += k
             if done % 100_000 == 0:
                 rate = done / (time.perf_counter() - t)
@@ -388,7 +389,7 @@ class Busy:
 async def bench_backend(
     label: str, url: str, directory: Path, n: int, busy: int = 0
 ) -> dict[str, Any]:
-    print(f"{label}: building a store of {n:,} records through Store.ingest_transaction …")
+    print(f"{label}: building a store of {n:,} records through WorkQueue.ingest …")
     built = await build_store(url, directory, n)
     print(f"    built in {built['seconds']:.1f}s ({n / built['seconds']:,.0f} records/s)")
     engine = create_async_engine(url)
@@ -450,7 +451,7 @@ def report(label: str, res: dict[str, Any], n: int) -> bool:
     print(fmt("floor: ChainVerifier.feed, records in memory", fl["verifier"]))
     print(fmt("floor: AES-256-GCM decrypt + json.loads", fl["decrypt"]))
     print(fmt("floor: driver alone streaming every row", fl["read"]))
-    print(fmt("build: Store.ingest_transaction, 1,000 per commit", res["build"]))
+    print(fmt("build: WorkQueue.ingest, 1,000 per commit", res["build"]))
     print(
         fmt(
             "audit verify (CLI process, wall time)",

@@ -8,7 +8,7 @@ same run on the same machine:
 - json.loads floor: parsing the same transaction bodies;
 - raw SQLite floor: stdlib sqlite3 ``executemany`` of 100-row batches into a table with the
   same columns, WAL, synchronous=FULL, one commit per batch (what the store configures);
-- store floor: ``json.loads(body)`` + ``Store.ingest_transaction`` in a tight loop, no HTTP,
+- store floor: ``json.loads(body)`` + ``WorkQueue.ingest`` in a tight loop, no HTTP,
   on a fresh database. The HTTP figures are reported as a ratio to this floor.
 
 Run: ``python bench/ingest.py`` (3 rounds x 200 transactions per measurement),
@@ -52,7 +52,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql import sqltypes
 
 from bridge.http.transactions import PREFIX, AppserviceAPI
-from bridge.store import Store, schema
+from bridge.store import Database, Store, schema
 
 EVENTS_PER_TXN = 100
 ROOMS = 50
@@ -439,9 +439,7 @@ class PostgresBackend(Backend):
             pool_pre_ping=True,
             connect_args={"server_settings": {"search_path": self.schema}},
         )
-        store = Store(engine)
-        await store.migrate()
-        return store
+        return await Store.open_on(Database(engine, make_url(self.url)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -453,7 +451,7 @@ async def floor_store(backend: Backend, warm: list[bytes], bodies: list[bytes]) 
     store = await backend.fresh()
     try:
         loads = json.loads
-        ingest = store.ingest_transaction
+        ingest = store.queue.ingest
         for i, b in enumerate(warm):
             await ingest(f"warm-{i}", loads(b)["events"])
         gc.collect()
@@ -670,7 +668,7 @@ async def amain(args: argparse.Namespace) -> int:
             continue
         floor = res["store"]
         print(f"{name}:")
-        print(fmt_rate("store floor: json.loads + Store.ingest_transaction", floor))
+        print(fmt_rate("store floor: json.loads + WorkQueue.ingest", floor))
         print(f"  {'':<50} {cpu_note(floor)}")
         for c in args.concurrency:
             r = res[f"http-c{c}"]

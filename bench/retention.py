@@ -7,7 +7,7 @@ them with a per-tick cap large enough to take everything. The executor is stubbe
 commit hook counts the actions it would have queued and writes the sweeper's progress and
 audit records to the real store (so those costs are in the figures).
 
-Reported per size: rooms/s and events/s of the sweep; the floor, ``Store.iter_records``
+Reported per size: rooms/s and events/s of the sweep; the floor, ``RecordReader.iter``
 (the store's own streaming, decrypting reader) over the same events, and the ratio; the
 sweep's peak RSS above the RSS before it (the kernel's high-water mark, reset before the
 sweep) and the tracemalloc peak of a second, traced sweep (progress reset in between).
@@ -37,7 +37,7 @@ from sqlalchemy import delete
 from bridge.config import Config, build_config
 from bridge.pipeline.live_policy import build_engine
 from bridge.pipeline.sweeper import PROGRESS_PREFIX, TOTALS_KEY, RetentionSweeper, SweepSettings
-from bridge.store import AuditEntry, NewAction, Store
+from bridge.store import AuditEntry, NewAction, Store, StoreSettings
 from bridge.store.schema import state
 
 DAY = 86_400_000
@@ -83,7 +83,7 @@ def _room(i: int) -> str:
 
 async def populate(store: Store, n_rooms: int, per_room: int, old_ts: int) -> float:
     t0 = time.perf_counter()
-    await store.upsert_rooms([_room(i) for i in range(n_rooms)], joined=True)
+    await store.rooms.upsert_many([_room(i) for i in range(n_rooms)], joined=True)
     for i in range(n_rooms):
         room = _room(i)
         events = [
@@ -98,12 +98,12 @@ async def populate(store: Store, n_rooms: int, per_room: int, old_ts: int) -> fl
             }
             for j in range(per_room)
         ]
-        await store.ingest_transaction(f"txn{i}", events)
+        await store.queue.ingest(f"txn{i}", events)
     return time.perf_counter() - t0
 
 
 async def reset_progress(store: Store) -> None:
-    async with store.engine.begin() as conn:
+    async with store.db.engine.begin() as conn:
         await conn.execute(delete(state).where(state.c.key.like(PROGRESS_PREFIX + "%")))
         await conn.execute(delete(state).where(state.c.key == TOTALS_KEY))
 
@@ -112,7 +112,9 @@ async def child(n_rooms: int, per_room: int) -> dict[str, Any]:
     cfg = _config()
     now = int(time.time() * 1000)
     with tempfile.TemporaryDirectory(prefix="bench-retention-") as tmp:
-        store = await Store.open(f"sqlite+aiosqlite:///{tmp}/bridge.db", checkpoint_every=100_000)
+        store = await Store.open(
+            f"sqlite+aiosqlite:///{tmp}/bridge.db", StoreSettings(checkpoint_every=100_000)
+        )
         try:
             populate_s = await populate(store, n_rooms, per_room, now - 60 * DAY)
             engine = build_engine(cfg, {})
@@ -123,7 +125,7 @@ async def child(n_rooms: int, per_room: int) -> dict[str, Any]:
             ) -> None:
                 for a in actions:  # the stubbed executor: collects (counts) the actions
                     counted[a.kind] = counted.get(a.kind, 0) + 1
-                await store.complete_work([], [], audit, updates)
+                await store.queue.complete([], [], audit, updates)
 
             def sweeper() -> RetentionSweeper:
                 return RetentionSweeper(
@@ -138,7 +140,7 @@ async def child(n_rooms: int, per_room: int) -> dict[str, Any]:
             # floor: the store's own decrypting reader over the same events
             t0 = time.perf_counter()
             floor_events = 0
-            async for _rec in store.iter_records(kind="event"):
+            async for _rec in store.reader.iter(kind="event"):
                 floor_events += 1
             floor_s = time.perf_counter() - t0
 

@@ -128,7 +128,7 @@ class Bridge:
         app.add_routes(
             health_routes(
                 lambda: self.ready,
-                HealthInfo(self.version, self.started_monotonic, self.store.backend),
+                HealthInfo(self.version, self.started_monotonic, self.store.db.backend),
             )
         )
         app.add_routes(main_listener_metrics(self.config.metrics))
@@ -199,7 +199,7 @@ class Bridge:
             on_actions=self.executor.wake,
         )
         await self.sweeper.load()
-        self.redelivery = RedeliveryNudger(self.store.reachable, self.ping.until_reached)
+        self.redelivery = RedeliveryNudger(self.store.db.reachable, self.ping.until_reached)
         self.reloader = Reloader(
             self.config_path,
             config=lambda: self.config,
@@ -229,7 +229,7 @@ class Bridge:
             "listening on %s:%d (database: %s)",
             cfg.appservice.hostname,
             cfg.appservice.port,
-            self.store.backend,
+            self.store.db.backend,
         )
 
     # -- startup ------------------------------------------------------------------------
@@ -311,7 +311,7 @@ class Bridge:
     async def sink_append(self, entry: AuditEntry) -> None:
         """Record an audit entry now if possible, else through the background sink."""
         try:
-            await self.store.append([entry])
+            await self.store.records.append([entry])
         except StoreUnavailable:
             self.sink.submit(entry)
 

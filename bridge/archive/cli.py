@@ -58,8 +58,15 @@ from bridge.audit.keyring import KeyringError
 from bridge.audit.kinds import AuditKind, split_type_filter
 from bridge.config import Config, ConfigError, load_config
 from bridge.policy.durations import parse_instant
-from bridge.store import AuditEntry, Store, StoreError, StoreUnavailable
-from bridge.store.store import iter_chain_batches, load_checkpoints, load_removals
+from bridge.store import (
+    AuditEntry,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    iter_chain_batches,
+    load_checkpoints,
+    load_removals,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -324,7 +331,7 @@ async def _open_for_reading(config: Config) -> Store:
 
 
 def _query(args: argparse.Namespace) -> dict[str, Any]:
-    """The filters as arguments of ``Store.iter_record_batches`` (all but ``--text``)."""
+    """The filters as arguments of ``RecordReader.iter_batches`` (all but ``--text``)."""
     # --type matches the event type of events, and the kind of other records
     kind_filter, type_filter = split_type_filter(args.type)
     return {
@@ -346,7 +353,7 @@ async def _match_batches(
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """Matching records, decrypted, in batches (one await per batch, not per record)."""
     words = _words(args)
-    batches = store.iter_record_batches(**_query(args), raw_json=raw_json)
+    batches = store.reader.iter_batches(**_query(args), raw_json=raw_json)
     async with contextlib.aclosing(batches):
         async for recs in batches:
             recs = text_matches(recs, words)
@@ -394,7 +401,7 @@ async def cmd_search(config: Config, args: argparse.Namespace) -> int:
                     print(f"(stopped at --limit {args.limit})", file=sys.stderr)
                     break
         actor = args.actor or getpass.getuser()
-        await store.append(
+        await store.records.append(
             [
                 AuditEntry(
                     AuditKind.COMMAND,
@@ -473,7 +480,7 @@ async def _export_jobs(
     cpus = _cpus()
     if cpus < 2 or to_stdout:
         return 1
-    if await store.count_records(**_query(args), at_most=PARALLEL_FROM) < PARALLEL_FROM:
+    if await store.reader.count(**_query(args), at_most=PARALLEL_FROM) < PARALLEL_FROM:
         return 1
     spare = await _spare_cpus(since)
     if spare is not None and min(spare, cpus) < SPARE_CPUS_FOR_WORKERS:
@@ -548,7 +555,7 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
         if private is not None:
             private.commit()  # the file is in place before the record says so
         actor = args.actor or getpass.getuser()
-        await store.append(
+        await store.records.append(
             [
                 AuditEntry(
                     AuditKind.EXPORT,
@@ -601,11 +608,11 @@ async def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
         new = keyring.add_kek()
         keyring.save(path)  # first: a crash now leaves a keyring that still has the old KEKs
         done.update(new_kek=new.id, old_keks=old)
-        changed = await store.rewrap_data_keys()
+        changed = await store.keys.rewrap()
         done.update(rewrapped=changed, removed_old=False)
         print(f"added KEK {new.id}; re-wrapped {changed} data keys under it")
         if args.remove_old:
-            usage = await store.kek_usage()
+            usage = await store.keys.kek_usage()
             still = {k: n for k, n in usage.items() if k != new.id}
             if still:
                 done["not_removed"] = f"data keys still use {still}"
@@ -628,7 +635,7 @@ async def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
     finally:
         try:
             if done:  # the keyring changed: record it, even when a later step failed
-                await store.append(
+                await store.records.append(
                     [
                         AuditEntry(
                             AuditKind.COMMAND,

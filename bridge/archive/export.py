@@ -21,8 +21,6 @@ import io
 import json
 import os
 import secrets
-import sys
-import types
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -211,13 +209,6 @@ _worker_keys: dict[str, DataKey] = {}
 
 def init_worker() -> None:
     """Start of a worker process: load what opening records needs, and only that."""
-    if "bridge.store" not in sys.modules:
-        # bridge/store/__init__.py imports the whole store (SQLAlchemy: ≈ 30 MB and 0.3 s
-        # per process); decoding needs two of its modules, both standard-library only
-        # (codec, models): a bare package lets them load alone.
-        pkg = types.ModuleType("bridge.store")
-        pkg.__path__ = [str(Path(__file__).resolve().parent.parent / "store")]
-        sys.modules["bridge.store"] = pkg
     from bridge.audit import decode  # noqa: F401
 
     keep_heap_pages()
@@ -246,7 +237,7 @@ def export_batch(
     """Open, filter and format one batch of sealed rows: ``(output, records written)``.
 
     Runs in a worker process (or anywhere: it is pure). ``material`` and ``shredded`` as
-    :meth:`bridge.store.keys.KeysMixin.key_material` returns them.
+    :meth:`bridge.store.keys.KeyRepository.key_material` returns them.
     """
     from bridge.audit.decode import decode_rows
 

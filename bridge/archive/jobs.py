@@ -2,8 +2,9 @@
 
 ``run_audit_jobs(...)`` is spawned once the bridge has started. It
 
-* runs archive expiry (:meth:`bridge.store.Store.expire_archive`) at start and then every
-  ``audit.archive_expiry_interval`` when ``audit.archive_retention`` is set, and
+* runs archive expiry (:meth:`bridge.store.archive_expiry.ArchiveExpiry.expire`) at start
+  and then every ``audit.archive_expiry_interval`` when ``audit.archive_retention`` is set,
+  and
 * posts new checkpoint heads to the management room (``audit.post_checkpoints``), at most
   one notice per ``audit.checkpoint_post_interval``; a checkpoint written in between is
   remembered, and the newest one is posted when the interval has passed.
@@ -103,7 +104,7 @@ class CheckpointPoster:
 
 
 async def expire_once(store: Store, retention_ms: int) -> None:
-    report = await store.expire_archive(retention_ms)
+    report = await store.expiry.expire(retention_ms)
     log.info(
         "archive expiry: %d records expired, %d skipped (legal hold), %d room keys destroyed",
         report.expired,
@@ -133,7 +134,7 @@ async def run_audit_jobs(
             cfg.checkpoint_post_interval_s,
             scheduler=scheduler,
         )
-        store.on_checkpoint = poster
+        store.records.on_checkpoint = poster
     retention = cfg.archive_retention_ms
     next_expiry = time.monotonic()
     try:
@@ -151,5 +152,5 @@ async def run_audit_jobs(
                     next_expiry = time.monotonic() + min(RETRY_S, cfg.archive_expiry_interval_s)
             await asyncio.sleep(TICK_S)
     finally:
-        if store.on_checkpoint is poster:
-            store.on_checkpoint = None
+        if store.records.on_checkpoint is poster:
+            store.records.on_checkpoint = None

@@ -1,9 +1,9 @@
 """``audit export`` through worker processes.
 
 The main process reads the sealed rows by keyset pages as the in-process path does
-(:meth:`bridge.store.reading.ReadingMixin.iter_sealed_batches`) and hands each batch, with the
+(:meth:`bridge.store.reading.RecordReader.iter_sealed_batches`) and hands each batch, with the
 raw data keys it needs and the ids of shredded keys among its key ids
-(:meth:`bridge.store.keys.KeysMixin.key_material`), to a pool of worker processes
+(:meth:`bridge.store.keys.KeyRepository.key_material`), to a pool of worker processes
 (``spawn``: never ``fork`` an asyncio program). A worker opens, filters and formats the batch
 (:func:`bridge.archive.export.export_batch`) and returns its output, encoded. The main process
 writes the chunks in submission order, so in seq order, with at most ``2 * jobs`` batches in
@@ -27,6 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from bridge.archive.export import export_batch, init_worker, keep_heap_pages
+from bridge.audit.decode import RecordError
+from bridge.store.models import StoreError
 
 if TYPE_CHECKING:
     from bridge.store import Store
@@ -64,7 +66,7 @@ async def export_parallel(
     batch: int = 2000,
     task_rows: int = TASK_ROWS,
 ) -> int:
-    """Export the records ``query`` matches (:meth:`Store.iter_sealed_batches` arguments)
+    """Export the records ``query`` matches (:meth:`RecordReader.iter_sealed_batches` arguments)
     through ``jobs`` worker processes, writing the output with ``write`` in seq order;
     returns how many records were written.
 
@@ -86,7 +88,10 @@ async def export_parallel(
     async def finish_one() -> None:
         nonlocal n
         fut, last = in_flight.popleft()
-        chunk, k = await fut
+        try:
+            chunk, k = await fut
+        except RecordError as e:  # raised in a worker: the store's error, as in-process
+            raise StoreError(str(e)) from None
         page.append(chunk)
         n += k
         if last:
@@ -95,12 +100,12 @@ async def export_parallel(
             page.clear()
 
     try:
-        pages = store.iter_sealed_batches(**query, batch=batch)
+        pages = store.reader.iter_sealed_batches(**query, batch=batch)
         async with contextlib.aclosing(pages) as rows_it:
             async for rows in rows_it:
                 for i in range(0, len(rows), task_rows):
                     task = [tuple(r) for r in rows[i : i + task_rows]]
-                    material, shredded = store.key_material(r[5] for r in task)
+                    material, shredded = store.keys.key_material(r[5] for r in task)
                     fut = loop.run_in_executor(
                         pool, export_batch, task, material, shredded, fmt, words
                     )

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bridge.audit.chain import load_or_create_signing_key
 from bridge.audit.keyring import ENV_VAR, Keyring, KeyringMissingError
 from bridge.config import AuditConfig, Config
-from bridge.store import Store, StoreError
+from bridge.store import Store, StoreError, StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +75,23 @@ async def open_store(
     keyring, path = load_keyring(cfg, env)
     store = await Store.open(
         config.database.url,
-        pool_size=config.database.pool_size,
-        create=create,
-        keyring=keyring,
-        keyring_path=path,
-        signing_key=load_signing_key(cfg) if sign else None,
-        checkpoint_every=cfg.checkpoint_every,
-        checkpoint_log=cfg.checkpoint_log,
-        rewrap_keys=create,
-        sign_checkpoints=sign,
+        StoreSettings(
+            pool_size=config.database.pool_size,
+            create=create,
+            keyring=keyring,
+            keyring_path=path,
+            signing_key=load_signing_key(cfg) if sign else None,
+            checkpoint_every=cfg.checkpoint_every,
+            checkpoint_log=cfg.checkpoint_log,
+            rewrap_keys=create,
+            sign_checkpoints=sign,
+        ),
     )
     if create:  # the bridge (the CLI opens with create=False and writes nothing here)
         try:
-            changes = await store.sync_config_holds(cfg.legal_hold_rooms, cfg.legal_hold_users)
+            changes = await store.holds.sync_config(cfg.legal_hold_rooms, cfg.legal_hold_users)
             try:
-                await store.record_earlier_removals()
+                await store.expiry.record_earlier_removals()
             except StoreError as e:  # not a reason to stop: verify names what is unrecorded
                 log.error("could not record the removals of earlier expiry runs: %s", e)
         except BaseException:

@@ -61,7 +61,7 @@ class AuditSink:
         """Write everything buffered now; raises StoreUnavailable (records are kept)."""
         while self._buffer:
             chunk = [self._buffer[i] for i in range(min(self.batch, len(self._buffer)))]
-            await self.store.append([entry for entry, _ in chunk])
+            await self.store.records.append([entry for entry, _ in chunk])
             for _ in chunk:
                 self._buffer.popleft()
             for _, done in chunk:

@@ -1,10 +1,10 @@
 """Opening sealed audit records: the one copy of the logic, pure (no database, no I/O).
 
-Used by the store's reads (:meth:`bridge.store.reading.ReadingMixin.iter_record_batches`,
-:meth:`bridge.store.keys.KeysMixin._decrypt`) and by the export's worker processes
+Used by the store's reads (its record reader and its key repository's ``decrypt``) and
+by the export's worker processes
 (:mod:`bridge.archive.export`), which get the data keys of each batch from the store. It
-imports nothing that needs SQLAlchemy (``bridge.store.codec`` and ``bridge.store.models``
-are standard-library only), so a worker can load it without the whole store.
+imports nothing from the store and nothing that needs SQLAlchemy, so a worker can load it
+alone. Its errors are :class:`RecordError`; the store raises them as its ``StoreError``.
 """
 
 from __future__ import annotations
@@ -13,14 +13,19 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 from bridge.audit.chain import SHRED_KIND
+from bridge.audit.codec import loads, str_or_none
 from bridge.audit.crypto import GLOBAL_SCOPE, DataKey, RecordDecryptError, decrypt_record
 from bridge.audit.kinds import AuditKind
-from bridge.store.codec import loads, str_or_none
-from bridge.store.models import StoreError
+
+
+class RecordError(Exception):
+    """A record cannot be opened: it fails to authenticate, its data key is unknown, or its
+    plaintext is not a JSON object. The message names the record, never its content."""
+
 
 _EVENT = AuditKind.EVENT  # bound once: compared for every record
 
-#: The columns of a sealed row, in this order (see ``bridge.store.reading._READ``).
+#: The columns of a sealed row, in this order (the store's reader selects them so).
 SEALED_COLUMNS = ("seq", "ts", "kind", "origin_ts", "room_idx", "key_id", "nonce", "ciphertext")
 
 
@@ -36,7 +41,7 @@ def open_sealed(
     """Plaintext of a record; None if its ciphertext expired or its data key was shredded.
 
     ``keys`` holds the data keys by id (at least this record's, where the store has it);
-    ``shredded`` the ids that shred records say were destroyed. Raises StoreError naming the
+    ``shredded`` the ids that shred records say were destroyed. Raises RecordError naming the
     record if it fails to authenticate, or if its data key is neither in ``keys`` nor in
     ``shredded`` (deleted outside the bridge).
     """
@@ -46,7 +51,7 @@ def open_sealed(
     if dk is None:
         if key_id in shredded:
             return None
-        raise StoreError(
+        raise RecordError(
             f"audit record seq {seq}: its data key {key_id!r} is not in the store and no "
             f"shred record says it was destroyed (deleted outside the bridge, or a store "
             f"from before shred records: start the bridge once to record earlier expiry)"
@@ -56,7 +61,7 @@ def open_sealed(
             dk, seq, bytes(room) if room is not None else GLOBAL_SCOPE, bytes(nonce), bytes(ct)
         )
     except RecordDecryptError as e:
-        raise StoreError(str(e)) from None
+        raise RecordError(str(e)) from None
 
 
 def decode_rows(
@@ -74,7 +79,7 @@ def decode_rows(
     ``data`` is ``{"destroyed_key_id": …}`` from its plain columns. With ``raw_json`` an
     event's dict also holds ``json``: its stored JSON text (UTF-8 bytes), exactly as
     archived. Errors as
-    :func:`open_sealed`; a plaintext that is not a JSON object is a StoreError too.
+    :func:`open_sealed`; a plaintext that is not a JSON object is a RecordError too.
     """
     out: list[dict[str, Any]] = []
     append = out.append
@@ -104,9 +109,9 @@ def decode_rows(
         try:
             obj = loads(pt)
         except ValueError:
-            raise StoreError(f"audit record seq {seq}: plaintext is not JSON") from None
+            raise RecordError(f"audit record seq {seq}: plaintext is not JSON") from None
         if not isinstance(obj, dict):
-            raise StoreError(f"audit record seq {seq}: plaintext is not a JSON object")
+            raise RecordError(f"audit record seq {seq}: plaintext is not a JSON object")
         get = obj.get
         if rkind == _EVENT:
             rec = {

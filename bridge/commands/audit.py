@@ -4,7 +4,7 @@ Replies are summaries: counts, record kinds, room IDs, event IDs and times, neve
 content, so an auditor's search cannot pour other rooms' messages into a chat room (the
 ``audit search`` / ``audit export`` CLI is the way to read records).
 
-A hold change is committed by :meth:`bridge.store.Store.set_hold` together with its own
+A hold change is committed by :meth:`bridge.store.holds.HoldRepository.set` together with its own
 ``hold`` audit record (the hold table is not part of the staged command state); the
 command's record follows in the worker's commit.
 """
@@ -87,7 +87,7 @@ async def hold_on(ctx: CommandContext) -> Reply:
     """Put a room or user on legal hold (committed with its own audit record)."""
     scope, target = await _target(ctx)
     reason = ctx.flags.get("reason")
-    result = await ctx.services.store.set_hold(scope, target, True, by=ctx.sender, reason=reason)
+    result = await ctx.services.store.holds.set(scope, target, True, by=ctx.sender, reason=reason)
     ctx.audit.update(hold={"scope": scope, "target": target, "result": result})
     if result == "unchanged":
         return Reply.plain(f"{scope.title()} {target} is already on legal hold.")
@@ -108,7 +108,7 @@ async def hold_on(ctx: CommandContext) -> Reply:
 async def hold_off(ctx: CommandContext) -> Reply:
     """Lift a hold set by command; holds from the config stay."""
     scope, target = await _target(ctx)
-    result = await ctx.services.store.set_hold(
+    result = await ctx.services.store.holds.set(
         scope, target, False, by=ctx.sender, reason=ctx.flags.get("reason")
     )
     ctx.audit.update(hold={"scope": scope, "target": target, "result": result})
@@ -125,7 +125,7 @@ async def hold_off(ctx: CommandContext) -> Reply:
 @commands.command("hold", "list", summary="rooms and users on legal hold", role=Role.AUDITOR)
 async def hold_list(ctx: CommandContext) -> Reply:
     """Every room and user on legal hold."""
-    holds = await ctx.services.store.list_holds()
+    holds = await ctx.services.store.holds.entries()
     items = []
     for h in holds:
         who = "config.yaml" if h.source == "config" else (h.by or "?")
@@ -157,7 +157,7 @@ async def audit_verify(ctx: CommandContext) -> Reply:
     except (OSError, SigningKeyError) as e:
         raise CommandError(f"audit.previous_public_keys: {e}") from None
     report = await verify_store(
-        svc.store.engine, [svc.store.signing_key.public_key(), *earlier], cfg.checkpoint_log
+        svc.store.db.engine, [svc.store.signing_key.public_key(), *earlier], cfg.checkpoint_log
     )
     took = time.monotonic() - started
     ctx.audit.update(
@@ -222,7 +222,9 @@ async def audit_search(ctx: CommandContext) -> Reply:
         "since": _ms(f.get("since"), "since"),
         "until": _ms(f.get("until"), "until"),
     }
-    summary = await ctx.services.store.search_summary(**filters, groups=GROUPS, latest=LATEST)
+    summary = await ctx.services.store.reader.search_summary(
+        **filters, groups=GROUPS, latest=LATEST
+    )
     ctx.audit.update(matches=summary.total)
     used = " ".join(f"--{k} {v}" for k, v in f.items() if v) or "(no filter)"
     if not summary.total:

@@ -47,10 +47,10 @@ async def help_cmd(ctx: CommandContext) -> Reply:
 async def status_cmd(ctx: CommandContext) -> Reply:
     """Version, uptime, database, counters, and the retention sweeper's state."""
     svc = ctx.services
-    stats = await svc.store.stats()
+    stats = await svc.store.stats.snapshot()
     items = [
         f"version {__version__}, up {_duration(time.monotonic() - svc.started_monotonic)}",
-        f"database: {svc.store.backend}",
+        f"database: {svc.store.db.backend}",
         f"rooms known: {stats.rooms_known}",
         f"events stored: {stats.events} ({stats.records} records in all)",
         f"queue: {stats.queue_depth} transactions waiting, lag {stats.queue_lag_s:.1f}s",

@@ -67,7 +67,7 @@ def _preview(ctx: CommandContext, section: str, doc: Mapping[str, Any]) -> Polic
 async def _target_rooms(ctx: CommandContext) -> list[str]:
     """The joined rooms a change in the command's scope reaches (its rollout)."""
     live = ctx.services.policy
-    joined = {r["room_id"] for r in await ctx.services.store.list_rooms() if r["joined"]}
+    joined = {r["room_id"] for r in await ctx.services.store.rooms.known() if r["joined"]}
     covered = rooms_in_scope(scope_of(ctx), joined, live.room_spaces, ctx.services.management_room)
     return [r for r in covered if r in joined]
 
@@ -318,7 +318,7 @@ async def rooms_cmd(ctx: CommandContext) -> Reply:
     page = int(raw_page)
     counts = dict.fromkeys(ROOM_FILTERS[1:], 0)
     items = []
-    for r in await ctx.services.store.list_rooms():
+    for r in await ctx.services.store.rooms.known():
         if r["room_id"] == ctx.services.management_room:
             continue
         state, text = _room_state(r)

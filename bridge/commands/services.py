@@ -13,14 +13,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mautrix.types import RoomAlias, RoomAliasInfo
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bridge.config import Config
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.federation import FederationPolicy
-from bridge.store import HoldInfo, NewAction, SearchSummary, StoreStats
+from bridge.store import NewAction, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,42 +110,6 @@ class AliasResolver(Protocol):
     async def resolve_room_alias(self, room_alias: RoomAlias) -> RoomAliasInfo: ...
 
 
-class CommandStore(Protocol):
-    """The store, as far as commands read and write it."""
-
-    @property
-    def backend(self) -> str: ...
-
-    @property
-    def engine(self) -> AsyncEngine: ...
-
-    @property
-    def signing_key(self) -> Ed25519PrivateKey: ...
-
-    async def stats(self) -> StoreStats: ...
-
-    async def list_rooms(self) -> list[dict[str, Any]]: ...
-
-    async def list_holds(self) -> list[HoldInfo]: ...
-
-    async def set_hold(
-        self, scope: str, target: str, on: bool, *, by: str | None, reason: str | None = None
-    ) -> str: ...
-
-    async def search_summary(
-        self,
-        *,
-        kind: str | None = None,
-        room: str | None = None,
-        sender: str | None = None,
-        type: str | None = None,
-        since: int | None = None,
-        until: int | None = None,
-        groups: int = 15,
-        latest: int = 5,
-    ) -> SearchSummary: ...
-
-
 class CommandServices(Protocol):
     """Everything a command handler may use of the running bridge."""
 
@@ -155,7 +117,7 @@ class CommandServices(Protocol):
     def config(self) -> Config: ...
 
     @property
-    def store(self) -> CommandStore: ...
+    def store(self) -> Store: ...
 
     @property
     def policy(self) -> LivePolicyView: ...
@@ -191,11 +153,11 @@ class CommandServices(Protocol):
 __all__ = [
     "AliasResolver",
     "CommandServices",
-    "CommandStore",
     "LivePolicyView",
     "RemovedMembers",
     "RetentionStatus",
     "RetroScan",
     "RoomRollouts",
     "StagedChange",
+    "Store",
 ]

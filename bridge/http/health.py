@@ -114,13 +114,13 @@ async def start_metrics_listener(config: MetricsConfig) -> web.AppRunner | None:
 
 async def refresh_gauges_once(store: Store) -> None:
     """Set the gauges that come from the store (queue, backlog, records, checkpoint age)."""
-    stats = await store.stats()
+    stats = await store.stats.snapshot()
     gauges.QUEUE_DEPTH.set(stats.queue_depth)
     gauges.QUEUE_LAG.set(stats.queue_lag_s)
     gauges.ACTIONS_BACKLOG.labels("pending").set(stats.actions_pending)
     gauges.ACTIONS_BACKLOG.labels("failed").set(stats.actions_failed)
     gauges.AUDIT_RECORDS.set(stats.records)
-    cp_ts = store.last_checkpoint_ts
+    cp_ts = store.records.last_checkpoint_ts
     if cp_ts:
         gauges.CHECKPOINT_AGE.set(max(0.0, time.time() - cp_ts / 1000))
 

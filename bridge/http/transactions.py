@@ -110,7 +110,7 @@ class AppserviceAPI:
             metrics.TRANSACTIONS.labels("bad_json").inc()
             return matrix_error(400, "M_BAD_JSON", "expected an object with an 'events' list")
         try:
-            result = await self.store.ingest_transaction(txn_id, events)
+            result = await self.store.queue.ingest(txn_id, events)
         except StoreUnavailable as e:
             metrics.TRANSACTIONS.labels("store_unavailable").inc()
             log.error("transaction %s not stored, asking Synapse to retry: %s", txn_id, e)

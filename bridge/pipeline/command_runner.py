@@ -56,7 +56,7 @@ class CommandRunner:
 
     async def load(self) -> None:
         """Read the commands awaiting confirmation."""
-        raw = await self.store.get_state(CONFIRMATIONS_KEY)
+        raw = await self.store.state.get(CONFIRMATIONS_KEY)
         if raw:
             self.pending_confirmations = json.loads(raw)
 

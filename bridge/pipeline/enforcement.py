@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 ROLLOUT_KEY = "rollout"
 #: Memberships the planner removes when the server is excluded.
 PRESENT = frozenset({"join", "invite", "knock"})
-#: Fields of a room's sealed record (``Store.update_rooms_data``).
+#: Fields of a room's sealed record (``RoomRepository.update_data``).
 MEMBERS_FIELD = "members"  # {user_id: membership} of present members (remote ones when known)
 REPORTED_FIELD = "reported"  # the lack last reported to the management room
 #: A lack longer than this is cut in notices (a room with many unkickable members).
@@ -171,7 +171,7 @@ class RoomEnforcer:
         """Read the rooms' members and reported lacks; resume reporting a rollout that was
         running before a restart."""
         await self._load_rooms()
-        raw = await self.store.get_state(ROLLOUT_KEY)
+        raw = await self.store.state.get(ROLLOUT_KEY)
         if raw:
             record = json.loads(raw)
             if record.get("finished"):
@@ -182,7 +182,7 @@ class RoomEnforcer:
 
     async def _pending(self, rollout_id: str) -> int:
         # payloads are sealed at rest: the store decrypts the pending reconciles to match
-        return await self.store.count_actions(
+        return await self.store.actions.count(
             ActionKind.RECONCILE, "pending", {"rollout": rollout_id}
         )
 
@@ -223,11 +223,11 @@ class RoomEnforcer:
             # state event means it is there without enough power.
             lack = str(result["error"])
             joined = False if "not allowed to read the room state" in lack else None
-            await self.store.upsert_room(room_id, joined=joined, lacking=lack)
+            await self.store.rooms.upsert(room_id, joined=joined, lacking=lack)
         else:
             problems = list(result.get("lacking", [])) + list(result.get("unkickable", []))
             lack = "; ".join(problems)
-            await self.store.upsert_room(room_id, joined=True, lacking=lack)
+            await self.store.rooms.upsert(room_id, joined=True, lacking=lack)
         self._note_lack(room_id, lack)
         await self._flush_quietly()  # the members this reconcile read, a cleared lack
         payload = result.get("payload") or {}
@@ -239,7 +239,7 @@ class RoomEnforcer:
 
     async def _load_rooms(self) -> None:
         """The stored members and reported lacks (what this process learnt since wins)."""
-        data = await self.store.room_data()
+        data = await self.store.rooms.data()
         for room, fields in data.items():
             members = fields.get(MEMBERS_FIELD)
             if isinstance(members, dict):
@@ -300,7 +300,7 @@ class RoomEnforcer:
             for room in told:
                 updates.setdefault(room, {})[REPORTED_FIELD] = self._told.get(room, "")
             try:
-                await self.store.update_rooms_data(updates)
+                await self.store.rooms.update_data(updates)
             except BaseException:
                 self._dirty |= members
                 self._told_dirty |= told
@@ -418,7 +418,7 @@ class RoomEnforcer:
             self._reported.update(reached)
             self._rollout["reported"] = sorted(self._reported)
             self._rollout["finished"] = pct >= 100
-            await self.store.set_state(ROLLOUT_KEY, json.dumps(self._rollout))
+            await self.store.state.set(ROLLOUT_KEY, json.dumps(self._rollout))
             text = (
                 f"Policy rollout ({self._rollout['reason']}): {done} of {total} rooms "
                 f"processed ({mark}%)."

@@ -90,7 +90,7 @@ class AutoEnroller:
     async def enroll_once(self) -> int:
         """Queue make_room_admin + join for every room not joined yet; returns how many."""
         rooms = await self.admin.list_rooms()
-        known = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
+        known = {r["room_id"] for r in await self.store.rooms.known() if r["joined"]}
         todo = [r for r in rooms if r not in known]
         queued: list[NewAction] = []
         for room in todo:

@@ -158,7 +158,7 @@ class Executor:
 
     async def submit(self, actions: list[NewAction]) -> None:
         """Persist actions and wake the loop (for callers outside the worker's commit)."""
-        await self.store.enqueue_actions(actions)
+        await self.store.actions.enqueue(actions)
         self.wake()
 
     async def run(self) -> None:
@@ -167,7 +167,7 @@ class Executor:
             try:
                 ran = await self.run_due()
                 # (inside the try: a database outage must not end the loop)
-                nxt = None if ran else await self.store.next_action_time()
+                nxt = None if ran else await self.store.actions.next_time()
             except Exception:
                 log.exception("executor loop error; retrying in 5s")
                 await asyncio.sleep(5)
@@ -183,7 +183,7 @@ class Executor:
 
     async def run_due(self, limit: int = 50) -> int:
         """Attempt every action that is due now; returns how many were attempted."""
-        due = await self.store.due_actions(time.time(), limit)
+        due = await self.store.actions.due(time.time(), limit)
         for action in due:
             await self.limiter.acquire()
             await self.attempt(action)
@@ -198,7 +198,7 @@ class Executor:
         if hold is not None:
             # A hold placed after the sweep queued this: the hold wins, nothing is removed.
             metrics.EXECUTOR_ACTIONS.labels(action.kind, "held").inc()
-            await self.store.finish_action(
+            await self.store.actions.finish(
                 action.id,
                 status="cancelled",
                 attempts=action.attempts,
@@ -238,14 +238,14 @@ class Executor:
             await self._fail(action, attempts, f"internal error: {e.__class__.__name__}")
             return
         metrics.EXECUTOR_ACTIONS.labels(action.kind, "done").inc()
-        await self.store.finish_action(
+        await self.store.actions.finish(
             action.id,
             status="done",
             attempts=attempts,
             audit=self._audit(action, "done", attempts, result=result),
         )
         if kind is ActionKind.JOIN and action.room_id:
-            await self.store.upsert_room(action.room_id, joined=True)
+            await self.store.rooms.upsert(action.room_id, joined=True)
         if kind is ActionKind.RECONCILE and self.rooms and self.rooms.on_result:
             await self.rooms.on_result(action.room_id or "", {**result, "payload": action.payload})
 
@@ -261,10 +261,9 @@ class Executor:
         retention = kind in (ActionKind.PURGE_HISTORY, ActionKind.PURGE_STATUS) or (
             kind is ActionKind.REDACT and action.payload.get("retention")
         )
-        holds = getattr(self.store, "holds", None)
-        if not retention or holds is None:
+        if not retention:
             return None
-        held = await holds()
+        held = await self.store.holds.current()
         room = action.room_id
         if kind is ActionKind.REDACT:
             sender = action.payload.get("sender")
@@ -280,7 +279,7 @@ class Executor:
         return purge_hold(room, held.rooms, senders)
 
     async def _retry(self, action: ActionRow, attempts: int, delay: float, why: str) -> None:
-        await self.store.finish_action(
+        await self.store.actions.finish(
             action.id, status="pending", attempts=attempts, next_at=time.time() + delay, error=why
         )
 
@@ -303,7 +302,7 @@ class Executor:
     async def _fail(self, action: ActionRow, attempts: int, reason: str) -> None:
         metrics.EXECUTOR_ACTIONS.labels(action.kind, "failed").inc()
         log.warning("action %s (%s) failed permanently: %s", action.id, action.kind, reason)
-        await self.store.finish_action(
+        await self.store.actions.finish(
             action.id,
             status="failed",
             attempts=attempts,
@@ -312,7 +311,7 @@ class Executor:
         )
         kind = kind_of(action.kind)
         if action.room_id and kind in _LACKS_POWER:
-            await self.store.upsert_room(action.room_id, lacking=f"cannot {_NEEDS[action.kind]}")
+            await self.store.rooms.upsert(action.room_id, lacking=f"cannot {_NEEDS[action.kind]}")
         if kind is ActionKind.RECONCILE and self.rooms and self.rooms.on_result:
             await self.rooms.on_result(
                 action.room_id or "", {"error": reason, "payload": action.payload}
@@ -465,7 +464,7 @@ class Executor:
                 return {"purged": False, "why": "nothing older than the cutoff"}
             raise
         poll = purge_status(action.room_id, p, purge_id, time.time(), not_before=time.time() + 1)
-        await self.store.enqueue_actions([poll])
+        await self.store.actions.enqueue([poll])
         self.wake()
         return {"purge_id": purge_id}
 

@@ -34,7 +34,7 @@ UNREPORTED_FAILURES = frozenset({ActionKind.SEND_NOTICE, ActionKind.RECONCILE})
 
 async def known_room(store: Store, configured: str) -> str:
     """The management room as known before the homeserver answers ("" if none yet)."""
-    return configured or await store.get_state(MANAGEMENT_ROOM_KEY) or ""
+    return configured or await store.state.get(MANAGEMENT_ROOM_KEY) or ""
 
 
 async def bootstrap(client: ClientAPI, store: Store, config: BridgeConfig) -> str:
@@ -48,7 +48,7 @@ async def bootstrap(client: ClientAPI, store: Store, config: BridgeConfig) -> st
         resolved = await client.resolve_room_alias(RoomAlias(room))
         room = str(resolved.room_id)
     if not room:
-        room = await store.get_state(MANAGEMENT_ROOM_KEY) or ""
+        room = await store.state.get(MANAGEMENT_ROOM_KEY) or ""
     if room:
         try:
             await client.join_room_by_id(RoomID(room))
@@ -67,9 +67,9 @@ async def bootstrap(client: ClientAPI, store: Store, config: BridgeConfig) -> st
                 power_level_override=cast(Any, {"users": dict.fromkeys(admins, 100)}),
             )
         )
-        await store.set_state(MANAGEMENT_ROOM_KEY, room)
+        await store.state.set(MANAGEMENT_ROOM_KEY, room)
         log.info("created the management room %s and invited %d admins", room, len(admins))
-    await store.upsert_room(room, joined=True)
+    await store.rooms.upsert(room, joined=True)
     return room
 
 

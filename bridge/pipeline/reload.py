@@ -31,10 +31,10 @@ LIVE_SECTIONS = ("bridge", "executor", "logging", "dlp", "federation", "retentio
 
 async def load_runtime_policy(store: Store, policy: LivePolicy) -> None:
     """Apply the runtime policy documents and room→space map kept in the store."""
-    spaces = LivePolicy.decode(await store.get_state(SPACES_KEY))
+    spaces = LivePolicy.decode(await store.state.get(SPACES_KEY))
     policy.room_spaces = {room: tuple(ids) for room, ids in spaces.items()}
     for section in SECTIONS:
-        doc = LivePolicy.decode(await store.get_state(runtime_key(section)))
+        doc = LivePolicy.decode(await store.state.get(runtime_key(section)))
         try:
             policy.apply(doc, section=section)
         except ValueError as e:

@@ -181,7 +181,7 @@ async def scan_archive(
     result = RetroResult(rooms=len(rooms))
     redacted: set[str] = set()
     for room in rooms:
-        records = store.iter_records(kind=AuditKind.EVENT, room=room, since=job.since_ms)
+        records = store.reader.iter(kind=AuditKind.EVENT, room=room, since=job.since_ms)
         async with contextlib.aclosing(records):  # a break must end the read-ahead now
             async for rec in records:
                 event = rec.get("data")
@@ -261,7 +261,7 @@ async def run(services: RetroServices, engine: PolicyEngine, job: RetroJob) -> R
     started = time.perf_counter()
     mgmt = services.management_room
     try:
-        managed = [r["room_id"] for r in await services.store.list_rooms() if r["joined"]]
+        managed = [r["room_id"] for r in await services.store.rooms.known() if r["joined"]]
         rooms = rooms_in_scope(job.scope, managed, engine.policy.room_spaces, mgmt)
         result = await scan_archive(services.store, engine, job, rooms)
         actions = plan_actions(result, job)
@@ -273,7 +273,7 @@ async def run(services: RetroServices, engine: PolicyEngine, job: RetroJob) -> R
             notices.append(notice(job.command_room, Reply.plain(report.text.split("\n")[0])))
         if notices:
             await services.executor.submit(notices)
-        await services.store.append(
+        await services.store.records.append(
             [
                 AuditEntry(
                     kind=AuditKind.RETROACTIVE,
@@ -335,7 +335,7 @@ _PERSIST = asyncio.Lock()
 async def _persist(store: Store) -> None:
     async with _PERSIST:
         jobs = _PENDING.get(store, {})
-        await store.set_state(PENDING_KEY, json.dumps([j.to_json() for j in jobs.values()]))
+        await store.state.set(PENDING_KEY, json.dumps([j.to_json() for j in jobs.values()]))
 
 
 async def _run_recorded(services: RetroServices, engine: PolicyEngine, job: RetroJob) -> None:
@@ -368,7 +368,7 @@ def start(services: RetroServices, engine: PolicyEngine, job: RetroJob) -> async
 
 async def resume(services: RetroServices) -> int:
     """Start again the scans a previous run did not finish; returns how many."""
-    raw = await services.store.get_state(PENDING_KEY)
+    raw = await services.store.state.get(PENDING_KEY)
     jobs = [RetroJob.from_json(d) for d in (json.loads(raw) if raw else [])]
     for job in jobs:
         log.info("resuming the retroactive scan %s (%s)", job.id, job.rule_names)

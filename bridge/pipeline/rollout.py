@@ -44,17 +44,17 @@ async def rollout_if_policy_changed(
 ) -> int | None:
     """Reconcile every joined room but the management room if ``fingerprint`` differs from
     the stored one. Returns how many rooms were queued (None: the policy had not changed)."""
-    if await store.get_state(FINGERPRINT_KEY) == fingerprint:
+    if await store.state.get(FINGERPRINT_KEY) == fingerprint:
         return None
     targets = [
         r["room_id"]
-        for r in await store.list_rooms()
+        for r in await store.rooms.known()
         if r["joined"] and r["room_id"] != management_room
     ]
     acts, record = rooms.rollout(targets, "policy changed since the last start")
-    await store.enqueue_actions(acts)
-    await store.set_state(FINGERPRINT_KEY, fingerprint)
-    await store.set_state(ROLLOUT_KEY, json.dumps(record))
+    await store.actions.enqueue(acts)
+    await store.state.set(FINGERPRINT_KEY, fingerprint)
+    await store.state.set(ROLLOUT_KEY, json.dumps(record))
     rooms.start_rollout(record)
     wake()
     log.info("policy changed since the last start: %d rooms to bring in line", len(targets))

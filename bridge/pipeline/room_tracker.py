@@ -58,7 +58,7 @@ class RoomTracker:
 
     async def load(self) -> None:
         """Read which rooms the bot is joined to."""
-        self.joined_rooms = {r["room_id"] for r in await self.store.list_rooms() if r["joined"]}
+        self.joined_rooms = {r["room_id"] for r in await self.store.rooms.known() if r["joined"]}
 
     def joined(self, room_id: str, batch: Batch | None = None) -> bool:
         """Whether the bot is in ``room_id``: as ``batch`` leaves it, when given."""
@@ -68,7 +68,7 @@ class RoomTracker:
     async def note_joined(self, room_id: str) -> None:
         """The bot joined ``room_id`` outside the worker (the management room at start):
         stored, then remembered."""
-        await self.store.upsert_room(room_id, joined=True)
+        await self.store.rooms.upsert(room_id, joined=True)
         self.joined_rooms.add(room_id)
 
     def on_event(self, event: Mapping[str, Any], batch: Batch, cfg: Config) -> None:

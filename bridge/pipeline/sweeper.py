@@ -29,11 +29,10 @@ also consults before it runs a queued removal.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Self
 
@@ -54,7 +53,7 @@ from bridge.policy.retention import (
     sweep_fate,
 )
 from bridge.policy.scopes import rooms_in_scope
-from bridge.store import AuditEntry, NewAction, Store, StoreUnavailable, now_ms
+from bridge.store import AuditEntry, Holds, NewAction, Store, StoreUnavailable, now_ms
 from bridge.store.sweep_queries import SweepQueries
 
 log = logging.getLogger(__name__)
@@ -92,42 +91,12 @@ class SweepSettings:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Holds:
-    """Rooms and users on legal hold."""
-
-    rooms: frozenset[str] = frozenset()
-    users: frozenset[str] = frozenset()
-
-
-def _split_holds(result: Any) -> tuple[set[str], set[str]]:
-    """Rooms and users from whatever ``Store.holds()`` returns (object, mapping, pair)."""
-    if result is None:
-        return set(), set()
-    if isinstance(result, Mapping):
-        return set(result.get("rooms") or ()), set(result.get("users") or ())
-    if hasattr(result, "rooms") and hasattr(result, "users"):
-        return set(result.rooms or ()), set(result.users or ())
-    if isinstance(result, tuple | list) and len(result) == 2:
-        return set(result[0] or ()), set(result[1] or ())
-    # an iterable of IDs: rooms start with !, users with @
-    items = {str(i) for i in result}
-    return {i for i in items if i.startswith("!")}, {i for i in items if i.startswith("@")}
-
-
 async def load_holds(store: Store, config: Config) -> Holds:
-    """Legal holds: the store's (``!policy hold``) when it keeps them, plus the config's."""
+    """Legal holds: the store's (``!policy hold``) plus the config's."""
     audit = config.audit
-    rooms = set(getattr(audit, "legal_hold_rooms", ()) or ())
-    users = set(getattr(audit, "legal_hold_users", ()) or ())
-    holds = getattr(store, "holds", None)
-    if holds is not None:
-        result = holds()
-        if inspect.isawaitable(result):
-            result = await result
-        more_rooms, more_users = _split_holds(result)
-        rooms |= more_rooms
-        users |= more_users
+    held = await store.holds.current()
+    rooms = set(held.rooms) | set(audit.legal_hold_rooms if audit is not None else ())
+    users = set(held.users) | set(audit.legal_hold_users if audit is not None else ())
     return Holds(frozenset(rooms), frozenset(users))
 
 
@@ -258,14 +227,14 @@ class RetentionSweeper:
     async def _commit(
         self, actions: list[NewAction], audit: list[AuditEntry], state: dict[str, str]
     ) -> None:
-        await self.store.complete_work([], actions, audit, state)
+        await self.store.queue.complete([], actions, audit, state)
 
     def progress_key(self, room_id: str) -> str:
         return PROGRESS_PREFIX + self.q.room_idx(room_id).hex()
 
     async def load(self) -> None:
         """Read the persisted counters."""
-        self.totals = SweepTotals.decode(await self.store.get_state(TOTALS_KEY))
+        self.totals = SweepTotals.decode(await self.store.state.get(TOTALS_KEY))
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -326,7 +295,7 @@ class RetentionSweeper:
         if await self.q.pending_actions() > settings.max_pending:
             totals.waiting = True
             log.info("retention sweep: the executor is busy; waiting before adding work")
-            await self.store.set_state(TOTALS_KEY, totals.encode())
+            await self.store.state.set(TOTALS_KEY, totals.encode())
             return True
         totals.waiting = False
         tick = _Tick(budget=settings.max_events)
@@ -343,7 +312,7 @@ class RetentionSweeper:
         metrics.RETENTION_ROOMS.labels("limited").set(tick.in_policy)
         metrics.RETENTION_ROOMS.labels("behind").set(tick.behind)
         metrics.RETENTION_ROOMS.labels("held").set(tick.held)
-        await self.store.set_state(TOTALS_KEY, totals.encode())
+        await self.store.state.set(TOTALS_KEY, totals.encode())
         return tick.behind > 0 or stopped_at is not None
 
     async def _pass(self, after: str, until: str | None, tick: _Tick) -> str | None:
@@ -460,7 +429,9 @@ class RetentionSweeper:
                     already += 1
                     continue
                 event_id, sender = ev["event_id"], ev.get("sender")
-                sender_idx = self.store.blind("sender", sender) if isinstance(sender, str) else None
+                sender_idx = (
+                    self.store.keys.blind("sender", sender) if isinstance(sender, str) else None
+                )
                 if rescan and (sender_idx is None or sender_idx.hex() not in rescan):
                     continue  # swept before the hold was lifted
                 if fate is Fate.HELD and sender_idx is not None:
@@ -512,7 +483,9 @@ class RetentionSweeper:
         """Users whose events were skipped under hold are no longer held: go back over
         that range for their events only."""
         still = {
-            idx.hex() for u in holds.users if (idx := self.store.blind("sender", u)) is not None
+            idx.hex()
+            for u in holds.users
+            if (idx := self.store.keys.blind("sender", u)) is not None
         }
         lifted = set(progress.held_users) - still
         if not lifted or progress.held_from is None:
@@ -609,7 +582,7 @@ class RetentionSweeper:
             cutoff = expiry_cutoff(candidate.retention_for(room), now)
             if not cutoff:
                 continue
-            progress = RoomProgress.decode(await self.store.get_state(self.progress_key(room)))
+            progress = RoomProgress.decode(await self.store.state.get(self.progress_key(room)))
             after_ts, after_seq = progress.ts, progress.seq
             old = expiry_cutoff(current.retention_for(room), now) if current else None
             if old and old - 1 > after_ts:

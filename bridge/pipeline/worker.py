@@ -31,7 +31,7 @@ from bridge.policy.engine import ENCRYPTION_EVENT, ENCRYPTION_RULE, PolicyEngine
 from bridge.policy.model import Action, Finding, Verdict
 from bridge.services import WorkerServices
 from bridge.store import AuditEntry, Store, StoreUnavailable, WorkItem
-from bridge.store.workqueue import UnreadableEvent
+from bridge.store.queue import UnreadableEvent
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,11 @@ class Worker:
 
     async def run_once(self, limit: int = 20) -> int:
         """Process up to ``limit`` pending transactions; returns how many."""
-        items = await self.store.pending_work(limit)
+        items = await self.store.queue.pending(limit)
         for item in items:
             await self.process(item)
         if items:
-            depth, lag = await self.store.queue_state()
+            depth, lag = await self.store.queue.backlog()
             metrics.QUEUE_DEPTH.set(depth)
             metrics.QUEUE_LAG.set(lag)
         return len(items)
@@ -138,7 +138,7 @@ class Worker:
                 )
         if unreadable:
             self._unreadable(item, unreadable, batch)
-        await self.store.complete_work(
+        await self.store.queue.complete(
             [item.queue_id],
             batch.actions,
             batch.audit,

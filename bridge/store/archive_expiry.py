@@ -11,7 +11,7 @@ can read (:mod:`bridge.audit.chain`, "Removals"):
 
 A crash between the two steps leaves a claim without removals, never removals without a
 claim. Stores whose expiry ran before these records existed get them once, at the bridge's
-start, from the retention records of those runs (:meth:`ExpiryMixin.record_earlier_removals`).
+start, from the retention records of those runs (:meth:`ArchiveExpiry.record_earlier_removals`).
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from bridge.audit import codec
 from bridge.audit.chain import EXPIRY_KIND, SHRED_KIND, Removals
 from bridge.audit.crypto import GLOBAL_SCOPE, OPERATIONAL_SCOPE
 from bridge.audit.kinds import AuditKind
-from bridge.store import codec
-from bridge.store.core import log
-from bridge.store.engine import truncate_wal
-from bridge.store.holds import HoldsMixin
+from bridge.store.database import Database, log
+from bridge.store.holds import HoldRepository
+from bridge.store.keys import KeyRepository
 from bridge.store.models import AuditEntry, ExpiryReport, Plain, now_ms
-from bridge.store.operational import EXPIRY_CURSOR_KEY
+from bridge.store.records import RecordLog
 from bridge.store.schema import SEALED_PART, data_keys, records
+from bridge.store.state import EXPIRY_CURSOR_KEY, StateRepository
 
 #: ``type`` of the retention record that ends an archive-expiry run.
 RUN_TYPE = "archive_expiry"
@@ -57,10 +58,24 @@ async def load_removals(engine: AsyncEngine) -> Removals:
     )
 
 
-class ExpiryMixin(HoldsMixin):
+class ArchiveExpiry:
     """Archive expiry (skips what is on legal hold) and crypto-shredding, both audited."""
 
-    async def expire_archive(
+    def __init__(
+        self,
+        db: Database,
+        keys: KeyRepository,
+        records: RecordLog,
+        state: StateRepository,
+        holds: HoldRepository,
+    ) -> None:
+        self.db = db
+        self.keys = keys
+        self.records = records
+        self.state = state
+        self.holds = holds
+
+    async def expire(
         self, retention_ms: int, *, now: int | None = None, batch: int = 2000
     ) -> ExpiryReport:
         """Drop the ciphertext of records older than ``retention_ms`` (by archive time).
@@ -79,18 +94,18 @@ class ExpiryMixin(HoldsMixin):
         """
         cutoff = (now_ms() if now is None else now) - retention_ms
         expired = skipped = 0
-        sqlite = self.backend == "sqlite"
-        cursor = int(await self.get_state(EXPIRY_CURSOR_KEY) or 0)
+        sqlite = self.db.sqlite
+        cursor = int(await self.state.get(EXPIRY_CURSOR_KEY) or 0)
         claim = await self._expiry_claim(cutoff, retention_ms, cursor)
         held_rooms: set[bytes] = set()
         done = claim is None
         while not done:
             assert claim is not None
-            async with self._append_lock:
-                held = await self.holds()  # per batch: a hold placed meanwhile counts
-                held_rooms = {self._bidx("room", r) for r in held.rooms}
-                held_users = {self._bidx("sender", u) for u in held.users}
-                async with self.engine.begin() as conn:
+            async with self.db.write_lock:
+                held = await self.holds.current()  # per batch: a hold placed meanwhile counts
+                held_rooms = {self.keys.bidx("room", r) for r in held.rooms}
+                held_users = {self.keys.bidx("sender", u) for u in held.users}
+                async with self.db.transaction() as conn:
                     if sqlite:  # freed bytes are overwritten, not left in free pages
                         await conn.exec_driver_sql("PRAGMA secure_delete=ON")
                     rows = (
@@ -133,15 +148,15 @@ class ExpiryMixin(HoldsMixin):
                     expired += len(todo)
                     if last != cursor:
                         cursor = last
-                        await self._put_state(conn, EXPIRY_CURSOR_KEY, str(cursor))
+                        await self.state.put(conn, EXPIRY_CURSOR_KEY, str(cursor))
         if claim is None:
-            held_rooms = {self._bidx("room", r) for r in (await self.holds()).rooms}
+            held_rooms = {self.keys.bidx("room", r) for r in (await self.holds.current()).rooms}
         shredded = await self._shred_expired_rooms(cutoff, held_rooms)
         if sqlite and (expired or shredded):
-            await truncate_wal(self.engine)
+            await self.db.truncate_wal()
         report = ExpiryReport(cutoff, expired, skipped, len(shredded), cursor)
-        held = await self.holds()
-        await self.append(
+        held = await self.holds.current()
+        await self.records.append(
             [
                 AuditEntry(
                     AuditKind.RETENTION,
@@ -167,7 +182,7 @@ class ExpiryMixin(HoldsMixin):
     async def _expiry_claim(self, cutoff: int, retention_ms: int, cursor: int) -> int | None:
         """Append the signed ``expiry`` record of a run; its seq, or None if nothing after
         ``cursor`` is old enough to expire."""
-        async with self.engine.connect() as conn:
+        async with self.db.connect() as conn:
             first = (
                 await conn.execute(
                     select(records.c.ts)
@@ -181,7 +196,7 @@ class ExpiryMixin(HoldsMixin):
 
         async def run(conn: AsyncConnection) -> int:
             ts = now_ms()
-            seq, _ = await self._chain_start(conn)
+            seq, _ = await self.records.chain_start(conn)
             data = {
                 "job": RUN_TYPE,
                 "retention_ms": retention_ms,
@@ -191,7 +206,7 @@ class ExpiryMixin(HoldsMixin):
             }
             return await self._append_claim(conn, cutoff, data, ts)
 
-        return await self._write(run)
+        return await self.records.write(run)
 
     async def _append_claim(
         self, conn: AsyncConnection, cutoff: int, data: dict[str, Any], ts: int
@@ -207,10 +222,10 @@ class ExpiryMixin(HoldsMixin):
             codec.dumps({"room_id": None, "sender": None, "type": RUN_TYPE, "data": data}),
             ts,
         )
-        seq, _ = await self._append_records(conn, [item], ts, sign=True)
+        seq, _ = await self.records.append_records(conn, [item], ts, sign=True)
         return seq
 
-    async def _shred_in(self, conn: AsyncConnection, scope: bytes, ts: int) -> str | None:
+    async def shred_in(self, conn: AsyncConnection, scope: bytes, ts: int) -> str | None:
         """In ``conn``'s transaction: chain a shred record for the data key of ``scope``
         and delete the key; its id, or None if the scope has no key."""
         key_id = (
@@ -218,17 +233,13 @@ class ExpiryMixin(HoldsMixin):
         ).scalar()
         if key_id is None:
             return None
-        await self._append_shreds(conn, [(key_id, scope)], ts)
+        await self.records.append_shreds(conn, [(key_id, scope)], ts)
         await conn.execute(delete(data_keys).where(data_keys.c.key_id == key_id))
         return str(key_id)
 
-    def _shredded_now(self, scope: bytes, key_id: str) -> None:
-        self._forget_key(scope)
-        self._shredded.add(key_id)
-
     async def _shred_expired_rooms(self, cutoff: int, held_rooms: set[bytes]) -> list[str]:
         """Destroy the data key of every room whose records have all expired; their ids."""
-        async with self.engine.connect() as conn:
+        async with self.db.connect() as conn:
             scopes = [
                 bytes(r[0])
                 for r in await conn.execute(
@@ -241,7 +252,7 @@ class ExpiryMixin(HoldsMixin):
         for scope in scopes:
             if scope in held_rooms:
                 continue
-            async with self.engine.connect() as conn:
+            async with self.db.connect() as conn:
                 newest = (
                     await conn.execute(
                         select(records.c.origin_ts)
@@ -267,25 +278,13 @@ class ExpiryMixin(HoldsMixin):
                 ).first()
                 if alive is not None:
                     return None
-                return await self._shred_in(conn, scope, now_ms())
+                return await self.shred_in(conn, scope, now_ms())
 
-            key_id = await self._write(run)
+            key_id = await self.records.write(run)
             if key_id is not None:
-                self._shredded_now(scope, key_id)
+                self.keys.shredded_now(scope, key_id)
                 shredded.append(key_id)
         return shredded
-
-    async def destroy_room_key(self, room_id: str) -> bool:
-        """Crypto-shred a room: delete its data key (records stay, chain still verifies).
-
-        The deletion commits with a shred record naming the key (and a checkpoint over it).
-        """
-        scope = self._bidx("room", room_id)
-        key_id = await self._write(lambda conn: self._shred_in(conn, scope, now_ms()))
-        if key_id is None:
-            return False
-        self._shredded_now(scope, key_id)
-        return True
 
     async def record_earlier_removals(self) -> int:
         """Record, once, the removals of archive-expiry runs from before removal records.
@@ -299,7 +298,7 @@ class ExpiryMixin(HoldsMixin):
         is logged (``audit verify`` then names the records). Returns the records appended.
         Cheap once done: an ``expiry`` record exists from then on.
         """
-        async with self.engine.connect() as conn:
+        async with self.db.connect() as conn:
             if (
                 await conn.execute(select(records.c.seq).where(records.c.kind == EXPIRY_KIND))
             ).first() is not None:
@@ -309,17 +308,17 @@ class ExpiryMixin(HoldsMixin):
                     select(records.c.seq, *SEALED_PART)
                     .where(
                         records.c.kind == AuditKind.RETENTION,
-                        records.c.type_idx == self._bidx("type", RUN_TYPE),
+                        records.c.type_idx == self.keys.bidx("type", RUN_TYPE),
                     )
                     .order_by(records.c.seq)
                 )
             ).all()
             if not rows:
                 return 0
-            await self._keys_by_ids(conn, {r[2] for r in rows})
+            await self.keys.by_ids(conn, {r[2] for r in rows})
         runs = []
         for seq, room_idx, key_id, nonce, ct in rows:
-            pt = self._decrypt(seq, room_idx, key_id, nonce, ct)
+            pt = self.keys.decrypt(seq, room_idx, key_id, nonce, ct)
             data = codec.loads(pt).get("data") if pt is not None else None
             if isinstance(data, dict) and isinstance(data.get("cutoff_ts"), int):
                 runs.append((seq, data["cutoff_ts"], int(data.get("rooms_shredded") or 0)))
@@ -335,7 +334,7 @@ class ExpiryMixin(HoldsMixin):
             ts = now_ms()
             n = 0
             if orphans:  # signed below, with the expiry record
-                await self._append_shreds(conn, orphans, ts, sign=False)
+                await self.records.append_shreds(conn, orphans, ts, sign=False)
                 n += len(orphans)
             data = {
                 "job": RUN_TYPE,
@@ -347,8 +346,8 @@ class ExpiryMixin(HoldsMixin):
             await self._append_claim(conn, cutoff, data, ts)
             return n + 1
 
-        appended = await self._write(run)
-        self._shredded.update(k for k, _ in orphans)
+        appended = await self.records.write(run)
+        self.keys.shredded.update(k for k, _ in orphans)
         log.warning(
             "recorded the removals of %d archive-expiry runs from before expiry records "
             "(cutoff %d, %d shredded data keys) so that `audit verify` can check them",
@@ -363,7 +362,7 @@ class ExpiryMixin(HoldsMixin):
         them all: every such record expired before ``cutoff``, no more keys than ``said``.
         A full scan of the records: done once, for stores whose expiry shredded rooms."""
         gone = ~records.c.key_id.in_(select(data_keys.c.key_id))
-        async with self.engine.connect() as conn:
+        async with self.db.connect() as conn:
             rows = (
                 await conn.execute(
                     select(

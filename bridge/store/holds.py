@@ -10,12 +10,15 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bridge.audit.codec import dumps
 from bridge.audit.crypto import GLOBAL_SCOPE
 from bridge.audit.kinds import AuditKind
-from bridge.store.codec import dumps
+from bridge.store.database import Database
+from bridge.store.keys import KeyRepository
 from bridge.store.models import AuditEntry, HoldInfo, Holds, StoreError, now_ms
-from bridge.store.operational import EXPIRY_CURSOR_KEY, OperationalMixin
+from bridge.store.records import RecordLog
 from bridge.store.schema import legal_holds
+from bridge.store.state import EXPIRY_CURSOR_KEY, StateRepository
 
 HOLD_SCOPES = ("room", "user")
 
@@ -25,8 +28,16 @@ def _hold_where(scope: str, tidx: bytes) -> tuple[Any, ...]:
     return (legal_holds.c.scope == scope, legal_holds.c.target_idx == tidx)
 
 
-class HoldsMixin(OperationalMixin):
+class HoldRepository:
     """Legal holds: sealed under the global data key, each change audited in its commit."""
+
+    def __init__(
+        self, db: Database, keys: KeyRepository, records: RecordLog, state: StateRepository
+    ) -> None:
+        self.db = db
+        self.keys = keys
+        self.records = records
+        self.state = state
 
     def _hold_aad(self, scope: str, target_idx: bytes) -> bytes:
         return b"PBHOLD1" + scope.encode() + b"\x00" + target_idx
@@ -34,9 +45,9 @@ class HoldsMixin(OperationalMixin):
     def _hold_idx(self, scope: str, target: str) -> bytes:
         if scope not in HOLD_SCOPES:
             raise ValueError(f"hold scope must be room or user, not {scope!r}")
-        return self._bidx("room" if scope == "room" else "sender", target)
+        return self.keys.bidx("room" if scope == "room" else "sender", target)
 
-    async def _read_holds(self, conn: AsyncConnection) -> list[HoldInfo]:
+    async def read(self, conn: AsyncConnection) -> list[HoldInfo]:
         rows = (
             await conn.execute(
                 select(
@@ -50,10 +61,10 @@ class HoldsMixin(OperationalMixin):
                 ).order_by(legal_holds.c.set_ts)
             )
         ).all()
-        await self._keys_by_ids(conn, {r[4] for r in rows})
+        await self.keys.by_ids(conn, {r[4] for r in rows})
         out = []
         for scope, tidx, source, set_ts, key_id, nonce, ct in rows:
-            dk = self._keys_by_id.get(key_id)
+            dk = self.keys.by_id.get(key_id)
             if dk is None:
                 raise StoreError(f"legal hold on a {scope}: its data key {key_id!r} is missing")
             try:
@@ -72,18 +83,18 @@ class HoldsMixin(OperationalMixin):
             )
         return out
 
-    async def list_holds(self) -> list[HoldInfo]:
+    async def entries(self) -> list[HoldInfo]:
         """Every legal hold (rooms and users), oldest first, decrypted."""
-        async with self.engine.connect() as conn:
-            return await self._read_holds(conn)
+        async with self.db.connect() as conn:
+            return await self.read(conn)
 
-    async def holds(self) -> Holds:
+    async def current(self) -> Holds:
         """The room IDs and user IDs on legal hold (config and commands alike).
 
         Archive expiry skips their records; the room-retention purge must skip these rooms
         and should leave held users' messages alone.
         """
-        infos = await self.list_holds()
+        infos = await self.entries()
         return Holds(
             frozenset(h.target for h in infos if h.scope == "room"),
             frozenset(h.target for h in infos if h.scope == "user"),
@@ -101,8 +112,8 @@ class HoldsMixin(OperationalMixin):
         ts: int,
     ) -> None:
         tidx = self._hold_idx(scope, target)
-        await self._keys_for_scopes(conn, {GLOBAL_SCOPE})
-        dk = self._keys_by_scope[GLOBAL_SCOPE]
+        await self.keys.for_scopes(conn, {GLOBAL_SCOPE})
+        dk = self.keys.by_scope[GLOBAL_SCOPE]
         nonce = os.urandom(12)
         ct = dk.aead.encrypt(
             nonce,
@@ -125,7 +136,7 @@ class HoldsMixin(OperationalMixin):
     async def _lift_hold(self, conn: AsyncConnection, scope: str, tidx: bytes) -> None:
         await conn.execute(delete(legal_holds).where(*_hold_where(scope, tidx)))
         # lifted: the next expiry run looks at the records it skipped again
-        await self._put_state(conn, EXPIRY_CURSOR_KEY, "0")
+        await self.state.put(conn, EXPIRY_CURSOR_KEY, "0")
 
     def _hold_entry(
         self, action: str, scope: str, target: str, by: str | None, reason: str | None, source: str
@@ -145,7 +156,7 @@ class HoldsMixin(OperationalMixin):
             type=f"hold.{action}",
         )
 
-    async def set_hold(
+    async def set(
         self,
         scope: str,
         target: str,
@@ -179,12 +190,12 @@ class HoldsMixin(OperationalMixin):
                     return "config"
                 await self._lift_hold(conn, scope, tidx)
             entry = self._hold_entry("on" if on else "off", scope, target, by, reason, "command")
-            await self._append_audit(conn, [entry], ts)
+            await self.records.append_audit(conn, [entry], ts)
             return "on" if on else "off"
 
-        return await self._write(run)
+        return await self.records.write(run)
 
-    async def sync_config_holds(self, rooms: Iterable[str], users: Iterable[str]) -> int:
+    async def sync_config(self, rooms: Iterable[str], users: Iterable[str]) -> int:
         """Make the config-sourced holds equal ``audit.legal_hold``; audit each change.
 
         A target already held by a command becomes config-held; a config hold that left the
@@ -193,7 +204,7 @@ class HoldsMixin(OperationalMixin):
         wanted = {("room", r) for r in rooms} | {("user", u) for u in users}
 
         async def run(conn: AsyncConnection) -> int:
-            current = {(h.scope, h.target): h for h in await self._read_holds(conn)}
+            current = {(h.scope, h.target): h for h in await self.read(conn)}
             ts = now_ms()
             entries = []
             for scope, target in sorted(wanted):
@@ -209,7 +220,7 @@ class HoldsMixin(OperationalMixin):
                     await self._lift_hold(conn, scope, self._hold_idx(scope, target))
                     entries.append(self._hold_entry("off", scope, target, "config", None, "config"))
             if entries:
-                await self._append_audit(conn, entries, ts)
+                await self.records.append_audit(conn, entries, ts)
             return len(entries)
 
-        return await self._write(run)
+        return await self.records.write(run)

@@ -6,7 +6,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 
 class StoreUnavailable(Exception):
@@ -89,11 +89,12 @@ class AuditEntry:
     type: str | None = None
 
 
-class Holds(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Holds:
     """Room IDs and user IDs on legal hold."""
 
-    rooms: frozenset[str]
-    users: frozenset[str]
+    rooms: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

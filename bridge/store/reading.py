@@ -9,28 +9,28 @@ from typing import Any, TypedDict, Unpack
 from sqlalchemy import case, func, null, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bridge.audit import decode  # a module, not its names: it imports this package's codec
+from bridge.audit import codec, decode
+from bridge.audit.codec import str_or_none
 from bridge.audit.kinds import EVENT_TYPED_KINDS, AuditKind
-from bridge.store import codec
 from bridge.store.chain import prefetched
-from bridge.store.codec import str_or_none
-from bridge.store.keys import KeysMixin
+from bridge.store.database import Database
+from bridge.store.keys import KeyRepository
 from bridge.store.models import RecordMeta, SearchGroup, SearchSummary, StoreError
 from bridge.store.schema import SEALED_PART, records
 
 _EVENT = AuditKind.EVENT  # bound once: compared for every record
-
-#: What a reader decrypts of a record: seq, ts, kind, origin_ts and the sealed part
-#: (:data:`bridge.audit.decode.SEALED_COLUMNS`).
-_READ = (records.c.seq, records.c.ts, records.c.kind, records.c.origin_ts, *SEALED_PART)
 #: A summary's type column: the type index where it holds an event type, else NULL.
 _GROUP_TYPE = case(
     (records.c.kind.in_(sorted(EVENT_TYPED_KINDS)), records.c.type_idx), else_=null()
 ).label("group_type")
 
+#: What a reader decrypts of a record: seq, ts, kind, origin_ts and the sealed part
+#: (:data:`bridge.audit.decode.SEALED_COLUMNS`).
+READ_COLUMNS = (records.c.seq, records.c.ts, records.c.kind, records.c.origin_ts, *SEALED_PART)
+
 
 class RecordQuery(TypedDict, total=False):
-    """The keyword arguments of :meth:`ReadingMixin.iter_record_batches`."""
+    """The keyword arguments of :meth:`RecordReader.iter_batches`."""
 
     kind: str | None
     batch: int
@@ -43,10 +43,14 @@ class RecordQuery(TypedDict, total=False):
     raw_json: bool
 
 
-class ReadingMixin(KeysMixin):
+class RecordReader:
     """Decrypting reads of the records: streams, search summaries, counts."""
 
-    async def iter_record_batches(
+    def __init__(self, db: Database, keys: KeyRepository) -> None:
+        self.db = db
+        self.keys = keys
+
+    async def iter_batches(
         self,
         *,
         kind: str | None = None,
@@ -85,7 +89,13 @@ class ReadingMixin(KeysMixin):
         )
         async with contextlib.aclosing(sealed) as batches:
             async for rows in batches:
-                yield decode.decode_rows(rows, self._keys_by_id, self._shredded, raw_json=raw_json)
+                try:
+                    recs = decode.decode_rows(
+                        rows, self.keys.by_id, self.keys.shredded, raw_json=raw_json
+                    )
+                except decode.RecordError as e:
+                    raise StoreError(str(e)) from None
+                yield recs
 
     async def iter_sealed_batches(
         self,
@@ -99,26 +109,26 @@ class ReadingMixin(KeysMixin):
         until: int | None = None,
         after: int = 0,
     ) -> AsyncGenerator[Sequence[Any], None]:
-        """The rows of :meth:`iter_record_batches`, still sealed, their data keys loaded.
+        """The rows of :meth:`iter_batches`, still sealed, their data keys loaded.
 
         Rows of :data:`bridge.audit.decode.SEALED_COLUMNS`, in seq order, the next batch read
         ahead; open them with :func:`bridge.audit.decode.decode_rows` and this store's keys,
-        or in another process with :meth:`key_material`.
+        or in another process with :meth:`KeyRepository.key_material`.
         """
         conds = self._record_conds(kind, room, sender, type, since, until)
-        query = select(*_READ).where(*conds).order_by(records.c.seq).limit(batch)
+        query = select(*READ_COLUMNS).where(*conds).order_by(records.c.seq).limit(batch)
 
         async def fetch(last: int) -> Sequence[Any]:
-            async with self.engine.connect() as conn:
+            async with self.db.connect() as conn:
                 rows = (await conn.execute(query.where(records.c.seq > last))).all()
-                await self._keys_by_ids(conn, {r[5] for r in rows})
+                await self.keys.by_ids(conn, {r[5] for r in rows})
             return rows
 
         async with contextlib.aclosing(prefetched(fetch, after)) as batches:
             async for rows in batches:
                 yield rows
 
-    async def count_records(
+    async def count(
         self,
         *,
         kind: str | None = None,
@@ -129,7 +139,7 @@ class ReadingMixin(KeysMixin):
         until: int | None = None,
         at_most: int | None = None,
     ) -> int:
-        """How many records the filters of :meth:`iter_record_batches` match (no decryption).
+        """How many records the filters of :meth:`iter_batches` match (no decryption).
 
         With ``at_most`` the database stops counting there (cheap on a large archive).
         """
@@ -137,16 +147,14 @@ class ReadingMixin(KeysMixin):
         matching = select(records.c.seq).where(*conds)
         if at_most is not None:
             matching = matching.limit(at_most)
-        async with self.engine.connect() as conn:
+        async with self.db.connect() as conn:
             return (
                 await conn.execute(select(func.count()).select_from(matching.subquery()))
             ).scalar_one()
 
-    async def iter_records(
-        self, **query: Unpack[RecordQuery]
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        """Stream records in sequence order, decrypted (see :meth:`iter_record_batches`)."""
-        async with contextlib.aclosing(self.iter_record_batches(**query)) as batches:
+    async def iter(self, **query: Unpack[RecordQuery]) -> AsyncGenerator[dict[str, Any], None]:
+        """Stream records in sequence order, decrypted (see :meth:`iter_batches`)."""
+        async with contextlib.aclosing(self.iter_batches(**query)) as batches:
             async for recs in batches:
                 for rec in recs:
                     yield rec
@@ -169,11 +177,11 @@ class ReadingMixin(KeysMixin):
             else:
                 conds.append(records.c.kind == kind)
         if room is not None:
-            conds.append(records.c.room_idx == self._bidx("room", room))
+            conds.append(records.c.room_idx == self.keys.bidx("room", room))
         if sender is not None:
-            conds.append(records.c.sender_idx == self._bidx("sender", sender))
+            conds.append(records.c.sender_idx == self.keys.bidx("sender", sender))
         if type is not None:
-            conds.append(records.c.type_idx == self._bidx("type", type))
+            conds.append(records.c.type_idx == self.keys.bidx("type", type))
         if since is not None:
             conds.append(records.c.origin_ts >= since)
         if until is not None:
@@ -182,11 +190,13 @@ class ReadingMixin(KeysMixin):
 
     async def _describe(self, conn: AsyncConnection, seqs: Iterable[int]) -> dict[int, RecordMeta]:
         """Metadata (never content) of the records ``seqs``, decrypted where readable."""
-        rows = (await conn.execute(select(*_READ).where(records.c.seq.in_(list(seqs))))).all()
-        await self._keys_by_ids(conn, {r[5] for r in rows})
+        rows = (
+            await conn.execute(select(*READ_COLUMNS).where(records.c.seq.in_(list(seqs))))
+        ).all()
+        await self.keys.by_ids(conn, {r[5] for r in rows})
         out = {}
         for seq, ts, rkind, origin, room_idx, key_id, nonce, ct in rows:
-            pt = self._decrypt(seq, room_idx, key_id, nonce, ct)
+            pt = self.keys.decrypt(seq, room_idx, key_id, nonce, ct)
             obj: Any = {}
             if pt is not None:
                 try:
@@ -229,7 +239,7 @@ class ReadingMixin(KeysMixin):
         and the ``latest`` ones are decrypted, for their room ID, type and event ID.
         """
         conds = self._record_conds(kind, room, sender, type, since, until)
-        async with self.engine.connect() as conn:
+        async with self.db.connect() as conn:
             total = (
                 await conn.execute(select(func.count()).select_from(records).where(*conds))
             ).scalar_one()
@@ -269,13 +279,3 @@ class ReadingMixin(KeysMixin):
             for g in grouped[:groups]
         ]
         return SearchSummary(total, out_groups, len(grouped) > groups, [metas[r[0]] for r in last])
-
-    async def count_events(self, event_id: str) -> int:
-        async with self.engine.connect() as conn:
-            return (
-                await conn.execute(
-                    select(func.count()).where(
-                        records.c.event_id_idx == self._bidx("event_id", event_id)
-                    )
-                )
-            ).scalar_one()

@@ -1,15 +1,22 @@
-"""The encrypted, hash-chained records: ingest, append, checkpoints."""
+"""The record log: the encrypted, hash-chained records, their appends and checkpoints.
+
+:meth:`RecordLog.write` is the one way to commit anything that appends to the chain: it
+runs a function of a connection in ONE transaction under the append lock and adopts the
+new chain head only after the commit. Repositories that take that ``conn`` (queue,
+actions, state, holds, …) thereby commit together with the records they append.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, insert, select
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -21,13 +28,13 @@ from bridge.audit.chain import (
     record_hash,
     sign_checkpoint,
 )
+from bridge.audit.codec import dumps
 from bridge.audit.crypto import GLOBAL_SCOPE, encrypt_record
 from bridge.audit.kinds import AuditKind
-from bridge.store.codec import dumps, str_or_none
-from bridge.store.core import log
-from bridge.store.keys import KeysMixin
-from bridge.store.models import AuditEntry, IngestResult, Plain, StoreUnavailable, now_ms
-from bridge.store.schema import checkpoints, records, transactions
+from bridge.store.database import Backend, Database, log
+from bridge.store.keys import KeyRepository
+from bridge.store.models import AuditEntry, Plain, StoreUnavailable, now_ms
+from bridge.store.schema import checkpoints, records
 
 _EVENT = AuditKind.EVENT  # bound once: compared for every record
 
@@ -52,39 +59,61 @@ _SQLITE_INSERT_RECORDS = (
     f"VALUES ({', '.join('?' * len(_RECORD_COLS))})"
 )
 _sha256 = hashlib.sha256
-# Statements of the ingest path, built once (no per-call construction or cache-key work).
-_SEEN_TXN = select(transactions.c.id).where(transactions.c.txn_id == bindparam("txn_id"))
-_KNOWN_EVENTS = select(records.c.event_id_idx).where(
-    records.c.event_id_idx.in_(bindparam("ids", expanding=True))
-)
-_INSERT_TXN = insert(transactions)
 _INSERT_RECORDS = insert(records)
-#: Kinds of non-event records (kept for callers; ``--type`` parsing is
+#: Kinds of non-event records (``--type`` parsing is
 #: :func:`bridge.audit.kinds.split_type_filter`).
 AUDIT_KINDS = tuple(k for k in AuditKind if k is not AuditKind.EVENT)
 #: ``ct_digest`` of a record that never had a ciphertext (a shred record).
 _NO_CIPHERTEXT_DIGEST = _sha256(b"").digest()
 
 
-class RecordsMixin(KeysMixin):
-    """Appends to the record chain (ingest, audit entries) and its signed checkpoints."""
+class RecordLog:
+    """Appends to the record chain (audit entries, events) and its signed checkpoints.
 
-    #: False for a store opened by a CLI command: it appends (an export records itself)
-    #: but never signs a checkpoint; the bridge's next checkpoint covers what it appended.
-    sign_checkpoints: bool = True
+    The chain head is kept in memory (read from the last row at open, never recomputed);
+    a signed checkpoint is written every ``checkpoint_every`` records, after every removal
+    record and at close. With ``sign_checkpoints`` False (a CLI command) none is signed.
+    """
 
-    def _reset(self) -> None:
+    def __init__(
+        self,
+        db: Database,
+        keys: KeyRepository,
+        *,
+        signing_key: Ed25519PrivateKey,
+        checkpoint_every: int = 1000,
+        checkpoint_log: Path | None = None,
+        sign_checkpoints: bool = True,
+    ) -> None:
+        self.db = db
+        self.keys = keys
+        self.signing_key = signing_key
+        self.checkpoint_every = max(1, checkpoint_every)
+        self.checkpoint_log = checkpoint_log
+        #: False for a store opened by a CLI command: it appends (an export records itself)
+        #: but never signs a checkpoint; the bridge's next checkpoint covers what it appended.
+        self.sign_checkpoints = sign_checkpoints
+        self._next_seq: int | None = None
+        self._head: bytes | None = None
+        self._last_cp_seq = 0
+        #: When the newest signed checkpoint was made (ms since the epoch), once known.
+        self.last_checkpoint_ts: int | None = None
+        self._tentative: tuple[int, bytes, Checkpoint | None] | None = None
+        #: Events stored, counted once (by the stats), then kept up to date by appends.
+        self.events: int | None = None
+        self._tentative_events = 0
+        #: Called (in the event loop, after the commit) with every new signed checkpoint.
+        self.on_checkpoint: Callable[[Checkpoint], None] | None = None
+
+    def reset(self) -> None:
         """Forget the in-memory head after a failure: it is re-read from the last row."""
         self._next_seq = None
         self._head = None
         self._tentative = None
         self._tentative_events = 0
-        for dk in self._uncommitted_keys:
-            self._keys_by_scope.pop(dk.scope, None)
-            self._keys_by_id.pop(dk.key_id, None)
-        self._uncommitted_keys.clear()
+        self.keys.rolled_back()
 
-    async def _load_head(self, conn: AsyncConnection) -> bool:
+    async def load_head(self, conn: AsyncConnection) -> bool:
         """Read the chain head (the last record's seq and hash) and the last checkpoint;
         False if there are no records."""
         last = (
@@ -106,21 +135,21 @@ class RecordsMixin(KeysMixin):
             self.last_checkpoint_ts = cp[1]
         return last is not None
 
-    async def _seq_start(self, conn: AsyncConnection) -> int:
+    async def seq_start(self, conn: AsyncConnection) -> int:
         if self._next_seq is None or self._head is None:
-            await self._load_head(conn)
+            await self.load_head(conn)
         assert self._next_seq is not None
         return self._next_seq
 
-    async def _chain_start(self, conn: AsyncConnection) -> tuple[int, bytes]:
+    async def chain_start(self, conn: AsyncConnection) -> tuple[int, bytes]:
         """The next seq and the hash before it, counting appends earlier in this transaction."""
         if self._tentative is not None:
             return self._tentative[0], self._tentative[1]
-        seq0 = await self._seq_start(conn)
+        seq0 = await self.seq_start(conn)
         assert self._head is not None
         return seq0, self._head
 
-    async def _append_records(
+    async def append_records(
         self,
         conn: AsyncConnection,
         items: Sequence[Plain],
@@ -134,15 +163,15 @@ class RecordsMixin(KeysMixin):
         ``ts`` is the archive time of items without one of their own. With ``sign`` the new
         head is signed into a checkpoint in the same commit (removal records: a verifier
         trusts them only under a checkpoint). The new head is only adopted after the commit
-        (:meth:`_write`); several appends in one transaction continue each other.
+        (:meth:`write`); several appends in one transaction continue each other.
         """
-        seq0, prev = await self._chain_start(conn)
+        seq0, prev = await self.chain_start(conn)
         if not items:
             return seq0, seq0 - 1
-        bidx = self._bidx
+        bidx = self.keys.bidx
         scopes = [GLOBAL_SCOPE if p.room_id is None else bidx("room", p.room_id) for p in items]
-        await self._keys_for_scopes(conn, set(scopes))
-        keys = self._keys_by_scope
+        await self.keys.for_scopes(conn, set(scopes))
+        keys = self.keys.by_scope
         rows: list[tuple[Any, ...]] = []
         seq = seq0
         for p, scope in zip(items, scopes, strict=True):
@@ -203,7 +232,7 @@ class RecordsMixin(KeysMixin):
         sign: bool,
     ) -> None:
         """Insert chained rows (``_RECORD_COLS``) ending at ``head``; checkpoint if due."""
-        if self.backend == "sqlite":
+        if self.db.backend is Backend.SQLITE:
             # executemany straight to the driver: skips per-value bind processing
             await conn.exec_driver_sql(_SQLITE_INSERT_RECORDS, rows)
         else:
@@ -216,10 +245,10 @@ class RecordsMixin(KeysMixin):
         if self.sign_checkpoints and (
             sign or (checkpoints and last - last_cp >= self.checkpoint_every)
         ):
-            cp = await self._insert_checkpoint(conn, last, head, ts)
+            cp = await self.insert_checkpoint(conn, last, head, ts)
         self._tentative = (last + 1, head, cp)
 
-    async def _append_shreds(
+    async def append_shreds(
         self,
         conn: AsyncConnection,
         shreds: Sequence[tuple[str, bytes]],
@@ -234,7 +263,7 @@ class RecordsMixin(KeysMixin):
         (kind ``shred``, ``key_id`` = the destroyed key, ``room_idx`` = its room), so a
         verifier without keys can read it. Returns the seq of the last one.
         """
-        seq, prev = await self._chain_start(conn)
+        seq, prev = await self.chain_start(conn)
         rows: list[tuple[Any, ...]] = []
         for key_id, scope in shreds:
             nonce = os.urandom(12)
@@ -254,7 +283,7 @@ class RecordsMixin(KeysMixin):
         await self._insert_rows(conn, rows, prev, ts, checkpoints=False, sign=sign)
         return seq - 1
 
-    async def _insert_checkpoint(
+    async def insert_checkpoint(
         self, conn: AsyncConnection, seq: int, head: bytes, ts: int
     ) -> Checkpoint:
         cp = sign_checkpoint(self.signing_key, seq, head, ts, seq)
@@ -270,10 +299,10 @@ class RecordsMixin(KeysMixin):
         )
         return cp
 
-    def _committed(self) -> None:
-        self._uncommitted_keys.clear()
-        if self._events is not None:
-            self._events += self._tentative_events
+    def committed(self) -> None:
+        self.keys.committed()
+        if self.events is not None:
+            self.events += self._tentative_events
         self._tentative_events = 0
         if self._tentative is None:
             return
@@ -307,34 +336,48 @@ class RecordsMixin(KeysMixin):
         except OSError as e:
             log.error("cannot append to the checkpoint log %s: %s", self.checkpoint_log, e)
 
-    async def _write_or_unavailable(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """:meth:`_write`; a database or I/O error raises StoreUnavailable."""
+    async def write_or_unavailable(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """:meth:`write`; a database or I/O error raises StoreUnavailable."""
         try:
-            return await self._write(fn)
+            return await self.write(fn)
         except (SQLAlchemyError, OSError) as e:
             raise StoreUnavailable(str(e.__class__.__name__)) from e
 
-    async def _write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``fn`` in one transaction under the append lock; adopt the head on commit.
 
         A seq conflict (another process appended) reloads the head and retries once.
         """
-        async with self._append_lock:
+        async with self.db.write_lock:
             for attempt in (0, 1):
                 try:
-                    async with self.engine.begin() as conn:
+                    async with self.db.transaction() as conn:
                         result = await fn(conn)
                 except IntegrityError:
-                    self._reset()
+                    self.reset()
                     if attempt:
                         raise
                     continue
                 except BaseException:
-                    self._reset()
+                    self.reset()
                     raise
-                self._committed()
+                self.committed()
                 return result
         raise AssertionError("unreachable")
+
+    def adopt_tentative(self) -> None:
+        """Take the appends so far in the open transaction as the head now (the schema 1
+        migration appends batches in one long transaction; it rolls back as a whole)."""
+        assert self._tentative is not None
+        self._next_seq, self._head, _cp = self._tentative
+        self._tentative = None
+
+    async def sign_head(self, conn: AsyncConnection) -> None:
+        """Sign a checkpoint over the head adopted by :meth:`adopt_tentative`, in ``conn``."""
+        assert self._head is not None and self._next_seq is not None
+        last = self._next_seq - 1
+        cp = await self.insert_checkpoint(conn, last, self._head, now_ms())
+        self._tentative = (last + 1, self._head, cp)
 
     async def checkpoint(self) -> Checkpoint | None:
         """Sign the current head now (if not yet signed); done at close.
@@ -345,7 +388,7 @@ class RecordsMixin(KeysMixin):
             return None
 
         async def run(conn: AsyncConnection) -> Checkpoint | None:
-            seq = await self._seq_start(conn) - 1
+            seq = await self.seq_start(conn) - 1
             if seq < 1 or seq <= self._last_cp_seq:
                 return None
             assert self._head is not None
@@ -354,13 +397,13 @@ class RecordsMixin(KeysMixin):
             ).first()
             if exists:
                 return None
-            cp = await self._insert_checkpoint(conn, seq, self._head, now_ms())
+            cp = await self.insert_checkpoint(conn, seq, self._head, now_ms())
             self._tentative = (seq + 1, self._head, cp)
             return cp
 
-        return await self._write(run)
+        return await self.write(run)
 
-    def _audit_items(self, entries: Iterable[AuditEntry], ts: int) -> list[Plain]:
+    def audit_items(self, entries: Iterable[AuditEntry], ts: int) -> list[Plain]:
         return [
             Plain(
                 e.kind,
@@ -376,7 +419,7 @@ class RecordsMixin(KeysMixin):
             for e in entries
         ]
 
-    async def _append_audit(
+    async def append_audit(
         self,
         conn: AsyncConnection,
         entries: Iterable[AuditEntry],
@@ -385,87 +428,14 @@ class RecordsMixin(KeysMixin):
         sign: bool = False,
     ) -> tuple[int, int]:
         """Append audit records in ``conn``'s transaction, archived at ``ts`` (else now);
-        returns their (first_seq, last_seq). ``sign``: see :meth:`_append_records`."""
+        returns their (first_seq, last_seq). ``sign``: see :meth:`append_records`."""
         if ts is None:
             ts = now_ms()
-        return await self._append_records(conn, self._audit_items(entries, ts), ts, sign=sign)
-
-    async def ingest_transaction(
-        self, txn_id: str, events: Sequence[Mapping[str, Any]]
-    ) -> IngestResult:
-        """Store a transaction's events and its work-queue entry in ONE commit.
-
-        Returns once the commit is durable. A txnId seen before stores nothing; an event_id
-        seen before (in an earlier transaction or twice in this one) is skipped.
-        """
-        try:
-            return await self._write(lambda conn: self._ingest(conn, txn_id, events))
-        except SQLAlchemyError as e:
-            raise StoreUnavailable(str(e.__class__.__name__)) from e
-        except OSError as e:
-            raise StoreUnavailable(str(e)) from e
-
-    async def _ingest(
-        self, conn: AsyncConnection, txn_id: str, events: Sequence[Mapping[str, Any]]
-    ) -> IngestResult:
-        ts = now_ms()
-        seen = (await conn.execute(_SEEN_TXN, {"txn_id": txn_id})).first()
-        ids = [e.get("event_id") for e in events]
-        index = self._idx
-        assert index is not None
-        eidx = [index("event_id", i) if isinstance(i, str) else None for i in ids]
-        wanted = {i for i in eidx if i is not None}
-        known: set[bytes] = set()
-        if wanted:
-            result = await conn.execute(_KNOWN_EVENTS, {"ids": list(wanted)})
-            known = {bytes(r[0]) for r in result}
-        if seen is not None:
-            # A retry of a committed transaction: nothing new in it. But Synapse on SQLite
-            # restarts its txnIds at 1 after a restart (they come from max(txn_id) of its
-            # table of unsent transactions), so a known txnId may carry new events: those
-            # are stored, under a queue key of their own.
-            if wanted <= known:
-                return IngestResult(duplicate=True, stored=0, skipped=len(events))
-            log.warning(
-                "transaction id %s reused with new events (homeserver restarted?); storing them",
-                txn_id,
-            )
-            txn_id = f"{txn_id[:200]}~{uuid.uuid4().hex}"
-        items = []
-        for ev, key in zip(events, eidx, strict=True):
-            if key is not None:
-                if key in known:
-                    continue
-                known.add(key)
-            origin = ev.get("origin_server_ts")
-            items.append(
-                Plain(
-                    "event",
-                    key,
-                    str_or_none(ev.get("room_id")),
-                    str_or_none(ev.get("sender")),
-                    str_or_none(ev.get("type")),
-                    origin if type(origin) is int and 0 <= origin < 1 << 62 else ts,
-                    dumps(ev),
-                )
-            )
-        first, last = await self._append_records(conn, items, ts)
-        await conn.execute(
-            _INSERT_TXN,
-            {
-                "txn_id": txn_id,
-                "received_ts": ts,
-                "first_seq": first if items else None,
-                "last_seq": last if items else None,
-                "event_count": len(items),
-                "processed": not items,
-            },
-        )
-        return IngestResult(duplicate=False, stored=len(items), skipped=len(events) - len(items))
+        return await self.append_records(conn, self.audit_items(entries, ts), ts, sign=sign)
 
     async def append(self, entries: Sequence[AuditEntry]) -> None:
         """Append audit records (gate decisions, outcomes, commands) in one commit."""
         if not entries:
             return
 
-        await self._write_or_unavailable(lambda conn: self._append_audit(conn, entries))
+        await self.write_or_unavailable(lambda conn: self.append_audit(conn, entries))

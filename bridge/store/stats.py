@@ -3,46 +3,39 @@
 from __future__ import annotations
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bridge.store.core import StoreCore
-from bridge.store.models import StoreStats, now_ms
-from bridge.store.schema import actions, records, rooms, transactions
+from bridge.audit.kinds import AuditKind
+from bridge.store.database import Database
+from bridge.store.models import StoreStats
+from bridge.store.queue import WorkQueue
+from bridge.store.records import RecordLog
+from bridge.store.schema import actions, records, rooms
 
 
-class StatsMixin(StoreCore):
+class StatsQueries:
     """Cheap counters for status and metrics."""
 
-    async def queue_state(self) -> tuple[int, float]:
-        """(transactions waiting, age in seconds of the oldest): one indexed query."""
-        async with self.engine.connect() as conn:
-            return await self._queue_state(conn)
+    def __init__(self, db: Database, records: RecordLog) -> None:
+        self.db = db
+        self.records = records
 
-    @staticmethod
-    async def _queue_state(conn: AsyncConnection) -> tuple[int, float]:
-        depth, oldest = (
-            await conn.execute(
-                select(func.count(), func.min(transactions.c.received_ts)).where(
-                    transactions.c.processed.is_(False)
-                )
-            )
-        ).one()
-        return int(depth), max(0.0, (now_ms() - oldest) / 1000) if oldest else 0.0
-
-    async def stats(self) -> StoreStats:
+    async def snapshot(self) -> StoreStats:
         """Counters for status and metrics; cheap: index lookups, no scan of the records.
 
         The number of events is counted once (on first use) and then kept up to date in
         memory by the appends of this process.
         """
-        async with self.engine.connect() as conn:
-            if self._events is None:
-                self._events = (
-                    await conn.execute(select(func.count()).where(records.c.kind == "event"))
+        log = self.records
+        async with self.db.connect() as conn:
+            if log.events is None:
+                log.events = (
+                    await conn.execute(
+                        select(func.count()).where(records.c.kind == AuditKind.EVENT)
+                    )
                 ).scalar_one()
-            events = self._events
+            events = log.events
             total = (await conn.execute(select(func.max(records.c.seq)))).scalar() or 0
-            depth, lag = await self._queue_state(conn)
+            depth, lag = await WorkQueue.backlog_in(conn)
             by_status: dict[str, int] = dict(
                 (
                     await conn.execute(

@@ -1,161 +1,146 @@
-"""The durable store: the encrypted audit records, the work queue, executor actions, state.
-
-All writes that must be atomic go through one method each (``ingest_transaction``,
-``complete_work``), so callers cannot split what belongs in one commit. Appends to the
-record sequence are serialised by an in-process lock: one bridge process owns a store
-(another process appending, e.g. ``audit export`` recording itself, makes a concurrent
-append fail on the seq primary key; the store then reloads the chain head and retries once).
+"""The store: a database and its repositories, put together once.
 
 Records are the audit store of issue 3 (see :mod:`bridge.audit.crypto` and
 :mod:`bridge.audit.chain`): each record's JSON is AES-256-GCM ciphertext under its room's
 data key (wrapped by the keyring's current KEK), queryable fields are blind indexes, and
-every record is hash-chained to the previous one. The chain head is kept in memory (read
-from the last row at open, never recomputed); a signed checkpoint is written every
-``checkpoint_every`` records, after every removal record and at :meth:`Store.close`, into
-the ``checkpoints`` table and appended to the checkpoint log file (outside the database).
-A store opened with ``sign_checkpoints=False`` (the audit CLI) signs none: it may append
-(an export records itself), and the bridge's next checkpoint covers that.
+every record is hash-chained to the previous one. Appends to the record sequence are
+serialised by an in-process lock: one bridge process owns a store (another process
+appending, e.g. ``audit export`` recording itself, makes a concurrent append fail on the
+seq primary key; the store then reloads the chain head and retries once).
 
-:class:`Store` is put together from mixins, one module each, over :class:`.core.StoreCore`
-(the shared state): :mod:`.keys` (data keys, blind indexes), :mod:`.records` (appends,
-chain, checkpoints, ingest), :mod:`.reading` (iteration, search), :mod:`.operational`
-(sealed rooms, actions, state), :mod:`.workqueue`, :mod:`.holds`, :mod:`.expiry`,
-:mod:`.migrations` (schema and unlock) and :mod:`.stats`; :mod:`.engine` makes the engine,
-:mod:`.chain` reads the chain for verification, :mod:`.models` holds the value types.
+:class:`Store` only opens, holds and closes; the work is done by its repositories, one
+module each, all taking the one :class:`~bridge.store.database.Database`:
+``keys`` (:mod:`.keys`), ``records`` (:mod:`.records`), ``queue`` (:mod:`.queue`),
+``actions`` (:mod:`.actions`), ``rooms`` (:mod:`.rooms`), ``state`` (:mod:`.state`),
+``holds`` (:mod:`.holds`), ``expiry`` (:mod:`.archive_expiry`), ``reader``
+(:mod:`.reading`) and ``stats`` (:mod:`.stats`); :mod:`.migrations` creates and upgrades
+the schema, :mod:`.chain` reads the chain for verification, :mod:`.models` holds the
+value types.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.audit.keyring import Keyring
-from bridge.store.archive_expiry import ExpiryMixin, load_removals
-from bridge.store.chain import iter_chain, iter_chain_batches, load_checkpoints
-from bridge.store.core import log
-from bridge.store.engine import connect
-from bridge.store.holds import HOLD_SCOPES
-from bridge.store.migrations import MigrationsMixin
-from bridge.store.models import (
-    ActionRow,
-    AuditEntry,
-    ExpiryReport,
-    HoldInfo,
-    Holds,
-    IngestResult,
-    NewAction,
-    RecordMeta,
-    RoomUpdate,
-    SearchGroup,
-    SearchSummary,
-    StoredEvent,
-    StoreError,
-    StoreStats,
-    StoreUnavailable,
-    WorkItem,
-    now_ms,
-)
-from bridge.store.operational import EXPIRY_CURSOR_KEY, INDEX_CHECK_KEY, PLAIN_STATE_KEYS
-from bridge.store.reading import ReadingMixin
-from bridge.store.records import AUDIT_KINDS
-from bridge.store.stats import StatsMixin
-from bridge.store.workqueue import WorkQueueMixin
-
-__all__ = [
-    "AUDIT_KINDS",
-    "EXPIRY_CURSOR_KEY",
-    "HOLD_SCOPES",
-    "INDEX_CHECK_KEY",
-    "PLAIN_STATE_KEYS",
-    "ActionRow",
-    "AuditEntry",
-    "ExpiryReport",
-    "HoldInfo",
-    "Holds",
-    "IngestResult",
-    "NewAction",
-    "RecordMeta",
-    "RoomUpdate",
-    "SearchGroup",
-    "SearchSummary",
-    "Store",
-    "StoreError",
-    "StoreStats",
-    "StoreUnavailable",
-    "StoredEvent",
-    "WorkItem",
-    "iter_chain",
-    "iter_chain_batches",
-    "load_checkpoints",
-    "load_removals",
-    "now_ms",
-]
+from bridge.store.actions import ActionQueue
+from bridge.store.archive_expiry import ArchiveExpiry
+from bridge.store.database import Database, log
+from bridge.store.holds import HoldRepository
+from bridge.store.keys import KeyRepository
+from bridge.store.migrations import MigrationContext, migrate
+from bridge.store.models import StoreUnavailable
+from bridge.store.queue import WorkQueue
+from bridge.store.reading import RecordReader
+from bridge.store.records import RecordLog
+from bridge.store.rooms import RoomRepository
+from bridge.store.state import StateRepository
+from bridge.store.stats import StatsQueries
 
 
-class Store(MigrationsMixin, ExpiryMixin, WorkQueueMixin, ReadingMixin, StatsMixin):
-    """Async facade over the database. Create with :meth:`open`.
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """How to open a store (everything but the database URL).
 
     ``keyring`` unlocks the data keys; without one, a fresh in-memory keyring is generated
     for an empty database (saved to ``keyring_path`` when given, else ephemeral: tests and
     benchmarks) and a non-empty database is refused. ``signing_key`` signs checkpoints
     (ephemeral when omitted); ``checkpoint_log`` is the file checkpoints are appended to;
-    with ``sign_checkpoints=False`` no checkpoint is signed at all.
+    with ``sign_checkpoints=False`` no checkpoint is signed at all. ``create=False`` (the
+    audit CLI) never creates or migrates the schema. With ``rewrap_keys``, data keys still
+    wrapped by an older KEK of the keyring are re-wrapped under the current one (finishing
+    a ``rotate-key`` done while a bridge with the old keyring kept creating data keys).
     """
 
-    @classmethod
-    async def open(
-        cls,
-        url: str,
-        *,
-        pool_size: int = 10,
-        create: bool = True,
-        keyring: Keyring | None = None,
-        keyring_path: Path | None = None,
-        signing_key: Ed25519PrivateKey | None = None,
-        checkpoint_every: int = 1000,
-        checkpoint_log: Path | None = None,
-        rewrap_keys: bool = False,
-        sign_checkpoints: bool = True,
-    ) -> Store:
-        """Connect, create or migrate the schema, unlock the audit keys.
+    pool_size: int = 10
+    create: bool = True
+    keyring: Keyring | None = None
+    keyring_path: Path | None = None
+    signing_key: Ed25519PrivateKey | None = None
+    checkpoint_every: int = 1000
+    checkpoint_log: Path | None = None
+    rewrap_keys: bool = False
+    sign_checkpoints: bool = True
 
-        With ``rewrap_keys``, data keys still wrapped by an older KEK of the keyring are
-        re-wrapped under the current one (finishing a ``rotate-key`` done while a bridge
-        with the old keyring kept creating data keys).
+
+class Store:
+    """The database, the crypto context and the repositories. Create with :meth:`open`."""
+
+    def __init__(self, db: Database, keys: KeyRepository, records: RecordLog) -> None:
+        self.db = db
+        self.keys = keys
+        self.records = records
+        self.state = StateRepository(db, keys)
+        self.rooms = RoomRepository(db, keys)
+        self.actions = ActionQueue(db, keys, records)
+        self.queue = WorkQueue(db, keys, records, self.actions, self.state, self.rooms)
+        self.holds = HoldRepository(db, keys, records, self.state)
+        self.expiry = ArchiveExpiry(db, keys, records, self.state, self.holds)
+        self.reader = RecordReader(db, keys)
+        self.stats = StatsQueries(db, records)
+
+    @property
+    def keyring(self) -> Keyring:
+        """The keyring the store unlocked with (generated for a new store without one)."""
+        assert self.keys.keyring is not None
+        return self.keys.keyring
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The key checkpoints are signed with."""
+        return self.records.signing_key
+
+    @classmethod
+    async def open(cls, url: str, settings: StoreSettings = StoreSettings()) -> Store:
+        """Connect, create or migrate the schema, unlock the audit keys.
 
         Raises StoreUnavailable if unreachable, StoreError if the keyring does not fit the
         stored data keys, KeyringMissingError if the database holds records but no keyring
         was given.
         """
-        engine, parsed = connect(url, pool_size=pool_size)
-        store = cls(
-            engine,
-            keyring=keyring,
-            keyring_path=keyring_path,
-            signing_key=signing_key,
-            checkpoint_every=checkpoint_every,
-            checkpoint_log=checkpoint_log,
+        return await cls.open_on(Database.create(url, pool_size=settings.pool_size), settings)
+
+    @classmethod
+    async def open_on(cls, db: Database, settings: StoreSettings = StoreSettings()) -> Store:
+        """:meth:`open` on a database whose engine the caller made (``pool_size`` unused);
+        the store closes it."""
+        keys = KeyRepository(db, settings.keyring, settings.keyring_path)
+        records = RecordLog(
+            db,
+            keys,
+            signing_key=settings.signing_key or Ed25519PrivateKey.generate(),
+            checkpoint_every=settings.checkpoint_every,
+            checkpoint_log=settings.checkpoint_log,
+            sign_checkpoints=settings.sign_checkpoints,
         )
-        store.sign_checkpoints = sign_checkpoints
+        store = cls(db, keys, records)
         try:
-            await store.migrate(create=create)
-            if rewrap_keys:
-                await store._rewrap_stale_keys()
+            await migrate(store.migration_context(), create=settings.create)
+            if settings.rewrap_keys:
+                await keys.rewrap_stale()
         except (SQLAlchemyError, OSError) as e:
-            await engine.dispose()
-            raise StoreUnavailable(f"cannot open database {parsed.render_as_string()}: {e}") from e
+            await db.close()
+            raise StoreUnavailable(f"cannot open database {db.url.render_as_string()}: {e}") from e
         except BaseException:
-            await engine.dispose()
+            await db.close()
             raise
         return store
+
+    def migration_context(self) -> MigrationContext:
+        """What the schema steps work with."""
+        return MigrationContext(
+            self.db, self.keys, self.records, self.state, self.rooms, self.actions
+        )
 
     async def close(self) -> None:
         """Write a final signed checkpoint of the chain head (unless this store signs
         none), then disconnect."""
         try:
-            await self.checkpoint()
+            await self.records.checkpoint()
         except Exception as e:  # never block shutdown on it; the next start continues
             log.warning("could not write the shutdown checkpoint: %s", e)
-        await self.engine.dispose()
+        await self.db.close()

@@ -2,7 +2,7 @@
 
 Everything goes through the blind indexes (``room_idx``, ``sender_idx``, ``type_idx``) and
 the plain ``origin_ts``; events are decrypted only when the sweeper must look inside
-(state key, redaction target, sender). Writes go through :meth:`Store.complete_work`, so
+(state key, redaction target, sender). Writes go through :meth:`WorkQueue.complete`, so
 the sweeper's progress commits together with the actions it enqueued.
 """
 
@@ -15,10 +15,14 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
+from bridge.audit import codec
+from bridge.audit.kinds import AuditKind
 from bridge.policy.retention import REDACTION
-from bridge.store import codec
-from bridge.store.schema import SEALED_PART, actions, records
-from bridge.store.store import Store, StoreError
+from bridge.store.models import StoreError
+from bridge.store.schema import SEALED_PART, records
+from bridge.store.store import Store
+
+_EVENT = AuditKind.EVENT  # bound once: compared for every record
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +67,18 @@ class SweepQueries:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.engine = store.engine
+        self.keys = store.keys
+        self.db = store.db
 
     def room_idx(self, room_id: str) -> bytes:
-        idx = self.store.blind("room", room_id)
+        idx = self.keys.blind("room", room_id)
         assert idx is not None
         return idx
 
     def _blind_all(self, field_name: str, values: Iterable[str]) -> list[bytes]:
         out = []
         for v in values:
-            idx = self.store.blind(field_name, v)
+            idx = self.keys.blind(field_name, v)
             if idx is not None:
                 out.append(idx)
         return out
@@ -83,29 +88,24 @@ class SweepQueries:
 
         Room IDs are sealed in the store, so pages follow the rooms' blind indexes, not
         their IDs; "" starts from the beginning."""
-        return await self.store.joined_rooms_page(after, limit)
+        return await self.store.rooms.joined_page(after, limit)
 
     def order_key(self, room_id: str) -> bytes:
         """Sort key of a room in :meth:`joined_rooms` pages ("" sorts first)."""
-        return self.store.room_order_key(room_id)
+        return self.store.rooms.order_key(room_id)
 
     async def get_states(self, keys: Sequence[str]) -> dict[str, str]:
         """Several state-table values at once (missing keys left out), decrypted."""
-        return await self.store.get_states(keys)
+        return await self.store.state.get_many(keys)
 
     async def pending_actions(self) -> int:
         """How many executor actions are waiting (the sweeper backs off when many are)."""
-        async with self.engine.connect() as conn:
-            return int(
-                (
-                    await conn.execute(select(func.count()).where(actions.c.status == "pending"))
-                ).scalar_one()
-            )
+        return await self.store.actions.pending_count()
 
     def _window(self, room_id: str, cutoff: int, after_ts: int, after_seq: int) -> list[Any]:
         return [
             records.c.room_idx == self.room_idx(room_id),
-            records.c.kind == "event",
+            records.c.kind == AuditKind.EVENT,
             records.c.origin_ts < cutoff,
             or_(
                 records.c.origin_ts > after_ts,
@@ -124,16 +124,15 @@ class SweepQueries:
             .order_by(records.c.origin_ts, records.c.seq)
             .limit(limit)
         )
-        store = self.store
-        async with self.engine.connect() as conn:
+        async with self.db.connect() as conn:
             rows = (await conn.execute(query)).all()
-            await store._keys_by_ids(conn, {r[3] for r in rows})
+            await self.keys.by_ids(conn, {r[3] for r in rows})
         return [ExpiredRecord(r[0], r[1], self._open(r)) for r in rows]
 
     def _open(self, row: Any) -> dict[str, Any] | None:
         seq, _ts, room_idx, key_id, nonce, ct = row
         try:
-            pt = self.store._decrypt(seq, room_idx, key_id, nonce, ct)
+            pt = self.keys.decrypt(seq, room_idx, key_id, nonce, ct)
         except StoreError as e:
             log.error("retention sweep: %s (record skipped)", e)
             return None
@@ -158,17 +157,17 @@ class SweepQueries:
             records.c.room_idx == self.room_idx(room_id),
             records.c.origin_ts >= since_ts,
             records.c.origin_ts < until_ts,
-            records.c.kind == "event",
-            records.c.type_idx == self.store.blind("type", REDACTION),
+            records.c.kind == AuditKind.EVENT,
+            records.c.type_idx == self.keys.blind("type", REDACTION),
         ]
         excluded = self._blind_all("sender", exclude_senders)
         if excluded:
             conds.append(records.c.sender_idx.not_in(excluded))
         query = select(*_EVENT_COLS).where(*conds)
         out: set[str] = set()
-        async with self.engine.connect() as conn:
+        async with self.db.connect() as conn:
             rows = (await conn.execute(query)).all()
-            await self.store._keys_by_ids(conn, {r[3] for r in rows})
+            await self.keys.by_ids(conn, {r[3] for r in rows})
         for row in rows:
             ev = self._open(row)
             if ev is None:
@@ -187,9 +186,9 @@ class SweepQueries:
         each stopping at the first event found."""
         room = self.room_idx(room_id)
         found: set[str] = set()
-        async with self.engine.connect() as conn:
+        async with self.db.connect() as conn:
             for user in sorted(set(users)):
-                idx = self.store.blind("sender", user)
+                idx = self.keys.blind("sender", user)
                 if idx is None:
                     continue
                 query = (
@@ -197,7 +196,7 @@ class SweepQueries:
                     .where(
                         records.c.room_idx == room,
                         records.c.sender_idx == idx,
-                        records.c.kind == "event",
+                        records.c.kind == AuditKind.EVENT,
                         records.c.origin_ts < before,
                     )
                     .limit(1)
@@ -214,5 +213,5 @@ class SweepQueries:
             *self._window(room_id, cutoff, after_ts, after_seq),
             or_(records.c.type_idx.is_(None), records.c.type_idx.not_in(state_types)),
         )
-        async with self.engine.connect() as conn:
+        async with self.db.connect() as conn:
             return int((await conn.execute(query)).scalar_one())

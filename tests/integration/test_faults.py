@@ -42,6 +42,7 @@ from bridge.audit.keyring import Keyring
 from bridge.dev.devstack import BridgeProcess, DevStack, prepare_stack
 from bridge.dev.devsynapse import free_port
 from bridge.store import Store
+from tests.kit.store import count_events
 
 pytestmark = pytest.mark.integration
 
@@ -171,13 +172,13 @@ async def test_reused_txn_id_with_new_events_is_stored(store: Store) -> None:
     def txn(*ids: str) -> list[dict[str, Any]]:
         return [{"event_id": i, "room_id": "!r:x", "type": "m.room.message"} for i in ids]
 
-    first = await store.ingest_transaction("1", txn("$a", "$b"))
-    retry = await store.ingest_transaction("1", txn("$a", "$b"))
-    reused = await store.ingest_transaction("1", txn("$c"))
-    again = await store.ingest_transaction("1", txn("$c"))
+    first = await store.queue.ingest("1", txn("$a", "$b"))
+    retry = await store.queue.ingest("1", txn("$a", "$b"))
+    reused = await store.queue.ingest("1", txn("$c"))
+    again = await store.queue.ingest("1", txn("$c"))
     assert (first.stored, retry.duplicate, reused.stored, again.duplicate) == (2, True, 1, True)
-    assert [await store.count_events(e) for e in ("$a", "$b", "$c")] == [1, 1, 1]
-    work = await store.pending_work()
+    assert [await count_events(store, e) for e in ("$a", "$b", "$c")] == [1, 1, 1]
+    work = await store.queue.pending()
     assert [[s.event["event_id"] for s in w.events] for w in work] == [["$a", "$b"], ["$c"]]
 
 

@@ -132,7 +132,7 @@ class Harness:
         )
         self.worker.tracker.joined_rooms = {MGMT, ROOM}
         for room in (MGMT, ROOM):
-            await self.store.upsert_room(room, joined=True)
+            await self.store.rooms.upsert(room, joined=True)
 
     def request(
         self, method: str, path: str, data: bytes, headers: dict[str, str]
@@ -376,7 +376,7 @@ def test_transactions_with_odd_strings_are_stored_and_readable(harness: Harness)
     assert status == 200, reply
 
     async def read_back() -> list[dict[str, Any]]:
-        return [r["data"] async for r in harness.store.iter_records(kind="event")]
+        return [r["data"] async for r in harness.store.reader.iter(kind="event")]
 
     stored = harness.run(read_back())
     for ev in odd:
@@ -527,11 +527,11 @@ def test_replies_never_contain_html_from_arguments(
     }
 
     async def go() -> list[Any]:
-        before = {a.id for a in await harness.store.due_actions(now=10**12, limit=100_000)}
-        await harness.store.ingest_transaction(f"cmd-{time.time_ns()}", [event])
+        before = {a.id for a in await harness.store.actions.due(now=10**12, limit=100_000)}
+        await harness.store.queue.ingest(f"cmd-{time.time_ns()}", [event])
         while await harness.worker.run_once():
             pass
-        after = await harness.store.due_actions(now=10**12, limit=100_000)
+        after = await harness.store.actions.due(now=10**12, limit=100_000)
         return [a for a in after if a.id not in before and a.kind == "send_notice"]
 
     notices = harness.run(go())

@@ -97,26 +97,41 @@ async def test_stop_is_bounded_when_a_task_ignores_cancellation(
     await scheduler.wait()
 
 
-class _SlowStore:
-    """A store whose archive read never ends (a scan in progress)."""
+class _Rooms:
+    async def known(self) -> list[dict[str, Any]]:
+        return [{"room_id": "!r:x", "joined": True}]
+
+
+class _Reader:
+    """An archive read that never ends (a scan in progress)."""
 
     def __init__(self) -> None:
         self.reading = asyncio.Event()
-        self.state: dict[str, str] = {}
 
-    async def list_rooms(self) -> list[dict[str, Any]]:
-        return [{"room_id": "!r:x", "joined": True}]
-
-    async def iter_records(self, **_: Any) -> Any:
+    async def iter(self, **_: Any) -> Any:
         self.reading.set()
         await asyncio.Event().wait()
         yield {}  # pragma: no cover
 
-    async def get_state(self, key: str) -> str | None:
-        return self.state.get(key)
 
-    async def set_state(self, key: str, value: str) -> None:
-        self.state[key] = value
+class _State:
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    async def get(self, key: str) -> str | None:
+        return self.values.get(key)
+
+    async def set(self, key: str, value: str) -> None:
+        self.values[key] = value
+
+
+class _SlowStore:
+    """A store whose archive read never ends (a scan in progress)."""
+
+    def __init__(self) -> None:
+        self.rooms = _Rooms()
+        self.reader = _Reader()
+        self.state = _State()
 
 
 class _Engine:
@@ -147,21 +162,24 @@ async def test_stop_cancels_a_running_retroactive_scan() -> None:
     )
     task = retroactive.start(services, _Engine(), job)  # type: ignore[arg-type]
     assert task is not None and task.get_name() == retroactive.TASK_NAME
-    await asyncio.wait_for(services.store.reading.wait(), 5)
+    await asyncio.wait_for(services.store.reader.reading.wait(), 5)
     assert task in scheduler.running
     await scheduler.stop(1.0)
     assert task.cancelled()
     # stopped mid-scan: still recorded as pending, so the next start runs it again
-    assert job.id in services.store.state[retroactive.PENDING_KEY]
+    assert job.id in services.store.state.values[retroactive.PENDING_KEY]
 
 
 async def test_room_bookkeeping_runs_under_the_injected_scheduler() -> None:
-    class Store:
+    class Rooms:
         started = asyncio.Event()
 
-        async def update_rooms_data(self, _updates: Any) -> None:
+        async def update_data(self, _updates: Any) -> None:
             self.started.set()
             await asyncio.Event().wait()
+
+    class Store:
+        rooms = Rooms()
 
     scheduler = Scheduler()
     store = Store()
@@ -171,7 +189,7 @@ async def test_room_bookkeeping_runs_under_the_injected_scheduler() -> None:
 
     rooms = RoomEnforcer(store, lambda: 1.0, quiet, scheduler=scheduler)  # type: ignore[arg-type]
     rooms.note_member("!r:x", "@u:y", "join")
-    await asyncio.wait_for(store.started.wait(), 5)
+    await asyncio.wait_for(store.rooms.started.wait(), 5)
     [task] = scheduler.running
     assert task.get_name() == "room-flush"
     await scheduler.stop(1.0)

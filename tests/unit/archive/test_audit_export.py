@@ -28,6 +28,7 @@ from bridge.archive.export import CSV_COLUMNS, _csv_cell, format_csv, json_text
 from bridge.archive.parallel import export_parallel
 from bridge.store import AuditEntry, Store, StoreError
 from bridge.store.models import now_ms
+from tests.kit.store import destroy_room_key
 from tests.unit.store.test_audit_store import Env, attack, env, fill  # noqa: F401
 
 SECRET = "Osprey ledger 4417-KILO"  # a body that must never land in a stray file
@@ -58,7 +59,7 @@ async def build(target: Env) -> None:
     """Events, audit records of several kinds, expired records and a shredded room."""
     store = await target.open()
     try:
-        await store.ingest_transaction(
+        await store.queue.ingest(
             "early",
             [
                 event(1, "!old:x", "@alice:x", 'early news, "quoted"'),
@@ -66,7 +67,7 @@ async def build(target: Env) -> None:
                 event(3, "!old:x", "@bob:x", "early again"),
             ],
         )
-        await store.append(
+        await store.records.append(
             [
                 AuditEntry(
                     "decision",
@@ -87,8 +88,8 @@ async def build(target: Env) -> None:
             for i in range(40)
         ]
         evs.append(event(60, "!a:x", "@alice:x", "formatted", formatted_body="<b>x</b>, y"))
-        await store.ingest_transaction("late", evs)
-        await store.append(
+        await store.queue.ingest("late", evs)
+        await store.records.append(
             [
                 AuditEntry("gate", {"verdict": "allow", "why": 'a "quote", a comma'}, "!a:x"),
                 AuditEntry("action", {"redact": "$x11", "ok": False}, "!b:x", "@bot:x"),
@@ -98,10 +99,10 @@ async def build(target: Env) -> None:
             ]
         )
         # the early records expire: !old:x entirely (its key is shredded), !mix:x's first
-        report = await store.expire_archive(1000, now=boundary + 1000)
+        report = await store.expiry.expire(1000, now=boundary + 1000)
         assert report.expired == 4 and report.rooms_shredded == 1
-        assert await store.destroy_room_key("!gone:x")
-        assert await store.set_hold("room", "!b:x", True, by="@admin:x", reason="case 7") == "on"
+        assert await destroy_room_key(store, "!gone:x")
+        assert await store.holds.set("room", "!b:x", True, by="@admin:x", reason="case 7") == "on"
     finally:
         await store.close()
 
@@ -153,7 +154,7 @@ def export_args(*argv: str) -> Any:
 async def expected(target: Env, args: Any) -> tuple[bytes, int]:
     store = await target.open()
     try:
-        recs = [r async for r in store.iter_records(**cli._query(args), raw_json=True)]
+        recs = [r async for r in store.reader.iter(**cli._query(args), raw_json=True)]
     finally:
         await store.close()
     if args.format == "csv":
@@ -213,7 +214,7 @@ async def test_parallel_and_in_process_write_the_same_bytes(rich: Env, fmt: str)
 async def test_the_store_has_what_the_comparison_needs(rich: Env) -> None:
     store = await rich.open()
     try:
-        recs = [r async for r in store.iter_records()]
+        recs = [r async for r in store.reader.iter()]
     finally:
         await store.close()
     kinds = {r["kind"] for r in recs}
@@ -240,7 +241,7 @@ async def test_cli_with_workers_writes_the_oracle_and_records_the_export(
         counts.append(n)
     store = await rich.open()
     try:
-        exports = [r["data"] async for r in store.iter_records(kind="export")]
+        exports = [r["data"] async for r in store.reader.iter(kind="export")]
     finally:
         await store.close()
     assert [e["format"] for e in exports] == [fmt, fmt]
@@ -340,10 +341,10 @@ async def test_workers_leave_no_files_and_no_processes(
 
 
 async def _loaded_keys(store: Store) -> AsyncIterator[Any]:
-    async for recs in store.iter_sealed_batches():
-        material, _ = store.key_material(r[5] for r in recs)
+    async for recs in store.reader.iter_sealed_batches():
+        material, _ = store.keys.key_material(r[5] for r in recs)
         for key_id, _scope, _key in material:
-            yield store._keys_by_id[key_id]
+            yield store.keys.by_id[key_id]
 
 
 async def test_jobs_default_uses_workers_for_large_exports_to_a_file_on_a_free_machine(

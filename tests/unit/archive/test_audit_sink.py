@@ -14,20 +14,20 @@ def entry(i: int) -> AuditEntry:
 
 
 async def gate_records(store: Store) -> list[int]:
-    return [r["data"]["n"] async for r in store.iter_records(kind="gate")]
+    return [r["data"]["n"] async for r in store.reader.iter(kind="gate")]
 
 
 async def test_record_returns_once_committed_and_groups_concurrent_refusals(store: Store) -> None:
     sink = AuditSink(store)
     commits = 0
-    append = store.append
+    append = store.records.append
 
     async def counting(entries: list[AuditEntry], *a: object, **k: object) -> None:
         nonlocal commits
         commits += 1
         await append(entries)
 
-    store.append = counting  # type: ignore[method-assign]
+    store.records.append = counting  # type: ignore[method-assign]
     async with in_background(sink.run()):
         results = await asyncio.gather(*(sink.record(entry(i), within=30) for i in range(20)))
     assert results == [True] * 20
@@ -38,14 +38,14 @@ async def test_record_returns_once_committed_and_groups_concurrent_refusals(stor
 async def test_record_gives_up_waiting_but_keeps_the_record(store: Store) -> None:
     sink = AuditSink(store)
     down = True
-    append = store.append
+    append = store.records.append
 
     async def flaky(entries: list[AuditEntry], *a: object, **k: object) -> None:
         if down:
             raise StoreUnavailable("database down")
         await append(entries)
 
-    store.append = flaky  # type: ignore[method-assign]
+    store.records.append = flaky  # type: ignore[method-assign]
     async with in_background(sink.run()):
         assert await sink.record(entry(1), within=0.2) is False
         assert sink.pending == 1

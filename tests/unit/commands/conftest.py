@@ -43,5 +43,5 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
 async def fake(sqlite_store: Store, tmp_path: Path) -> CommandFake:
     """CommandFake with the management room and one other joined room."""
     for room in (MGMT, ROOM):
-        await sqlite_store.upsert_room(room, joined=True)
+        await sqlite_store.rooms.upsert(room, joined=True)
     return CommandFake(sqlite_store, make_config(tmp_path), MGMT)

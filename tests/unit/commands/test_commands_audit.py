@@ -56,7 +56,7 @@ def groups(lines: Sequence[str]) -> list[str]:
 async def test_search_by_type_finds_retroactive_records(services: CommandFake) -> None:
     """`--type retroactive` filters on the kind (it used to search event types and find
     nothing, because the kind was missing from the list of kinds)."""
-    await services.store.append(
+    await services.store.records.append(
         [
             AuditEntry(
                 AuditKind.RETROACTIVE,
@@ -75,7 +75,7 @@ async def test_search_by_type_finds_retroactive_records(services: CommandFake) -
 async def test_search_groups_commands_by_room_with_a_count(services: CommandFake) -> None:
     """Command records of different names count as one group per room (they used to show
     as one line per name, each reading "1 x command in !room")."""
-    await services.store.append(
+    await services.store.records.append(
         [command("status"), command("dlp list"), command("hold list"), command("status", OTHER)]
     )
     lines = await search(services, type="command")
@@ -84,10 +84,10 @@ async def test_search_groups_commands_by_room_with_a_count(services: CommandFake
 
 
 async def test_search_shows_the_event_type_of_events_and_decisions(services: CommandFake) -> None:
-    await services.store.ingest_transaction(
+    await services.store.queue.ingest(
         "t1", [event(1), event(2), event(3, etype="m.reaction"), event(4, room=OTHER)]
     )
-    await services.store.append(
+    await services.store.records.append(
         [
             AuditEntry(AuditKind.DECISION, {"n": 1}, room_id=ROOM, type="m.room.message"),
             AuditEntry(AuditKind.DECISION, {"n": 2}, room_id=ROOM, type="m.reaction"),
@@ -144,7 +144,7 @@ async def test_hold_targets_that_cannot_be_used(services: CommandFake) -> None:
 
 
 async def test_verify_reports_an_intact_archive(services: CommandFake) -> None:
-    await services.store.ingest_transaction("t1", [event(1), event(2)])
+    await services.store.queue.ingest("t1", [event(1), event(2)])
     ctx = services.context(role=Role.AUDITOR)
     reply = await audit.audit_verify(ctx)
     assert reply.text.startswith("✅ Audit archive intact\n• 2 records verified")

@@ -85,11 +85,11 @@ async def test_federation_mode_and_show(fake: CommandFake) -> None:
 
 async def test_rooms_lists_states_filters_and_pages(fake: CommandFake) -> None:
     store = fake.store
-    await store.upsert_room("!drift:corp.example", joined=True, lacking=DRIFTED)
-    await store.upsert_room("!weak:corp.example", joined=True, lacking="power level 50")
-    await store.upsert_room("!gone:corp.example", joined=False)
+    await store.rooms.upsert("!drift:corp.example", joined=True, lacking=DRIFTED)
+    await store.rooms.upsert("!weak:corp.example", joined=True, lacking="power level 50")
+    await store.rooms.upsert("!gone:corp.example", joined=False)
     for i in range(rooms.ROOMS_PAGE):
-        await store.upsert_room(f"!r{i:03}:corp.example", joined=True)
+        await store.rooms.upsert(f"!r{i:03}:corp.example", joined=True)
     reply = await rooms.rooms_cmd(fake.context(role=Role.AUDITOR))
     assert reply.text.startswith(
         f"{rooms.ROOMS_PAGE + 4} room(s): {rooms.ROOMS_PAGE + 1} enforced, 1 drifted, "

@@ -56,7 +56,7 @@ async def test_wrong_or_missing_token_stores_nothing(client: TestClient, store: 
     # The legacy query token is refused unless configured.
     r = await client.put(f"/_matrix/app/v1/transactions/1?access_token={TOKEN}", json=txn("$a"))
     assert r.status == 401
-    assert (await store.stats()).events == 0
+    assert (await store.stats.snapshot()).events == 0
 
 
 async def test_legacy_query_token_when_configured(store: Store) -> None:
@@ -66,10 +66,10 @@ async def test_legacy_query_token_when_configured(store: Store) -> None:
     async with TestClient(TestServer(app)) as c:
         r = await c.put("/_matrix/app/v1/transactions/q1?access_token=wrong", json=txn("$a"))
         assert r.status == 403 and (await r.json())["errcode"] == "M_FORBIDDEN"
-        assert (await store.stats()).events == 0
+        assert (await store.stats.snapshot()).events == 0
         r = await c.put(f"/_matrix/app/v1/transactions/q1?access_token={TOKEN}", json=txn("$a"))
         assert r.status == 200
-        assert (await store.stats()).events == 1
+        assert (await store.stats.snapshot()).events == 1
 
 
 async def test_bad_bodies_get_matrix_errors(client: TestClient, store: Store) -> None:
@@ -83,11 +83,11 @@ async def test_bad_bodies_get_matrix_errors(client: TestClient, store: Store) ->
     big = {"events": [{"event_id": "$big", "content": {"body": "x" * 100_000}}]}
     r = await client.put("/_matrix/app/v1/transactions/1", json=big, headers=AUTH)
     assert r.status == 413
-    assert (await store.stats()).events == 0
+    assert (await store.stats.snapshot()).events == 0
     # The txnId was not burnt by the failures: a good retry is stored.
     r = await client.put("/_matrix/app/v1/transactions/1", json=txn("$a"), headers=AUTH)
     assert r.status == 200 and await r.json() == {}
-    assert (await store.stats()).events == 1
+    assert (await store.stats.snapshot()).events == 1
 
 
 async def test_retry_is_acknowledged_but_not_stored_twice(client: TestClient, store: Store) -> None:
@@ -96,7 +96,7 @@ async def test_retry_is_acknowledged_but_not_stored_twice(client: TestClient, st
         assert r.status == 200
     r = await client.put("/_matrix/app/v1/transactions/8", json=txn("$b", "$c"), headers=AUTH)
     assert r.status == 200
-    assert (await store.stats()).events == 3
+    assert (await store.stats.snapshot()).events == 3
     assert len(client.woken) == 2  # type: ignore[attr-defined]
 
 
@@ -106,7 +106,7 @@ async def test_store_failure_answers_503_so_synapse_retries(
     async def broken(*_a: object, **_k: object) -> None:
         raise StoreUnavailable("database down")
 
-    monkeypatch.setattr(store, "ingest_transaction", broken)
+    monkeypatch.setattr(store.queue, "ingest", broken)
     r = await client.put("/_matrix/app/v1/transactions/9", json=txn("$a"), headers=AUTH)
     assert r.status == 503
     assert (await r.json())["errcode"] == "M_UNKNOWN"
@@ -131,11 +131,11 @@ async def test_body_is_parsed_not_trusted(client: TestClient, store: Store) -> N
     deep = {"events": [{"event_id": "$d", "content": json.loads("[" * 50 + "]" * 50)}]}
     r = await client.put("/_matrix/app/v1/transactions/d", json=deep, headers=AUTH)
     assert r.status == 200
-    assert (await store.stats()).events == 1
+    assert (await store.stats.snapshot()).events == 1
 
 
 async def test_absurdly_deep_json_is_a_client_error(client: TestClient, store: Store) -> None:
     body = b'{"events": [' + b"[" * 200_000 + b"]" * 200_000 + b"]}"
     r = await client.put("/_matrix/app/v1/transactions/deep", data=body, headers=AUTH)
     assert r.status in (400, 413)
-    assert (await store.stats()).events == 0
+    assert (await store.stats.snapshot()).events == 0

@@ -342,7 +342,7 @@ async def test_refusals_are_audited_and_allowed_calls_are_not(synapse: Synapse) 
     )
     await synapse.module.user_may_join_room(BOB, "!r:evil.example", True)
     await synapse.sink.flush()
-    records = [r async for r in synapse.store.iter_records(kind="gate")]
+    records = [r async for r in synapse.store.reader.iter(kind="gate")]
     assert [(r["data"]["callback"], r["data"]["decision"]) for r in records] == [
         ("federated_user_may_invite", "deny"),
         ("user_may_join_room", "deny"),

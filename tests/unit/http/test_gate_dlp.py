@@ -58,7 +58,7 @@ async def test_a_refusal_is_audited_before_the_answer_and_counted_at_the_gate(
             assert r.status == 403
             assert "detector:card" in (await r.json())["error"]
             # Committed before the 403 was sent: readable at once, no flush needed.
-            [record] = [rec async for rec in store.iter_records(kind="gate")]
+            [record] = [rec async for rec in store.reader.iter(kind="gate")]
             assert record["data"]["decision"] == "deny"
             assert record["data"]["subject"]["event_id"] == "$card"
             assert sink.pending == 0

@@ -30,6 +30,6 @@ async def test_health_follows_readiness() -> None:
 
 
 async def test_gauges_come_from_the_store(store: Store) -> None:
-    await store.enqueue_actions([NewAction("join", {}, room_id="!r:x")])
+    await store.actions.enqueue([NewAction("join", {}, room_id="!r:x")])
     await refresh_gauges_once(store)
     assert metrics.ACTIONS_BACKLOG.labels("pending")._value.get() == 1

@@ -46,7 +46,7 @@ async def worker(store: Store, tmp_path: Path) -> Worker:
     services = Services(store, config, MGMT, own_server=OWN)
     w = Worker(store, lambda: config, lambda: services.policy.engine, build_registry(), services)
     for room in (MGMT, ROOM):
-        await store.upsert_room(room, joined=True)
+        await store.rooms.upsert(room, joined=True)
     await w.load()
     return w
 
@@ -79,26 +79,26 @@ def bot(worker: Worker) -> str:
 
 
 async def rooms(store: Store) -> dict[str, dict[str, Any]]:
-    return {r["room_id"]: r for r in await store.list_rooms()}
+    return {r["room_id"]: r for r in await store.rooms.known()}
 
 
 async def pending(store: Store) -> list[ActionRow]:
-    return await store.due_actions(now=10**12, limit=10_000)
+    return await store.actions.due(now=10**12, limit=10_000)
 
 
 async def fail_next_commit(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """The next batch commit fails inside its database transaction: it carries an action
     whose ID is taken (a constraint violation, after the room rows were written)."""
     taken = leave("!elsewhere:x")
-    await store.enqueue_actions([taken])
-    real = store.complete_work
+    await store.actions.enqueue([taken])
+    real = store.queue.complete
 
     async def failing(queue_ids: Any, new_actions: Any = (), *args: Any, **kwargs: Any) -> None:
-        monkeypatch.setattr(store, "complete_work", real)  # only this once
+        monkeypatch.setattr(store.queue, "complete", real)  # only this once
         clash = NewAction(taken.kind, {}, room_id="!elsewhere:x", id=taken.id)
         await real(queue_ids, [*new_actions, clash], *args, **kwargs)
 
-    monkeypatch.setattr(store, "complete_work", failing)
+    monkeypatch.setattr(store.queue, "complete", failing)
 
 
 async def process_failing_then_again(
@@ -107,7 +107,7 @@ async def process_failing_then_again(
     """Ingest ``events`` as one transaction whose processing's commit fails; the actions
     queued by it (none are expected)."""
     before = {a.id for a in await pending(worker.store)}
-    await worker.store.ingest_transaction(f"t{time.time_ns()}", list(events))
+    await worker.store.queue.ingest(f"t{time.time_ns()}", list(events))
     await fail_next_commit(worker.store, monkeypatch)
     before |= {a.id for a in await pending(worker.store)}
     with pytest.raises(StoreUnavailable):
@@ -174,7 +174,7 @@ async def test_later_events_see_the_rooms_as_earlier_events_of_the_transaction_l
     """The bot joins, then an excluded server's user joins, in one transaction: the
     second event knows the bot is in the room although nothing is committed yet."""
     before = {a.id for a in await pending(worker.store)}
-    await worker.store.ingest_transaction(
+    await worker.store.queue.ingest(
         "t-together",
         [
             member(NEW, bot(worker), "join"),
@@ -193,18 +193,18 @@ async def test_later_events_see_the_rooms_as_earlier_events_of_the_transaction_l
 async def test_space_links_of_one_transaction_are_all_kept(worker: Worker) -> None:
     """A space adds two rooms at once: both links count (the second must not be judged
     against the links as they were before the first)."""
-    await worker.store.upsert_room(NEW, joined=True)
+    await worker.store.rooms.upsert(NEW, joined=True)
     await worker.load()
     before = {a.id for a in await pending(worker.store)}
     children = [
         event(SPACE, ADMIN, "m.space.child", {"via": [OWN]}, state_key=child)
         for child in (ROOM, NEW)
     ]
-    await worker.store.ingest_transaction("t-space", children)
+    await worker.store.queue.ingest("t-space", children)
     new = await rerun(worker, before)
     expected = {ROOM: (SPACE,), NEW: (SPACE,)}
     assert worker.services.policy.room_spaces == expected
-    stored = json.loads(await worker.store.get_state(SPACES_KEY) or "{}")
+    stored = json.loads(await worker.store.state.get(SPACES_KEY) or "{}")
     assert stored == {ROOM: [SPACE], NEW: [SPACE]}
     assert sorted(a.room_id or "" for a in new if a.kind == ActionKind.RECONCILE) == [NEW, ROOM]
 
@@ -216,7 +216,7 @@ async def test_a_failed_commit_keeps_space_links_unchanged(
     before = {a.id for a in await pending(worker.store)}
     await process_failing_then_again(worker, monkeypatch, link)
     assert worker.services.policy.room_spaces == {}
-    assert await worker.store.get_state(SPACES_KEY) is None
+    assert await worker.store.state.get(SPACES_KEY) is None
     before |= {a.id for a in await pending(worker.store)}
     await rerun(worker, before)
     assert worker.services.policy.room_spaces == {ROOM: (SPACE,)}
@@ -233,7 +233,7 @@ async def test_a_confirmation_whose_commit_failed_still_confirms_on_the_rerun(
         {"msgtype": "m.text", "body": "!policy federation mode internal"},
     )
     before = {a.id for a in await pending(worker.store)}
-    await worker.store.ingest_transaction("t-ask", [cmd])
+    await worker.store.queue.ingest("t-ask", [cmd])
     asked = await rerun(worker, before)
     assert any("would remove 1 member(s)" in a.payload["body"] for a in asked)
     assert cmd["event_id"] in worker.commands.pending_confirmations
@@ -247,7 +247,7 @@ async def test_a_confirmation_whose_commit_failed_still_confirms_on_the_rerun(
     await process_failing_then_again(worker, monkeypatch, reaction)
     # still open, in memory and in the store
     assert cmd["event_id"] in worker.commands.pending_confirmations
-    stored = json.loads(await worker.store.get_state(CONFIRMATIONS_KEY) or "{}")
+    stored = json.loads(await worker.store.state.get(CONFIRMATIONS_KEY) or "{}")
     assert cmd["event_id"] in stored
     assert worker.services.policy.engine.federation_for(ROOM).mode.value == "allowlist"
     before |= {a.id for a in await pending(worker.store)}
@@ -257,7 +257,7 @@ async def test_a_confirmation_whose_commit_failed_still_confirms_on_the_rerun(
     assert len(done) == 1
     assert worker.services.policy.engine.federation_for(ROOM).mode.value == "internal"
     assert worker.commands.pending_confirmations == {}
-    assert json.loads(await worker.store.get_state(CONFIRMATIONS_KEY) or "{}") == {}
+    assert json.loads(await worker.store.state.get(CONFIRMATIONS_KEY) or "{}") == {}
 
 
 def test_a_batch_merges_the_changes_to_one_room() -> None:

@@ -33,7 +33,7 @@ def enforcer(store: Store, rate: float = 10.0) -> tuple[RoomEnforcer, Notes]:
 
 
 async def rooms_by_id(store: Store) -> dict[str, dict[str, object]]:
-    return {r["room_id"]: r for r in await store.list_rooms()}
+    return {r["room_id"]: r for r in await store.rooms.known()}
 
 
 def test_rollout_spreads_rooms_at_the_configured_rate(store: Store) -> None:
@@ -140,8 +140,8 @@ async def test_on_result_errors_mark_not_joined_only_when_the_state_was_unreadab
     store: Store,
 ) -> None:
     enf, _ = enforcer(store)
-    await store.upsert_room("!out:x", joined=True)
-    await store.upsert_room("!weak:x", joined=True)
+    await store.rooms.upsert("!out:x", joined=True)
+    await store.rooms.upsert("!weak:x", joined=True)
     unreadable = (
         "the bot is not allowed to read the room state in !out:x (M_FORBIDDEN: not in room)"
     )
@@ -163,13 +163,13 @@ async def test_rollout_progress_is_reported_once_per_quarter(store: Store) -> No
     enf, notes = enforcer(store, rate=1000.0)
     rooms = [f"!r{i}:x" for i in range(4)]
     acts, record = enf.rollout(rooms, "federation mode internal")
-    await store.enqueue_actions(acts)
+    await store.actions.enqueue(acts)
     enf.start_rollout(record)
     other = actions.reconcile("!r0:x", "unrelated drift")
-    await store.enqueue_actions([other])
+    await store.actions.enqueue([other])
 
     for i, a in enumerate(acts):
-        await store.finish_action(a.id, status="done", attempts=1)
+        await store.actions.finish(a.id, status="done", attempts=1)
         await enf.on_result(a.room_id or "", {"lacking": [], "payload": dict(a.payload)})
         assert len(notes.said) == i + 1
     assert notes.said == [
@@ -185,11 +185,11 @@ async def test_rollout_progress_is_reported_once_per_quarter(store: Store) -> No
 async def test_rollout_reporting_resumes_after_a_restart(store: Store) -> None:
     enf, before = enforcer(store, rate=1000.0)
     acts, record = enf.rollout([f"!r{i}:x" for i in range(4)], "restarted")
-    await store.enqueue_actions(acts)
-    await store.set_state(ROLLOUT_KEY, json.dumps(record))
+    await store.actions.enqueue(acts)
+    await store.state.set(ROLLOUT_KEY, json.dumps(record))
     enf.start_rollout(record)
     for a in acts[:2]:
-        await store.finish_action(a.id, status="done", attempts=1)
+        await store.actions.finish(a.id, status="done", attempts=1)
         await enf.on_result(a.room_id or "", {"lacking": [], "payload": dict(a.payload)})
     assert len(before.said) == 2
 
@@ -197,7 +197,7 @@ async def test_rollout_reporting_resumes_after_a_restart(store: Store) -> None:
     fresh, after = enforcer(store)
     await fresh.load()
     for a in acts[2:]:
-        await store.finish_action(a.id, status="done", attempts=1)
+        await store.actions.finish(a.id, status="done", attempts=1)
         await fresh.on_result(a.room_id or "", {"lacking": [], "payload": dict(a.payload)})
     assert after.said == [
         "Policy rollout (restarted): 3 of 4 rooms processed (75%).",

@@ -89,7 +89,7 @@ async def test_what_was_reported_survives_a_restart(store: Store) -> None:
     await enf.on_result(WEAK, result(NO_ACL))
     await enf.report_lacks()
     await enf.close()
-    assert (await store.room_data())[WEAK][REPORTED_FIELD] == NO_ACL
+    assert (await store.rooms.data())[WEAK][REPORTED_FIELD] == NO_ACL
 
     again, notes_after = enforcer(store)
     await again.load()
@@ -171,39 +171,58 @@ async def test_a_stalled_rollout_does_not_hold_reports_back(store: Store) -> Non
     await enf.close()
 
 
-class MemoryStore:
-    """What RoomEnforcer uses of the store, in memory (the 10k-room rollout stays fast)."""
+class MemoryRooms:
+    """``store.rooms`` as RoomEnforcer uses it, in memory."""
 
     def __init__(self) -> None:
-        self.rooms: dict[str, dict[str, Any]] = {}
-        self.state: dict[str, str] = {}
+        self.rows: dict[str, dict[str, Any]] = {}
 
-    async def upsert_room(
+    async def upsert(
         self, room_id: str, *, joined: bool | None = None, lacking: str | None = None
     ) -> None:
-        row = self.rooms.setdefault(room_id, {"joined": False, "lacking": ""})
+        row = self.rows.setdefault(room_id, {"joined": False, "lacking": ""})
         if joined is not None:
             row["joined"] = joined
         if lacking is not None:
             row["lacking"] = lacking
 
-    async def update_rooms_data(self, updates: dict[str, dict[str, Any]]) -> int:
-        known = [r for r in updates if r in self.rooms]
+    async def update_data(self, updates: dict[str, dict[str, Any]]) -> int:
+        known = [r for r in updates if r in self.rows]
         for room in known:
-            self.rooms[room].update(updates[room])
+            self.rows[room].update(updates[room])
         return len(known)
 
-    async def room_data(self) -> dict[str, dict[str, Any]]:
-        return {k: dict(v) for k, v in self.rooms.items()}
+    async def data(self) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in self.rows.items()}
 
-    async def get_state(self, key: str) -> str | None:
-        return self.state.get(key)
 
-    async def set_state(self, key: str, value: str) -> None:
-        self.state[key] = value
+class MemoryState:
+    """``store.state`` as RoomEnforcer uses it, in memory."""
 
-    async def count_actions(self, *_a: Any, **_k: Any) -> int:
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    async def get(self, key: str) -> str | None:
+        return self.values.get(key)
+
+    async def set(self, key: str, value: str) -> None:
+        self.values[key] = value
+
+
+class NoActions:
+    """``store.actions`` as RoomEnforcer uses it: nothing pending."""
+
+    async def count(self, *_a: Any, **_k: Any) -> int:
         return 0
+
+
+class MemoryStore:
+    """What RoomEnforcer uses of the store, in memory (the 10k-room rollout stays fast)."""
+
+    def __init__(self) -> None:
+        self.rooms = MemoryRooms()
+        self.state = MemoryState()
+        self.actions = NoActions()
 
 
 async def test_a_rollout_of_10k_rooms_gives_a_summary_not_10k_notices() -> None:
@@ -237,7 +256,7 @@ async def test_a_rollout_of_10k_rooms_gives_a_summary_not_10k_notices() -> None:
         assert len([ln for ln in notice.splitlines() if ln.startswith("• !room")]) == 20
         assert f"• … and {n - 20} more room(s)" in notice
     assert reported == 5_000  # every lacking room once
-    assert all(store.rooms[r][REPORTED_FIELD] == NO_ACL for r in rooms[::2])
+    assert all(store.rooms.rows[r][REPORTED_FIELD] == NO_ACL for r in rooms[::2])
     await enf.close()
 
 
@@ -248,7 +267,7 @@ ADMIN = f"@boss:{OWN}"
 
 
 async def rooms_command(worker: Worker, text: str) -> str:
-    before = {a.id for a in await worker.store.due_actions(now=10**12, limit=10_000)}
+    before = {a.id for a in await worker.store.actions.due(now=10**12, limit=10_000)}
     ev = {
         "event_id": f"$c{time.time_ns()}",
         "room_id": MGMT,
@@ -257,11 +276,11 @@ async def rooms_command(worker: Worker, text: str) -> str:
         "origin_server_ts": 1,
         "content": {"msgtype": "m.text", "body": text},
     }
-    await worker.store.ingest_transaction(f"t{time.time_ns()}", [ev])
+    await worker.store.queue.ingest(f"t{time.time_ns()}", [ev])
     await worker.run_once()
     [reply] = [
         a
-        for a in await worker.store.due_actions(now=10**12, limit=10_000)
+        for a in await worker.store.actions.due(now=10**12, limit=10_000)
         if a.id not in before and a.kind == "send_notice"
     ]
     assert len(reply.payload["body"]) + len(reply.payload["html"]) < 40_000
@@ -281,15 +300,15 @@ async def test_rooms_command_filters_and_pages(store: Store, tmp_path: Path) -> 
         store, lambda: config, lambda: services.policy.engine, build_registry(), services
     )
     worker.tracker.joined_rooms = {MGMT}
-    await store.upsert_room(MGMT, joined=True)
+    await store.rooms.upsert(MGMT, joined=True)
     enforced = [f"!ok{i:03d}:{OWN}" for i in range(120)]
     lacking = [f"!weak{i}:{OWN}" for i in range(5)]
-    await store.upsert_rooms(enforced + lacking, joined=True)
+    await store.rooms.upsert_many(enforced + lacking, joined=True)
     for room in lacking:
-        await store.upsert_room(room, lacking=NO_ACL + "; " + "; ".join([NO_KICK] * 20))
+        await store.rooms.upsert(room, lacking=NO_ACL + "; " + "; ".join([NO_KICK] * 20))
     for room in (f"!drift{i}:{OWN}" for i in range(2)):
-        await store.upsert_room(room, joined=True, lacking=DRIFTED)
-    await store.upsert_rooms([f"!gone{i}:{OWN}" for i in range(3)], joined=False)
+        await store.rooms.upsert(room, joined=True, lacking=DRIFTED)
+    await store.rooms.upsert_many([f"!gone{i}:{OWN}" for i in range(3)], joined=False)
 
     first = await rooms_command(worker, "!policy rooms")
     lines = first.splitlines()
@@ -322,4 +341,4 @@ async def test_rooms_command_filters_and_pages(store: Store, tmp_path: Path) -> 
     assert "page 9 is empty" in await rooms_command(worker, "!policy rooms --page 9")
     assert "must be one of" in await rooms_command(worker, "!policy rooms sleepy")
     # Saved state of the worker is untouched by listing.
-    assert json.loads(await store.get_state("commands.pending_confirmations") or "{}") == {}
+    assert json.loads(await store.state.get("commands.pending_confirmations") or "{}") == {}

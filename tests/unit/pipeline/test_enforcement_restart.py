@@ -41,7 +41,7 @@ def member(user: str, membership: str = "join") -> dict[str, Any]:
 
 async def test_members_survive_a_restart(store: Store) -> None:
     for room in (ROOM, OTHER):
-        await store.upsert_room(room, joined=True)
+        await store.rooms.upsert(room, joined=True)
     before = RoomEnforcer(store, lambda: 10.0, _quiet)
     # A reconcile reads the room's state, then reports its result.
     before.on_state(
@@ -66,12 +66,12 @@ async def test_members_survive_a_restart(store: Store) -> None:
 
 
 async def test_stream_changes_are_stored_in_the_background(store: Store) -> None:
-    await store.upsert_room(ROOM, joined=True)
+    await store.rooms.upsert(ROOM, joined=True)
     enf = RoomEnforcer(store, lambda: 10.0, _quiet)
     enf.note_member(ROOM, "@e:evil.example", "join")  # as the worker does: synchronously
 
     async def stored() -> dict[str, Any]:
-        return (await store.room_data())[ROOM].get(MEMBERS_FIELD, {})
+        return (await store.rooms.data())[ROOM].get(MEMBERS_FIELD, {})
 
     for _ in range(200):
         if await stored():
@@ -84,32 +84,32 @@ async def test_stream_changes_are_stored_in_the_background(store: Store) -> None
 async def test_member_records_keep_the_enforcement_state_and_the_other_way_round(
     store: Store,
 ) -> None:
-    await store.upsert_room(ROOM, joined=True, lacking="power level 50 to kick")
-    await store.update_rooms_data({ROOM: {MEMBERS_FIELD: {"@e:evil.example": "join"}}})
-    await store.upsert_room(ROOM, lacking="power level 100 to kick")
-    await store.upsert_room(ROOM, joined=False)
-    data = (await store.room_data())[ROOM]
+    await store.rooms.upsert(ROOM, joined=True, lacking="power level 50 to kick")
+    await store.rooms.update_data({ROOM: {MEMBERS_FIELD: {"@e:evil.example": "join"}}})
+    await store.rooms.upsert(ROOM, lacking="power level 100 to kick")
+    await store.rooms.upsert(ROOM, joined=False)
+    data = (await store.rooms.data())[ROOM]
     assert data == {
         "joined": False,
         "lacking": "power level 100 to kick",
         MEMBERS_FIELD: {"@e:evil.example": "join"},
     }
-    [row] = await store.list_rooms()
+    [row] = await store.rooms.known()
     assert (row["room_id"], row["joined"], row["lacking"]) == (
         ROOM,
         False,
         "power level 100 to kick",
     )
     # Rooms the bridge never recorded are not created by member bookkeeping.
-    await store.update_rooms_data({"!unknown:x": {MEMBERS_FIELD: {"@e:evil.example": "join"}}})
-    assert set(await store.room_data()) == {ROOM}
+    await store.rooms.update_data({"!unknown:x": {MEMBERS_FIELD: {"@e:evil.example": "join"}}})
+    assert set(await store.rooms.data()) == {ROOM}
 
 
 async def test_member_records_are_sealed(tmp_path: Path) -> None:
     path = tmp_path / "sealed.db"
     store = await Store.open(f"sqlite+aiosqlite:///{path}")
     try:
-        await store.upsert_room(ROOM, joined=True)
+        await store.rooms.upsert(ROOM, joined=True)
         enf = RoomEnforcer(store, lambda: 10.0, _quiet)
         enf.on_state(ROOM, [member("@spy:leaky-partner.example")])
         await enf.flush()
@@ -161,12 +161,12 @@ def event(body: str = "", **fields: Any) -> dict[str, Any]:
 
 async def feed(worker: Worker, *events: dict[str, Any]) -> list[str]:
     """Ingest and process events; the notices the bot would send."""
-    before = {a.id for a in await worker.store.due_actions(now=10**12, limit=10_000)}
-    await worker.store.ingest_transaction(f"t{time.time_ns()}", list(events))
+    before = {a.id for a in await worker.store.actions.due(now=10**12, limit=10_000)}
+    await worker.store.queue.ingest(f"t{time.time_ns()}", list(events))
     await worker.run_once()
     return [
         a.payload["body"]
-        for a in await worker.store.due_actions(now=10**12, limit=10_000)
+        for a in await worker.store.actions.due(now=10**12, limit=10_000)
         if a.id not in before and a.kind == "send_notice"
     ]
 
@@ -175,7 +175,7 @@ async def remote_members_then_restart(store: Store, tmp_path: Path) -> Worker:
     """Members join ROOM through the event stream; then the bridge restarts."""
     first = await start(store, tmp_path)
     for room in (MGMT, ROOM):
-        await store.upsert_room(room, joined=True)
+        await store.rooms.upsert(room, joined=True)
     first.tracker.joined_rooms = {MGMT, ROOM}
     joins = [
         event(type="m.room.member", room_id=ROOM, sender=u, state_key=u, content={"membership": m})
@@ -225,7 +225,7 @@ async def test_the_confirmation_names_only_rooms_that_lose_members(
 ) -> None:
     first = await start(store, tmp_path)
     for room in (MGMT, ROOM, OTHER):
-        await store.upsert_room(room, joined=True)
+        await store.rooms.upsert(room, joined=True)
     first.tracker.joined_rooms = {MGMT, ROOM, OTHER}
     # One remote member in each room, learnt from reconciles this time.
     first.services.rooms.on_state(ROOM, [member("@p:partner.example")])

@@ -56,7 +56,7 @@ def _enroller(admin: Admin, store: Store, rec: Recorder) -> AutoEnroller:
 
 
 async def test_enrols_rooms_not_joined_yet(store: Store) -> None:
-    await store.upsert_room("!known:x", joined=True)
+    await store.rooms.upsert("!known:x", joined=True)
     rec = Recorder()
     await _enroller(Admin(["!known:x", "!a:x", "!b:x"]), store, rec).run()
     kinds = [(a.kind, a.room_id) for a in rec.actions]

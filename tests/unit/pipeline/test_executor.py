@@ -26,7 +26,8 @@ from bridge.pipeline.actions import ActionKind
 from bridge.pipeline.enforcement import RoomEnforcement
 from bridge.pipeline.executor import Executor
 from bridge.policy.rooms import RoomPlan
-from bridge.store import ActionRow, NewAction, Store
+from bridge.store import ActionRow, NewAction, Store, StoreSettings
+from tests.kit.store import get_action
 
 ROOM = "!room:example.org"
 BOT = "@policybot:example.org"
@@ -126,13 +127,13 @@ def make_executor(
 
 
 async def action(store: Store, action_id: str) -> ActionRow:
-    row = await store.get_action(action_id)
+    row = await get_action(store, action_id)
     assert row is not None
     return row
 
 
 async def audit_actions(store: Store) -> list[dict[str, Any]]:
-    return [r["data"] async for r in store.iter_records(kind="action")]
+    return [r["data"] async for r in store.reader.iter(kind="action")]
 
 
 def is_send(method: str, path: str) -> bool:
@@ -149,7 +150,7 @@ async def test_send_notice_is_sent_with_the_action_id_as_txn_and_audited(
     a = NewAction(
         "send_notice", {"body": "hello", "html": "<b>hello</b>", "reply_to": "$q"}, room_id=ROOM
     )
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     assert await ex.run_due() == 1
 
     [req] = homeserver.sent("PUT", "/send/")
@@ -178,11 +179,11 @@ async def test_join_marks_the_room_joined(
 ) -> None:
     ex = make_executor(store, homeserver, session)
     a = NewAction("join", {}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     assert homeserver.sent("POST", "/join")
     assert (await action(store, a.id)).status == "done"
-    [room] = await store.list_rooms()
+    [room] = await store.rooms.known()
     assert room["room_id"] == ROOM and room["joined"]
 
 
@@ -192,7 +193,7 @@ async def test_invite_of_someone_already_in_the_room_counts_as_done(
     ex = make_executor(store, homeserver, session)
     homeserver.fail_next(403, {"errcode": "M_FORBIDDEN", "error": "@u:x is already in the room."})
     a = NewAction("invite", {"user_id": "@u:x"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     assert (await action(store, a.id)).status == "done"
     assert (await audit_actions(store))[0]["result"] == {"already": True}
@@ -209,7 +210,7 @@ async def test_rate_limit_reschedules_at_retry_after_without_using_an_attempt(
         429, {"errcode": "M_LIMIT_EXCEEDED", "error": "Too many", "retry_after_ms": 7000}
     )
     a = NewAction("send_notice", {"body": "x"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     waits_before = metrics.REGISTRY.get_sample_value("bridge_rate_limit_waits_total") or 0.0
 
     before = time.time()
@@ -239,7 +240,7 @@ async def test_rate_limit_falls_back_to_the_retry_after_header(
         429, {"errcode": "M_LIMIT_EXCEEDED", "error": "slow down"}, headers={"Retry-After": "3"}
     )
     a = NewAction("redact", {"event_id": "$e"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     before = time.time()
     await ex.run_due()
     after = time.time()
@@ -259,7 +260,7 @@ async def test_bad_gateway_retries_with_exponential_backoff_then_fails(
     ex = make_executor(store, homeserver, session, on_permanent_failure=report)
     homeserver.fail_next(502, {"errcode": "M_UNKNOWN", "error": "Bad Gateway"}, times=3)
     a = NewAction("send_state", {"type": "m.room.topic", "content": {"topic": "t"}}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
 
     for attempt, delay in ((1, 10.0), (2, 20.0)):
         before = time.time()
@@ -294,7 +295,7 @@ async def test_backoff_is_capped_at_max_backoff(
     ex = make_executor(store, homeserver, session, config=config)
     homeserver.fail_next(503, {"errcode": "M_UNKNOWN", "error": "down"}, times=3)
     a = NewAction("redact", {"event_id": "$e"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     for _ in range(3):
         before = time.time()
         await ex.attempt(await action(store, a.id))
@@ -315,7 +316,7 @@ async def test_unreachable_homeserver_is_a_transient_failure(
     client = make_client(f"http://127.0.0.1:{port}", "as-token", BOT, session)
     ex = Executor(store, client, CONFIG)
     a = NewAction("send_notice", {"body": "x"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     row = await action(store, a.id)
     assert (row.status, row.attempts) == ("pending", 1)
@@ -328,7 +329,7 @@ async def test_retry_of_send_notice_reuses_the_same_txn_id(
     ex = make_executor(store, homeserver, session)
     homeserver.fail_next(502, {"errcode": "M_UNKNOWN", "error": "Bad Gateway"})
     a = NewAction("send_notice", {"body": "once"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.attempt(await action(store, a.id))
     await ex.attempt(await action(store, a.id))
     sends = homeserver.sent("PUT", "/send/")
@@ -351,7 +352,7 @@ async def test_forbidden_fails_at_once_with_a_readable_reason_and_marks_the_room
     a = NewAction(
         "send_state", {"type": "m.room.server_acl", "content": {"allow": ["*"]}}, room_id=ROOM
     )
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     row = await action(store, a.id)
     assert (row.status, row.attempts) == ("failed", 1)
@@ -359,7 +360,7 @@ async def test_forbidden_fails_at_once_with_a_readable_reason_and_marks_the_room
         f"the bot is not allowed to send state events in {ROOM} "
         "(M_FORBIDDEN: You don't have permission to post that to the room.)"
     )
-    [room] = await store.list_rooms()
+    [room] = await store.rooms.known()
     assert room["room_id"] == ROOM
     assert room["lacking"] == "cannot send state events"
     assert len(homeserver.sent("PUT", "/state/")) == 1
@@ -371,7 +372,7 @@ async def test_not_found_is_permanent_and_says_so(
     ex = make_executor(store, homeserver, session)
     homeserver.fail_next(404, {"errcode": "M_NOT_FOUND", "error": "Unknown room"})
     a = NewAction("leave", {}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     row = await action(store, a.id)
     assert row.status == "failed"
@@ -387,7 +388,7 @@ async def test_every_kind_has_a_handler_and_typed_and_stored_kinds_run_alike(
     assert set(ex._handlers) == set(ActionKind)
     typed = actions.notice(ROOM, Reply.plain("typed"), reply_to="$q")
     stored = NewAction("send_notice", {"body": "as an older version stored it"}, room_id=ROOM)
-    await store.enqueue_actions([typed, stored])
+    await store.actions.enqueue([typed, stored])
     assert await ex.run_due() == 2
     assert (await action(store, typed.id)).status == "done"
     assert (await action(store, stored.id)).status == "done"
@@ -402,7 +403,7 @@ async def test_unknown_kind_and_crashing_handler_fail_alone_and_do_not_wedge_the
     unknown = NewAction("frobnicate", {}, room_id=ROOM, not_before=1.0)
     broken = NewAction("send_notice", {}, room_id=ROOM, not_before=2.0)  # no body: KeyError
     good = NewAction("send_notice", {"body": "still here"}, room_id=ROOM, not_before=3.0)
-    await store.enqueue_actions([good, broken, unknown])
+    await store.actions.enqueue([good, broken, unknown])
 
     assert await ex.run_due() == 3
 
@@ -421,7 +422,7 @@ async def test_action_without_a_room_fails_clearly(
 ) -> None:
     ex = make_executor(store, homeserver, session)
     a = NewAction("kick", {"user_id": "@u:x"})
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     row = await action(store, a.id)
     assert (row.status, row.last_error) == ("failed", "kick needs a room")
@@ -438,7 +439,7 @@ async def test_a_failing_failure_report_does_not_break_the_executor(
     homeserver.fail_next(403, {"errcode": "M_FORBIDDEN", "error": "no"}, when=is_send)
     first = NewAction("send_notice", {"body": "a"}, room_id=ROOM, not_before=1.0)
     second = NewAction("send_notice", {"body": "b"}, room_id=ROOM, not_before=2.0)
-    await store.enqueue_actions([first, second])
+    await store.actions.enqueue([first, second])
     await ex.run_due()
     assert (await action(store, first.id)).status == "failed"
     assert (await action(store, second.id)).status == "done"
@@ -455,11 +456,13 @@ async def test_pending_actions_survive_reopening_the_store(
     retried = NewAction("send_notice", {"body": "retried"}, room_id=ROOM)
     untouched = NewAction("redact", {"event_id": "$e", "reason": "dlp"}, room_id=ROOM)
     await ex.attempt(await _enqueued(store, retried))
-    await store.enqueue_actions([untouched])
+    await store.actions.enqueue([untouched])
 
-    url = store.engine.url.render_as_string(hide_password=False)
+    url = store.db.engine.url.render_as_string(hide_password=False)
     await store.close()
-    reopened = await Store.open(url, keyring=store.keyring, signing_key=store.signing_key)
+    reopened = await Store.open(
+        url, StoreSettings(keyring=store.keyring, signing_key=store.signing_key)
+    )
     try:
         row = await action(reopened, retried.id)
         assert (row.status, row.attempts, row.payload) == ("pending", 1, {"body": "retried"})
@@ -481,7 +484,7 @@ async def test_pending_actions_survive_reopening_the_store(
 
 
 async def _enqueued(store: Store, a: NewAction) -> ActionRow:
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     return await action(store, a.id)
 
 
@@ -493,7 +496,7 @@ async def test_make_room_admin_uses_the_admin_api_or_fails_without_a_token(
 ) -> None:
     without = make_executor(store, homeserver, session)
     a = NewAction("make_room_admin", {"user_id": BOT}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await without.run_due()
     row = await action(store, a.id)
     assert row.status == "failed"
@@ -502,7 +505,7 @@ async def test_make_room_admin_uses_the_admin_api_or_fails_without_a_token(
     admin = AdminAPI(homeserver.url, "admin-token", session)
     ex = make_executor(store, homeserver, session, admin=admin)
     b = NewAction("make_room_admin", {"user_id": BOT}, room_id=ROOM)
-    await store.enqueue_actions([b])
+    await store.actions.enqueue([b])
     await ex.run_due()
     assert (await action(store, b.id)).status == "done"
     [req] = homeserver.sent("POST", "/make_room_admin")
@@ -560,7 +563,7 @@ async def test_reconcile_reads_state_sends_the_plan_and_reports(
     )
     ex = make_executor(store, homeserver, session, rooms=stub.enforcement())
     a = NewAction("reconcile", {"reason": "test", "rollout": "r1"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
 
     assert stub.states == [(ROOM, STATE)]
@@ -597,7 +600,7 @@ async def test_reconcile_of_a_room_in_line_sends_nothing(
     homeserver.room_state = STATE
     stub = StubRooms(RoomPlan())
     ex = make_executor(store, homeserver, session, rooms=stub.enforcement())
-    await store.enqueue_actions([NewAction("reconcile", {"reason": "t"}, room_id=ROOM)])
+    await store.actions.enqueue([NewAction("reconcile", {"reason": "t"}, room_id=ROOM)])
     await ex.run_due()
     assert [s.method for s in homeserver.seen] == ["GET"]
     [(_room, result)] = stub.results
@@ -616,7 +619,7 @@ async def test_reconcile_failure_is_reported_to_the_room_enforcement(
     stub = StubRooms(RoomPlan(kicks=(("@eve:evil.example", "policy"),)))
     ex = make_executor(store, homeserver, session, rooms=stub.enforcement())
     a = NewAction("reconcile", {"reason": "t"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     row = await action(store, a.id)
     assert row.status == "failed"
@@ -641,7 +644,7 @@ async def test_reconcile_in_a_room_the_bot_cannot_read_says_so(
     stub = StubRooms(RoomPlan())
     ex = make_executor(store, homeserver, session, rooms=stub.enforcement())
     a = NewAction("reconcile", {"reason": "t"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     row = await action(store, a.id)
     assert (row.status, row.attempts) == ("failed", 1)
@@ -664,7 +667,7 @@ async def test_reconcile_hit_by_a_server_error_is_retried_as_a_whole(
     stub = StubRooms(RoomPlan(set_state=(("m.room.server_acl", "", acl),)))
     ex = make_executor(store, homeserver, session, rooms=stub.enforcement())
     a = NewAction("reconcile", {"reason": "t"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     row = await action(store, a.id)
     assert (row.status, row.attempts) == ("pending", 1)
@@ -681,7 +684,7 @@ async def test_reconcile_without_room_enforcement_fails_permanently(
 ) -> None:
     ex = make_executor(store, homeserver, session)
     a = NewAction("reconcile", {"reason": "t"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     row = await action(store, a.id)
     assert (row.status, row.last_error) == ("failed", "room enforcement is not configured")
@@ -695,7 +698,7 @@ async def test_reconcile_with_a_non_list_state_fails_permanently(
     stub = StubRooms(RoomPlan())
     ex = make_executor(store, homeserver, session, rooms=stub.enforcement())
     a = NewAction("reconcile", {"reason": "t"}, room_id=ROOM)
-    await store.enqueue_actions([a])
+    await store.actions.enqueue([a])
     await ex.run_due()
     row = await action(store, a.id)
     assert (row.status, row.last_error) == ("failed", "the homeserver returned no state list")
@@ -724,10 +727,10 @@ async def test_retention_removals_queued_before_a_hold_are_cancelled_not_run(
     )
     purge = NewAction("purge_history", {"purge_up_to_ts": 1}, room_id=ROOM)
     dlp = NewAction("redact", {"event_id": "$d", "reason": "dlp"}, room_id=ROOM)
-    await store.enqueue_actions([held_room, held_user, free, purge, dlp])
+    await store.actions.enqueue([held_room, held_user, free, purge, dlp])
     # The hold arrives after the sweep queued its work.
-    await store.set_hold("room", ROOM, True, by="@admin:x")
-    await store.set_hold("user", "@kept:x", True, by="@admin:x")
+    await store.holds.set("room", ROOM, True, by="@admin:x")
+    await store.holds.set("user", "@kept:x", True, by="@admin:x")
     await ex.run_due()
     statuses = {a.id: (await action(store, a.id)).status for a in (held_room, held_user, purge)}
     assert set(statuses.values()) == {"cancelled"}
@@ -768,7 +771,7 @@ async def test_a_user_hold_cancels_a_queued_purge_of_a_room_where_that_user_wrot
             "content": {"body": "hi"},
         }
 
-    await store.ingest_transaction(
+    await store.queue.ingest(
         "t1",
         [
             message(kept, "@held:x", 100),  # before the cutoff: the purge would remove it
@@ -781,9 +784,9 @@ async def test_a_user_hold_cancels_a_queued_purge_of_a_room_where_that_user_wrot
         NewAction("purge_history", {"purge_up_to_ts": 1000, "delete_local_events": True}, room_id=r)
         for r in (kept, late, free)
     ]
-    await store.enqueue_actions(purges)
+    await store.actions.enqueue(purges)
     # The hold arrives after the sweep queued the purges.
-    await store.set_hold("user", "@held:x", True, by="@admin:x")
+    await store.holds.set("user", "@held:x", True, by="@admin:x")
     homeserver.fail_next(200, {"purge_id": "p1"}, when=lambda m, p: "/purge_history/" in p, times=2)
     await ex.run_due()
     status = {p.room_id: (await action(store, p.id)) for p in purges}

@@ -53,7 +53,7 @@ def _bridge_config(tmp_path: Path, room: str = "") -> Any:
 
 
 async def _joined(store: Store) -> set[str]:
-    return {r["room_id"] for r in await store.list_rooms() if r["joined"]}
+    return {r["room_id"] for r in await store.rooms.known() if r["joined"]}
 
 
 async def test_bootstrap_resolves_a_configured_alias(store: Store, tmp_path: Path) -> None:
@@ -66,7 +66,7 @@ async def test_bootstrap_resolves_a_configured_alias(store: Store, tmp_path: Pat
 
 
 async def test_bootstrap_reuses_the_stored_room(store: Store, tmp_path: Path) -> None:
-    await store.set_state(MANAGEMENT_ROOM_KEY, "!old:corp.example")
+    await store.state.set(MANAGEMENT_ROOM_KEY, "!old:corp.example")
     client = Client(join_fails=True)  # logged, not fatal
     room = await management.bootstrap(client, store, _bridge_config(tmp_path))  # type: ignore[arg-type]
     assert room == "!old:corp.example" and not client.created
@@ -83,7 +83,7 @@ async def test_bootstrap_creates_a_room_and_invites_the_admins(
     [created] = client.created
     assert created["invitees"] == [ADMIN]  # not patterns, not auditors
     assert created["power_level_override"] == {"users": {ADMIN: 100}}
-    assert await store.get_state(MANAGEMENT_ROOM_KEY) == room
+    assert await store.state.get(MANAGEMENT_ROOM_KEY) == room
     assert await _joined(store) == {room}
 
 

@@ -38,16 +38,16 @@ async def test_a_changed_fingerprint_rolls_out_to_joined_rooms_once(
         return None
 
     for room in (MGMT, "!a:x", "!b:x"):
-        await store.upsert_room(room, joined=True)
-    await store.upsert_room("!left:x", joined=False)
+        await store.rooms.upsert(room, joined=True)
+    await store.rooms.upsert("!left:x", joined=False)
     rooms = RoomEnforcer(store, lambda: 1000.0, quiet)
     woken: list[bool] = []
     fp = policy_fingerprint(_config(tmp_path), {})
     assert await rollout_if_policy_changed(store, rooms, fp, MGMT, lambda: woken.append(True)) == 2
-    queued = await store.due_actions(now=10**12, limit=100)
+    queued = await store.actions.due(now=10**12, limit=100)
     assert sorted(a.room_id for a in queued if a.kind == "reconcile") == ["!a:x", "!b:x"]
-    assert await store.get_state(FINGERPRINT_KEY) == fp
-    assert json.loads(await store.get_state("rollout") or "{}")["total"] == 2
+    assert await store.state.get(FINGERPRINT_KEY) == fp
+    assert json.loads(await store.state.get("rollout") or "{}")["total"] == 2
     assert woken == [True]
     # unchanged: nothing more
     assert (

@@ -90,11 +90,11 @@ def redaction(room: str, ts: int, target: str, sender: str = ALICE) -> dict[str,
 
 
 async def ingest(store: Store, events: Sequence[dict[str, Any]]) -> None:
-    await store.ingest_transaction(f"t{next(_ids)}", list(events))
+    await store.queue.ingest(f"t{next(_ids)}", list(events))
 
 
 async def actions(store: Store) -> list[ActionRow]:
-    return await store.due_actions(time.time() + 3600, limit=10_000)
+    return await store.actions.due(time.time() + 3600, limit=10_000)
 
 
 def redacted_ids(rows: Sequence[ActionRow]) -> list[str]:
@@ -124,7 +124,7 @@ class Harness:
 
 async def joined(store: Store, *rooms: str) -> None:
     for room in rooms:
-        await store.upsert_room(room, joined=True)
+        await store.rooms.upsert(room, joined=True)
 
 
 async def test_redacts_old_messages_only_and_skips_state_and_redacted(store: Store) -> None:
@@ -146,7 +146,7 @@ async def test_redacts_old_messages_only_and_skips_state_and_redacted(store: Sto
     assert len(await actions(store)) == 4
     keys = [k for k in await store_keys(store) if k.startswith(PROGRESS_PREFIX)]
     assert len(keys) == 1 and ROOM_A not in keys[0]
-    assert ROOM_A not in (await store.get_state(keys[0]) or "")
+    assert ROOM_A not in (await store.state.get(keys[0]) or "")
     assert sweeper.totals.events_removed == 4
     assert "4 event(s) removed" in "\n".join(sweeper.status_lines())
     # time passes: the newer messages expire too
@@ -160,7 +160,7 @@ async def store_keys(store: Store) -> list[str]:
 
     from bridge.store.schema import state
 
-    async with store.engine.connect() as conn:
+    async with store.db.engine.connect() as conn:
         return [r[0] for r in await conn.execute(select(state.c.key))]
 
 
@@ -221,24 +221,24 @@ async def test_room_on_hold_keeps_everything_and_hold_stops_a_running_sweep(
     await sweeper.tick()
     rows = await actions(store)
     assert {a.room_id for a in rows} == {ROOM_B} and len(rows) == 2
-    audits = [r async for r in store.iter_records(kind="retention")]
+    audits = [r async for r in store.reader.iter(kind="retention")]
     skipped = [r for r in audits if r["data"]["outcome"] == "skipped"]
     assert len(skipped) == 1 and skipped[0]["room_id"] == ROOM_A
     assert skipped[0]["data"]["events"] == 3
     # the same skip is not audited again on every tick
     await sweeper.tick()
-    audits = [r async for r in store.iter_records(kind="retention")]
+    audits = [r async for r in store.reader.iter(kind="retention")]
     assert len([r for r in audits if r["data"]["outcome"] == "skipped"]) == 1
     assert len(await actions(store)) == 4
     # a hold placed while ROOM_B is being swept stops it before its next batch
-    assert await store.set_hold("room", ROOM_B, True, by="@admin:example.org") == "on"
+    assert await store.holds.set("room", ROOM_B, True, by="@admin:example.org") == "on"
     await sweeper.tick()
     rows = await actions(store)
     assert len(rows) == 4 and not [a for a in rows if a.kind == "purge_history"]
     assert sweeper.totals.rooms_held == 2
     assert (await load_holds(store, cfg)).rooms == {ROOM_A, ROOM_B}
     # lifted: the sweep goes on where it stopped, and the room is purged at the end
-    await store.set_hold("room", ROOM_B, False, by="@admin:example.org")
+    await store.holds.set("room", ROOM_B, False, by="@admin:example.org")
     assert await sweeper.tick()  # the last full batch: not known to be the end yet
     assert not await sweeper.tick()
     rows = await actions(store)
@@ -251,7 +251,7 @@ async def test_user_on_hold_not_redacted_room_not_purged_until_lifted(store: Sto
     alice = [message(ROOM_A, OLD + i, ALICE) for i in range(3)]
     bob = [message(ROOM_A, OLD + 10 + i, BOB) for i in range(2)]
     await ingest(store, alice + bob)
-    await store.set_hold("user", BOB, True, by="@admin:example.org")
+    await store.holds.set("user", BOB, True, by="@admin:example.org")
     h = Harness(store, config(), purge=True, batch=3)
     sweeper = h.sweeper()
     await sweeper.tick()
@@ -259,11 +259,11 @@ async def test_user_on_hold_not_redacted_room_not_purged_until_lifted(store: Sto
     rows = await actions(store)
     assert sorted(redacted_ids(rows)) == sorted(e["event_id"] for e in alice)
     assert not [a for a in rows if a.kind == "purge_history"]
-    audits = [r["data"] async for r in store.iter_records(kind="retention")]
+    audits = [r["data"] async for r in store.reader.iter(kind="retention")]
     assert {"outcome": "skipped", "reason": "user on legal hold", "events": 2} in audits
     assert any(a["outcome"] == "purge_skipped" for a in audits)
     # the hold is lifted: Bob's messages go too (Alice's are not redacted twice), then a purge
-    await store.set_hold("user", BOB, False, by="@admin:example.org")
+    await store.holds.set("user", BOB, False, by="@admin:example.org")
     await sweeper.tick()
     await sweeper.tick()
     rows = await actions(store)
@@ -285,7 +285,7 @@ async def test_purge_once_per_new_expiry(store: Store) -> None:
     await sweeper.tick()
     purges = [a for a in await actions(store) if a.kind == "purge_history"]
     assert len(purges) == 1
-    audits = [r["data"] async for r in store.iter_records(kind="retention")]
+    audits = [r["data"] async for r in store.reader.iter(kind="retention")]
     purge_audit = [a for a in audits if a["outcome"] == "purge"]
     assert purge_audit == [
         {"outcome": "purge", "reason": "expired history", "events": 2, "purge_up_to_ts": NOW - DAY}
@@ -295,13 +295,13 @@ async def test_purge_once_per_new_expiry(store: Store) -> None:
     purges = [a for a in await actions(store) if a.kind == "purge_history"]
     assert [p.payload["purge_up_to_ts"] for p in purges] == [NOW - DAY, NOW]
     assert sweeper.totals.purges == 2
-    persisted = await store.get_state(TOTALS_KEY)
+    persisted = await store.state.get(TOTALS_KEY)
     assert persisted and '"purges":2' in persisted
 
 
 async def test_rooms_without_power_or_policy_are_left_alone(store: Store) -> None:
     await joined(store, ROOM_A, ROOM_B)
-    await store.upsert_room(ROOM_A, lacking="cannot redact events")
+    await store.rooms.upsert(ROOM_A, lacking="cannot redact events")
     await ingest(store, [message(ROOM_A, OLD), message(ROOM_B, OLD)])
     cfg = make_config(
         {
@@ -321,7 +321,7 @@ async def test_count_expiring(store: Store) -> None:
     await ingest(store, [message(ROOM_A, NOW - 10 * DAY + i) for i in range(4)])
     await ingest(store, [message(ROOM_B, NOW - 3 * DAY), state_event(ROOM_B, NOW - 3 * DAY)])
     await ingest(store, [message(ROOM_C, NOW - 3 * DAY)])
-    await store.set_hold("room", ROOM_C, True, by="@admin:example.org")
+    await store.holds.set("room", ROOM_C, True, by="@admin:example.org")
     cfg = make_config(
         {
             "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
@@ -369,7 +369,7 @@ async def test_hold_placed_during_a_tick_stops_the_next_batch(store: Store) -> N
         if not first:
             first.update(a.room_id for a in acts)
             (other,) = {ROOM_A, ROOM_B} - first
-            await store.set_hold("room", other, True, by="@admin:example.org")
+            await store.holds.set("room", other, True, by="@admin:example.org")
 
     sweeper.commit = commit_then_hold
     await sweeper.tick()
@@ -387,7 +387,7 @@ async def test_a_group_computed_under_other_holds_is_dropped(store: Store) -> No
     async def batch_then_hold(room: str, *args: Any) -> Any:
         out = await real(room, *args)
         if room == ROOM_B:
-            await store.set_hold("room", ROOM_A, True, by="@admin:example.org")
+            await store.holds.set("room", ROOM_A, True, by="@admin:example.org")
         return out
 
     sweeper.q.expired_batch = batch_then_hold  # type: ignore[method-assign,assignment]
@@ -405,7 +405,7 @@ async def test_count_expiring_for_a_space_counts_the_rooms_of_the_space(store: S
     await ingest(store, [message(ROOM_C, OLD + i) for i in range(2)])  # in it, but held
     await ingest(store, [message(ROOM_B, OLD + i) for i in range(4)])  # outside
     await ingest(store, [message(space, OLD)])
-    await store.set_hold("room", ROOM_C, True, by="@admin:example.org")
+    await store.holds.set("room", ROOM_C, True, by="@admin:example.org")
     cfg_none = make_config(
         {
             "homeserver": {"url": "http://127.0.0.1:1", "domain": "example.org"},
@@ -431,7 +431,7 @@ async def test_sweep_progress_shows_in_the_metrics(store: Store) -> None:
     await ingest(store, [message(ROOM_A, OLD + i) for i in range(3)])
     await ingest(store, [message(ROOM_B, OLD + i) for i in range(2)])
     await ingest(store, [message(ROOM_C, OLD)])
-    await store.set_hold("room", ROOM_C, True, by="@admin:example.org")
+    await store.holds.set("room", ROOM_C, True, by="@admin:example.org")
     redacts = sample("bridge_retention_removals_total", kind="redact")
     purges = sample("bridge_retention_removals_total", kind="purge")
     skips = sample("bridge_retention_hold_skips_total")

@@ -32,7 +32,7 @@ class Executor:
         self.store = store
 
     async def submit(self, actions: list[NewAction]) -> None:
-        await self.store.enqueue_actions(actions)
+        await self.store.actions.enqueue(actions)
 
 
 def make_config(tmp_path: Path, dlp: dict[str, Any] | None = None) -> Any:
@@ -52,7 +52,7 @@ async def make_worker(store: Store, config: Any) -> Worker:
     w = Worker(store, lambda: config, lambda: services.policy.engine, build_registry(), services)
     w.tracker.joined_rooms = {MGMT, ROOM, CHILD}
     for room in (MGMT, ROOM, CHILD):
-        await store.upsert_room(room, joined=True)
+        await store.rooms.upsert(room, joined=True)
     return w
 
 
@@ -73,17 +73,17 @@ def msg(body: str, sender: str = JOE, room: str = ROOM, age_ms: int = 0) -> dict
 
 
 async def feed(worker: Worker, *events: dict[str, Any]) -> list[Any]:
-    before = {a.id for a in await worker.store.due_actions(now=10**12, limit=10_000)}
-    await worker.store.ingest_transaction(f"t{time.time_ns()}", list(events))
+    before = {a.id for a in await worker.store.actions.due(now=10**12, limit=10_000)}
+    await worker.store.queue.ingest(f"t{time.time_ns()}", list(events))
     await worker.run_once()
     return [
-        a for a in await worker.store.due_actions(now=10**12, limit=10_000) if a.id not in before
+        a for a in await worker.store.actions.due(now=10**12, limit=10_000) if a.id not in before
     ]
 
 
 async def new_actions(worker: Worker, before: set[str]) -> list[Any]:
     return [
-        a for a in await worker.store.due_actions(now=10**12, limit=10_000) if a.id not in before
+        a for a in await worker.store.actions.due(now=10**12, limit=10_000) if a.id not in before
     ]
 
 
@@ -109,8 +109,8 @@ async def test_retroactive_keyword_redacts_archived_matches_only(
     await feed(worker, old, too_old, elsewhere, gone, redaction, msg("salmon"))
     # `tuna` arrives later and passes the gate in this test (no gate here): the ingest path
     # redacts it on its own; the scan below must not add a second redaction.
-    await store.ingest_transaction("raw", [tuna])  # archived, not yet processed
-    before = {a.id for a in await store.due_actions(now=10**12, limit=10_000)}
+    await store.queue.ingest("raw", [tuna])  # archived, not yet processed
+    before = {a.id for a in await store.actions.due(now=10**12, limit=10_000)}
     acts = await feed(
         worker, msg("!policy dlp add-keyword bluefin --retroactive", sender=ADMIN, room=MGMT)
     )
@@ -136,7 +136,7 @@ async def test_retroactive_keyword_redacts_archived_matches_only(
     assert summary.room_id == MGMT
     assert "1 match(es), 1 queued for redaction, 1 already redacted" in summary.payload["body"]
     assert JOE in summary.payload["body"]
-    [record] = [r async for r in store.iter_records(kind="retroactive")]
+    [record] = [r async for r in store.reader.iter(kind="retroactive")]
     assert record["data"]["redactions"] == [old["event_id"]]
     assert record["data"]["rules"] == ["keyword:admin-block"]
     assert record["sender"] == ADMIN
@@ -151,7 +151,7 @@ async def test_retroactive_regex_in_a_space_scope_and_window_flag(
     in_room = msg("ticket SEC-99999 elsewhere", room=ROOM)
     week_old = msg("ticket SEC-55555", room=CHILD, age_ms=8 * DAY)
     await feed(worker, in_child, in_room, week_old)
-    before = {a.id for a in await store.due_actions(now=10**12, limit=10_000)}
+    before = {a.id for a in await store.actions.due(now=10**12, limit=10_000)}
     acts = await feed(
         worker,
         msg(
@@ -231,7 +231,7 @@ async def test_encryption_on_the_ingest_path_is_reported_not_redacted(
     assert note.room_id == MGMT
     assert "turned on end-to-end encryption in !room:corp.example" in note.payload["body"]
     assert JOE in note.payload["body"] and "cannot be turned off" in note.payload["body"]
-    [decision] = [r async for r in store.iter_records(kind="decision")]
+    [decision] = [r async for r in store.reader.iter(kind="decision")]
     assert decision["data"]["actions"] == ["notify"]
 
 
@@ -283,12 +283,12 @@ async def test_a_scan_interrupted_by_a_restart_runs_again(store: Store, tmp_path
         probe_word="bluefin",
     )
     assert retroactive.RetroJob.from_json(job.to_json()).to_json() == job.to_json()
-    await store.set_state(retroactive.PENDING_KEY, json.dumps([job.to_json()]))
-    before = {a.id for a in await store.due_actions(now=10**12, limit=10_000)}
+    await store.state.set(retroactive.PENDING_KEY, json.dumps([job.to_json()]))
+    before = {a.id for a in await store.actions.due(now=10**12, limit=10_000)}
     # Start after the "restart": the pending scan runs again, then is cleared.
     assert await retroactive.resume(worker.services) == 1
     await worker.services.scheduler.wait(retroactive.TASK_NAME)
     redacts = [a for a in await new_actions(worker, before) if a.kind == "redact"]
     assert [a.payload["event_id"] for a in redacts] == [old["event_id"]]
-    assert json.loads(await store.get_state(retroactive.PENDING_KEY) or "[]") == []
+    assert json.loads(await store.state.get(retroactive.PENDING_KEY) or "[]") == []
     assert await retroactive.resume(worker.services) == 0

@@ -40,15 +40,15 @@ async def test_rollout_is_durable_across_a_restart_and_reported(store: Store) ->
 
     enforcer = RoomEnforcer(store, lambda: 1000.0, notify)
     acts, record = enforcer.rollout(rooms(1_000), "federation mode internal")
-    await store.enqueue_actions(acts)
-    await store.set_state(ROLLOUT_KEY, json.dumps(record))
+    await store.actions.enqueue(acts)
+    await store.state.set(ROLLOUT_KEY, json.dumps(record))
     enforcer.start_rollout(record)
 
     async def run_some(enf: RoomEnforcer, n: int) -> None:
         # What the executor does for each due action: record the outcome, report the result.
-        due = await store.due_actions(now=time.time() + 10**6, limit=n)
+        due = await store.actions.due(now=time.time() + 10**6, limit=n)
         for a in due:
-            await store.finish_action(a.id, status="done", attempts=1)
+            await store.actions.finish(a.id, status="done", attempts=1)
             result: dict[str, Any] = {"sent": [], "kicked": [], "lacking": [], "payload": a.payload}
             await enf.on_result(a.room_id or "", result)
 
@@ -61,6 +61,6 @@ async def test_rollout_is_durable_across_a_restart_and_reported(store: Store) ->
     await run_some(resumed, 700)
     marks = [s.split("(")[-1] for s in said]
     assert marks == ["25%).", "50%).", "75%).", "100%)."]
-    assert (await store.stats()).actions_pending == 0
-    known = {r["room_id"]: r for r in await store.list_rooms()}
+    assert (await store.stats.snapshot()).actions_pending == 0
+    known = {r["room_id"]: r for r in await store.rooms.known()}
     assert len(known) == 1_000 and all(r["joined"] for r in known.values())

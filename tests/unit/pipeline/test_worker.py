@@ -35,7 +35,7 @@ async def worker(store: Store, tmp_path: Path) -> Worker:
     w = Worker(store, lambda: config, lambda: services.policy.engine, build_registry(), services)
     w.tracker.joined_rooms = {MGMT, ROOM}
     for room in (MGMT, ROOM):
-        await store.upsert_room(room, joined=True)
+        await store.rooms.upsert(room, joined=True)
     return w
 
 
@@ -57,11 +57,11 @@ def msg(body: str, sender: str = ADMIN, room: str = MGMT) -> dict[str, Any]:
 
 async def feed(worker: Worker, *events: dict[str, Any]) -> list[Any]:
     """Ingest events as one transaction, process them, return the new pending actions."""
-    before = {a.id for a in await worker.store.due_actions(now=10**12, limit=10_000)}
-    await worker.store.ingest_transaction(f"t{time.time_ns()}", list(events))
+    before = {a.id for a in await worker.store.actions.due(now=10**12, limit=10_000)}
+    await worker.store.queue.ingest(f"t{time.time_ns()}", list(events))
     await worker.run_once()
     return [
-        a for a in await worker.store.due_actions(now=10**12, limit=10_000) if a.id not in before
+        a for a in await worker.store.actions.due(now=10**12, limit=10_000) if a.id not in before
     ]
 
 
@@ -75,7 +75,7 @@ async def test_commands_reply_in_thread_of_the_command(worker: Worker) -> None:
     assert reply.kind == "send_notice" and reply.room_id == MGMT
     assert reply.payload["reply_to"] == cmd["event_id"]
     assert "Policy bridge status" in reply.payload["body"]
-    [record] = [r async for r in worker.store.iter_records(kind="command")]
+    [record] = [r async for r in worker.store.reader.iter(kind="command")]
     assert record["sender"] == ADMIN and record["room_id"] == MGMT
     assert record["data"]["command"] == "status" and record["data"]["outcome"] == "ok"
 
@@ -114,7 +114,7 @@ async def test_policy_change_applies_after_commit(worker: Worker) -> None:
     assert worker.services.policy.engine.check_event(
         msg("the FALCON  X plan", sender="@joe:corp.example", room=ROOM)
     ).blocked
-    saved = json.loads(await worker.store.get_state("policy.dlp"))
+    saved = json.loads(await worker.store.state.get("policy.dlp"))
     assert saved["global"]["keywords"][0]["keywords"] == ["falcon x"]
 
 
@@ -148,7 +148,7 @@ async def test_a_broken_event_does_not_block_the_queue(worker: Worker) -> None:
     weird = {"event_id": "$w", "type": "m.room.member", "room_id": ROOM, "state_key": 5}
     acts = await feed(worker, weird, msg("!policy help"))
     assert any("Commands" in b for b in notices(acts))
-    assert (await worker.store.stats()).queue_depth == 0
+    assert (await worker.store.stats.snapshot()).queue_depth == 0
 
 
 async def test_commands_take_several_actions_and_refuse_unknown_ones(worker: Worker) -> None:
@@ -171,7 +171,7 @@ async def test_a_space_scoped_change_is_rolled_out_to_the_rooms_of_the_space(
 ) -> None:
     space, outside = "!space:corp.example", "!outside:corp.example"
     for room in (space, outside):
-        await worker.store.upsert_room(room, joined=True)
+        await worker.store.rooms.upsert(room, joined=True)
     worker.tracker.joined_rooms |= {space, outside}
     worker.services.policy.set_room_spaces({ROOM: (space,)})
     acts = await feed(worker, msg("!policy retention set 30d --scope here --yes", room=space))
@@ -190,8 +190,8 @@ async def _damage(store: Store, event_id: str, how: str) -> int:
 
     from bridge.store.schema import records
 
-    idx = store.blind("event_id", event_id)
-    async with store.engine.begin() as conn:
+    idx = store.keys.blind("event_id", event_id)
+    async with store.db.engine.begin() as conn:
         seq, ct = (
             await conn.execute(
                 select(records.c.seq, records.c.ciphertext).where(records.c.event_id_idx == idx)
@@ -212,11 +212,11 @@ async def test_an_unreadable_record_is_skipped_and_reported_not_fatal(
     lost = msg("the unreadable one", sender="@joe:corp.example", room=ROOM)
     bad = msg("bluefin for lunch", sender="@joe:corp.example", room=ROOM)
     cmd = msg("!policy help")
-    await worker.store.ingest_transaction("t-damaged", [lost, bad, cmd])
+    await worker.store.queue.ingest("t-damaged", [lost, bad, cmd])
     seq = await _damage(worker.store, lost["event_id"], how)
     counted = metrics.REGISTRY.get_sample_value("bridge_worker_unreadable_events_total") or 0
     assert await worker.run_once() == 1  # no StoreError: the worker (and the bridge) lives on
-    acts = await worker.store.due_actions(now=10**12, limit=10_000)
+    acts = await worker.store.actions.due(now=10**12, limit=10_000)
     # the transaction's other events were processed
     assert [a.payload["event_id"] for a in acts if a.kind == "redact"] == [bad["event_id"]]
     assert any("Commands" in b for b in notices(acts))
@@ -226,12 +226,12 @@ async def test_an_unreadable_record_is_skipped_and_reported_not_fatal(
     ]
     assert warning.room_id == MGMT and f"seq {seq}" in warning.payload["body"]
     assert "unreadable one" not in warning.payload["body"]
-    [error] = [r async for r in worker.store.iter_records(kind="error")]
+    [error] = [r async for r in worker.store.reader.iter(kind="error")]
     assert error["data"]["seq"] == seq and error["data"]["error"] == "unreadable"
     assert "unreadable one" not in json.dumps(error["data"])
     # the queue entry completed: a restart does not meet the record again
-    assert (await worker.store.stats()).queue_depth == 0
-    assert await worker.store.pending_work() == []
+    assert (await worker.store.stats.snapshot()).queue_depth == 0
+    assert await worker.store.queue.pending() == []
     assert await worker.run_once() == 0
     assert metrics.REGISTRY.get_sample_value("bridge_worker_unreadable_events_total") == (
         counted + 1
@@ -277,27 +277,27 @@ async def test_a_crash_before_the_commit_redoes_the_work_exactly_once(
     process is killed): nothing of it is kept, and the next run produces it once."""
     bad = msg("bluefin again", sender="@joe:corp.example", room=ROOM)
     cmd = msg("!policy status")
-    before = {a.id for a in await worker.store.due_actions(now=10**12, limit=10_000)}
-    await worker.store.ingest_transaction("crash-txn", [bad, cmd])
+    before = {a.id for a in await worker.store.actions.due(now=10**12, limit=10_000)}
+    await worker.store.queue.ingest("crash-txn", [bad, cmd])
 
-    real_complete = worker.store.complete_work
+    real_complete = worker.store.queue.complete
 
     async def killed(*_a: object, **_k: object) -> None:
         raise SystemExit("killed before the commit")
 
-    monkeypatch.setattr(worker.store, "complete_work", killed)
+    monkeypatch.setattr(worker.store.queue, "complete", killed)
     with pytest.raises(SystemExit):
         await worker.run_once()
     new = [
-        a for a in await worker.store.due_actions(now=10**12, limit=10_000) if a.id not in before
+        a for a in await worker.store.actions.due(now=10**12, limit=10_000) if a.id not in before
     ]
     assert new == []  # nothing half-done
 
-    monkeypatch.setattr(worker.store, "complete_work", real_complete)
+    monkeypatch.setattr(worker.store.queue, "complete", real_complete)
     assert await worker.run_once() == 1
     assert await worker.run_once() == 0  # done, not redone
     new = [
-        a for a in await worker.store.due_actions(now=10**12, limit=10_000) if a.id not in before
+        a for a in await worker.store.actions.due(now=10**12, limit=10_000) if a.id not in before
     ]
     redactions = [a for a in new if a.kind == "redact"]
     replies = [
@@ -305,5 +305,5 @@ async def test_a_crash_before_the_commit_redoes_the_work_exactly_once(
     ]
     assert [r.payload["event_id"] for r in redactions] == [bad["event_id"]]
     assert len(replies) == 1
-    commands = [r async for r in worker.store.iter_records(kind="command")]
+    commands = [r async for r in worker.store.reader.iter(kind="command")]
     assert len([c for c in commands if c["data"]["command"] == "status"]) == 1

@@ -19,9 +19,10 @@ from sqlalchemy import text, update
 from sqlalchemy.engine import make_url
 
 from bridge.audit.keyring import Keyring
-from bridge.store import AuditEntry, NewAction, Store, StoreError
+from bridge.store import AuditEntry, NewAction, Store, StoreError, StoreSettings
 from bridge.store.schema import rooms, state
 from tests.conftest import BACKENDS, fresh_store_url
+from tests.kit.store import actions_by_status
 
 SECRET_BODY = "Nightjar launch code 7F3A-ZULU-9921"
 SECRET_SENDER = "@whistleblower-q7:corp.example"
@@ -90,12 +91,12 @@ async def flow(store: Store) -> None:
             "content": {"msgtype": "m.text", "body": SECRET_BODY},
         },
     ]
-    await store.ingest_transaction("t1", events)
-    await store.set_state("management_room", SECRET_MGMT)
-    await store.upsert_room(SECRET_MGMT, joined=True)
-    await store.upsert_room(SECRET_ROOM, joined=True)
-    await store.upsert_room(SECRET_ROOM, lacking=f"bot lacks power level 50 in {SECRET_ROOM}")
-    [item] = await store.pending_work()
+    await store.queue.ingest("t1", events)
+    await store.state.set("management_room", SECRET_MGMT)
+    await store.rooms.upsert(SECRET_MGMT, joined=True)
+    await store.rooms.upsert(SECRET_ROOM, joined=True)
+    await store.rooms.upsert(SECRET_ROOM, lacking=f"bot lacks power level 50 in {SECRET_ROOM}")
+    [item] = await store.queue.pending()
     notice = NewAction(
         "send_notice",
         {"body": f"{SECRET_SENDER} sent {SECRET_BODY!r} in {SECRET_ROOM} ({SECRET_EVENT})"},
@@ -106,7 +107,7 @@ async def flow(store: Store) -> None:
         {"event_id": SECRET_EVENT, "reason": f"DLP: {SECRET_REASON}"},
         room_id=SECRET_ROOM,
     )
-    await store.complete_work(
+    await store.queue.complete(
         [item.queue_id],
         [notice, redact],
         [AuditEntry("decision", {"rule": "dlp"}, room_id=SECRET_ROOM, sender=SECRET_SENDER)],
@@ -115,47 +116,47 @@ async def flow(store: Store) -> None:
             "room_spaces": json.dumps({SECRET_ROOM: "!space:corp.example"}),
         },
     )
-    await store.enqueue_actions(
+    await store.actions.enqueue(
         [NewAction("reconcile", {"rollout": "r1", "reason": SECRET_REASON}, room_id=SECRET_ROOM)]
     )
-    await store.finish_action(
+    await store.actions.finish(
         redact.id,
         status="failed",
         attempts=3,
         error=f"M_FORBIDDEN: cannot redact {SECRET_EVENT} in {SECRET_ROOM}",
     )
-    await store.set_state("rollout", json.dumps({"id": "r1", "rooms": [SECRET_ROOM]}))
-    await store.set_hold("room", SECRET_ROOM, True, by=SECRET_SENDER, reason=SECRET_REASON)
+    await store.state.set("rollout", json.dumps({"id": "r1", "rooms": [SECRET_ROOM]}))
+    await store.holds.set("room", SECRET_ROOM, True, by=SECRET_SENDER, reason=SECRET_REASON)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_operational_tables_hold_no_secret(backend: str, tmp_path: Path) -> None:
     url = await fresh_store_url(backend, tmp_path)
     keyring = Keyring.generate()
-    store = await Store.open(url, keyring=keyring)
+    store = await Store.open(url, StoreSettings(keyring=keyring))
     try:
         await flow(store)
         # the API still answers in plaintext
-        rooms_now = {r["room_id"]: r for r in await store.list_rooms()}
+        rooms_now = {r["room_id"]: r for r in await store.rooms.known()}
         assert rooms_now[SECRET_ROOM]["joined"] is True
         assert SECRET_ROOM in rooms_now[SECRET_ROOM]["lacking"]
-        assert await store.get_state("management_room") == SECRET_MGMT
-        assert SECRET_ROOM in json.loads(await store.get_state("room_spaces") or "{}")
-        assert (await store.get_states(["management_room", "nope"])) == {
+        assert await store.state.get("management_room") == SECRET_MGMT
+        assert SECRET_ROOM in json.loads(await store.state.get("room_spaces") or "{}")
+        assert (await store.state.get_many(["management_room", "nope"])) == {
             "management_room": SECRET_MGMT
         }
-        due = await store.due_actions(2e9)
+        due = await store.actions.due(2e9)
         assert {a.kind for a in due} == {"send_notice", "reconcile"}
         assert any(SECRET_BODY in a.payload["body"] for a in due if a.kind == "send_notice")
-        [failed] = await store.actions_by_status("failed")
+        [failed] = await actions_by_status(store, "failed")
         assert failed.room_id == SECRET_ROOM and SECRET_EVENT in (failed.last_error or "")
         assert failed.payload["reason"] == f"DLP: {SECRET_REASON}"
-        assert await store.count_actions("reconcile", "pending", {"rollout": "r1"}) == 1
-        assert await store.count_actions("reconcile", "pending", {"rollout": "r2"}) == 0
-        assert await store.count_actions("reconcile", "pending") == 1
-        page = await store.joined_rooms_page("", 10)
+        assert await store.actions.count("reconcile", "pending", {"rollout": "r1"}) == 1
+        assert await store.actions.count("reconcile", "pending", {"rollout": "r2"}) == 0
+        assert await store.actions.count("reconcile", "pending") == 1
+        page = await store.rooms.joined_page("", 10)
         assert sorted(r for r, _ in page) == sorted([SECRET_ROOM, SECRET_MGMT])
-        assert await store.joined_rooms_page(page[-1][0], 10) == []
+        assert await store.rooms.joined_page(page[-1][0], 10) == []
         if backend == "sqlite":
             blob = database_bytes(url)
             assert Path(make_url(url).database + "-wal").stat().st_size > 0  # type: ignore[operator]
@@ -165,10 +166,10 @@ async def test_operational_tables_hold_no_secret(backend: str, tmp_path: Path) -
     blob = database_bytes(url)
     assert blob and not leaked(blob), leaked(blob)
     # reopened with the same keyring, everything reads back
-    store = await Store.open(url, keyring=keyring)
+    store = await Store.open(url, StoreSettings(keyring=keyring))
     try:
-        assert await store.get_state("management_room") == SECRET_MGMT
-        assert {r["room_id"] for r in await store.list_rooms()} == {SECRET_ROOM, SECRET_MGMT}
+        assert await store.state.get("management_room") == SECRET_MGMT
+        assert {r["room_id"] for r in await store.rooms.known()} == {SECRET_ROOM, SECRET_MGMT}
     finally:
         await store.close()
 
@@ -178,11 +179,11 @@ async def test_sealed_values_are_bound_to_their_row(backend: str, tmp_path: Path
     url = await fresh_store_url(backend, tmp_path)
     store = await Store.open(url)
     try:
-        await store.upsert_room("!a:x", joined=True)
-        await store.upsert_room("!b:x", joined=True)
-        await store.set_state("management_room", "!a:x")
-        await store.set_state("other", "!b:x")
-        async with store.engine.begin() as conn:
+        await store.rooms.upsert("!a:x", joined=True)
+        await store.rooms.upsert("!b:x", joined=True)
+        await store.state.set("management_room", "!a:x")
+        await store.state.set("other", "!b:x")
+        async with store.db.engine.begin() as conn:
             a = (
                 await conn.execute(text("SELECT value FROM bridge_state WHERE key='other'"))
             ).scalar()
@@ -192,13 +193,13 @@ async def test_sealed_values_are_bound_to_their_row(backend: str, tmp_path: Path
             data = [r[0] for r in await conn.execute(text("SELECT data FROM rooms"))]
             await conn.execute(update(rooms).values(data=data[0]))
         with pytest.raises(StoreError, match="management_room"):
-            await store.get_state("management_room")
+            await store.state.get("management_room")
         with pytest.raises(StoreError, match="room"):
-            await store.list_rooms()
-        async with store.engine.begin() as conn:
+            await store.rooms.known()
+        async with store.db.engine.begin() as conn:
             await conn.execute(text("UPDATE bridge_state SET value='!plain:x' WHERE key='other'"))
         with pytest.raises(StoreError, match="plaintext"):
-            await store.get_state("other")
+            await store.state.get("other")
     finally:
         await store.close()
 
@@ -214,7 +215,9 @@ async def test_sqlite_files_are_created_0600_whatever_the_umask(tmp_path: Path) 
     db = tmp_path / "data" / "bridge.db"
     old = os.umask(0)  # the process's umask would let anyone read new files
     try:
-        store = await Store.open(f"sqlite+aiosqlite:///{db}", keyring=Keyring.generate())
+        store = await Store.open(
+            f"sqlite+aiosqlite:///{db}", StoreSettings(keyring=Keyring.generate())
+        )
         try:
             await flow(store)
             files = [p for p in db.parent.iterdir() if p.name.startswith("bridge.db")]
@@ -233,13 +236,13 @@ async def test_an_existing_sqlite_database_readable_by_others_is_made_0600(
     db = tmp_path / "bridge.db"
     url = f"sqlite+aiosqlite:///{db}"
     keyring = Keyring.generate()
-    store = await Store.open(url, keyring=keyring)
+    store = await Store.open(url, StoreSettings(keyring=keyring))
     await flow(store)
     await store.close()
     os.chmod(db, 0o644)
-    store = await Store.open(url, keyring=keyring)
+    store = await Store.open(url, StoreSettings(keyring=keyring))
     try:
-        await store.set_state("after", "reopen")
+        await store.state.set("after", "reopen")
         assert _mode(db) == 0o600
         assert _mode(Path(f"{db}-wal")) == 0o600
     finally:

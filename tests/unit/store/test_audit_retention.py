@@ -110,14 +110,14 @@ def ev(room: str, sender: str = "@u:x", etype: str = "m.room.message") -> dict[s
 async def readable(store: Store) -> dict[str, bool]:
     """event_id -> whether its content can still be read (expired records lose it)."""
     out: dict[str, bool] = {}
-    async for rec in store.iter_records(kind="event"):
+    async for rec in store.reader.iter(kind="event"):
         if rec["data"] is not None:
             out[rec["data"]["event_id"]] = True
     return out
 
 
 async def events(store: Store) -> list[dict[str, Any]]:
-    return [r async for r in store.iter_records(kind="event")]
+    return [r async for r in store.reader.iter(kind="event")]
 
 
 async def test_expiry_drops_old_ciphertext_honours_holds_and_keeps_the_chain(
@@ -129,18 +129,18 @@ async def test_expiry_drops_old_ciphertext_honours_holds_and_keeps_the_chain(
         held_room = [ev("!held:x") for _ in range(2)]
         held_user = [ev("!mixed:x", "@held-user:x") for _ in range(2)]
         mixed_old = [ev("!mixed:x") for _ in range(2)]
-        await store.ingest_transaction("a", old + held_room + held_user + mixed_old)
+        await store.queue.ingest("a", old + held_room + held_user + mixed_old)
         assert (
-            await store.set_hold("room", "!held:x", True, by="@admin:x", reason="case 42") == "on"
+            await store.holds.set("room", "!held:x", True, by="@admin:x", reason="case 42") == "on"
         )
-        assert await store.set_hold("room", "!held:x", True, by="@admin:x") == "unchanged"
+        assert await store.holds.set("room", "!held:x", True, by="@admin:x") == "unchanged"
         await asyncio.sleep(0.02)
         boundary = now_ms()
         await asyncio.sleep(0.02)
         new = [ev("!new:x"), ev("!mixed:x")]
-        await store.ingest_transaction("b", new)
+        await store.queue.ingest("b", new)
 
-        report = await store.expire_archive(1000, now=boundary + 1000)
+        report = await store.expiry.expire(1000, now=boundary + 1000)
         assert report.cutoff_ts == boundary
         assert report.rooms_shredded == 1  # !old:x: every record expired
         assert report.skipped_on_hold >= 4
@@ -149,32 +149,32 @@ async def test_expiry_drops_old_ciphertext_honours_holds_and_keeps_the_chain(
             assert e["event_id"] not in ids
         for e in held_room + held_user + new:
             assert e["event_id"] in ids
-        async for rec in store.iter_records(room="!old:x", kind="event"):
+        async for rec in store.reader.iter(room="!old:x", kind="event"):
             assert rec["data"] is None and "expired" in rec["unreadable"]
         # the removals are stated in the chain: the cutoff before, the destroyed key after
-        [claim] = [r async for r in store.iter_records(kind="expiry")]
+        [claim] = [r async for r in store.reader.iter(kind="expiry")]
         assert claim["origin_ts"] == boundary and claim["data"]["cutoff_ts"] == boundary
-        [shred] = [r async for r in store.iter_records(room="!old:x", kind="shred")]
+        [shred] = [r async for r in store.reader.iter(room="!old:x", kind="shred")]
         assert shred["seq"] > claim["seq"] > max(e["seq"] for e in await events(store))
 
-        again = await store.expire_archive(1000, now=boundary + 1000)  # resumes: nothing left
+        again = await store.expiry.expire(1000, now=boundary + 1000)  # resumes: nothing left
         assert (again.expired, again.skipped_on_hold, again.rooms_shredded) == (0, 0, 0)
 
-        assert await store.set_hold("user", "@held-user:x", False, by="@admin:x") == "config"
-        assert await store.set_hold("room", "!held:x", False, by="@admin:x") == "off"
-        lifted = await store.expire_archive(1000, now=boundary + 1000)
+        assert await store.holds.set("user", "@held-user:x", False, by="@admin:x") == "config"
+        assert await store.holds.set("room", "!held:x", False, by="@admin:x") == "off"
+        lifted = await store.expiry.expire(1000, now=boundary + 1000)
         assert lifted.expired >= 2
         ids = await readable(store)
         assert not any(e["event_id"] in ids for e in held_room)
         assert all(e["event_id"] in ids for e in held_user)
-        runs = [r async for r in store.iter_records(kind="retention")]
+        runs = [r async for r in store.reader.iter(kind="retention")]
         assert len(runs) == 3
         assert runs[0]["data"]["expired"] == report.expired
         assert runs[0]["data"]["shredded_key_ids"] == [shred["data"]["destroyed_key_id"]]
         assert runs[0]["data"]["expiry_record_seq"] == claim["seq"]
         assert runs[1]["data"]["expiry_record_seq"] is None  # nothing to expire: no claim
         assert runs[0]["data"]["skipped_on_hold"] == report.skipped_on_hold
-        holds = [r async for r in store.iter_records(kind="hold")]
+        holds = [r async for r in store.reader.iter(kind="hold")]
         # config on, room on (both old, expired once unheld), room off (recent)
         assert [h["data"] and h["data"]["action"] for h in holds] == [None, None, "off"]
     finally:
@@ -190,19 +190,19 @@ async def test_a_hold_placed_during_an_expiry_run_applies_from_the_next_batch(
     other = await env.open()  # e.g. `!policy hold on` handled while the run goes on
     try:
         late = [ev("!late:x") for _ in range(6)]
-        await store.ingest_transaction("a", late)
+        await store.queue.ingest("a", late)
         reads = 0
-        holds = store.holds
+        holds = store.holds.current
 
         async def holds_then_hold_placed() -> Any:
             nonlocal reads
             reads += 1
             if reads == 2:  # the first batch is committed, the second not yet started
-                assert await other.set_hold("room", "!late:x", True, by="@admin:x") == "on"
+                assert await other.holds.set("room", "!late:x", True, by="@admin:x") == "on"
             return await holds()
 
-        monkeypatch.setattr(store, "holds", holds_then_hold_placed)
-        report = await store.expire_archive(1000, now=now_ms() + 60_000, batch=2)
+        monkeypatch.setattr(store.holds, "current", holds_then_hold_placed)
+        report = await store.expiry.expire(1000, now=now_ms() + 60_000, batch=2)
         assert reads > 2
         ids = await readable(store)
         first = await env.scalar("SELECT min(seq) FROM records WHERE kind = 'event'")
@@ -221,12 +221,12 @@ async def test_verify_accepts_only_removals_the_chain_records(
 ) -> None:
     store = await env.open()
     try:
-        await store.ingest_transaction("a", [ev("!a:x") for _ in range(3)])
+        await store.queue.ingest("a", [ev("!a:x") for _ in range(3)])
         await asyncio.sleep(0.01)
         boundary = now_ms()
         await asyncio.sleep(0.01)
-        await store.ingest_transaction("b", [ev("!b:x") for _ in range(3)])
-        await store.expire_archive(1000, now=boundary + 1000)
+        await store.queue.ingest("b", [ev("!b:x") for _ in range(3)])
+        await store.expiry.expire(1000, now=boundary + 1000)
     finally:
         await store.close()
     assert await env.cli("verify") == 0, capsys.readouterr().err
@@ -248,10 +248,10 @@ async def test_expiry_from_before_removal_records_is_recorded_once_at_start(
     store = await env.open()
     try:
         gone, kept = [ev("!gone:x") for _ in range(3)], [ev("!kept:x") for _ in range(2)]
-        await store.ingest_transaction("a", gone + kept)
+        await store.queue.ingest("a", gone + kept)
         cutoff = now_ms() + 1
         await asyncio.sleep(0.01)
-        await store.ingest_transaction("b", [ev("!kept:x")])
+        await store.queue.ingest("b", [ev("!kept:x")])
     finally:
         await store.close()
     # what an expiry run did then: drop ciphertext, delete a room's key, one retention record
@@ -261,7 +261,7 @@ async def test_expiry_from_before_removal_records_is_recorded_once_at_start(
     )  # seq 1 is the config hold's record, 2..4 are !gone:x
     store = await open_store(load_config(env.config_path, env={}), create=False)
     try:
-        await store.append(
+        await store.records.append(
             [
                 AuditEntry(
                     "retention",
@@ -284,7 +284,7 @@ async def test_expiry_from_before_removal_records_is_recorded_once_at_start(
     assert await env.cli("verify") == 0, capsys.readouterr().err
     store = await env.open()
     try:
-        recs = [r async for r in store.iter_records()]
+        recs = [r async for r in store.reader.iter()]
         unreadable = {r["seq"]: r.get("unreadable") for r in recs if r["data"] is None}
         assert set(unreadable) == {2, 3, 4, 5, 6}
         [claim] = [r["data"] for r in recs if r["kind"] == "expiry"]
@@ -299,15 +299,15 @@ async def test_holds_are_encrypted_listed_and_follow_the_config(env: Env) -> Non
     secret_room = "!hiddenholdroom7731:corp.example"
     store = await env.open({"rooms": [secret_room], "users": ["@held-user:x"]})
     try:
-        await store.set_hold("user", "@other:x", True, by="@admin:x", reason="litigation 7")
-        holds = await store.holds()
+        await store.holds.set("user", "@other:x", True, by="@admin:x", reason="litigation 7")
+        holds = await store.holds.current()
         assert holds.rooms == {secret_room}
         assert holds.users == {"@held-user:x", "@other:x"}
-        listed = {(h.scope, h.target): h for h in await store.list_holds()}
+        listed = {(h.scope, h.target): h for h in await store.holds.entries()}
         assert listed[("user", "@other:x")].reason == "litigation 7"
         assert listed[("user", "@other:x")].by == "@admin:x"
         assert listed[("room", secret_room)].source == "config"
-        assert await store.set_hold("room", secret_room, False, by="@admin:x") == "config"
+        assert await store.holds.set("room", secret_room, False, by="@admin:x") == "config"
     finally:
         await store.close()
     blob = await env.scalar("SELECT count(*) FROM legal_holds")
@@ -321,9 +321,9 @@ async def test_holds_are_encrypted_listed_and_follow_the_config(env: Env) -> Non
     # the room left the config: its hold is lifted at the next start, and audited
     store = await env.open({"rooms": [], "users": ["@held-user:x"]})
     try:
-        assert (await store.holds()).rooms == frozenset()
+        assert (await store.holds.current()).rooms == frozenset()
         offs = [
-            r["data"] async for r in store.iter_records(kind="hold") if r["data"]["action"] == "off"
+            r["data"] async for r in store.reader.iter(kind="hold") if r["data"]["action"] == "off"
         ]
         assert offs == [
             {
@@ -336,12 +336,12 @@ async def test_holds_are_encrypted_listed_and_follow_the_config(env: Env) -> Non
             }
         ]
         # unchanged config: no new hold records
-        before = len([r async for r in store.iter_records(kind="hold")])
+        before = len([r async for r in store.reader.iter(kind="hold")])
     finally:
         await store.close()
     store = await env.open({"rooms": [], "users": ["@held-user:x"]})
     try:
-        assert len([r async for r in store.iter_records(kind="hold")]) == before
+        assert len([r async for r in store.reader.iter(kind="hold")]) == before
     finally:
         await store.close()
 
@@ -351,8 +351,8 @@ async def test_search_summary_counts_without_content(env: Env) -> None:
     try:
         evs = [ev("!a:x") for _ in range(4)] + [ev("!b:x", etype="m.reaction") for _ in range(2)]
         evs.append(ev("!b:x", sender="@v:x"))
-        await store.ingest_transaction("t", evs)
-        s = await store.search_summary(kind="event")
+        await store.queue.ingest("t", evs)
+        s = await store.reader.search_summary(kind="event")
         assert s.total == 7
         groups = {(g.room_id, g.type): g.count for g in s.groups}
         assert groups == {
@@ -362,11 +362,11 @@ async def test_search_summary_counts_without_content(env: Env) -> None:
         }
         assert [m.event_id for m in s.latest] == [e["event_id"] for e in reversed(evs[-5:])]
         assert "secret body" not in repr(s)
-        only = await store.search_summary(sender="@v:x")
+        only = await store.reader.search_summary(sender="@v:x")
         assert only.total == 1 and only.latest[0].event_id == evs[-1]["event_id"]
-        none = await store.search_summary(room="!nowhere:x")
+        none = await store.reader.search_summary(room="!nowhere:x")
         assert none.total == 0 and none.groups == []
-        hold = await store.search_summary(kind="hold")
+        hold = await store.reader.search_summary(kind="hold")
         assert hold.total == 1  # the config hold of @held-user:x
     finally:
         await store.close()
@@ -375,16 +375,16 @@ async def test_search_summary_counts_without_content(env: Env) -> None:
 async def test_stats_keeps_counters_without_rescanning(env: Env) -> None:
     store = await env.open()
     try:
-        await store.ingest_transaction("t1", [ev("!a:x") for _ in range(5)])
-        s1 = await store.stats()
+        await store.queue.ingest("t1", [ev("!a:x") for _ in range(5)])
+        s1 = await store.stats.snapshot()
         assert s1.events == 5
-        await store.ingest_transaction("t2", [ev("!a:x") for _ in range(3)])
-        await store.set_hold("room", "!a:x", True, by="@x:x")  # a non-event record
-        assert store._events == 8  # kept up to date in memory, not re-counted
-        s2 = await store.stats()
+        await store.queue.ingest("t2", [ev("!a:x") for _ in range(3)])
+        await store.holds.set("room", "!a:x", True, by="@x:x")  # a non-event record
+        assert store.records.events == 8  # kept up to date in memory, not re-counted
+        s2 = await store.stats.snapshot()
         assert s2.events == 8 and s2.records == s1.records + 4
-        await store.enqueue_actions([NewAction("send_notice", {"body": "x"}, room_id="!a:x")])
-        assert (await store.stats()).actions_pending == 1
+        await store.actions.enqueue([NewAction("send_notice", {"body": "x"}, room_id="!a:x")])
+        assert (await store.stats.snapshot()).actions_pending == 1
     finally:
         await store.close()
 
@@ -392,7 +392,7 @@ async def test_stats_keeps_counters_without_rescanning(env: Env) -> None:
 async def test_start_rewraps_data_keys_left_under_an_old_kek(env: Env) -> None:
     store = await env.open()
     try:
-        await store.ingest_transaction("t", [ev("!a:x"), ev("!b:x")])
+        await store.queue.ingest("t", [ev("!a:x"), ev("!b:x")])
     finally:
         await store.close()
     path = env.tmp / "data" / "audit-keyring.json"
@@ -402,7 +402,7 @@ async def test_start_rewraps_data_keys_left_under_an_old_kek(env: Env) -> None:
     ring.save(path)
     store = await env.open()
     try:
-        usage = await store.kek_usage()
+        usage = await store.keys.kek_usage()
         assert set(usage) == {new.id} and old not in usage
         assert len(await readable(store)) == 2
     finally:
@@ -412,10 +412,10 @@ async def test_start_rewraps_data_keys_left_under_an_old_kek(env: Env) -> None:
 async def test_checkpoint_callback_sees_each_new_checkpoint(env: Env) -> None:
     store = await env.open()
     seen: list[int] = []
-    store.on_checkpoint = lambda cp: seen.append(cp.seq)
+    store.records.on_checkpoint = lambda cp: seen.append(cp.seq)
     try:
         for i in range(3):
-            await store.ingest_transaction(f"t{i}", [ev("!a:x") for _ in range(6)])
+            await store.queue.ingest(f"t{i}", [ev("!a:x") for _ in range(6)])
     finally:
         await store.close()  # the shutdown checkpoint too
     stored = await env.scalar("SELECT count(*) FROM checkpoints")
@@ -426,16 +426,18 @@ async def test_last_checkpoint_time_is_known_after_signing_and_after_reopening(e
     """What the checkpoint-age metric reads."""
     store = await env.open()
     try:
-        assert store.last_checkpoint_ts is None  # an empty store has none
-        await store.ingest_transaction("t", [ev("!a:x") for _ in range(12)])  # every 10
-        signed = store.last_checkpoint_ts
+        assert store.records.last_checkpoint_ts is None  # an empty store has none
+        await store.queue.ingest("t", [ev("!a:x") for _ in range(12)])  # every 10
+        signed = store.records.last_checkpoint_ts
         newest = await env.scalar("SELECT max(ts) FROM checkpoints")
         assert signed is not None and signed == newest
     finally:
         await store.close()
     reopened = await env.open()
     try:
-        assert reopened.last_checkpoint_ts == await env.scalar("SELECT max(ts) FROM checkpoints")
+        assert reopened.records.last_checkpoint_ts == await env.scalar(
+            "SELECT max(ts) FROM checkpoints"
+        )
     finally:
         await reopened.close()
 

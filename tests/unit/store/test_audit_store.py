@@ -32,6 +32,7 @@ from bridge.http.transactions import AppserviceAPI
 from bridge.store import AuditEntry, Store, StoreError
 from tests.conftest import BACKENDS, fresh_store_url
 from tests.kit.config import make_config
+from tests.kit.store import destroy_room_key
 
 TOKEN = "hs-token-for-audit-tests-xxxxxxx"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -107,7 +108,7 @@ async def fill(env: Env, n: int = 30, per_txn: int = 5) -> None:
     try:
         for t in range(n // per_txn):
             evs = [ev(t * per_txn + i + 1, room=f"!room{i % 3}:x") for i in range(per_txn)]
-            await store.ingest_transaction(f"t{t}", evs)
+            await store.queue.ingest(f"t{t}", evs)
     finally:
         await store.close()
 
@@ -162,10 +163,10 @@ async def test_secrets_never_reach_the_database_files(
         )
         assert r.status == 200
     # a gate decision and an executor outcome about the same room and sender
-    await store.append(
+    await store.records.append(
         [AuditEntry("decision", {"reason": SECRET_BODY}, room_id=SECRET_ROOM, sender=SECRET_SENDER)]
     )
-    [item] = await store.pending_work()
+    [item] = await store.queue.pending()
     assert item.events[1].event["content"]["body"] == SECRET_BODY  # readable with the keys
 
     if env.backend == "sqlite":
@@ -349,8 +350,8 @@ async def test_reads_name_a_record_whose_data_key_is_unknown(env: Env) -> None:
     await fill(env, n=10)
     store = await env.open()
     try:
-        assert await store.destroy_room_key("!room0:x")
-        recs = [r async for r in store.iter_records(room="!room0:x")]
+        assert await destroy_room_key(store, "!room0:x")
+        recs = [r async for r in store.reader.iter(room="!room0:x")]
         assert [r["data"] for r in recs if r["kind"] == "event"] == [None] * 4
         assert all("destroyed" in r["unreadable"] for r in recs if r["kind"] == "event")
         [shred] = [r for r in recs if r["kind"] == "shred"]
@@ -362,7 +363,7 @@ async def test_reads_name_a_record_whose_data_key_is_unknown(env: Env) -> None:
     store = await env.open()
     try:
         with pytest.raises(StoreError, match=r"seq 2: its data key '[0-9a-f]+' is not in the"):
-            [r async for r in store.iter_records()]
+            [r async for r in store.reader.iter()]
     finally:
         await store.close()
     assert await env.cli("verify") == 6
@@ -376,7 +377,7 @@ async def test_reads_name_a_corrupted_record(env: Env) -> None:
     store = await env.open()
     try:
         with pytest.raises(StoreError, match="seq 4"):
-            [r async for r in store.iter_records()]
+            [r async for r in store.reader.iter()]
     finally:
         await store.close()
 
@@ -434,15 +435,15 @@ async def test_rotate_key_rewraps_and_old_kek_can_be_removed(
     store = await env.open()
     try:
         # three rooms, and the key of records without a room (the rotation's own record)
-        assert await store.kek_usage() == {ring.current.id: 4}
-        bodies = [r["data"]["content"]["body"] async for r in store.iter_records(kind="event")]
+        assert await store.keys.kek_usage() == {ring.current.id: 4}
+        bodies = [r["data"]["content"]["body"] async for r in store.reader.iter(kind="event")]
         assert bodies == [f"hello {i}" for i in range(1, 11)]
-        [rotation] = [r["data"] async for r in store.iter_records(kind="command")]
+        [rotation] = [r["data"] async for r in store.reader.iter(kind="command")]
         assert rotation["command"] == "audit rotate-key" and rotation["new_kek"] == ring.current.id
         assert rotation["old_keks"] == [old] and rotation["removed_old"] is True
         assert rotation["rewrapped"] == 3 and rotation["actor"]
-        await store.ingest_transaction("new", [ev(99, room="!new:x")])
-        assert await store.kek_usage() == {ring.current.id: 5}
+        await store.queue.ingest("new", [ev(99, room="!new:x")])
+        assert await store.keys.kek_usage() == {ring.current.id: 5}
     finally:
         await store.close()
     assert await env.cli("verify") == 0
@@ -493,7 +494,7 @@ async def test_read_only_commands_create_no_signing_key_and_sign_nothing(
 
 async def test_search_and_export(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     store = await env.open()
-    await store.ingest_transaction(
+    await store.queue.ingest(
         "t1",
         [
             ev(1, room="!a:x", sender="@alice:x", body="quarterly numbers attached"),
@@ -501,7 +502,7 @@ async def test_search_and_export(env: Env, capsys: pytest.CaptureFixture[str]) -
             ev(3, room="!b:x", sender="@alice:x", body="Quarterly review friday"),
         ],
     )
-    await store.append([AuditEntry("decision", {"rule": "dlp"}, room_id="!a:x")])
+    await store.records.append([AuditEntry("decision", {"rule": "dlp"}, room_id="!a:x")])
     await store.close()
     capsys.readouterr()
     assert await env.cli("search", "--sender", "@alice:x", "--text", "quarterly") == 0
@@ -525,7 +526,7 @@ async def test_search_and_export(env: Env, capsys: pytest.CaptureFixture[str]) -
     assert len(csv_target.read_text().splitlines()) == 4
     store = await env.open()
     try:
-        exports = [r async for r in store.iter_records(kind="export")]
+        exports = [r async for r in store.reader.iter(kind="export")]
     finally:
         await store.close()
     assert [e["data"]["count"] for e in exports] == [3, 3]
@@ -534,7 +535,7 @@ async def test_search_and_export(env: Env, capsys: pytest.CaptureFixture[str]) -
     # searches are recorded too (who, what filter, how many)
     store = await env.open()
     try:
-        searches = [r["data"] async for r in store.iter_records(kind="command")]
+        searches = [r["data"] async for r in store.reader.iter(kind="command")]
     finally:
         await store.close()
     assert [(d["command"], d["count"], d["via"]) for d in searches] == [
@@ -555,7 +556,7 @@ async def test_a_replaced_signing_key_is_trusted_through_previous_public_keys(
     keyfile.rename(keyfile.with_name("retired.pem"))  # replaced: the next start makes a new one
     store = await env.open()
     try:
-        await store.ingest_transaction("after", [ev(1000 + i) for i in range(12)])
+        await store.queue.ingest("after", [ev(1000 + i) for i in range(12)])
     finally:
         await store.close()
     capsys.readouterr()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.store import codec
+from bridge.audit import codec
 
 
 def same(a: Any, b: Any) -> bool:

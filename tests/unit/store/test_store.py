@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.store import AuditEntry, NewAction, Store
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bridge.store import AuditEntry, NewAction, Store, StoreSettings
+from tests.kit.store import actions_by_status, count_events, get_action
 
 
 def ev(i: int, room: str = "!r:x", **extra: Any) -> dict[str, Any]:
@@ -20,14 +24,14 @@ def ev(i: int, room: str = "!r:x", **extra: Any) -> dict[str, Any]:
 
 
 async def test_ingest_is_idempotent_on_txn_and_event_id(store: Store) -> None:
-    r1 = await store.ingest_transaction("t1", [ev(1), ev(2), ev(2)])
+    r1 = await store.queue.ingest("t1", [ev(1), ev(2), ev(2)])
     assert (r1.duplicate, r1.stored, r1.skipped) == (False, 2, 1)
-    again = await store.ingest_transaction("t1", [ev(1), ev(2)])
+    again = await store.queue.ingest("t1", [ev(1), ev(2)])
     assert again.duplicate and again.stored == 0
-    r2 = await store.ingest_transaction("t2", [ev(2), ev(3)])
+    r2 = await store.queue.ingest("t2", [ev(2), ev(3)])
     assert (r2.stored, r2.skipped) == (1, 1)
-    assert await store.count_events("$e2") == 1
-    stats = await store.stats()
+    assert await count_events(store, "$e2") == 1
+    stats = await store.stats.snapshot()
     assert stats.events == 3
     assert stats.queue_depth == 2
 
@@ -41,44 +45,75 @@ async def test_events_are_stored_losslessly_and_in_order(store: Store) -> None:
         "unsigned": {"age": 5},
     }
     no_id = {"type": "m.typing", "content": {}}
-    await store.ingest_transaction("t", [ev(1), weird, no_id])
-    [item] = await store.pending_work()
+    await store.queue.ingest("t", [ev(1), weird, no_id])
+    [item] = await store.queue.pending()
     assert [s.event for s in item.events] == [ev(1), weird, no_id]
     assert [s.seq for s in item.events] == sorted(s.seq for s in item.events)
 
 
 async def test_complete_work_is_atomic_with_actions_and_audit(store: Store) -> None:
-    await store.ingest_transaction("t", [ev(1)])
-    [item] = await store.pending_work()
+    await store.queue.ingest("t", [ev(1)])
+    [item] = await store.queue.pending()
     action = NewAction("redact", {"event_id": "$e1"}, room_id="!r:x")
-    await store.complete_work(
+    await store.queue.complete(
         [item.queue_id],
         [action],
         [AuditEntry("decision", {"x": 1}, room_id="!r:x")],
         {"k": "v"},
     )
-    assert await store.pending_work() == []
-    assert (await store.get_action(action.id)).status == "pending"
-    assert await store.get_state("k") == "v"
-    kinds = [r["kind"] async for r in store.iter_records()]
+    assert await store.queue.pending() == []
+    assert (await get_action(store, action.id)).status == "pending"
+    assert await store.state.get("k") == "v"
+    kinds = [r["kind"] async for r in store.reader.iter()]
     assert kinds == ["event", "decision"]
 
 
+async def test_repositories_compose_in_one_commit(store: Store) -> None:
+    """Several repositories written through one ``records.write`` commit or roll back as
+    one: the state value, the action and the audit record, and the chain head with them."""
+    await store.keys.op_key()  # before the transaction (SQLite: one writer)
+    action = NewAction("notice", {"body": "x"}, room_id="!r:x")
+
+    async def doomed(conn: AsyncConnection) -> None:
+        await store.state.put(conn, "k", "v")
+        await store.actions.insert(conn, [action])
+        await store.records.append_audit(conn, [AuditEntry("command", {"n": 1})])
+        raise RuntimeError("abort")
+
+    with pytest.raises(RuntimeError, match="abort"):
+        await store.records.write(doomed)
+    assert await store.state.get("k") is None
+    assert await get_action(store, action.id) is None
+    assert [r async for r in store.reader.iter()] == []
+
+    async def together(conn: AsyncConnection) -> None:
+        await store.state.put(conn, "k", "v")
+        await store.actions.insert(conn, [action])
+        await store.records.append_audit(conn, [AuditEntry("command", {"n": 2})])
+
+    await store.records.write(together)
+    assert await store.state.get("k") == "v"
+    assert await get_action(store, action.id) is not None
+    assert [(r["seq"], r["data"]) async for r in store.reader.iter()] == [(1, {"n": 2})]
+
+
 async def test_sequence_continues_after_reopen(store: Store) -> None:
-    await store.ingest_transaction("t1", [ev(1), ev(2)])
-    url = store.engine.url.render_as_string(hide_password=False)
+    await store.queue.ingest("t1", [ev(1), ev(2)])
+    url = store.db.engine.url.render_as_string(hide_password=False)
     await store.close()
     # The audit keyring and signing key are what make the encrypted records readable.
-    reopened = await Store.open(url, keyring=store.keyring, signing_key=store.signing_key)
+    reopened = await Store.open(
+        url, StoreSettings(keyring=store.keyring, signing_key=store.signing_key)
+    )
     try:
-        await reopened.ingest_transaction("t2", [ev(3)])
-        await reopened.append([AuditEntry("command", {"c": 1})])
-        seqs = [r["seq"] async for r in reopened.iter_records()]
+        await reopened.queue.ingest("t2", [ev(3)])
+        await reopened.records.append([AuditEntry("command", {"c": 1})])
+        seqs = [r["seq"] async for r in reopened.reader.iter()]
         assert seqs == [1, 2, 3, 4]
         # The txnId is remembered across restarts: a retry stores nothing twice ...
-        assert (await reopened.ingest_transaction("t1", [ev(1), ev(2)])).duplicate
+        assert (await reopened.queue.ingest("t1", [ev(1), ev(2)])).duplicate
         # ... but a homeserver that restarted its txnIds may reuse one with new events.
-        reused = await reopened.ingest_transaction("t1", [ev(9)])
+        reused = await reopened.queue.ingest("t1", [ev(9)])
         assert not reused.duplicate and reused.stored == 1
     finally:
         await reopened.close()
@@ -86,26 +121,26 @@ async def test_sequence_continues_after_reopen(store: Store) -> None:
 
 async def test_action_lifecycle(store: Store) -> None:
     a = NewAction("send_notice", {"body": "hi"}, room_id="!r:x")
-    await store.enqueue_actions([a])
-    [due] = await store.due_actions(now=10**12)
+    await store.actions.enqueue([a])
+    [due] = await store.actions.due(now=10**12)
     assert due.id == a.id and due.payload == {"body": "hi"}
-    await store.finish_action(a.id, status="pending", attempts=1, next_at=10**13, error="HTTP 502")
-    assert await store.due_actions(now=10**12) == []
-    assert await store.next_action_time() == 10**13
-    await store.finish_action(
+    await store.actions.finish(a.id, status="pending", attempts=1, next_at=10**13, error="HTTP 502")
+    assert await store.actions.due(now=10**12) == []
+    assert await store.actions.next_time() == 10**13
+    await store.actions.finish(
         a.id, status="failed", attempts=2, error="forbidden", audit=AuditEntry("action", {"o": 1})
     )
-    stats = await store.stats()
+    stats = await store.stats.snapshot()
     assert (stats.actions_pending, stats.actions_failed) == (0, 1)
-    [failed] = await store.actions_by_status("failed")
+    [failed] = await actions_by_status(store, "failed")
     assert failed.last_error == "forbidden"
 
 
 async def test_rooms(store: Store) -> None:
-    await store.upsert_room("!a:x", joined=True)
-    await store.upsert_room("!a:x", lacking="send state events")
-    await store.upsert_room("!b:x")
-    rooms = {r["room_id"]: r for r in await store.list_rooms()}
+    await store.rooms.upsert("!a:x", joined=True)
+    await store.rooms.upsert("!a:x", lacking="send state events")
+    await store.rooms.upsert("!b:x")
+    rooms = {r["room_id"]: r for r in await store.rooms.known()}
     assert rooms["!a:x"]["joined"] is True
     assert rooms["!a:x"]["lacking"] == "send state events"
     assert rooms["!b:x"]["joined"] is False
@@ -118,7 +153,7 @@ async def test_database_errors_do_not_quote_parameters(store: Store) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     with pytest.raises(SQLAlchemyError) as info:
-        async with store.engine.begin() as conn:
+        async with store.db.engine.begin() as conn:
             await conn.execute(
                 text("INSERT INTO no_such_table (x) VALUES (:v)"), {"v": "parameter-secret"}
             )

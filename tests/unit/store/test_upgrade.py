@@ -10,6 +10,7 @@ readable in the database. A migration that fails part-way leaves the old databas
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,10 +41,10 @@ from bridge.archive.cli import main as audit_main
 from bridge.archive.setup import open_store
 from bridge.audit.crypto import OPERATIONAL_SCOPE
 from bridge.config import Config, load_config
-from bridge.store import Store, StoreError
+from bridge.store import PLAIN_STATE_KEYS, Store, StoreError
 from bridge.store import schema as current
-from bridge.store.store import PLAIN_STATE_KEYS
 from tests.conftest import BACKENDS, fresh_store_url
+from tests.kit.store import actions_by_status, count_events
 from tests.unit.store.test_at_rest import (
     SECRET_BODY,
     SECRET_EVENT,
@@ -282,10 +283,10 @@ async def make_v2(env: Env) -> None:
     """A schema-2 database: today's encrypted records, plaintext operational tables."""
     store = await env.open()
     try:
-        await store.ingest_transaction("old-1", [event(1), event(2, SECRET_BODY), event(3)])
-        [item] = await store.pending_work()
-        await store.complete_work([item.queue_id])
-        await store.ingest_transaction("old-2", [event(4), event(6)])
+        await store.queue.ingest("old-1", [event(1), event(2, SECRET_BODY), event(3)])
+        [item] = await store.queue.pending()
+        await store.queue.complete([item.queue_id])
+        await store.queue.ingest("old-2", [event(4), event(6)])
     finally:
         await store.close()
     engine = create_async_engine(env.url)
@@ -310,39 +311,39 @@ MAKERS = {"v1": make_v1, "v2": make_v2}
 async def check_upgraded(env: Env, version: str) -> None:
     store = await env.open()
     try:
-        assert await store.get_state("schema_version") == str(current.SCHEMA_VERSION)
-        records = [r async for r in store.iter_records()]
+        assert await store.state.get("schema_version") == str(current.SCHEMA_VERSION)
+        records = [r async for r in store.reader.iter()]
         events = [r for r in records if r["kind"] == "event"]
         assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
         assert [e["data"]["origin_server_ts"] for e in events] == [TS + i for i in (1, 2, 3, 4, 6)]
         assert events[1]["data"]["content"]["body"] == SECRET_BODY
         assert events[1]["event_id"] == SECRET_EVENT and events[1]["sender"] == SECRET_SENDER
-        assert await store.count_events(SECRET_EVENT) == 1
+        assert await count_events(store, SECRET_EVENT) == 1
         assert [r["seq"] for r in records if r["room_id"] == SECRET_ROOM]  # blind index works
-        assert [r["seq"] async for r in store.iter_records(room=SECRET_ROOM)]
+        assert [r["seq"] async for r in store.reader.iter(room=SECRET_ROOM)]
         if version == "v1":
             audit = [r for r in records if r["kind"] != "event"]
             assert [(r["kind"], r["data"]["n"]) for r in audit] == [("decision", 7), ("action", 8)]
             assert audit[0]["sender"] == SECRET_SENDER and audit[0]["type"] == "dlp"
             assert records[0]["ts"] == TS + 101  # archive times kept
         # the work queue survived: the pending transaction's events, renumbered
-        [item] = await store.pending_work()
+        [item] = await store.queue.pending()
         assert item.txn_id == "old-2"
         assert [e.event["origin_server_ts"] for e in item.events] == [TS + 4, TS + 6]
-        assert (await store.ingest_transaction("old-1", [event(1)])).duplicate
-        assert await store.count_events("$old1") == 1  # replay still recognised
-        rooms = {r["room_id"]: r for r in await store.list_rooms()}
+        assert (await store.queue.ingest("old-1", [event(1)])).duplicate
+        assert await count_events(store, "$old1") == 1  # replay still recognised
+        rooms = {r["room_id"]: r for r in await store.rooms.known()}
         assert set(rooms) == {SECRET_ROOM, SECRET_MGMT}
         assert SECRET_MGMT in rooms[SECRET_MGMT]["lacking"]
-        [due] = await store.due_actions(2e9)
+        [due] = await store.actions.due(2e9)
         assert due.id == "a-pending" and SECRET_BODY in due.payload["body"]
         assert due.room_id == SECRET_MGMT
-        [failed] = await store.actions_by_status("failed")
+        [failed] = await actions_by_status(store, "failed")
         assert failed.last_error == f"M_FORBIDDEN in {SECRET_ROOM}"
-        assert await store.get_state("management_room") == SECRET_MGMT
-        assert SECRET_ROOM in json.loads(await store.get_state("room_spaces") or "{}")
+        assert await store.state.get("management_room") == SECRET_MGMT
+        assert SECRET_ROOM in json.loads(await store.state.get("room_spaces") or "{}")
         # the bridge goes on appending to the migrated chain
-        await store.ingest_transaction("new-1", [event(9)])
+        await store.queue.ingest("new-1", [event(9)])
     finally:
         await store.close()
     assert await env.verify() == 0
@@ -373,13 +374,14 @@ async def test_a_failed_migration_leaves_the_old_database(
     env: Env, version: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await MAKERS[version](env)
-    original = Store._migrate_operational
+    last_step = importlib.import_module("bridge.store.migrations.003_seal_operational")
+    original = last_step.upgrade
 
-    async def crash(self: Store, *args: Any) -> None:
-        await original(self, *args)  # everything converted, then the process "dies"
+    async def crash(*args: Any) -> None:
+        await original(*args)  # everything converted, then the process "dies"
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(Store, "_migrate_operational", crash)
+    monkeypatch.setattr(last_step, "upgrade", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         await env.open()
     engine = create_async_engine(env.url)
@@ -390,7 +392,7 @@ async def test_a_failed_migration_leaves_the_old_database(
         room_ids = {r[0] for r in await conn.execute(select(V1_ROOMS.c.room_id))}
     await engine.dispose()
     assert version_now == version[1:] and room_ids == {SECRET_ROOM, SECRET_MGMT}
-    monkeypatch.setattr(Store, "_migrate_operational", original)
+    monkeypatch.setattr(last_step, "upgrade", original)
     await check_upgraded(env, version)
 
 

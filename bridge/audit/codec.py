@@ -1,4 +1,6 @@
-"""JSON for what the store seals and reads back: orjson where it is exact, else the stdlib."""
+"""JSON for what the audit store seals and reads back: orjson where it is exact, else the stdlib.
+
+Neutral (standard library and orjson only): the store, decoding and the export workers use it."""
 
 from __future__ import annotations
 
@@ -64,4 +66,5 @@ else:
 
 
 def str_or_none(value: Any) -> str | None:
+    """``value`` if it is a string, else None."""
     return value if isinstance(value, str) else None

@@ -1,0 +1,260 @@
+"""The work queue: appservice transactions ingested in one commit, then processed.
+
+Both writes that must be atomic are one method each: :meth:`WorkQueue.ingest` (a
+transaction's events and its queue entry) and :meth:`WorkQueue.complete` (marking work
+processed together with the actions, audit records and state it produced), so callers
+cannot split what belongs in one commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bridge.audit import codec
+from bridge.audit.codec import str_or_none
+from bridge.audit.kinds import AuditKind
+from bridge.store.actions import ActionQueue
+from bridge.store.database import Database, log
+from bridge.store.keys import KeyRepository
+from bridge.store.models import (
+    AuditEntry,
+    IngestResult,
+    NewAction,
+    Plain,
+    RoomUpdate,
+    StoredEvent,
+    StoreError,
+    StoreUnavailable,
+    WorkItem,
+    now_ms,
+)
+from bridge.store.records import RecordLog
+from bridge.store.rooms import RoomRepository
+from bridge.store.schema import SEALED_PART, records, transactions
+from bridge.store.state import StateRepository
+
+# Statements of the ingest path, built once (no per-call construction or cache-key work).
+_SEEN_TXN = select(transactions.c.id).where(transactions.c.txn_id == bindparam("txn_id"))
+_KNOWN_EVENTS = select(records.c.event_id_idx).where(
+    records.c.event_id_idx.in_(bindparam("ids", expanding=True))
+)
+_INSERT_TXN = insert(transactions)
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableEvent(StoredEvent):
+    """An event of a pending transaction that cannot be read back (its ciphertext expired
+    or was shredded, it fails to authenticate, or it is not a JSON object). ``event`` is
+    empty; ``reason`` says which, without any of the record's content."""
+
+    reason: str
+
+
+class WorkQueue:
+    """The ``transactions`` table: txnId idempotence and the queue of pending work."""
+
+    def __init__(
+        self,
+        db: Database,
+        keys: KeyRepository,
+        records: RecordLog,
+        actions: ActionQueue,
+        state: StateRepository,
+        rooms: RoomRepository,
+    ) -> None:
+        self.db = db
+        self.keys = keys
+        self.records = records
+        self.actions = actions
+        self.state = state
+        self.rooms = rooms
+
+    async def ingest(self, txn_id: str, events: Sequence[Mapping[str, Any]]) -> IngestResult:
+        """Store a transaction's events and its work-queue entry in ONE commit.
+
+        Returns once the commit is durable. A txnId seen before stores nothing; an event_id
+        seen before (in an earlier transaction or twice in this one) is skipped.
+        """
+        try:
+            return await self.records.write(lambda conn: self._ingest(conn, txn_id, events))
+        except SQLAlchemyError as e:
+            raise StoreUnavailable(str(e.__class__.__name__)) from e
+        except OSError as e:
+            raise StoreUnavailable(str(e)) from e
+
+    async def _ingest(
+        self, conn: AsyncConnection, txn_id: str, events: Sequence[Mapping[str, Any]]
+    ) -> IngestResult:
+        ts = now_ms()
+        seen = (await conn.execute(_SEEN_TXN, {"txn_id": txn_id})).first()
+        ids = [e.get("event_id") for e in events]
+        index = self.keys.index
+        eidx = [index("event_id", i) if isinstance(i, str) else None for i in ids]
+        wanted = {i for i in eidx if i is not None}
+        known: set[bytes] = set()
+        if wanted:
+            result = await conn.execute(_KNOWN_EVENTS, {"ids": list(wanted)})
+            known = {bytes(r[0]) for r in result}
+        if seen is not None:
+            # A retry of a committed transaction: nothing new in it. But Synapse on SQLite
+            # restarts its txnIds at 1 after a restart (they come from max(txn_id) of its
+            # table of unsent transactions), so a known txnId may carry new events: those
+            # are stored, under a queue key of their own.
+            if wanted <= known:
+                return IngestResult(duplicate=True, stored=0, skipped=len(events))
+            log.warning(
+                "transaction id %s reused with new events (homeserver restarted?); storing them",
+                txn_id,
+            )
+            txn_id = f"{txn_id[:200]}~{uuid.uuid4().hex}"
+        items = []
+        for ev, key in zip(events, eidx, strict=True):
+            if key is not None:
+                if key in known:
+                    continue
+                known.add(key)
+            origin = ev.get("origin_server_ts")
+            items.append(
+                Plain(
+                    AuditKind.EVENT,
+                    key,
+                    str_or_none(ev.get("room_id")),
+                    str_or_none(ev.get("sender")),
+                    str_or_none(ev.get("type")),
+                    origin if type(origin) is int and 0 <= origin < 1 << 62 else ts,
+                    codec.dumps(ev),
+                )
+            )
+        first, last = await self.records.append_records(conn, items, ts)
+        await conn.execute(
+            _INSERT_TXN,
+            {
+                "txn_id": txn_id,
+                "received_ts": ts,
+                "first_seq": first if items else None,
+                "last_seq": last if items else None,
+                "event_count": len(items),
+                "processed": not items,
+            },
+        )
+        return IngestResult(duplicate=False, stored=len(items), skipped=len(events) - len(items))
+
+    def _open_queued(
+        self, seq: int, room: bytes | None, key_id: str | None, nonce: bytes, ct: bytes | None
+    ) -> StoredEvent:
+        """The decrypted event of one record, or an :class:`UnreadableEvent` saying why not."""
+        try:
+            pt = self.keys.decrypt(seq, room, key_id, nonce, ct)
+        except StoreError:
+            return UnreadableEvent(seq, {}, "it fails to authenticate (damaged or altered)")
+        if pt is None:
+            return UnreadableEvent(seq, {}, "its ciphertext is gone (expired or key destroyed)")
+        try:
+            event = codec.loads(pt)
+        except ValueError:
+            return UnreadableEvent(seq, {}, "it is not valid JSON")
+        if not isinstance(event, dict):
+            return UnreadableEvent(seq, {}, "it is not a JSON object")
+        return StoredEvent(seq, event)
+
+    async def pending(self, limit: int = 10) -> list[WorkItem]:
+        """The oldest unprocessed transactions with their stored events (decrypted), in order.
+
+        A record that cannot be read back is returned as an :class:`UnreadableEvent` in its
+        place, so one bad record does not stop the queue: the worker skips it and reports
+        it. (A data key that cannot be unwrapped still raises StoreError: that is the
+        keyring, not one record.)"""
+        async with self.db.connect() as conn:
+            txns = (
+                await conn.execute(
+                    select(
+                        transactions.c.id,
+                        transactions.c.txn_id,
+                        transactions.c.received_ts,
+                        transactions.c.first_seq,
+                        transactions.c.last_seq,
+                    )
+                    .where(transactions.c.processed.is_(False))
+                    .order_by(transactions.c.id)
+                    .limit(limit)
+                )
+            ).all()
+            items = []
+            for qid, txn_id, received, first, last in txns:
+                rows = (
+                    await conn.execute(
+                        select(records.c.seq, *SEALED_PART)
+                        .where(
+                            records.c.seq.between(first, last), records.c.kind == AuditKind.EVENT
+                        )
+                        .order_by(records.c.seq)
+                    )
+                ).all()
+                await self.keys.by_ids(conn, {r[2] for r in rows})
+                evs = [self._open_queued(*row) for row in rows]
+                items.append(WorkItem(qid, txn_id, received, evs))
+            return items
+
+    async def mark_processed(self, conn: AsyncConnection, queue_ids: Sequence[int]) -> None:
+        """Mark the transactions ``queue_ids`` processed, in ``conn``."""
+        if queue_ids:
+            await conn.execute(
+                update(transactions)
+                .where(transactions.c.id.in_(list(queue_ids)))
+                .values(processed=True)
+            )
+
+    async def complete(
+        self,
+        queue_ids: Sequence[int],
+        new_actions: Sequence[NewAction] = (),
+        audit: Sequence[AuditEntry] = (),
+        state_updates: Mapping[str, str] | None = None,
+        rooms: Sequence[RoomUpdate] = (),
+    ) -> None:
+        """Mark transactions processed together with everything processing produced
+        (``rooms``: room rows, as :meth:`RoomRepository.upsert` writes them)."""
+        dk = None
+        if new_actions or rooms or self.state.needs_key(list(state_updates or {})):
+            dk = await self.keys.op_key()
+
+        async def run(conn: AsyncConnection) -> None:
+            await self.mark_processed(conn, queue_ids)
+            for room in rooms:
+                assert dk is not None
+                await self.rooms.upsert_in(conn, dk, room)
+            await self.actions.insert(conn, new_actions)
+            if audit:
+                await self.records.append_audit(conn, audit)
+            for key, value in (state_updates or {}).items():
+                await self.state.put(conn, key, value)
+
+        if not rooms:
+            await self.records.write_or_unavailable(run)
+            return
+        async with self.rooms.rmw_lock:
+            await self.records.write_or_unavailable(run)
+
+    async def backlog(self) -> tuple[int, float]:
+        """(transactions waiting, age in seconds of the oldest): one indexed query."""
+        async with self.db.connect() as conn:
+            return await self.backlog_in(conn)
+
+    @staticmethod
+    async def backlog_in(conn: AsyncConnection) -> tuple[int, float]:
+        """:meth:`backlog` in ``conn``."""
+        depth, oldest = (
+            await conn.execute(
+                select(func.count(), func.min(transactions.c.received_ts)).where(
+                    transactions.c.processed.is_(False)
+                )
+            )
+        ).one()
+        return int(depth), max(0.0, (now_ms() - oldest) / 1000) if oldest else 0.0
