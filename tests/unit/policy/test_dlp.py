@@ -14,7 +14,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from bridge.policy.dlp import (
-    _IBAN_LENGTHS,
     DETECTORS,
     MAX_REGEX_PROGRAM_SIZE,
     MAX_REGEX_RULES,
@@ -28,6 +27,7 @@ from bridge.policy.dlp import (
     compile_regex,
     luhn_valid,
 )
+from bridge.policy.dlp.detectors import _IBAN_LENGTHS
 from bridge.policy.model import Action, Verdict
 from bridge.policy.normalize import clean
 

@@ -1,0 +1,275 @@
+"""Built-in detectors: a cheap RE2 prefilter each, then a validator (Luhn, mod-97, ...).
+
+Every detector reads the *clean* text (see :mod:`bridge.policy.normalize`) as UTF-8 bytes and
+returns a masked excerpt of its first real hit, never the matched value itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from bridge.policy.dlp.regex import compiled
+
+__all__ = ["DETECTORS", "Detector", "luhn_valid", "mask_text"]
+
+
+def _stars(n: int) -> str:
+    return " ".join("*" * min(4, n - i) for i in range(0, n, 4))
+
+
+def mask_text(text: str) -> str:
+    """Keep the first and last character of longer matches, star the rest."""
+    if len(text) <= 4:
+        return "*" * len(text)
+    return text[0] + "*" * (len(text) - 2) + text[-1]
+
+
+def _mask_token(token: str, prefix: str) -> str:
+    return f"{prefix}{'*' * 8}" if token.startswith(prefix) else "*" * 8
+
+
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+
+
+def luhn_valid(digits: str) -> bool:
+    """Luhn checksum of an ASCII digit string."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        total += _DOUBLED[d] if i & 1 else d
+    return total % 10 == 0
+
+
+_DIGIT_RUN = r"[0-9]+(?:[ -][0-9]+)*"
+
+
+def _digit_groups(data: bytes) -> Iterable[list[bytes]]:
+    for m in _DIGIT_RUN_RE.finditer(data):
+        yield m.group().replace(b"-", b" ").split(b" ")
+
+
+def _card_excerpt(digits: bytes) -> str | None:
+    n = len(digits)
+    text = digits.decode("ascii")
+    if 13 <= n <= 19 and luhn_valid(text) and text.count(text[0]) != n:
+        return f"{text[:4]} {_stars(n - 8)} {text[-4:]}"
+    return None
+
+
+def _find_card(data: bytes) -> str | None:
+    """A Luhn-valid card number anywhere in a run of digit groups.
+
+    A run is digits with single spaces or dashes between groups (``qty 2 4111-1111-1111-1111``,
+    ``4111 1111 1111 1111 12/26``, ``5500 0000 0000 0004 123``). A card is
+
+    * the whole run, if it has 13-19 digits in at most 5 groups (``4111 1111 1111 1111``,
+      ``411 11111 1111 1111``) or in groups of one size but the last (``4 1 1 1 ...``,
+      ``41 11 11 ...``, written to get around the detector) -- while a list of small
+      numbers (``12 7 33 5 18 ...``) is not a card;
+    * one whole group of 13-19 digits (written without separators) inside the run;
+    * consecutive whole groups inside the run, written the way cards are: a first group of
+      4 digits, middle groups of 4 or 6, a last group of 3-6 (``4-4-4-4``, ``4-6-5`` Amex,
+      ``4-6-4`` Diners, ``4-4-4-4-3``), so phone numbers and dates side by side do not form
+      a "card" out of pieces of several numbers.
+
+    A card never starts or ends inside a group: the 20-digit order number
+    ``41111111111111111111`` is not searched for 16-digit windows. The price of finding a
+    card followed by more digits: a 17-19 digit number grouped by 4 whose first 16 digits
+    pass Luhn is reported too (it reads like a card and a CVC).
+    """
+    for groups in _digit_groups(data):
+        total = sum(map(len, groups))
+        if total < 13:
+            continue
+        count = len(groups)
+        if total <= 19 and (count <= 5 or len({len(g) for g in groups[:-1]}) == 1):
+            excerpt = _card_excerpt(b"".join(groups))
+            if excerpt is not None:
+                return excerpt
+        if count == 1:
+            continue
+        for i, first in enumerate(groups):
+            size = len(first)
+            if size != 4:
+                if 13 <= size <= 19:
+                    excerpt = _card_excerpt(first)
+                    if excerpt is not None:
+                        return excerpt
+                continue
+            # Longest first: a 19-digit card written 4-4-4-4-3 reads like a 16-digit card
+            # and a CVC; both are tried.
+            candidates = []
+            digits = first
+            for j in range(i + 1, count):
+                group = groups[j]
+                digits += group
+                if len(digits) > 19:
+                    break
+                if len(digits) >= 13 and 3 <= len(group) <= 6:
+                    candidates.append(digits)
+                if len(group) not in (4, 6):  # only the last group has another length
+                    break
+            for digits in reversed(candidates):
+                excerpt = _card_excerpt(digits)
+                if excerpt is not None:
+                    return excerpt
+    return None
+
+
+def _find_ssn(data: bytes) -> str | None:
+    for groups in _digit_groups(data):
+        for i in range(len(groups) - 2):
+            area, group, serial = groups[i], groups[i + 1], groups[i + 2]
+            if len(area) != 3 or len(group) != 2 or len(serial) != 4:
+                continue
+            if area in (b"000", b"666") or area[:1] == b"9":
+                continue
+            if group == b"00" or serial == b"0000":
+                continue
+            return f"***-**-{serial.decode('ascii')}"
+    return None
+
+
+_IBAN_LENGTHS: dict[str, int] = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
+    "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27,
+    "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27,
+    "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22,
+    "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32,
+    "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19,
+    "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24,
+    "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24, "SC": 31,
+    "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28, "TL": 23,
+    "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+}  # fmt: skip
+_IBAN_RUN = r"\b[A-Za-z]{2}[0-9]{2}(?: ?[A-Za-z0-9])+"
+_IBAN_PREFILTER = r"\b[A-Za-z]{2}[0-9]{2}(?: ?[A-Za-z0-9]){11}"
+
+
+def _iban_at(chunk: str, start: int) -> str | None:
+    """The IBAN starting at ``chunk[start]`` (single spaces allowed inside), if valid."""
+    length = _IBAN_LENGTHS.get(chunk[start : start + 2].upper())
+    if length is None:
+        return None
+    chars: list[str] = []
+    pos = start
+    while pos < len(chunk) and len(chars) < length:
+        ch = chunk[pos]
+        if ch != " ":
+            chars.append(ch)
+        pos += 1
+    if len(chars) != length or (pos < len(chunk) and chunk[pos] != " "):
+        return None
+    iban = "".join(chars).upper()
+    rearranged = iban[4:] + iban[:4]
+    try:
+        number = int("".join(str(int(c, 36)) for c in rearranged))
+    except ValueError:
+        return None
+    return iban if number % 97 == 1 else None
+
+
+def _find_iban(data: bytes) -> str | None:
+    for m in _IBAN_RUN_RE.finditer(data):
+        chunk = m.group().decode("ascii")
+        starts = [0] + [i + 1 for i, ch in enumerate(chunk) if ch == " "]
+        for start in starts:
+            head = chunk[start : start + 4]
+            if len(head) == 4 and head[:2].isalpha() and head[2:].isdigit():
+                iban = _iban_at(chunk, start)
+                if iban is not None:
+                    return f"{iban[:4]} {_stars(len(iban) - 6)} {iban[-2:]}"
+    return None
+
+
+_PK_HEADER = r"-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----"
+
+
+def _find_private_key(data: bytes) -> str | None:
+    for m in _PK_HEADER_RE.finditer(data):
+        end = m.end()
+        # Key material (a base64 run) follows, or the block is closed by its END line.
+        if _B64_RUN_RE.search(data, end, end + 600) is not None or b"-----END " in data[end:]:
+            return f"{m.group().decode('ascii')} [key material hidden]"
+    return None
+
+
+def _token_finder(pattern: str, prefixes: tuple[str, ...]) -> Callable[[bytes], str | None]:
+    def find(data: bytes) -> str | None:
+        m = compiled(pattern).search(data)
+        if m is None:
+            return None
+        token = m.group().decode("ascii")
+        prefix = next((p for p in prefixes if token.startswith(p)), "")
+        return _mask_token(token, prefix)
+
+    return find
+
+
+_JWT = r"\beyJ[A-Za-z0-9_-]{4,}={0,2}\.[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]*"
+
+
+def _find_jwt(data: bytes) -> str | None:
+    for m in _JWT_RE.finditer(data):
+        header_b64 = m.group().split(b".", 1)[0].rstrip(b"=")
+        try:
+            padded = header_b64 + b"=" * (-len(header_b64) % 4)
+            header = json.loads(base64.urlsafe_b64decode(padded))
+        except (ValueError, binascii.Error):
+            continue
+        if isinstance(header, dict) and isinstance(header.get("alg"), str):
+            alg = header["alg"]
+            alg = alg if alg.isalnum() and len(alg) <= 16 else "?"
+            return f"eyJ**** (JWT, alg={alg})"
+    return None
+
+
+_DIGIT_RUN_RE = compiled(_DIGIT_RUN)
+_IBAN_RUN_RE = compiled(_IBAN_RUN)
+_PK_HEADER_RE = compiled(_PK_HEADER)
+_B64_RUN_RE = compiled(r"[A-Za-z0-9+/=]{40,}")
+_JWT_RE = compiled(_JWT)
+
+_AWS = r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"
+_GITHUB = r"\b(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,255})\b"
+_SLACK = r"\bxox[abprs]-[A-Za-z0-9]+-[A-Za-z0-9-]{8,250}"
+
+
+@dataclass(frozen=True, slots=True)
+class Detector:
+    """A built-in detector: prefilter pattern, validator, and how a finding describes it."""
+
+    prefilter: str  # cheap RE2 pattern that every true hit matches
+    find: Callable[[bytes], str | None]  # validator: masked excerpt of the first real hit
+    what: str  # "it appears to contain ..."
+    secret: bool  # a credential: tell the sender to revoke it
+
+
+DETECTORS: Mapping[str, Detector] = {
+    "card": Detector(r"[0-9](?:[ -]?[0-9]){12}", _find_card, "a payment card number", secret=False),
+    "iban": Detector(_IBAN_PREFILTER, _find_iban, "a bank account number (IBAN)", False),
+    "us_ssn": Detector(
+        r"[0-9]{3}[ -][0-9]{2}[ -][0-9]{4}", _find_ssn, "a US social security number", False
+    ),
+    "private_key": Detector(_PK_HEADER, _find_private_key, "a private key", secret=True),
+    "aws_access_key": Detector(
+        _AWS, _token_finder(_AWS, ("AKIA", "ASIA")), "an AWS access key", secret=True
+    ),
+    "github_token": Detector(
+        _GITHUB,
+        _token_finder(_GITHUB, ("github_pat_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
+        "a GitHub token",
+        secret=True,
+    ),
+    "slack_token": Detector(
+        _SLACK,
+        _token_finder(_SLACK, ("xoxa-", "xoxb-", "xoxp-", "xoxr-", "xoxs-")),
+        "a Slack token",
+        secret=True,
+    ),
+    "jwt": Detector(_JWT, _find_jwt, "a JSON Web Token (a login credential)", secret=True),
+}
