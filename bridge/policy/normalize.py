@@ -33,7 +33,10 @@ from html.parser import HTMLParser
 
 import re2
 
-__all__ = ["clean", "fold", "html_to_text", "normalize"]
+from bridge.policy.bidi import display_order
+from bridge.policy.confusables import ascii_lookalikes
+
+__all__ = ["clean", "fold", "fold_literal", "html_to_text", "normalize"]
 
 # Characters that are invisible or that only steer rendering, beyond category Cf.
 _EXTRA_INVISIBLE: tuple[tuple[int, int], ...] = (
@@ -49,6 +52,7 @@ _EXTRA_INVISIBLE: tuple[tuple[int, int], ...] = (
 )
 # Blank-looking symbols that read as a space.
 _BLANKS = (0x2800,)  # braille pattern blank
+_SKELETON_SIZE = 0x20000
 # Dash-like characters outside category Pd that people type between digit groups.
 _EXTRA_DASHES = (0x02D7, 0x2043, 0x2212, 0x2796)  # modifier minus, hyphen bullet, minus signs
 
@@ -100,6 +104,38 @@ def _build_tables() -> tuple[dict[int, int | None], dict[int, None], list[int]]:
     return table, ascii_ctrl, marks
 
 
+def _skeleton_tables(
+    translate: dict[int, int | None], *, keep_punctuation: bool
+) -> tuple[list[int | str | None], bytes]:
+    """The :func:`fold` tables: a list indexed by code point (below U+20000), and ASCII bytes.
+
+    A list rather than a dict: ``str.translate`` pays for an exception on every character a
+    dict lacks, which made CJK text several times slower. Characters above the list (CJK
+    extensions, tags) are left as they are; :func:`clean` has already removed the invisibles.
+    """
+    lookalikes = ascii_lookalikes()
+    table: list[int | str | None] = list(range(_SKELETON_SIZE))
+    for cp in range(_SKELETON_SIZE):
+        ch = chr(cp)
+        cat = unicodedata.category(ch)
+        if cp in translate:  # invisibles dropped, digits to ASCII, dashes separate words
+            dash = translate[cp] == 0x2D and not keep_punctuation
+            table[cp] = 0x20 if dash else translate[cp]
+        elif cat in ("Mn", "Me", "Cf", "Cs", "Cc") and not ch.isspace():
+            table[cp] = None
+        elif ch.isspace() or cat[0] == "Z":
+            table[cp] = 0x20
+        elif cat[0] in "PS":
+            table[cp] = cp if keep_punctuation else 0x20
+        elif cp in lookalikes:
+            table[cp] = lookalikes[cp]
+        elif cp < 0x80:
+            table[cp] = ord(ch.lower())
+    ascii_table = bytes(t if isinstance(t, int) else 0x20 for t in table[:0x80])
+    ascii_table += bytes(range(0x80, 0x100))
+    return table, ascii_table
+
+
 def _re2(pattern: str) -> re2._Regexp:
     options = re2.Options()
     options.log_errors = False
@@ -107,6 +143,8 @@ def _re2(pattern: str) -> re2._Regexp:
 
 
 _TRANSLATE, _ASCII_CTRL, _MARKS = _build_tables()
+_SKELETON, _ASCII_SKELETON = _skeleton_tables(_TRANSLATE, keep_punctuation=False)
+_LITERAL, _ASCII_LITERAL = _skeleton_tables(_TRANSLATE, keep_punctuation=True)
 _HAS_ASCII_CTRL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 # RE2 scans a character class in a DFA; Python re is ~20x slower on large classes here.
 _HAS_TRANSLATED = _re2(
@@ -126,60 +164,6 @@ def _translate(text: str) -> str:
     return text.translate(_TRANSLATE)
 
 
-# Cyrillic and Greek letters that look like Latin ones. Only used inside words that mix
-# Latin with Cyrillic or Greek letters: real Russian, Ukrainian, Greek ... words never contain
-# Latin letters, so their text is left alone, and a keyword list in those scripts still
-# matches (keywords are normalized the same way).
-_LOOKALIKE_PAIRS = (
-    # Cyrillic
-    "\u0410A \u0430a \u0412B \u0432b \u0415E \u0435e \u0405S \u0455s \u0406I \u0456i "
-    "\u0408J \u0458j \u041aK \u043ak \u041cM \u043cm \u041dH \u043dh \u041eO \u043eo "
-    "\u0420P \u0440p \u0421C \u0441c \u0422T \u0442t \u0423Y \u0443y \u0425X \u0445x "
-    "\u04bah \u04bbh \u0501d \u051aQ \u051bq \u051cW \u051dw \u04c0l \u04cfl \u04aeY "
-    "\u04afy "
-    # Greek
-    "\u0391A \u03b1a \u0392B \u03b2b \u0395E \u03b5e \u0396Z \u03b6z \u0397H \u03b7n "
-    "\u0399I \u03b9i \u039aK \u03bak \u039cM \u03bcu \u039dN \u03bdv \u039fO \u03bfo "
-    "\u03a1P \u03c1p \u03a4T \u03c4t \u03a5Y \u03c5u \u03a7X \u03c7x"
-)
-
-
-def _lookalike_table() -> dict[int, int]:
-    table = {ord(pair[0]): ord(pair[1]) for pair in _LOOKALIKE_PAIRS.split()}
-    # Closed under case folding, so that fold() stays idempotent: a letter whose folded form
-    # is mapped is mapped too (to the same letter, case aside).
-    for cp in list(range(0x370, 0x400)) + list(range(0x400, 0x530)):
-        folded = chr(cp).casefold()
-        if cp not in table and len(folded) == 1 and ord(folded) in table:
-            table[cp] = table[ord(folded)]
-    return table
-
-
-_LOOKALIKES = _lookalike_table()
-# A Latin letter next to a Cyrillic or Greek one: the only texts that need a closer look.
-_MIXED_PAIR = _re2(r"\p{Latin}[\p{Cyrillic}\p{Greek}]|[\p{Cyrillic}\p{Greek}]\p{Latin}")
-_WORD_LETTERS = _re2(r"[\p{Latin}\p{Cyrillic}\p{Greek}]+")
-
-
-def _unmix_lookalikes(text: str) -> str:
-    """Map Cyrillic/Greek look-alikes to Latin inside words that mix the scripts."""
-    try:
-        if _MIXED_PAIR.search(text) is None:
-            return text
-    except UnicodeEncodeError:
-        return text
-    parts: list[str] = []
-    pos = 0
-    for m in _WORD_LETTERS.finditer(text):
-        word = m.group()
-        if _MIXED_PAIR.search(word) is not None:
-            parts.append(text[pos : m.start()])
-            parts.append(word.translate(_LOOKALIKES))
-            pos = m.end()
-    parts.append(text[pos:])
-    return "".join(parts)
-
-
 def _drop_marks_on_ascii(text: str) -> str:
     if text.isascii() or _MARKS_ON_ASCII.search(text) is None:
         return text
@@ -196,32 +180,48 @@ def clean(text: str) -> str:
         if _HAS_ASCII_CTRL.search(text) is not None:
             text = text.translate(_ASCII_CTRL)
         return " ".join(text.split())
-    text = _drop_marks_on_ascii(unicodedata.normalize("NFKC", _translate(text)))
+    text = _drop_marks_on_ascii(unicodedata.normalize("NFKC", _translate(display_order(text))))
     return " ".join(text.split())
+
+
+def _skeleton(cleaned: str, table: list[int | str | None], ascii_table: bytes) -> str:
+    if cleaned.isascii():
+        return " ".join(cleaned.encode("ascii").translate(ascii_table).decode("ascii").split())
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", cleaned).casefold())
+    return " ".join(text.translate(table).split())
 
 
 def fold(cleaned: str) -> str:
-    """Case-fold a :func:`clean` result; ``fold(clean(t)) == normalize(t)``."""
-    if cleaned.isascii():
-        return cleaned.lower()
-    text = _unmix_lookalikes(cleaned)
-    text = _drop_marks_on_ascii(unicodedata.normalize("NFKC", text.casefold()))
-    return " ".join(text.split())
+    """The skeleton of a :func:`clean` result; ``fold(clean(t)) == normalize(t)``.
+
+    Compatibility decomposition and case folding, combining marks removed, TR39 look-alikes
+    and other Latin letter variants folded to ASCII (:mod:`bridge.policy.confusables`), and
+    every run of punctuation, symbols and whitespace turned into one space.
+    """
+    return _skeleton(cleaned, _SKELETON, _ASCII_SKELETON)
+
+
+def fold_literal(cleaned: str) -> str:
+    """:func:`fold` with punctuation and symbols kept (only whitespace runs collapse).
+
+    For keywords whose punctuation is part of the word (``c++``, ``.env``).
+    """
+    return _skeleton(cleaned, _LITERAL, _ASCII_LITERAL)
 
 
 def normalize(text: str) -> str:
-    """Normalize text for keyword matching.
+    """The skeleton that keyword lists are compared on.
 
-    Unicode NFKC, case folding, invisible/format characters removed (category Cf, soft
-    hyphen, zero-width characters, variation selectors, combining grapheme joiner, hangul
-    fillers, control characters, lone surrogates), combining marks on ASCII characters
-    removed, whitespace runs collapsed to a single space, leading/trailing space stripped.
+    :func:`clean` (invisible and format characters removed, right-to-left overrides read in
+    display order, decimal digits and dashes to ASCII, NFKC), then :func:`fold`: NFKD, case
+    folding, combining marks removed, TR39 confusables and Latin letter variants folded to
+    ASCII, punctuation, symbols and whitespace runs collapsed to a single space, stripped.
     Idempotent and never raises on any ``str``.
     """
     if text.isascii():
         if _HAS_ASCII_CTRL.search(text) is not None:
             text = text.translate(_ASCII_CTRL)
-        return " ".join(text.lower().split())
+        return fold(text)
     return fold(clean(text))
 
 

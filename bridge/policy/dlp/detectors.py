@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -45,11 +46,21 @@ def luhn_valid(digits: str) -> bool:
 
 
 _DIGIT_RUN = r"[0-9]+(?:[ -][0-9]+)*"
+# Card numbers are written with any common separator between groups: a space, a dash, a dot
+# or a slash, alone or with spaces around it (``4111 - 1111``), up to three in a row.
+_CARD_SEPARATOR = r"(?: ?[-./]{1,3} ?| )"
+_CARD_RUN = rf"[0-9]+(?:{_CARD_SEPARATOR}[0-9]+)*"
+_NON_DIGITS = re.compile(rb"[^0-9]+")
 
 
 def _digit_groups(data: bytes) -> Iterable[list[bytes]]:
     for m in _DIGIT_RUN_RE.finditer(data):
         yield m.group().replace(b"-", b" ").split(b" ")
+
+
+def _card_groups(data: bytes) -> Iterable[list[bytes]]:
+    for m in _CARD_RUN_RE.finditer(data):
+        yield _NON_DIGITS.split(m.group())
 
 
 def _card_excerpt(digits: bytes) -> str | None:
@@ -63,7 +74,8 @@ def _card_excerpt(digits: bytes) -> str | None:
 def _find_card(data: bytes) -> str | None:
     """A Luhn-valid card number anywhere in a run of digit groups.
 
-    A run is digits with single spaces or dashes between groups (``qty 2 4111-1111-1111-1111``,
+    A run is digits with a separator between groups: a space, dash, dot or slash, alone or
+    spaced (``qty 2 4111-1111-1111-1111``, ``4111.1111.1111.1111``, ``4111 / 1111 / ...``,
     ``4111 1111 1111 1111 12/26``, ``5500 0000 0000 0004 123``). A card is
 
     * the whole run, if it has 13-19 digits in at most 5 groups (``4111 1111 1111 1111``,
@@ -81,7 +93,7 @@ def _find_card(data: bytes) -> str | None:
     card followed by more digits: a 17-19 digit number grouped by 4 whose first 16 digits
     pass Luhn is reported too (it reads like a card and a CVC).
     """
-    for groups in _digit_groups(data):
+    for groups in _card_groups(data):
         total = sum(map(len, groups))
         if total < 13:
             continue
@@ -229,6 +241,7 @@ def _find_jwt(data: bytes) -> str | None:
 
 
 _DIGIT_RUN_RE = compiled(_DIGIT_RUN)
+_CARD_RUN_RE = compiled(_CARD_RUN)
 _IBAN_RUN_RE = compiled(_IBAN_RUN)
 _PK_HEADER_RE = compiled(_PK_HEADER)
 _B64_RUN_RE = compiled(r"[A-Za-z0-9+/=]{40,}")
@@ -250,7 +263,9 @@ class Detector:
 
 
 DETECTORS: Mapping[str, Detector] = {
-    "card": Detector(r"[0-9](?:[ -]?[0-9]){12}", _find_card, "a payment card number", secret=False),
+    "card": Detector(
+        rf"[0-9](?:{_CARD_SEPARATOR}?[0-9]){{12}}", _find_card, "a payment card number", False
+    ),
     "iban": Detector(_IBAN_PREFILTER, _find_iban, "a bank account number (IBAN)", False),
     "us_ssn": Detector(
         r"[0-9]{3}[ -][0-9]{2}[ -][0-9]{4}", _find_ssn, "a US social security number", False

@@ -50,7 +50,7 @@ from bridge.policy.dlp.rules import DlpPolicy
 from bridge.policy.dlp.words import is_word
 from bridge.policy.extract import extract_texts
 from bridge.policy.model import ALLOW, Action, Finding, Verdict, server_name
-from bridge.policy.normalize import clean, fold, normalize
+from bridge.policy.normalize import clean, fold, fold_literal, normalize
 
 __all__ = ["CATEGORY", "DlpEngine"]
 
@@ -101,6 +101,17 @@ class _Rule:
         )
 
 
+def _automaton(entries: Mapping[str, list[_Entry]]) -> Any:
+    """One Aho-Corasick automaton over ``entries`` (None when there are none)."""
+    if not entries:
+        return None
+    automaton = ahocorasick.Automaton()
+    for norm, bucket in entries.items():
+        automaton.add_word(norm, tuple(bucket))
+    automaton.make_automaton()
+    return automaton
+
+
 class DlpEngine:
     """A :class:`DlpPolicy` compiled for fast scanning. Immutable once built; thread-safe."""
 
@@ -110,6 +121,7 @@ class DlpEngine:
         "_exempt_rooms",
         "_exempt_servers",
         "_exempt_users",
+        "_literal_automaton",
         "_regex_rules",
         "_regex_set",
         "_regexes",
@@ -123,6 +135,7 @@ class DlpEngine:
         self.policy = DlpPolicy()
         self._rules: list[_Rule] = []
         self._automaton: Any = None
+        self._literal_automaton: Any = None
         self._regexes: list[re2._Regexp] = []
         self._regex_rules: list[int] = []
         self._regex_set: Any = None
@@ -155,7 +168,11 @@ class DlpEngine:
             engine._rules.append(rule)
             return len(engine._rules) - 1
 
+        # Keywords that begin and end with a word character are compared on the skeleton in
+        # which any run of punctuation, symbols and spaces is one separator; the few whose
+        # punctuation is part of them (``c++``, ``.env``) on the skeleton that keeps it.
         entries: dict[str, list[_Entry]] = {}
+        literal_entries: dict[str, list[_Entry]] = {}
         for klist in policy.keyword_lists:
             index = add_rule(
                 _Rule(
@@ -166,7 +183,11 @@ class DlpEngine:
                 )
             )
             for position, keyword in enumerate(klist.keywords):
-                norm = normalize(keyword)
+                literal = fold_literal(clean(keyword))
+                if is_word(literal[:1]) and is_word(literal[-1:]):
+                    norm, target = normalize(keyword), entries
+                else:
+                    norm, target = literal, literal_entries
                 if not norm:
                     raise ValueError(
                         f"keyword list {klist.name!r}: keyword #{position + 1} ({keyword!r}) is"
@@ -175,15 +196,11 @@ class DlpEngine:
                 whole = klist.whole_word
                 left, right = whole and is_word(norm[0]), whole and is_word(norm[-1])
                 entry = (index, len(norm), left, right)
-                bucket = entries.setdefault(norm, [])
+                bucket = target.setdefault(norm, [])
                 if not any(e[0] == index for e in bucket):
                     bucket.append(entry)
-        if entries:
-            automaton = ahocorasick.Automaton()
-            for norm, bucket in entries.items():
-                automaton.add_word(norm, tuple(bucket))
-            automaton.make_automaton()
-            engine._automaton = automaton
+        engine._automaton = _automaton(entries)
+        engine._literal_automaton = _automaton(literal_entries)
 
         if len(policy.regex_rules) > MAX_REGEX_RULES:
             raise ValueError(
@@ -294,7 +311,9 @@ class DlpEngine:
             if not cleaned:
                 continue
             if self._automaton is not None:
-                self._scan_keywords(fold(cleaned), found)
+                self._scan_keywords(self._automaton, fold(cleaned), found)
+            if self._literal_automaton is not None:
+                self._scan_keywords(self._literal_automaton, fold_literal(cleaned), found)
             if self._regexes:
                 self._scan_regexes(cleaned, found, excerpt_searches)
                 if raw != cleaned:
@@ -305,9 +324,10 @@ class DlpEngine:
             return ()
         return tuple(self._rules[i].finding(found[i]) for i in sorted(found))
 
-    def _scan_keywords(self, text: str, found: dict[int, str]) -> None:
+    @staticmethod
+    def _scan_keywords(automaton: Any, text: str, found: dict[int, str]) -> None:
         last = len(text) - 1
-        for end, bucket in self._automaton.iter(text):
+        for end, bucket in automaton.iter(text):
             for index, length, left, right in bucket:
                 if index in found:
                     continue

@@ -133,7 +133,8 @@ def test_extensible_media_caption(key: str) -> None:
         "m.file": {"url": "mxc://x/y", "name": "report.pdf"},
         key: {"m.text": [{"body": "the <b>Falcon</b> numbers", "mimetype": "text/html"}]},
     }
-    assert extract_texts(ev("m.file", content)) == ["the Falcon numbers"]
+    # The file name inside ``m.file`` is text too (every string value is read).
+    assert extract_texts(ev("m.file", content)) == ["the Falcon numbers", "report.pdf"]
     bare = {key: [{"body": "bare caption"}]}
     assert extract_texts(ev("m.image", bare)) == ["bare caption"]
 
@@ -159,12 +160,23 @@ def test_reaction_key() -> None:
     ("etype", "content"),
     [
         ("m.room.encrypted", {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgA"}),
-        ("m.room.canonical_alias", {"alias": "#secret:x.org"}),
+        ("m.room.canonical_alias", {"alias": "#secret:x.org", "alt_aliases": ["#a:x.org"]}),
         ("m.room.pinned_events", {"pinned": ["$secret"]}),
         ("m.room.message", "not a dict"),
         ("m.room.message", None),
-        ("m.room.message", {"body": 42, "formatted_body": ["x"], "filename": {"a": 1}}),
         ("m.room.name", {"name": None}),
+        ("m.reaction", {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$e"}}),
+        ("m.sticker", {"url": "mxc://x/y", "info": {"mimetype": "image/png", "w": 5}}),
+    ],
+)
+def test_yields_nothing_for_identifiers_or_no_text(etype: str, content: Any) -> None:
+    assert extract_texts(ev(etype, content)) == []
+
+
+@pytest.mark.parametrize(
+    ("etype", "content"),
+    [
+        ("m.room.message", {"body": 42, "formatted_body": ["x"], "filename": {"a": 1}}),
         ("m.reaction", {"m.relates_to": "x"}),
         ("m.poll.start", {"m.poll.start": {"question": 5, "answers": "nope"}}),
         ("m.poll.start", {"m.poll.start": {"answers": [None, 3, {"m.text": "x"}]}}),
@@ -172,9 +184,11 @@ def test_reaction_key() -> None:
         ("m.file", {"m.caption": {"m.text": 7}, "org.matrix.msc3488.location": [1]}),
     ],
 )
-def test_yields_nothing_for_unscanned_or_malformed(etype: str, content: Any) -> None:
+def test_malformed_fields_are_still_read_as_plain_strings(etype: str, content: Any) -> None:
+    # A field of an unexpected shape is not parsed, but every string in it is still scanned.
     texts = extract_texts(ev(etype, content))
-    assert texts in ([], ["x"])
+    assert set(texts) <= {"x", "y", "nope"}
+    assert set(texts) == {v for v in ("x", "y", "nope") if repr(v) in repr(content)}
 
 
 @pytest.mark.parametrize("event", [None, 3, "str", [], {}, {"type": 5, "content": {"body": "x"}}])
