@@ -27,7 +27,10 @@ MAX_DEPTH = 16
 _OPENERS = frozenset({RLO, LRO, RLE, LRE, RLI, LRI, FSI})
 _ISOLATES = frozenset({RLI, LRI, FSI})
 # Controls and paragraph separators: the only places where the state changes.
-_SPLIT = re.compile("([\u202a-\u202e\u2066-\u2069\n\r\u2029\x1c-\x1e\x85])")
+_STATE_CHANGES = frozenset(
+    "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\n\r\u2029\x1c\x1d\x1e\x85"
+)
+_SPLIT = re.compile("([" + "".join(sorted(_STATE_CHANGES)) + "])")
 
 
 class _Run:
@@ -54,17 +57,20 @@ def display_order(text: str) -> str:
     if RLO not in text:
         return text
     stack = [_Run("")]
+    top = stack[0]
     for piece in _SPLIT.split(text):
-        if not piece:
-            continue
-        top = stack[-1]
-        if piece in _OPENERS:
+        if len(piece) != 1 or piece not in _STATE_CHANGES:  # text (the common case)
+            if piece:
+                top.parts.append(piece[::-1] if top.kind == RLO else piece)
+        elif piece in _OPENERS:
             if len(stack) <= MAX_DEPTH:
-                stack.append(_Run(piece))
+                top = _Run(piece)
+                stack.append(top)
         elif piece == PDF:
             if len(stack) > 1 and top.kind not in _ISOLATES:
                 stack.pop()
                 stack[-1].parts.append(top.close())
+                top = stack[-1]
         elif piece == PDI:
             # Closes the innermost isolate and every override or embedding opened inside it.
             if any(run.kind in _ISOLATES for run in stack[1:]):
@@ -73,13 +79,13 @@ def display_order(text: str) -> str:
                     stack[-1].parts.append(run.close())
                     if run.kind in _ISOLATES:
                         break
-        elif len(piece) == 1 and _SPLIT.fullmatch(piece):  # paragraph end: close everything
+                top = stack[-1]
+        else:  # paragraph end: close everything
             while len(stack) > 1:
                 run = stack.pop()
                 stack[-1].parts.append(run.close())
-            stack[0].parts.append(piece)
-        else:
-            top.parts.append(piece[::-1] if top.kind == RLO else piece)
+            top = stack[0]
+            top.parts.append(piece)
     while len(stack) > 1:
         run = stack.pop()
         stack[-1].parts.append(run.close())

@@ -68,17 +68,21 @@ _USER_ID = re.compile(r"@[^\s:]+:[^\s]+")  # state keys of per-user state (beaco
 class _Collector:
     """Accumulates distinct texts up to a character budget."""
 
-    __slots__ = ("budget", "nodes", "seen", "texts")
+    __slots__ = ("budget", "nodes", "read", "seen", "texts")
 
     def __init__(self, budget: int) -> None:
         self.texts: list[str] = []
         self.seen: set[str] = set()
+        self.read: set[int] = set()  # ids of the event's strings already read (no HTML twice)
         self.budget = budget
         self.nodes = MAX_NODES
 
     def add(self, value: object, *, html: bool = False) -> None:
         if not isinstance(value, str) or not value or self.budget <= 0:
             return
+        if id(value) in self.read:
+            return
+        self.read.add(id(value))
         if html:
             value = html_to_text(value[: self.budget * 4])  # markup shrinks; bound the parse
             if not value:

@@ -268,6 +268,30 @@ class _TextExtractor(HTMLParser):
 
 
 _TAG = re.compile(r"<[^>]*>?")
+#: Markup longer than this is reduced by regular expressions (linear, in C) instead of the
+#: stdlib parser, which costs about a microsecond per tag in Python.
+FAST_HTML_CHARS = 4096
+_BLOCK_TAG = re.compile(
+    r"</?(?:" + "|".join(sorted(_BLOCK_TAGS, key=len, reverse=True)) + r")(?![\w-])[^>]*>?",
+    re.IGNORECASE,
+)
+_TEXT_ATTR = re.compile(
+    r"""(?<![\w-])(?:href|alt|title)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""",
+    re.IGNORECASE,
+)
+
+
+def _fast_html_to_text(markup: str) -> str:
+    """:func:`html_to_text` for long markup: the same rules, applied by regular expressions."""
+    attrs = [
+        "".join(groups)
+        for groups in _TEXT_ATTR.findall(" ".join(_TAG.findall(markup)))
+        if "".join(groups)
+    ]
+    text = _TAG.sub("", _BLOCK_TAG.sub(" ", markup))
+    if attrs:
+        text = text + " " + " ".join(attrs)
+    return html.unescape(text).strip()
 
 
 def html_to_text(markup: str) -> str:
@@ -284,6 +308,8 @@ def html_to_text(markup: str) -> str:
         return ""
     if "<" not in markup:
         return html.unescape(markup) if "&" in markup else markup
+    if len(markup) > FAST_HTML_CHARS:
+        return _fast_html_to_text(markup)
     parser = _TextExtractor()
     try:
         parser.feed(markup)

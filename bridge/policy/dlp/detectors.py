@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 
 from bridge.policy.dlp.regex import compiled
 
@@ -33,16 +34,20 @@ def _mask_token(token: str, prefix: str) -> str:
     return f"{prefix}{'*' * 8}" if token.startswith(prefix) else "*" * 8
 
 
-_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+# Each digit replaced by the digit sum of its double (Luhn's every-second-digit step).
+_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")
+_VALUES = bytes.maketrans(b"0123456789", bytes(range(10)))
+_DOUBLED_VALUES = bytes.maketrans(b"0123456789", bytes((0, 2, 4, 6, 8, 1, 3, 5, 7, 9)))
+
+
+def _luhn(digits: bytes) -> bool:
+    rev = digits[::-1]
+    return (sum(rev[0::2]) + sum(rev[1::2].translate(_DOUBLED)) - 48 * len(digits)) % 10 == 0
 
 
 def luhn_valid(digits: str) -> bool:
     """Luhn checksum of an ASCII digit string."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        total += _DOUBLED[d] if i & 1 else d
-    return total % 10 == 0
+    return _luhn(digits.encode("ascii"))
 
 
 _DIGIT_RUN = r"[0-9]+(?:[ -][0-9]+)*"
@@ -50,7 +55,7 @@ _DIGIT_RUN = r"[0-9]+(?:[ -][0-9]+)*"
 # or a slash, alone or with spaces around it (``4111 - 1111``), up to three in a row.
 _CARD_SEPARATOR = r"(?: ?[-./]{1,3} ?| )"
 _CARD_RUN = rf"[0-9]+(?:{_CARD_SEPARATOR}[0-9]+)*"
-_NON_DIGITS = re.compile(rb"[^0-9]+")
+_SEPARATORS = re.compile(rb"([^0-9]+)")
 
 
 def _digit_groups(data: bytes) -> Iterable[list[bytes]]:
@@ -58,15 +63,31 @@ def _digit_groups(data: bytes) -> Iterable[list[bytes]]:
         yield m.group().replace(b"-", b" ").split(b" ")
 
 
-def _card_groups(data: bytes) -> Iterable[list[bytes]]:
+# Separator kinds: spaces and dashes are one kind (``4111 1111-1111 1111`` is a card, as it
+# always was); a dot or a slash must separate every group of a card (``4111.1111.1111.1111``)
+# so that phone numbers such as ``0171/4780-890`` next to others do not form one.
+_SEPARATOR_KIND = bytes.maketrans(b" -./", b"  ./")
+
+
+def _card_groups(data: bytes) -> Iterable[tuple[list[bytes], list[bytes]]]:
+    """Each run of digit groups: its groups and the kinds of the separators between them."""
     for m in _CARD_RUN_RE.finditer(data):
-        yield _NON_DIGITS.split(m.group())
+        parts = _SEPARATORS.split(m.group())
+        kinds = [sep.translate(_SEPARATOR_KIND).strip() or b" " for sep in parts[1::2]]
+        yield parts[0::2], kinds
 
 
-def _card_excerpt(digits: bytes) -> str | None:
+def _one_kind(kinds: list[bytes]) -> bool:
+    return not kinds or kinds.count(kinds[0]) == len(kinds)
+
+
+def _card_excerpt(digits: bytes, tried: set[bytes]) -> str | None:
     n = len(digits)
-    text = digits.decode("ascii")
-    if 13 <= n <= 19 and luhn_valid(text) and text.count(text[0]) != n:
+    if n < 13 or n > 19 or digits in tried:
+        return None
+    tried.add(digits)  # a run repeating one number is checked once
+    if _luhn(digits) and digits.count(digits[:1]) != n:
+        text = digits.decode("ascii")
         return f"{text[:4]} {_stars(n - 8)} {text[-4:]}"
     return None
 
@@ -93,43 +114,94 @@ def _find_card(data: bytes) -> str | None:
     card followed by more digits: a 17-19 digit number grouped by 4 whose first 16 digits
     pass Luhn is reported too (it reads like a card and a CVC).
     """
-    for groups in _card_groups(data):
-        total = sum(map(len, groups))
+    tried: set[bytes] = set()
+    for groups, kinds in _card_groups(data):
+        sizes = list(map(len, groups))
+        total = sum(sizes)
         if total < 13:
             continue
         count = len(groups)
-        if total <= 19 and (count <= 5 or len({len(g) for g in groups[:-1]}) == 1):
-            excerpt = _card_excerpt(b"".join(groups))
+        if total <= 19 and (count <= 5 or len(set(sizes[:-1])) == 1) and _one_kind(kinds):
+            excerpt = _card_excerpt(b"".join(groups), tried)
             if excerpt is not None:
                 return excerpt
         if count == 1:
             continue
-        for i, first in enumerate(groups):
-            size = len(first)
-            if size != 4:
-                if 13 <= size <= 19:
-                    excerpt = _card_excerpt(first)
-                    if excerpt is not None:
-                        return excerpt
-                continue
-            # Longest first: a 19-digit card written 4-4-4-4-3 reads like a 16-digit card
-            # and a CVC; both are tried.
-            candidates = []
-            digits = first
-            for j in range(i + 1, count):
-                group = groups[j]
-                digits += group
-                if len(digits) > 19:
-                    break
-                if len(digits) >= 13 and 3 <= len(group) <= 6:
-                    candidates.append(digits)
-                if len(group) not in (4, 6):  # only the last group has another length
-                    break
-            for digits in reversed(candidates):
-                excerpt = _card_excerpt(digits)
-                if excerpt is not None:
-                    return excerpt
+        windows = _LuhnWindows(b"".join(groups))
+        offsets = list(accumulate(sizes, initial=0))
+        shape = bytes(size if size < 255 else 255 for size in sizes)
+        for m in _LONE_CARD_GROUP.finditer(shape):
+            excerpt = _card_excerpt(groups[m.start()], tried)
+            if excerpt is not None:
+                return excerpt
+        # (start, -length) of every card-shaped window whose Luhn sum passes: the first
+        # start wins and, there, the longest (a 19-digit card written 4-4-4-4-3 reads like
+        # a 16-digit card and a CVC; both are tried).
+        passing: list[tuple[int, int, int]] = []
+        for pattern in _CARD_SHAPES:
+            for m in pattern.finditer(shape):
+                i = m.start()
+                start, end = offsets[i], offsets[i + len(m.group(1))]
+                if windows.passes(start, end) and _one_kind(kinds[i : i + len(m.group(1)) - 1]):
+                    passing.append((start, start - end, end))
+        for start, _, end in sorted(passing):
+            excerpt = _card_excerpt(windows.digits[start:end], tried)
+            if excerpt is not None:
+                return excerpt
     return None
+
+
+def _card_shapes() -> list[re.Pattern[bytes]]:
+    """Group lengths that consecutive groups of a card have: one overlapping pattern each.
+
+    A first group of 4 digits, middle groups of 4 or 6, a last group of 3-6, 13-19 digits.
+    """
+    shapes: list[tuple[int, ...]] = []
+    todo: list[tuple[int, ...]] = [(4,)]
+    while todo:
+        head = todo.pop()
+        for last in range(3, 7):
+            if 13 <= sum(head) + last <= 19:
+                shapes.append((*head, last))
+        for middle in (4, 6):
+            if sum(head) + middle + 3 <= 19:
+                todo.append((*head, middle))
+    return [re.compile(b"(?=(" + re.escape(bytes(shape)) + b"))") for shape in set(shapes)]
+
+
+_CARD_SHAPES = _card_shapes()
+# A group of 13-19 digits on its own, written without separators.
+_LONE_CARD_GROUP = re.compile(b"[\x0d-\x13]")
+
+
+class _LuhnWindows:
+    """Luhn sums of any slice of a digit string in O(1), after one linear pass in C.
+
+    Checking every window of a long run of digit groups one by one cost a Python loop per
+    digit; a crafted 64 KiB run of groups took 25 ms. Which digits Luhn doubles depends only
+    on the parity of their distance to the window's end, so two prefix sums (one per parity)
+    answer every window.
+    """
+
+    __slots__ = ("digits", "sums")
+
+    def __init__(self, digits: bytes) -> None:
+        self.digits = digits
+        plain = digits.translate(_VALUES)
+        doubled = digits.translate(_DOUBLED_VALUES)
+        even_plain = bytearray(plain)  # windows ending on an even position
+        even_plain[1::2] = doubled[1::2]
+        odd_plain = bytearray(doubled)  # windows ending on an odd position
+        odd_plain[1::2] = plain[1::2]
+        self.sums = (
+            list(accumulate(even_plain, initial=0)),
+            list(accumulate(odd_plain, initial=0)),
+        )
+
+    def passes(self, start: int, end: int) -> bool:
+        """Whether ``digits[start:end]`` passes the Luhn check."""
+        sums = self.sums[(end - 1) & 1]
+        return (sums[end] - sums[start]) % 10 == 0
 
 
 def _find_ssn(data: bytes) -> str | None:
@@ -162,39 +234,45 @@ _IBAN_RUN = r"\b[A-Za-z]{2}[0-9]{2}(?: ?[A-Za-z0-9])+"
 _IBAN_PREFILTER = r"\b[A-Za-z]{2}[0-9]{2}(?: ?[A-Za-z0-9]){11}"
 
 
-def _iban_at(chunk: str, start: int) -> str | None:
-    """The IBAN starting at ``chunk[start]`` (single spaces allowed inside), if valid."""
-    length = _IBAN_LENGTHS.get(chunk[start : start + 2].upper())
-    if length is None:
-        return None
-    chars: list[str] = []
-    pos = start
-    while pos < len(chunk) and len(chars) < length:
-        ch = chunk[pos]
-        if ch != " ":
-            chars.append(ch)
-        pos += 1
-    if len(chars) != length or (pos < len(chunk) and chunk[pos] != " "):
-        return None
-    iban = "".join(chars).upper()
-    rearranged = iban[4:] + iban[:4]
-    try:
-        number = int("".join(str(int(c, 36)) for c in rearranged))
-    except ValueError:
-        return None
-    return iban if number % 97 == 1 else None
+# Letters to their mod-97 values ("A" -> "10" ... "Z" -> "35"); digits stay.
+_IBAN_DIGITS = {ord(c): str(10 + i) for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ")}
+
+
+def _iban_valid(iban: str) -> bool:
+    return int((iban[4:] + iban[:4]).translate(_IBAN_DIGITS)) % 97 == 1
 
 
 def _find_iban(data: bytes) -> str | None:
+    """A valid IBAN (single spaces allowed inside) starting and ending at a group boundary.
+
+    Each group of a run is a possible start; the end is found from the running total of
+    group lengths, so a run of many look-alike groups costs one lookup per group.
+    """
+    tried: set[str] = set()
     for m in _IBAN_RUN_RE.finditer(data):
-        chunk = m.group().decode("ascii")
-        starts = [0] + [i + 1 for i, ch in enumerate(chunk) if ch == " "]
-        for start in starts:
-            head = chunk[start : start + 4]
-            if len(head) == 4 and head[:2].isalpha() and head[2:].isdigit():
-                iban = _iban_at(chunk, start)
-                if iban is not None:
-                    return f"{iban[:4]} {_stars(len(iban) - 6)} {iban[-2:]}"
+        tokens = m.group().decode("ascii").split(" ")
+        ends: dict[int, int] = {}
+        total = 0
+        for k, token in enumerate(tokens):
+            ends[total] = k
+            total += len(token)
+        ends[total] = len(tokens)
+        offset = 0
+        for i, token in enumerate(tokens):
+            start, offset = offset, offset + len(token)
+            head = token[:4]
+            if len(head) != 4 or not head[:2].isalpha() or not head[2:].isdigit():
+                continue
+            length = _IBAN_LENGTHS.get(head[:2].upper())
+            end = None if length is None else ends.get(start + length)
+            if end is None:
+                continue
+            iban = "".join(tokens[i:end]).upper()
+            if iban in tried:
+                continue
+            tried.add(iban)
+            if _iban_valid(iban):
+                return f"{iban[:4]} {_stars(len(iban) - 6)} {iban[-2:]}"
     return None
 
 
@@ -226,11 +304,19 @@ _JWT = r"\beyJ[A-Za-z0-9_-]{4,}={0,2}\.[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]*"
 
 
 def _find_jwt(data: bytes) -> str | None:
+    tried: set[bytes] = set()
     for m in _JWT_RE.finditer(data):
         header_b64 = m.group().split(b".", 1)[0].rstrip(b"=")
+        if header_b64 in tried:
+            continue
+        tried.add(header_b64)
         try:
             padded = header_b64 + b"=" * (-len(header_b64) % 4)
-            header = json.loads(base64.urlsafe_b64decode(padded))
+            raw = base64.urlsafe_b64decode(padded)
+            # Cheap tests first: a header is a JSON object naming its algorithm.
+            if not raw.rstrip().endswith(b"}") or b'"alg"' not in raw:
+                continue
+            header = json.loads(raw)
         except (ValueError, binascii.Error):
             continue
         if isinstance(header, dict) and isinstance(header.get("alg"), str):
