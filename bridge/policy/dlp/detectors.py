@@ -50,17 +50,11 @@ def luhn_valid(digits: str) -> bool:
     return _luhn(digits.encode("ascii"))
 
 
-_DIGIT_RUN = r"[0-9]+(?:[ -][0-9]+)*"
 # Card numbers are written with any common separator between groups: a space, a dash, a dot
 # or a slash, alone or with spaces around it (``4111 - 1111``), up to three in a row.
 _CARD_SEPARATOR = r"(?: ?[-./]{1,3} ?| )"
 _CARD_RUN = rf"[0-9]+(?:{_CARD_SEPARATOR}[0-9]+)*"
 _SEPARATORS = re.compile(rb"([^0-9]+)")
-
-
-def _digit_groups(data: bytes) -> Iterable[list[bytes]]:
-    for m in _DIGIT_RUN_RE.finditer(data):
-        yield m.group().replace(b"-", b" ").split(b" ")
 
 
 # Separator kinds: spaces and dashes are one kind (``4111 1111-1111 1111`` is a card, as it
@@ -70,15 +64,16 @@ _SEPARATOR_KIND = bytes.maketrans(b" -./", b"  ./")
 
 
 def _card_groups(data: bytes) -> Iterable[tuple[list[bytes], list[bytes]]]:
-    """Each run of digit groups: its groups and the kinds of the separators between them."""
+    """Each run of digit groups: its groups and the separators between them."""
     for m in _CARD_RUN_RE.finditer(data):
         parts = _SEPARATORS.split(m.group())
-        kinds = [sep.translate(_SEPARATOR_KIND).strip() or b" " for sep in parts[1::2]]
-        yield parts[0::2], kinds
+        yield parts[0::2], parts[1::2]
 
 
-def _one_kind(kinds: list[bytes]) -> bool:
-    return not kinds or kinds.count(kinds[0]) == len(kinds)
+def _one_kind(separators: list[bytes]) -> bool:
+    """Whether ``separators`` are all of one kind (spaces and dashes count as one)."""
+    kinds = {sep.translate(_SEPARATOR_KIND).strip() or b" " for sep in separators}
+    return len(kinds) <= 1
 
 
 def _card_excerpt(digits: bytes, tried: set[bytes]) -> str | None:
@@ -115,21 +110,22 @@ def _find_card(data: bytes) -> str | None:
     pass Luhn is reported too (it reads like a card and a CVC).
     """
     tried: set[bytes] = set()
-    for groups, kinds in _card_groups(data):
+    for groups, separators in _card_groups(data):
         sizes = list(map(len, groups))
         total = sum(sizes)
         if total < 13:
             continue
         count = len(groups)
-        if total <= 19 and (count <= 5 or len(set(sizes[:-1])) == 1) and _one_kind(kinds):
+        if total <= 19 and (count <= 5 or len(set(sizes[:-1])) == 1) and _one_kind(separators):
             excerpt = _card_excerpt(b"".join(groups), tried)
             if excerpt is not None:
                 return excerpt
         if count == 1:
             continue
-        windows = _LuhnWindows(b"".join(groups))
-        offsets = list(accumulate(sizes, initial=0))
-        shape = bytes(size if size < 255 else 255 for size in sizes)
+        try:
+            shape = bytes(sizes)  # one byte per group, its length, for the shape patterns
+        except ValueError:  # a group of 256 digits or more
+            shape = bytes(size if size < 255 else 255 for size in sizes)
         for m in _LONE_CARD_GROUP.finditer(shape):
             excerpt = _card_excerpt(groups[m.start()], tried)
             if excerpt is not None:
@@ -138,12 +134,25 @@ def _find_card(data: bytes) -> str | None:
         # start wins and, there, the longest (a 19-digit card written 4-4-4-4-3 reads like
         # a 16-digit card and a CVC; both are tried).
         passing: list[tuple[int, int, int]] = []
-        for pattern in _CARD_SHAPES:
+        windows: _LuhnWindows | None = None
+        offsets: list[int] = []
+        for literal, pattern in _CARD_SHAPES:
+            if literal not in shape:  # a quick test in C; most shapes are absent
+                continue
+            if windows is None:  # built for the first card-shaped window
+                windows = _LuhnWindows(b"".join(groups))
+                offsets = list(accumulate(sizes, initial=0))
+            ends_even, ends_odd = windows.sums
+            n = len(literal)
+            # The hot loop of a crafted run of 4-digit groups: kept to a few operations.
             for m in pattern.finditer(shape):
                 i = m.start()
-                start, end = offsets[i], offsets[i + len(m.group(1))]
-                if windows.passes(start, end) and _one_kind(kinds[i : i + len(m.group(1)) - 1]):
+                start, end = offsets[i], offsets[i + n]
+                sums = ends_odd if end & 1 == 0 else ends_even
+                if (sums[end] - sums[start]) % 10 == 0 and _one_kind(separators[i : i + n - 1]):
                     passing.append((start, start - end, end))
+        if windows is None:
+            continue
         for start, _, end in sorted(passing):
             excerpt = _card_excerpt(windows.digits[start:end], tried)
             if excerpt is not None:
@@ -151,7 +160,7 @@ def _find_card(data: bytes) -> str | None:
     return None
 
 
-def _card_shapes() -> list[re.Pattern[bytes]]:
+def _card_shapes() -> list[tuple[bytes, re.Pattern[bytes]]]:
     """Group lengths that consecutive groups of a card have: one overlapping pattern each.
 
     A first group of 4 digits, middle groups of 4 or 6, a last group of 3-6, 13-19 digits.
@@ -166,7 +175,10 @@ def _card_shapes() -> list[re.Pattern[bytes]]:
         for middle in (4, 6):
             if sum(head) + middle + 3 <= 19:
                 todo.append((*head, middle))
-    return [re.compile(b"(?=(" + re.escape(bytes(shape)) + b"))") for shape in set(shapes)]
+    return [
+        (bytes(shape), re.compile(b"(?=(" + re.escape(bytes(shape)) + b"))"))
+        for shape in sorted(set(shapes))
+    ]
 
 
 _CARD_SHAPES = _card_shapes()
@@ -198,24 +210,21 @@ class _LuhnWindows:
             list(accumulate(odd_plain, initial=0)),
         )
 
-    def passes(self, start: int, end: int) -> bool:
-        """Whether ``digits[start:end]`` passes the Luhn check."""
-        sums = self.sums[(end - 1) & 1]
-        return (sums[end] - sums[start]) % 10 == 0
-
 
 def _find_ssn(data: bytes) -> str | None:
-    for groups in _digit_groups(data):
-        for i in range(len(groups) - 2):
-            area, group, serial = groups[i], groups[i + 1], groups[i + 2]
-            if len(area) != 3 or len(group) != 2 or len(serial) != 4:
-                continue
-            if area in (b"000", b"666") or area[:1] == b"9":
-                continue
-            if group == b"00" or serial == b"0000":
-                continue
-            return f"***-**-{serial.decode('ascii')}"
+    """Three whole groups of 3, 2 and 4 digits (space or dash between) in the valid ranges."""
+    for m in _SSN_RE.finditer(data):
+        area, group, serial = m.groups()
+        if area in (b"000", b"666") or area[:1] == b"9":
+            continue
+        if group == b"00" or serial == b"0000":
+            continue
+        return f"***-**-{serial.decode('ascii')}"
     return None
+
+
+# Whole groups: no digit just before or after (two candidates can never overlap).
+_SSN_RE = re.compile(rb"(?<![0-9])([0-9]{3})[ -]([0-9]{2})[ -]([0-9]{4})(?![0-9])")
 
 
 _IBAN_LENGTHS: dict[str, int] = {
@@ -326,7 +335,6 @@ def _find_jwt(data: bytes) -> str | None:
     return None
 
 
-_DIGIT_RUN_RE = compiled(_DIGIT_RUN)
 _CARD_RUN_RE = compiled(_CARD_RUN)
 _IBAN_RUN_RE = compiled(_IBAN_RUN)
 _PK_HEADER_RE = compiled(_PK_HEADER)

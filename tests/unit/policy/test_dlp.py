@@ -761,3 +761,76 @@ def test_engine_never_raises_on_arbitrary_events(event: Any) -> None:
 @settings(max_examples=300)
 def test_engine_never_raises_on_arbitrary_content(etype: str, content: Any) -> None:
     assert isinstance(FULL.check({"type": etype, "sender": "@a:b", "content": content}), Verdict)
+
+
+# --- separators, windows and long inputs -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "4111.1111.1111.1111",
+        "4111/1111/1111/1111",
+        "4111 - 1111 - 1111 - 1111",
+        "4111 / 1111 / 1111 / 1111 exp 12/26",
+        "4111 . 1111 . 1111 . 1111",
+        "4111--1111--1111--1111",
+        "ref 7 4111.1111.1111.1111 ok",
+    ],
+)
+def test_cards_with_any_common_separator(text: str) -> None:
+    assert "detector:card" in rules(FULL.scan([text]))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "+81-93-1973-3373 0171/4780-890",  # two phone numbers side by side
+        "+44 20 7326 9936 0529/7893-179",
+        "192.168.100.200 10.20.30.40 172.16.254.1",
+        "2024.01.15 2025/02/16 12.04.2026",
+        "v1.2.3.4.5.6.7.8.9.10.11.12.13",
+    ],
+)
+def test_numbers_joined_by_mixed_separators_are_not_cards(text: str) -> None:
+    assert "detector:card" not in rules(FULL.scan([text]))
+
+
+@given(st.text(alphabet="0123456789", min_size=1, max_size=40), st.data())
+def test_luhn_windows_agree_with_luhn(digits: str, data: st.DataObject) -> None:
+    from bridge.policy.dlp.detectors import _LuhnWindows
+
+    windows = _LuhnWindows(digits.encode())
+    start = data.draw(st.integers(0, len(digits) - 1))
+    end = data.draw(st.integers(start + 1, len(digits)))
+    sums = windows.sums[(end - 1) & 1]
+    assert ((sums[end] - sums[start]) % 10 == 0) == luhn_valid(digits[start:end])
+
+
+tag_soup = st.lists(
+    st.sampled_from(
+        ["<b>", "</b>", "<p>", "</p>", "<br>", "<br/>", "x", "y z", "&amp;", "<li>", "</li>",
+         '<a href="u">', "</a>", '<img alt="t">', "<code>", "</code>", "<mx-reply>"]
+    )
+)  # fmt: skip
+
+
+@given(tag_soup)
+def test_long_html_is_reduced_like_short_html(parts: list[str]) -> None:
+    from bridge.policy.normalize import _fast_html_to_text, html_to_text, normalize
+
+    markup = "".join(parts)
+    assert normalize(_fast_html_to_text(markup)) == normalize(html_to_text(markup))
+
+
+def test_a_crafted_run_of_digit_groups_still_finds_the_card_at_its_end() -> None:
+    # 10,000 4-digit groups, no window of which passes Luhn, then a card.
+    groups = ["4000"]
+    while len(groups) < 10_000:
+        for n in range(10_000):
+            candidate = f"{n:04d}"
+            if not luhn_valid("".join(groups[-3:]) + candidate):
+                groups.append(candidate)
+                break
+    text = " ".join(groups) + " " + CARD
+    assert "detector:card" in rules(finishes(lambda: FULL.scan([text])))

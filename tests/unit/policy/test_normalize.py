@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.policy.normalize import clean, fold, html_to_text, normalize
+from bridge.policy import bidi
+from bridge.policy.normalize import clean, fold, fold_literal, html_to_text, normalize
 
 # Any code point, lone surrogates included (they reach us through JSON "\ud800" escapes).
 any_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF))
@@ -197,3 +198,57 @@ def test_html_to_text_never_raises_on_tag_soup(parts: list[str]) -> None:
 
 def test_html_to_text_non_string() -> None:
     assert html_to_text(None) == ""  # type: ignore[arg-type]
+
+
+# --- properties of the skeleton --------------------------------------------------------------
+
+# NFKD of U+FDFA (ARABIC LIGATURE SALLALLAHOU ALAYHE WASALLAM) is 18 characters, the most any
+# character becomes; nothing in the skeleton grows text further.
+MAX_EXPANSION = 18
+
+
+@given(any_text)
+@settings(max_examples=500)
+def test_the_skeleton_is_bounded_and_idempotent(text: str) -> None:
+    for skeleton in (normalize(text), fold_literal(clean(text))):
+        assert len(skeleton) <= MAX_EXPANSION * len(text)
+    literal = fold_literal(clean(text))
+    assert fold_literal(literal) == literal
+
+
+def test_the_largest_expansion_of_one_character() -> None:
+    assert len(normalize("\ufdfa")) == MAX_EXPANSION
+
+
+bidi_text = st.text(
+    alphabet=st.sampled_from(list("ab \n\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
+)
+
+
+@given(bidi_text)
+@settings(max_examples=500)
+def test_display_order_copies_each_character_a_bounded_number_of_times(text: str) -> None:
+    # Linear: every character is copied at most once per nesting level, and nesting is capped.
+    copied = 0
+    close = bidi._Run.close
+
+    def counting_close(run: bidi._Run) -> str:
+        nonlocal copied
+        out = close(run)
+        copied += len(out)
+        return out
+
+    bidi._Run.close = counting_close  # type: ignore[method-assign]
+    try:
+        shown = bidi.display_order(text)
+    finally:
+        bidi._Run.close = close  # type: ignore[method-assign]
+    assert copied <= (bidi.MAX_DEPTH + 2) * len(text)
+    # The same characters, reordered (the controls are dropped later, by clean()).
+    visible = [ch for ch in shown if ch not in bidi.BIDI_CONTROLS]
+    assert sorted(visible) == sorted(ch for ch in text if ch not in bidi.BIDI_CONTROLS)
+
+
+def test_deep_nesting_is_capped() -> None:
+    text = "\u202e\u202d" * 1000 + "ab"
+    assert bidi.display_order(text) == "ab"
