@@ -207,11 +207,12 @@ def message(body: str, **content: Any) -> dict[str, Any]:
 def fill(unit: str, size: int = EVENT_LIMIT) -> dict[str, Any]:
     """A message whose body repeats ``unit`` to just under ``size`` bytes (Synapse's measure)."""
     overhead = synapse_size(message(""))
-    per_unit = len(json.dumps(unit, ensure_ascii=False)[1:-1].encode())
-    body = unit * ((size - overhead) // per_unit)
+    per_char = len(json.dumps(unit, ensure_ascii=False)[1:-1].encode()) / len(unit)
+    chars = int((size - overhead) / per_char)
+    body = (unit * (chars // len(unit) + 1))[:chars]
     event = message(body)
     while synapse_size(event) > size:
-        body = body[: -len(unit)]
+        body = body[: -max(1, len(body) // 1000)]
         event = message(body)
     return event
 

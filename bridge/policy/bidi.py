@@ -33,19 +33,12 @@ _STATE_CHANGES = frozenset(
 _SPLIT = re.compile("([" + "".join(sorted(_STATE_CHANGES)) + "])")
 
 
-class _Run:
-    __slots__ = ("kind", "parts")
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.parts: list[str] = []
-
-    def close(self) -> str:
-        # Inside a right-to-left override every unit is laid out right to left: plain text
-        # reversed character by character, nested runs kept whole but placed in reverse.
-        if self.kind == RLO:
-            return "".join(reversed(self.parts))
-        return "".join(self.parts)
+def _close(kind: str, parts: list[str]) -> str:
+    # Inside a right-to-left override every unit is laid out right to left: plain text
+    # reversed character by character, nested runs kept whole but placed in reverse.
+    if kind == RLO:
+        parts.reverse()
+    return "".join(parts)
 
 
 def display_order(text: str) -> str:
@@ -56,37 +49,46 @@ def display_order(text: str) -> str:
     """
     if RLO not in text:
         return text
-    stack = [_Run("")]
+    # Parallel stacks of open runs: their kinds and their pieces (the bottom one is the text).
+    kinds = [""]
+    stack: list[list[str]] = [[]]
     top = stack[0]
+    reverse = False  # whether the innermost run is a right-to-left override
     for piece in _SPLIT.split(text):
         if len(piece) != 1 or piece not in _STATE_CHANGES:  # text (the common case)
             if piece:
-                top.parts.append(piece[::-1] if top.kind == RLO else piece)
+                top.append(piece[::-1] if reverse else piece)
         elif piece in _OPENERS:
-            if len(stack) <= MAX_DEPTH:
-                top = _Run(piece)
+            if len(kinds) <= MAX_DEPTH:
+                kinds.append(piece)
+                top = []
                 stack.append(top)
+                reverse = piece == RLO
         elif piece == PDF:
-            if len(stack) > 1 and top.kind not in _ISOLATES:
-                stack.pop()
-                stack[-1].parts.append(top.close())
+            if len(kinds) > 1 and kinds[-1] not in _ISOLATES:
+                closed = _close(kinds.pop(), stack.pop())
                 top = stack[-1]
+                top.append(closed)
+                reverse = kinds[-1] == RLO
         elif piece == PDI:
             # Closes the innermost isolate and every override or embedding opened inside it.
-            if any(run.kind in _ISOLATES for run in stack[1:]):
+            if any(kind in _ISOLATES for kind in kinds[1:]):
                 while True:
-                    run = stack.pop()
-                    stack[-1].parts.append(run.close())
-                    if run.kind in _ISOLATES:
+                    kind = kinds.pop()
+                    closed = _close(kind, stack.pop())
+                    stack[-1].append(closed)
+                    if kind in _ISOLATES:
                         break
                 top = stack[-1]
+                reverse = kinds[-1] == RLO
         else:  # paragraph end: close everything
-            while len(stack) > 1:
-                run = stack.pop()
-                stack[-1].parts.append(run.close())
+            while len(kinds) > 1:
+                closed = _close(kinds.pop(), stack.pop())
+                stack[-1].append(closed)
             top = stack[0]
-            top.parts.append(piece)
-    while len(stack) > 1:
-        run = stack.pop()
-        stack[-1].parts.append(run.close())
-    return stack[0].close()
+            top.append(piece)
+            reverse = False
+    while len(kinds) > 1:
+        closed = _close(kinds.pop(), stack.pop())
+        stack[-1].append(closed)
+    return "".join(stack[0])

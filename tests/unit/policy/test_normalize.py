@@ -230,19 +230,19 @@ bidi_text = st.text(
 def test_display_order_copies_each_character_a_bounded_number_of_times(text: str) -> None:
     # Linear: every character is copied at most once per nesting level, and nesting is capped.
     copied = 0
-    close = bidi._Run.close
+    close = bidi._close
 
-    def counting_close(run: bidi._Run) -> str:
+    def counting_close(kind: str, parts: list[str]) -> str:
         nonlocal copied
-        out = close(run)
+        out = close(kind, parts)
         copied += len(out)
         return out
 
-    bidi._Run.close = counting_close  # type: ignore[method-assign]
+    bidi._close = counting_close  # type: ignore[assignment]
     try:
         shown = bidi.display_order(text)
     finally:
-        bidi._Run.close = close  # type: ignore[method-assign]
+        bidi._close = close  # type: ignore[assignment]
     assert copied <= (bidi.MAX_DEPTH + 2) * len(text)
     # The same characters, reordered (the controls are dropped later, by clean()).
     visible = [ch for ch in shown if ch not in bidi.BIDI_CONTROLS]
