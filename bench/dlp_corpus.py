@@ -240,6 +240,20 @@ def html(size: int = EVENT_LIMIT) -> dict[str, Any]:
     return event
 
 
+def luhn_failing_groups(count: int) -> str:
+    """4-digit groups chosen so that no 16-digit window of them passes Luhn: every window of
+    a run must then be checked, none ends the search early."""
+    from bridge.policy.dlp import luhn_valid
+
+    rnd = random.Random(5)
+    groups = [f"{rnd.randrange(10_000):04d}" for _ in range(3)]
+    while len(groups) < count:
+        candidate = f"{rnd.randrange(10_000):04d}"
+        if not luhn_valid("".join(groups[-3:]) + candidate):
+            groups.append(candidate)
+    return " ".join(groups) + " "
+
+
 def worst_cases(keywords: list[str], size: int = EVENT_LIMIT) -> dict[str, dict[str, Any]]:
     """Family -> a legal event (at most ``size`` bytes) that makes that part work hardest."""
     prefixes = " ".join(k[:-1] for k in keywords[:2000])
@@ -257,6 +271,7 @@ def worst_cases(keywords: list[str], size: int = EVENT_LIMIT) -> dict[str, dict[
         "digit run, single digits": fill("1 ", size),
         "digit run, 4-digit groups": fill("4111 ", size),
         "digit run, mixed separators": fill("4111.1111/1111 - ", size),
+        "digit run, no window passes Luhn": fill(luhn_failing_groups(size // 5), size),
         "digits, no separators": fill("4111111111111112", size),
         "keyword prefixes": fill(prefixes + " ", size),
         "keywords glued (boundary checks)": fill(glued, size),

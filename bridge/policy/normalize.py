@@ -36,7 +36,7 @@ import re2
 from bridge.policy.bidi import display_order
 from bridge.policy.confusables import ascii_lookalikes
 
-__all__ = ["clean", "fold", "fold_literal", "html_to_text", "normalize"]
+__all__ = ["clean", "fold", "fold_literal", "html_to_text", "keyword_forms", "normalize"]
 
 # Characters that are invisible or that only steer rendering, beyond category Cf.
 _EXTRA_INVISIBLE: tuple[tuple[int, int], ...] = (
@@ -145,6 +145,32 @@ def _re2(pattern: str) -> re2._Regexp:
 _TRANSLATE, _ASCII_CTRL, _MARKS = _build_tables()
 _SKELETON, _ASCII_SKELETON = _skeleton_tables(_TRANSLATE, keep_punctuation=False)
 _LITERAL, _ASCII_LITERAL = _skeleton_tables(_TRANSLATE, keep_punctuation=True)
+
+# Text genuinely written in Cyrillic or Greek (it has letters of those scripts that look like
+# no Latin letter: Cyrillic be, de, zhe, Greek lambda, psi ...) keeps its own letters, so that
+# a real word which happens to look like a keyword (the Russian word for litter, spelt with
+# Cyrillic es, o, er, and the English "cop") is not taken for it. Look-alikes are still folded
+# when a word of such text mixes the scripts (a Latin word with one Cyrillic letter), and in
+# all text without such letters.
+_NATIVE_RANGES = ((0x370, 0x400), (0x400, 0x530), (0x1F00, 0x2000))
+
+
+def _native_tables() -> tuple[list[int | str | None], list[int | str | None], re2._Regexp]:
+    skeleton, literal = list(_SKELETON), list(_LITERAL)
+    genuine: list[int] = []
+    for lo, hi in _NATIVE_RANGES:
+        for cp in range(lo, hi):
+            if not chr(cp).isalpha():
+                continue
+            if isinstance(_SKELETON[cp], str):  # a look-alike: kept as it is in native text
+                skeleton[cp] = literal[cp] = cp
+            elif _SKELETON[cp] == cp and chr(cp).casefold() == chr(cp):
+                genuine.append(cp)
+    return skeleton, literal, _re2("[" + _ranges(genuine) + "]")
+
+
+_NATIVE_SKELETON, _NATIVE_LITERAL, _GENUINE_LETTER = _native_tables()
+_MIXED_PAIR = _re2(r"\p{Latin}[\p{Cyrillic}\p{Greek}]|[\p{Cyrillic}\p{Greek}]\p{Latin}")
 _HAS_ASCII_CTRL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 # RE2 scans a character class in a DFA; Python re is ~20x slower on large classes here.
 _HAS_TRANSLATED = _re2(
@@ -184,10 +210,26 @@ def clean(text: str) -> str:
     return " ".join(text.split())
 
 
-def _skeleton(cleaned: str, table: list[int | str | None], ascii_table: bytes) -> str:
+def _search(pattern: re2._Regexp, text: str) -> bool:
+    try:
+        return pattern.search(text) is not None
+    except UnicodeEncodeError:  # lone surrogates cannot be UTF-8 encoded for RE2
+        return False
+
+
+def _skeleton(
+    cleaned: str,
+    table: list[int | str | None],
+    ascii_table: bytes,
+    native: list[int | str | None] | None,
+) -> str:
     if cleaned.isascii():
         return " ".join(cleaned.encode("ascii").translate(ascii_table).decode("ascii").split())
     text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", cleaned).casefold())
+    if native is not None and _search(_GENUINE_LETTER, text):
+        kept = text.translate(native)
+        if not _search(_MIXED_PAIR, kept):
+            return " ".join(kept.split())
     return " ".join(text.translate(table).split())
 
 
@@ -196,9 +238,11 @@ def fold(cleaned: str) -> str:
 
     Compatibility decomposition and case folding, combining marks removed, TR39 look-alikes
     and other Latin letter variants folded to ASCII (:mod:`bridge.policy.confusables`), and
-    every run of punctuation, symbols and whitespace turned into one space.
+    every run of punctuation, symbols and whitespace turned into one space. In text written
+    in Cyrillic or Greek (with letters of those scripts that look like no Latin letter) whose
+    words do not mix scripts, the letters of those scripts are kept.
     """
-    return _skeleton(cleaned, _SKELETON, _ASCII_SKELETON)
+    return _skeleton(cleaned, _SKELETON, _ASCII_SKELETON, _NATIVE_SKELETON)
 
 
 def fold_literal(cleaned: str) -> str:
@@ -206,7 +250,17 @@ def fold_literal(cleaned: str) -> str:
 
     For keywords whose punctuation is part of the word (``c++``, ``.env``).
     """
-    return _skeleton(cleaned, _LITERAL, _ASCII_LITERAL)
+    return _skeleton(cleaned, _LITERAL, _ASCII_LITERAL, _NATIVE_LITERAL)
+
+
+def keyword_forms(keyword: str) -> tuple[str, ...]:
+    """The skeletons a keyword is looked for as: :func:`normalize`, and the form it has in
+    Cyrillic or Greek text (its letters of those scripts kept), when that differs."""
+    cleaned = clean(keyword)
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", cleaned).casefold())
+    full = fold(cleaned)
+    native = " ".join(text.translate(_NATIVE_SKELETON).split())
+    return (full,) if native == full or not native else (full, native)
 
 
 def normalize(text: str) -> str:

@@ -50,7 +50,7 @@ from bridge.policy.dlp.rules import DlpPolicy
 from bridge.policy.dlp.words import is_word
 from bridge.policy.extract import extract_texts
 from bridge.policy.model import ALLOW, Action, Finding, Verdict, server_name
-from bridge.policy.normalize import clean, fold, fold_literal, normalize
+from bridge.policy.normalize import clean, fold, fold_literal, keyword_forms
 
 __all__ = ["CATEGORY", "DlpEngine"]
 
@@ -185,20 +185,21 @@ class DlpEngine:
             for position, keyword in enumerate(klist.keywords):
                 literal = fold_literal(clean(keyword))
                 if is_word(literal[:1]) and is_word(literal[-1:]):
-                    norm, target = normalize(keyword), entries
+                    forms, target = keyword_forms(keyword), entries
                 else:
-                    norm, target = literal, literal_entries
-                if not norm:
+                    forms, target = (literal,), literal_entries
+                if not forms[0]:
                     raise ValueError(
                         f"keyword list {klist.name!r}: keyword #{position + 1} ({keyword!r}) is"
                         " empty after normalization"
                     )
                 whole = klist.whole_word
-                left, right = whole and is_word(norm[0]), whole and is_word(norm[-1])
-                entry = (index, len(norm), left, right)
-                bucket = target.setdefault(norm, [])
-                if not any(e[0] == index for e in bucket):
-                    bucket.append(entry)
+                for norm in forms:
+                    left, right = whole and is_word(norm[0]), whole and is_word(norm[-1])
+                    entry = (index, len(norm), left, right)
+                    bucket = target.setdefault(norm, [])
+                    if not any(e[0] == index for e in bucket):
+                        bucket.append(entry)
         engine._automaton = _automaton(entries)
         engine._literal_automaton = _automaton(literal_entries)
 

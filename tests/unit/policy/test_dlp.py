@@ -834,3 +834,21 @@ def test_a_crafted_run_of_digit_groups_still_finds_the_card_at_its_end() -> None
                 break
     text = " ".join(groups) + " " + CARD
     assert "detector:card" in rules(finishes(lambda: FULL.scan([text])))
+
+
+SHORT = engine(keyword_lists=(KeywordList("short", ("cop", "секрет")),))
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("the сор is here", True),  # Cyrillic look-alikes in English text
+        ("Сор в комнате, рос в саду.", False),  # a real Russian word that looks like "cop"
+        ("Привет, the cоp is here", True),  # a word mixing scripts, even in Russian text
+        ("Наш секрет здесь", True),  # a Russian keyword in Russian text
+        ("the ceкрет is here", True),  # ... and spelt with Latin look-alikes
+        ("СЕКРЕТ!", True),
+    ],
+)
+def test_text_written_in_cyrillic_keeps_its_letters(text: str, found: bool) -> None:
+    assert bool(SHORT.scan([text])) is found
