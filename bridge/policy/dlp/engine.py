@@ -50,7 +50,14 @@ from bridge.policy.dlp.rules import DlpPolicy
 from bridge.policy.dlp.words import is_word
 from bridge.policy.extract import extract_texts
 from bridge.policy.model import ALLOW, Action, Finding, Verdict, server_name
-from bridge.policy.normalize import clean, fold, fold_literal, keyword_forms
+from bridge.policy.normalize import (
+    clean,
+    clean_ascii,
+    fold,
+    fold_ascii,
+    fold_literal,
+    keyword_forms,
+)
 
 __all__ = ["CATEGORY", "DlpEngine"]
 
@@ -308,11 +315,20 @@ class DlpEngine:
         for raw in texts:
             if not isinstance(raw, str) or not raw:
                 continue
-            cleaned = clean(raw)
-            if not cleaned:
-                continue
+            if raw.isascii():  # most chat: one pass over bytes for every reader
+                data = clean_ascii(raw)
+                if not data:
+                    continue
+                cleaned = data.decode("ascii")
+                skeleton = fold_ascii(data) if self._automaton is not None else ""
+            else:
+                cleaned = clean(raw)
+                if not cleaned:
+                    continue
+                data = cleaned.encode("utf-8", "replace")
+                skeleton = fold(cleaned) if self._automaton is not None else ""
             if self._automaton is not None:
-                self._scan_keywords(self._automaton, fold(cleaned), found)
+                self._scan_keywords(self._automaton, skeleton, found)
             if self._literal_automaton is not None:
                 self._scan_keywords(self._literal_automaton, fold_literal(cleaned), found)
             if self._regexes:
@@ -320,7 +336,7 @@ class DlpEngine:
                 if raw != cleaned:
                     self._scan_regexes(raw, found, excerpt_searches)
             if self._detectors:
-                self._scan_detectors(cleaned.encode("utf-8", "replace"), found)
+                self._scan_detectors(data, found)
         if not found:
             return ()
         return tuple(self._rules[i].finding(found[i]) for i in sorted(found))

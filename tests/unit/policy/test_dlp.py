@@ -852,3 +852,16 @@ SHORT = engine(keyword_lists=(KeywordList("short", ("cop", "секрет")),))
 )
 def test_text_written_in_cyrillic_keeps_its_letters(text: str, found: bool) -> None:
     assert bool(SHORT.scan([text])) is found
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("iban GB82 \u1e82\u00c9\u015aT 1234 5698 7654 32", "detector:iban"),  # precomposed
+        ("key \u00c1KIAIOSFODNN7EXAMPL\u00c9", "detector:aws_access_key"),
+        ("key A\u0301KIAIOSFODNN7EXAMPLE\u0301", "detector:aws_access_key"),  # combining
+        ("\u202e1111 1111 1111 1114\u202c", "detector:card"),  # shown as 4111 ...
+    ],
+)
+def test_accents_and_overrides_do_not_hide_secrets_from_detectors(text: str, rule: str) -> None:
+    assert rule in rules(FULL.scan([text]))
