@@ -6,8 +6,8 @@ Two levels are exposed:
   display order (:mod:`bridge.policy.bidi`), invisible / format characters removed, every
   Unicode decimal digit mapped to its ASCII digit (Arabic-Indic ``٤١١١``, Devanagari, ... --
   NFKC leaves those alone), every Unicode dash and minus sign mapped to ``-``, Unicode NFKC
-  (full-width letters and digits become ASCII, ligatures are split), accents on ASCII
-  characters removed, combining or precomposed (``s̶e̶c̶r̶e̶t̶`` -> ``secret``), and every
+  (full-width letters and digits become ASCII, ligatures are split), combining marks
+  removed, written combining or precomposed (``s̶e̶c̶r̶e̶t̶`` -> ``secret``), and every
   whitespace run collapsed to one space. Detectors and regex rules run on this.
 * :func:`fold` / :func:`normalize` -- the *skeleton* keyword lists are compared on:
   :func:`clean`, then NFKD and case folding, every combining mark removed, look-alike letters
@@ -187,8 +187,12 @@ _HAS_ASCII_CTRL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 _HAS_TRANSLATED = _re2(
     "[" + _ranges(sorted(cp for cp in _TRANSLATE if not 0xD800 <= cp <= 0xDFFF)) + "]"
 )
-# Combining marks stacked on an ASCII character ("Zalgo", strike-through, underline tricks).
-_MARKS_ON_ASCII = _re2("([\\x00-\\x7f])[" + _ranges(_MARKS) + "]+")
+# Every nonspacing mark (Mn: accents, "Zalgo", strike-through) deleted, every other character
+# kept; a list for the same reason as the skeleton's table. Above it no character is a mark.
+_MARKLESS: list[int | None] = list(range(_SKELETON_SIZE))
+for _cp in _MARKS:
+    if _cp < _SKELETON_SIZE:
+        _MARKLESS[_cp] = None
 
 
 def _translate(text: str) -> str:
@@ -199,12 +203,6 @@ def _translate(text: str) -> str:
     except UnicodeEncodeError:  # lone surrogates cannot be UTF-8 encoded for RE2
         pass
     return text.translate(_TRANSLATE)
-
-
-def _drop_marks_on_ascii(text: str) -> str:
-    if text.isascii() or _MARKS_ON_ASCII.search(text) is None:
-        return text
-    return str(_MARKS_ON_ASCII.sub(r"\1", text))
 
 
 _ASCII_SPACES = bytes.maketrans(b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f", b" " * 9)
@@ -231,16 +229,16 @@ def fold_ascii(cleaned: bytes) -> str:
 def clean(text: str) -> str:
     """Case-preserving canonical form: no invisibles, NFKC, single spaces, stripped.
 
-    Accents on ASCII letters and digits are dropped too, combining or precomposed (``é`` and
-    ``e`` + U+0301 become ``e``), so that accents cannot hide a key or an IBAN from the
-    detectors; accented letters of other bases stay composed.
+    Combining marks are dropped too, combining or precomposed (``é`` and ``e`` + U+0301
+    become ``e``), so that accents cannot hide a key or an IBAN from the detectors. Regex
+    rules also read the original text, so a pattern with accents still matches.
     """
     if text.isascii():
         return clean_ascii(text).decode("ascii")
-    # NFKD, then the marks on ASCII letters dropped, then composed again (NFKD + NFC is
-    # NFKC): an accent written precomposed (``Ẃ``) is dropped like a combining one.
+    # NFKD, every combining mark dropped, composed again (NFKD + NFC is NFKC): an accent,
+    # precomposed (``Ẃ``) or combining, cannot hide a key or an IBAN from the detectors.
     text = unicodedata.normalize("NFKD", _translate(display_order(text)))
-    text = unicodedata.normalize("NFC", _drop_marks_on_ascii(text))
+    text = unicodedata.normalize("NFC", text.translate(_MARKLESS))
     return " ".join(text.split())
 
 
