@@ -262,6 +262,7 @@ def worst_cases(keywords: list[str], size: int = EVENT_LIMIT) -> dict[str, dict[
         "ascii chat": fill("deploy the release tomorrow, lunch on friday? ", size),
         "combining marks (10 per letter)": fill("e" + "\u0301\u0302\u0303\u0304\u0306" * 2, size),
         "combining marks alone": fill("\u0301", size),
+        "accented prose (precomposed)": fill("Héllo wörld, café crème à Zürich ", size),
         "confusables (Cyrillic, Greek, small caps)": fill("ѕесгеt ΡΑΣΣ ꜱᴇᴄʀᴇᴛ ɑβγ ", size),
         "math alphanumerics (astral, NFKD)": fill("\U0001d42c\U0001d41e\U0001d41c ", size),
         "CJK": fill("明天上午十点开会请准时参加", size),
