@@ -1,19 +1,23 @@
 """The DLP engine: keyword lists, admin regexes and validated built-in detectors.
 
 Pure and fast: :meth:`DlpEngine.compile` does all the work once per policy; :meth:`DlpEngine.scan`
-then costs a few microseconds per chat message.
+then costs a few microseconds per chat message, and is linear in the text (a crafted 64 KiB
+event costs at most a few tens of milliseconds: see ``bench/dlp_worst_case.py``).
 
 What runs on which form of the text (see :mod:`bridge.policy.normalize`):
 
-* **Keyword lists** run on ``normalize(text)`` (NFKC, case-folded, invisibles removed,
-  whitespace collapsed), with keywords normalized the same way. All keywords of all lists
-  share ONE Aho-Corasick automaton; whole-word mode checks the neighbouring characters of each
-  hit, so phrases and keywords with punctuation work. Characters of scripts written without
-  spaces (CJK, Thai, ...) never count as word characters, so whole-word lists still match there.
+* **Keyword lists** run on the *skeleton* ``normalize(text)`` (overrides in display order,
+  invisibles and combining marks removed, NFKD, case-folded, TR39 look-alikes folded to ASCII,
+  any run of punctuation, symbols and whitespace one space), with keywords normalized the same
+  way (:func:`~bridge.policy.normalize.keyword_forms`). All such keywords of all lists share ONE
+  Aho-Corasick automaton; the few keywords that begin or end with punctuation (``c++``) share a
+  second one, run on the skeleton with punctuation kept. Whole-word mode checks the
+  neighbouring characters of each hit. Characters of scripts written without spaces (CJK,
+  Thai, ...) never count as word characters, so whole-word lists still match there.
 * **Regex rules** (RE2 only: linear time, no backreferences or lookaround) run on the
-  *clean* text (NFKC, invisibles removed, whitespace collapsed, case kept -- write ``(?i)`` for
-  case-insensitive rules) and, when it differs, on the original text too, so patterns that rely
-  on line breaks or exact spacing still work. All rules are matched in one pass with an
+  *clean* text (NFKC, invisibles and accents removed, whitespace collapsed, case kept --
+  write ``(?i)`` for case-insensitive rules) and, when it differs, on the original text too,
+  so patterns that rely on accents, line breaks or exact spacing still work. All rules are matched in one pass with an
   ``RE2::Set``; only rules that matched are searched again for the excerpt (at most
   two per message; further matches are reported without an excerpt). To keep every message
   cheap, at most :data:`MAX_REGEX_RULES` rules apply in a scope, each with an RE2 program of
