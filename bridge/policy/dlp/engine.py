@@ -17,16 +17,17 @@ What runs on which form of the text (see :mod:`bridge.policy.normalize`):
 * **Regex rules** (RE2 only: linear time, no backreferences or lookaround) run on the
   *clean* text (NFKC, invisibles and accents removed, whitespace collapsed, case kept --
   write ``(?i)`` for case-insensitive rules) and, when it differs, on the original text too,
-  so patterns that rely on accents, line breaks or exact spacing still work. All rules are matched in one pass with an
-  ``RE2::Set``; only rules that matched are searched again for the excerpt (at most
-  two per message; further matches are reported without an excerpt). To keep every message
-  cheap, at most :data:`MAX_REGEX_RULES` rules apply in a scope, each with an RE2 program of
-  at most :data:`MAX_REGEX_PROGRAM_SIZE` and :data:`MAX_REGEX_TOTAL_PROGRAM_SIZE` together;
-  a pattern or policy over a cap is refused when it is added, saying which cap.
-* **Detectors** run on the clean text: full-width digits, zero-width characters inside a
-  card number and line-wrapped keys are caught. A single ``RE2::Set`` pass tells which
-  detectors have a candidate; only those run their validators (Luhn, mod-97, SSN ranges,
-  JWT header decoding, ...).
+  so patterns that rely on accents, line breaks or exact spacing still work. All rules are
+  matched in one pass with an ``RE2::Set``; only rules that matched are searched again for
+  the excerpt (at most two per message; further matches are reported without an excerpt).
+  To keep every message cheap, at most :data:`MAX_REGEX_RULES` rules apply in a scope, each
+  with an RE2 program of at most :data:`MAX_REGEX_PROGRAM_SIZE` and
+  :data:`MAX_REGEX_TOTAL_PROGRAM_SIZE` together; a pattern or policy over a cap is refused
+  when it is added, saying which cap.
+* **Detectors** run on the clean text: full-width digits, zero-width characters or accents
+  inside a card number or key, reversed overrides and line-wrapped keys are caught. A
+  single ``RE2::Set`` pass tells which detectors have a candidate; only those run their
+  validators (Luhn, mod-97, SSN ranges, JWT header decoding, ...).
 
 A :class:`~bridge.policy.model.Finding` names the rule (``keyword:<list>``, ``regex:<name>``,
 ``detector:<name>``) and tells the sender what to do; it never contains the matched text.
