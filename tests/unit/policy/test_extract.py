@@ -257,3 +257,34 @@ event_types = st.sampled_from(
 def test_never_raises_on_arbitrary_content(etype: str, content: Any) -> None:
     texts = extract_texts({"type": etype, "content": content})
     assert all(isinstance(t, str) and t for t in texts)
+
+
+def test_every_string_of_the_content_is_read_in_order_after_the_known_fields() -> None:
+    content = {
+        "com.example.note": "first custom",
+        "body": "the body",
+        "nested": {"a": ["x", {"b": "deep"}], "url": "mxc://not/read", "msgtype": "m.text"},
+    }
+    texts = extract_texts(ev("com.example.thing", content))
+    assert texts == ["the body", "first custom", "x", "deep"]
+
+
+def test_state_keys_of_custom_state_events_are_read_but_not_user_ids() -> None:
+    assert extract_texts(ev("com.example.s", {}, state_key="project falcon")) == ["project falcon"]
+    assert extract_texts(ev("com.example.s", {}, state_key="@a:x.org")) == []
+    assert extract_texts(ev("m.room.member", {}, state_key="falcon")) == []
+
+
+def test_the_walk_is_bounded_in_depth_and_count() -> None:
+    from bridge.policy.extract import MAX_DEPTH, MAX_NODES
+
+    deep: Any = "too deep"
+    for _ in range(MAX_DEPTH + 5):
+        deep = {"n": deep}
+    assert extract_texts(ev("x.y", {"d": deep})) == []
+    shallow: Any = "found"
+    for _ in range(MAX_DEPTH - 2):
+        shallow = {"n": shallow}
+    assert extract_texts(ev("x.y", {"d": shallow})) == ["found"]
+    many = {"list": [f"s{i}" for i in range(MAX_NODES + 100)]}
+    assert len(extract_texts(ev("x.y", many))) < MAX_NODES
