@@ -85,13 +85,37 @@ def make_messages(count: int, hit_keywords: list[str], rnd: random.Random) -> li
     return msgs
 
 
+def obfuscate(messages: list[str], rnd: random.Random) -> list[str]:
+    """The same messages with the tricks of a leaker on every fifth word: combining marks,
+    Cyrillic look-alikes, small capitals, a right-to-left override, punctuation between words."""
+    tricks: list[Callable[[str], str]] = [
+        lambda w: "".join(c + "\u0301" for c in w),
+        lambda w: w.translate(str.maketrans("aceopx", "\u0430\u0441\u0435\u043e\u0440\u0445")),
+        lambda w: w.translate(str.maketrans("nrtly", "\u0274\u0280\u1d1b\u029f\u028f")),
+        lambda w: "\u202e" + w[::-1] + "\u202c",
+        lambda w: w + "._",
+    ]
+    out = []
+    for m in messages:
+        words = m.split(" ")
+        for i in range(0, len(words), 5):
+            if words[i].isalpha():  # numbers and keys are left whole
+                words[i] = rnd.choice(tricks)(words[i])
+        out.append(" ".join(words))
+    return out
+
+
 def rate(fn: Callable[[], None], n: int, repeat: int) -> float:
-    """Best-of-``repeat`` operations per second of ``fn`` (which performs ``n`` operations)."""
+    """Best-of-``repeat`` operations per CPU second of ``fn`` (which performs ``n`` operations).
+
+    CPU time of this thread, not wall time: on a shared machine the wall clock also counts
+    the time other processes hold the core, which moved the figures by a factor of two.
+    """
     best = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.thread_time() - start)
     return n / best
 
 
@@ -155,6 +179,17 @@ def main() -> None:
 
     check_rate = rate(run_check, len(events), repeat)
 
+    # The same messages obfuscated (every fifth word): the non-ASCII path of the normaliser.
+    tricky = obfuscate(messages, random.Random(11))
+    tricky_hits = sum(1 for m in tricky if engine_10k.scan([m]))
+
+    def run_tricky() -> None:
+        scan = engine_10k.scan
+        for m in tricky:
+            scan([m])
+
+    tricky_rate = rate(run_tricky, len(tricky), repeat)
+
     # Floors.
     automaton = ahocorasick.Automaton()
     for kw in all_keywords[:10_000]:
@@ -195,6 +230,8 @@ def main() -> None:
         label = f"scan: {size:,} keywords + {len(DETECTORS)} detectors"
         print(f"{label:<44}{results[size]:>12,.0f}{compile_s[size]:>9.3f}s{hits[size]:>7}")
     print(f"{'check(event): 10,000 keywords + detectors':<44}{check_rate:>12,.0f}")
+    label = "scan: 10,000 keywords, obfuscated messages"
+    print(f"{label:<44}{tricky_rate:>12,.0f}{'':>10}{tricky_hits:>7}")
     print(f"{'floor: bare pyahocorasick iter, 10k keywords':<44}{ac_rate:>12,.0f}")
     print(
         f"{'floor: json.loads of a ' + str(len(event_json)) + '-byte event':<44}{json_rate:>12,.0f}"
@@ -207,10 +244,13 @@ def main() -> None:
     print(f"  10k scan / bare AC floor      {results[10_000] / ac_rate:6.2f}")
     print(f"  10k scan / json.loads floor   {results[10_000] / json_rate:6.2f}")
     print(f"  10k check / json.loads floor  {check_rate / json_rate:6.2f}")
+    print(f"  10k obfuscated / plain scan   {tricky_rate / results[10_000]:6.2f}")
     print()
     print("targets")
     ok_10k = results[10_000] >= 50_000
     print(f"  >= 50,000 msgs/s with 10k keywords: {'PASS' if ok_10k else 'FAIL'}")
+    ok_floor = results[10_000] >= 0.25 * ac_rate
+    print(f"  >= 0.25 x the bare automaton:       {'PASS' if ok_floor else 'FAIL'}")
     if 100_000 in results:
         ok_100k = results[100_000] >= 0.5 * base
         print(f"  100k figure >= half the 10 figure:  {'PASS' if ok_100k else 'FAIL'}")

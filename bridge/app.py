@@ -92,6 +92,7 @@ class Bridge:
         self.redelivery: RedeliveryNudger
         self.runner: web.AppRunner | None = None
         self.metrics_runner: web.AppRunner | None = None
+        self.gate: Gate | None = None
 
     @property
     def management_room(self) -> str:
@@ -116,7 +117,7 @@ class Bridge:
             accepting=lambda: self.accepting,
             on_refused=self.redelivery.refused,
         )
-        self.gate = Gate(
+        gate = self.gate = Gate(
             self.config.gate.base_path,
             self.config.gate.token,
             lambda: self.policy.engine,
@@ -124,7 +125,7 @@ class Bridge:
             on_blocked=self.management.gate_blocked,
         )
         app.add_routes(self.appservice_api.routes())
-        app.add_routes(self.gate.routes())
+        app.add_routes(gate.routes())
         app.add_routes(
             health_routes(
                 lambda: self.ready,
@@ -367,6 +368,8 @@ class Bridge:
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
         await self.scheduler.stop(SHUTDOWN_STEP)
+        if self.gate is not None:
+            self.gate.close()  # its judging threads
         try:  # membership changes not yet written (for the federation confirmation counts)
             await asyncio.wait_for(self.rooms.close(), SHUTDOWN_STEP)
         except Exception as e:

@@ -4,14 +4,23 @@ Synapse calls ``POST {base_url}/{callback}`` before it accepts an event, invite 
 2xx with a JSON body allows; 403 with ``{"errcode", "error"}`` denies, and the error text
 reaches the sender's client. Answers come from the in-memory policy engine; decisions are
 audited in the background.
+
+The cost of one call is bounded. Synapse asks the module *before* its own size check, so an
+event over its limit of 64 KiB (:data:`MAX_EVENT_BYTES`, measured as Synapse does: compact
+UTF-8 JSON) is refused here with ``M_TOO_LARGE`` before it is judged, and a request body
+that cannot hold a legal event is refused before it is read. Events above
+:data:`INLINE_JUDGE_BYTES` are judged on a small thread pool, so that while one is judged
+the event loop keeps answering health checks, transactions and other gate calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +37,16 @@ log = logging.getLogger(__name__)
 
 #: Seconds a refusal may wait for its audit record's commit before answering Synapse.
 DENY_AUDIT_WAIT = 1.0
+#: Synapse's limit on the size of an event (its canonical JSON), in bytes.
+MAX_EVENT_BYTES = 65_536
+#: The largest request that can carry a legal event: the JSON the module sends escapes
+#: non-ASCII characters (up to 12 bytes for one 4-byte character), plus the wrapper.
+MAX_REQUEST_BYTES = 3 * MAX_EVENT_BYTES + 16_384
+#: Request bodies up to this size are judged on the event loop (a few hundred microseconds);
+#: larger ones on the gate's thread pool.
+INLINE_JUDGE_BYTES = 8_192
+#: Threads judging large events; more large events wait their turn, not the event loop.
+JUDGE_THREADS = 2
 
 # Callbacks we judge. Any other callback the module is configured to send is allowed.
 JUDGED = (
@@ -46,16 +65,37 @@ def _str(body: Mapping[str, Any], key: str) -> str:
     return value
 
 
-async def _read_json(request: web.Request) -> Any:
-    """The JSON body, or the Matrix error response to send instead (413, 400)."""
+def _too_large(what: str, size: int, limit: int) -> web.Response:
+    return matrix_error(
+        413,
+        "M_TOO_LARGE",
+        f"{what} is too large: {size} bytes, at most {limit} are allowed",
+    )
+
+
+async def _read_json(request: web.Request) -> tuple[Any, int]:
+    """The JSON body and its size, or the Matrix error response to send instead (413, 400)."""
+    length = request.content_length
+    if length is not None and length > MAX_REQUEST_BYTES:
+        return _too_large("the request", length, MAX_REQUEST_BYTES), length
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return matrix_error(413, "M_TOO_LARGE", "request body too large")
+        return matrix_error(413, "M_TOO_LARGE", "request body too large"), 0
+    if len(raw) > MAX_REQUEST_BYTES:
+        return _too_large("the request", len(raw), MAX_REQUEST_BYTES), len(raw)
     try:
-        return json.loads(raw)
+        return json.loads(raw), len(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        return matrix_error(400, "M_NOT_JSON", "body is not valid JSON")
+        return matrix_error(400, "M_NOT_JSON", "body is not valid JSON"), len(raw)
+
+
+def event_size(event: Mapping[str, Any]) -> int:
+    """Bytes of ``event`` as compact UTF-8 JSON, the way Synapse measures its size limit."""
+    try:
+        return len(json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode())
+    except (TypeError, ValueError, RecursionError):
+        return MAX_EVENT_BYTES + 1
 
 
 class Gate:
@@ -76,6 +116,24 @@ class Gate:
         # Told about refused events (which never reach the ingest path) so that `notify`
         # rules still reach the management room. Must not block: it only schedules work.
         self.on_blocked = on_blocked
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the judging threads (idle ones exit at once; none is needed to stop)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _judge(
+        self, name: str, body: Mapping[str, Any], size: int
+    ) -> tuple[Verdict, dict[str, Any]]:
+        """:meth:`judge` on the event loop for small bodies, on the thread pool for large."""
+        if size <= INLINE_JUDGE_BYTES:
+            return self.judge(name, body)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(JUDGE_THREADS, thread_name_prefix="gate-judge")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.judge, name, body)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -89,7 +147,7 @@ class Gate:
     async def ping(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return matrix_error(403, "M_FORBIDDEN", "invalid gate token")
-        body = await _read_json(request)
+        body, _ = await _read_json(request)
         if isinstance(body, web.Response):
             return body
         req_id = body.get("id") if isinstance(body, dict) else None
@@ -101,15 +159,26 @@ class Gate:
             log.warning("gate call %s refused: bad or missing token", name)
             return matrix_error(403, "M_FORBIDDEN", "invalid gate token")
         started = time.perf_counter()
-        body = await _read_json(request)
+        body, size = await _read_json(request)
         if isinstance(body, web.Response):
+            if body.status == 413:
+                metrics.GATE_DECISIONS.labels(name, "deny", "too_large").inc()
             return body
         if not isinstance(body, dict):
             return matrix_error(400, "M_BAD_JSON", "expected a JSON object")
         if name not in JUDGED:
             return web.json_response({})
+        event = body.get("event")
+        # The request is never smaller than the compact UTF-8 JSON of its event (escapes
+        # only grow it), so only a larger request can carry an event over the limit.
+        if isinstance(event, dict) and size > MAX_EVENT_BYTES:
+            event_bytes = event_size(event)
+            if event_bytes > MAX_EVENT_BYTES:
+                metrics.GATE_DECISIONS.labels(name, "deny", "too_large").inc()
+                log.info("gate refused %s: event of %d bytes", name, event_bytes)
+                return _too_large("the event", event_bytes, MAX_EVENT_BYTES)
         try:
-            verdict, subject = self.judge(name, body)
+            verdict, subject = await self._judge(name, body, size)
         except ValueError as e:
             return matrix_error(400, "M_BAD_JSON", str(e))
         finding = verdict.first_block

@@ -15,21 +15,45 @@ What is scanned, by event type:
 * ``m.room.name`` ``name``; ``m.room.topic`` ``topic`` and ``m.topic``;
   ``m.room.member`` ``displayname``; ``m.reaction`` ``m.relates_to.key``.
 
-Not scanned: ``m.room.encrypted`` (ciphertext), canonical aliases, pinned events, IDs, URLs of
-media (``mxc://``), and any other structured field. The total is capped at
-:data:`MAX_SCAN_CHARS` characters so one huge event cannot stall the gate.
+Then, so that text cannot hide where no client looks (custom keys, nested objects, custom
+event types), **every other string value** of the content, walked depth-first in key order
+up to :data:`MAX_DEPTH` levels and :data:`MAX_NODES` values, except the values of
+protocol keys that hold identifiers, not prose (:data:`STRUCTURAL_KEYS`: ``msgtype``,
+``mimetype``, ``url``, ``event_id`` ...). Last, the ``state_key`` of state events of custom
+types (not ``m.*``, whose state keys are user or room IDs or empty) unless it is a user ID.
+
+The fields are read in that order (message fields first, then the walk, then the state key)
+and share one budget of :data:`MAX_SCAN_CHARS` characters, so what a sender sees most is
+always read. Not scanned: ``m.room.encrypted`` (ciphertext) and the structural keys.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from bridge.policy.normalize import html_to_text
 
-__all__ = ["MAX_SCAN_CHARS", "extract_texts"]
+__all__ = ["MAX_DEPTH", "MAX_NODES", "MAX_SCAN_CHARS", "STRUCTURAL_KEYS", "extract_texts"]
 
+#: Characters read from one event. The gate refuses events over 64 KiB, so every text of a
+#: legal event fits, with room for the text of ``formatted_body`` read a second time.
 MAX_SCAN_CHARS = 256 * 1024
+#: Nesting levels and values that the walk over the rest of the content visits.
+MAX_DEPTH = 16
+MAX_NODES = 20_000
+#: Content keys whose values are identifiers or protocol words, not text anyone reads.
+STRUCTURAL_KEYS = frozenset(
+    {
+        "alg", "algorithm", "alias", "alt_aliases", "avatar_url", "ciphertext", "creator",
+        "device_id", "event_id", "ext", "format", "geo_uri", "guest_access", "hashes",
+        "history_visibility", "iv", "join_rule", "k", "key_ops", "kty", "membership",
+        "mimetype", "msgtype", "pinned", "redacts", "rel_type", "room_id", "room_version",
+        "sender", "sender_key", "session_id", "thumbnail_url", "uri", "url", "user_id", "v",
+        "via",
+    }
+)  # fmt: skip
 _POLL_KEYS = ("m.poll.start", "org.matrix.msc3381.poll.start", "m.poll")
 _TEXT_KEYS = ("m.text", "org.matrix.msc1767.text")
 _CAPTION_KEYS = ("m.caption", "org.matrix.msc1767.caption")
@@ -38,21 +62,27 @@ _EXTRA_KEYS = frozenset({"reason", *_CAPTION_KEYS, *_LOCATION_KEYS})
 _BEACON_TYPES = frozenset({"m.beacon_info", "org.matrix.msc3672.beacon_info"})
 _HTML_MIMETYPES = frozenset({"text/html", "org.matrix.custom.html"})
 _MAX_LIST = 256  # answers, m.text representations: more than any real client sends
+_USER_ID = re.compile(r"@[^\s:]+:[^\s]+")  # state keys of per-user state (beacons ...)
 
 
 class _Collector:
     """Accumulates distinct texts up to a character budget."""
 
-    __slots__ = ("budget", "seen", "texts")
+    __slots__ = ("budget", "nodes", "read", "seen", "texts")
 
     def __init__(self, budget: int) -> None:
         self.texts: list[str] = []
         self.seen: set[str] = set()
+        self.read: set[int] = set()  # ids of the event's strings already read (no HTML twice)
         self.budget = budget
+        self.nodes = MAX_NODES
 
     def add(self, value: object, *, html: bool = False) -> None:
         if not isinstance(value, str) or not value or self.budget <= 0:
             return
+        if id(value) in self.read:
+            return
+        self.read.add(id(value))
         if html:
             value = html_to_text(value[: self.budget * 4])  # markup shrinks; bound the parse
             if not value:
@@ -145,6 +175,29 @@ def _add_content(out: _Collector, etype: str, content: Mapping[str, Any]) -> Non
             out.add(relates.get("key"))
 
 
+def _walk(out: _Collector, value: object, depth: int) -> None:
+    """Every string below ``value`` (depth-first, key order), bounded in depth and count."""
+    out.nodes -= 1
+    if out.nodes < 0 or out.budget <= 0:
+        return
+    if isinstance(value, str):
+        out.add(value)
+    elif depth >= MAX_DEPTH:
+        return
+    elif isinstance(value, Mapping):
+        html = value.get("mimetype") in _HTML_MIMETYPES
+        for key, item in value.items():
+            if key in STRUCTURAL_KEYS:
+                continue
+            if isinstance(item, str) and (key == "formatted_body" or (html and key == "body")):
+                out.add(item, html=True)
+            else:
+                _walk(out, item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _walk(out, item, depth + 1)
+
+
 def extract_texts(event: Mapping[str, Any], *, max_chars: int = MAX_SCAN_CHARS) -> list[str]:
     """Every human-readable text of ``event`` that DLP must scan, in a stable order.
 
@@ -167,6 +220,14 @@ def extract_texts(event: Mapping[str, Any], *, max_chars: int = MAX_SCAN_CHARS) 
         new_content = content.get("m.new_content")
         if isinstance(new_content, Mapping):
             _add_content(out, etype, new_content)
+        _walk(out, content, 0)
+        state_key = event.get("state_key")
+        if (
+            isinstance(state_key, str)
+            and not etype.startswith("m.")
+            and _USER_ID.fullmatch(state_key) is None
+        ):
+            out.add(state_key)
         return out.texts
     except Exception:  # a hostile Mapping implementation must not break the gate
         return out.texts

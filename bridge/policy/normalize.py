@@ -1,21 +1,23 @@
-"""Text normalization for DLP matching (pure, no I/O, fast).
+"""Text normalization for DLP matching (pure, no I/O, linear in the text).
 
 Two levels are exposed:
 
-* :func:`clean` -- the *case-preserving* canonical form: invisible / format characters
-  removed, every Unicode decimal digit mapped to its ASCII digit (Arabic-Indic ``٤١١١``,
-  Devanagari, Bengali, ... -- NFKC leaves those alone), every Unicode dash and minus sign
-  (en/em dash, non-breaking hyphen, the minus sign U+2212, ...) mapped to ``-``, Unicode
-  NFKC (full-width letters and digits become ASCII, ligatures are split), combining marks
-  stacked on ASCII characters removed (``s̶e̶c̶r̶e̶t̶`` -> ``secret``), and every whitespace
-  run collapsed to one space. Detectors and regex rules run on this.
-* :func:`normalize` -- :func:`clean` followed by case folding (and NFKC again, since case
-  folding can denormalize), and Cyrillic/Greek look-alike letters inside *mixed-script* words
-  mapped to Latin (``nightingale`` spelt with a Cyrillic U+0435 for its last ``e``). Keyword
-  lists run on this. ``normalize(t) == fold(clean(t))``.
+* :func:`clean` -- the *case-preserving* canonical form: right-to-left override runs read in
+  display order (:mod:`bridge.policy.bidi`), invisible / format characters removed, every
+  Unicode decimal digit mapped to its ASCII digit (Arabic-Indic ``٤١١١``, Devanagari, ... --
+  NFKC leaves those alone), every Unicode dash and minus sign mapped to ``-``, Unicode NFKC
+  (full-width letters and digits become ASCII, ligatures are split), combining marks
+  removed, written combining or precomposed (``s̶e̶c̶r̶e̶t̶`` -> ``secret``), and every
+  whitespace run collapsed to one space. Detectors and regex rules run on this.
+* :func:`fold` / :func:`normalize` -- the *skeleton* keyword lists are compared on:
+  :func:`clean`, then NFKD and case folding, every combining mark removed, look-alike letters
+  folded to ASCII with Unicode's TR39 confusables data (:mod:`bridge.policy.confusables`),
+  and every run of punctuation, symbols and whitespace made one space, so that phrase words
+  joined by ``.``, ``_`` or ``/`` still match. Text written in Cyrillic or Greek keeps its
+  letters (see :func:`fold`). :func:`fold_literal` keeps punctuation, for keywords such as
+  ``c++``. ``normalize(t) == fold(clean(t))``.
 
-Both take a fast path for pure-ASCII text (the common case in chat), which costs about as much
-as ``" ".join(text.lower().split())``.
+Both take a fast path for pure-ASCII text (the common case in chat), on bytes.
 
 :func:`html_to_text` reduces a Matrix ``formatted_body`` to text: inline tags add nothing (so
 ``<b>sec</b>ret`` reads ``secret``), block tags and ``<br>`` become whitespace. The text inside
@@ -33,7 +35,19 @@ from html.parser import HTMLParser
 
 import re2
 
-__all__ = ["clean", "fold", "html_to_text", "normalize"]
+from bridge.policy.bidi import display_order
+from bridge.policy.confusables import ascii_lookalikes
+
+__all__ = [
+    "clean",
+    "clean_ascii",
+    "fold",
+    "fold_ascii",
+    "fold_literal",
+    "html_to_text",
+    "keyword_forms",
+    "normalize",
+]
 
 # Characters that are invisible or that only steer rendering, beyond category Cf.
 _EXTRA_INVISIBLE: tuple[tuple[int, int], ...] = (
@@ -49,6 +63,7 @@ _EXTRA_INVISIBLE: tuple[tuple[int, int], ...] = (
 )
 # Blank-looking symbols that read as a space.
 _BLANKS = (0x2800,)  # braille pattern blank
+_SKELETON_SIZE = 0x20000
 # Dash-like characters outside category Pd that people type between digit groups.
 _EXTRA_DASHES = (0x02D7, 0x2043, 0x2212, 0x2796)  # modifier minus, hyphen bullet, minus signs
 
@@ -100,6 +115,38 @@ def _build_tables() -> tuple[dict[int, int | None], dict[int, None], list[int]]:
     return table, ascii_ctrl, marks
 
 
+def _skeleton_tables(
+    translate: dict[int, int | None], *, keep_punctuation: bool
+) -> tuple[list[int | str | None], bytes]:
+    """The :func:`fold` tables: a list indexed by code point (below U+20000), and ASCII bytes.
+
+    A list rather than a dict: ``str.translate`` pays for an exception on every character a
+    dict lacks, which made CJK text several times slower. Characters above the list (CJK
+    extensions, tags) are left as they are; :func:`clean` has already removed the invisibles.
+    """
+    lookalikes = ascii_lookalikes()
+    table: list[int | str | None] = list(range(_SKELETON_SIZE))
+    for cp in range(_SKELETON_SIZE):
+        ch = chr(cp)
+        cat = unicodedata.category(ch)
+        if cp in translate:  # invisibles dropped, digits to ASCII, dashes separate words
+            dash = translate[cp] == 0x2D and not keep_punctuation
+            table[cp] = 0x20 if dash else translate[cp]
+        elif cat in ("Mn", "Me", "Cf", "Cs", "Cc") and not ch.isspace():
+            table[cp] = None
+        elif ch.isspace() or cat[0] == "Z":
+            table[cp] = 0x20
+        elif cat[0] in "PS":
+            table[cp] = cp if keep_punctuation else 0x20
+        elif cp in lookalikes:
+            table[cp] = lookalikes[cp]
+        elif cp < 0x80:
+            table[cp] = ord(ch.lower())
+    ascii_table = bytes(t if isinstance(t, int) else 0x20 for t in table[:0x80])
+    ascii_table += bytes(range(0x80, 0x100))
+    return table, ascii_table
+
+
 def _re2(pattern: str) -> re2._Regexp:
     options = re2.Options()
     options.log_errors = False
@@ -107,13 +154,45 @@ def _re2(pattern: str) -> re2._Regexp:
 
 
 _TRANSLATE, _ASCII_CTRL, _MARKS = _build_tables()
+_SKELETON, _ASCII_SKELETON = _skeleton_tables(_TRANSLATE, keep_punctuation=False)
+_LITERAL, _ASCII_LITERAL = _skeleton_tables(_TRANSLATE, keep_punctuation=True)
+
+# Text genuinely written in Cyrillic or Greek (it has letters of those scripts that look like
+# no Latin letter: Cyrillic be, de, zhe, Greek lambda, psi ...) keeps its own letters, so that
+# a real word which happens to look like a keyword (the Russian word for litter, spelt with
+# Cyrillic es, o, er, and the English "cop") is not taken for it. Look-alikes are still folded
+# when a word of such text mixes the scripts (a Latin word with one Cyrillic letter), and in
+# all text without such letters.
+_NATIVE_RANGES = ((0x370, 0x400), (0x400, 0x530), (0x1F00, 0x2000))
+
+
+def _native_tables() -> tuple[list[int | str | None], list[int | str | None], re2._Regexp]:
+    skeleton, literal = list(_SKELETON), list(_LITERAL)
+    genuine: list[int] = []
+    for lo, hi in _NATIVE_RANGES:
+        for cp in range(lo, hi):
+            if not chr(cp).isalpha():
+                continue
+            if isinstance(_SKELETON[cp], str):  # a look-alike: kept as it is in native text
+                skeleton[cp] = literal[cp] = cp
+            elif _SKELETON[cp] == cp and chr(cp).casefold() == chr(cp):
+                genuine.append(cp)
+    return skeleton, literal, _re2("[" + _ranges(genuine) + "]")
+
+
+_NATIVE_SKELETON, _NATIVE_LITERAL, _GENUINE_LETTER = _native_tables()
+_MIXED_PAIR = _re2(r"\p{Latin}[\p{Cyrillic}\p{Greek}]|[\p{Cyrillic}\p{Greek}]\p{Latin}")
 _HAS_ASCII_CTRL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 # RE2 scans a character class in a DFA; Python re is ~20x slower on large classes here.
 _HAS_TRANSLATED = _re2(
     "[" + _ranges(sorted(cp for cp in _TRANSLATE if not 0xD800 <= cp <= 0xDFFF)) + "]"
 )
-# Combining marks stacked on an ASCII character ("Zalgo", strike-through, underline tricks).
-_MARKS_ON_ASCII = _re2("([\\x00-\\x7f])[" + _ranges(_MARKS) + "]+")
+# Every nonspacing mark (Mn: accents, "Zalgo", strike-through) deleted, every other character
+# kept; a list for the same reason as the skeleton's table. Above it no character is a mark.
+_MARKLESS: list[int | None] = list(range(_SKELETON_SIZE))
+for _cp in _MARKS:
+    if _cp < _SKELETON_SIZE:
+        _MARKLESS[_cp] = None
 
 
 def _translate(text: str) -> str:
@@ -126,102 +205,109 @@ def _translate(text: str) -> str:
     return text.translate(_TRANSLATE)
 
 
-# Cyrillic and Greek letters that look like Latin ones. Only used inside words that mix
-# Latin with Cyrillic or Greek letters: real Russian, Ukrainian, Greek ... words never contain
-# Latin letters, so their text is left alone, and a keyword list in those scripts still
-# matches (keywords are normalized the same way).
-_LOOKALIKE_PAIRS = (
-    # Cyrillic
-    "\u0410A \u0430a \u0412B \u0432b \u0415E \u0435e \u0405S \u0455s \u0406I \u0456i "
-    "\u0408J \u0458j \u041aK \u043ak \u041cM \u043cm \u041dH \u043dh \u041eO \u043eo "
-    "\u0420P \u0440p \u0421C \u0441c \u0422T \u0442t \u0423Y \u0443y \u0425X \u0445x "
-    "\u04bah \u04bbh \u0501d \u051aQ \u051bq \u051cW \u051dw \u04c0l \u04cfl \u04aeY "
-    "\u04afy "
-    # Greek
-    "\u0391A \u03b1a \u0392B \u03b2b \u0395E \u03b5e \u0396Z \u03b6z \u0397H \u03b7n "
-    "\u0399I \u03b9i \u039aK \u03bak \u039cM \u03bcu \u039dN \u03bdv \u039fO \u03bfo "
-    "\u03a1P \u03c1p \u03a4T \u03c4t \u03a5Y \u03c5u \u03a7X \u03c7x"
-)
+_ASCII_SPACES = bytes.maketrans(b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f", b" " * 9)
+_ASCII_CONTROLS = bytes(range(0x00, 0x09)) + bytes(range(0x0E, 0x1C)) + b"\x7f"
 
 
-def _lookalike_table() -> dict[int, int]:
-    table = {ord(pair[0]): ord(pair[1]) for pair in _LOOKALIKE_PAIRS.split()}
-    # Closed under case folding, so that fold() stays idempotent: a letter whose folded form
-    # is mapped is mapped too (to the same letter, case aside).
-    for cp in list(range(0x370, 0x400)) + list(range(0x400, 0x530)):
-        folded = chr(cp).casefold()
-        if cp not in table and len(folded) == 1 and ord(folded) in table:
-            table[cp] = table[ord(folded)]
-    return table
+def _collapse(data: bytes) -> bytes:
+    # bytes.replace costs a third of split() and join() on chat messages (few long runs).
+    while b"  " in data:
+        data = data.replace(b"  ", b" ")
+    return data.strip(b" ")
 
 
-_LOOKALIKES = _lookalike_table()
-# A Latin letter next to a Cyrillic or Greek one: the only texts that need a closer look.
-_MIXED_PAIR = _re2(r"\p{Latin}[\p{Cyrillic}\p{Greek}]|[\p{Cyrillic}\p{Greek}]\p{Latin}")
-_WORD_LETTERS = _re2(r"[\p{Latin}\p{Cyrillic}\p{Greek}]+")
+def clean_ascii(text: str) -> bytes:
+    """:func:`clean` of ASCII ``text``, as ASCII bytes (what the detectors read)."""
+    return _collapse(text.encode("ascii").translate(_ASCII_SPACES, _ASCII_CONTROLS))
 
 
-def _unmix_lookalikes(text: str) -> str:
-    """Map Cyrillic/Greek look-alikes to Latin inside words that mix the scripts."""
-    try:
-        if _MIXED_PAIR.search(text) is None:
-            return text
-    except UnicodeEncodeError:
-        return text
-    parts: list[str] = []
-    pos = 0
-    for m in _WORD_LETTERS.finditer(text):
-        word = m.group()
-        if _MIXED_PAIR.search(word) is not None:
-            parts.append(text[pos : m.start()])
-            parts.append(word.translate(_LOOKALIKES))
-            pos = m.end()
-    parts.append(text[pos:])
-    return "".join(parts)
-
-
-def _drop_marks_on_ascii(text: str) -> str:
-    if text.isascii() or _MARKS_ON_ASCII.search(text) is None:
-        return text
-    return str(_MARKS_ON_ASCII.sub(r"\1", text))
+def fold_ascii(cleaned: bytes) -> str:
+    """:func:`fold` of the ASCII bytes :func:`clean_ascii` returns."""
+    return _collapse(cleaned.translate(_ASCII_SKELETON)).decode("ascii")
 
 
 def clean(text: str) -> str:
     """Case-preserving canonical form: no invisibles, NFKC, single spaces, stripped.
 
-    Combining marks that sit on an ASCII character are dropped too (after NFKC, so
-    precomposed letters such as ``é`` are unaffected).
+    Combining marks are dropped too, combining or precomposed (``é`` and ``e`` + U+0301
+    become ``e``), so that accents cannot hide a key or an IBAN from the detectors. Regex
+    rules also read the original text, so a pattern with accents still matches.
     """
     if text.isascii():
-        if _HAS_ASCII_CTRL.search(text) is not None:
-            text = text.translate(_ASCII_CTRL)
-        return " ".join(text.split())
-    text = _drop_marks_on_ascii(unicodedata.normalize("NFKC", _translate(text)))
+        return clean_ascii(text).decode("ascii")
+    # NFKD, every combining mark dropped, composed again (NFKD + NFC is NFKC): an accent,
+    # precomposed (``Ẃ``) or combining, cannot hide a key or an IBAN from the detectors.
+    text = unicodedata.normalize("NFKD", _translate(display_order(text)))
+    text = unicodedata.normalize("NFC", text.translate(_MARKLESS))
     return " ".join(text.split())
+
+
+def _search(pattern: re2._Regexp, text: str) -> bool:
+    try:
+        return pattern.search(text) is not None
+    except UnicodeEncodeError:  # lone surrogates cannot be UTF-8 encoded for RE2
+        return False
+
+
+def _skeleton(
+    cleaned: str,
+    table: list[int | str | None],
+    ascii_table: bytes,
+    native: list[int | str | None] | None,
+) -> str:
+    if cleaned.isascii():
+        return _collapse(cleaned.encode("ascii").translate(ascii_table)).decode("ascii")
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", cleaned).casefold())
+    if native is not None and _search(_GENUINE_LETTER, text):
+        kept = text.translate(native)
+        if not _search(_MIXED_PAIR, kept):
+            return " ".join(kept.split())
+    return " ".join(text.translate(table).split())
 
 
 def fold(cleaned: str) -> str:
-    """Case-fold a :func:`clean` result; ``fold(clean(t)) == normalize(t)``."""
-    if cleaned.isascii():
-        return cleaned.lower()
-    text = _unmix_lookalikes(cleaned)
-    text = _drop_marks_on_ascii(unicodedata.normalize("NFKC", text.casefold()))
-    return " ".join(text.split())
+    """The skeleton of a :func:`clean` result; ``fold(clean(t)) == normalize(t)``.
+
+    Compatibility decomposition and case folding, combining marks removed, TR39 look-alikes
+    and other Latin letter variants folded to ASCII (:mod:`bridge.policy.confusables`), and
+    every run of punctuation, symbols and whitespace turned into one space. In text written
+    in Cyrillic or Greek (with letters of those scripts that look like no Latin letter) whose
+    words do not mix scripts, the letters of those scripts are kept.
+    """
+    return _skeleton(cleaned, _SKELETON, _ASCII_SKELETON, _NATIVE_SKELETON)
+
+
+def fold_literal(cleaned: str) -> str:
+    """:func:`fold` with punctuation and symbols kept (only whitespace runs collapse).
+
+    For keywords whose punctuation is part of the word (``c++``, ``.env``).
+    """
+    return _skeleton(cleaned, _LITERAL, _ASCII_LITERAL, _NATIVE_LITERAL)
+
+
+def keyword_forms(keyword: str) -> tuple[str, ...]:
+    """The skeletons a keyword is looked for as: :func:`normalize`, and the form it has in
+    Cyrillic or Greek text (its letters of those scripts kept), when that differs."""
+    cleaned = clean(keyword)
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", cleaned).casefold())
+    full = fold(cleaned)
+    native = " ".join(text.translate(_NATIVE_SKELETON).split())
+    return (full,) if native == full or not native else (full, native)
 
 
 def normalize(text: str) -> str:
-    """Normalize text for keyword matching.
+    """The skeleton that keyword lists are compared on.
 
-    Unicode NFKC, case folding, invisible/format characters removed (category Cf, soft
-    hyphen, zero-width characters, variation selectors, combining grapheme joiner, hangul
-    fillers, control characters, lone surrogates), combining marks on ASCII characters
-    removed, whitespace runs collapsed to a single space, leading/trailing space stripped.
+    :func:`clean` (invisible and format characters removed, right-to-left overrides read in
+    display order, decimal digits and dashes to ASCII, NFKC), then :func:`fold`: NFKD, case
+    folding, combining marks removed, TR39 confusables and Latin letter variants folded to
+    ASCII, punctuation, symbols and whitespace runs collapsed to a single space, stripped.
     Idempotent and never raises on any ``str``.
     """
     if text.isascii():
         if _HAS_ASCII_CTRL.search(text) is not None:
             text = text.translate(_ASCII_CTRL)
-        return " ".join(text.lower().split())
+        return fold(text)
     return fold(clean(text))
 
 
@@ -268,6 +354,30 @@ class _TextExtractor(HTMLParser):
 
 
 _TAG = re.compile(r"<[^>]*>?")
+#: Markup longer than this is reduced by regular expressions (linear, in C) instead of the
+#: stdlib parser, which costs about a microsecond per tag in Python.
+FAST_HTML_CHARS = 4096
+_BLOCK_TAG = re.compile(
+    r"</?(?:" + "|".join(sorted(_BLOCK_TAGS, key=len, reverse=True)) + r")(?![\w-])[^>]*>?",
+    re.IGNORECASE,
+)
+_TEXT_ATTR = re.compile(
+    r"""(?<![\w-])(?:href|alt|title)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""",
+    re.IGNORECASE,
+)
+
+
+def _fast_html_to_text(markup: str) -> str:
+    """:func:`html_to_text` for long markup: the same rules, applied by regular expressions."""
+    attrs = [
+        "".join(groups)
+        for groups in _TEXT_ATTR.findall(" ".join(_TAG.findall(markup)))
+        if "".join(groups)
+    ]
+    text = _TAG.sub("", _BLOCK_TAG.sub(" ", markup))
+    if attrs:
+        text = text + " " + " ".join(attrs)
+    return html.unescape(text).strip()
 
 
 def html_to_text(markup: str) -> str:
@@ -284,6 +394,8 @@ def html_to_text(markup: str) -> str:
         return ""
     if "<" not in markup:
         return html.unescape(markup) if "&" in markup else markup
+    if len(markup) > FAST_HTML_CHARS:
+        return _fast_html_to_text(markup)
     parser = _TextExtractor()
     try:
         parser.feed(markup)

@@ -14,7 +14,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from bridge.policy.dlp import (
-    _IBAN_LENGTHS,
     DETECTORS,
     MAX_REGEX_PROGRAM_SIZE,
     MAX_REGEX_RULES,
@@ -28,6 +27,7 @@ from bridge.policy.dlp import (
     compile_regex,
     luhn_valid,
 )
+from bridge.policy.dlp.detectors import _IBAN_LENGTHS
 from bridge.policy.model import Action, Verdict
 from bridge.policy.normalize import clean
 
@@ -761,3 +761,107 @@ def test_engine_never_raises_on_arbitrary_events(event: Any) -> None:
 @settings(max_examples=300)
 def test_engine_never_raises_on_arbitrary_content(etype: str, content: Any) -> None:
     assert isinstance(FULL.check({"type": etype, "sender": "@a:b", "content": content}), Verdict)
+
+
+# --- separators, windows and long inputs -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "4111.1111.1111.1111",
+        "4111/1111/1111/1111",
+        "4111 - 1111 - 1111 - 1111",
+        "4111 / 1111 / 1111 / 1111 exp 12/26",
+        "4111 . 1111 . 1111 . 1111",
+        "4111--1111--1111--1111",
+        "ref 7 4111.1111.1111.1111 ok",
+    ],
+)
+def test_cards_with_any_common_separator(text: str) -> None:
+    assert "detector:card" in rules(FULL.scan([text]))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "+81-93-1973-3373 0171/4780-890",  # two phone numbers side by side
+        "+44 20 7326 9936 0529/7893-179",
+        "192.168.100.200 10.20.30.40 172.16.254.1",
+        "2024.01.15 2025/02/16 12.04.2026",
+        "v1.2.3.4.5.6.7.8.9.10.11.12.13",
+    ],
+)
+def test_numbers_joined_by_mixed_separators_are_not_cards(text: str) -> None:
+    assert "detector:card" not in rules(FULL.scan([text]))
+
+
+@given(st.text(alphabet="0123456789", min_size=1, max_size=40), st.data())
+def test_luhn_windows_agree_with_luhn(digits: str, data: st.DataObject) -> None:
+    from bridge.policy.dlp.detectors import _LuhnWindows
+
+    windows = _LuhnWindows(digits.encode())
+    start = data.draw(st.integers(0, len(digits) - 1))
+    end = data.draw(st.integers(start + 1, len(digits)))
+    sums = windows.sums[(end - 1) & 1]
+    assert ((sums[end] - sums[start]) % 10 == 0) == luhn_valid(digits[start:end])
+
+
+tag_soup = st.lists(
+    st.sampled_from(
+        ["<b>", "</b>", "<p>", "</p>", "<br>", "<br/>", "x", "y z", "&amp;", "<li>", "</li>",
+         '<a href="u">', "</a>", '<img alt="t">', "<code>", "</code>", "<mx-reply>"]
+    )
+)  # fmt: skip
+
+
+@given(tag_soup)
+def test_long_html_is_reduced_like_short_html(parts: list[str]) -> None:
+    from bridge.policy.normalize import _fast_html_to_text, html_to_text, normalize
+
+    markup = "".join(parts)
+    assert normalize(_fast_html_to_text(markup)) == normalize(html_to_text(markup))
+
+
+def test_a_crafted_run_of_digit_groups_still_finds_the_card_at_its_end() -> None:
+    # 10,000 4-digit groups, no window of which passes Luhn, then a card.
+    groups = ["4000"]
+    while len(groups) < 10_000:
+        for n in range(10_000):
+            candidate = f"{n:04d}"
+            if not luhn_valid("".join(groups[-3:]) + candidate):
+                groups.append(candidate)
+                break
+    text = " ".join(groups) + " " + CARD
+    assert "detector:card" in rules(finishes(lambda: FULL.scan([text])))
+
+
+SHORT = engine(keyword_lists=(KeywordList("short", ("cop", "секрет")),))
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("the сор is here", True),  # Cyrillic look-alikes in English text
+        ("Сор в комнате, рос в саду.", False),  # a real Russian word that looks like "cop"
+        ("Привет, the cоp is here", True),  # a word mixing scripts, even in Russian text
+        ("Наш секрет здесь", True),  # a Russian keyword in Russian text
+        ("the ceкрет is here", True),  # ... and spelt with Latin look-alikes
+        ("СЕКРЕТ!", True),
+    ],
+)
+def test_text_written_in_cyrillic_keeps_its_letters(text: str, found: bool) -> None:
+    assert bool(SHORT.scan([text])) is found
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("iban GB82 \u1e82\u00c9\u015aT 1234 5698 7654 32", "detector:iban"),  # precomposed
+        ("key \u00c1KIAIOSFODNN7EXAMPL\u00c9", "detector:aws_access_key"),
+        ("key A\u0301KIAIOSFODNN7EXAMPLE\u0301", "detector:aws_access_key"),  # combining
+        ("\u202e1111 1111 1111 1114\u202c", "detector:card"),  # shown as 4111 ...
+    ],
+)
+def test_accents_and_overrides_do_not_hide_secrets_from_detectors(text: str, rule: str) -> None:
+    assert rule in rules(FULL.scan([text]))

@@ -133,7 +133,8 @@ def test_extensible_media_caption(key: str) -> None:
         "m.file": {"url": "mxc://x/y", "name": "report.pdf"},
         key: {"m.text": [{"body": "the <b>Falcon</b> numbers", "mimetype": "text/html"}]},
     }
-    assert extract_texts(ev("m.file", content)) == ["the Falcon numbers"]
+    # The file name inside ``m.file`` is text too (every string value is read).
+    assert extract_texts(ev("m.file", content)) == ["the Falcon numbers", "report.pdf"]
     bare = {key: [{"body": "bare caption"}]}
     assert extract_texts(ev("m.image", bare)) == ["bare caption"]
 
@@ -159,12 +160,23 @@ def test_reaction_key() -> None:
     ("etype", "content"),
     [
         ("m.room.encrypted", {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgA"}),
-        ("m.room.canonical_alias", {"alias": "#secret:x.org"}),
+        ("m.room.canonical_alias", {"alias": "#secret:x.org", "alt_aliases": ["#a:x.org"]}),
         ("m.room.pinned_events", {"pinned": ["$secret"]}),
         ("m.room.message", "not a dict"),
         ("m.room.message", None),
-        ("m.room.message", {"body": 42, "formatted_body": ["x"], "filename": {"a": 1}}),
         ("m.room.name", {"name": None}),
+        ("m.reaction", {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$e"}}),
+        ("m.sticker", {"url": "mxc://x/y", "info": {"mimetype": "image/png", "w": 5}}),
+    ],
+)
+def test_yields_nothing_for_identifiers_or_no_text(etype: str, content: Any) -> None:
+    assert extract_texts(ev(etype, content)) == []
+
+
+@pytest.mark.parametrize(
+    ("etype", "content"),
+    [
+        ("m.room.message", {"body": 42, "formatted_body": ["x"], "filename": {"a": 1}}),
         ("m.reaction", {"m.relates_to": "x"}),
         ("m.poll.start", {"m.poll.start": {"question": 5, "answers": "nope"}}),
         ("m.poll.start", {"m.poll.start": {"answers": [None, 3, {"m.text": "x"}]}}),
@@ -172,9 +184,11 @@ def test_reaction_key() -> None:
         ("m.file", {"m.caption": {"m.text": 7}, "org.matrix.msc3488.location": [1]}),
     ],
 )
-def test_yields_nothing_for_unscanned_or_malformed(etype: str, content: Any) -> None:
+def test_malformed_fields_are_still_read_as_plain_strings(etype: str, content: Any) -> None:
+    # A field of an unexpected shape is not parsed, but every string in it is still scanned.
     texts = extract_texts(ev(etype, content))
-    assert texts in ([], ["x"])
+    assert set(texts) <= {"x", "y", "nope"}
+    assert set(texts) == {v for v in ("x", "y", "nope") if repr(v) in repr(content)}
 
 
 @pytest.mark.parametrize("event", [None, 3, "str", [], {}, {"type": 5, "content": {"body": "x"}}])
@@ -243,3 +257,34 @@ event_types = st.sampled_from(
 def test_never_raises_on_arbitrary_content(etype: str, content: Any) -> None:
     texts = extract_texts({"type": etype, "content": content})
     assert all(isinstance(t, str) and t for t in texts)
+
+
+def test_every_string_of_the_content_is_read_in_order_after_the_known_fields() -> None:
+    content = {
+        "com.example.note": "first custom",
+        "body": "the body",
+        "nested": {"a": ["x", {"b": "deep"}], "url": "mxc://not/read", "msgtype": "m.text"},
+    }
+    texts = extract_texts(ev("com.example.thing", content))
+    assert texts == ["the body", "first custom", "x", "deep"]
+
+
+def test_state_keys_of_custom_state_events_are_read_but_not_user_ids() -> None:
+    assert extract_texts(ev("com.example.s", {}, state_key="project falcon")) == ["project falcon"]
+    assert extract_texts(ev("com.example.s", {}, state_key="@a:x.org")) == []
+    assert extract_texts(ev("m.room.member", {}, state_key="falcon")) == []
+
+
+def test_the_walk_is_bounded_in_depth_and_count() -> None:
+    from bridge.policy.extract import MAX_DEPTH, MAX_NODES
+
+    deep: Any = "too deep"
+    for _ in range(MAX_DEPTH + 5):
+        deep = {"n": deep}
+    assert extract_texts(ev("x.y", {"d": deep})) == []
+    shallow: Any = "found"
+    for _ in range(MAX_DEPTH - 2):
+        shallow = {"n": shallow}
+    assert extract_texts(ev("x.y", {"d": shallow})) == ["found"]
+    many = {"list": [f"s{i}" for i in range(MAX_NODES + 100)]}
+    assert len(extract_texts(ev("x.y", many))) < MAX_NODES

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.policy.normalize import clean, fold, html_to_text, normalize
+from bridge.policy import bidi
+from bridge.policy.normalize import clean, fold, fold_literal, html_to_text, normalize
 
 # Any code point, lone surrogates included (they reach us through JSON "\ud800" escapes).
 any_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF))
@@ -26,8 +27,11 @@ any_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFF
         ("ﬁle", "file"),  # ligature
         ("STRASSE Straße", "strasse strasse"),  # full case folding
         ("s\u0336e\u0336c\u0336r\u0336e\u0336t\u0336", "secret"),  # strike-through marks
-        ("café", "café"),  # precomposed letters stay
-        ("cafe\u0301", "café"),  # ... and decomposed ones compose
+        ("café", "cafe"),  # the skeleton has no accents, precomposed ...
+        ("cafe\u0301", "cafe"),  # ... or combining
+        ("Łódź søster", "lodz soster"),  # Latin letters with a stroke: by Unicode name
+        ("project...nightingale", "project nightingale"),  # punctuation runs separate words
+        ("project_-_/nightingale!", "project nightingale"),
         ("a\u00a0b\u3000c\u2028d", "a b c d"),  # unicode spaces
         ("sec\x00ret\x07", "secret"),  # control characters
         ("ab\ud800cd", "abcd"),  # lone surrogate
@@ -52,7 +56,7 @@ def test_normalize_examples(raw: str, expected: str) -> None:
 )
 def test_clean_maps_unicode_digits_and_dashes_to_ascii(raw: str, expected: str) -> None:
     assert clean(raw) == expected
-    assert normalize(raw) == expected
+    assert normalize(raw) == expected.replace("-", " ")  # dashes separate words there
 
 
 @pytest.mark.parametrize(
@@ -60,26 +64,48 @@ def test_clean_maps_unicode_digits_and_dashes_to_ascii(raw: str, expected: str) 
     [
         ("nightingal\u0435", "nightingale"),  # Cyrillic е at the end of a Latin word
         ("\u0420assword", "password"),  # Cyrillic Р
-        ("\u039d\u0399GHT", "night"),  # Greek Ν, Ι in upper case
+        ("\u0399\u039a\u0395 \u039c\u0391\u03a4\u0397", "ike math"),  # Greek capitals
         ("kingfish\u0435r and \u0455ecret", "kingfisher and secret"),
-        ("привет, nightingalе!", "привет, nightingale!"),  # the Russian word is kept
+        ("nightingalе in привет", "nightingale in пpиbet"),  # TR39 folds in every word
+        ("ꜱᴇᴄʀᴇᴛ ʀᴇᴅ", "secret red"),  # small capitals (TR39, then by Unicode name)
+        ("ѕесгеt", "secret"),  # Cyrillic dze, ie, es, ghe
+        ("ꮪꭼꮯꭱꭼꭲ", "secret"),  # Cherokee small letters
+        ("ѕесrеt 𝐬𝐞𝐜𝐫𝐞𝐭", "secret secret"),
+        ("ԁɑtɑ", "data"),  # Cyrillic komi de, Latin alpha
     ],
 )
-def test_look_alike_letters_in_mixed_words_become_latin(raw: str, expected: str) -> None:
+def test_look_alike_letters_become_latin(raw: str, expected: str) -> None:
     assert normalize(raw) == expected
 
 
 @pytest.mark.parametrize(
     "text",
     [
-        "сор рос сесс",  # all-Cyrillic words that look like Latin ones: real Russian text
+        "сор рос сесс",  # Cyrillic words that look like Latin ones: real Russian text
         "ορος",  # Greek
         "Ελληνικά κείμενα",
-        "kız ılık",  # Turkish dotless ı is a letter of its own: not folded
+        "kız ılık",  # Turkish dotless ı
+        "Москва привет",
     ],
 )
-def test_single_script_words_are_left_alone(text: str) -> None:
-    assert normalize(text) == text.casefold()
+def test_other_scripts_compare_without_case(text: str) -> None:
+    # Folded to the same skeleton whatever the case, so keyword lists in these scripts work.
+    assert normalize(text.upper()) == normalize(text) == normalize(text.lower())
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("\u202eterces\u202c", "secret"),  # right-to-left override, shown reversed
+        ("top \u202elaitnedifnoc\u202c plan", "top confidential plan"),
+        ("\u202ea\u202db c\u202cd\u202c", "db ca"),  # a nested left-to-right run stays whole
+        ("\u202eterces", "secret"),  # an unclosed override ends with the text
+        ("\u202eab\ncd", "ba cd"),  # ... or with the paragraph
+        ("\u2067secret\u2069 \u202bplan\u202c", "secret plan"),  # isolates, embeddings
+    ],
+)
+def test_overrides_are_read_in_display_order(raw: str, expected: str) -> None:
+    assert normalize(raw) == expected
 
 
 mixed_text = st.text(
@@ -119,8 +145,8 @@ def test_fold_of_clean_is_normalize(text: str) -> None:
 
 @given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F)))
 def test_ascii_fast_path_matches_definition(text: str) -> None:
-    expected = " ".join("".join(c for c in text if c.isprintable() or c.isspace()).split())
-    assert normalize(text) == expected.lower()
+    kept = "".join(c if c.isalnum() else " " for c in text if c.isprintable() or c.isspace())
+    assert normalize(text) == " ".join(kept.split()).lower()
 
 
 # --- html_to_text ---------------------------------------------------------------------------
@@ -133,12 +159,12 @@ def test_ascii_fast_path_matches_definition(text: str) -> None:
         ("<p>one</p><p>two</p>", "one two"),  # block tags do
         ("line<br>break<br/>here", "line break here"),
         ("<ul><li>a</li><li>b</li></ul>", "a b"),
-        ("<code>AKIA</code> &amp; &lt;tag&gt; &#x41;", "akia & <tag> a"),
+        ("<code>AKIA</code> &amp; &lt;tag&gt; &#x41;", "akia tag a"),
         ("<mx-reply><blockquote>quoted secret</blockquote></mx-reply>reply", "quoted secret reply"),
-        ('<a href="https://x.example/?t=tok">link</a>', "link https://x.example/?t=tok"),
+        ('<a href="https://x.example/?t=tok">link</a>', "link https x example t tok"),
         ('<img alt="hidden text" src="mxc://a/b">', "hidden text"),
         ("<table><tr><td>a</td><td>b</td></tr></table>", "a b"),
-        ("no markup &amp; entity", "no markup & entity"),
+        ("no markup &amp; entity", "no markup entity"),
         ("plain", "plain"),
     ],
 )
@@ -172,3 +198,57 @@ def test_html_to_text_never_raises_on_tag_soup(parts: list[str]) -> None:
 
 def test_html_to_text_non_string() -> None:
     assert html_to_text(None) == ""  # type: ignore[arg-type]
+
+
+# --- properties of the skeleton --------------------------------------------------------------
+
+# NFKD of U+FDFA (ARABIC LIGATURE SALLALLAHOU ALAYHE WASALLAM) is 18 characters, the most any
+# character becomes; nothing in the skeleton grows text further.
+MAX_EXPANSION = 18
+
+
+@given(any_text)
+@settings(max_examples=500)
+def test_the_skeleton_is_bounded_and_idempotent(text: str) -> None:
+    for skeleton in (normalize(text), fold_literal(clean(text))):
+        assert len(skeleton) <= MAX_EXPANSION * len(text)
+    literal = fold_literal(clean(text))
+    assert fold_literal(literal) == literal
+
+
+def test_the_largest_expansion_of_one_character() -> None:
+    assert len(normalize("\ufdfa")) == MAX_EXPANSION
+
+
+bidi_text = st.text(
+    alphabet=st.sampled_from(list("ab \n\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
+)
+
+
+@given(bidi_text)
+@settings(max_examples=500)
+def test_display_order_copies_each_character_a_bounded_number_of_times(text: str) -> None:
+    # Linear: every character is copied at most once per nesting level, and nesting is capped.
+    copied = 0
+    close = bidi._close
+
+    def counting_close(kind: str, parts: list[str]) -> str:
+        nonlocal copied
+        out = close(kind, parts)
+        copied += len(out)
+        return out
+
+    bidi._close = counting_close  # type: ignore[assignment]
+    try:
+        shown = bidi.display_order(text)
+    finally:
+        bidi._close = close  # type: ignore[assignment]
+    assert copied <= (bidi.MAX_DEPTH + 2) * len(text)
+    # The same characters, reordered (the controls are dropped later, by clean()).
+    visible = [ch for ch in shown if ch not in bidi.BIDI_CONTROLS]
+    assert sorted(visible) == sorted(ch for ch in text if ch not in bidi.BIDI_CONTROLS)
+
+
+def test_deep_nesting_is_capped() -> None:
+    text = "\u202e\u202d" * 1000 + "ab"
+    assert bidi.display_order(text) == "ab"

@@ -1,0 +1,393 @@
+"""The DLP engine: keyword lists, admin regexes and validated built-in detectors.
+
+Pure and fast: :meth:`DlpEngine.compile` does all the work once per policy; :meth:`DlpEngine.scan`
+then costs a few microseconds per chat message, and is linear in the text (a crafted 64 KiB
+event costs at most a few tens of milliseconds: see ``bench/dlp_worst_case.py``).
+
+What runs on which form of the text (see :mod:`bridge.policy.normalize`):
+
+* **Keyword lists** run on the *skeleton* ``normalize(text)`` (overrides in display order,
+  invisibles and combining marks removed, NFKD, case-folded, TR39 look-alikes folded to ASCII,
+  any run of punctuation, symbols and whitespace one space), with keywords normalized the same
+  way (:func:`~bridge.policy.normalize.keyword_forms`). All such keywords of all lists share ONE
+  Aho-Corasick automaton; the few keywords that begin or end with punctuation (``c++``) share a
+  second one, run on the skeleton with punctuation kept. Whole-word mode checks the
+  neighbouring characters of each hit. Characters of scripts written without spaces (CJK,
+  Thai, ...) never count as word characters, so whole-word lists still match there.
+* **Regex rules** (RE2 only: linear time, no backreferences or lookaround) run on the
+  *clean* text (NFKC, invisibles and accents removed, whitespace collapsed, case kept --
+  write ``(?i)`` for case-insensitive rules) and, when it differs, on the original text too,
+  so patterns that rely on accents, line breaks or exact spacing still work. All rules are
+  matched in one pass with an ``RE2::Set``; only rules that matched are searched again for
+  the excerpt (at most two per message; further matches are reported without an excerpt).
+  To keep every message cheap, at most :data:`MAX_REGEX_RULES` rules apply in a scope, each
+  with an RE2 program of at most :data:`MAX_REGEX_PROGRAM_SIZE` and
+  :data:`MAX_REGEX_TOTAL_PROGRAM_SIZE` together; a pattern or policy over a cap is refused
+  when it is added, saying which cap.
+* **Detectors** run on the clean text: full-width digits, zero-width characters or accents
+  inside a card number or key, reversed overrides and line-wrapped keys are caught. A
+  single ``RE2::Set`` pass tells which detectors have a candidate; only those run their
+  validators (Luhn, mod-97, SSN ranges, JWT header decoding, ...).
+
+A :class:`~bridge.policy.model.Finding` names the rule (``keyword:<list>``, ``regex:<name>``,
+``detector:<name>``) and tells the sender what to do; it never contains the matched text.
+Its ``excerpt`` is masked (``4111 **** **** 1111``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ahocorasick
+import re2
+
+from bridge.policy.dlp.detectors import DETECTORS, Detector, mask_text
+from bridge.policy.dlp.regex import (
+    MAX_REGEX_RULES,
+    MAX_REGEX_TOTAL_PROGRAM_SIZE,
+    InvalidPattern,
+    compile_regex,
+    options,
+)
+from bridge.policy.dlp.rules import DlpPolicy
+from bridge.policy.dlp.words import is_word
+from bridge.policy.extract import extract_texts
+from bridge.policy.model import ALLOW, Action, Finding, Verdict, server_name
+from bridge.policy.normalize import (
+    clean,
+    clean_ascii,
+    fold,
+    fold_ascii,
+    fold_literal,
+    keyword_forms,
+)
+
+__all__ = ["CATEGORY", "DlpEngine"]
+
+CATEGORY = "dlp"
+
+# Matched regex rules per scan searched again for their (masked) excerpt; the others report
+# no excerpt. One search of a 60 KB message can cost milliseconds with a heavy pattern.
+_MAX_EXCERPT_SEARCHES = 2
+
+
+def _message(rule: str, what: str, actions: frozenset[Action], secret: bool) -> str:
+    if Action.BLOCK in actions:
+        lead = f"Your message was blocked by the data-loss-prevention rule {rule!r}"
+        tail = "Remove it and send the message again."
+    elif Action.REDACT in actions:
+        lead = f"Your message will be removed by the data-loss-prevention rule {rule!r}"
+        tail = "Please do not share it in chat."
+    else:
+        lead = f"Your message matched the data-loss-prevention rule {rule!r}"
+        tail = "Please do not share it in chat."
+    revoke = " If it is a real credential, revoke it now: it may already have been seen." * secret
+    return (
+        f"{lead}: it appears to contain {what}. {tail}{revoke}"
+        " If you think this is a mistake, contact your administrator."
+    )
+
+
+# --- engine --------------------------------------------------------------------------------
+
+# One automaton entry: (rule index, keyword length, needs boundary left, needs boundary right).
+_Entry = tuple[int, int, bool, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    rule: str
+    actions: frozenset[Action]
+    what: str
+    secret: bool
+
+    def finding(self, excerpt: str) -> Finding:
+        return Finding(
+            rule=self.rule,
+            category=CATEGORY,
+            actions=self.actions,
+            message=_message(self.rule, self.what, self.actions, self.secret),
+            excerpt=excerpt,
+        )
+
+
+def _automaton(entries: Mapping[str, list[_Entry]]) -> Any:
+    """One Aho-Corasick automaton over ``entries`` (None when there are none)."""
+    if not entries:
+        return None
+    automaton = ahocorasick.Automaton()
+    for norm, bucket in entries.items():
+        automaton.add_word(norm, tuple(bucket))
+    automaton.make_automaton()
+    return automaton
+
+
+class DlpEngine:
+    """A :class:`DlpPolicy` compiled for fast scanning. Immutable once built; thread-safe."""
+
+    __slots__ = (
+        "_automaton",
+        "_detectors",
+        "_exempt_rooms",
+        "_exempt_servers",
+        "_exempt_users",
+        "_literal_automaton",
+        "_regex_rules",
+        "_regex_set",
+        "_regexes",
+        "_rules",
+        "_set_detectors",
+        "policy",
+    )
+
+    def __init__(self) -> None:
+        """Use :meth:`compile`."""
+        self.policy = DlpPolicy()
+        self._rules: list[_Rule] = []
+        self._automaton: Any = None
+        self._literal_automaton: Any = None
+        self._regexes: list[re2._Regexp] = []
+        self._regex_rules: list[int] = []
+        self._regex_set: Any = None
+        self._detectors: list[tuple[int, Detector]] = []
+        self._set_detectors: Any = None
+        self._exempt_users: frozenset[str] = frozenset()
+        self._exempt_servers: frozenset[str] = frozenset()
+        self._exempt_rooms: frozenset[str] = frozenset()
+
+    @classmethod
+    def compile(cls, policy: DlpPolicy) -> DlpEngine:
+        """Validate ``policy`` and build the automaton and pattern sets, once.
+
+        Raises :class:`ValueError` (or its subclass :class:`InvalidPattern`) naming the rule
+        that is wrong: duplicate names, keywords empty after normalization, bad patterns,
+        bad exemption patterns. Regex rules are capped so that the gate stays fast: at most
+        :data:`MAX_REGEX_RULES` rules, each with an RE2 program of at most
+        :data:`MAX_REGEX_PROGRAM_SIZE`, together at most
+        :data:`MAX_REGEX_TOTAL_PROGRAM_SIZE`; a policy over a cap is refused with a
+        :class:`ValueError` that says which cap.
+        """
+        engine = cls()
+        engine.policy = policy
+        seen: set[str] = set()
+
+        def add_rule(rule: _Rule) -> int:
+            if rule.rule in seen:
+                raise ValueError(f"DLP rule {rule.rule!r} is defined twice")
+            seen.add(rule.rule)
+            engine._rules.append(rule)
+            return len(engine._rules) - 1
+
+        # Keywords that begin and end with a word character are compared on the skeleton in
+        # which any run of punctuation, symbols and spaces is one separator; the few whose
+        # punctuation is part of them (``c++``, ``.env``) on the skeleton that keeps it.
+        entries: dict[str, list[_Entry]] = {}
+        literal_entries: dict[str, list[_Entry]] = {}
+        for klist in policy.keyword_lists:
+            index = add_rule(
+                _Rule(
+                    f"keyword:{klist.name}",
+                    klist.actions,
+                    f"a term from the keyword list {klist.name!r}",
+                    secret=False,
+                )
+            )
+            for position, keyword in enumerate(klist.keywords):
+                literal = fold_literal(clean(keyword))
+                if is_word(literal[:1]) and is_word(literal[-1:]):
+                    forms, target = keyword_forms(keyword), entries
+                else:
+                    forms, target = (literal,), literal_entries
+                if not forms[0]:
+                    raise ValueError(
+                        f"keyword list {klist.name!r}: keyword #{position + 1} ({keyword!r}) is"
+                        " empty after normalization"
+                    )
+                whole = klist.whole_word
+                for norm in forms:
+                    left, right = whole and is_word(norm[0]), whole and is_word(norm[-1])
+                    entry = (index, len(norm), left, right)
+                    bucket = target.setdefault(norm, [])
+                    if not any(e[0] == index for e in bucket):
+                        bucket.append(entry)
+        engine._automaton = _automaton(entries)
+        engine._literal_automaton = _automaton(literal_entries)
+
+        if len(policy.regex_rules) > MAX_REGEX_RULES:
+            raise ValueError(
+                f"too many DLP regex rules: {len(policy.regex_rules)} apply here, at most"
+                f" {MAX_REGEX_RULES} are allowed (config file and commands, all scopes"
+                " together); combine patterns with | or remove unused ones"
+            )
+        if policy.regex_rules:
+            regex_set = re2.Set.SearchSet(options(64 << 20))
+            program_size = 0
+            for rule in policy.regex_rules:
+                try:
+                    compiled = compile_regex(rule.pattern)
+                except InvalidPattern as exc:
+                    raise InvalidPattern(
+                        f"regex rule {rule.name!r}: {exc.reason}", rule.pattern
+                    ) from None
+                index = add_rule(
+                    _Rule(
+                        f"regex:{rule.name}",
+                        rule.actions,
+                        f"text matching the pattern rule {rule.name!r}",
+                        secret=False,
+                    )
+                )
+                program_size += compiled.programsize
+                if program_size > MAX_REGEX_TOTAL_PROGRAM_SIZE:
+                    raise ValueError(
+                        f"regex rule {rule.name!r}: the DLP regex rules that apply here are"
+                        f" too complex together (RE2 program size over"
+                        f" {MAX_REGEX_TOTAL_PROGRAM_SIZE}, so that every message stays fast"
+                        " to check); simplify or remove some patterns"
+                    )
+                engine._regexes.append(compiled)
+                engine._regex_rules.append(index)
+                regex_set.Add(rule.pattern)
+            try:
+                regex_set.Compile()
+                engine._regex_set = regex_set
+            except re2.error:  # too big for one set: fall back to one search per rule
+                engine._regex_set = None
+
+        if policy.detectors:
+            detector_set = re2.Set.SearchSet(options())
+            for det in policy.detectors:
+                spec = DETECTORS[det.name]
+                index = add_rule(_Rule(f"detector:{det.name}", det.actions, spec.what, spec.secret))
+                engine._detectors.append((index, spec))
+                detector_set.Add(spec.prefilter)
+            detector_set.Compile()
+            engine._set_detectors = detector_set
+
+        users: set[str] = set()
+        servers: set[str] = set()
+        for pattern in policy.exempt_users:
+            if not isinstance(pattern, str) or not pattern.startswith("@") or ":" not in pattern:
+                raise ValueError(
+                    f"exempt user {pattern!r}: expected a user ID (@name:server) or @*:server"
+                )
+            if pattern.startswith("@*:") and "*" not in pattern[3:]:
+                servers.add(pattern[3:])
+            elif "*" in pattern:
+                raise ValueError(
+                    f"exempt user {pattern!r}: only the form @*:server may contain '*'"
+                )
+            else:
+                users.add(pattern)
+        engine._exempt_users = frozenset(users)
+        engine._exempt_servers = frozenset(servers)
+        engine._exempt_rooms = frozenset(policy.exempt_rooms)
+        return engine
+
+    # -- exemptions --
+
+    def is_exempt(self, sender: object, room_id: object) -> bool:
+        """Whether DLP does not apply to ``sender`` or in ``room_id``."""
+        if isinstance(room_id, str) and room_id in self._exempt_rooms:
+            return True
+        if isinstance(sender, str):
+            if sender in self._exempt_users:
+                return True
+            if self._exempt_servers and server_name(sender) in self._exempt_servers:
+                return True
+        return False
+
+    # -- scanning --
+
+    def check(self, event: Mapping[str, Any]) -> Verdict:
+        """Judge one client-format event: exemptions, then :meth:`scan` of its texts."""
+        if not isinstance(event, Mapping):
+            return ALLOW
+        if self.is_exempt(event.get("sender"), event.get("room_id")):
+            return ALLOW
+        texts = extract_texts(event)
+        if not texts:
+            return ALLOW
+        findings = self.scan(texts)
+        return Verdict(findings) if findings else ALLOW
+
+    def scan(self, texts: Sequence[str]) -> tuple[Finding, ...]:
+        """All rules that match any of ``texts``: one finding per rule, in policy order."""
+        found: dict[int, str] = {}
+        excerpt_searches = [_MAX_EXCERPT_SEARCHES]
+        for raw in texts:
+            if not isinstance(raw, str) or not raw:
+                continue
+            if raw.isascii():  # most chat: one pass over bytes for every reader
+                data = clean_ascii(raw)
+                if not data:
+                    continue
+                cleaned = data.decode("ascii")
+                skeleton = fold_ascii(data) if self._automaton is not None else ""
+            else:
+                cleaned = clean(raw)
+                if not cleaned:
+                    continue
+                data = cleaned.encode("utf-8", "replace")
+                skeleton = fold(cleaned) if self._automaton is not None else ""
+            if self._automaton is not None:
+                self._scan_keywords(self._automaton, skeleton, found)
+            if self._literal_automaton is not None:
+                self._scan_keywords(self._literal_automaton, fold_literal(cleaned), found)
+            if self._regexes:
+                self._scan_regexes(cleaned, found, excerpt_searches)
+                if raw != cleaned:
+                    self._scan_regexes(raw, found, excerpt_searches)
+            if self._detectors:
+                self._scan_detectors(data, found)
+        if not found:
+            return ()
+        return tuple(self._rules[i].finding(found[i]) for i in sorted(found))
+
+    @staticmethod
+    def _scan_keywords(automaton: Any, text: str, found: dict[int, str]) -> None:
+        last = len(text) - 1
+        for end, bucket in automaton.iter(text):
+            for index, length, left, right in bucket:
+                if index in found:
+                    continue
+                start = end - length + 1
+                if left and start > 0 and is_word(text[start - 1]):
+                    continue
+                if right and end < last and is_word(text[end + 1]):
+                    continue
+                found[index] = mask_text(text[start : end + 1])
+
+    def _scan_regexes(self, text: str, found: dict[int, str], searches: list[int]) -> None:
+        """Rules matching ``text``; ``searches[0]`` is the budget of excerpt searches left."""
+        data = text.encode("utf-8", "replace")
+        if self._regex_set is not None:
+            hits: Iterable[int] = self._regex_set.Match(data) or ()
+        else:  # no set: every rule is searched anyway, so the excerpt comes for free
+            hits = range(len(self._regexes))
+            searches = [len(self._regexes)]
+        for position in hits:
+            index = self._regex_rules[position]
+            if index in found:
+                continue
+            if searches[0] <= 0:  # the set says it matched; skip the costly excerpt search
+                found[index] = ""
+                continue
+            searches[0] -= 1
+            m = self._regexes[position].search(data)
+            if m is not None:
+                found[index] = mask_text(m.group().decode("utf-8", "replace"))
+
+    def _scan_detectors(self, data: bytes, found: dict[int, str]) -> None:
+        hits = self._set_detectors.Match(data)
+        if not hits:
+            return
+        for position in hits:
+            index, spec = self._detectors[position]
+            if index in found:
+                continue
+            excerpt = spec.find(data)
+            if excerpt is not None:
+                found[index] = excerpt
