@@ -21,6 +21,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from bridge.policy.model import server_name
+from bridge.roles import Role
 
 ENV_PREFIX = "POLICY_BRIDGE__"
 PLACEHOLDER_PREFIX = "CHANGE_ME"
@@ -28,7 +29,7 @@ PLACEHOLDER_PREFIX = "CHANGE_ME"
 # placeholder someone forgot to replace, like the example config's CHANGE_ME_AS_TOKEN.
 PLACEHOLDER_MARKERS = ("changeme", "replaceme", "placeholder")
 MIN_TOKEN_LENGTH = 32  # generate-registration writes 43 characters (256 bits)
-ROLES = ("admin", "auditor")
+ROLES = tuple(r.value for r in Role)
 # Mappings whose keys are data (user IDs, room IDs, detector names), not options.
 FREEFORM = frozenset({"permissions", "rooms", "spaces", "detectors"})
 
@@ -98,7 +99,7 @@ class BridgeConfig:
     command_prefix: str
     management_room: str
     auto_enroll: bool
-    permissions: Mapping[str, str]
+    permissions: Mapping[str, Role]
     obtain_power: bool = False
 
 
@@ -208,7 +209,7 @@ class Config:
     def bot_mxid(self) -> str:
         return f"@{self.appservice.bot_localpart}:{self.homeserver.domain}"
 
-    def role_of(self, user_id: str) -> str | None:
+    def role_of(self, user_id: str) -> Role | None:
         """The role of a Matrix user ID: exact entry, else ``@*:domain``, else ``*``."""
         perms = self.bridge.permissions
         if user_id in perms:
@@ -471,7 +472,7 @@ def build_config(
     database = DatabaseConfig(url=db_url, pool_size=v.integer("database.pool_size", 1, 200))
 
     perms_raw = v.get("bridge.permissions")
-    permissions: dict[str, str] = {}
+    permissions: dict[str, Role] = {}
     if not isinstance(perms_raw, Mapping):
         v.fail("bridge.permissions", perms_raw, "a mapping of user ID or pattern to role")
     else:
@@ -481,9 +482,11 @@ def build_config(
                 v.fail(key, who, "a Matrix user ID (@user:domain), @*:domain or *")
             elif who.startswith("@") and "*" in who and not who.startswith("@*:"):
                 v.fail(key, who, "wildcards only as @*:domain or *")
-            if role not in ROLES:
+            parsed = Role.parse(role if isinstance(role, str) else None)
+            if parsed is None:
                 v.fail(key, role, "one of " + ", ".join(ROLES))
-            permissions[str(who)] = str(role)
+            else:
+                permissions[str(who)] = parsed
     prefix = v.string("bridge.command_prefix")
     if prefix and any(c.isspace() for c in prefix):
         v.fail("bridge.command_prefix", prefix, "a prefix without spaces, like !policy")

@@ -5,31 +5,8 @@ A role includes every role ranked below it: ``admin`` may do everything ``audito
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from bridge.config import Config
-
-
-class Role(StrEnum):
-    """A role granted in ``bridge.permissions``."""
-
-    AUDITOR = "auditor"  # reads: status, lists, searches, tests
-    ADMIN = "admin"  # changes policies, holds, reloads
-
-    @property
-    def rank(self) -> int:
-        return _RANK[self]
-
-    @classmethod
-    def parse(cls, value: str | None) -> Role | None:
-        """The role named ``value`` (exactly as configured), or None for no or an unknown role."""
-        try:
-            return cls(value) if value else None
-        except ValueError:
-            return None
-
-
-_RANK = {Role.AUDITOR: 1, Role.ADMIN: 2}
+from bridge.roles import Role
 
 
 def role_allows(role: Role | None, needed: Role) -> bool:
@@ -39,4 +16,7 @@ def role_allows(role: Role | None, needed: Role) -> bool:
 
 def role_of(config: Config, user_id: str) -> Role | None:
     """The role ``config`` grants ``user_id`` (exact entry, else ``@*:domain``, else ``*``)."""
-    return Role.parse(config.role_of(user_id))
+    return config.role_of(user_id)
+
+
+__all__ = ["Role", "role_allows", "role_of"]

@@ -20,6 +20,7 @@ from bridge.config import BridgeConfig
 from bridge.pipeline.actions import ActionKind, notice
 from bridge.pipeline.worker import notify_text
 from bridge.policy.model import Action, Verdict
+from bridge.roles import Role
 from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import ActionRow, NewAction, Store
 
@@ -55,7 +56,7 @@ async def bootstrap(client: ClientAPI, store: Store, config: BridgeConfig) -> st
         except MatrixRequestError as e:
             log.error("cannot join the management room %s: %s", room, e.message)
     else:
-        admins = [u for u, r in config.permissions.items() if r == "admin" and "*" not in u]
+        admins = [u for u, r in config.permissions.items() if r is Role.ADMIN and "*" not in u]
         room = str(
             await client.create_room(
                 name="Policy bridge management",

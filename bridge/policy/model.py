@@ -6,10 +6,8 @@ Everything here is immutable and does no I/O: the gate, the ingest worker and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Generic, TypeVar
 
 
 class Action(StrEnum):
@@ -57,29 +55,6 @@ class Verdict:
 
 
 ALLOW = Verdict()
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Scoped(Generic[T]):
-    """A setting with a global value, overridden per space, overridden per room.
-
-    ``resolve`` picks the most specific value: the room's own, else the first of the
-    room's parent spaces that has one, else the global one.
-    """
-
-    global_: T
-    spaces: Mapping[str, T] = field(default_factory=dict)
-    rooms: Mapping[str, T] = field(default_factory=dict)
-
-    def resolve(self, room_id: str | None, space_ids: tuple[str, ...] = ()) -> T:
-        if room_id is not None and room_id in self.rooms:
-            return self.rooms[room_id]
-        for space in space_ids:
-            if space in self.spaces:
-                return self.spaces[space]
-        return self.global_
 
 
 def server_name(user_id: str) -> str:
