@@ -3,7 +3,8 @@
 The tracker follows the event stream: which rooms the bot is joined to (its own
 membership; invitations from our server or from users with a role are accepted), members
 of other servers who may have to leave, changes to the state the policy owns (server ACL,
-retention: restored), which rooms belong to which spaces (the scopes of space policies),
+retention: restored), which rooms belong to which spaces (the scopes of space policies;
+links a room cannot forge, judged by :mod:`bridge.policy.spaces`),
 and rooms created on the homeserver (enrolled when auto-enrolment is on).
 
 Like every stage of the worker it only stages: room rows, actions and state values go
