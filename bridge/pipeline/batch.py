@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
+from bridge.policy.spaces import SpaceLinks
 from bridge.store import AuditEntry, NewAction, RoomUpdate
 
 
@@ -29,7 +30,7 @@ class PendingConfirmation(TypedDict):
 class Batch:
     """What processing one transaction produced, committed together.
 
-    ``rooms``: the room rows to write, by room. ``room_spaces`` and ``confirmations``: the
+    ``rooms``: the room rows to write, by room. ``spaces`` and ``confirmations``: the
     space links and pending confirmations as this batch leaves them, when it changed them
     (later events of the same transaction must see earlier ones' changes, which reach
     the in-memory copies only after the commit).
@@ -39,7 +40,7 @@ class Batch:
     audit: list[AuditEntry] = field(default_factory=list)
     state: dict[str, str] = field(default_factory=dict)
     rooms: dict[str, RoomUpdate] = field(default_factory=dict)
-    room_spaces: dict[str, tuple[str, ...]] | None = None
+    spaces: SpaceLinks | None = None
     confirmations: dict[str, PendingConfirmation] | None = None
     after_commit: list[Callable[[], None]] = field(default_factory=list)
 

@@ -17,11 +17,18 @@ from bridge.config import Config
 from bridge.policy.engine import PolicyEngine, PolicySet
 from bridge.policy.layers import DlpLayers, EngineCache, parse_runtime_dlp
 from bridge.policy.scopes import federation_layers, retention_layers
+from bridge.policy.spaces import SpaceLinks
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ("dlp", "federation", "retention")
+#: The state-table key of the space links (:class:`~bridge.policy.spaces.SpaceLinks`).
 SPACES_KEY = "room_spaces"
+
+
+def stored_room_spaces(value: str | None) -> dict[str, tuple[str, ...]]:
+    """The room→spaces map from the stored space links (either stored form)."""
+    return SpaceLinks.decode(value).room_spaces()
 
 
 def runtime_key(section: str) -> str:

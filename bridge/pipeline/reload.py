@@ -19,7 +19,13 @@ from bridge.audit.kinds import AuditKind
 from bridge.commands import Reply
 from bridge.config import Config, ConfigError, load_config
 from bridge.logs import setup_logging
-from bridge.pipeline.live_policy import SECTIONS, SPACES_KEY, LivePolicy, runtime_key
+from bridge.pipeline.live_policy import (
+    SECTIONS,
+    SPACES_KEY,
+    LivePolicy,
+    runtime_key,
+    stored_room_spaces,
+)
 from bridge.pipeline.rollout import ROOM_SECTIONS
 from bridge.store import AuditEntry, Store, StoreUnavailable
 
@@ -31,8 +37,7 @@ LIVE_SECTIONS = ("bridge", "executor", "logging", "dlp", "federation", "retentio
 
 async def load_runtime_policy(store: Store, policy: LivePolicy) -> None:
     """Apply the runtime policy documents and room→space map kept in the store."""
-    spaces = LivePolicy.decode(await store.state.get(SPACES_KEY))
-    policy.room_spaces = {room: tuple(ids) for room, ids in spaces.items()}
+    policy.room_spaces = stored_room_spaces(await store.state.get(SPACES_KEY))
     for section in SECTIONS:
         doc = LivePolicy.decode(await store.state.get(runtime_key(section)))
         try:

@@ -3,7 +3,8 @@
 The tracker follows the event stream: which rooms the bot is joined to (its own
 membership; invitations from our server or from users with a role are accepted), members
 of other servers who may have to leave, changes to the state the policy owns (server ACL,
-retention: restored), which rooms belong to which spaces (the scopes of space policies),
+retention: restored), which rooms belong to which spaces (the scopes of space policies;
+links a room cannot forge, judged by :mod:`bridge.policy.spaces`),
 and rooms created on the homeserver (enrolled when auto-enrolment is on).
 
 Like every stage of the worker it only stages: room rows, actions and state values go
@@ -30,13 +31,15 @@ from bridge.policy.federation import acl_content, acl_matches, server_allowed
 from bridge.policy.model import server_name
 from bridge.policy.retention import retention_content, retention_matches
 from bridge.policy.rooms import ACL, RETENTION
+from bridge.policy.spaces import CHILD, CREATE, PARENT, POWER_LEVELS, Side, SpaceLinks, listed
 from bridge.services import WorkerServices
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
 
 ENROLL_DELAY = 3.0  # seconds between seeing a new room and enrolling it
-SPACE_EVENTS = ("m.space.child", "m.space.parent")
+#: The events space links are judged from: the claims, and the spaces' power.
+SPACE_EVENTS = (CHILD, PARENT, CREATE, POWER_LEVELS)
 
 
 class RoomTracker:
@@ -55,10 +58,13 @@ class RoomTracker:
         self.services = services
         #: Rooms the bot is joined to, as committed.
         self.joined_rooms: set[str] = set()
+        #: The space links' claims and the spaces' power, as committed.
+        self.spaces = SpaceLinks()
 
     async def load(self) -> None:
-        """Read which rooms the bot is joined to."""
+        """Read which rooms the bot is joined to, and the space links."""
         self.joined_rooms = {r["room_id"] for r in await self.store.rooms.known() if r["joined"]}
+        self.spaces = SpaceLinks.decode(await self.store.state.get(SPACES_KEY))
 
     def joined(self, room_id: str, batch: Batch | None = None) -> bool:
         """Whether the bot is in ``room_id``: as ``batch`` leaves it, when given."""
@@ -79,8 +85,8 @@ class RoomTracker:
             self._membership(event, batch, cfg)
         elif etype in (ACL, RETENTION) and "state_key" in event and sender != cfg.bot_mxid:
             self._state_drift(event, batch)
-        elif etype in SPACE_EVENTS and isinstance(event.get("state_key"), str):
-            self._space_link(event, batch)
+        if etype in SPACE_EVENTS and isinstance(event.get("state_key"), str):
+            self._space_event(event, batch)
         if (
             etype == "m.room.create"
             and sender != cfg.bot_mxid  # rooms the bot creates are its own already
@@ -187,35 +193,43 @@ class RoomTracker:
 
     # -- spaces -------------------------------------------------------------------------
 
-    def _space_link(self, event: Mapping[str, Any], batch: Batch) -> None:
-        """Track which rooms belong to which spaces (scopes of space policies)."""
-        room_id = as_str(event.get("room_id")) or ""
-        key = event["state_key"]
-        raw = event.get("content")
-        content: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
-        present = bool(content.get("via"))
-        child, parent = (key, room_id) if event["type"] == "m.space.child" else (room_id, key)
-        if not child.startswith("!") or not parent.startswith("!"):
+    def _space_event(self, event: Mapping[str, Any], batch: Batch) -> None:
+        """Track which rooms belong to which spaces (scopes of space policies): the links'
+        claims and the spaces' power, judged by :mod:`bridge.policy.spaces`."""
+        current = self.spaces if batch.spaces is None else batch.spaces
+        new = current.apply(event)
+        if event.get("type") == PARENT:
+            self._log_refused_parent(event, new)
+        if new is current:
             return
+        if batch.spaces is None:
+            batch.after_commit.append(lambda: self._set_spaces(batch.spaces or new))
+        batch.spaces = new
+        batch.state[SPACES_KEY] = new.encode()
+        before, after = current.room_spaces(), new.room_spaces()
+        for room in sorted(set(before) | set(after)):
+            if before.get(room) != after.get(room) and self.joined(room, batch):
+                batch.actions.append(actions.reconcile(room, "space membership changed"))
+
+    def _set_spaces(self, spaces: SpaceLinks) -> None:
+        self.spaces = spaces
         live = self.services.policy
-        # As the earlier events of this transaction left them.
-        current = live.room_spaces if batch.room_spaces is None else batch.room_spaces
-        spaces = dict(current)
-        parents = [p for p in spaces.get(child, ()) if p != parent]
-        if present:
-            parents.append(parent)
-        if parents:
-            spaces[child] = tuple(parents)
-        else:
-            spaces.pop(child, None)
-        if spaces == current:
-            return
-        if batch.room_spaces is None:
-            batch.after_commit.append(lambda: live.set_room_spaces(batch.room_spaces or {}))
-        batch.room_spaces = spaces
-        batch.state[SPACES_KEY] = live.encode({k: list(v) for k, v in spaces.items()})
-        if self.joined(child, batch):
-            batch.actions.append(actions.reconcile(child, "space membership changed"))
+        links = spaces.room_spaces()
+        if links != live.room_spaces:
+            live.set_room_spaces(links)
+
+    @staticmethod
+    def _log_refused_parent(event: Mapping[str, Any], after: SpaceLinks) -> None:
+        room, space = as_str(event.get("room_id")) or "", event["state_key"]
+        if listed(event.get("content")) and not after.claimed(room, space, Side.ROOM):
+            log.warning(
+                "%s named %s as the space of %s (event %s) without the power to add rooms "
+                "to it; the room is not counted in that space",
+                event.get("sender"),
+                space,
+                room,
+                event.get("event_id"),
+            )
 
     # -- enrolment ----------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from bridge.pipeline.actions import ActionKind, leave
 from bridge.pipeline.batch import Batch
 from bridge.pipeline.command_runner import CONFIRMATIONS_KEY
 from bridge.pipeline.enforcement import DRIFTED
-from bridge.pipeline.live_policy import SPACES_KEY
+from bridge.pipeline.live_policy import SPACES_KEY, stored_room_spaces
 from bridge.pipeline.worker import Worker
 from bridge.store import ActionRow, NewAction, Store, StoreUnavailable
 from tests.kit.config import make_config
@@ -204,8 +204,7 @@ async def test_space_links_of_one_transaction_are_all_kept(worker: Worker) -> No
     new = await rerun(worker, before)
     expected = {ROOM: (SPACE,), NEW: (SPACE,)}
     assert worker.services.policy.room_spaces == expected
-    stored = json.loads(await worker.store.state.get(SPACES_KEY) or "{}")
-    assert stored == {ROOM: [SPACE], NEW: [SPACE]}
+    assert stored_room_spaces(await worker.store.state.get(SPACES_KEY)) == expected
     assert sorted(a.room_id or "" for a in new if a.kind == ActionKind.RECONCILE) == [NEW, ROOM]
 
 
