@@ -284,6 +284,11 @@ async def verify_store(
     raise AssertionError("unreachable")
 
 
+def now_ms() -> int:
+    """Wall time in ms: what an unsigned tail's age is measured against (tests replace it)."""
+    return int(time.time() * 1000)
+
+
 def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -340,7 +345,7 @@ async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     finally:
         await engine.dispose()
     if report.ok:
-        now = int(time.time() * 1000)
+        now = now_ms()
         print(str(report))
         print(signed_head_line(report, now))
         limit = args.max_tail_age

@@ -149,6 +149,7 @@ async def audit_verify(ctx: CommandContext) -> Reply:
     when a record has been unsigned longer than ``audit.checkpoint_interval`` + margin)."""
     from bridge.archive.cli import (
         TAIL_MARGIN_S,
+        now_ms,
         signed_head_line,
         stale_tail_problem,
         verify_store,
@@ -177,7 +178,7 @@ async def audit_verify(ctx: CommandContext) -> Reply:
     )
     if report.ok:
         head = report.head_hash.hex() if report.head_hash else "-"
-        now = int(time.time() * 1000)
+        now = now_ms()
         stale = stale_tail_problem(report, now, cfg.checkpoint_interval_s + TAIL_MARGIN_S)
         lines = [
             f"{report.records_checked} records verified (last seq {report.last_seq})",
