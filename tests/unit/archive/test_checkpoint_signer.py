@@ -1,6 +1,7 @@
-"""The checkpoint job: the chain head is signed once its oldest unsigned record is
-``audit.checkpoint_interval`` old, never when nothing new was written; records another
-process appended are signed in time too; a tail rewritten under a running bridge is caught.
+"""The checkpoint job: the chain head is signed before its oldest unsigned record is
+``audit.checkpoint_interval`` old (a quarter of it early, at most 5 s), never when nothing
+new was written; records another process appended are signed in time too; a tail rewritten
+under a running bridge is caught.
 
 Time is a fake clock based on the records' own archive times; sleeps are recorded, not
 slept.
@@ -20,6 +21,7 @@ from bridge.store import AuditEntry, Store, StoreSettings, StoreUnavailable
 from bridge.store.schema import checkpoints, records
 
 INTERVAL = 60.0
+DUE = 55.0  # signed 5 s early: the signing itself must not let a record pass the interval
 
 
 class FakeClock:
@@ -72,10 +74,14 @@ async def test_the_head_is_signed_once_the_oldest_unsigned_record_is_due(store: 
     clock = FakeClock(since / 1000 + 10)
     signer = signer_for(store, clock)
     # not due yet: waits exactly until it is
-    assert await signer.round() == INTERVAL - 10
+    assert signer.due_s == DUE
+    assert await signer.round() == DUE - 10
     assert await checkpoint_seqs(store) == []
     await store.records.append([entry(2), entry(3)])  # younger records do not move the due time
-    clock.now = since / 1000 + INTERVAL
+    clock.now = since / 1000 + DUE - 0.002
+    await signer.round()
+    assert await checkpoint_seqs(store) == []
+    clock.now = since / 1000 + DUE
     await signer.round()
     assert await checkpoint_seqs(store) == [3] and signer.signed == 1
     assert store.records.unsigned_since is None and store.records.unsigned_records == 0
@@ -86,7 +92,7 @@ async def test_the_head_is_signed_once_the_oldest_unsigned_record_is_due(store: 
 
 
 async def test_run_signs_every_record_within_the_interval(store: Store) -> None:
-    """The loop, with sleeps recorded: each record is signed at most INTERVAL after it was
+    """The loop, with sleeps recorded: each record is signed DUE after it was
     archived, and the loop never spins."""
     await store.records.append([entry(1)])
     since = store.records.unsigned_since
@@ -108,7 +114,7 @@ async def test_run_signs_every_record_within_the_interval(store: Store) -> None:
         await signer.run()
     except asyncio.CancelledError:
         pass
-    assert clock.sleeps[0] == INTERVAL  # due exactly one interval after the record
+    assert clock.sleeps[0] == DUE  # due just before one interval after the record
     assert await checkpoint_seqs(store) == [1]
     assert all(s >= 0.2 for s in clock.sleeps)
 
@@ -133,9 +139,9 @@ async def test_records_appended_by_another_process_are_signed_in_time(
         ts = (await conn.execute(select(records.c.ts).where(records.c.seq == 2))).scalar()
     clock.now = ts / 1000 + 1
     signer = signer_for(store, clock)
-    assert await signer.round() == INTERVAL - 1  # adopted, due one interval after it
+    assert await signer.round() == DUE - 1  # adopted, due like its own records
     assert store.records.unsigned_records == 1
-    clock.now = ts / 1000 + INTERVAL
+    clock.now = ts / 1000 + DUE
     await signer.round()
     assert await checkpoint_seqs(store) == [1, 2]
     report = await verify_store(store.db.engine, [store.signing_key.public_key()], None)
