@@ -446,7 +446,8 @@ class RecordLog:
         exists = (
             await conn.execute(select(checkpoints.c.seq).where(checkpoints.c.seq == seq))
         ).first()
-        if exists:
+        if exists:  # signed already (by another process): nothing is unsigned
+            self._last_cp_seq, self.unsigned_since = seq, None
             return None
         cp = await self.insert_checkpoint(conn, seq, self._head, now_ms())
         self._tentative = (seq + 1, self._head, cp, None)

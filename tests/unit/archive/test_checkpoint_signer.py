@@ -209,3 +209,18 @@ async def test_a_reopened_store_knows_its_unsigned_tail(store: Store) -> None:
     store.records.reset()  # as after a restart: the head is read from the database
     await store.records.append([entry(2)])
     assert store.records.unsigned_since == first and store.records.unsigned_records == 2
+
+
+async def test_a_head_another_process_signed_is_not_signed_again(store: Store) -> None:
+    """(Replicas sharing a database.) The job notes the existing checkpoint and rests
+    instead of retrying it."""
+    await store.records.append([entry(1)])
+    since = store.records.unsigned_since
+    assert since is not None
+    async with store.db.transaction() as conn:  # what another signer committed meanwhile
+        head = (await conn.execute(select(records.c.hash).where(records.c.seq == 1))).scalar()
+        await store.records.insert_checkpoint(conn, 1, bytes(head), since + 1)
+    signer = signer_for(store, FakeClock(since / 1000 + INTERVAL))
+    assert await signer.round() == INTERVAL
+    assert signer.signed == 0 and store.records.unsigned_since is None
+    assert await checkpoint_seqs(store) == [1]
