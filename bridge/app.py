@@ -22,7 +22,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 from mautrix.errors import MatrixError
 
 from bridge import __version__
-from bridge.archive.jobs import run_audit_jobs
+from bridge.archive.jobs import CheckpointSigner, run_audit_jobs
 from bridge.archive.sink import AuditSink
 from bridge.commands.catalog import build_registry
 from bridge.commands.services import RetroScan
@@ -137,7 +137,7 @@ class Bridge:
 
     async def open(self) -> None:
         """Open the store and start listening. Raises StoreUnavailable / OSError."""
-        from bridge.archive.setup import open_store
+        from bridge.archive.setup import audit_config, open_store
 
         cfg = self.config
         # the encrypted audit store: keyring + checkpoint signing key from `audit:`
@@ -224,6 +224,9 @@ class Bridge:
         site = web.TCPSite(self.runner, cfg.appservice.hostname, cfg.appservice.port)
         await site.start()
         self.scheduler.spawn(self.sink.run(), "audit-sink")
+        interval = audit_config(cfg).checkpoint_interval_s
+        signer = CheckpointSigner(self.store.records, interval)
+        self.scheduler.spawn(signer.run(), "audit-checkpoints")  # no record unsigned longer
         self.metrics_runner = await start_metrics_listener(cfg.metrics)
         self.scheduler.spawn(refresh_gauges(self.store), "metrics")
         log.info(

@@ -130,6 +130,9 @@ class AuditConfig:
     checkpoint_post_interval_s: float = 3600.0  # at most one such notice per interval
     # public keys (PEM) of earlier signing keys, trusted by verify besides the current one
     previous_public_keys: tuple[Path, ...] = ()
+    # the longest any record stays unsigned: a checkpoint is signed this long after the
+    # oldest record not yet under one (besides every checkpoint_every records and at stop)
+    checkpoint_interval_s: float = 60.0
 
     @property
     def checkpoint_log(self) -> Path:
@@ -631,15 +634,15 @@ def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
         except DurationError as e:
             v.fail("audit.archive_retention", retention_raw, f"a duration or empty ({e})")
 
-    def seconds(key: str) -> float:
+    def seconds(key: str, least_ms: int = 60_000, example: str = "30m or 1h") -> float:
         raw = v.get(f"audit.{key}")
         try:
             ms = parse_duration(str(raw))
         except DurationError as e:
-            v.fail(f"audit.{key}", raw, f"a duration such as 30m or 1h ({e})")
+            v.fail(f"audit.{key}", raw, f"a duration such as {example} ({e})")
             return 3600.0
-        if ms < 60_000:
-            v.fail(f"audit.{key}", raw, "a duration of at least 1m")
+        if ms < least_ms:
+            v.fail(f"audit.{key}", raw, f"a duration of at least {least_ms // 1000}s")
         return ms / 1000
 
     def id_list(key: str, sigil: str, what: str) -> tuple[str, ...]:
@@ -683,6 +686,7 @@ def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:
         post_checkpoints=v.boolean("audit.post_checkpoints"),
         checkpoint_post_interval_s=seconds("checkpoint_post_interval"),
         previous_public_keys=key_files("previous_public_keys"),
+        checkpoint_interval_s=seconds("checkpoint_interval", 1_000, "60s or 5m"),
     )
 
 

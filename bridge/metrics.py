@@ -76,6 +76,16 @@ AUDIT_RECORDS = Gauge(
 CHECKPOINT_AGE = Gauge(
     "bridge_audit_checkpoint_age_seconds", "Age of the last signed checkpoint", registry=REGISTRY
 )
+UNSIGNED_AGE = Gauge(
+    "bridge_audit_unsigned_seconds",
+    "How long the oldest record not under a signed checkpoint has been unsigned (0: none)",
+    registry=REGISTRY,
+)
+UNSIGNED_RECORDS = Gauge(
+    "bridge_audit_unsigned_records",
+    "Records after the last signed checkpoint",
+    registry=REGISTRY,
+)
 RETENTION_ROOMS = Gauge(
     "bridge_retention_rooms",
     "Rooms in the last retention sweep: with a retention limit (limited), not yet caught up"

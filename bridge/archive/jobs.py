@@ -1,4 +1,10 @@
-"""Background audit jobs of a running bridge: archive expiry and checkpoint notices.
+"""Background audit jobs of a running bridge: interval checkpoints, archive expiry and
+checkpoint notices.
+
+:class:`CheckpointSigner` (spawned as soon as the store is open) signs a checkpoint over
+the chain head once the oldest record no checkpoint covers is ``audit.checkpoint_interval``
+old, so no record stays unsigned longer (besides the checkpoints every
+``audit.checkpoint_every`` records and at shutdown). Nothing new written: nothing signed.
 
 ``run_audit_jobs(...)`` is spawned once the bridge has started. It
 
@@ -26,12 +32,73 @@ from bridge.audit.chain import Checkpoint
 from bridge.config import Config
 from bridge.pipeline.actions import send_notice
 from bridge.scheduler import Scheduler, TaskKind
-from bridge.store import NewAction, Store
+from bridge.store import NewAction, Store, StoreUnavailable
+from bridge.store.records import RecordLog
 
 log = logging.getLogger(__name__)
 
 TICK_S = 30.0
 RETRY_S = 300.0
+#: The signer never checks more often than this (a due head it could not sign is retried).
+MIN_SIGNER_WAIT_S = 0.2
+#: The signer signs this share of the interval early (at most :data:`MAX_SIGN_LEAD_S`), so
+#: that the time a signing takes (the append lock, the commit) does not let a record's
+#: unsigned time exceed the interval.
+SIGN_LEAD = 0.25
+MAX_SIGN_LEAD_S = 5.0
+
+
+class CheckpointSigner:
+    """Signs the chain head before its oldest unsigned record is ``interval_s`` old.
+
+    It signs once that record is :attr:`due_s` old (the interval less a lead for the
+    signing itself). Each round runs :meth:`bridge.store.records.RecordLog.sign_due` (the
+    store's write path: one transaction under the append lock, so it never races an
+    append; with replicas, run it on the one writer only). Between rounds it sleeps until
+    the oldest unsigned record is due, or ``interval_s`` when everything is signed (then
+    the round also picks up records another process appended). ``clock`` (wall time,
+    seconds: records carry wall time) and ``sleep`` are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        records: RecordLog,
+        interval_s: float,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.records = records
+        self.interval_s = interval_s
+        #: The age of the oldest unsigned record at which the head is signed.
+        self.due_s = interval_s - min(MAX_SIGN_LEAD_S, interval_s * SIGN_LEAD)
+        self.clock = clock
+        self.sleep = sleep
+        self.signed = 0
+
+    async def round(self) -> float:
+        """Sign if due; returns the seconds to wait before the next round."""
+        if not self.records.sign_checkpoints:
+            return self.interval_s
+        due_ms = int(self.due_s * 1000)
+        now = int(self.clock() * 1000)
+        try:
+            cp = await self.records.sign_due(now - due_ms)
+        except StoreUnavailable as e:
+            log.warning("could not sign the audit head (%s); retrying", e)
+            return self.interval_s
+        if cp is not None:
+            self.signed += 1
+        since = self.records.unsigned_since
+        if since is None:
+            return self.interval_s
+        wait = (since + due_ms - now) / 1000
+        return min(self.interval_s, max(wait, min(MIN_SIGNER_WAIT_S, self.interval_s)))
+
+    async def run(self) -> None:
+        """Forever: a round, then wait as it says."""
+        while True:
+            await self.sleep(await self.round())
 
 
 def checkpoint_notice(room_id: str, cp: Checkpoint) -> NewAction:

@@ -27,6 +27,8 @@ class AuditSink:
         self._buffer: deque[tuple[AuditEntry, asyncio.Future[bool] | None]] = deque()
         self._wake = asyncio.Event()
         self.dropped = 0
+        #: True from a failed flush (the store unavailable) until the next one succeeds.
+        self.store_down = False
 
     def submit(self, entry: AuditEntry) -> None:
         """Queue a record; never blocks. Beyond ``max_buffer`` the oldest is dropped."""
@@ -77,7 +79,9 @@ class AuditSink:
             try:
                 await self.flush()
                 backoff = 0.5
+                self.store_down = False
             except StoreUnavailable as e:
+                self.store_down = True
                 log.warning("audit records not yet written (%s); retrying in %.1fs", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30)

@@ -361,13 +361,36 @@ class VerifyReport:
     head_hash: bytes | None = None
     checkpoints_checked: int = 0
     records_without_ciphertext: int = 0
+    #: The signed head: the last seq a verified checkpoint covers (0: none) and when that
+    #: checkpoint was signed (ms; None without one).
+    signed_seq: int = 0
+    signed_ts: int | None = None
+    #: The unsigned tail after it: how many records, and the archive times (ms, plain and
+    #: not signed) of its first and last record (None when the tail is empty).
+    tail_records: int = 0
+    tail_first_ts: int | None = None
+    tail_last_ts: int | None = None
+
+    def tail_age_s(self, now_ms: int) -> float:
+        """Seconds the oldest unsigned record has been unsigned at ``now_ms`` (0: none)."""
+        if self.tail_first_ts is None:
+            return 0.0
+        return max(0.0, (now_ms - self.tail_first_ts) / 1000)
+
+    @property
+    def tail_span_s(self) -> float:
+        """Seconds from the oldest to the newest unsigned record (0: none or one)."""
+        if self.tail_first_ts is None or self.tail_last_ts is None:
+            return 0.0
+        return max(0.0, (self.tail_last_ts - self.tail_first_ts) / 1000)
 
     def __str__(self) -> str:
         if self.ok:
             return (
                 f"audit chain OK: {self.records_checked} records (last seq {self.last_seq}), "
                 f"{self.checkpoints_checked} checkpoints verified, "
-                f"{self.records_without_ciphertext} without ciphertext"
+                f"{self.records_without_ciphertext} without ciphertext; signed head: seq "
+                f"{self.signed_seq}, unsigned tail: {self.tail_records} records"
             )
         return (
             f"audit chain BROKEN at seq {self.first_bad_seq} [{self.problem_kind}]: {self.problem}"
@@ -433,12 +456,18 @@ class ChainVerifier:
         self._expected = FIRST_SEQ
         self._count = 0
         self._last_good_cp = 0
+        self._last_good_ts: int | None = None
         if start is not None:
             _verify_checkpoint(start, self._keys)
             self._prev = start.head_hash
             self._expected = start.seq + 1
             self._count = start.record_count
             self._last_good_cp = start.seq
+            self._last_good_ts = start.ts
+        #: the seq whose archive time starts the unsigned tail, and that time once seen
+        self._mark = self._last_good_cp + 1
+        self._tail_first_ts: int | None = None
+        self._last_ts: int | None = None
         self._checked = 0
         self._cps_checked = 0
         self._no_ct = 0
@@ -495,8 +524,11 @@ class ChainVerifier:
         self._keys_ok = frozenset(removals.data_keys) | {k for _, k in shreds} | {None}
 
     def _set_next_stop(self) -> None:
-        cp, claim = self._next_cp, self._next_claim
-        self._next_stop = cp if claim < 0 or 0 <= cp < claim else claim
+        stop = -1
+        for s in (self._next_cp, self._next_claim, self._mark):
+            if s >= 0 and (stop < 0 or s < stop):
+                stop = s
+        self._next_stop = stop
 
     # -- failure bookkeeping
 
@@ -549,6 +581,9 @@ class ChainVerifier:
                 return
             self._cps_checked += 1
             self._last_good_cp = seq
+            self._last_good_ts = cp.ts
+            self._mark = seq + 1
+            self._tail_first_ts = None
             self._cp_i += 1
         self._next_cp = cps[self._cp_i].seq if self._cp_i < len(cps) else -1
 
@@ -703,6 +738,10 @@ class ChainVerifier:
             return False
         if ciphertext is None:
             self._no_ct += 1
+        if seq == self._mark:
+            self._tail_first_ts = fields.ts
+            self._mark = -1
+        self._last_ts = fields.ts
         self._prev = h
         self._expected = seq + 1
         self._count += 1
@@ -748,6 +787,8 @@ class ChainVerifier:
                 return False
             prev, expected, stop = self._prev, self._expected, self._next_stop
             cutoff = self._cutoff
+        if n:
+            self._last_ts = r[1]
         self._prev, self._expected = prev, expected
         self._count += n
         self._checked += n
@@ -774,6 +815,7 @@ class ChainVerifier:
             )
             assert self.report is not None
             return self.report
+        tail = max(0, last - self._last_good_cp)
         self.report = VerifyReport(
             ok=True,
             records_checked=self._checked,
@@ -781,6 +823,11 @@ class ChainVerifier:
             head_hash=self._prev,
             checkpoints_checked=self._cps_checked,
             records_without_ciphertext=self._no_ct,
+            signed_seq=self._last_good_cp,
+            signed_ts=self._last_good_ts,
+            tail_records=tail,
+            tail_first_ts=self._tail_first_ts if tail else None,
+            tail_last_ts=self._last_ts if tail else None,
         )
         return self.report
 

@@ -145,8 +145,15 @@ async def hold_list(ctx: CommandContext) -> Reply:
 )
 async def audit_verify(ctx: CommandContext) -> Reply:
     """Verify the hash chain and the signed checkpoints, trusting the current signing key
-    and ``audit.previous_public_keys``."""
-    from bridge.archive.cli import verify_store
+    and ``audit.previous_public_keys``; report the unsigned tail after the signed head (⚠️
+    when a record has been unsigned longer than ``audit.checkpoint_interval`` + margin)."""
+    from bridge.archive.cli import (
+        TAIL_MARGIN_S,
+        now_ms,
+        signed_head_line,
+        stale_tail_problem,
+        verify_store,
+    )
 
     svc = ctx.services
     started = time.monotonic()
@@ -166,18 +173,26 @@ async def audit_verify(ctx: CommandContext) -> Reply:
         checkpoints=report.checkpoints_checked,
         first_bad_seq=report.first_bad_seq,
         problem=report.problem_kind,
+        signed_seq=report.signed_seq,
+        unsigned_records=report.tail_records,
     )
     if report.ok:
         head = report.head_hash.hex() if report.head_hash else "-"
+        now = now_ms()
+        stale = stale_tail_problem(report, now, cfg.checkpoint_interval_s + TAIL_MARGIN_S)
+        lines = [
+            f"{report.records_checked} records verified (last seq {report.last_seq})",
+            f"{report.checkpoints_checked} signed checkpoints verified",
+            signed_head_line(report, now),
+            f"{report.records_without_ciphertext} records expired (ciphertext dropped)",
+            f"head {head}",
+            f"took {took:.1f}s",
+        ]
+        if stale is None:
+            return Reply.lines("✅ Audit archive intact", lines)
+        ctx.audit.update(stale_tail=True)
         return Reply.lines(
-            "✅ Audit archive intact",
-            [
-                f"{report.records_checked} records verified (last seq {report.last_seq})",
-                f"{report.checkpoints_checked} signed checkpoints verified",
-                f"{report.records_without_ciphertext} records expired (ciphertext dropped)",
-                f"head {head}",
-                f"took {took:.1f}s",
-            ],
+            "⚠️ Audit archive intact, but its newest records are not signed", [stale, *lines]
         )
     lines = [
         f"first bad record: seq {report.first_bad_seq} ({report.problem_kind})",

@@ -2,8 +2,11 @@
 
 Synapse calls ``POST {base_url}/{callback}`` before it accepts an event, invite or join.
 2xx with a JSON body allows; 403 with ``{"errcode", "error"}`` denies, and the error text
-reaches the sender's client. Answers come from the in-memory policy engine; decisions are
-audited in the background.
+reaches the sender's client. Answers come from the in-memory policy engine. A decision
+with findings (a refusal, or a rule that only notifies or audits) is answered once its
+audit record is committed by the background sink (bounded by :data:`DENY_AUDIT_WAIT`);
+while the store is down, a decision that lets the event through is answered at once and
+its record waits in the sink's memory (refusals still wait, bounded).
 
 The cost of one call is bounded. Synapse asks the module *before* its own size check, so an
 event over its limit of 64 KiB (:data:`MAX_EVENT_BYTES`, measured as Synapse does: compact
@@ -35,7 +38,8 @@ from bridge.store import AuditEntry
 
 log = logging.getLogger(__name__)
 
-#: Seconds a refusal may wait for its audit record's commit before answering Synapse.
+#: Seconds an audited decision (a refusal, a notify or audit finding) may wait for its
+#: audit record's commit before answering Synapse.
 DENY_AUDIT_WAIT = 1.0
 #: Synapse's limit on the size of an event (its canonical JSON), in bytes.
 MAX_EVENT_BYTES = 65_536
@@ -189,15 +193,10 @@ class Gate:
                 metrics.DLP_HITS.labels(f.rule, "gate").inc()
         metrics.GATE_LATENCY.labels(name).observe(time.perf_counter() - started)
         if finding is None:
-            if verdict.findings:  # notify/audit rules: recorded, in the background
-                self._submit(self._audit_entry(name, subject, verdict))
+            if verdict.findings:  # notify/audit rules: as durable as a refusal
+                await self._record(self._audit_entry(name, subject, verdict), refusal=False)
             return web.json_response({})
-        if self.sink is not None:
-            # A refusal is evidence: answer once its record is committed (grouped with the
-            # others of the moment), but never hold Synapse for long; it stays queued anyway.
-            entry = self._audit_entry(name, subject, verdict)
-            if not await self.sink.record(entry, DENY_AUDIT_WAIT):
-                log.warning("gate refusal answered before its audit record was committed")
+        await self._record(self._audit_entry(name, subject, verdict), refusal=True)
         log.info(
             "gate denied %s for %s in %s (event %s): rule %s",
             name,
@@ -245,9 +244,21 @@ class Gate:
         user, room = _str(body, "user"), _str(body, "room")
         return engine.check_remote_join(user, room), {"sender": user, "room_id": room}
 
-    def _submit(self, entry: AuditEntry) -> None:
-        if self.sink is not None:
+    async def _record(self, entry: AuditEntry, *, refusal: bool) -> None:
+        """A decision is evidence: answer once its record is committed (grouped with the
+        others of the moment), but never hold Synapse for long; it stays queued anyway.
+
+        While the store is down, a decision that lets the event through does not wait (the
+        record waits in memory, written when the store is back; a crash meanwhile loses it).
+        """
+        if self.sink is None:
+            return
+        if not refusal and self.sink.store_down:
             self.sink.submit(entry)
+            return
+        if not await self.sink.record(entry, DENY_AUDIT_WAIT):
+            what = "refusal" if refusal else "decision"
+            log.warning("gate %s answered before its audit record was committed", what)
 
     @staticmethod
     def _audit_entry(name: str, subject: Mapping[str, Any], verdict: Verdict) -> AuditEntry:

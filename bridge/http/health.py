@@ -120,9 +120,13 @@ async def refresh_gauges_once(store: Store) -> None:
     gauges.ACTIONS_BACKLOG.labels("pending").set(stats.actions_pending)
     gauges.ACTIONS_BACKLOG.labels("failed").set(stats.actions_failed)
     gauges.AUDIT_RECORDS.set(stats.records)
-    cp_ts = store.records.last_checkpoint_ts
-    if cp_ts:
-        gauges.CHECKPOINT_AGE.set(max(0.0, time.time() - cp_ts / 1000))
+    records = store.records
+    now = time.time()
+    if records.last_checkpoint_ts:
+        gauges.CHECKPOINT_AGE.set(max(0.0, now - records.last_checkpoint_ts / 1000))
+    since = records.unsigned_since
+    gauges.UNSIGNED_AGE.set(0.0 if since is None else max(0.0, now - since / 1000))
+    gauges.UNSIGNED_RECORDS.set(records.unsigned_records)
 
 
 async def refresh_gauges(store: Store, interval_s: float = METRICS_INTERVAL_S) -> None:

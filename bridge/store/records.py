@@ -72,7 +72,9 @@ class RecordLog:
 
     The chain head is kept in memory (read from the last row at open, never recomputed);
     a signed checkpoint is written every ``checkpoint_every`` records, after every removal
-    record and at close. With ``sign_checkpoints`` False (a CLI command) none is signed.
+    record and at close, and by :meth:`sign_due` (the checkpoint job,
+    :mod:`bridge.archive.jobs`) once the oldest unsigned record is old enough. With
+    ``sign_checkpoints`` False (a CLI command) none is signed.
     """
 
     def __init__(
@@ -98,7 +100,12 @@ class RecordLog:
         self._last_cp_seq = 0
         #: When the newest signed checkpoint was made (ms since the epoch), once known.
         self.last_checkpoint_ts: int | None = None
-        self._tentative: tuple[int, bytes, Checkpoint | None] | None = None
+        #: Archive time (ms) of the oldest committed record no checkpoint covers yet
+        #: (None: every record is signed, or the head is not loaded yet).
+        self.unsigned_since: int | None = None
+        #: (next seq, head hash, checkpoint signed, oldest unsigned ts) of the open transaction
+        self._tentative: tuple[int, bytes, Checkpoint | None, int | None] | None = None
+        self._mismatch_logged: tuple[int, int] | None = None
         #: Events stored, counted once (by the stats), then kept up to date by appends.
         self.events: int | None = None
         self._tentative_events = 0
@@ -133,7 +140,24 @@ class RecordLog:
         self._last_cp_seq = cp[0] if cp else 0
         if cp:
             self.last_checkpoint_ts = cp[1]
+        self.unsigned_since = None
+        if last is not None and last[0] > self._last_cp_seq:
+            self.unsigned_since = (
+                await conn.execute(
+                    select(records.c.ts)
+                    .where(records.c.seq > self._last_cp_seq)
+                    .order_by(records.c.seq)
+                    .limit(1)
+                )
+            ).scalar()
         return last is not None
+
+    @property
+    def unsigned_records(self) -> int:
+        """Records committed after the last checkpoint this process knows of."""
+        if self._next_seq is None:
+            return 0
+        return max(0, self._next_seq - 1 - self._last_cp_seq)
 
     async def seq_start(self, conn: AsyncConnection) -> int:
         if self._next_seq is None or self._head is None:
@@ -240,13 +264,18 @@ class RecordLog:
                 _INSERT_RECORDS, [dict(zip(_RECORD_COLS, r, strict=True)) for r in rows]
             )
         last = rows[-1][0]
-        cp = self._tentative[2] if self._tentative is not None else None
+        cp, since = (None, self.unsigned_since) if self._tentative is None else self._tentative[2:]
         last_cp = cp.seq if cp is not None else self._last_cp_seq
         if self.sign_checkpoints and (
             sign or (checkpoints and last - last_cp >= self.checkpoint_every)
         ):
             cp = await self.insert_checkpoint(conn, last, head, ts)
-        self._tentative = (last + 1, head, cp)
+            since = None
+        elif since is None:
+            since = min(r[1] for r in rows)
+        else:
+            since = min(since, min(r[1] for r in rows))
+        self._tentative = (last + 1, head, cp, since)
 
     async def append_shreds(
         self,
@@ -306,9 +335,10 @@ class RecordLog:
         self._tentative_events = 0
         if self._tentative is None:
             return
-        next_seq, head, cp = self._tentative
+        next_seq, head, cp, since = self._tentative
         self._tentative = None
         self._next_seq, self._head = next_seq, head
+        self.unsigned_since = since
         if cp is not None:
             self._last_cp_seq = cp.seq
             self.last_checkpoint_ts = cp.ts
@@ -369,7 +399,7 @@ class RecordLog:
         """Take the appends so far in the open transaction as the head now (the schema 1
         migration appends batches in one long transaction; it rolls back as a whole)."""
         assert self._tentative is not None
-        self._next_seq, self._head, _cp = self._tentative
+        self._next_seq, self._head, _cp, self.unsigned_since = self._tentative
         self._tentative = None
 
     async def sign_head(self, conn: AsyncConnection) -> None:
@@ -377,7 +407,7 @@ class RecordLog:
         assert self._head is not None and self._next_seq is not None
         last = self._next_seq - 1
         cp = await self.insert_checkpoint(conn, last, self._head, now_ms())
-        self._tentative = (last + 1, self._head, cp)
+        self._tentative = (last + 1, self._head, cp, None)
 
     async def checkpoint(self) -> Checkpoint | None:
         """Sign the current head now (if not yet signed); done at close.
@@ -386,22 +416,91 @@ class RecordLog:
         """
         if not self.sign_checkpoints:
             return None
+        return await self.write(self._sign_head_if_unsigned)
+
+    async def sign_due(self, older_than: int) -> Checkpoint | None:
+        """Sign the head if a record archived at or before ``older_than`` (ms) is unsigned.
+
+        Runs through :meth:`write` (the append lock, one transaction), so it never races an
+        append of this process. Records another process appended since (an ``audit export``
+        recording itself) are taken into the head first (:meth:`_adopt_foreign`), so they
+        are signed in time too. Nothing new written: nothing signed. Raises
+        StoreUnavailable when the database is down.
+        """
+        if not self.sign_checkpoints:
+            return None
 
         async def run(conn: AsyncConnection) -> Checkpoint | None:
-            seq = await self.seq_start(conn) - 1
-            if seq < 1 or seq <= self._last_cp_seq:
+            await self._adopt_foreign(conn)
+            if self.unsigned_since is None or self.unsigned_since > older_than:
                 return None
-            assert self._head is not None
-            exists = (
-                await conn.execute(select(checkpoints.c.seq).where(checkpoints.c.seq == seq))
-            ).first()
-            if exists:
-                return None
-            cp = await self.insert_checkpoint(conn, seq, self._head, now_ms())
-            self._tentative = (seq + 1, self._head, cp)
-            return cp
+            return await self._sign_head_if_unsigned(conn)
 
-        return await self.write(run)
+        return await self.write_or_unavailable(run)
+
+    async def _sign_head_if_unsigned(self, conn: AsyncConnection) -> Checkpoint | None:
+        seq = await self.seq_start(conn) - 1
+        if seq < 1 or seq <= self._last_cp_seq:
+            return None
+        assert self._head is not None
+        exists = (
+            await conn.execute(select(checkpoints.c.seq).where(checkpoints.c.seq == seq))
+        ).first()
+        if exists:  # signed already (by another process): nothing is unsigned
+            self._last_cp_seq, self.unsigned_since = seq, None
+            return None
+        cp = await self.insert_checkpoint(conn, seq, self._head, now_ms())
+        self._tentative = (seq + 1, self._head, cp, None)
+        return cp
+
+    async def _adopt_foreign(self, conn: AsyncConnection) -> None:
+        """Take records appended by another process after this head into the head.
+
+        Only when the record at this process's head still has the hash this process wrote:
+        a head that differs (the unsigned tail rewritten or deleted in the database) is not
+        adopted and is logged; the checkpoint then signed over the head held in memory
+        makes ``audit verify`` report the change.
+        """
+        mine = await self.seq_start(conn) - 1
+        last = (
+            await conn.execute(
+                select(records.c.seq, records.c.hash, records.c.ts)
+                .order_by(records.c.seq.desc())
+                .limit(1)
+            )
+        ).first()
+        db_last = last[0] if last else 0
+        if db_last == mine and (last is None or bytes(last[1]) == self._head):
+            return
+        if db_last > mine:
+            at_head = (
+                await conn.execute(select(records.c.hash).where(records.c.seq == mine))
+            ).scalar()
+            if mine == 0 or (at_head is not None and bytes(at_head) == self._head):
+                first = (
+                    await conn.execute(
+                        select(records.c.ts)
+                        .where(records.c.seq > mine)
+                        .order_by(records.c.seq)
+                        .limit(1)
+                    )
+                ).scalar()
+                since = self.unsigned_since
+                assert last is not None and first is not None
+                self._next_seq, self._head = db_last + 1, bytes(last[1])
+                self.unsigned_since = first if since is None else min(since, first)
+                return
+        if self._mismatch_logged == (mine, db_last):
+            return
+        self._mismatch_logged = (mine, db_last)
+        log.error(
+            "the audit records in the database differ from those this bridge wrote (its "
+            "head: seq %d; the database's: seq %d): the unsigned tail was changed or "
+            "removed; the next checkpoint signs the head as written, `audit verify` will "
+            "name the records",
+            mine,
+            db_last,
+        )
 
     def audit_items(self, entries: Iterable[AuditEntry], ts: int) -> list[Plain]:
         return [

@@ -407,3 +407,15 @@ def test_config_writes_are_0600_from_the_start_and_never_follow_a_symlink(
     assert stat.S_IMODE(os.stat(cfg_path).st_mode) == 0o600
     assert "g" * 32 in cfg_path.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "elsewhere.yaml"]
+
+
+def test_audit_checkpoint_interval_defaults_to_a_minute_and_is_validated() -> None:
+    from tests.kit.config import make_config
+
+    assert make_config().audit.checkpoint_interval_s == 60.0  # type: ignore[union-attr]
+    two = make_config({"audit": {"checkpoint_interval": "2s"}})
+    assert two.audit.checkpoint_interval_s == 2.0  # type: ignore[union-attr]
+    assert make_config({"audit": {"checkpoint_interval": "5m"}}).audit.checkpoint_interval_s == 300  # type: ignore[union-attr]
+    for bad in ("soon", "0s", "-5s"):
+        with pytest.raises(ConfigError, match=r"audit\.checkpoint_interval"):
+            make_config({"audit": {"checkpoint_interval": bad}})

@@ -169,6 +169,43 @@ def test_intact_chain_verifies(n: int, every: int) -> None:
     assert "OK" in str(report)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 40), every=st.integers(0, 7), batch=st.integers(1, 9))
+def test_the_report_names_the_signed_head_and_the_unsigned_tail(
+    n: int, every: int, batch: int
+) -> None:
+    """Record by record and in batches alike: the last checkpoint's seq and time, and how
+    many records follow it with the archive times of the first and last of them."""
+    recs, cps = build(n, every)
+    one = verify_chain(recs, cps, PK)
+    verifier = ChainVerifier(PK, cps)
+    rows = [(*r.fields, r.hash, r.ciphertext) for r in recs]
+    for i in range(0, len(rows), batch):
+        verifier.feed_rows(rows[i : i + batch])
+    batched = verifier.finish()
+    signed = cps[-1].seq if cps else 0
+    for report in (one, batched):
+        assert report.ok
+        assert report.signed_seq == signed
+        assert report.signed_ts == (cps[-1].ts if cps else None)
+        assert report.tail_records == n - signed
+        if n > signed:
+            assert report.tail_first_ts == recs[signed].fields.ts
+            assert report.tail_last_ts == recs[-1].fields.ts
+            assert report.tail_span_s == (n - signed - 1) / 1000
+            assert report.tail_age_s(recs[signed].fields.ts + 5000) == 5.0
+        else:
+            assert report.tail_first_ts is None and report.tail_last_ts is None
+            assert report.tail_age_s(1 << 50) == 0.0
+
+
+def test_a_tail_after_a_trusted_start_counts_from_it() -> None:
+    recs, cps = build(12, 5)
+    report = verify_chain(recs[10:], [], PK, start=cps[1])
+    assert report.ok and report.signed_seq == 10 and report.signed_ts == cps[1].ts
+    assert report.tail_records == 2 and report.tail_first_ts == recs[10].fields.ts
+
+
 def test_crypto_shredded_and_expired_records_still_verify() -> None:
     idx = BlindIndexer(b"\x01" * 32)
     keys = {r: DataKey.generate(idx.room(r)) for r in ("!a:x", "!b:x")}

@@ -149,3 +149,29 @@ async def test_verify_reports_an_intact_archive(services: CommandFake) -> None:
     reply = await audit.audit_verify(ctx)
     assert reply.text.startswith("✅ Audit archive intact\n• 2 records verified")
     assert ctx.audit["ok"] is True and ctx.audit["records"] == 2
+
+
+async def test_verify_reports_the_unsigned_tail_and_warns_when_it_is_too_old(
+    services: CommandFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.archive import cli
+
+    await services.store.queue.ingest("t1", [event(1), event(2)])  # no checkpoint yet
+    since = services.store.records.unsigned_since
+    assert since is not None
+    monkeypatch.setattr(cli, "now_ms", lambda: since + 3_000)
+    ctx = services.context(role=Role.AUDITOR)
+    reply = await audit.audit_verify(ctx)
+    assert reply.text.startswith("✅ Audit archive intact")
+    assert "signed head: no signed checkpoint; unsigned tail: 2 records, the oldest" in reply.text
+    assert ctx.audit["unsigned_records"] == 2 and ctx.audit["signed_seq"] == 0
+    limit = services.config.audit.checkpoint_interval_s + cli.TAIL_MARGIN_S  # type: ignore[union-attr]
+    monkeypatch.setattr(cli, "now_ms", lambda: since + int(limit * 1000) + 1_000)
+    ctx = services.context(role=Role.AUDITOR)
+    reply = await audit.audit_verify(ctx)
+    assert reply.text.startswith("⚠️ Audit archive intact, but its newest records are not signed")
+    assert "records 1..2 have been unsigned for" in reply.text
+    assert ctx.audit["ok"] is True and ctx.audit["stale_tail"] is True
+    await services.store.records.checkpoint()
+    reply = await audit.audit_verify(services.context(role=Role.AUDITOR))
+    assert reply.text.startswith("✅") and "every record is signed" in reply.text

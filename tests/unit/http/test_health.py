@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge import metrics
 from bridge.http.health import HealthInfo, health_routes, metrics_routes, refresh_gauges_once
-from bridge.store import NewAction, Store
+from bridge.store import AuditEntry, NewAction, Store
 
 
 async def test_health_follows_readiness() -> None:
@@ -33,3 +33,18 @@ async def test_gauges_come_from_the_store(store: Store) -> None:
     await store.actions.enqueue([NewAction("join", {}, room_id="!r:x")])
     await refresh_gauges_once(store)
     assert metrics.ACTIONS_BACKLOG.labels("pending")._value.get() == 1
+
+
+async def test_the_unsigned_tail_gauges_follow_the_signed_head(store: Store) -> None:
+    await store.records.append([AuditEntry(kind="command", data={"n": 1})])
+    await store.records.append([AuditEntry(kind="command", data={"n": 2})])
+    since = store.records.unsigned_since
+    assert since is not None
+    await refresh_gauges_once(store)
+    assert metrics.UNSIGNED_RECORDS._value.get() == 2
+    assert metrics.UNSIGNED_AGE._value.get() >= 0
+    await store.records.checkpoint()
+    await refresh_gauges_once(store)
+    assert metrics.UNSIGNED_RECORDS._value.get() == 0
+    assert metrics.UNSIGNED_AGE._value.get() == 0
+    assert metrics.CHECKPOINT_AGE._value.get() >= 0
