@@ -129,6 +129,8 @@ class Rollouts:
         self.staged: list[tuple[list[str], str]] = []
         self.started: list[str] = []
         self.removed = Removed()
+        #: (room, event type) -> the lack ``known_lacks`` answers.
+        self.lacks: dict[tuple[str, str], str] = {}
 
     def stage_rollout(self, rooms: Iterable[str], reason: str) -> StagedChange:
         rooms = sorted(rooms)
@@ -150,6 +152,11 @@ class Rollouts:
         return Removed(
             {r: u for r, u in self.removed.rooms.items() if wanted is None or r in wanted}
         )
+
+    async def known_lacks(self, rooms: Iterable[str], event_type: str) -> dict[str, str]:
+        """What ``lacks`` holds for ``event_type`` in ``rooms``."""
+        wanted = set(rooms)
+        return {r: lack for (r, t), lack in self.lacks.items() if r in wanted and t == event_type}
 
 
 class CommandFake(_Base):
