@@ -269,7 +269,9 @@ def room_notice(lacks: Iterable[str]) -> str:
     """The bot's one notice in a room where it cannot enforce the organization's policy."""
     lacks = list(lacks)
     level, meanings = _needed(lacks)
-    given = f"power level {level}" if level else "the power it needs"
+    given = {"": "the power it needs", "creator": "a room creator's power"}.get(
+        level, f"power level {level}"
+    )
     text = (
         "⚠️ The policy bot cannot enforce the organization's policy in this room until it is "
         f"given {given} (it lacks {'; '.join(_BOT_HAS.sub('', lack) for lack in lacks)})."

@@ -96,11 +96,19 @@ class Services(_Base):
         *,
         notify: Callable[[Any], Awaitable[None]] = _quiet,
         own_server: str = "",
+        bot: str = "",
+        submit: Callable[[list[NewAction]], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(store, config, management_room)
         self.scheduler = Scheduler()
         self.rooms = RoomEnforcer(
-            store, lambda: 1000.0, notify, own_server=own_server, scheduler=self.scheduler
+            store,
+            lambda: 1000.0,
+            notify,
+            own_server=own_server,
+            bot=bot,
+            submit=submit,
+            scheduler=self.scheduler,
         )
 
     def start_retroactive_scan(self, engine: PolicyEngine, scan: RetroScan) -> None:
