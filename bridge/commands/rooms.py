@@ -82,8 +82,8 @@ async def _stage(
     what: str,
     engine: PolicyEngine | None = None,
     rooms: list[str] | None = None,
-) -> int:
-    """Stage the document and a rollout to the rooms it concerns; returns how many rooms.
+) -> list[str]:
+    """Stage the document and a rollout to the rooms it concerns; returns those rooms.
 
     ``engine`` is the already compiled preview of ``doc`` and ``rooms`` the rooms it
     reaches (:func:`_target_rooms`), if the caller has them.
@@ -95,17 +95,14 @@ async def _stage(
     ctx.stage(ctx.services.policy.stage(section, doc, engine))
     ctx.stage(ctx.services.rooms.stage_rollout(rooms, what))
     ctx.audit["change"] = what
-    return len(rooms)
+    return rooms
 
 
-async def _reply(ctx: CommandContext, head: str, event_type: str, count: int) -> Reply:
-    """The reply to a staged change reaching ``count`` rooms: where the bot is known to lack
-    the power to send ``event_type`` (the state event the change sets), it says so."""
-    lacks: dict[str, str] = {}
-    if count:
-        rooms = await _target_rooms(ctx)
-        lacks = dict(await ctx.services.rooms.known_lacks(rooms, event_type))
-    return Reply.plain(change_reply(head, count, lacks, ctx.prefix))
+async def _reply(ctx: CommandContext, head: str, event_type: str, rooms: list[str]) -> Reply:
+    """The reply to a staged change reaching ``rooms``: where the bot is known to lack the
+    power to send ``event_type`` (the state event the change sets), it says so."""
+    lacks = dict(await ctx.services.rooms.known_lacks(rooms, event_type)) if rooms else {}
+    return Reply.plain(change_reply(head, len(rooms), lacks, ctx.prefix))
 
 
 def _describe_federation(ctx: CommandContext, scope: str) -> list[str]:
@@ -154,8 +151,8 @@ async def _change_federation(ctx: CommandContext, doc: dict[str, Any], what: str
                 f"{affected.describe()}\nRepeat the command with --yes or react ✅ to it "
                 "to apply it."
             )
-    count = await _stage(ctx, "federation", doc, what, candidate, rooms)
-    return await _reply(ctx, f"{what} {where(scope, ctx)}", ACL, count)
+    await _stage(ctx, "federation", doc, what, candidate, rooms)
+    return await _reply(ctx, f"{what} {where(scope, ctx)}", ACL, rooms)
 
 
 def _fed_doc(ctx: CommandContext) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -288,9 +285,9 @@ async def ret_set(ctx: CommandContext) -> Reply:
             )
     doc = live.doc("retention")
     doc.setdefault(scope, {})["max_lifetime"] = ctx.args["duration"]
-    count = await _stage(ctx, "retention", doc, f"retention set to {format_duration(ms)}")
+    targets = await _stage(ctx, "retention", doc, f"retention set to {format_duration(ms)}")
     head = f"messages older than {format_duration(ms)} will be removed {where(scope, ctx)}"
-    return await _reply(ctx, head, RETENTION, count)
+    return await _reply(ctx, head, RETENTION, targets)
 
 
 @commands.command(
@@ -306,8 +303,8 @@ async def ret_off(ctx: CommandContext) -> Reply:
     live = ctx.services.policy
     doc = live.doc("retention")
     doc.setdefault(scope, {})["max_lifetime"] = "off"
-    count = await _stage(ctx, "retention", doc, "retention off")
-    return await _reply(ctx, f"retention off {where(scope, ctx)}", RETENTION, count)
+    rooms = await _stage(ctx, "retention", doc, "retention off")
+    return await _reply(ctx, f"retention off {where(scope, ctx)}", RETENTION, rooms)
 
 
 @commands.command(
