@@ -276,7 +276,7 @@ class RoomEnforcer:
             lack = "; ".join(problems)
             await self.store.rooms.upsert(room_id, joined=True, lacking=lack)
         self._note_lack(room_id, lack)
-        outcome = classify(result)
+        outcome = classify(result, room_id)
         if not obtaining and "error" not in result:
             await self._tell_room(room_id, _power_lacks_of(result))
         await self._flush_quietly()  # the members this reconcile read, a cleared lack

@@ -80,11 +80,15 @@ def lack_reason(lack: str) -> str:
     return "lacks " + _BOT_HAS.sub("", lack)
 
 
-def classify(result: Mapping[str, Any]) -> RoomOutcome:
+def classify(result: Mapping[str, Any], room_id: str = "") -> RoomOutcome:
     """The outcome of one reconcile result (the executor's ``reconcile`` answer, or
-    ``{"error": ...}`` when it failed)."""
+    ``{"error": ...}`` when it failed) in ``room_id`` (named in errors: left out, so that
+    rooms failing alike group)."""
     if "error" in result:
-        return RoomOutcome(Outcome.FAILED, (str(result["error"]),))
+        error = str(result["error"])
+        if room_id:
+            error = error.replace(f" in {room_id}", "")
+        return RoomOutcome(Outcome.FAILED, (error,))
     reasons = [lack_reason(str(lack)) for lack in result.get("lacking") or ()]
     for item in result.get("unkickable") or ():
         # "@user:server: why" (user IDs hold no space, so the first ": " ends the user)
@@ -97,7 +101,12 @@ def classify(result: Mapping[str, Any]) -> RoomOutcome:
 
 def power_problem(outcome: RoomOutcome) -> bool:
     """Whether power the bot could be given would fix the room."""
-    return any(r.startswith("lacks power") or "the bot needs power" in r for r in outcome.reasons)
+    return any(
+        r.startswith("lacks power")
+        or "the bot needs power" in r
+        or (r.startswith("the bot is not allowed to") and "read the room state" not in r)
+        for r in outcome.reasons
+    )
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ from bridge.policy.outcomes import (
     classify,
     lack_reason,
     power_lacks,
+    power_problem,
     rollout_text,
     room_notice,
 )
@@ -70,6 +71,12 @@ def test_classify_applied_not_applied_failed() -> None:
     assert failed == RoomOutcome(
         Outcome.FAILED, ("the bot is not allowed to read the room state in !r:x",)
     )
+    # Named with its room, the room is left out so that rooms failing alike group.
+    unread = classify({"error": "the bot is not allowed to read the room state in !r:x"}, "!r:x")
+    assert unread.reasons == ("the bot is not allowed to read the room state",)
+    assert not power_problem(unread)  # not in the room: no power level fixes that
+    refused = classify({"error": "the bot is not allowed to kick users in !r:x (M_FORBIDDEN)"})
+    assert power_problem(refused)
 
 
 def test_lack_reason_drops_what_the_bot_has_so_rooms_group() -> None:
