@@ -159,6 +159,8 @@ class Bridge:
             lambda: self.config.federation.rollout_rate,
             self.management.notify,
             own_server=cfg.homeserver.domain,
+            bot=cfg.bot_mxid,
+            submit=self._submit,
             command_prefix=cfg.bridge.command_prefix,
             scheduler=self.scheduler,
         )

@@ -2,7 +2,9 @@
 
 A change is validated by compiling the new policy, committed with the command, applied
 right after the commit, and rolled out to every managed room through the executor at the
-configured rate (with progress reported in the management room).
+configured rate (with progress reported in the management room). The reply says what is
+already known not to work: the rooms where the bot lacks the power to apply the change, why,
+and the fix (:func:`bridge.policy.outcomes.change_reply`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from bridge.commands.scope import SCOPE_FLAG, room_of, scope_of, where
 from bridge.policy.durations import DurationError, format_duration, parse_duration
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.federation import FederationMode, acl_content
+from bridge.policy.outcomes import ACL, RETENTION, change_reply
 from bridge.policy.rooms import DRIFTED
 from bridge.policy.scopes import rooms_in_scope
 
@@ -79,8 +82,8 @@ async def _stage(
     what: str,
     engine: PolicyEngine | None = None,
     rooms: list[str] | None = None,
-) -> int:
-    """Stage the document and a rollout to the rooms it concerns; returns how many rooms.
+) -> list[str]:
+    """Stage the document and a rollout to the rooms it concerns; returns those rooms.
 
     ``engine`` is the already compiled preview of ``doc`` and ``rooms`` the rooms it
     reaches (:func:`_target_rooms`), if the caller has them.
@@ -92,7 +95,14 @@ async def _stage(
     ctx.stage(ctx.services.policy.stage(section, doc, engine))
     ctx.stage(ctx.services.rooms.stage_rollout(rooms, what))
     ctx.audit["change"] = what
-    return len(rooms)
+    return rooms
+
+
+async def _reply(ctx: CommandContext, head: str, event_type: str, rooms: list[str]) -> Reply:
+    """The reply to a staged change reaching ``rooms``: where the bot is known to lack the
+    power to send ``event_type`` (the state event the change sets), it says so."""
+    lacks = dict(await ctx.services.rooms.known_lacks(rooms, event_type)) if rooms else {}
+    return Reply.plain(change_reply(head, len(rooms), lacks, ctx.prefix))
 
 
 def _describe_federation(ctx: CommandContext, scope: str) -> list[str]:
@@ -141,8 +151,8 @@ async def _change_federation(ctx: CommandContext, doc: dict[str, Any], what: str
                 f"{affected.describe()}\nRepeat the command with --yes or react ✅ to it "
                 "to apply it."
             )
-    count = await _stage(ctx, "federation", doc, what, candidate, rooms)
-    return Reply.plain(f"✅ {what} {where(scope, ctx)}; bringing {count} room(s) in line.")
+    await _stage(ctx, "federation", doc, what, candidate, rooms)
+    return await _reply(ctx, f"{what} {where(scope, ctx)}", ACL, rooms)
 
 
 def _fed_doc(ctx: CommandContext) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -275,11 +285,9 @@ async def ret_set(ctx: CommandContext) -> Reply:
             )
     doc = live.doc("retention")
     doc.setdefault(scope, {})["max_lifetime"] = ctx.args["duration"]
-    count = await _stage(ctx, "retention", doc, f"retention set to {format_duration(ms)}")
-    return Reply.plain(
-        f"✅ messages older than {format_duration(ms)} will be removed {where(scope, ctx)}; "
-        f"updating {count} room(s)."
-    )
+    targets = await _stage(ctx, "retention", doc, f"retention set to {format_duration(ms)}")
+    head = f"messages older than {format_duration(ms)} will be removed {where(scope, ctx)}"
+    return await _reply(ctx, head, RETENTION, targets)
 
 
 @commands.command(
@@ -295,8 +303,8 @@ async def ret_off(ctx: CommandContext) -> Reply:
     live = ctx.services.policy
     doc = live.doc("retention")
     doc.setdefault(scope, {})["max_lifetime"] = "off"
-    await _stage(ctx, "retention", doc, "retention off")
-    return Reply.plain(f"✅ retention off {where(scope, ctx)}")
+    rooms = await _stage(ctx, "retention", doc, "retention off")
+    return await _reply(ctx, f"retention off {where(scope, ctx)}", RETENTION, rooms)
 
 
 @commands.command(

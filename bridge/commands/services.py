@@ -97,6 +97,11 @@ class RoomRollouts(Protocol):
         """The members ``candidate`` would remove that ``current`` keeps, by room."""
         ...
 
+    async def known_lacks(self, rooms: Iterable[str], event_type: str) -> Mapping[str, str]:
+        """Of ``rooms``, those where the bot is known to lack the power to send
+        ``event_type``, with what it lacks."""
+        ...
+
 
 class RetentionStatus(Protocol):
     """The retention sweeper, as ``status`` reports it."""

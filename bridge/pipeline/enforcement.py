@@ -6,7 +6,8 @@ schedule it, remembers each room's members (from reconciles and the event stream
 the store's sealed room records, so the count of members a federation change would remove
 survives a restart), records each room's enforcement state (enforced, drifted, lacks power,
 not joined), reports what power the bot lacks (once per room and distinct lack, batched
-into few notices), and reports rollout progress.
+into few notices; and once in the room itself), and reports rollout progress with what the
+rollout achieved (:mod:`bridge.policy.outcomes` words it).
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ from bridge.pipeline import actions
 from bridge.pipeline.actions import ActionKind
 from bridge.policy.federation import FederationPolicy, server_allowed
 from bridge.policy.model import server_name
+from bridge.policy.outcomes import (
+    RolloutTally,
+    classify,
+    power_lacks,
+    rollout_text,
+    room_notice,
+)
 from bridge.policy.rooms import DRIFTED as DRIFTED  # re-exported for the worker
-from bridge.policy.rooms import RoomPlan
+from bridge.policy.rooms import RoomPlan, RoomState
 from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import NewAction, Store
 
@@ -40,6 +48,8 @@ PRESENT = frozenset({"join", "invite", "knock"})
 #: Fields of a room's sealed record (``RoomRepository.update_data``).
 MEMBERS_FIELD = "members"  # {user_id: membership} of present members (remote ones when known)
 REPORTED_FIELD = "reported"  # the lack last reported to the management room
+POWER_FIELD = "cannot"  # {event type or "kick": lack} the bot's power falls short of
+NOTICED_FIELD = "noticed"  # the bot told the room it cannot enforce there (until fixed)
 #: A lack longer than this is cut in notices (a room with many unkickable members).
 LACK_TEXT_LIMIT = 300
 
@@ -87,6 +97,16 @@ class RoomEnforcement:
     on_result: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
 
 
+def _power_lacks_of(result: Mapping[str, Any]) -> list[str]:
+    """The lacks of a reconcile result that power given to the bot would fix."""
+    out = [str(lack) for lack in result.get("lacking") or ()]
+    for item in result.get("unkickable") or ():
+        _user, _sep, why = str(item).partition(": ")
+        if why.startswith("the bot needs power") and why not in out:
+            out.append(why)
+    return out
+
+
 class RoomEnforcer:
     """Schedules reconciles and keeps per-room enforcement state.
 
@@ -104,6 +124,8 @@ class RoomEnforcer:
         notify: Callable[[Reply], Awaitable[None]],
         *,
         own_server: str = "",
+        bot: str = "",
+        submit: Callable[[list[NewAction]], Awaitable[None]] | None = None,
         command_prefix: str = "!policy",
         report_delay: float = 30.0,
         report_grace: float = 10.0,
@@ -119,6 +141,8 @@ class RoomEnforcer:
         self.rollout_rate = rollout_rate
         self.notify = notify
         self.own_server = own_server
+        self.bot = bot  # whose power is read from room state (none: not read)
+        self.submit = submit  # queues the one notice in a room it cannot enforce (none: not sent)
         self.command_prefix = command_prefix
         self.report_delay = report_delay
         self.report_grace = report_grace
@@ -131,6 +155,12 @@ class RoomEnforcer:
         self._rollout_seen = 0.0  # monotonic time of the rollout's last result
         self._loaded = False
         self._dirty: set[str] = set()  # rooms whose members are not stored yet
+        #: room -> {event type or "kick": lack}: the power the bot lacks there (from state).
+        self.cannot: dict[str, dict[str, str]] = {}
+        self._power_dirty: set[str] = set()
+        self._noticed: dict[str, bool] = {}  # room -> told the room it cannot enforce
+        self._tally = RolloutTally()
+        self._counted: set[str] = set()  # rooms this process counted in the rollout
         self._told: dict[str, str] = {}  # room -> the lack last reported
         self._told_dirty: set[str] = set()
         self._lacks: dict[str, tuple[str, float]] = {}  # room -> (lack, since) to report
@@ -166,6 +196,8 @@ class RoomEnforcer:
         self._rollout = dict(record)
         self._reported = set()
         self._remaining = int(record["total"])
+        self._tally = RolloutTally()
+        self._counted = set()
 
     async def load(self) -> None:
         """Read the rooms' members and reported lacks; resume reporting a rollout that was
@@ -179,6 +211,8 @@ class RoomEnforcer:
             self._rollout = record
             self._reported = set(record.get("reported", []))
             self._remaining = await self._pending(record["id"])
+            self._tally = RolloutTally.from_doc(record.get("tally"))
+            self._counted = set()
 
     async def _pending(self, rollout_id: str) -> int:
         # payloads are sealed at rest: the store decrypts the pending reconciles to match
@@ -199,6 +233,12 @@ class RoomEnforcer:
             if ev.get("type") == "m.room.member" and isinstance(ev.get("state_key"), str)
         }
         present = {u: m for u, m in members.items() if m in PRESENT and self._kept(u)}
+        if self.bot:
+            cannot = power_lacks(RoomState.from_events(state), self.bot)
+            if self.cannot.get(room_id) != cannot:
+                self.cannot[room_id] = cannot
+                self._power_dirty.add(room_id)
+                self._spawn("flush", self._flush_soon)
         if self.members.get(room_id) != present:
             self.members[room_id] = present
             self._changed(room_id)
@@ -216,8 +256,15 @@ class RoomEnforcer:
             return
         self._changed(room_id)
 
-    async def on_result(self, room_id: str, result: Mapping[str, Any]) -> None:
-        """Record the room's enforcement state; report missing power and rollout progress."""
+    async def on_result(
+        self, room_id: str, result: Mapping[str, Any], *, obtaining: bool = False
+    ) -> None:
+        """Record the room's enforcement state; report missing power and rollout progress.
+
+        ``obtaining``: the bot lacked power and is obtaining it (make_room_admin and a second
+        reconcile of the same rollout follow): the room's outcome is the second one's, and
+        the room is not told it cannot be enforced.
+        """
         if "error" in result:
             # Only a refused state read means the bot is not in the room; a refused kick or
             # state event means it is there without enough power.
@@ -229,11 +276,48 @@ class RoomEnforcer:
             lack = "; ".join(problems)
             await self.store.rooms.upsert(room_id, joined=True, lacking=lack)
         self._note_lack(room_id, lack)
+        outcome = classify(result, room_id)
+        if not obtaining and "error" not in result:
+            await self._tell_room(room_id, _power_lacks_of(result))
         await self._flush_quietly()  # the members this reconcile read, a cleared lack
         payload = result.get("payload") or {}
         rid = payload.get("rollout")
-        if self._rollout and rid == self._rollout.get("id"):
+        if self._rollout and rid == self._rollout.get("id") and not obtaining:
+            self._tally.add(outcome)
+            self._counted.add(room_id)
             await self._progress()
+
+    async def _tell_room(self, room_id: str, lacking: list[str]) -> None:
+        """Say once in the room that the bot cannot enforce the policy there (again only
+        after a reconcile found the power sufficient in between)."""
+        told = self._noticed.get(room_id, False)
+        if bool(lacking) == told:
+            return
+        if lacking and self.submit is not None:
+            await self.submit([actions.send_notice(room_id, room_notice(lacking))])
+        elif lacking:
+            return  # nobody to send it: try again at the next reconcile
+        self._noticed[room_id] = bool(lacking)
+        self._told_dirty.add(room_id)
+
+    async def known_lacks(self, rooms: Iterable[str], event_type: str) -> dict[str, str]:
+        """Of ``rooms``, those where the bot is known to lack the power to send
+        ``event_type`` (or ``"kick"``), with the lack: from the power levels its last
+        reconcile read, else from the stored enforcement state."""
+        if not self._loaded:
+            await self._load_rooms()
+        stored = {r["room_id"]: str(r["lacking"] or "") for r in await self.store.rooms.known()}
+        out: dict[str, str] = {}
+        for room in rooms:
+            known = self.cannot.get(room)
+            if known is not None:
+                if event_type in known:
+                    out[room] = known[event_type]
+                continue
+            parts = [p for p in stored.get(room, "").split("; ") if f"to send {event_type}" in p]
+            if parts:
+                out[room] = parts[0]
+        return out
 
     # -- persistence of members and reported lacks ---------------------------------------
 
@@ -252,6 +336,12 @@ class RoomEnforcer:
             told = fields.get(REPORTED_FIELD)
             if isinstance(told, str) and room not in self._told:
                 self._told[room] = told
+            cannot = fields.get(POWER_FIELD)
+            if isinstance(cannot, dict) and room not in self.cannot:
+                self.cannot[room] = {str(k): str(v) for k, v in cannot.items()}
+            noticed = fields.get(NOTICED_FIELD)
+            if isinstance(noticed, bool) and room not in self._noticed:
+                self._noticed[room] = noticed
         self._loaded = True
 
     def _changed(self, room_id: str) -> None:
@@ -281,7 +371,7 @@ class RoomEnforcer:
             self._tasks[name] = task
 
     async def _flush_soon(self) -> None:
-        while self._dirty or self._told_dirty:
+        while self._dirty or self._told_dirty or self._power_dirty:
             await self.flush()
 
     async def flush(self) -> None:
@@ -290,20 +380,24 @@ class RoomEnforcer:
         Rooms the store does not know (the bot never joined them) are not stored.
         """
         async with self._flush_lock:
-            members, told = self._dirty, self._told_dirty
-            if not (members or told):
+            members, told, power = self._dirty, self._told_dirty, self._power_dirty
+            if not (members or told or power):
                 return
-            self._dirty, self._told_dirty = set(), set()
+            self._dirty, self._told_dirty, self._power_dirty = set(), set(), set()
             updates: dict[str, dict[str, Any]] = {}
             for room in members:
                 updates.setdefault(room, {})[MEMBERS_FIELD] = dict(self.members.get(room, {}))
             for room in told:
                 updates.setdefault(room, {})[REPORTED_FIELD] = self._told.get(room, "")
+                updates[room][NOTICED_FIELD] = self._noticed.get(room, False)
+            for room in power:
+                updates.setdefault(room, {})[POWER_FIELD] = dict(self.cannot.get(room, {}))
             try:
                 await self.store.rooms.update_data(updates)
             except BaseException:
                 self._dirty |= members
                 self._told_dirty |= told
+                self._power_dirty |= power
                 raise
 
     async def _flush_quietly(self) -> None:
@@ -380,9 +474,14 @@ class RoomEnforcer:
         )
         return "\n".join(lines)
 
-    def _take_ripe(self, *, everything: bool = False) -> tuple[str, list[str]]:
-        """The text reporting the lacks due now, and the rooms it reports."""
+    def _take_ripe(
+        self, *, everything: bool = False, also: Iterable[str] = ()
+    ) -> tuple[str, list[str]]:
+        """The text reporting the lacks due now (and those of the rooms ``also``), and the
+        rooms it reports."""
         ripe = self._ripe(everything=everything)
+        extra = set(also) - {room for room, _ in ripe}
+        ripe = sorted(ripe + [(r, lack) for r, (lack, _s) in self._lacks.items() if r in extra])
         if not ripe:
             return "", []
         return self._lacks_text(ripe), [room for room, _ in ripe]
@@ -412,19 +511,21 @@ class RoomEnforcer:
         done = total - self._remaining
         pct = int(done * 100 / total)
         reached = [m for m in (25, 50, 75, 100) if pct >= m and m not in self._reported]
+        # The tally is kept with the record at every result, so a restart loses no count.
+        self._rollout["tally"] = self._tally.to_doc()
+        self._reported.update(reached)
+        self._rollout["reported"] = sorted(self._reported)
+        self._rollout["finished"] = pct >= 100
+        await self.store.state.set(ROLLOUT_KEY, json.dumps(self._rollout))
         if reached:
             # One notice for the highest mark crossed (small rollouts cross several at once).
             mark = reached[-1]
-            self._reported.update(reached)
-            self._rollout["reported"] = sorted(self._reported)
-            self._rollout["finished"] = pct >= 100
-            await self.store.state.set(ROLLOUT_KEY, json.dumps(self._rollout))
-            text = (
-                f"Policy rollout ({self._rollout['reason']}): {done} of {total} rooms "
-                f"processed ({mark}%)."
+            # The rooms where the bot lacks power go with the progress: one notice (the
+            # final one names every room of the rollout that lacks power, grace or not).
+            lacks, rooms = self._take_ripe(also=self._counted if mark >= 100 else ())
+            text = rollout_text(
+                str(self._rollout["reason"]), done, total, mark, self._tally, fix=not lacks
             )
-            # The rooms where the bot lacks power go with the progress: one notice.
-            lacks, rooms = self._take_ripe()
             await self.notify(Reply.plain(f"{text}\n{lacks}" if lacks else text))
             if rooms:
                 self._told_now(rooms)

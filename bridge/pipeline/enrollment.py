@@ -126,14 +126,22 @@ class PowerObtainer:
 
     async def on_result(self, room_id: str, result: Mapping[str, Any]) -> None:
         """The executor's callback for a finished reconcile of ``room_id``."""
-        await self.rooms.on_result(room_id, result)
         lacking = result.get("lacking") or []
         payload = result.get("payload") or {}
-        if lacking and not payload.get("after_admin") and self.allowed():
+        obtaining = bool(lacking and not payload.get("after_admin") and self.allowed())
+        # While obtaining, the second reconcile (same rollout) gives the room's outcome.
+        await self.rooms.on_result(room_id, result, obtaining=obtaining)
+        if obtaining:
             log.info("obtaining power in %s through make_room_admin", room_id)
+            rollout = payload.get("rollout")
             await self.submit(
                 [
                     actions.make_room_admin(room_id, self.bot_mxid),
-                    actions.reconcile(room_id, "after make_room_admin", after_admin=True),
+                    actions.reconcile(
+                        room_id,
+                        "after make_room_admin",
+                        rollout=rollout if isinstance(rollout, str) else None,
+                        after_admin=True,
+                    ),
                 ]
             )

@@ -96,11 +96,19 @@ class Services(_Base):
         *,
         notify: Callable[[Any], Awaitable[None]] = _quiet,
         own_server: str = "",
+        bot: str = "",
+        submit: Callable[[list[NewAction]], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(store, config, management_room)
         self.scheduler = Scheduler()
         self.rooms = RoomEnforcer(
-            store, lambda: 1000.0, notify, own_server=own_server, scheduler=self.scheduler
+            store,
+            lambda: 1000.0,
+            notify,
+            own_server=own_server,
+            bot=bot,
+            submit=submit,
+            scheduler=self.scheduler,
         )
 
     def start_retroactive_scan(self, engine: PolicyEngine, scan: RetroScan) -> None:
@@ -129,6 +137,8 @@ class Rollouts:
         self.staged: list[tuple[list[str], str]] = []
         self.started: list[str] = []
         self.removed = Removed()
+        #: (room, event type) -> the lack ``known_lacks`` answers.
+        self.lacks: dict[tuple[str, str], str] = {}
 
     def stage_rollout(self, rooms: Iterable[str], reason: str) -> StagedChange:
         rooms = sorted(rooms)
@@ -150,6 +160,11 @@ class Rollouts:
         return Removed(
             {r: u for r, u in self.removed.rooms.items() if wanted is None or r in wanted}
         )
+
+    async def known_lacks(self, rooms: Iterable[str], event_type: str) -> dict[str, str]:
+        """What ``lacks`` holds for ``event_type`` in ``rooms``."""
+        wanted = set(rooms)
+        return {r: lack for (r, t), lack in self.lacks.items() if r in wanted and t == event_type}
 
 
 class CommandFake(_Base):

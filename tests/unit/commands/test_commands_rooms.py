@@ -19,7 +19,7 @@ async def test_retention_set_stages_the_document_and_a_rollout(fake: CommandFake
     ctx = fake.context(args={"duration": "30d"})
     reply = await rooms.ret_set(ctx)
     assert reply.text == (
-        "✅ messages older than 30d will be removed globally; updating 1 room(s)."
+        "✅ messages older than 30d will be removed globally. Recorded; applying it to 1 room."
     )
     # the management room is never rolled out to
     assert fake.rooms.staged == [([ROOM], "retention set to 30d")]
@@ -30,6 +30,46 @@ async def test_retention_set_stages_the_document_and_a_rollout(fake: CommandFake
     fake.commit(ctx)
     assert fake.policy.engine.retention_for(ROOM).max_lifetime_ms == 30 * DAY
     assert fake.rooms.started == ["retention set to 30d"]
+
+
+NO_RETENTION = "power level 50 to send m.room.retention (the bot has 0)"
+NO_ACL = "power level 50 to send m.room.server_acl (the bot has 0)"
+
+
+async def test_retention_set_where_the_bot_lacks_power_says_so_with_why_and_fix(
+    fake: CommandFake,
+) -> None:
+    fake.rooms.lacks[(ROOM, "m.room.retention")] = NO_RETENTION
+    fake.rooms.lacks[(ROOM, "m.room.server_acl")] = NO_ACL  # not what this change sends
+    ctx = fake.context(room_id=ROOM, args={"duration": "30d"}, flags={"scope": "here"})
+    reply = await rooms.ret_set(ctx)
+    assert reply.text.splitlines() == [
+        f"⚠️ messages older than 30d will be removed in {ROOM}. Recorded, but the bot cannot "
+        "apply it in the 1 room it reaches:",
+        "• lacks power level 50 to send m.room.retention: 1 room",
+        "`!policy rooms lacking` lists them. To fix it, a room creator raises the bot's power "
+        "level to the level named, or set homeserver.admin_token with bridge.obtain_power: "
+        "true so the bot obtains it itself.",
+    ]
+    assert not reply.text.startswith("✅")
+    assert fake.rooms.staged == [([ROOM], "retention set to 30d")]  # still recorded
+
+
+async def test_federation_change_names_the_rooms_lacking_power_for_the_acl(
+    fake: CommandFake,
+) -> None:
+    fake.rooms.lacks[(ROOM, "m.room.server_acl")] = NO_ACL
+    ctx = fake.context(args={"server": "evil.example"})
+    reply = await rooms.fed_deny(ctx)
+    assert reply.text.startswith(
+        "⚠️ federation deny evil.example globally. Recorded, but the bot cannot apply it in "
+        "the 1 room it reaches:\n• lacks power level 50 to send m.room.server_acl: 1 room\n"
+    )
+    # A lack of power for retention does not matter to a federation change.
+    del fake.rooms.lacks[(ROOM, "m.room.server_acl")]
+    fake.rooms.lacks[(ROOM, "m.room.retention")] = NO_RETENTION
+    reply = await rooms.fed_mode(fake.context(args={"mode": "open"}))
+    assert reply.text == "✅ federation mode set to open globally. Recorded; applying it to 1 room."
 
 
 async def test_retention_that_deletes_messages_needs_confirmation(fake: CommandFake) -> None:
@@ -48,7 +88,9 @@ async def test_retention_bad_duration_and_off(fake: CommandFake) -> None:
     with pytest.raises(CommandError):
         await rooms.ret_set(fake.context(args={"duration": "soon"}))
     ctx = fake.context(room_id=ROOM, flags={"scope": "here"})
-    assert (await rooms.ret_off(ctx)).text == f"✅ retention off in {ROOM}"
+    assert (await rooms.ret_off(ctx)).text == (
+        f"✅ retention off in {ROOM}. Recorded; applying it to 1 room."
+    )
     shown = await rooms.ret_show(fake.context(role=Role.AUDITOR))
     assert shown.text.startswith("Retention globally: ")
 
@@ -62,7 +104,9 @@ async def test_federation_allow_switches_to_an_allowlist_and_confirms_removals(
         await rooms.fed_allow(ctx)
     ctx = fake.context(args={"server": "Partner.Example"}, flags={"yes": True})
     reply = await rooms.fed_allow(ctx)
-    assert reply.text == "✅ federation allow partner.example globally; bringing 1 room(s) in line."
+    assert reply.text == (
+        "✅ federation allow partner.example globally. Recorded; applying it to 1 room."
+    )
     fake.commit(ctx)
     policy = fake.policy.engine.federation_for(ROOM)
     assert (policy.mode.value, list(policy.servers)) == ("allowlist", ["partner.example"])

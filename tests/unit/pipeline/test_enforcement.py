@@ -173,9 +173,10 @@ async def test_rollout_progress_is_reported_once_per_quarter(store: Store) -> No
         await enf.on_result(a.room_id or "", {"lacking": [], "payload": dict(a.payload)})
         assert len(notes.said) == i + 1
     assert notes.said == [
-        f"Policy rollout (federation mode internal): {n} of 4 rooms processed ({pct}%)."
-        for n, pct in ((1, 25), (2, 50), (3, 75), (4, 100))
-    ]
+        f"Policy rollout (federation mode internal): {n} of 4 rooms processed ({pct}%): "
+        f"applied in {n} room{'s' if n > 1 else ''}, not applied in 0 rooms, failed in 0 rooms."
+        for n, pct in ((1, 25), (2, 50), (3, 75))
+    ] + ["✅ Policy rollout (federation mode internal) finished: applied in all 4 rooms."]
     # Results outside the rollout (and after it finished) say nothing.
     await enf.on_result("!r0:x", {"lacking": [], "payload": dict(other.payload)})
     await enf.on_result("!r0:x", {"lacking": [], "payload": dict(acts[0].payload)})
@@ -200,8 +201,10 @@ async def test_rollout_reporting_resumes_after_a_restart(store: Store) -> None:
         await store.actions.finish(a.id, status="done", attempts=1)
         await fresh.on_result(a.room_id or "", {"lacking": [], "payload": dict(a.payload)})
     assert after.said == [
-        "Policy rollout (restarted): 3 of 4 rooms processed (75%).",
-        "Policy rollout (restarted): 4 of 4 rooms processed (100%).",
+        # the counts of the results before the restart are kept with the rollout record
+        "Policy rollout (restarted): 3 of 4 rooms processed (75%): applied in 3 rooms, "
+        "not applied in 0 rooms, failed in 0 rooms.",
+        "✅ Policy rollout (restarted) finished: applied in all 4 rooms.",
     ]
 
 

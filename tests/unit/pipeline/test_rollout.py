@@ -53,14 +53,21 @@ async def test_rollout_is_durable_across_a_restart_and_reported(store: Store) ->
             await enf.on_result(a.room_id or "", result)
 
     await run_some(enforcer, 300)
-    assert said == ["Policy rollout (federation mode internal): 250 of 1000 rooms processed (25%)."]
+    assert said == [
+        "Policy rollout (federation mode internal): 250 of 1000 rooms processed (25%): "
+        "applied in 250 rooms, not applied in 0 rooms, failed in 0 rooms."
+    ]
 
     # Restart: a new enforcer resumes reporting from the stored rollout record.
     resumed = RoomEnforcer(store, lambda: 1000.0, notify)
     await resumed.load()
     await run_some(resumed, 700)
-    marks = [s.split("(")[-1] for s in said]
-    assert marks == ["25%).", "50%).", "75%).", "100%)."]
+    marks = [s.split(": ")[1] for s in said[:3]]
+    quarters = ((250, 25), (500, 50), (750, 75))
+    assert marks == [f"{n} of 1000 rooms processed ({pct}%)" for n, pct in quarters]
+    assert said[3] == (
+        "✅ Policy rollout (federation mode internal) finished: applied in all 1000 rooms."
+    )
     assert (await store.stats.snapshot()).actions_pending == 0
     known = {r["room_id"]: r for r in await store.rooms.known()}
     assert len(known) == 1_000 and all(r["joined"] for r in known.values())
