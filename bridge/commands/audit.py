@@ -17,7 +17,6 @@ from typing import Any
 
 from mautrix.types import RoomAlias
 
-from bridge.archive.setup import audit_config
 from bridge.audit.chain import CHECKPOINT_SIGNATURE, SigningKeyError, load_public_key
 from bridge.audit.kinds import AuditKind, split_type_filter
 from bridge.commands.context import CommandContext
@@ -146,19 +145,15 @@ async def hold_list(ctx: CommandContext) -> Reply:
 async def audit_verify(ctx: CommandContext) -> Reply:
     """Verify the hash chain and the signed checkpoints, trusting the current signing key
     and ``audit.previous_public_keys``."""
-    from bridge.archive.cli import verify_store
-
     svc = ctx.services
     started = time.monotonic()
-    # streams in batches, so the event loop keeps serving between them
-    cfg = audit_config(svc.config)
+    previous = svc.config.audit.previous_public_keys if svc.config.audit else ()
     try:
-        earlier = [load_public_key(p.read_bytes()) for p in cfg.previous_public_keys]
+        earlier = [load_public_key(p.read_bytes()) for p in previous]
     except (OSError, SigningKeyError) as e:
         raise CommandError(f"audit.previous_public_keys: {e}") from None
-    report = await verify_store(
-        svc.store.db.engine, [svc.store.signing_key.public_key(), *earlier], cfg.checkpoint_log
-    )
+    # streams in batches, so the event loop keeps serving between them
+    report = await svc.verify_archive(earlier)
     took = time.monotonic() - started
     ctx.audit.update(
         ok=report.ok,
