@@ -158,7 +158,7 @@ class Import:
     importer: str  # dotted module name, e.g. bridge.pipeline.worker
     path: Path
     line: int
-    statement: str  # the statement's source text
+    statement: str  # the statement's source, on one line
     target: str  # dotted name of the imported module (``from a import b``: a.b if a module)
 
     def where(self) -> str:
@@ -207,9 +207,8 @@ def imports_of(path: Path, root: Path) -> Iterator[Import]:
                 sub = f"{module}.{alias.name}"
                 # ``from a import b``: the module a.b when it is one (ours, or a name that
                 # may be a submodule elsewhere), else the module a
-                if alias.name != "*" and (
-                    _is_module(sub, root) or not module.startswith(root.name)
-                ):
+                ours = module.split(".")[0] == root.name
+                if alias.name != "*" and (_is_module(sub, root) or not ours):
                     target = sub
                 else:
                     target = module
