@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class EventFactory:
         recent = self.recent[room]
         roll = rng.random()
         state_key: str | None = None
+        content: dict[str, Any]
         if roll < 0.55 or not recent:
             etype, content = "m.room.message", {"msgtype": "m.text", "body": _text(rng)}
         elif roll < 0.65:
@@ -609,7 +611,7 @@ async def bench_backend(
     ]
     for c in args.concurrency:
         steps.append(
-            (f"http-c{c}", lambda c=c: measure_http(backend, c, args.transactions, WARMUP_TXNS))
+            (f"http-c{c}", partial(measure_http, backend, c, args.transactions, WARMUP_TXNS))
         )
     return await run_rounds(backend.name, args.rounds, steps)
 

@@ -205,7 +205,7 @@ def main() -> int:
         print(
             f"{r['rooms']:>6} rooms x {args.per_room} expired: sweep {r['sweep_s']:.1f}s "
             f"(populate {r['populate_s']:.0f}s) | {r['rooms_per_s']:,.0f} rooms/s, "
-            f"{r['events_per_s']:,.0f} events/s | floor iter_records "
+            f"{r['events_per_s']:,.0f} events/s | floor reader.iter "
             f"{r['floor_events_per_s']:,.0f} events/s, ratio "
             f"{r['events_per_s'] / r['floor_events_per_s']:.2f} | RSS before "
             f"{r['rss_before_mib']:.0f} MiB, peak above "

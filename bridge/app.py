@@ -16,14 +16,19 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import ClientSession, ClientTimeout, web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mautrix.errors import MatrixError
 
 from bridge import __version__
+from bridge.archive.cli import verify_store
 from bridge.archive.jobs import CheckpointSigner, run_audit_jobs
+from bridge.archive.setup import audit_config
 from bridge.archive.sink import AuditSink
+from bridge.audit.chain import VerifyReport
 from bridge.commands.catalog import build_registry
 from bridge.commands.services import RetroScan
 from bridge.config import Config
@@ -69,7 +74,7 @@ class Bridge:
     """One running bridge: builds the parts, starts and stops them.
 
     It is also the object handed to the worker, command handlers and retroactive scans as
-    their services; it satisfies the seams they declare (:mod:`bridge.services`,
+    their services; it satisfies the seams they declare (:mod:`bridge.pipeline.services`,
     :class:`bridge.pipeline.retroactive.RetroServices`).
     """
 
@@ -313,6 +318,14 @@ class Bridge:
     def start_retroactive_scan(self, engine: PolicyEngine, scan: RetroScan) -> None:
         """Scan the archive for a new DLP rule in the background (``--retroactive``)."""
         retroactive.start(self, engine, retroactive.RetroJob.from_scan(scan))
+
+    async def verify_archive(self, earlier_keys: Sequence[Ed25519PublicKey]) -> VerifyReport:
+        """Check the archive's chain and checkpoints (``audit verify`` in Matrix)."""
+        return await verify_store(
+            self.store.db.engine,
+            [self.store.signing_key.public_key(), *earlier_keys],
+            audit_config(self.config).checkpoint_log,
+        )
 
     async def sink_append(self, entry: AuditEntry) -> None:
         """Record an audit entry now if possible, else through the background sink."""

@@ -212,6 +212,10 @@ class Config:
     def bot_mxid(self) -> str:
         return f"@{self.appservice.bot_localpart}:{self.homeserver.domain}"
 
+    def audit_settings(self) -> AuditConfig:
+        """The ``audit:`` section (defaults under data_dir when the config predates it)."""
+        return self.audit or AuditConfig.for_data_dir(self.data_dir)
+
     def role_of(self, user_id: str) -> Role | None:
         """The role of a Matrix user ID: exact entry, else ``@*:domain``, else ``*``."""
         perms = self.bridge.permissions

@@ -3,8 +3,9 @@
 Exit codes as in :mod:`bridge.cli` (0 ok, 2 usage, 3 configuration, 5 database) plus
 6: ``verify`` found the archive altered (the message names the first bad record), 7:
 ``verify`` found the chain intact but records unsigned for longer than allowed
-(``audit.checkpoint_interval`` plus :data:`TAIL_MARGIN_S`, or ``--max-tail-age``; only a
-warning with ``--tail-warning-only``), and 1: an ``export`` worker process died.
+(``audit.checkpoint_interval`` plus :data:`bridge.audit.tail.TAIL_MARGIN_S`, or
+``--max-tail-age``; only a warning with ``--tail-warning-only``), and 1: an ``export``
+worker process died.
 
 No command creates the checkpoint signing key or signs a checkpoint. Only ``public-key``
 (which prints its public key, where the key is) and ``verify`` without ``--public-key`` read
@@ -43,6 +44,7 @@ from bridge.archive.export import (
 )
 from bridge.archive.parallel import export_parallel, frozen_heap
 from bridge.archive.setup import audit_config, load_keyring, open_store
+from bridge.audit import tail
 from bridge.audit.chain import (
     CHANGED,
     CIPHERTEXT_REMOVED,
@@ -78,11 +80,9 @@ EXIT_DATABASE = 5
 EXIT_TAMPERED = 6
 EXIT_STALE_TAIL = 7
 
+
 #: Slack on top of ``audit.checkpoint_interval`` before ``verify`` calls an unsigned tail
 #: too old: a signing delayed by a busy database, the clock of the verifying machine.
-TAIL_MARGIN_S = 30.0
-
-
 class _Fail(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="fail (exit 7) when a record has been unsigned for longer than this "
-        f"(default: audit.checkpoint_interval + {TAIL_MARGIN_S:.0f}s)",
+        f"(default: audit.checkpoint_interval + {tail.TAIL_MARGIN_S:.0f}s)",
     )
     v.add_argument(
         "--tail-warning-only",
@@ -284,46 +284,6 @@ async def verify_store(
     raise AssertionError("unreachable")
 
 
-def now_ms() -> int:
-    """Wall time in ms: what an unsigned tail's age is measured against (tests replace it)."""
-    return int(time.time() * 1000)
-
-
-def _when(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def signed_head_line(report: VerifyReport, now_ms: int) -> str:
-    """Where the signed head is and what lies after it, for an intact chain."""
-    if report.signed_ts is None:
-        head = "no signed checkpoint"
-    else:
-        age = max(0.0, (now_ms - report.signed_ts) / 1000)
-        head = f"seq {report.signed_seq}, signed {_when(report.signed_ts)} ({age:.0f}s ago)"
-    if not report.tail_records:
-        return f"signed head: {head}; every record is signed"
-    return (
-        f"signed head: {head}; unsigned tail: {report.tail_records} records, the oldest "
-        f"unsigned for {report.tail_age_s(now_ms):.1f}s, spanning "
-        f"{report.tail_span_s:.1f}s up to the last record"
-    )
-
-
-def stale_tail_problem(report: VerifyReport, now_ms: int, limit_s: float) -> str | None:
-    """Why the unsigned tail is older than ``limit_s`` seconds, or None if it is not."""
-    age = report.tail_age_s(now_ms)
-    if not report.tail_records or age <= limit_s:
-        return None
-    last = report.last_seq or 0
-    return (
-        f"records {last - report.tail_records + 1}..{last} have been unsigned for "
-        f"{age:.0f}s, more than the {limit_s:.0f}s allowed: the bridge stopped without "
-        f"signing them (a crash or kill), or it cannot sign (see its log). Until signed, "
-        f"whoever can write the database can change or delete them unnoticed; a running "
-        f"bridge signs them within audit.checkpoint_interval of its start"
-    )
-
-
 async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     cfg = audit_config(config)
     if args.public_key:
@@ -345,13 +305,13 @@ async def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     finally:
         await engine.dispose()
     if report.ok:
-        now = now_ms()
+        now = tail.now_ms()
         print(str(report))
-        print(signed_head_line(report, now))
+        print(tail.signed_head_line(report, now))
         limit = args.max_tail_age
         if limit is None:
-            limit = cfg.checkpoint_interval_s + TAIL_MARGIN_S
-        problem = stale_tail_problem(report, now, limit)
+            limit = cfg.checkpoint_interval_s + tail.TAIL_MARGIN_S
+        problem = tail.stale_tail_problem(report, now, limit)
         if problem is None:
             return EXIT_OK
         print(f"{'warning' if args.tail_warning_only else 'error'}: {problem}", file=sys.stderr)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def audit_config(config: Config) -> AuditConfig:
     """The ``audit:`` section (defaults under data_dir when the config predates it)."""
-    return config.audit or AuditConfig.for_data_dir(config.data_dir)
+    return config.audit_settings()
 
 
 def load_keyring(

@@ -17,7 +17,7 @@ from typing import Any
 
 from mautrix.types import RoomAlias
 
-from bridge.archive.setup import audit_config
+from bridge.audit import tail
 from bridge.audit.chain import CHECKPOINT_SIGNATURE, SigningKeyError, load_public_key
 from bridge.audit.kinds import AuditKind, split_type_filter
 from bridge.commands.context import CommandContext
@@ -147,25 +147,15 @@ async def audit_verify(ctx: CommandContext) -> Reply:
     """Verify the hash chain and the signed checkpoints, trusting the current signing key
     and ``audit.previous_public_keys``; report the unsigned tail after the signed head (⚠️
     when a record has been unsigned longer than ``audit.checkpoint_interval`` + margin)."""
-    from bridge.archive.cli import (
-        TAIL_MARGIN_S,
-        now_ms,
-        signed_head_line,
-        stale_tail_problem,
-        verify_store,
-    )
-
     svc = ctx.services
     started = time.monotonic()
-    # streams in batches, so the event loop keeps serving between them
-    cfg = audit_config(svc.config)
+    previous = svc.config.audit_settings().previous_public_keys
     try:
-        earlier = [load_public_key(p.read_bytes()) for p in cfg.previous_public_keys]
+        earlier = [load_public_key(p.read_bytes()) for p in previous]
     except (OSError, SigningKeyError) as e:
         raise CommandError(f"audit.previous_public_keys: {e}") from None
-    report = await verify_store(
-        svc.store.db.engine, [svc.store.signing_key.public_key(), *earlier], cfg.checkpoint_log
-    )
+    # streams in batches, so the event loop keeps serving between them
+    report = await svc.verify_archive(earlier)
     took = time.monotonic() - started
     ctx.audit.update(
         ok=report.ok,
@@ -178,12 +168,13 @@ async def audit_verify(ctx: CommandContext) -> Reply:
     )
     if report.ok:
         head = report.head_hash.hex() if report.head_hash else "-"
-        now = now_ms()
-        stale = stale_tail_problem(report, now, cfg.checkpoint_interval_s + TAIL_MARGIN_S)
+        now = tail.now_ms()
+        interval_s = svc.config.audit_settings().checkpoint_interval_s
+        stale = tail.stale_tail_problem(report, now, interval_s + tail.TAIL_MARGIN_S)
         lines = [
             f"{report.records_checked} records verified (last seq {report.last_seq})",
             f"{report.checkpoints_checked} signed checkpoints verified",
-            signed_head_line(report, now),
+            tail.signed_head_line(report, now),
             f"{report.records_without_ciphertext} records expired (ciphertext dropped)",
             f"head {head}",
             f"took {took:.1f}s",

@@ -9,12 +9,14 @@ actions to enqueue, what to run after the commit), and the worker commits it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mautrix.types import RoomAlias, RoomAliasInfo
 
+from bridge.audit.chain import VerifyReport
 from bridge.config import Config
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.federation import FederationPolicy
@@ -152,6 +154,11 @@ class CommandServices(Protocol):
 
     def start_retroactive_scan(self, engine: PolicyEngine, scan: RetroScan) -> None:
         """Scan the archive with ``engine`` in the background (after the commit)."""
+        ...
+
+    async def verify_archive(self, earlier_keys: Sequence[Ed25519PublicKey]) -> VerifyReport:
+        """Check the archive's hash chain and signed checkpoints, trusting the current
+        signing key and ``earlier_keys`` (what ``audit verify`` does on the command line)."""
         ...
 
 

@@ -27,7 +27,7 @@ from bridge.config import Config
 from bridge.pipeline import actions
 from bridge.pipeline.batch import Batch, PendingConfirmation, as_str
 from bridge.pipeline.room_tracker import RoomTracker
-from bridge.services import WorkerServices
+from bridge.pipeline.services import WorkerServices
 from bridge.store import AuditEntry, Store
 
 log = logging.getLogger(__name__)

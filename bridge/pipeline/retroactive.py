@@ -41,7 +41,7 @@ from bridge.store import AuditEntry, NewAction, Store
 
 if TYPE_CHECKING:
     from bridge.pipeline.live_policy import LivePolicy
-    from bridge.services import ActionSubmitter
+    from bridge.pipeline.services import ActionSubmitter
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ from bridge.pipeline import actions
 from bridge.pipeline.batch import Batch, as_str
 from bridge.pipeline.enforcement import DRIFTED
 from bridge.pipeline.live_policy import SPACES_KEY
+from bridge.pipeline.services import WorkerServices
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.federation import acl_content, acl_matches, server_allowed
 from bridge.policy.model import server_name
 from bridge.policy.retention import retention_content, retention_matches
 from bridge.policy.rooms import ACL, RETENTION
 from bridge.policy.spaces import CHILD, CREATE, PARENT, POWER_LEVELS, Side, SpaceLinks, listed
-from bridge.services import WorkerServices
 from bridge.store import Store
 
 log = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ from bridge.pipeline import actions
 from bridge.pipeline.batch import Batch, as_str
 from bridge.pipeline.command_runner import CommandRunner
 from bridge.pipeline.room_tracker import RoomTracker
+from bridge.pipeline.services import WorkerServices
 from bridge.policy.dlp import CATEGORY as DLP_CATEGORY
 from bridge.policy.engine import ENCRYPTION_EVENT, ENCRYPTION_RULE, PolicyEngine
 from bridge.policy.model import Action, Finding, Verdict
-from bridge.services import WorkerServices
 from bridge.store import AuditEntry, Store, StoreUnavailable, WorkItem
 from bridge.store.queue import UnreadableEvent
 

@@ -17,7 +17,6 @@ from sqlalchemy import and_, func, or_, select
 
 from bridge.audit import codec
 from bridge.audit.kinds import AuditKind
-from bridge.policy.retention import REDACTION
 from bridge.store.models import StoreError
 from bridge.store.schema import SEALED_PART, records
 from bridge.store.store import Store
@@ -27,6 +26,9 @@ _EVENT = AuditKind.EVENT  # bound once: compared for every record
 log = logging.getLogger(__name__)
 
 __all__ = ["REDACTION", "STATE_TYPES", "ExpiredRecord", "SweepQueries"]
+
+#: The Matrix event type of a redaction (the store imports nothing from the policy layer).
+REDACTION = "m.room.redaction"
 #: The columns :meth:`SweepQueries._open` reads: seq, origin_ts and the sealed part.
 _EVENT_COLS = (records.c.seq, records.c.origin_ts, *SEALED_PART)
 # Common state types, left out of the "messages that would be deleted" estimate without

@@ -10,13 +10,17 @@ counts.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mautrix.errors import MNotFound
 from mautrix.types import RoomAlias, RoomAliasInfo, RoomID
 
+from bridge.archive.cli import verify_store
+from bridge.archive.setup import audit_config
+from bridge.audit.chain import VerifyReport
 from bridge.commands.catalog import build_registry
 from bridge.commands.context import CommandContext
 from bridge.commands.roles import Role
@@ -83,6 +87,13 @@ class _Base:
     async def count_expiring(self, scope: str, ms: int) -> tuple[int, int]:
         self.expiring_asked.append((scope, ms))
         return self.expiring
+
+    async def verify_archive(self, earlier_keys: Sequence[Ed25519PublicKey]) -> VerifyReport:
+        return await verify_store(
+            self.store.db.engine,
+            [self.store.signing_key.public_key(), *earlier_keys],
+            audit_config(self.config).checkpoint_log,
+        )
 
 
 class Services(_Base):

@@ -3,7 +3,7 @@ fails (exit 7) once a record has been unsigned longer than ``audit.checkpoint_in
 plus the margin (the archive of a bridge that died without signing, whose tail anyone who
 can write the database may have changed), and only warns with ``--tail-warning-only``.
 
-The verifier's clock (:func:`bridge.archive.cli.now_ms`) is set from the records' own
+The verifier's clock (:func:`bridge.audit.tail.now_ms`) is set from the records' own
 archive times, so nothing here depends on how long the test takes.
 """
 
@@ -21,12 +21,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bridge.archive import cli
 from bridge.archive.setup import open_store
+from bridge.audit import tail
 from bridge.audit.chain import ChainFields, record_hash
 from bridge.config import Config, load_config
 from tests.conftest import BACKENDS, fresh_store_url
 
 INTERVAL_S = 5
-LIMIT_S = INTERVAL_S + cli.TAIL_MARGIN_S
+LIMIT_S = INTERVAL_S + tail.TAIL_MARGIN_S
 
 
 @dataclass
@@ -89,7 +90,7 @@ async def killed_with_a_tail(env: Env) -> tuple[int, int]:
 
 
 def clock_at(monkeypatch: pytest.MonkeyPatch, ms: int) -> None:
-    monkeypatch.setattr(cli, "now_ms", lambda: ms)
+    monkeypatch.setattr(tail, "now_ms", lambda: ms)
 
 
 async def test_verify_reports_the_signed_head_and_a_fresh_tail(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge.audit import tail
 from bridge.audit.kinds import AuditKind
 from bridge.commands import audit
 from bridge.commands.errors import CommandError
@@ -154,19 +155,18 @@ async def test_verify_reports_an_intact_archive(services: CommandFake) -> None:
 async def test_verify_reports_the_unsigned_tail_and_warns_when_it_is_too_old(
     services: CommandFake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bridge.archive import cli
 
     await services.store.queue.ingest("t1", [event(1), event(2)])  # no checkpoint yet
     since = services.store.records.unsigned_since
     assert since is not None
-    monkeypatch.setattr(cli, "now_ms", lambda: since + 3_000)
+    monkeypatch.setattr(tail, "now_ms", lambda: since + 3_000)
     ctx = services.context(role=Role.AUDITOR)
     reply = await audit.audit_verify(ctx)
     assert reply.text.startswith("✅ Audit archive intact")
     assert "signed head: no signed checkpoint; unsigned tail: 2 records, the oldest" in reply.text
     assert ctx.audit["unsigned_records"] == 2 and ctx.audit["signed_seq"] == 0
-    limit = services.config.audit.checkpoint_interval_s + cli.TAIL_MARGIN_S  # type: ignore[union-attr]
-    monkeypatch.setattr(cli, "now_ms", lambda: since + int(limit * 1000) + 1_000)
+    limit = services.config.audit.checkpoint_interval_s + tail.TAIL_MARGIN_S  # type: ignore[union-attr]
+    monkeypatch.setattr(tail, "now_ms", lambda: since + int(limit * 1000) + 1_000)
     ctx = services.context(role=Role.AUDITOR)
     reply = await audit.audit_verify(ctx)
     assert reply.text.startswith("⚠️ Audit archive intact, but its newest records are not signed")

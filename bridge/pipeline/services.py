@@ -1,20 +1,20 @@
-"""The typed seams between the bridge's parts: what a consumer may use of the running
-bridge, instead of the whole bridge. ``app.Bridge`` satisfies each of them (mypy-checked).
+"""The worker's seams: what the worker and the executor's other callers may use of the
+running bridge, instead of the whole bridge. ``app.Bridge`` satisfies them (mypy-checked).
 
-The scheduler of background tasks is :mod:`bridge.scheduler`; the seam of a retroactive scan
-is :class:`bridge.pipeline.retroactive.RetroServices`, next to it.
+Each seam lives next to its consumers: the commands' is
+:class:`bridge.commands.services.CommandServices`, a retroactive scan's is
+:class:`bridge.pipeline.retroactive.RetroServices`; the scheduler of background tasks is
+:mod:`bridge.scheduler`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from bridge.commands.services import CommandServices
-
-if TYPE_CHECKING:  # the protocols only name these types; importing them would be a cycle
-    from bridge.pipeline.enforcement import RoomEnforcer
-    from bridge.pipeline.live_policy import LivePolicy
-    from bridge.store import NewAction
+from bridge.pipeline.enforcement import RoomEnforcer
+from bridge.pipeline.live_policy import LivePolicy
+from bridge.store import NewAction
 
 
 class ActionSubmitter(Protocol):
