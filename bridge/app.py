@@ -49,6 +49,7 @@ from bridge.pipeline.enrollment import AutoEnroller, PowerObtainer
 from bridge.pipeline.executor import Executor, RateLimiter, RoomEnforcement
 from bridge.pipeline.live_policy import LivePolicy
 from bridge.pipeline.management import ManagementRoom
+from bridge.pipeline.notices import SenderNotices
 from bridge.pipeline.ping import AppservicePing
 from bridge.pipeline.redelivery import RedeliveryNudger
 from bridge.pipeline.reload import Reloader, load_runtime_policy
@@ -109,6 +110,16 @@ class Bridge:
         """The aiohttp application with every route the bridge serves."""
         app = web.Application(client_max_size=self.config.appservice.max_body_size)
         self.sink = AuditSink(self.store)
+        self.management.sender_notices = SenderNotices(
+            self.store,
+            self._submit,
+            self.sink.submit,
+            self.scheduler,
+            lambda: self.config.notices,
+            self.config.homeserver.domain,
+            self.config.bot_mxid,
+            lambda: self.config.bridge.command_prefix,
+        )
         self.appservice_api = AppserviceAPI(
             self.store,
             self.config.appservice.hs_token,

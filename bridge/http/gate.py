@@ -31,6 +31,7 @@ from bridge.audit.kinds import AuditKind
 from bridge.http.transactions import bearer_token, matrix_error, token_matches
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.model import Verdict
+from bridge.policy.notices import new_ref
 from bridge.store import AuditEntry
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ class Gate:
             if verdict.findings:  # notify/audit rules: recorded, in the background
                 self._submit(self._audit_entry(name, subject, verdict))
             return web.json_response({})
+        subject["ref"] = new_ref()  # named in the sender's notice and in the audit record
         if self.sink is not None:
             # A refusal is evidence: answer once its record is committed (grouped with the
             # others of the moment), but never hold Synapse for long; it stays queued anyway.

@@ -28,6 +28,7 @@ class ActionKind(enum.StrEnum):
     RECONCILE = "reconcile"
     PURGE_HISTORY = "purge_history"
     PURGE_STATUS = "purge_status"
+    POLICY_NOTICE = "policy_notice"
 
 
 class Rendered(Protocol):
@@ -165,6 +166,17 @@ def purge_status(
     ``purge`` payload it came from goes along (what was purged, for the audit record)."""
     payload = {**purge, "purge_id": purge_id, "started": started}
     return NewAction(ActionKind.PURGE_STATUS, payload, room_id=room_id, not_before=not_before)
+
+
+def policy_notice(
+    user_id: str, body: str, html: str, details: Mapping[str, Any] | None = None
+) -> NewAction:
+    """A notice to ``user_id`` in their policy-notice room, created (a DM with the bot)
+    on first need. ``details`` (reference, rule, room; never the matched text) go into the
+    payload and so into the action's audit record; body and HTML do not."""
+    payload: dict[str, Any] = {"user_id": user_id, "body": body, "html": html}
+    payload.update(details or {})
+    return NewAction(ActionKind.POLICY_NOTICE, payload)
 
 
 def kind_of(kind: str) -> ActionKind | None:

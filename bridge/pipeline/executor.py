@@ -17,7 +17,7 @@ from typing import Any, cast
 from mautrix.api import Method, Path
 from mautrix.client import ClientAPI
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
-from mautrix.types import EventType, UserID
+from mautrix.types import EventType, RoomCreatePreset, RoomID, UserID
 
 from bridge import metrics
 from bridge.audit.kinds import AuditKind
@@ -25,6 +25,12 @@ from bridge.config import ExecutorConfig
 from bridge.matrix import AdminAPI
 from bridge.pipeline.actions import ActionKind, kind_of, purge_status
 from bridge.pipeline.enforcement import RoomEnforcement
+from bridge.pipeline.notice_rooms import (
+    NOTICE_ROOM_NAME,
+    NOTICE_ROOM_TOPIC,
+    notice_room,
+    remember_notice_room,
+)
 from bridge.policy.retention import event_hold, purge_hold
 from bridge.store import ActionRow, AuditEntry, NewAction, Store
 from bridge.store.sweep_queries import SweepQueries
@@ -44,6 +50,7 @@ _NEEDS: dict[str, str] = {
     ActionKind.RECONCILE: "read the room state",
     ActionKind.PURGE_HISTORY: "purge history with the admin API",
     ActionKind.PURGE_STATUS: "read a purge's status with the admin API",
+    ActionKind.POLICY_NOTICE: "create or write to a policy-notice room",
 }
 #: Failures that mean the bot lacks power in the room (recorded on the room's row).
 _LACKS_POWER = frozenset(
@@ -150,6 +157,7 @@ class Executor:
             ActionKind.RECONCILE: self._reconcile,
             ActionKind.PURGE_HISTORY: self._purge_history,
             ActionKind.PURGE_STATUS: self._purge_status,
+            ActionKind.POLICY_NOTICE: self._policy_notice,
         }
 
     def wake(self) -> None:
@@ -367,6 +375,40 @@ class Executor:
             self._room(action), EventType.ROOM_MESSAGE, cast(Any, content), txn_id=action.id
         )
         return {"event_id": str(event_id)}
+
+    async def _policy_notice(self, action: ActionRow) -> dict[str, Any]:
+        """Write to the user's policy-notice room, creating it first if there is none.
+
+        The executor runs one action at a time, so two notices never create two rooms.
+        """
+        p = action.payload
+        user = str(p["user_id"])
+        room = await notice_room(self.store, user)
+        created = False
+        if room is None:
+            room = str(
+                await self.client.create_room(
+                    preset=RoomCreatePreset.PRIVATE,
+                    name=NOTICE_ROOM_NAME,
+                    topic=NOTICE_ROOM_TOPIC,
+                    invitees=[UserID(user)],
+                    is_direct=True,
+                )
+            )
+            await remember_notice_room(self.store, user, room)
+            await self.store.rooms.upsert(room, joined=True)
+            created = True
+        content: dict[str, Any] = {
+            "msgtype": "m.notice",
+            "body": p["body"],
+            "format": "org.matrix.custom.html",
+            "formatted_body": p["html"],
+            "m.mentions": {"user_ids": [user]},
+        }
+        event_id = await self.client.send_message_event(
+            RoomID(room), EventType.ROOM_MESSAGE, cast(Any, content), txn_id=action.id
+        )
+        return {"notice_room": room, "created": created, "event_id": str(event_id)}
 
     async def _send_state(self, action: ActionRow) -> dict[str, Any]:
         p = action.payload

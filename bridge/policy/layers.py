@@ -67,6 +67,14 @@ def _actions(value: Any, where: str) -> frozenset[Action]:
         ) from None
 
 
+def _flag(item: Mapping[str, Any], key: str, where: str, default: bool = True) -> bool:
+    """A true/false rule option (``notify_sender``)."""
+    value = item.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}.{key}: expected true or false, got {value!r}")
+    return value
+
+
 def parse_layer(data: Any, where: str) -> DlpLayer:
     """Validate one scope's rules (config or runtime form); errors name ``where``."""
     if data is None:
@@ -95,6 +103,7 @@ def parse_layer(data: Any, where: str) -> DlpLayer:
             keywords=tuple(words),
             actions=_actions(item.get("action", "block"), f"{w}.action"),
             whole_word=bool(item.get("whole_word", True)),
+            notify_sender=_flag(item, "notify_sender", w),
         )
     regexes: dict[str, RegexRule] = {}
     raw_regexes = data.get("regexes") or []
@@ -108,6 +117,7 @@ def parse_layer(data: Any, where: str) -> DlpLayer:
             name=str(item.get("name")),
             pattern=item["pattern"],
             actions=_actions(item.get("action", "block"), f"{w}.action"),
+            notify_sender=_flag(item, "notify_sender", w),
         )
     detectors: dict[str, DetectorRule | None] = {}
     raw_det = data.get("detectors") or {}
@@ -119,10 +129,20 @@ def parse_layer(data: Any, where: str) -> DlpLayer:
                 f"{where}.detectors.{name}: unknown detector; expected one of "
                 + ", ".join(sorted(DETECTORS))
             )
+        w = f"{where}.detectors.{name}"
         if action in ("off", False, None):
             detectors[name] = None
+        elif isinstance(action, Mapping):  # {action: block, notify_sender: false}
+            unknown_opts = set(action) - {"action", "notify_sender"}
+            if unknown_opts:
+                raise ValueError(f"{w}: unknown option(s) {', '.join(sorted(unknown_opts))}")
+            detectors[name] = DetectorRule(
+                name,
+                _actions(action.get("action", "block"), f"{w}.action"),
+                notify_sender=_flag(action, "notify_sender", w),
+            )
         else:
-            detectors[name] = DetectorRule(name, _actions(action, f"{where}.detectors.{name}"))
+            detectors[name] = DetectorRule(name, _actions(action, w))
     users = data.get("exempt_users") or []
     rooms = data.get("exempt_rooms") or []
     if not isinstance(users, list) or not isinstance(rooms, list):

@@ -26,6 +26,7 @@ class Finding:
 
     ``message`` is shown to the sender and must never contain the matched secret;
     ``excerpt`` is a masked excerpt (``4111 **** **** 1111``) for the management room.
+    ``notify_sender``: whether a refusal is explained to the sender in their notice room.
     """
 
     rule: str
@@ -34,6 +35,7 @@ class Finding:
     message: str
     excerpt: str = ""
     errcode: str = "M_FORBIDDEN"
+    notify_sender: bool = True
 
 
 @dataclass(frozen=True, slots=True)

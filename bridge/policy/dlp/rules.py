@@ -46,12 +46,14 @@ class KeywordList:
 
     ``actions`` also accepts a single :class:`Action` (or its string) and is stored as a
     frozenset. ``whole_word=False`` matches anywhere inside words (substring mode).
+    ``notify_sender=False``: refusals are not explained in the sender's notice room.
     """
 
     name: str
     keywords: tuple[str, ...]
     actions: frozenset[Action] = frozenset({Action.BLOCK})
     whole_word: bool = True
+    notify_sender: bool = True
 
     def __post_init__(self) -> None:
         _check_name(self.name, "keyword list")
@@ -74,6 +76,7 @@ class RegexRule:
     name: str
     pattern: str
     actions: frozenset[Action] = frozenset({Action.BLOCK})
+    notify_sender: bool = True
 
     def __post_init__(self) -> None:
         _check_name(self.name, "regex rule")
@@ -90,6 +93,7 @@ class DetectorRule:
 
     name: str
     actions: frozenset[Action] = frozenset({Action.BLOCK})
+    notify_sender: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in DETECTORS:

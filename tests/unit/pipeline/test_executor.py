@@ -800,3 +800,35 @@ async def test_a_user_hold_cancels_a_queued_purge_of_a_room_where_that_user_wrot
     [audit] = [r for r in await audit_actions(store) if r["outcome"] == "cancelled: legal hold"]
     assert audit["payload"]["purge_up_to_ts"] == 1000
     assert audit["hold"] == "a user on legal hold sent messages in this room"
+
+
+async def test_policy_notice_creates_the_dm_once_then_reuses_it(
+    store: Store, homeserver: FakeHomeserver, session: ClientSession
+) -> None:
+    from bridge.pipeline.notice_rooms import notice_room, notice_room_owner
+
+    user = "@alice:example.org"
+    ex = make_executor(store, homeserver, session)
+    homeserver.fail_next(
+        200, {"room_id": "!dm:example.org"}, when=lambda m, p: m == "POST" and "createRoom" in p
+    )
+    first = actions.policy_notice(user, "first", "<p>first</p>", {"ref": "AAAA-BBBB"})
+    second = actions.policy_notice(user, "second", "<p>second</p>", {"ref": "CCCC-DDDD"})
+    await store.actions.enqueue([first, second])
+    assert await ex.run_due() == 2
+
+    [create] = homeserver.sent("POST", "createRoom")
+    assert create.body["is_direct"] is True
+    assert create.body["invite"] == [user]
+    assert create.body["preset"] == "private_chat"
+    assert create.body["name"] == "Policy notices"
+    sends = homeserver.sent("PUT", "/rooms/!dm:example.org/send/m.room.message/")
+    assert [s.body["body"] for s in sends] == ["first", "second"]
+    assert sends[0].body["msgtype"] == "m.notice"
+    assert sends[0].body["m.mentions"] == {"user_ids": [user]}
+    assert await notice_room(store, user) == "!dm:example.org"
+    assert await notice_room_owner(store, "!dm:example.org") == user
+    records = await audit_actions(store)
+    assert [r["result"]["created"] for r in records] == [True, False]
+    assert all("body" not in r["payload"] for r in records)
+    assert records[0]["payload"]["ref"] == "AAAA-BBBB"

@@ -1,0 +1,101 @@
+"""Policy notices through the real Synapse: the blocked sender is told in a DM with the bot."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from conftest import Stack
+from matrix_client import MatrixError, MatrixTestClient, wait_for
+
+pytestmark = pytest.mark.integration
+
+CARD = "4111 1111 1111 1111"
+
+
+async def command(stack: Stack, room: str, text: str) -> None:
+    async with stack.client(stack.admin) as admin:
+        await admin.send_text(room, text)
+
+
+async def notice_invite(
+    client: MatrixTestClient, bot: str, since: str
+) -> tuple[str, dict[str, Any]]:
+    """The notice room the bot invited the user to after ``since`` (a sync token), and the
+    user's invite member event. (Incremental syncs: Synapse caches an initial sync.)"""
+    token = since
+
+    async def find() -> tuple[str, dict[str, Any]] | None:
+        nonlocal token
+        sync = await client.request(
+            "GET", "/_matrix/client/v3/sync", params={"timeout": "0", "since": token}
+        )
+        token = sync["next_batch"]
+        for room, data in sync.get("rooms", {}).get("invite", {}).items():
+            for ev in data.get("invite_state", {}).get("events", []):
+                if ev.get("type") == "m.room.member" and ev.get("state_key") == client.user_id:
+                    if ev.get("sender") == bot:
+                        return room, ev
+        return None
+
+    return await wait_for(find, timeout=20, message="the notice room's invite")
+
+
+async def sync_token(client: MatrixTestClient) -> str:
+    sync = await client.request("GET", "/_matrix/client/v3/sync", params={"timeout": "0"})
+    return str(sync["next_batch"])
+
+
+async def bot_notices(client: MatrixTestClient, room: str, bot: str) -> list[dict[str, Any]]:
+    events = await client.messages(room, limit=100)
+    return [
+        e
+        for e in events
+        if e.get("sender") == bot
+        and e.get("type") == "m.room.message"
+        and e.get("content", {}).get("msgtype") == "m.notice"
+    ]
+
+
+async def test_a_blocked_sender_gets_one_grouped_notice_without_the_secret(
+    stack: Stack, management_room: str
+) -> None:
+    await command(stack, management_room, "!policy dlp detectors enable card")
+    user = stack.new_user("noticed")
+    async with stack.client(user) as alice:
+        room = await alice.create_room(name="payments desk")
+        since = await sync_token(alice)
+
+        async def refused_once() -> bool:
+            try:
+                await alice.send_text(room, f"my card is {CARD}")
+            except MatrixError as e:
+                return e.errcode == "M_FORBIDDEN" and "detector:card" in e.error
+            return False
+
+        await wait_for(refused_once, timeout=20, message="the card detector")
+        notice_room, invite = await notice_invite(alice, stack.bot, since)
+        since = await sync_token(alice)
+        assert invite["content"].get("is_direct") is True
+        await alice.join(notice_room)
+        [notice] = await wait_for(
+            lambda: bot_notices(alice, notice_room, stack.bot), timeout=20, message="a notice"
+        )
+        body = notice["content"]["body"]
+        html = notice["content"]["formatted_body"]
+        assert "detector:card" in body and room in body
+        assert "reference" in body and "!policy report" in body
+        for text in (body, html):
+            assert "1111 1111" not in text and "4111" not in text
+        # The same card pasted again within the window: refused, but no new notice.
+        for _ in range(3):
+            with pytest.raises(MatrixError):
+                await alice.send_text(room, f"again {CARD}")
+        await asyncio.sleep(3)
+        assert len(await bot_notices(alice, notice_room, stack.bot)) == 1
+        # Still the one notice room: no second invite.
+        sync = await alice.request(
+            "GET", "/_matrix/client/v3/sync", params={"timeout": "0", "since": since}
+        )
+        assert sync.get("rooms", {}).get("invite", {}) == {}
