@@ -27,7 +27,6 @@ class AuditKind(StrEnum):
     EXPIRY = "expiry"  # ciphertext dropped by archive expiry
     SHRED = "shred"  # a room key destroyed
     NOTICE = "notice"  # a policy notice to a blocked sender (sent, grouped or held back)
-    REPORT = "report"  # a sender's false-positive report of a refusal
 
 
 #: Kinds whose ``type`` is a Matrix event type (the event's own, or the type of the event

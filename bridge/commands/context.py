@@ -26,7 +26,7 @@ class CommandContext:
     sender: str
     room_id: str
     event_id: str
-    role: Role
+    role: Role | None  # None only for a self-service command in the asker's notice room
     in_management_room: bool
     args: dict[str, Any]
     flags: dict[str, Any]

@@ -25,14 +25,14 @@ from bridge.config import ExecutorConfig
 from bridge.matrix import AdminAPI
 from bridge.pipeline.actions import ActionKind, kind_of, purge_status
 from bridge.pipeline.enforcement import RoomEnforcement
-from bridge.pipeline.notice_rooms import (
+from bridge.policy.retention import event_hold, purge_hold
+from bridge.store import ActionRow, AuditEntry, NewAction, Store
+from bridge.store.notice_rooms import (
     NOTICE_ROOM_NAME,
     NOTICE_ROOM_TOPIC,
     notice_room,
     remember_notice_room,
 )
-from bridge.policy.retention import event_hold, purge_hold
-from bridge.store import ActionRow, AuditEntry, NewAction, Store
 from bridge.store.sweep_queries import SweepQueries
 
 log = logging.getLogger(__name__)

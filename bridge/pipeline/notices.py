@@ -17,7 +17,6 @@ from typing import Any
 
 from bridge.audit.kinds import AuditKind
 from bridge.pipeline.actions import policy_notice
-from bridge.pipeline.notice_rooms import load_ledger, save_ledger
 from bridge.policy.model import Finding, Verdict
 from bridge.policy.notices import (
     Decision,
@@ -32,6 +31,7 @@ from bridge.policy.notices import (
 )
 from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import AuditEntry, NewAction, Store
+from bridge.store.notice_rooms import load_ledger, save_ledger
 
 log = logging.getLogger(__name__)
 

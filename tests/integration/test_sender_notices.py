@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
 from conftest import Stack
+from helpers import bot_replies
 from matrix_client import MatrixError, MatrixTestClient, wait_for
 
 pytestmark = pytest.mark.integration
@@ -99,3 +101,60 @@ async def test_a_blocked_sender_gets_one_grouped_notice_without_the_secret(
             "GET", "/_matrix/client/v3/sync", params={"timeout": "0", "since": since}
         )
         assert sync.get("rooms", {}).get("invite", {}) == {}
+
+
+async def test_a_report_reaches_the_management_room_and_strangers_are_ignored(
+    stack: Stack, management_room: str
+) -> None:
+    await command(stack, management_room, "!policy dlp detectors enable card")
+    user = stack.new_user("reporter")
+    async with stack.client(user) as alice:
+        room = await alice.create_room(name="billing")
+        since = await sync_token(alice)
+        with pytest.raises(MatrixError):
+            await alice.send_text(room, f"card {CARD} for the order")
+        notice_room, _ = await notice_invite(alice, stack.bot, since)
+        await alice.join(notice_room)
+        [notice] = await wait_for(
+            lambda: bot_notices(alice, notice_room, stack.bot), timeout=20, message="a notice"
+        )
+        match = re.search(r"reference ([A-Z0-9]{4}-[A-Z0-9]{4})", notice["content"]["body"])
+        assert match is not None
+        ref = match.group(1)
+        # Someone else in the notice room: their commands do nothing.
+        await alice.invite(notice_room, stack.stranger.user_id)
+        async with stack.client(stack.stranger) as stranger:
+            await stranger.join(notice_room)
+            probe = await stranger.send_text(notice_room, f"!policy report {ref} not me")
+        report = await alice.send_text(notice_room, f"!policy report {ref} it is a test card")
+        [reply] = await bot_replies(alice, notice_room, stack.bot, report)
+        assert "sent to the compliance team" in reply["content"]["body"]
+        assert await bot_replies_now(alice, notice_room, stack.bot, probe) == []
+
+    async with stack.client(stack.admin) as admin:
+
+        async def reports() -> list[str]:
+            events = await admin.messages(management_room, limit=50)
+            return [
+                e["content"]["body"]
+                for e in events
+                if e.get("sender") == stack.bot and ref in e.get("content", {}).get("body", "")
+            ]
+
+        [text] = await wait_for(reports, timeout=20, message="the report")
+    assert user.user_id in text and "detector:card" in text and room in text
+    assert "it is a test card" in text and "not me" not in text
+    assert "1111 1111 1111" not in text and "****" in text  # the masked excerpt
+
+
+async def bot_replies_now(
+    client: MatrixTestClient, room: str, bot: str, event_id: str
+) -> list[dict[str, Any]]:
+    events = await client.messages(room, limit=50)
+    return [
+        e
+        for e in events
+        if e.get("sender") == bot
+        and e.get("content", {}).get("m.relates_to", {}).get("m.in_reply_to", {}).get("event_id")
+        == event_id
+    ]

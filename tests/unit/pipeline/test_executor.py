@@ -805,7 +805,7 @@ async def test_a_user_hold_cancels_a_queued_purge_of_a_room_where_that_user_wrot
 async def test_policy_notice_creates_the_dm_once_then_reuses_it(
     store: Store, homeserver: FakeHomeserver, session: ClientSession
 ) -> None:
-    from bridge.pipeline.notice_rooms import notice_room, notice_room_owner
+    from bridge.store.notice_rooms import notice_room, notice_room_owner
 
     user = "@alice:example.org"
     ex = make_executor(store, homeserver, session)

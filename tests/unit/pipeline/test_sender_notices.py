@@ -8,12 +8,12 @@ from dataclasses import replace
 from bridge.audit.kinds import AuditKind
 from bridge.pipeline.actions import ActionKind
 from bridge.pipeline.management import ManagementRoom
-from bridge.pipeline.notice_rooms import load_ledger
 from bridge.pipeline.notices import SenderNotices
 from bridge.policy.model import Action, Finding, Verdict
 from bridge.policy.notices import Ledger, NoticeSettings
 from bridge.scheduler import Scheduler
 from bridge.store import AuditEntry, NewAction, Store
+from bridge.store.notice_rooms import load_ledger
 
 DOMAIN = "corp.example"
 ALICE = "@alice:corp.example"

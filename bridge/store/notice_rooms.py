@@ -8,7 +8,10 @@ notice room accepts. The user's ledger of recent refusals is kept there too.
 
 from __future__ import annotations
 
-from bridge.store import Store
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridge.store import Store
 
 NOTICE_ROOM_NAME = "Policy notices"
 NOTICE_ROOM_TOPIC = (
