@@ -528,6 +528,7 @@ def build_config(
         group_window=v.number("notices.group_window_seconds", 0, 7 * 86400),
         per_minute=v.integer("notices.per_minute", 0, 1000),
         per_day=v.integer("notices.per_day", 0, 100_000),
+        override_window=v.number("notices.override_window_seconds", 10, 86400),
     )
     federation = _federation_config(v)
     retention = _retention_config(v)

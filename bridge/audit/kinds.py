@@ -27,6 +27,7 @@ class AuditKind(StrEnum):
     EXPIRY = "expiry"  # ciphertext dropped by archive expiry
     SHRED = "shred"  # a room key destroyed
     NOTICE = "notice"  # a policy notice to a blocked sender (sent, grouped or held back)
+    OVERRIDE = "override"  # an override with justification: granted, used or revoked
 
 
 #: Kinds whose ``type`` is a Matrix event type (the event's own, or the type of the event

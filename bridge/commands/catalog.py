@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.commands import audit, core, dlp, reports, rooms
+from bridge.commands import audit, core, dlp, overrides, reports, rooms
 from bridge.commands.registry import CommandGroup, CommandRegistry
 
 GROUPS: tuple[CommandGroup, ...] = (
@@ -11,6 +11,7 @@ GROUPS: tuple[CommandGroup, ...] = (
     rooms.commands,
     audit.commands,
     reports.commands,
+    overrides.commands,
 )
 
 

@@ -2,8 +2,8 @@
 
 A policy-notice room (the bot's DM with one user, see :mod:`bridge.store.notice_rooms`) is
 different on purpose: there only its recipient is heard, and only the self-service commands
-(``CommandSpec.notice_room``: ``report``) run, with or without a role. Anyone else's command
-there is ignored (no reply); self-service commands work nowhere else.
+(``CommandSpec.notice_room``: ``report``, ``override``) run, with or without a role.
+Anyone else's command there is ignored (no reply); self-service commands work nowhere else.
 
 The worker decides whether a message is a command, keeps the commands awaiting a ✅
 confirmation, and commits what :func:`run_command` returns (the reply, the staged changes
@@ -98,7 +98,7 @@ async def run_command(
                 raise CommandError(
                     f"`{prefix} {name}` works only in your policy-notice room."
                     if parsed.spec.notice_room
-                    else f"only `{prefix} report` works in your policy-notice room."
+                    else f"only `{prefix} report` and `{prefix} override` work in your notice room."
                 )
         elif not role_allows(request.role, parsed.spec.role):
             outcome = Outcome.REFUSED

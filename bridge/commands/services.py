@@ -18,6 +18,7 @@ from mautrix.types import RoomAlias, RoomAliasInfo
 from bridge.config import Config
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.federation import FederationPolicy
+from bridge.policy.overrides import OverrideBook
 from bridge.store import NewAction, Store
 
 
@@ -133,6 +134,9 @@ class CommandServices(Protocol):
 
     @property
     def management_room(self) -> str: ...
+
+    @property
+    def overrides(self) -> OverrideBook: ...
 
     @property
     def started_monotonic(self) -> float: ...

@@ -32,6 +32,7 @@ from bridge.http.transactions import bearer_token, matrix_error, token_matches
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.model import Verdict
 from bridge.policy.notices import new_ref
+from bridge.policy.overrides import Grant, OverrideBook, override_digest
 from bridge.store import AuditEntry
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,23 @@ def event_size(event: Mapping[str, Any]) -> int:
         return MAX_EVENT_BYTES + 1
 
 
+def override_used(grant: Grant, subject: Mapping[str, Any]) -> AuditEntry:
+    """The audit record of an override's one use."""
+    return AuditEntry(
+        kind=AuditKind.OVERRIDE,
+        room_id=grant.room_id,
+        sender=grant.sender,
+        type="used",
+        data={
+            "ref": grant.ref,
+            "rule": grant.rule,
+            "justification": grant.justification,
+            "event_id": subject.get("event_id"),
+            "outcome": "used",
+        },
+    )
+
+
 class Gate:
     """aiohttp handlers answering the antispam module from the current policy engine."""
 
@@ -109,6 +127,7 @@ class Gate:
         engine: Callable[[], PolicyEngine],
         sink: AuditSink | None,
         on_blocked: Callable[[Mapping[str, Any], Verdict], None] | None = None,
+        overrides: OverrideBook | None = None,
     ) -> None:
         self.base_path = base_path
         self.token = token
@@ -117,6 +136,8 @@ class Gate:
         # Told about refused events (which never reach the ingest path) so that `notify`
         # rules still reach the management room. Must not block: it only schedules work.
         self.on_blocked = on_blocked
+        # Overrides with justification (one resend of one refused message; see its module).
+        self.overrides = overrides
         self._pool: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
@@ -193,6 +214,15 @@ class Gate:
             if verdict.findings:  # notify/audit rules: recorded, in the background
                 self._submit(self._audit_entry(name, subject, verdict))
             return web.json_response({})
+        # Overridable refusals are remembered by a digest keyed with the gate token.
+        digest = override_digest(self.token, name, body, verdict)
+        if digest and self.overrides is not None:
+            sender, room = str(subject.get("sender")), str(subject.get("room_id"))
+            grant = self.overrides.consume(sender, room, digest, time.time())
+            if grant is not None:
+                self._submit(override_used(grant, subject))
+                log.info("gate allowed %s for %s: override %s", name, sender, grant.ref)
+                return web.json_response({})
         subject["ref"] = new_ref()  # named in the sender's notice and in the audit record
         if self.sink is not None:
             # A refusal is evidence: answer once its record is committed (grouped with the
@@ -210,7 +240,7 @@ class Gate:
         )
         if self.on_blocked is not None:
             try:
-                self.on_blocked(subject, verdict)
+                self.on_blocked({**subject, "digest": digest}, verdict)
             except Exception:
                 log.exception("reporting a refused event failed")
         return matrix_error(403, finding.errcode, finding.message)

@@ -162,6 +162,7 @@ class CommandRunner:
             batch.actions.extend(result.context.actions)
             batch.state.update(result.context.state_updates)
             batch.after_commit.extend(result.context.after_commit)
+            batch.audit.extend(result.context.records)
         elif outcome is Outcome.NEEDS_CONFIRMATION:
             pending = self._staged(batch)
             pending[event_id] = {"sender": sender, "event": dict(event), "at": time.time()}

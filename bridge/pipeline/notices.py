@@ -17,7 +17,7 @@ from typing import Any
 
 from bridge.audit.kinds import AuditKind
 from bridge.pipeline.actions import policy_notice
-from bridge.policy.model import Finding, Verdict
+from bridge.policy.model import Action, Finding, Verdict
 from bridge.policy.notices import (
     Decision,
     Ledger,
@@ -67,7 +67,8 @@ class SenderNotices:
             return
         if not isinstance(sender, str) or not is_local_user(sender, self._domain):
             return
-        invitee = subject.get("invitee")
+        invitee, digest = subject.get("invitee"), subject.get("digest")
+        blocking = [f for f in verdict.findings if Action.BLOCK in f.actions]
         refusal = Refusal(
             ref=ref,
             rule=finding.rule,
@@ -77,6 +78,8 @@ class SenderNotices:
             reason=finding.message,
             excerpt=finding.excerpt,
             invitee=invitee if isinstance(invitee, str) else "",
+            overridable=all(f.overridable for f in verdict.findings if f in blocking),
+            digest=digest if isinstance(digest, str) else "",
         )
         self._scheduler.spawn(
             self.handle(sender, refusal, finding), "sender-notice", TaskKind.ONE_OFF
@@ -91,7 +94,10 @@ class SenderNotices:
             )
             await save_ledger(self.store, sender, decision.ledger.dumps())
             if decision.outcome is NoticeOutcome.SENT:
-                text, html = render(refusal, decision.grouped_before, self._prefix())
+                settings = self._settings()
+                text, html = render(
+                    refusal, decision.grouped_before, self._prefix(), settings.override_window
+                )
                 details = {"ref": refusal.ref, "rule": refusal.rule, "about_room": refusal.room_id}
                 await self._submit([policy_notice(sender, text, html, details)])
         self._record(

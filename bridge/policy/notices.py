@@ -46,6 +46,7 @@ class NoticeSettings:
 
     enabled: bool = True
     group_window: float = 600.0  # seconds: later refusals by the same rule are grouped
+    override_window: float = 900.0  # seconds an override may be used in, once granted
     per_minute: int = 3  # notices to one user per minute, at most
     per_day: int = 50  # notices to one user per day, at most
 
@@ -82,6 +83,8 @@ class Refusal:
     reason: str  # the rule's reason text, as the gate answered it
     excerpt: str = ""  # the masked excerpt: for the management room only
     invitee: str = ""
+    overridable: bool = False  # every rule that refused it allows an override
+    digest: str = ""  # keyed digest of the refused message (see bridge.policy.overrides)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +96,8 @@ class Refusal:
             "reason": self.reason,
             "excerpt": self.excerpt,
             "invitee": self.invitee,
+            "overridable": self.overridable,
+            "digest": self.digest,
         }
 
     @classmethod
@@ -106,6 +111,8 @@ class Refusal:
             reason=str(data.get("reason", "")),
             excerpt=str(data.get("excerpt", "")),
             invitee=str(data.get("invitee", "")),
+            overridable=bool(data.get("overridable", False)),
+            digest=str(data.get("digest", "")),
         )
 
 
@@ -225,7 +232,21 @@ def when(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
-def render(refusal: Refusal, grouped_before: int, prefix: str) -> tuple[str, str]:
+def override_line(refusal: Refusal, prefix: str, window: float) -> str:
+    """Whether and how the refusal can be overridden."""
+    if refusal.overridable and refusal.digest:
+        return (
+            f"Override: if you have a business reason, answer here with: {prefix} override"
+            f" {refusal.ref} <justification>, then send the same message again in the same"
+            f" room within {int(window // 60)} minutes (once; your justification is recorded"
+            " and the compliance team is told)."
+        )
+    return "Override: this rule cannot be overridden."
+
+
+def render(
+    refusal: Refusal, grouped_before: int, prefix: str, window: float = 900.0
+) -> tuple[str, str]:
     """The notice for ``refusal`` as text and HTML: what, where, when, which rule and why,
     what to do instead, the reference and how to report a mistake. Never the matched text
     nor the excerpt."""
@@ -238,6 +259,7 @@ def render(refusal: Refusal, grouped_before: int, prefix: str) -> tuple[str, str
         f"Why: {refusal.reason}",
         f"What to do instead: {_INSTEAD[refusal.subject]}",
         f"Think this is a mistake? Answer here with: {prefix} report {refusal.ref} <comment>",
+        override_line(refusal, prefix, window),
     ]
     if grouped_before:
         lines.append(
@@ -258,6 +280,7 @@ def render(refusal: Refusal, grouped_before: int, prefix: str) -> tuple[str, str
         "</ul>",
         f"<p>Think this is a mistake? Answer here with: <code>{html.escape(prefix)} report "
         f"{html.escape(refusal.ref)} &lt;comment&gt;</code></p>",
+        f"<p>{html.escape(override_line(refusal, prefix, window))}</p>",
     ]
     if grouped_before:
         parts.append(f"<p><i>{html.escape(lines[-1])}</i></p>")

@@ -47,3 +47,16 @@ async def load_ledger(store: Store, user_id: str) -> str | None:
 async def save_ledger(store: Store, user_id: str, text: str) -> None:
     """Store the notice ledger of ``user_id``."""
     await store.state.set(_LEDGER_KEY + user_id, text)
+
+
+OVERRIDES_KEY = "notices.overrides"  # the overrides granted (JSON, see bridge.policy.overrides)
+
+
+async def load_overrides(store: Store) -> str | None:
+    """The stored overrides (JSON), if any."""
+    return await store.state.get(OVERRIDES_KEY)
+
+
+async def save_overrides(store: Store, text: str) -> None:
+    """Store the overrides."""
+    await store.state.set(OVERRIDES_KEY, text)

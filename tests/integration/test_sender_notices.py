@@ -158,3 +158,90 @@ async def bot_replies_now(
         and e.get("content", {}).get("m.relates_to", {}).get("m.in_reply_to", {}).get("event_id")
         == event_id
     ]
+
+
+async def admin_reply(stack: Stack, room: str, text: str) -> str:
+    async with stack.client(stack.admin) as admin:
+        cmd = await admin.send_text(room, text)
+        [reply] = await bot_replies(admin, room, stack.bot, cmd)
+        return str(reply["content"]["body"])
+
+
+def ref_of(notice: dict[str, Any]) -> str:
+    match = re.search(r"reference ([A-Z0-9]{4}-[A-Z0-9]{4})", notice["content"]["body"])
+    assert match is not None
+    return match.group(1)
+
+
+async def test_an_override_lets_exactly_that_message_through_once(
+    stack: Stack, management_room: str
+) -> None:
+    reply = await admin_reply(
+        stack, management_room, "!policy dlp add-regex ovr-ticket OVR-[0-9]{6} --overridable"
+    )
+    assert "ovr-ticket" in reply
+    await command(stack, management_room, "!policy dlp detectors enable card")
+    user = stack.new_user("justifier")
+    secret = "ticket OVR-123456 for the auditor"
+    async with stack.client(user) as alice:
+        room = await alice.create_room(name="ops")
+        other = await alice.create_room(name="ops 2")
+        since = await sync_token(alice)
+
+        async def refused(body: str, where: str = room) -> bool:
+            try:
+                await alice.send_text(where, body)
+            except MatrixError as e:
+                return e.errcode == "M_FORBIDDEN"
+            return False
+
+        await wait_for(lambda: refused(secret), timeout=20, message="the overridable rule")
+        notice_room, _ = await notice_invite(alice, stack.bot, since)
+        await alice.join(notice_room)
+        [notice] = await wait_for(
+            lambda: bot_notices(alice, notice_room, stack.bot), timeout=20, message="a notice"
+        )
+        assert "regex:ovr-ticket" in notice["content"]["body"]
+        assert "!policy override" in notice["content"]["body"]
+        ref = ref_of(notice)
+        cmd = await alice.send_text(notice_room, f"!policy override {ref} the auditor needs it")
+        [granted] = await bot_replies(alice, notice_room, stack.bot, cmd)
+        assert "granted" in granted["content"]["body"]
+        assert await refused(secret, other)  # another room
+        assert await refused(secret + "!")  # another text
+        await alice.send_text(room, secret)  # the one resend
+        assert await refused(secret)  # used up
+
+        # A rule not marked overridable: the notice says so and the override is refused.
+        assert await refused(f"card {CARD}")
+
+        async def card_notice() -> dict[str, Any] | None:
+            found = [
+                n
+                for n in await bot_notices(alice, notice_room, stack.bot)
+                if "detector:card" in n["content"]["body"]
+            ]
+            return found[0] if found else None
+
+        card = await wait_for(card_notice, timeout=20, message="the card notice")
+        assert "cannot be overridden" in card["content"]["body"]
+        cmd = await alice.send_text(notice_room, f"!policy override {ref_of(card)} I need it")
+        [refusal] = await bot_replies(alice, notice_room, stack.bot, cmd)
+        assert "cannot be overridden" in refusal["content"]["body"]
+
+    async with stack.client(stack.admin) as admin:
+
+        async def told() -> list[str]:
+            events = await admin.messages(management_room, limit=50)
+            return [
+                e["content"]["body"]
+                for e in events
+                if e.get("sender") == stack.bot
+                and f"Override {ref} granted" in e.get("content", {}).get("body", "")
+            ]
+
+        [text] = await wait_for(told, timeout=20, message="the override in the management room")
+    assert "the auditor needs it" in text and user.user_id in text
+    found = await admin_reply(stack, management_room, "!policy audit search --type override")
+    assert "archive records match --type override" in found  # granted and used
+    assert "(granted)" in found and "(used)" in found

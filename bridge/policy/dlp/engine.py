@@ -103,6 +103,7 @@ class _Rule:
     what: str
     secret: bool
     notify_sender: bool = True
+    overridable: bool = False
 
     def finding(self, excerpt: str) -> Finding:
         return Finding(
@@ -112,6 +113,7 @@ class _Rule:
             message=_message(self.rule, self.what, self.actions, self.secret),
             excerpt=excerpt,
             notify_sender=self.notify_sender,
+            overridable=self.overridable,
         )
 
 
@@ -195,6 +197,7 @@ class DlpEngine:
                     f"a term from the keyword list {klist.name!r}",
                     secret=False,
                     notify_sender=klist.notify_sender,
+                    overridable=klist.overridable,
                 )
             )
             for position, keyword in enumerate(klist.keywords):
@@ -241,6 +244,7 @@ class DlpEngine:
                         f"text matching the pattern rule {rule.name!r}",
                         secret=False,
                         notify_sender=rule.notify_sender,
+                        overridable=rule.overridable,
                     )
                 )
                 program_size += compiled.programsize
@@ -271,6 +275,7 @@ class DlpEngine:
                         spec.what,
                         spec.secret,
                         det.notify_sender,
+                        det.overridable,
                     )
                 )
                 engine._detectors.append((index, spec))

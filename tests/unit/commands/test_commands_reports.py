@@ -80,7 +80,7 @@ async def test_someone_else_in_a_notice_room_is_ignored_even_an_admin(fake: Comm
 async def test_only_self_service_commands_work_in_a_notice_room(fake: CommandFake) -> None:
     result = await run(fake, req("!policy status", role=Role.ADMIN, sender=ALICE))
     assert result.outcome is Outcome.REFUSED
-    assert "only `!policy report` works" in result.reply.text
+    assert "only `!policy report` and `!policy override` work" in result.reply.text
 
 
 async def test_report_works_nowhere_but_the_own_notice_room(fake: CommandFake) -> None:
@@ -105,3 +105,68 @@ async def test_dlp_stats_lists_reports_per_rule(fake: CommandFake) -> None:
     lines = result.reply.text.splitlines()
     assert lines[1].startswith("• detector:card: 3 reports")
     assert any(line.startswith("• keyword:x: 1 reports") for line in lines)
+
+
+async def refused_overridable(fake: CommandFake, overridable: bool = True) -> Refusal:
+    refusal = Refusal(
+        REF,
+        "detector:card",
+        ROOM,
+        0.0,
+        Subject.MESSAGE,
+        "blocked",
+        "4111 **** 1111",
+        overridable=overridable,
+        digest="d" * 64,
+    )
+    await save_ledger(fake.store, ALICE, decide(Ledger(), refusal, NoticeSettings()).ledger.dumps())
+    return refusal
+
+
+async def test_an_override_is_granted_once_audited_and_told(fake: CommandFake) -> None:
+    await refused_overridable(fake)
+    result = await run(fake, req(f"!policy override {REF} customer asked for a refund"))
+    assert result.outcome is Outcome.OK, result.reply.text
+    grant = fake.overrides.get(REF)
+    assert grant is not None and grant.usable(grant.expires - 1)
+    assert (grant.sender, grant.room_id, grant.digest) == (ALICE, ROOM, "d" * 64)
+    assert result.context is not None
+    [record] = result.context.records
+    assert record.kind == "override" and record.type == "granted"
+    assert record.data["justification"] == "customer asked for a refund"
+    [told] = result.context.actions
+    assert told.room_id == MGMT and "customer asked for a refund" in told.payload["body"]
+    # Used: a second override of the same refusal is refused.
+    fake.overrides.consume(ALICE, ROOM, "d" * 64, grant.expires - 1)
+    again = await run(fake, req(f"!policy override {REF} once more please"))
+    assert again.outcome is Outcome.ERROR and "already used" in again.reply.text
+
+
+async def test_a_rule_not_marked_overridable_refuses_with_a_reason(fake: CommandFake) -> None:
+    await refused_overridable(fake, overridable=False)
+    result = await run(fake, req(f"!policy override {REF} customer asked for a refund"))
+    assert result.outcome is Outcome.ERROR
+    assert "cannot be overridden" in result.reply.text and "report" in result.reply.text
+    assert fake.overrides.get(REF) is None
+
+
+async def test_admins_list_and_revoke_overrides(fake: CommandFake) -> None:
+    await refused_overridable(fake)
+    await run(fake, req(f"!policy override {REF} customer asked for a refund"))
+    listed = await run(
+        fake,
+        CommandRequest(
+            AUDITOR, MGMT, "$l", "!policy", "!policy overrides list", Role.AUDITOR, True
+        ),
+    )
+    assert REF in listed.reply.text and "usable" in listed.reply.text
+    revoked = await run(
+        fake,
+        CommandRequest(
+            ADMIN, MGMT, "$r", "!policy", f"!policy overrides revoke {REF}", Role.ADMIN, True
+        ),
+    )
+    assert revoked.outcome is Outcome.OK
+    grant = fake.overrides.get(REF)
+    assert grant is not None and grant.revoked_by == ADMIN
+    assert fake.overrides.consume(ALICE, ROOM, "d" * 64, 0.0) is None

@@ -98,3 +98,54 @@ def test_a_regex_rule_can_opt_out(tmp_path: Path) -> None:
     )
     verdict = build_engine(config).check_event(message("see SEC-1234"))
     assert verdict.first_block is not None and verdict.first_block.notify_sender is False
+
+
+async def test_an_override_lets_exactly_that_message_through_once(tmp_path: Path) -> None:
+    from bridge.policy.overrides import Grant, OverrideBook, content_digest
+
+    config = make_config(
+        {
+            "homeserver": {"domain": "corp.example"},
+            "dlp": {"detectors": {"card": {"action": "block", "overridable": True}}},
+        },
+        base_dir=tmp_path,
+    )
+    engine = build_engine(config)
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'gate.db'}")
+    sink = AuditSink(store)
+    sink_task = asyncio.ensure_future(sink.run())
+    reported: list[Mapping[str, Any]] = []
+    book = OverrideBook()
+    gate = Gate(BASE, TOKEN, lambda: engine, sink, lambda s, _v: reported.append(s), book)
+    app = web.Application()
+    app.add_routes(gate.routes())
+    text = "card 4111 1111 1111 1111"
+    statuses = []
+    try:
+        async with TestClient(TestServer(app)) as client:
+
+            async def send(body: str, room: str = "!r:corp.example") -> int:
+                r = await client.post(
+                    f"{BASE}/check_event_for_spam",
+                    json={"event": {**message(body), "room_id": room}},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+                return r.status
+
+            statuses.append(await send(text))
+            digest = reported[0]["digest"]
+            assert digest == content_digest(TOKEN, message(text))
+            book.add(Grant("AAAA-BBBB", "@joe:corp.example", "!r:corp.example", digest,
+                           "detector:card", 1e12, "needed"))  # fmt: skip
+            statuses.append(await send(text, "!other:corp.example"))  # another room
+            statuses.append(await send(text + " "))  # another text
+            statuses.append(await send(text))  # the one resend
+            statuses.append(await send(text))  # used up
+            await sink.flush()
+            used = [rec async for rec in store.reader.iter(kind="override")]
+    finally:
+        sink_task.cancel()
+        await store.close()
+    assert statuses == [403, 403, 403, 200, 403]
+    [record] = used
+    assert record["data"]["ref"] == "AAAA-BBBB" and record["data"]["justification"] == "needed"
