@@ -29,6 +29,7 @@ class ActionKind(enum.StrEnum):
     PURGE_HISTORY = "purge_history"
     PURGE_STATUS = "purge_status"
     POLICY_NOTICE = "policy_notice"
+    WARN_SENDER = "warn_sender"
 
 
 class Rendered(Protocol):
@@ -177,6 +178,34 @@ def policy_notice(
     payload: dict[str, Any] = {"user_id": user_id, "body": body, "html": html}
     payload.update(details or {})
     return NewAction(ActionKind.POLICY_NOTICE, payload)
+
+
+def warn_sender(
+    room_id: str,
+    user_id: str,
+    event_id: str,
+    thread: Rendered,
+    dm: tuple[str, str],
+    *,
+    joined: bool,
+    local: bool,
+    details: Mapping[str, Any] | None = None,
+) -> NewAction:
+    """A ``warn`` for ``user_id``'s message ``event_id``: ``thread`` in a thread under it
+    where the bot is in the room (``joined``) and the room is not encrypted, else ``dm``
+    (text, HTML) in the user's notice room if ``local`` (see ``policy.notices.warn_place``)."""
+    payload: dict[str, Any] = {
+        "user_id": user_id,
+        "thread_root": event_id,
+        "body": thread.text,
+        "html": thread.html,
+        "dm_body": dm[0],
+        "dm_html": dm[1],
+        "joined": joined,
+        "local": local,
+    }
+    payload.update(details or {})
+    return NewAction(ActionKind.WARN_SENDER, payload, room_id=room_id)
 
 
 def kind_of(kind: str) -> ActionKind | None:

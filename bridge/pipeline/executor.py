@@ -25,6 +25,7 @@ from bridge.config import ExecutorConfig
 from bridge.matrix import AdminAPI
 from bridge.pipeline.actions import ActionKind, kind_of, purge_status
 from bridge.pipeline.enforcement import RoomEnforcement
+from bridge.policy.notices import WarnPlace, warn_place
 from bridge.policy.retention import event_hold, purge_hold
 from bridge.store import ActionRow, AuditEntry, NewAction, Store
 from bridge.store.notice_rooms import (
@@ -51,11 +52,15 @@ _NEEDS: dict[str, str] = {
     ActionKind.PURGE_HISTORY: "purge history with the admin API",
     ActionKind.PURGE_STATUS: "read a purge's status with the admin API",
     ActionKind.POLICY_NOTICE: "create or write to a policy-notice room",
+    ActionKind.WARN_SENDER: "warn a sender",
 }
 #: Failures that mean the bot lacks power in the room (recorded on the room's row).
 _LACKS_POWER = frozenset(
     {ActionKind.SEND_STATE, ActionKind.REDACT, ActionKind.KICK, ActionKind.INVITE}
 )
+
+#: Payload keys holding message texts: not copied into the action's audit record.
+_TEXTS = frozenset({"body", "html", "dm_body", "dm_html"})
 
 # A purge still running after this long is given up on (and reported).
 PURGE_GIVE_UP_S = 24 * 3600.0
@@ -158,6 +163,7 @@ class Executor:
             ActionKind.PURGE_HISTORY: self._purge_history,
             ActionKind.PURGE_STATUS: self._purge_status,
             ActionKind.POLICY_NOTICE: self._policy_notice,
+            ActionKind.WARN_SENDER: self._warn_sender,
         }
 
     def wake(self) -> None:
@@ -332,7 +338,7 @@ class Executor:
 
     @staticmethod
     def _audit(action: ActionRow, outcome: str, attempts: int, **extra: Any) -> AuditEntry:
-        payload = {k: v for k, v in action.payload.items() if k not in ("body", "html")}
+        payload = {k: v for k, v in action.payload.items() if k not in _TEXTS}
         return AuditEntry(
             kind=AuditKind.ACTION,
             room_id=action.room_id,
@@ -377,12 +383,42 @@ class Executor:
         return {"event_id": str(event_id)}
 
     async def _policy_notice(self, action: ActionRow) -> dict[str, Any]:
-        """Write to the user's policy-notice room, creating it first if there is none.
+        """Write to the user's policy-notice room (see :meth:`_to_notice_room`)."""
+        p = action.payload
+        return await self._to_notice_room(action, str(p["user_id"]), p["body"], p["html"])
+
+    async def _encrypted(self, room_id: str) -> bool:
+        """Whether ``room_id`` has end-to-end encryption on (its m.room.encryption state)."""
+        try:
+            await self.client.get_state_event(RoomID(room_id), EventType.ROOM_ENCRYPTION)
+        except MatrixRequestError as e:
+            if e.http_status == 404:
+                return False
+            raise
+        return True
+
+    async def _warn_sender(self, action: ActionRow) -> dict[str, Any]:
+        """A ``warn``: in a thread where readable, else in the sender's notice room."""
+        p = action.payload
+        room = self._room(action)
+        joined = bool(p.get("joined"))
+        encrypted = joined and await self._encrypted(room)
+        place = warn_place(joined, encrypted, bool(p.get("local")))
+        if place is WarnPlace.THREAD:
+            return {"place": str(place), **(await self._send_notice(action))}
+        if place is WarnPlace.NOWHERE:
+            return {"place": str(place), "encrypted": encrypted}
+        sent = await self._to_notice_room(action, str(p["user_id"]), p["dm_body"], p["dm_html"])
+        return {"place": str(place), "encrypted": encrypted, **sent}
+
+    async def _to_notice_room(
+        self, action: ActionRow, user: str, body: str, html: str
+    ) -> dict[str, Any]:
+        """Write to ``user``'s policy-notice room, creating it first if there is none.
 
         The executor runs one action at a time, so two notices never create two rooms.
         """
-        p = action.payload
-        user = str(p["user_id"])
+        p = {"body": body, "html": html}
         room = await notice_room(self.store, user)
         created = False
         if room is None:

@@ -302,3 +302,43 @@ def subject_of(subject: Mapping[str, Any], is_edit: bool = False) -> Subject:
 def is_local_user(user_id: object, domain: str) -> bool:
     """Whether ``user_id`` is a user of this homeserver (``@name:domain``)."""
     return isinstance(user_id, str) and user_id.startswith("@") and user_id.endswith(":" + domain)
+
+
+# -- warnings (the ``warn`` action) ---------------------------------------------------------
+
+
+class WarnPlace(StrEnum):
+    """Where a ``warn`` reaches its sender."""
+
+    THREAD = "thread"  # a notice in a thread under the message (the room is readable)
+    NOTICE_ROOM = "notice room"  # the sender's policy-notice room
+    NOWHERE = "nowhere"  # a remote sender in a room the bot is not in, or encrypted
+
+
+def warn_place(joined: bool, encrypted: bool, local_sender: bool) -> WarnPlace:
+    """A thread where the bot is in the room and the room is not end-to-end encrypted
+    (its plaintext notice would stand out there, and may be unreadable to clients that
+    hide unencrypted events); else the sender's notice room, for local senders."""
+    if joined and not encrypted:
+        return WarnPlace.THREAD
+    return WarnPlace.NOTICE_ROOM if local_sender else WarnPlace.NOWHERE
+
+
+def render_warning(room_id: str, rule: str, reason: str, at: float) -> tuple[str, str]:
+    """A warning for the sender's notice room (never the matched text)."""
+    lines = [
+        f"⚠️ Your message in {room_id} was sent, but it matched a policy rule.",
+        f"When: {when(at)}",
+        f"Rule: {rule}",
+        f"Why: {reason}",
+    ]
+    text = "\n".join(lines)
+    room = html.escape(room_id)
+    body = (
+        f'<p>⚠️ Your message in <a href="https://matrix.to/#/{room}">{room}</a> was sent, but'
+        " it matched a policy rule.</p><ul>"
+        f"<li>When: {html.escape(when(at))}</li>"
+        f"<li>Rule: <code>{html.escape(rule)}</code></li>"
+        f"<li>Why: {html.escape(reason)}</li></ul>"
+    )
+    return text, body

@@ -245,3 +245,27 @@ async def test_an_override_lets_exactly_that_message_through_once(
     found = await admin_reply(stack, management_room, "!policy audit search --type override")
     assert "archive records match --type override" in found  # granted and used
     assert "(granted)" in found and "(used)" in found
+
+
+async def test_a_warning_where_the_bot_is_not_in_the_room_reaches_the_notice_room(
+    stack: Stack, management_room: str
+) -> None:
+    reply = await admin_reply(
+        stack, management_room, "!policy dlp add-regex wrn-ticket WRN-[0-9]{5} --action warn"
+    )
+    assert "wrn-ticket" in reply
+    user = stack.new_user("warned")
+    async with stack.client(user) as alice:
+        room = await alice.create_room(name="no bot here")
+        since = await sync_token(alice)
+        await alice.send_text(room, "see WRN-12345")  # warn: sent
+        notice_room, _ = await notice_invite(alice, stack.bot, since)
+        await alice.join(notice_room)
+        [notice] = await wait_for(
+            lambda: bot_notices(alice, notice_room, stack.bot), timeout=20, message="a warning"
+        )
+        body = notice["content"]["body"]
+        assert "regex:wrn-ticket" in body and room in body and "was sent" in body
+        assert "WRN-12345" not in body
+        members = await alice.joined_members(room)
+        assert stack.bot not in members

@@ -137,3 +137,16 @@ def test_subjects_and_local_users() -> None:
     assert not is_local_user("@a:evil.corp.example.org", "corp.example")
     assert not is_local_user("@a:other.example", "corp.example")
     assert not is_local_user(None, "corp.example")
+
+
+def test_warnings_go_to_a_thread_only_where_readable() -> None:
+    from bridge.policy.notices import WarnPlace, render_warning, warn_place
+
+    assert warn_place(True, False, True) is WarnPlace.THREAD
+    assert warn_place(True, False, False) is WarnPlace.THREAD
+    assert warn_place(True, True, True) is WarnPlace.NOTICE_ROOM
+    assert warn_place(False, False, True) is WarnPlace.NOTICE_ROOM
+    assert warn_place(False, False, False) is WarnPlace.NOWHERE
+    assert warn_place(True, True, False) is WarnPlace.NOWHERE
+    text, html = render_warning("!r:x", "keyword:x", "it matched", 0.0)
+    assert "!r:x" in text and "keyword:x" in html and "was sent" in text
