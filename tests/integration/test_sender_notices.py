@@ -145,6 +145,10 @@ async def test_a_report_reaches_the_management_room_and_strangers_are_ignored(
     assert user.user_id in text and "detector:card" in text and room in text
     assert "it is a test card" in text and "not me" not in text
     assert "1111 1111 1111" not in text and "****" in text  # the masked excerpt
+    found = await admin_reply(stack, management_room, "!policy audit search --type report")
+    assert "archive records match --type report" in found
+    stats = await admin_reply(stack, management_room, "!policy dlp stats")
+    assert "detector:card: 1 reports" in stats
 
 
 async def bot_replies_now(
