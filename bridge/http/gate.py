@@ -205,6 +205,16 @@ class Gate:
             return matrix_error(400, "M_BAD_JSON", str(e))
         finding = verdict.first_block
         rule = finding.rule if finding else ""
+        # Overridable refusals are remembered by a digest keyed with the gate token.
+        digest = override_digest(self.token, name, body, verdict)
+        if digest and self.overrides is not None:
+            sender, room = str(subject.get("sender")), str(subject.get("room_id"))
+            grant = self.overrides.consume(sender, room, digest, time.time())
+            if grant is not None:
+                metrics.GATE_DECISIONS.labels(name, "allow", "override").inc()
+                self._submit(override_used(grant, subject))
+                log.info("gate allowed %s for %s: override %s", name, sender, grant.ref)
+                return web.json_response({})
         metrics.GATE_DECISIONS.labels(name, "deny" if finding else "allow", rule).inc()
         for f in verdict.findings:
             if f.category == "dlp":
@@ -214,15 +224,6 @@ class Gate:
             if verdict.findings:  # notify/audit rules: recorded, in the background
                 self._submit(self._audit_entry(name, subject, verdict))
             return web.json_response({})
-        # Overridable refusals are remembered by a digest keyed with the gate token.
-        digest = override_digest(self.token, name, body, verdict)
-        if digest and self.overrides is not None:
-            sender, room = str(subject.get("sender")), str(subject.get("room_id"))
-            grant = self.overrides.consume(sender, room, digest, time.time())
-            if grant is not None:
-                self._submit(override_used(grant, subject))
-                log.info("gate allowed %s for %s: override %s", name, sender, grant.ref)
-                return web.json_response({})
         subject["ref"] = new_ref()  # named in the sender's notice and in the audit record
         if self.sink is not None:
             # A refusal is evidence: answer once its record is committed (grouped with the

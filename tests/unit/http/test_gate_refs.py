@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from bridge import metrics
 from bridge.archive.sink import AuditSink
 from bridge.config import ConfigError
 from bridge.http.gate import Gate
@@ -121,6 +122,8 @@ async def test_an_override_lets_exactly_that_message_through_once(tmp_path: Path
     app.add_routes(gate.routes())
     text = "card 4111 1111 1111 1111"
     statuses = []
+    labels = {"callback": "check_event_for_spam", "result": "allow", "rule": "override"}
+    before = metrics.REGISTRY.get_sample_value("bridge_gate_decisions_total", labels) or 0.0
     try:
         async with TestClient(TestServer(app)) as client:
 
@@ -147,5 +150,7 @@ async def test_an_override_lets_exactly_that_message_through_once(tmp_path: Path
         sink_task.cancel()
         await store.close()
     assert statuses == [403, 403, 403, 200, 403]
+    after = metrics.REGISTRY.get_sample_value("bridge_gate_decisions_total", labels)
+    assert after == before + 1  # the one use is counted as allowed, not refused
     [record] = used
     assert record["data"]["ref"] == "AAAA-BBBB" and record["data"]["justification"] == "needed"
