@@ -23,6 +23,8 @@ commands = CommandGroup()
 
 #: ``bridge_state`` key of the reports per rule (JSON: rule -> count).
 REPORTS_KEY = "notices.reports"
+#: ``bridge_state`` key prefix marking a reference as reported (each is reported once).
+REPORTED_PREFIX = "notices.reported."
 #: The executor's stored kind of a notice (commands do not import the pipeline).
 _SEND_NOTICE = "send_notice"
 
@@ -50,6 +52,10 @@ async def report(ctx: CommandContext) -> Reply:
     refusal = ledger.find(ref)
     if refusal is None:
         raise CommandError(f"none of your recent refusals has the reference {ref}.")
+    reported_key = REPORTED_PREFIX + ref
+    if await ctx.services.store.state.get(reported_key):
+        raise CommandError(f"you already reported {ref}; the compliance team has it.")
+    ctx.state_updates[reported_key] = "1"
     comment = str(ctx.args.get("comment") or "").strip()
     mgmt = ctx.services.management_room
     if not mgmt:

@@ -64,8 +64,7 @@ class NoticeOutcome(StrEnum):
 class Subject(StrEnum):
     """What was refused."""
 
-    MESSAGE = "message"
-    EDIT = "edit"
+    MESSAGE = "message"  # (edits included: the gate does not tell them apart here)
     EVENT = "event"
     INVITE = "invite"
     JOIN = "join"
@@ -211,7 +210,6 @@ def decide(
 
 _WHAT = {
     Subject.MESSAGE: "Your message",
-    Subject.EDIT: "Your edit",
     Subject.EVENT: "Your event",
     Subject.INVITE: "Your invitation",
     Subject.JOIN: "Your request to join",
@@ -220,7 +218,6 @@ _WHAT = {
 _INSTEAD = {
     Subject.MESSAGE: "remove the sensitive part and send the message again, or share it"
     " through a channel your organization approves for it.",
-    Subject.EDIT: "edit the message without the sensitive part.",
     Subject.EVENT: "send it again without the sensitive part.",
     Subject.INVITE: "ask a room admin or your administrator whether this person may be invited.",
     Subject.JOIN: "ask your administrator whether you may join this room.",
@@ -287,16 +284,14 @@ def render(
     return text, "".join(parts)
 
 
-def subject_of(subject: Mapping[str, Any], is_edit: bool = False) -> Subject:
+def subject_of(subject: Mapping[str, Any]) -> Subject:
     """What the gate refused, from the subject it reports (see ``Gate.judge``)."""
     if "invitee" in subject:
         return Subject.INVITE
     etype = subject.get("type")
     if etype is None:
         return Subject.JOIN
-    if etype == "m.room.message":
-        return Subject.EDIT if is_edit else Subject.MESSAGE
-    return Subject.EVENT
+    return Subject.MESSAGE if etype == "m.room.message" else Subject.EVENT
 
 
 def is_local_user(user_id: object, domain: str) -> bool:

@@ -170,3 +170,14 @@ async def test_admins_list_and_revoke_overrides(fake: CommandFake) -> None:
     grant = fake.overrides.get(REF)
     assert grant is not None and grant.revoked_by == ADMIN
     assert fake.overrides.consume(ALICE, ROOM, "d" * 64, 0.0) is None
+
+
+async def test_a_refusal_is_reported_once(fake: CommandFake) -> None:
+    await refused(fake)
+    first = await run(fake, req(f"!policy report {REF} first"))
+    assert first.outcome is Outcome.OK and first.context is not None
+    for key, value in first.context.state_updates.items():  # what the worker commits
+        await fake.store.state.set(key, value)
+    again = await run(fake, req(f"!policy report {REF} second"))
+    assert again.outcome is Outcome.ERROR and "already reported" in again.reply.text
+    assert again.context is None
