@@ -54,6 +54,7 @@ from bridge.pipeline.enrollment import AutoEnroller, PowerObtainer
 from bridge.pipeline.executor import Executor, RateLimiter, RoomEnforcement
 from bridge.pipeline.live_policy import LivePolicy
 from bridge.pipeline.management import ManagementRoom
+from bridge.pipeline.notices import SenderNotices
 from bridge.pipeline.ping import AppservicePing
 from bridge.pipeline.redelivery import RedeliveryNudger
 from bridge.pipeline.reload import Reloader, load_runtime_policy
@@ -62,8 +63,10 @@ from bridge.pipeline.rollout import policy_fingerprint, rollout_if_policy_change
 from bridge.pipeline.sweeper import RetentionSweeper
 from bridge.pipeline.worker import Worker
 from bridge.policy.engine import PolicyEngine
+from bridge.policy.overrides import OverrideBook
 from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import AuditEntry, NewAction, Store, StoreUnavailable
+from bridge.store.notice_rooms import load_overrides, save_overrides
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,10 @@ class Bridge:
         self._stop = asyncio.Event()
         self.scheduler = Scheduler(on_critical_death=lambda _name, _exc: self.request_stop(1))
         self.management = ManagementRoom(self._submit, self.scheduler)
+        # Overrides with justification: consumed by the gate, granted by commands; every
+        # change is stored in the background (in order, the latest state each time).
+        self.overrides = OverrideBook(on_change=self._overrides_changed)
+        self._overrides_lock = asyncio.Lock()
         self.store: Store
         self.session: ClientSession
         self.worker: Worker
@@ -104,6 +111,13 @@ class Bridge:
         """The management room's ID ("" until known)."""
         return self.management.room_id
 
+    def _overrides_changed(self) -> None:
+        self.scheduler.spawn(self._save_overrides(), "save-overrides", TaskKind.ONE_OFF)
+
+    async def _save_overrides(self) -> None:
+        async with self._overrides_lock:
+            await save_overrides(self.store, self.overrides.dumps(time.time()))
+
     async def _submit(self, actions: list[NewAction]) -> None:
         # Bound late: the management room is built before the executor it posts through.
         await self.executor.submit(actions)
@@ -114,6 +128,16 @@ class Bridge:
         """The aiohttp application with every route the bridge serves."""
         app = web.Application(client_max_size=self.config.appservice.max_body_size)
         self.sink = AuditSink(self.store)
+        self.management.sender_notices = SenderNotices(
+            self.store,
+            self._submit,
+            self.sink.submit,
+            self.scheduler,
+            lambda: self.config.notices,
+            self.config.homeserver.domain,
+            self.config.bot_mxid,
+            lambda: self.config.bridge.command_prefix,
+        )
         self.appservice_api = AppserviceAPI(
             self.store,
             self.config.appservice.hs_token,
@@ -128,6 +152,7 @@ class Bridge:
             lambda: self.policy.engine,
             self.sink,
             on_blocked=self.management.gate_blocked,
+            overrides=self.overrides,
         )
         app.add_routes(self.appservice_api.routes())
         app.add_routes(gate.routes())
@@ -147,6 +172,7 @@ class Bridge:
         cfg = self.config
         # the encrypted audit store: keyring + checkpoint signing key from `audit:`
         self.store = await open_store(cfg)
+        self.overrides.load(await load_overrides(self.store))
         self.session = ClientSession(timeout=ClientTimeout(total=60))
         self.client = make_client(
             cfg.homeserver.url, cfg.appservice.as_token, cfg.bot_mxid, self.session

@@ -21,6 +21,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from bridge.policy.model import server_name
+from bridge.policy.notices import NoticeSettings
 from bridge.roles import Role
 
 ENV_PREFIX = "POLICY_BRIDGE__"
@@ -205,6 +206,7 @@ class Config:
     metrics: MetricsConfig
     audit: AuditConfig | None = None
     dlp: Mapping[str, Any] = field(default_factory=dict)  # scope -> DlpLayer
+    notices: NoticeSettings = field(default_factory=NoticeSettings)
     source: str = "<defaults>"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -528,6 +530,13 @@ def build_config(
     except ValueError as e:
         v.problems.append(str(e))
     audit = _audit_config(v, data_dir, base_dir)
+    notices = NoticeSettings(
+        enabled=v.boolean("notices.enabled"),
+        group_window=v.number("notices.group_window_seconds", 0, 7 * 86400),
+        per_minute=v.integer("notices.per_minute", 0, 1000),
+        per_day=v.integer("notices.per_day", 0, 100_000),
+        override_window=v.number("notices.override_window_seconds", 10, 86400),
+    )
     federation = _federation_config(v)
     retention = _retention_config(v)
     problems.extend(v.problems)
@@ -547,6 +556,7 @@ def build_config(
         metrics=metrics,
         audit=audit,
         dlp=dlp_layers,
+        notices=notices,
         source=source,
         raw=data,
     )

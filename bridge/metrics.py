@@ -114,3 +114,10 @@ UNREADABLE_EVENTS = Counter(
     "Archived events the worker could not read back and skipped (ciphertext gone, damaged)",
     registry=REGISTRY,
 )
+
+DLP_REPORTS = Counter(
+    "bridge_dlp_reports_total",
+    "False-positive reports by blocked senders (!policy report), by rule",
+    ["rule"],
+    registry=REGISTRY,
+)

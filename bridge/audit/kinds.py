@@ -26,6 +26,8 @@ class AuditKind(StrEnum):
     ERROR = "error"  # an event the worker could not handle
     EXPIRY = "expiry"  # ciphertext dropped by archive expiry
     SHRED = "shred"  # a room key destroyed
+    NOTICE = "notice"  # a policy notice to a blocked sender (sent, grouped or held back)
+    OVERRIDE = "override"  # an override with justification: granted, used or revoked
 
 
 #: Kinds whose ``type`` is a Matrix event type (the event's own, or the type of the event

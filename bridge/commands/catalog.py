@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.commands import audit, core, dlp, rooms
+from bridge.commands import audit, core, dlp, overrides, reports, rooms
 from bridge.commands.registry import CommandGroup, CommandRegistry
 
 GROUPS: tuple[CommandGroup, ...] = (
@@ -10,6 +10,8 @@ GROUPS: tuple[CommandGroup, ...] = (
     dlp.commands,
     rooms.commands,
     audit.commands,
+    reports.commands,
+    overrides.commands,
 )
 
 

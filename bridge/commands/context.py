@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.commands.roles import Role
 from bridge.commands.services import CommandServices, StagedChange
-from bridge.store import NewAction
+from bridge.store import AuditEntry, NewAction
 
 if TYPE_CHECKING:
     from bridge.commands.registry import CommandRegistry
@@ -18,15 +18,15 @@ if TYPE_CHECKING:
 class CommandContext:
     """One command being run.
 
-    Handlers never write directly: they stage ``state_updates``, ``actions`` and an
-    ``audit`` summary, which the worker commits together with the command's record, and
-    ``after_commit`` callbacks run once that commit succeeded.
+    Handlers never write directly: they stage ``state_updates``, ``actions``, an
+    ``audit`` summary and extra audit ``records``, which the worker commits together with
+    the command's record, and ``after_commit`` callbacks run once that commit succeeded.
     """
 
     sender: str
     room_id: str
     event_id: str
-    role: Role
+    role: Role | None  # None only for a self-service command in the asker's notice room
     in_management_room: bool
     args: dict[str, Any]
     flags: dict[str, Any]
@@ -36,6 +36,7 @@ class CommandContext:
     actions: list[NewAction] = field(default_factory=list)
     audit: dict[str, Any] = field(default_factory=dict)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    records: list[AuditEntry] = field(default_factory=list)  # audit records of its own kind
 
     @property
     def prefix(self) -> str:

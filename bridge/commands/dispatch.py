@@ -1,5 +1,10 @@
 """Running one command line: parse, check the role and the room, call the handler.
 
+A policy-notice room (the bot's DM with one user, see :mod:`bridge.store.notice_rooms`) is
+different on purpose: there only its recipient is heard, and only the self-service commands
+(``CommandSpec.notice_room``: ``report``, ``override``) run, with or without a role.
+Anyone else's command there is ignored (no reply); self-service commands work nowhere else.
+
 The worker decides whether a message is a command, keeps the commands awaiting a ✅
 confirmation, and commits what :func:`run_command` returns (the reply, the staged changes
 and the audit details) in one commit with the rest of its batch.
@@ -34,6 +39,7 @@ class Outcome(StrEnum):
     REFUSED = "refused"  # no role, not the role it needs, or not allowed in this room
     ERROR = "error"  # bad input, or the handler failed
     NEEDS_CONFIRMATION = "needs confirmation"
+    IGNORED = "ignored"  # someone else's command in a notice room: no reply at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,7 @@ class CommandRequest:
     role: Role | None
     in_management_room: bool
     confirmed: bool = False  # a ✅ reaction confirmed it: run it as with ``--yes``
+    notice_owner: str | None = None  # typed in this user's policy-notice room
 
 
 @dataclass(slots=True)
@@ -72,7 +79,9 @@ async def run_command(
     try:
         if len(request.body) > MAX_COMMAND_LENGTH:
             raise CommandError(f"the command is too long (over {MAX_COMMAND_LENGTH} chars)")
-        if request.role is None:
+        if request.notice_owner is not None and request.sender != request.notice_owner:
+            return CommandResult(name, Outcome.IGNORED, Reply.plain(""))
+        if request.role is None and request.notice_owner is None:
             outcome = Outcome.REFUSED
             raise CommandError(
                 f"sorry, {request.sender} is not allowed to use policy commands. "
@@ -83,13 +92,21 @@ async def run_command(
             tokens.append("--yes")
         parsed = registry.parse(tokens, prefix)
         name = parsed.spec.name
-        if not role_allows(request.role, parsed.spec.role):
+        if request.notice_owner is not None or parsed.spec.notice_room:
+            if not (request.notice_owner is not None and parsed.spec.notice_room):
+                outcome = Outcome.REFUSED
+                raise CommandError(
+                    f"`{prefix} {name}` works only in your policy-notice room."
+                    if parsed.spec.notice_room
+                    else f"only `{prefix} report` and `{prefix} override` work in your notice room."
+                )
+        elif not role_allows(request.role, parsed.spec.role):
             outcome = Outcome.REFUSED
             raise CommandError(
                 f"sorry, `{prefix} {name}` needs the {parsed.spec.role} role; "
                 f"you have {request.role}."
             )
-        if not request.in_management_room and not parsed.spec.room_scoped:
+        if not (request.in_management_room or parsed.spec.room_scoped or parsed.spec.notice_room):
             outcome = Outcome.REFUSED
             raise CommandError(f"`{prefix} {name}` only works in the management room.")
         ctx = CommandContext(

@@ -38,6 +38,22 @@ ACTION_FLAG = Flag(
 RETRO_FLAG = Flag(
     "retroactive", "also apply it to archived messages (then redacts matches of block/redact)"
 )
+OVERRIDABLE_FLAG = Flag(
+    "overridable", "the sender may justify a refusal and resend that message once"
+)
+NO_NOTIFY_FLAG = Flag("no-notify", "refusals are not explained to the sender")
+
+
+def _rule_options(ctx: CommandContext) -> dict[str, bool]:
+    """The rule options the flags ask for (only those differing from the defaults)."""
+    options: dict[str, bool] = {}
+    if ctx.flags.get("overridable"):
+        options["overridable"] = True
+    if ctx.flags.get("no-notify"):
+        options["notify_sender"] = False
+    return options
+
+
 WINDOW_FLAG = Flag(
     "window", "how far back --retroactive looks (default dlp.retroactive_window)", value="DUR"
 )
@@ -174,7 +190,7 @@ async def remove_keyword(ctx: CommandContext) -> Reply:
     "add-regex",
     summary="add or replace a named RE2 pattern",
     args=(Arg("name", "rule name"), Arg("pattern", "RE2 pattern", rest=True)),
-    flags=(ACTION_FLAG, SCOPE_FLAG, RETRO_FLAG, WINDOW_FLAG),
+    flags=(ACTION_FLAG, SCOPE_FLAG, RETRO_FLAG, WINDOW_FLAG, OVERRIDABLE_FLAG, NO_NOTIFY_FLAG),
     room_scoped=True,
 )
 async def add_regex(ctx: CommandContext) -> Reply:
@@ -182,7 +198,12 @@ async def add_regex(ctx: CommandContext) -> Reply:
     scope, action = scope_of(ctx), _action(ctx)
     name = ctx.args["name"]
     doc = layers.add_regex(
-        ctx.services.policy.runtime_dlp, scope, name, ctx.args["pattern"], action
+        ctx.services.policy.runtime_dlp,
+        scope,
+        name,
+        ctx.args["pattern"],
+        action,
+        _rule_options(ctx),
     )
     label = where(scope, ctx)
     more = _stage(
@@ -202,7 +223,7 @@ async def add_regex(ctx: CommandContext) -> Reply:
         Arg("switch", choices=("enable", "disable")),
         Arg("name", choices=tuple(sorted(DETECTORS))),
     ),
-    flags=(ACTION_FLAG, SCOPE_FLAG, RETRO_FLAG, WINDOW_FLAG),
+    flags=(ACTION_FLAG, SCOPE_FLAG, RETRO_FLAG, WINDOW_FLAG, OVERRIDABLE_FLAG, NO_NOTIFY_FLAG),
     room_scoped=True,
 )
 async def detectors(ctx: CommandContext) -> Reply:
@@ -211,7 +232,9 @@ async def detectors(ctx: CommandContext) -> Reply:
     action = _action(ctx) if ctx.args["switch"] == "enable" else None
     if action is None and ctx.flags.get("retroactive"):
         raise CommandError("--retroactive only applies when enabling a detector")
-    doc = layers.set_detector(ctx.services.policy.runtime_dlp, scope, name, action)
+    doc = layers.set_detector(
+        ctx.services.policy.runtime_dlp, scope, name, action, _rule_options(ctx)
+    )
     state = f"enabled ({action})" if action else "disabled"
     label = where(scope, ctx)
     more = _stage(

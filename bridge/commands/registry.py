@@ -60,6 +60,8 @@ class CommandSpec:
     args: tuple[Arg, ...] = ()
     flags: tuple[Flag, ...] = ()
     room_scoped: bool = False  # may be used in any managed room, not just the management room
+    # Self-service: only in the asker's own policy-notice room, with or without a role.
+    notice_room: bool = False
 
     @property
     def name(self) -> str:
@@ -122,6 +124,7 @@ class CommandGroup:
         args: Sequence[Arg] = (),
         flags: Sequence[Flag] = (),
         room_scoped: bool = False,
+        notice_room: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Declare a command handled by the decorated coroutine."""
         if not isinstance(role, Role):
@@ -129,7 +132,16 @@ class CommandGroup:
 
         def decorator(fn: Handler) -> Handler:
             self.specs.append(
-                CommandSpec(tuple(words), summary, role, fn, tuple(args), tuple(flags), room_scoped)
+                CommandSpec(
+                    tuple(words),
+                    summary,
+                    role,
+                    fn,
+                    tuple(args),
+                    tuple(flags),
+                    room_scoped,
+                    notice_room,
+                )
             )
             return fn
 
@@ -163,6 +175,7 @@ class CommandRegistry:
         args: Sequence[Arg] = (),
         flags: Sequence[Flag] = (),
         room_scoped: bool = False,
+        notice_room: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Declare a command directly in this registry (tests, one-off registries)."""
         group = CommandGroup()

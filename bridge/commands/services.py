@@ -20,6 +20,7 @@ from bridge.audit.chain import VerifyReport
 from bridge.config import Config
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.federation import FederationPolicy
+from bridge.policy.overrides import OverrideBook
 from bridge.store import NewAction, Store
 
 
@@ -140,6 +141,9 @@ class CommandServices(Protocol):
 
     @property
     def management_room(self) -> str: ...
+
+    @property
+    def overrides(self) -> OverrideBook: ...
 
     @property
     def started_monotonic(self) -> float: ...

@@ -34,6 +34,8 @@ from bridge.audit.kinds import AuditKind
 from bridge.http.transactions import bearer_token, matrix_error, token_matches
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.model import Verdict
+from bridge.policy.notices import new_ref
+from bridge.policy.overrides import Grant, OverrideBook, override_digest
 from bridge.store import AuditEntry
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,23 @@ def event_size(event: Mapping[str, Any]) -> int:
         return MAX_EVENT_BYTES + 1
 
 
+def override_used(grant: Grant, subject: Mapping[str, Any]) -> AuditEntry:
+    """The audit record of an override's one use."""
+    return AuditEntry(
+        kind=AuditKind.OVERRIDE,
+        room_id=grant.room_id,
+        sender=grant.sender,
+        type="used",
+        data={
+            "ref": grant.ref,
+            "rule": grant.rule,
+            "justification": grant.justification,
+            "event_id": subject.get("event_id"),
+            "outcome": "used",
+        },
+    )
+
+
 class Gate:
     """aiohttp handlers answering the antispam module from the current policy engine."""
 
@@ -112,6 +131,7 @@ class Gate:
         engine: Callable[[], PolicyEngine],
         sink: AuditSink | None,
         on_blocked: Callable[[Mapping[str, Any], Verdict], None] | None = None,
+        overrides: OverrideBook | None = None,
     ) -> None:
         self.base_path = base_path
         self.token = token
@@ -120,6 +140,8 @@ class Gate:
         # Told about refused events (which never reach the ingest path) so that `notify`
         # rules still reach the management room. Must not block: it only schedules work.
         self.on_blocked = on_blocked
+        # Overrides with justification (one resend of one refused message; see its module).
+        self.overrides = overrides
         self._pool: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
@@ -187,6 +209,16 @@ class Gate:
             return matrix_error(400, "M_BAD_JSON", str(e))
         finding = verdict.first_block
         rule = finding.rule if finding else ""
+        # Overridable refusals are remembered by a digest keyed with the gate token.
+        digest = override_digest(self.token, name, body, verdict)
+        if digest and self.overrides is not None:
+            sender, room = str(subject.get("sender")), str(subject.get("room_id"))
+            grant = self.overrides.consume(sender, room, digest, time.time())
+            if grant is not None:
+                metrics.GATE_DECISIONS.labels(name, "allow", "override").inc()
+                await self._record(override_used(grant, subject), refusal=False)
+                log.info("gate allowed %s for %s: override %s", name, sender, grant.ref)
+                return web.json_response({})
         metrics.GATE_DECISIONS.labels(name, "deny" if finding else "allow", rule).inc()
         for f in verdict.findings:
             if f.category == "dlp":
@@ -196,6 +228,7 @@ class Gate:
             if verdict.findings:  # notify/audit rules: as durable as a refusal
                 await self._record(self._audit_entry(name, subject, verdict), refusal=False)
             return web.json_response({})
+        subject["ref"] = new_ref()  # named in the sender's notice and in the audit record
         await self._record(self._audit_entry(name, subject, verdict), refusal=True)
         log.info(
             "gate denied %s for %s in %s (event %s): rule %s",
@@ -207,7 +240,7 @@ class Gate:
         )
         if self.on_blocked is not None:
             try:
-                self.on_blocked(subject, verdict)
+                self.on_blocked({**subject, "digest": digest}, verdict)
             except Exception:
                 log.exception("reporting a refused event failed")
         return matrix_error(403, finding.errcode, finding.message)

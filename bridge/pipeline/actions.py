@@ -28,6 +28,8 @@ class ActionKind(enum.StrEnum):
     RECONCILE = "reconcile"
     PURGE_HISTORY = "purge_history"
     PURGE_STATUS = "purge_status"
+    POLICY_NOTICE = "policy_notice"
+    WARN_SENDER = "warn_sender"
 
 
 class Rendered(Protocol):
@@ -165,6 +167,45 @@ def purge_status(
     ``purge`` payload it came from goes along (what was purged, for the audit record)."""
     payload = {**purge, "purge_id": purge_id, "started": started}
     return NewAction(ActionKind.PURGE_STATUS, payload, room_id=room_id, not_before=not_before)
+
+
+def policy_notice(
+    user_id: str, body: str, html: str, details: Mapping[str, Any] | None = None
+) -> NewAction:
+    """A notice to ``user_id`` in their policy-notice room, created (a DM with the bot)
+    on first need. ``details`` (reference, rule, room; never the matched text) go into the
+    payload and so into the action's audit record; body and HTML do not."""
+    payload: dict[str, Any] = {"user_id": user_id, "body": body, "html": html}
+    payload.update(details or {})
+    return NewAction(ActionKind.POLICY_NOTICE, payload)
+
+
+def warn_sender(
+    room_id: str,
+    user_id: str,
+    event_id: str,
+    thread: Rendered,
+    dm: tuple[str, str],
+    *,
+    joined: bool,
+    local: bool,
+    details: Mapping[str, Any] | None = None,
+) -> NewAction:
+    """A ``warn`` for ``user_id``'s message ``event_id``: ``thread`` in a thread under it
+    where the bot is in the room (``joined``) and the room is not encrypted, else ``dm``
+    (text, HTML) in the user's notice room if ``local`` (see ``policy.notices.warn_place``)."""
+    payload: dict[str, Any] = {
+        "user_id": user_id,
+        "thread_root": event_id,
+        "body": thread.text,
+        "html": thread.html,
+        "dm_body": dm[0],
+        "dm_html": dm[1],
+        "joined": joined,
+        "local": local,
+    }
+    payload.update(details or {})
+    return NewAction(ActionKind.WARN_SENDER, payload, room_id=room_id)
 
 
 def kind_of(kind: str) -> ActionKind | None:

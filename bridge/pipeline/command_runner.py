@@ -29,6 +29,7 @@ from bridge.pipeline.batch import Batch, PendingConfirmation, as_str
 from bridge.pipeline.room_tracker import RoomTracker
 from bridge.pipeline.services import WorkerServices
 from bridge.store import AuditEntry, Store
+from bridge.store.notice_rooms import notice_room_owner
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ class CommandRunner:
         body = event["content"]["body"]
         prefix = cfg.bridge.command_prefix
         in_mgmt = room_id == self.services.management_room
-        if not in_mgmt and not self.tracker.joined(room_id, batch):
+        owner = None if in_mgmt else await notice_room_owner(self.store, room_id)
+        if not in_mgmt and owner is None and not self.tracker.joined(room_id, batch):
             return  # we cannot answer where we are not joined
         role = role_of(cfg, sender)
         started = time.perf_counter()
@@ -144,7 +146,15 @@ class CommandRunner:
             pending.pop(event_id, None)
             self._stage(batch, pending)
         request = CommandRequest(
-            sender, room_id, event_id, prefix, body, role, in_mgmt, confirmed=confirmed
+            sender,
+            room_id,
+            event_id,
+            prefix,
+            body,
+            role,
+            in_mgmt,
+            confirmed=confirmed,
+            notice_owner=owner,
         )
         result = await run_command(self.registry, self.services, request)
         name, outcome, reply, details = result.name, result.outcome, result.reply, result.details
@@ -152,13 +162,15 @@ class CommandRunner:
             batch.actions.extend(result.context.actions)
             batch.state.update(result.context.state_updates)
             batch.after_commit.extend(result.context.after_commit)
+            batch.audit.extend(result.context.records)
         elif outcome is Outcome.NEEDS_CONFIRMATION:
             pending = self._staged(batch)
             pending[event_id] = {"sender": sender, "event": dict(event), "at": time.time()}
             self._stage(batch, pending)
         counter = metrics.COMMANDS.labels(name, outcome)
         batch.after_commit.append(counter.inc)  # counted once committed
-        batch.actions.append(actions.notice(room_id, reply, reply_to=event_id))
+        if outcome is not Outcome.IGNORED:  # someone else's command in a notice room
+            batch.actions.append(actions.notice(room_id, reply, reply_to=event_id))
         batch.audit.append(
             AuditEntry(
                 kind=AuditKind.COMMAND,

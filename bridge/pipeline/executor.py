@@ -17,7 +17,7 @@ from typing import Any, cast
 from mautrix.api import Method, Path
 from mautrix.client import ClientAPI
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
-from mautrix.types import EventType, UserID
+from mautrix.types import EventType, RoomCreatePreset, RoomID, UserID
 
 from bridge import metrics
 from bridge.audit.kinds import AuditKind
@@ -25,8 +25,15 @@ from bridge.config import ExecutorConfig
 from bridge.matrix import AdminAPI
 from bridge.pipeline.actions import ActionKind, kind_of, purge_status
 from bridge.pipeline.enforcement import RoomEnforcement
+from bridge.policy.notices import WarnPlace, warn_place
 from bridge.policy.retention import event_hold, purge_hold
 from bridge.store import ActionRow, AuditEntry, NewAction, Store
+from bridge.store.notice_rooms import (
+    NOTICE_ROOM_NAME,
+    NOTICE_ROOM_TOPIC,
+    notice_room,
+    remember_notice_room,
+)
 from bridge.store.sweep_queries import SweepQueries
 
 log = logging.getLogger(__name__)
@@ -44,11 +51,16 @@ _NEEDS: dict[str, str] = {
     ActionKind.RECONCILE: "read the room state",
     ActionKind.PURGE_HISTORY: "purge history with the admin API",
     ActionKind.PURGE_STATUS: "read a purge's status with the admin API",
+    ActionKind.POLICY_NOTICE: "create or write to a policy-notice room",
+    ActionKind.WARN_SENDER: "warn a sender",
 }
 #: Failures that mean the bot lacks power in the room (recorded on the room's row).
 _LACKS_POWER = frozenset(
     {ActionKind.SEND_STATE, ActionKind.REDACT, ActionKind.KICK, ActionKind.INVITE}
 )
+
+#: Payload keys holding message texts: not copied into the action's audit record.
+_TEXTS = frozenset({"body", "html", "dm_body", "dm_html"})
 
 # A purge still running after this long is given up on (and reported).
 PURGE_GIVE_UP_S = 24 * 3600.0
@@ -150,6 +162,8 @@ class Executor:
             ActionKind.RECONCILE: self._reconcile,
             ActionKind.PURGE_HISTORY: self._purge_history,
             ActionKind.PURGE_STATUS: self._purge_status,
+            ActionKind.POLICY_NOTICE: self._policy_notice,
+            ActionKind.WARN_SENDER: self._warn_sender,
         }
 
     def wake(self) -> None:
@@ -324,7 +338,7 @@ class Executor:
 
     @staticmethod
     def _audit(action: ActionRow, outcome: str, attempts: int, **extra: Any) -> AuditEntry:
-        payload = {k: v for k, v in action.payload.items() if k not in ("body", "html")}
+        payload = {k: v for k, v in action.payload.items() if k not in _TEXTS}
         return AuditEntry(
             kind=AuditKind.ACTION,
             room_id=action.room_id,
@@ -367,6 +381,70 @@ class Executor:
             self._room(action), EventType.ROOM_MESSAGE, cast(Any, content), txn_id=action.id
         )
         return {"event_id": str(event_id)}
+
+    async def _policy_notice(self, action: ActionRow) -> dict[str, Any]:
+        """Write to the user's policy-notice room (see :meth:`_to_notice_room`)."""
+        p = action.payload
+        return await self._to_notice_room(action, str(p["user_id"]), p["body"], p["html"])
+
+    async def _encrypted(self, room_id: str) -> bool:
+        """Whether ``room_id`` has end-to-end encryption on (its m.room.encryption state)."""
+        try:
+            await self.client.get_state_event(RoomID(room_id), EventType.ROOM_ENCRYPTION)
+        except MatrixRequestError as e:
+            if e.http_status == 404:
+                return False
+            raise
+        return True
+
+    async def _warn_sender(self, action: ActionRow) -> dict[str, Any]:
+        """A ``warn``: in a thread where readable, else in the sender's notice room."""
+        p = action.payload
+        room = self._room(action)
+        joined = bool(p.get("joined"))
+        encrypted = joined and await self._encrypted(room)
+        place = warn_place(joined, encrypted, bool(p.get("local")))
+        if place is WarnPlace.THREAD:
+            return {"place": str(place), **(await self._send_notice(action))}
+        if place is WarnPlace.NOWHERE:
+            return {"place": str(place), "encrypted": encrypted}
+        sent = await self._to_notice_room(action, str(p["user_id"]), p["dm_body"], p["dm_html"])
+        return {"place": str(place), "encrypted": encrypted, **sent}
+
+    async def _to_notice_room(
+        self, action: ActionRow, user: str, body: str, html: str
+    ) -> dict[str, Any]:
+        """Write to ``user``'s policy-notice room, creating it first if there is none.
+
+        The executor runs one action at a time, so two notices never create two rooms.
+        """
+        p = {"body": body, "html": html}
+        room = await notice_room(self.store, user)
+        created = False
+        if room is None:
+            room = str(
+                await self.client.create_room(
+                    preset=RoomCreatePreset.PRIVATE,
+                    name=NOTICE_ROOM_NAME,
+                    topic=NOTICE_ROOM_TOPIC,
+                    invitees=[UserID(user)],
+                    is_direct=True,
+                )
+            )
+            await remember_notice_room(self.store, user, room)
+            await self.store.rooms.upsert(room, joined=True)
+            created = True
+        content: dict[str, Any] = {
+            "msgtype": "m.notice",
+            "body": p["body"],
+            "format": "org.matrix.custom.html",
+            "formatted_body": p["html"],
+            "m.mentions": {"user_ids": [user]},
+        }
+        event_id = await self.client.send_message_event(
+            RoomID(room), EventType.ROOM_MESSAGE, cast(Any, content), txn_id=action.id
+        )
+        return {"notice_room": room, "created": created, "event_id": str(event_id)}
 
     async def _send_state(self, action: ActionRow) -> dict[str, Any]:
         p = action.payload

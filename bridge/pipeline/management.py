@@ -18,6 +18,7 @@ from mautrix.types import RoomAlias, RoomID, UserID
 from bridge.commands import Reply
 from bridge.config import BridgeConfig
 from bridge.pipeline.actions import ActionKind, notice
+from bridge.pipeline.notices import SenderNotices
 from bridge.pipeline.worker import notify_text
 from bridge.policy.model import Action, Verdict
 from bridge.roles import Role
@@ -91,6 +92,8 @@ class ManagementRoom:
         self._submit = submit
         self._scheduler = scheduler
         self.room_id = room_id
+        #: Explains refusals to their local senders (set once the audit sink exists).
+        self.sender_notices: SenderNotices | None = None
 
     async def notify(self, reply: Reply) -> None:
         """Post ``reply`` in the management room (through the executor's queue)."""
@@ -104,8 +107,10 @@ class ManagementRoom:
         await self.notify(Reply.plain(f"⚠️ {action.kind} failed: {reason}"))
 
     def gate_blocked(self, subject: Mapping[str, Any], verdict: Verdict) -> None:
-        """`notify` rules on events the gate refused: tell the management room (in the
-        background; the gate answers at once)."""
+        """An event the gate refused: tell its local sender in their notice room, and for
+        `notify` rules the management room (in the background; the gate answers at once)."""
+        if self.sender_notices is not None:
+            self.sender_notices.blocked(subject, verdict)
         wanted = [f for f in verdict.findings if Action.NOTIFY in f.actions]
         if not wanted or not self.room_id:
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ from bridge.pipeline.services import WorkerServices
 from bridge.policy.dlp import CATEGORY as DLP_CATEGORY
 from bridge.policy.engine import ENCRYPTION_EVENT, ENCRYPTION_RULE, PolicyEngine
 from bridge.policy.model import Action, Finding, Verdict
+from bridge.policy.notices import is_local_user, render_warning
 from bridge.store import AuditEntry, Store, StoreUnavailable, WorkItem
 from bridge.store.queue import UnreadableEvent
 
@@ -230,18 +232,26 @@ class Worker:
         for f in verdict.findings:
             if f.rule == ENCRYPTION_RULE:
                 continue  # reported above
-            if Action.WARN in f.actions and self.tracker.joined(room_id, batch):
-                warning = Reply.plain(f"{sender}: {f.message}")
-                batch.actions.append(
-                    actions.send_notice(
-                        room_id,
-                        warning.text,
-                        warning.html,
-                        thread_root=event_id,
-                        mentions=[sender],
+            if Action.WARN in f.actions:
+                # In a thread where readable, else in the sender's notice room (executor).
+                joined = self.tracker.joined(room_id, batch)
+                local = is_local_user(sender, self.config().homeserver.domain)
+                if joined or local:
+                    warning = Reply.plain(f"{sender}: {f.message}")
+                    dm = render_warning(room_id, f.rule, f.message, time.time())
+                    batch.actions.append(
+                        actions.warn_sender(
+                            room_id,
+                            sender,
+                            event_id,
+                            warning,
+                            dm,
+                            joined=joined,
+                            local=local,
+                            details={"rule": f.rule},
+                        )
                     )
-                )
-                done.append("warn")
+                    done.append("warn")
             if Action.NOTIFY in f.actions and self.services.management_room:
                 text = notify_text(f, "matched", sender, room_id)
                 batch.actions.append(

@@ -67,6 +67,14 @@ def _actions(value: Any, where: str) -> frozenset[Action]:
         ) from None
 
 
+def _flag(item: Mapping[str, Any], key: str, where: str, default: bool = True) -> bool:
+    """A true/false rule option (``notify_sender``, ``overridable``)."""
+    value = item.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}.{key}: expected true or false, got {value!r}")
+    return value
+
+
 def parse_layer(data: Any, where: str) -> DlpLayer:
     """Validate one scope's rules (config or runtime form); errors name ``where``."""
     if data is None:
@@ -95,6 +103,8 @@ def parse_layer(data: Any, where: str) -> DlpLayer:
             keywords=tuple(words),
             actions=_actions(item.get("action", "block"), f"{w}.action"),
             whole_word=bool(item.get("whole_word", True)),
+            notify_sender=_flag(item, "notify_sender", w),
+            overridable=_flag(item, "overridable", w, default=False),
         )
     regexes: dict[str, RegexRule] = {}
     raw_regexes = data.get("regexes") or []
@@ -108,6 +118,8 @@ def parse_layer(data: Any, where: str) -> DlpLayer:
             name=str(item.get("name")),
             pattern=item["pattern"],
             actions=_actions(item.get("action", "block"), f"{w}.action"),
+            notify_sender=_flag(item, "notify_sender", w),
+            overridable=_flag(item, "overridable", w, default=False),
         )
     detectors: dict[str, DetectorRule | None] = {}
     raw_det = data.get("detectors") or {}
@@ -119,10 +131,21 @@ def parse_layer(data: Any, where: str) -> DlpLayer:
                 f"{where}.detectors.{name}: unknown detector; expected one of "
                 + ", ".join(sorted(DETECTORS))
             )
+        w = f"{where}.detectors.{name}"
         if action in ("off", False, None):
             detectors[name] = None
+        elif isinstance(action, Mapping):  # {action: block, overridable: true, ...}
+            unknown_opts = set(action) - {"action", "notify_sender", "overridable"}
+            if unknown_opts:
+                raise ValueError(f"{w}: unknown option(s) {', '.join(sorted(unknown_opts))}")
+            detectors[name] = DetectorRule(
+                name,
+                _actions(action.get("action", "block"), f"{w}.action"),
+                notify_sender=_flag(action, "notify_sender", w),
+                overridable=_flag(action, "overridable", w, default=False),
+            )
         else:
-            detectors[name] = DetectorRule(name, _actions(action, f"{where}.detectors.{name}"))
+            detectors[name] = DetectorRule(name, _actions(action, w))
     users = data.get("exempt_users") or []
     rooms = data.get("exempt_rooms") or []
     if not isinstance(users, list) or not isinstance(rooms, list):
@@ -376,22 +399,38 @@ def remove_keyword(doc: Mapping[str, Any], scope: str, word: str) -> tuple[dict[
 
 
 def add_regex(
-    doc: Mapping[str, Any], scope: str, name: str, pattern: str, action: str
+    doc: Mapping[str, Any],
+    scope: str,
+    name: str,
+    pattern: str,
+    action: str,
+    options: Mapping[str, bool] | None = None,
 ) -> dict[str, Any]:
-    """Add or replace the named regex rule in ``scope``."""
+    """Add or replace the named regex rule in ``scope`` (``options``: ``notify_sender``,
+    ``overridable``)."""
     new, rules = _scope_doc(doc, scope)
     regexes = [r for r in rules.get("regexes", []) if r.get("name") != name]
-    regexes.append({"name": name, "pattern": pattern, "action": _action_value(action)})
+    regexes.append(
+        {"name": name, "pattern": pattern, "action": _action_value(action), **(options or {})}
+    )
     rules["regexes"] = regexes
     return new
 
 
 def set_detector(
-    doc: Mapping[str, Any], scope: str, name: str, action: str | None
+    doc: Mapping[str, Any],
+    scope: str,
+    name: str,
+    action: str | None,
+    options: Mapping[str, bool] | None = None,
 ) -> dict[str, Any]:
-    """Enable a detector with ``action`` in ``scope``, or disable it (``None``)."""
+    """Enable a detector with ``action`` in ``scope``, or disable it (``None``); with
+    ``options`` (``notify_sender``, ``overridable``) it is written as a mapping."""
     new, rules = _scope_doc(doc, scope)
-    rules.setdefault("detectors", {})[name] = _action_value(action) if action is not None else "off"
+    value: Any = _action_value(action) if action is not None else "off"
+    if action is not None and options:
+        value = {"action": value, **options}
+    rules.setdefault("detectors", {})[name] = value
     return new
 
 

@@ -26,6 +26,8 @@ class Finding:
 
     ``message`` is shown to the sender and must never contain the matched secret;
     ``excerpt`` is a masked excerpt (``4111 **** **** 1111``) for the management room.
+    ``notify_sender``: whether a refusal is explained to the sender in their notice room.
+    ``overridable``: whether the sender may resend it once with a justification.
     """
 
     rule: str
@@ -34,6 +36,8 @@ class Finding:
     message: str
     excerpt: str = ""
     errcode: str = "M_FORBIDDEN"
+    notify_sender: bool = True
+    overridable: bool = False  # the sender may justify and resend it once
 
 
 @dataclass(frozen=True, slots=True)

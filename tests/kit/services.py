@@ -31,6 +31,7 @@ from bridge.pipeline.enforcement import RoomEnforcer
 from bridge.pipeline.live_policy import LivePolicy
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.federation import FederationPolicy
+from bridge.policy.overrides import OverrideBook
 from bridge.scheduler import Scheduler
 from bridge.store import NewAction, Store
 
@@ -71,6 +72,7 @@ class _Base:
         self.policy = LivePolicy(config)
         self.policy.set_management_room(management_room)
         self.started_monotonic = time.monotonic()
+        self.overrides = OverrideBook()
         self.sweeper = Sweeper()
         self.client = Client()
         #: (messages, rooms) ``count_expiring`` answers, and the (scope, ms) it was asked.

@@ -45,7 +45,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "store": frozenset({"audit"}),
     "config": frozenset({"policy", "roles"}),
     "registration": frozenset({"config"}),
-    "commands": frozenset({"audit", "config", "policy", "roles", "store"}),
+    "commands": frozenset({"audit", "config", "metrics", "policy", "roles", "store"}),
     "pipeline": frozenset(
         {
             "audit",

@@ -102,6 +102,8 @@ class _Rule:
     actions: frozenset[Action]
     what: str
     secret: bool
+    notify_sender: bool = True
+    overridable: bool = False
 
     def finding(self, excerpt: str) -> Finding:
         return Finding(
@@ -110,6 +112,8 @@ class _Rule:
             actions=self.actions,
             message=_message(self.rule, self.what, self.actions, self.secret),
             excerpt=excerpt,
+            notify_sender=self.notify_sender,
+            overridable=self.overridable,
         )
 
 
@@ -192,6 +196,8 @@ class DlpEngine:
                     klist.actions,
                     f"a term from the keyword list {klist.name!r}",
                     secret=False,
+                    notify_sender=klist.notify_sender,
+                    overridable=klist.overridable,
                 )
             )
             for position, keyword in enumerate(klist.keywords):
@@ -237,6 +243,8 @@ class DlpEngine:
                         rule.actions,
                         f"text matching the pattern rule {rule.name!r}",
                         secret=False,
+                        notify_sender=rule.notify_sender,
+                        overridable=rule.overridable,
                     )
                 )
                 program_size += compiled.programsize
@@ -260,7 +268,16 @@ class DlpEngine:
             detector_set = re2.Set.SearchSet(options())
             for det in policy.detectors:
                 spec = DETECTORS[det.name]
-                index = add_rule(_Rule(f"detector:{det.name}", det.actions, spec.what, spec.secret))
+                index = add_rule(
+                    _Rule(
+                        f"detector:{det.name}",
+                        det.actions,
+                        spec.what,
+                        spec.secret,
+                        det.notify_sender,
+                        det.overridable,
+                    )
+                )
                 engine._detectors.append((index, spec))
                 detector_set.Add(spec.prefilter)
             detector_set.Compile()

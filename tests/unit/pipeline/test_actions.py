@@ -19,6 +19,8 @@ STORED_KINDS = {
     "reconcile",
     "purge_history",
     "purge_status",
+    "policy_notice",
+    "warn_sender",
 }
 
 

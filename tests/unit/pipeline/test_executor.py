@@ -800,3 +800,92 @@ async def test_a_user_hold_cancels_a_queued_purge_of_a_room_where_that_user_wrot
     [audit] = [r for r in await audit_actions(store) if r["outcome"] == "cancelled: legal hold"]
     assert audit["payload"]["purge_up_to_ts"] == 1000
     assert audit["hold"] == "a user on legal hold sent messages in this room"
+
+
+async def test_policy_notice_creates_the_dm_once_then_reuses_it(
+    store: Store, homeserver: FakeHomeserver, session: ClientSession
+) -> None:
+    from bridge.store.notice_rooms import notice_room, notice_room_owner
+
+    user = "@alice:example.org"
+    ex = make_executor(store, homeserver, session)
+    homeserver.fail_next(
+        200, {"room_id": "!dm:example.org"}, when=lambda m, p: m == "POST" and "createRoom" in p
+    )
+    first = actions.policy_notice(user, "first", "<p>first</p>", {"ref": "AAAA-BBBB"})
+    second = actions.policy_notice(user, "second", "<p>second</p>", {"ref": "CCCC-DDDD"})
+    await store.actions.enqueue([first, second])
+    assert await ex.run_due() == 2
+
+    [create] = homeserver.sent("POST", "createRoom")
+    assert create.body["is_direct"] is True
+    assert create.body["invite"] == [user]
+    assert create.body["preset"] == "private_chat"
+    assert create.body["name"] == "Policy notices"
+    sends = homeserver.sent("PUT", "/rooms/!dm:example.org/send/m.room.message/")
+    assert [s.body["body"] for s in sends] == ["first", "second"]
+    assert sends[0].body["msgtype"] == "m.notice"
+    assert sends[0].body["m.mentions"] == {"user_ids": [user]}
+    assert await notice_room(store, user) == "!dm:example.org"
+    assert await notice_room_owner(store, "!dm:example.org") == user
+    records = await audit_actions(store)
+    assert [r["result"]["created"] for r in records] == [True, False]
+    assert all("body" not in r["payload"] for r in records)
+    assert records[0]["payload"]["ref"] == "AAAA-BBBB"
+
+
+def _warning(joined: bool, local: bool = True) -> NewAction:
+    return actions.warn_sender(
+        ROOM,
+        "@alice:example.org",
+        "$msg",
+        Reply.plain("in thread"),
+        ("in dm", "<p>in dm</p>"),
+        joined=joined,
+        local=local,
+        details={"rule": "keyword:x"},
+    )
+
+
+def _is_encryption_state(method: str, path: str) -> bool:
+    return method == "GET" and path.endswith("/state/m.room.encryption/")
+
+
+async def test_warn_sender_answers_in_a_thread_of_a_readable_room(
+    store: Store, homeserver: FakeHomeserver, session: ClientSession
+) -> None:
+    ex = make_executor(store, homeserver, session)
+    homeserver.fail_next(404, {"errcode": "M_NOT_FOUND", "error": "no"}, when=_is_encryption_state)
+    a = _warning(joined=True)
+    await store.actions.enqueue([a])
+    await ex.run_due()
+    [sent] = homeserver.sent("PUT", "/send/m.room.message/")
+    assert f"/rooms/{ROOM}/" in sent.path and sent.body["body"] == "in thread"
+    assert sent.body["m.relates_to"]["rel_type"] == "m.thread"
+    [record] = await audit_actions(store)
+    assert record["result"]["place"] == "thread"
+    assert not {"body", "html", "dm_body", "dm_html"} & set(record["payload"])
+
+
+async def test_warn_sender_goes_to_the_notice_room_when_encrypted_or_not_joined(
+    store: Store, homeserver: FakeHomeserver, session: ClientSession
+) -> None:
+    ex = make_executor(store, homeserver, session)
+    homeserver.fail_next(
+        200, {"room_id": "!dm:example.org"}, when=lambda m, p: m == "POST" and "createRoom" in p
+    )
+    encrypted = _warning(joined=True)  # the fake answers the encryption state: encrypted
+    outside = _warning(joined=False)
+    remote = _warning(joined=False, local=False)
+    await store.actions.enqueue([encrypted])
+    await ex.run_due()
+    await store.actions.enqueue([outside])
+    await ex.run_due()
+    await store.actions.enqueue([remote])
+    await ex.run_due()
+    sends = homeserver.sent("PUT", "/send/m.room.message/")
+    assert [s.path.split("/rooms/")[1].split("/")[0] for s in sends] == ["!dm:example.org"] * 2
+    assert [s.body["body"] for s in sends] == ["in dm", "in dm"]
+    assert len(homeserver.sent("POST", "createRoom")) == 1
+    places = {r["action_id"]: r["result"]["place"] for r in await audit_actions(store)}
+    assert places == {encrypted.id: "notice room", outside.id: "notice room", remote.id: "nowhere"}
