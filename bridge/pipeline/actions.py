@@ -197,6 +197,7 @@ def warn_sender(
     payload: dict[str, Any] = {
         "user_id": user_id,
         "thread_root": event_id,
+        "mentions": [user_id],  # the thread reply pings the sender
         "body": thread.text,
         "html": thread.html,
         "dm_body": dm[0],

@@ -862,6 +862,7 @@ async def test_warn_sender_answers_in_a_thread_of_a_readable_room(
     [sent] = homeserver.sent("PUT", "/send/m.room.message/")
     assert f"/rooms/{ROOM}/" in sent.path and sent.body["body"] == "in thread"
     assert sent.body["m.relates_to"]["rel_type"] == "m.thread"
+    assert sent.body["m.mentions"] == {"user_ids": [a.payload["user_id"]]}  # pings the sender
     [record] = await audit_actions(store)
     assert record["result"]["place"] == "thread"
     assert not {"body", "html", "dm_body", "dm_html"} & set(record["payload"])
