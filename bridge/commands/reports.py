@@ -12,6 +12,7 @@ import json
 from bridge import metrics
 from bridge.commands.context import CommandContext
 from bridge.commands.errors import CommandError
+from bridge.commands.exceptions import DISMISSED, EXCEPTION, REPORTED_PREFIX, report_outcomes
 from bridge.commands.registry import Arg, CommandGroup
 from bridge.commands.replies import Reply
 from bridge.commands.roles import Role
@@ -23,8 +24,6 @@ commands = CommandGroup()
 
 #: ``bridge_state`` key of the reports per rule (JSON: rule -> count).
 REPORTS_KEY = "notices.reports"
-#: ``bridge_state`` key prefix marking a reference as reported (each is reported once).
-REPORTED_PREFIX = "notices.reported."
 #: The executor's stored kind of a notice (commands do not import the pipeline).
 _SEND_NOTICE = "send_notice"
 
@@ -55,7 +54,7 @@ async def report(ctx: CommandContext) -> Reply:
     reported_key = REPORTED_PREFIX + ref
     if await ctx.services.store.state.get(reported_key):
         raise CommandError(f"you already reported {ref}; the compliance team has it.")
-    ctx.state_updates[reported_key] = "1"
+    ctx.state_updates[reported_key] = refusal.rule  # read when the report is answered
     comment = str(ctx.args.get("comment") or "").strip()
     mgmt = ctx.services.management_room
     if not mgmt:
@@ -67,6 +66,8 @@ async def report(ctx: CommandContext) -> Reply:
         f"refused: their {refusal.subject} at {when(refusal.at)}",
         f"excerpt (masked): {refusal.excerpt or '(none)'}",
         f"comment: {comment or '(none)'}",
+        f'answer: !policy dlp except {refusal.rule} "<allowed phrase>" --report {ref}'
+        f" [--room {refusal.room_id}], or !policy dlp dismiss {ref}",
     ]
     text = Reply.lines(lines[0], lines[1:])
     ctx.actions.append(NewAction(_SEND_NOTICE, {"body": text.text, "html": text.html}, mgmt))
@@ -102,7 +103,17 @@ def _gate_refusals() -> dict[str, int]:
 async def stats(ctx: CommandContext) -> Reply:
     """Reports per rule, noisiest first, with the gate's hits since start."""
     reports = await _report_counts(ctx)
+    outcomes = await report_outcomes(ctx)
     hits = _gate_refusals()
     rules = sorted(set(reports) | set(hits), key=lambda r: (-reports.get(r, 0), r))
-    items = [f"{r}: {reports.get(r, 0)} reports, {hits.get(r, 0)} gate hits" for r in rules]
+    items = []
+    for r in rules:
+        done = outcomes.get(r, {})
+        answered = (
+            f" ({done.get(EXCEPTION, 0)} answered with an exception,"
+            f" {done.get(DISMISSED, 0)} dismissed)"
+            if done
+            else ""
+        )
+        items.append(f"{r}: {reports.get(r, 0)} reports{answered}, {hits.get(r, 0)} gate hits")
     return Reply.lines("DLP rule stats" + ("" if items else ": no reports or hits yet"), items)
