@@ -32,7 +32,7 @@ PLACEHOLDER_MARKERS = ("changeme", "replaceme", "placeholder")
 MIN_TOKEN_LENGTH = 32  # generate-registration writes 43 characters (256 bits)
 ROLES = tuple(r.value for r in Role)
 # Mappings whose keys are data (user IDs, room IDs, detector names), not options.
-FREEFORM = frozenset({"permissions", "rooms", "spaces", "detectors"})
+FREEFORM = frozenset({"permissions", "rooms", "spaces", "detectors", "languages"})
 
 
 class ConfigError(Exception):
