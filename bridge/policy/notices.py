@@ -327,6 +327,10 @@ TEXTS: Mapping[Language, Mapping[str, str]] = {
         "revoked": "revoked by {admin}",
         "override_granted": "Override {ref} granted: send the same message again in {room}"
         " before {until}. It works once; your justification is recorded.",
+        "notice_room_only": "only `{prefix} report` and `{prefix} override` work in your notice"
+        " room.",
+        "unreadable": "{detail}",
+        "failed": "the command failed unexpectedly; the error is in the logs.",
     },
     Language.DE: {
         "refused": "{what}{target} in {room} wurde nicht gesendet (Referenz {ref}).",
@@ -364,6 +368,11 @@ TEXTS: Mapping[Language, Mapping[str, str]] = {
         "revoked": "von {admin} widerrufen",
         "override_granted": "Ausnahme {ref} gewährt: Senden Sie dieselbe Nachricht vor {until}"
         " erneut in {room}. Das geht einmal; Ihre Begründung wird aufgezeichnet.",
+        "notice_room_only": "in Ihrem Hinweisraum funktionieren nur `{prefix} report` und"
+        " `{prefix} override`.",
+        "unreadable": "der Befehl konnte nicht gelesen werden ({detail}). Verwenden Sie"
+        " `!policy report REFERENZ <Kommentar>` oder `!policy override REFERENZ <Begründung>`.",
+        "failed": "der Befehl ist unerwartet fehlgeschlagen; der Fehler steht im Protokoll.",
     },
 }
 

@@ -66,3 +66,12 @@ def test_allowed_phrases_in_the_config_file(tmp_path: Path) -> None:
     )
     [allowed] = config.dlp["global"].allowed_phrases
     assert (allowed.rule, allowed.phrase) == ("detector:card", "test card 4111")
+
+
+async def test_the_notice_room_refusals_are_german_too(german: CommandFake) -> None:
+    other = await run(german, "!policy status")
+    assert other.outcome is Outcome.REFUSED
+    assert "in Ihrem Hinweisraum funktionieren nur `!policy report`" in other.reply.text
+    unreadable = await run(german, '!policy report "K7QM')
+    assert unreadable.outcome is Outcome.ERROR
+    assert "der Befehl konnte nicht gelesen werden" in unreadable.reply.text
