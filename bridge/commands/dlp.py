@@ -298,6 +298,8 @@ async def list_rules(ctx: CommandContext) -> Reply:
         items.append(f"regex {rx.name} [{', '.join(sorted(rx.actions))}]: {rx.pattern}")
     for det in policy.detectors:
         items.append(f"detector {det.name} [{', '.join(sorted(det.actions))}]")
+    for allowed in policy.allowed_phrases:
+        items.append(f"exception {allowed.rule}: “{allowed.phrase}”")
     if policy.exempt_users or policy.exempt_rooms:
         items.append("exempt: " + ", ".join(sorted(policy.exempt_users | policy.exempt_rooms)))
     if ctx.services.policy.engine.encryption_forbidden(room_of(scope)):

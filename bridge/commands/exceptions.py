@@ -13,6 +13,7 @@ outcome (an exception, or ``dismiss``) is counted per rule for ``!policy dlp sta
 from __future__ import annotations
 
 import json
+import re
 
 from bridge.commands.context import CommandContext
 from bridge.commands.dlp import stage_change
@@ -76,6 +77,13 @@ async def _resolve(ctx: CommandContext, ref: str, outcome: str, rule: str | None
     return report_rule
 
 
+def _audited(ctx: CommandContext, phrase: str) -> None:
+    """The phrase goes into the audit record with its digits starred (it may hold a test
+    card number, which should not be copied around); the runtime rules keep it whole."""
+    ctx.args.pop("phrase", None)
+    ctx.audit["phrase"] = re.sub(r"[0-9]", "*", phrase)
+
+
 def _scope(ctx: CommandContext) -> str:
     room = ctx.flags.get("room")
     if room is None:
@@ -121,7 +129,7 @@ async def add_exception(ctx: CommandContext) -> Reply:
         await _resolve(ctx, report, EXCEPTION, rule)
     label = where(scope, ctx)
     stage_change(ctx, doc, f"allow a phrase for {rule} {label}")
-    ctx.args.pop("phrase", None)  # the phrase may hold a card number: not in the audit
+    _audited(ctx, phrase)
     answered = f" (report {report} answered)" if report else ""
     return Reply.plain(
         f"✅ exception added {label}: {rule} no longer flags matches inside that phrase"
@@ -148,7 +156,7 @@ async def remove_exception(ctx: CommandContext) -> Reply:
             "(exceptions from config.yaml are changed in that file)"
         )
     stage_change(ctx, doc, f"remove an allowed phrase of {rule} {where(scope)}")
-    ctx.args.pop("phrase", None)
+    _audited(ctx, phrase)
     return Reply.plain(f"✅ exception of {rule} removed {where(scope)}")
 
 

@@ -73,7 +73,8 @@ async def test_a_report_answered_with_an_exception_in_the_reported_room(fake: Co
     assert result.context is not None
     assert result.context.audit["change"] == f"allow a phrase for detector:card in {ROOM}"
     assert result.context.audit["outcome"] == "exception"
-    assert CARD not in json.dumps(result.details)  # the phrase is not in the audit summary
+    assert CARD not in json.dumps(result.details)  # the phrase is audited with digits starred
+    assert result.details["phrase"] == "test card **** **** **** ****"
     assert not blocks(fake, TEST_MESSAGE)
     assert blocks(fake, f"{TEST_MESSAGE} and the real one 5555 5555 5555 4444")
     assert blocks(fake, TEST_MESSAGE, room="!elsewhere:corp.example")  # scoped to the room
@@ -87,6 +88,8 @@ async def test_a_report_answered_with_an_exception_in_the_reported_room(fake: Co
     # Answered once only; the exception is listed and can be removed.
     again = await run(fake, admin(f"!policy dlp dismiss {REF}"))
     assert again.outcome is Outcome.ERROR and "already answered" in again.reply.text
+    in_force = await run(fake, admin("!policy dlp list --scope here", room=ROOM))
+    assert f"exception detector:card: “test card {CARD}”" not in in_force.reply.text  # redacted
     listed = await run(fake, admin("!policy dlp exceptions", role=Role.AUDITOR, sender=AUDITOR))
     assert f"in {ROOM}: detector:card: “test card {CARD}” (report {REF})" in listed.reply.text
     elsewhere = await run(
@@ -108,6 +111,8 @@ async def test_a_global_exception_and_refusals(fake: CommandFake) -> None:
         {"rule": "detector:card", "phrase": f"test card {CARD}"}
     ]
     assert not blocks(fake, TEST_MESSAGE, room="!elsewhere:corp.example")
+    in_force = await run(fake, admin("!policy dlp list"))
+    assert f"exception detector:card: “test card {CARD}”" in in_force.reply.text
     for body, error in (
         (f'!policy dlp except detector:card "test card {CARD}"', "already allows"),
         ('!policy dlp except card "x"', "rule must be"),
