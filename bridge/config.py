@@ -21,7 +21,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from bridge.policy.model import server_name
-from bridge.policy.notices import NoticeSettings
+from bridge.policy.notices import Languages, NoticeSettings
 from bridge.roles import Role
 
 ENV_PREFIX = "POLICY_BRIDGE__"
@@ -32,7 +32,7 @@ PLACEHOLDER_MARKERS = ("changeme", "replaceme", "placeholder")
 MIN_TOKEN_LENGTH = 32  # generate-registration writes 43 characters (256 bits)
 ROLES = tuple(r.value for r in Role)
 # Mappings whose keys are data (user IDs, room IDs, detector names), not options.
-FREEFORM = frozenset({"permissions", "rooms", "spaces", "detectors"})
+FREEFORM = frozenset({"permissions", "rooms", "spaces", "detectors", "languages"})
 
 
 class ConfigError(Exception):
@@ -530,12 +530,18 @@ def build_config(
     except ValueError as e:
         v.problems.append(str(e))
     audit = _audit_config(v, data_dir, base_dir)
+    try:
+        languages = Languages.parse(v.get("notices.language"), v.get("notices.languages"))
+    except ValueError as e:
+        v.problems.append(str(e))
+        languages = Languages()
     notices = NoticeSettings(
         enabled=v.boolean("notices.enabled"),
         group_window=v.number("notices.group_window_seconds", 0, 7 * 86400),
         per_minute=v.integer("notices.per_minute", 0, 1000),
         per_day=v.integer("notices.per_day", 0, 100_000),
         override_window=v.number("notices.override_window_seconds", 10, 86400),
+        languages=languages,
     )
     federation = _federation_config(v)
     retention = _retention_config(v)

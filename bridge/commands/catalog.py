@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.commands import audit, core, dlp, overrides, reports, rooms
+from bridge.commands import audit, core, dlp, exceptions, overrides, reports, rooms
 from bridge.commands.registry import CommandGroup, CommandRegistry
 
 GROUPS: tuple[CommandGroup, ...] = (
@@ -12,6 +12,7 @@ GROUPS: tuple[CommandGroup, ...] = (
     audit.commands,
     reports.commands,
     overrides.commands,
+    exceptions.commands,
 )
 
 

@@ -28,6 +28,8 @@ from bridge.commands.registry import (
 from bridge.commands.replies import Reply
 from bridge.commands.roles import Role, role_allows
 from bridge.commands.services import CommandServices
+from bridge.policy.notices import Language
+from bridge.policy.notices import text as notice_text
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,12 @@ async def run_command(
     prefix = request.prefix
     name = "?"
     outcome = Outcome.ERROR
+    # In a notice room the sender is answered in their language (notices.languages).
+    lang = (
+        services.config.notices.languages.for_user(request.sender)
+        if request.notice_owner is not None
+        else Language.EN
+    )
     try:
         if len(request.body) > MAX_COMMAND_LENGTH:
             raise CommandError(f"the command is too long (over {MAX_COMMAND_LENGTH} chars)")
@@ -87,10 +95,15 @@ async def run_command(
                 f"sorry, {request.sender} is not allowed to use policy commands. "
                 "Ask a bridge admin to grant you a role."
             )
-        tokens = tokenize(request.body[len(prefix) :])
-        if request.confirmed:
-            tokens.append("--yes")
-        parsed = registry.parse(tokens, prefix)
+        try:
+            tokens = tokenize(request.body[len(prefix) :])
+            if request.confirmed:
+                tokens.append("--yes")
+            parsed = registry.parse(tokens, prefix)
+        except CommandError as e:
+            if lang is Language.EN:
+                raise
+            raise CommandError(notice_text(lang, "unreadable", detail=str(e))) from None
         name = parsed.spec.name
         if request.notice_owner is not None or parsed.spec.notice_room:
             if not (request.notice_owner is not None and parsed.spec.notice_room):
@@ -98,7 +111,7 @@ async def run_command(
                 raise CommandError(
                     f"`{prefix} {name}` works only in your policy-notice room."
                     if parsed.spec.notice_room
-                    else f"only `{prefix} report` and `{prefix} override` work in your notice room."
+                    else notice_text(lang, "notice_room_only", prefix=prefix)
                 )
         elif not role_allows(request.role, parsed.spec.role):
             outcome = Outcome.REFUSED
@@ -129,5 +142,5 @@ async def run_command(
         return CommandResult(name, outcome, Reply.plain(f"⚠️ {e}"))
     except Exception:
         log.exception("command %s failed", name)
-        reply = Reply.plain("⚠️ the command failed unexpectedly; the error is in the logs.")
+        reply = Reply.plain("⚠️ " + notice_text(lang, "failed"))
         return CommandResult(name, outcome, reply)

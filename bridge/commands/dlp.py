@@ -84,7 +84,7 @@ def _window_ms(ctx: CommandContext) -> int:
         return layers.retroactive_window_ms({})
 
 
-def _stage(
+def stage_change(
     ctx: CommandContext,
     doc: Mapping[str, Any],
     what: str,
@@ -155,7 +155,7 @@ async def add_keyword(ctx: CommandContext) -> Reply:
         probe_word = probe.policy.keyword_lists[0].keywords[0]
     rule = f"keyword:{layers.RUNTIME_PREFIX}{action}"
     label = where(scope, ctx)
-    more = _stage(
+    more = stage_change(
         ctx,
         doc,
         f"add keyword ({action}) {label}",
@@ -181,7 +181,7 @@ async def remove_keyword(ctx: CommandContext) -> Reply:
             f"no runtime keyword {ctx.args['word']!r} {where(scope)} "
             "(keywords from config.yaml are changed in that file)"
         )
-    _stage(ctx, doc, f"remove keyword {where(scope)}")
+    stage_change(ctx, doc, f"remove keyword {where(scope)}")
     return Reply.plain(f"✅ keyword removed {where(scope)}: {ctx.args['word']}")
 
 
@@ -206,7 +206,7 @@ async def add_regex(ctx: CommandContext) -> Reply:
         _rule_options(ctx),
     )
     label = where(scope, ctx)
-    more = _stage(
+    more = stage_change(
         ctx,
         doc,
         f"add regex {name} ({action}) {label}",
@@ -237,7 +237,7 @@ async def detectors(ctx: CommandContext) -> Reply:
     )
     state = f"enabled ({action})" if action else "disabled"
     label = where(scope, ctx)
-    more = _stage(
+    more = stage_change(
         ctx,
         doc,
         f"detector {name} {state} {label}",
@@ -260,7 +260,7 @@ async def encryption(ctx: CommandContext) -> Reply:
     forbid = {"forbid": True, "allow": False, "inherit": None}[setting]
     doc = layers.set_encryption(ctx.services.policy.runtime_dlp, scope, forbid)
     label = where(scope, ctx)
-    _stage(ctx, doc, f"encryption {setting} {label}")
+    stage_change(ctx, doc, f"encryption {setting} {label}")
     if forbid is None:
         return Reply.plain(f"✅ encryption rule removed {label}: the wider scope decides")
     if forbid:
@@ -298,6 +298,8 @@ async def list_rules(ctx: CommandContext) -> Reply:
         items.append(f"regex {rx.name} [{', '.join(sorted(rx.actions))}]: {rx.pattern}")
     for det in policy.detectors:
         items.append(f"detector {det.name} [{', '.join(sorted(det.actions))}]")
+    for allowed in policy.allowed_phrases:
+        items.append(f"exception {allowed.rule}: “{allowed.phrase}”")
     if policy.exempt_users or policy.exempt_rooms:
         items.append("exempt: " + ", ".join(sorted(policy.exempt_users | policy.exempt_rooms)))
     if ctx.services.policy.engine.encryption_forbidden(room_of(scope)):

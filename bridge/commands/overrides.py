@@ -17,7 +17,7 @@ from bridge.commands.errors import CommandError
 from bridge.commands.registry import Arg, CommandGroup
 from bridge.commands.replies import Reply
 from bridge.commands.roles import Role
-from bridge.policy.notices import Ledger, normalize_ref, when
+from bridge.policy.notices import Ledger, normalize_ref, text, when
 from bridge.policy.overrides import Grant
 from bridge.store import AuditEntry, NewAction
 from bridge.store.notice_rooms import load_ledger
@@ -63,22 +63,23 @@ def _record(ctx: CommandContext, grant: Grant, outcome: str, **extra: object) ->
 async def override(ctx: CommandContext) -> Reply:
     """Grant the sender one resend of the refused message, if its rules allow overrides."""
     ref = normalize_ref(ctx.args["ref"])
+    lang = ctx.services.config.notices.languages.for_user(ctx.sender)
     justification = str(ctx.args.get("justification") or "").strip()
     if len(justification) < 5:
-        raise CommandError("please give a business justification (a few words at least).")
+        raise CommandError(text(lang, "need_justification"))
     refusal = Ledger.loads(await load_ledger(ctx.services.store, ctx.sender)).find(ref)
     if refusal is None:
-        raise CommandError(f"none of your recent refusals has the reference {ref}.")
+        raise CommandError(text(lang, "unknown_ref", ref=ref))
     if not refusal.overridable or not refusal.digest:
         raise CommandError(
-            f"the rule {refusal.rule} cannot be overridden: an administrator has not marked it"
-            f" overridable. If the refusal is a mistake, use {ctx.prefix} report {ref} <comment>."
+            text(lang, "not_overridable", rule=refusal.rule, prefix=ctx.prefix, ref=ref)
         )
     book = ctx.services.overrides
     earlier = book.get(ref)
     if earlier is not None and (earlier.used or earlier.revoked_by):
-        state = "used" if earlier.used else f"revoked by {earlier.revoked_by}"
-        raise CommandError(f"the override {ref} was already {state}.")
+        used = text(lang, "used")
+        state = used if earlier.used else text(lang, "revoked", admin=earlier.revoked_by)
+        raise CommandError(text(lang, "override_done", ref=ref, state=state))
     window = ctx.services.config.notices.override_window
     grant = Grant(
         ref=ref,
@@ -106,8 +107,7 @@ async def override(ctx: CommandContext) -> Reply:
         ),
     )
     return Reply.plain(
-        f"Override {ref} granted: send the same message again in {refusal.room_id} before"
-        f" {when(grant.expires)}. It works once; your justification is recorded."
+        text(lang, "override_granted", ref=ref, room=refusal.room_id, until=when(grant.expires))
     )
 
 

@@ -12,10 +12,11 @@ import json
 from bridge import metrics
 from bridge.commands.context import CommandContext
 from bridge.commands.errors import CommandError
+from bridge.commands.exceptions import DISMISSED, EXCEPTION, REPORTED_PREFIX, report_outcomes
 from bridge.commands.registry import Arg, CommandGroup
 from bridge.commands.replies import Reply
 from bridge.commands.roles import Role
-from bridge.policy.notices import Ledger, normalize_ref, when
+from bridge.policy.notices import Ledger, normalize_ref, text, when
 from bridge.store import NewAction
 from bridge.store.notice_rooms import load_ledger
 
@@ -23,8 +24,6 @@ commands = CommandGroup()
 
 #: ``bridge_state`` key of the reports per rule (JSON: rule -> count).
 REPORTS_KEY = "notices.reports"
-#: ``bridge_state`` key prefix marking a reference as reported (each is reported once).
-REPORTED_PREFIX = "notices.reported."
 #: The executor's stored kind of a notice (commands do not import the pipeline).
 _SEND_NOTICE = "send_notice"
 
@@ -48,18 +47,19 @@ async def _report_counts(ctx: CommandContext) -> dict[str, int]:
 async def report(ctx: CommandContext) -> Reply:
     """Send the management room the refusal's rule, room, sender, masked excerpt and comment."""
     ref = normalize_ref(ctx.args["ref"])
+    lang = ctx.services.config.notices.languages.for_user(ctx.sender)
     ledger = Ledger.loads(await load_ledger(ctx.services.store, ctx.sender))
     refusal = ledger.find(ref)
     if refusal is None:
-        raise CommandError(f"none of your recent refusals has the reference {ref}.")
+        raise CommandError(text(lang, "unknown_ref", ref=ref))
     reported_key = REPORTED_PREFIX + ref
     if await ctx.services.store.state.get(reported_key):
-        raise CommandError(f"you already reported {ref}; the compliance team has it.")
-    ctx.state_updates[reported_key] = "1"
+        raise CommandError(text(lang, "already_reported", ref=ref))
+    ctx.state_updates[reported_key] = refusal.rule  # read when the report is answered
     comment = str(ctx.args.get("comment") or "").strip()
     mgmt = ctx.services.management_room
     if not mgmt:
-        raise CommandError("the compliance team cannot be reached right now; try again later.")
+        raise CommandError(text(lang, "unreachable"))
     lines = [
         f"📣 False-positive report {ref} from {ctx.sender}",
         f"rule: {refusal.rule}",
@@ -67,9 +67,11 @@ async def report(ctx: CommandContext) -> Reply:
         f"refused: their {refusal.subject} at {when(refusal.at)}",
         f"excerpt (masked): {refusal.excerpt or '(none)'}",
         f"comment: {comment or '(none)'}",
+        f'answer: !policy dlp except {refusal.rule} "<allowed phrase>" --report {ref}'
+        f" [--room {refusal.room_id}], or !policy dlp dismiss {ref}",
     ]
-    text = Reply.lines(lines[0], lines[1:])
-    ctx.actions.append(NewAction(_SEND_NOTICE, {"body": text.text, "html": text.html}, mgmt))
+    told = Reply.lines(lines[0], lines[1:])
+    ctx.actions.append(NewAction(_SEND_NOTICE, {"body": told.text, "html": told.html}, mgmt))
     counts = await _report_counts(ctx)
     counts[refusal.rule] = counts.get(refusal.rule, 0) + 1
     ctx.state_updates[REPORTS_KEY] = json.dumps(counts, sort_keys=True)
@@ -77,10 +79,7 @@ async def report(ctx: CommandContext) -> Reply:
     ctx.audit.update(
         {"ref": ref, "rule": refusal.rule, "about_room": refusal.room_id, "comment": comment}
     )
-    return Reply.plain(
-        f"Thank you: your report on {ref} was sent to the compliance team. "
-        "Please do not resend the message until they answer."
-    )
+    return Reply.plain(text(lang, "report_sent", ref=ref))
 
 
 def _gate_refusals() -> dict[str, int]:
@@ -102,7 +101,17 @@ def _gate_refusals() -> dict[str, int]:
 async def stats(ctx: CommandContext) -> Reply:
     """Reports per rule, noisiest first, with the gate's hits since start."""
     reports = await _report_counts(ctx)
+    outcomes = await report_outcomes(ctx)
     hits = _gate_refusals()
     rules = sorted(set(reports) | set(hits), key=lambda r: (-reports.get(r, 0), r))
-    items = [f"{r}: {reports.get(r, 0)} reports, {hits.get(r, 0)} gate hits" for r in rules]
+    items = []
+    for r in rules:
+        done = outcomes.get(r, {})
+        answered = (
+            f" ({done.get(EXCEPTION, 0)} answered with an exception,"
+            f" {done.get(DISMISSED, 0)} dismissed)"
+            if done
+            else ""
+        )
+        items.append(f"{r}: {reports.get(r, 0)} reports{answered}, {hits.get(r, 0)} gate hits")
     return Reply.lines("DLP rule stats" + ("" if items else ": no reports or hits yet"), items)

@@ -96,7 +96,11 @@ class SenderNotices:
             if decision.outcome is NoticeOutcome.SENT:
                 settings = self._settings()
                 text, html = render(
-                    refusal, decision.grouped_before, self._prefix(), settings.override_window
+                    refusal,
+                    decision.grouped_before,
+                    self._prefix(),
+                    settings.override_window,
+                    settings.languages.for_user(sender),
                 )
                 details = {"ref": refusal.ref, "rule": refusal.rule, "about_room": refusal.room_id}
                 await self._submit([policy_notice(sender, text, html, details)])

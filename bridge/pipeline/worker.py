@@ -238,7 +238,8 @@ class Worker:
                 local = is_local_user(sender, self.config().homeserver.domain)
                 if joined or local:
                     warning = Reply.plain(f"{sender}: {f.message}")
-                    dm = render_warning(room_id, f.rule, f.message, time.time())
+                    language = self.config().notices.languages.for_user(str(sender))
+                    dm = render_warning(room_id, f.rule, f.message, time.time(), language)
                     batch.actions.append(
                         actions.warn_sender(
                             room_id,

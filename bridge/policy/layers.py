@@ -26,7 +26,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.policy.dlp import DETECTORS, DetectorRule, DlpEngine, DlpPolicy, KeywordList, RegexRule
+from bridge.policy.dlp import (
+    DETECTORS,
+    AllowedPhrase,
+    DetectorRule,
+    DlpEngine,
+    DlpPolicy,
+    KeywordList,
+    RegexRule,
+)
 from bridge.policy.durations import DurationError, parse_duration
 from bridge.policy.model import Action
 from bridge.policy.normalize import normalize
@@ -35,7 +43,15 @@ from bridge.policy.scopes import GLOBAL, ScopedSetting
 RUNTIME_PREFIX = "admin-"
 #: Keys of one scope's rules (config and runtime form).
 LAYER_KEYS = frozenset(
-    {"keywords", "regexes", "detectors", "exempt_users", "exempt_rooms", "forbid_encryption"}
+    {
+        "keywords",
+        "regexes",
+        "detectors",
+        "exempt_users",
+        "exempt_rooms",
+        "forbid_encryption",
+        "allowed_phrases",
+    }
 )
 #: Keys of the ``dlp:`` config section that are not global rules.
 SECTION_KEYS = frozenset({"spaces", "rooms", "retroactive_window"})
@@ -53,6 +69,8 @@ class DlpLayer:
     exempt_rooms: frozenset[str] = frozenset()
     # True: the gate refuses m.room.encryption in this scope; None: inherited.
     forbid_encryption: bool | None = None
+    # Exceptions to rules (answers to false-positive reports); they accumulate like exemptions.
+    allowed_phrases: tuple[AllowedPhrase, ...] = ()
 
 
 def _actions(value: Any, where: str) -> frozenset[Action]:
@@ -153,7 +171,37 @@ def parse_layer(data: Any, where: str) -> DlpLayer:
     forbid = data.get("forbid_encryption")
     if forbid is not None and not isinstance(forbid, bool):
         raise ValueError(f"{where}.forbid_encryption: expected true or false, got {forbid!r}")
-    return DlpLayer(lists, regexes, detectors, frozenset(users), frozenset(rooms), forbid)
+    return DlpLayer(
+        lists,
+        regexes,
+        detectors,
+        frozenset(users),
+        frozenset(rooms),
+        forbid,
+        _allowed_phrases(data.get("allowed_phrases"), where),
+    )
+
+
+def _allowed_phrases(raw: Any, where: str) -> tuple[AllowedPhrase, ...]:
+    """``allowed_phrases: [{rule: detector:card, phrase: "test card 4111 …"}, …]``."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}.allowed_phrases: expected a list of {{rule, phrase}}")
+    out: list[AllowedPhrase] = []
+    for i, item in enumerate(raw):
+        w = f"{where}.allowed_phrases[{i}]"
+        if (
+            not isinstance(item, Mapping)
+            or set(item) - {"rule", "phrase", "report"}
+            or not isinstance(item.get("phrase"), str)
+        ):
+            raise ValueError(f"{w}: expected {{rule, phrase}}")
+        try:
+            out.append(AllowedPhrase(str(item.get("rule")), str(item["phrase"])))
+        except ValueError as e:
+            raise ValueError(f"{w}: {e}") from None
+    return tuple(out)
 
 
 def merge_layers(layers: list[DlpLayer]) -> DlpPolicy:
@@ -167,6 +215,7 @@ def merge_layers(layers: list[DlpLayer]) -> DlpPolicy:
     detectors: dict[str, DetectorRule | None] = {}
     users: set[str] = set()
     rooms: set[str] = set()
+    allowed: dict[AllowedPhrase, None] = {}
     # Command-added words: normalized word -> {list name: word as typed}, narrowest scope's.
     words: dict[str, dict[str, str]] = {}
     for layer in layers:
@@ -183,6 +232,7 @@ def merge_layers(layers: list[DlpLayer]) -> DlpPolicy:
         detectors.update(layer.detectors)
         users |= layer.exempt_users
         rooms |= layer.exempt_rooms
+        allowed.update(dict.fromkeys(layer.allowed_phrases))
     for name, klist in lists.items():
         if name.startswith(RUNTIME_PREFIX):
             merged = tuple(lists_[name] for lists_ in words.values() if name in lists_)
@@ -193,6 +243,7 @@ def merge_layers(layers: list[DlpLayer]) -> DlpPolicy:
         detectors=tuple(d for d in detectors.values() if d is not None),
         exempt_users=frozenset(users),
         exempt_rooms=frozenset(rooms),
+        allowed_phrases=tuple(allowed),
     )
 
 
@@ -432,6 +483,39 @@ def set_detector(
         value = {"action": value, **options}
     rules.setdefault("detectors", {})[name] = value
     return new
+
+
+def add_allowed_phrase(
+    doc: Mapping[str, Any], scope: str, rule: str, phrase: str, report: str | None = None
+) -> tuple[dict[str, Any], bool]:
+    """Allow ``phrase`` for ``rule`` in ``scope`` (``report``: the reference it answers);
+    returns (doc, added) -- False when that scope already allows it."""
+    new, rules = _scope_doc(doc, scope)
+    items = rules.setdefault("allowed_phrases", [])
+    if any(i.get("rule") == rule and i.get("phrase") == phrase for i in items):
+        return new, False
+    items.append({"rule": rule, "phrase": phrase, **({"report": report} if report else {})})
+    return new, True
+
+
+def remove_allowed_phrase(
+    doc: Mapping[str, Any], scope: str, rule: str, phrase: str
+) -> tuple[dict[str, Any], bool]:
+    """Remove the exception ``phrase`` of ``rule`` from ``scope``; returns (doc, found)."""
+    new, rules = _scope_doc(doc, scope)
+    items = rules.get("allowed_phrases", [])
+    kept = [i for i in items if not (i.get("rule") == rule and i.get("phrase") == phrase)]
+    rules["allowed_phrases"] = kept
+    return new, len(kept) != len(items)
+
+
+def allowed_phrase_entries(doc: Mapping[str, Any]) -> list[tuple[str, str, str, str | None]]:
+    """Every command-added exception as (scope, rule, phrase, report reference)."""
+    out: list[tuple[str, str, str, str | None]] = []
+    for scope, rules in doc.items():
+        for item in (rules or {}).get("allowed_phrases", []) if isinstance(rules, Mapping) else []:
+            out.append((scope, str(item.get("rule")), str(item.get("phrase")), item.get("report")))
+    return out
 
 
 def set_encryption(doc: Mapping[str, Any], scope: str, forbid: bool | None) -> dict[str, Any]:

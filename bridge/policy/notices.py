@@ -40,6 +40,55 @@ def normalize_ref(text: str) -> str:
     return f"{raw[:4]}-{raw[4:]}" if len(raw) == REF_LENGTH else text.strip().upper()
 
 
+class Language(StrEnum):
+    """The languages notices and the sender's command replies are written in."""
+
+    EN = "en"
+    DE = "de"
+
+
+@dataclass(frozen=True, slots=True)
+class Languages:
+    """``notices.language`` (the default) and ``notices.languages``: per user ID
+    (``@alice:corp.example``) or per server (``@*:corp.example``)."""
+
+    default: Language = Language.EN
+    by_user: tuple[tuple[str, Language], ...] = ()
+
+    def for_user(self, user_id: str) -> Language:
+        """The user's language: their own entry, else their server's, else the default."""
+        table = dict(self.by_user)
+        if user_id in table:
+            return table[user_id]
+        server = user_id.split(":", 1)[1] if ":" in user_id else ""
+        return table.get(f"@*:{server}", self.default)
+
+    @classmethod
+    def parse(cls, default: object, mapping: object) -> Languages:
+        """Validate the two config values (raises ValueError naming the bad one)."""
+        known = ", ".join(lang.value for lang in Language)
+
+        def language(value: object, where: str) -> Language:
+            try:
+                return Language(str(value).lower())
+            except ValueError:
+                raise ValueError(f"{where}: got {value!r}, expected one of {known}") from None
+
+        chosen = language(default if default is not None else "en", "notices.language")
+        if mapping is None:
+            return cls(chosen)
+        if not isinstance(mapping, Mapping):
+            raise ValueError("notices.languages: expected a mapping of user ID to language")
+        pairs: list[tuple[str, Language]] = []
+        for user, value in mapping.items():
+            if not isinstance(user, str) or not user.startswith("@") or ":" not in user:
+                raise ValueError(
+                    f"notices.languages: {user!r} is not a user ID (@name:server) or @*:server"
+                )
+            pairs.append((user, language(value, f"notices.languages.{user}")))
+        return cls(chosen, tuple(pairs))
+
+
 @dataclass(frozen=True, slots=True)
 class NoticeSettings:
     """The ``notices:`` config section."""
@@ -49,6 +98,7 @@ class NoticeSettings:
     override_window: float = 900.0  # seconds an override may be used in, once granted
     per_minute: int = 3  # notices to one user per minute, at most
     per_day: int = 50  # notices to one user per day, at most
+    languages: Languages = field(default_factory=Languages)
 
 
 class NoticeOutcome(StrEnum):
@@ -209,19 +259,171 @@ def decide(
 # -- what the notice says ----------------------------------------------------------------
 
 _WHAT = {
-    Subject.MESSAGE: "Your message",
-    Subject.EVENT: "Your event",
-    Subject.INVITE: "Your invitation",
-    Subject.JOIN: "Your request to join",
+    Language.EN: {
+        Subject.MESSAGE: "Your message",
+        Subject.EVENT: "Your event",
+        Subject.INVITE: "Your invitation",
+        Subject.JOIN: "Your request to join",
+    },
+    Language.DE: {
+        Subject.MESSAGE: "Ihre Nachricht",
+        Subject.EVENT: "Ihr Ereignis",
+        Subject.INVITE: "Ihre Einladung",
+        Subject.JOIN: "Ihre Beitrittsanfrage",
+    },
 }
 
 _INSTEAD = {
-    Subject.MESSAGE: "remove the sensitive part and send the message again, or share it"
-    " through a channel your organization approves for it.",
-    Subject.EVENT: "send it again without the sensitive part.",
-    Subject.INVITE: "ask a room admin or your administrator whether this person may be invited.",
-    Subject.JOIN: "ask your administrator whether you may join this room.",
+    Language.EN: {
+        Subject.MESSAGE: "remove the sensitive part and send the message again, or share it"
+        " through a channel your organization approves for it.",
+        Subject.EVENT: "send it again without the sensitive part.",
+        Subject.INVITE: "ask a room admin or your administrator whether this person may be"
+        " invited.",
+        Subject.JOIN: "ask your administrator whether you may join this room.",
+    },
+    Language.DE: {
+        Subject.MESSAGE: "Entfernen Sie den vertraulichen Teil und senden Sie die Nachricht"
+        " erneut, oder teilen Sie ihn über einen von Ihrer Organisation dafür freigegebenen"
+        " Weg.",
+        Subject.EVENT: "Senden Sie es ohne den vertraulichen Teil erneut.",
+        Subject.INVITE: "Fragen Sie einen Raum-Admin oder Ihre Administration, ob diese Person"
+        " eingeladen werden darf.",
+        Subject.JOIN: "Fragen Sie Ihre Administration, ob Sie diesem Raum beitreten dürfen.",
+    },
 }
+
+#: Every other sentence the sender sees, per language (same placeholders in each).
+TEXTS: Mapping[Language, Mapping[str, str]] = {
+    Language.EN: {
+        "refused": "{what}{target} in {room} was not sent (reference {ref}).",
+        "target": " of {invitee}",
+        "when": "When",
+        "rule": "Rule",
+        "why": "Why",
+        "instead": "What to do instead",
+        "report": "Think this is a mistake? Answer here with:",
+        "report_usage": "{prefix} report {ref} <comment>",
+        "override": "Override: if you have a business reason, answer here with: {prefix}"
+        " override {ref} <justification>, then send the same message again in the same room"
+        " within {minutes} minutes (once; your justification is recorded and the compliance"
+        " team is told).",
+        "no_override": "Override: this rule cannot be overridden.",
+        "grouped_one": "(This rule also refused 1 earlier attempt of yours since its last notice.)",
+        "grouped_many": "(This rule also refused {count} earlier attempts of yours since its"
+        " last notice.)",
+        "warned": "Your message in {room} was sent, but it matched a policy rule.",
+        "report_sent": "Thank you: your report on {ref} was sent to the compliance team."
+        " Please do not resend the message until they answer.",
+        "unknown_ref": "none of your recent refusals has the reference {ref}.",
+        "already_reported": "you already reported {ref}; the compliance team has it.",
+        "unreachable": "the compliance team cannot be reached right now; try again later.",
+        "need_justification": "please give a business justification (a few words at least).",
+        "not_overridable": "the rule {rule} cannot be overridden: an administrator has not"
+        " marked it overridable. If the refusal is a mistake, use {prefix} report {ref}"
+        " <comment>.",
+        "override_done": "the override {ref} was already {state}.",
+        "used": "used",
+        "revoked": "revoked by {admin}",
+        "override_granted": "Override {ref} granted: send the same message again in {room}"
+        " before {until}. It works once; your justification is recorded.",
+        "notice_room_only": "only `{prefix} report` and `{prefix} override` work in your notice"
+        " room.",
+        "unreadable": "{detail}",
+        "failed": "the command failed unexpectedly; the error is in the logs.",
+    },
+    Language.DE: {
+        "refused": "{what}{target} in {room} wurde nicht gesendet (Referenz {ref}).",
+        "target": " von {invitee}",
+        "when": "Wann",
+        "rule": "Regel",
+        "why": "Warum",
+        "instead": "Was Sie stattdessen tun können",
+        "report": "Halten Sie das für einen Fehler? Antworten Sie hier mit:",
+        "report_usage": "{prefix} report {ref} <Kommentar>",
+        "override": "Ausnahme: Wenn Sie einen geschäftlichen Grund haben, antworten Sie hier mit:"
+        " {prefix} override {ref} <Begründung> und senden Sie dieselbe Nachricht innerhalb von"
+        " {minutes} Minuten erneut im selben Raum (einmalig; Ihre Begründung wird"
+        " aufgezeichnet und das Compliance-Team informiert).",
+        "no_override": "Ausnahme: Für diese Regel ist keine Ausnahme möglich.",
+        "grouped_one": "(Diese Regel hat seit ihrem letzten Hinweis auch 1 früheren Versuch von"
+        " Ihnen abgelehnt.)",
+        "grouped_many": "(Diese Regel hat seit ihrem letzten Hinweis auch {count} frühere"
+        " Versuche von Ihnen abgelehnt.)",
+        "warned": "Ihre Nachricht in {room} wurde gesendet, entsprach aber einer Richtlinienregel.",
+        "report_sent": "Danke: Ihre Meldung zu {ref} wurde an das Compliance-Team gesendet."
+        " Bitte senden Sie die Nachricht nicht erneut, bevor es geantwortet hat.",
+        "unknown_ref": "keine Ihrer letzten Ablehnungen hat die Referenz {ref}.",
+        "already_reported": "Sie haben {ref} bereits gemeldet; das Compliance-Team hat die"
+        " Meldung.",
+        "unreachable": "das Compliance-Team ist gerade nicht erreichbar; versuchen Sie es"
+        " später erneut.",
+        "need_justification": "bitte geben Sie eine geschäftliche Begründung an (mindestens"
+        " ein paar Worte).",
+        "not_overridable": "für die Regel {rule} ist keine Ausnahme möglich: die Administration"
+        " hat sie nicht dafür freigegeben. Wenn die Ablehnung ein Fehler ist, verwenden Sie"
+        " {prefix} report {ref} <Kommentar>.",
+        "override_done": "die Ausnahme {ref} wurde bereits {state}.",
+        "used": "genutzt",
+        "revoked": "von {admin} widerrufen",
+        "override_granted": "Ausnahme {ref} gewährt: Senden Sie dieselbe Nachricht vor {until}"
+        " erneut in {room}. Das geht einmal; Ihre Begründung wird aufgezeichnet.",
+        "notice_room_only": "in Ihrem Hinweisraum funktionieren nur `{prefix} report` und"
+        " `{prefix} override`.",
+        "unreadable": "der Befehl konnte nicht gelesen werden ({detail}). Verwenden Sie"
+        " `!policy report REFERENZ <Kommentar>` oder `!policy override REFERENZ <Begründung>`.",
+        "failed": "der Befehl ist unerwartet fehlgeschlagen; der Fehler steht im Protokoll.",
+    },
+}
+
+#: What each built-in detector finds, in German (the English text is the detector's own).
+_DETECTOR_DE = {
+    "card": "eine Zahlungskartennummer",
+    "iban": "eine Bankkontonummer (IBAN)",
+    "us_ssn": "eine US-Sozialversicherungsnummer",
+    "private_key": "einen privaten Schlüssel",
+    "aws_access_key": "einen AWS-Zugangsschlüssel",
+    "github_token": "ein GitHub-Token",
+    "slack_token": "ein Slack-Token",
+    "jwt": "ein JSON Web Token (ein Anmelde-Nachweis)",
+}
+_SECRET_DETECTORS = frozenset({"private_key", "aws_access_key", "github_token", "slack_token",
+                               "jwt"})  # fmt: skip
+
+
+def text(language: Language, key: str, **values: object) -> str:
+    """The sentence ``key`` of :data:`TEXTS` in ``language``, filled in."""
+    return TEXTS[language][key].format(**values)
+
+
+def reason_in(language: Language, rule: str, reason: str) -> str:
+    """The refusal's reason in ``language``. The gate words it in English; in German it is
+    rebuilt from the rule (never from the message: the matched text is in neither)."""
+    if language is Language.EN:
+        return reason
+    kind, _, name = rule.partition(":")
+    if kind == "detector" and name in _DETECTOR_DE:
+        revoke = (
+            " Falls es ein echtes Zugangsdatum ist, widerrufen Sie es jetzt: es könnte schon"
+            " gesehen worden sein."
+            if name in _SECRET_DETECTORS
+            else ""
+        )
+        return (
+            f"Die Datenschutzregel {rule!r} hat angeschlagen: der Inhalt scheint"
+            f" {_DETECTOR_DE[name]} zu enthalten.{revoke}"
+        )
+    if kind == "keyword":
+        return (
+            f"Die Datenschutzregel {rule!r} hat angeschlagen: der Inhalt scheint einen Begriff"
+            f" aus der Stichwortliste {name!r} zu enthalten."
+        )
+    if kind == "regex":
+        return (
+            f"Die Datenschutzregel {rule!r} hat angeschlagen: der Inhalt entspricht der"
+            f" Musterregel {name!r}."
+        )
+    return f"Die Richtlinienregel {rule!r} lässt dies nicht zu."
 
 
 def when(at: float) -> str:
@@ -229,59 +431,69 @@ def when(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
-def override_line(refusal: Refusal, prefix: str, window: float) -> str:
+def override_line(
+    refusal: Refusal, prefix: str, window: float, language: Language = Language.EN
+) -> str:
     """Whether and how the refusal can be overridden."""
     if refusal.overridable and refusal.digest:
-        return (
-            f"Override: if you have a business reason, answer here with: {prefix} override"
-            f" {refusal.ref} <justification>, then send the same message again in the same"
-            f" room within {int(window // 60)} minutes (once; your justification is recorded"
-            " and the compliance team is told)."
-        )
-    return "Override: this rule cannot be overridden."
+        return text(language, "override", prefix=prefix, ref=refusal.ref, minutes=int(window // 60))
+    return text(language, "no_override")
 
 
 def render(
-    refusal: Refusal, grouped_before: int, prefix: str, window: float = 900.0
+    refusal: Refusal,
+    grouped_before: int,
+    prefix: str,
+    window: float = 900.0,
+    language: Language = Language.EN,
 ) -> tuple[str, str]:
-    """The notice for ``refusal`` as text and HTML: what, where, when, which rule and why,
-    what to do instead, the reference and how to report a mistake. Never the matched text
-    nor the excerpt."""
-    what = _WHAT[refusal.subject]
-    target = f" of {refusal.invitee}" if refusal.invitee else ""
+    """The notice for ``refusal`` as text and HTML in ``language``: what, where, when, which
+    rule and why, what to do instead, the reference and how to report a mistake. Never the
+    matched text nor the excerpt."""
+    what = _WHAT[language][refusal.subject]
+    target = text(language, "target", invitee=refusal.invitee) if refusal.invitee else ""
+    reason = reason_in(language, refusal.rule, refusal.reason)
+    instead = _INSTEAD[language][refusal.subject]
+    usage = text(language, "report_usage", prefix=prefix, ref=refusal.ref)
+    refused = text(language, "refused", what=what, target=target, room=refusal.room_id,
+                   ref=refusal.ref)  # fmt: skip
     lines = [
-        f"🛡️ {what}{target} in {refusal.room_id} was not sent (reference {refusal.ref}).",
-        f"When: {when(refusal.at)}",
-        f"Rule: {refusal.rule}",
-        f"Why: {refusal.reason}",
-        f"What to do instead: {_INSTEAD[refusal.subject]}",
-        f"Think this is a mistake? Answer here with: {prefix} report {refusal.ref} <comment>",
-        override_line(refusal, prefix, window),
+        "🛡️ " + refused,
+        f"{text(language, 'when')}: {when(refusal.at)}",
+        f"{text(language, 'rule')}: {refusal.rule}",
+        f"{text(language, 'why')}: {reason}",
+        f"{text(language, 'instead')}: {instead}",
+        f"{text(language, 'report')} {usage}",
+        override_line(refusal, prefix, window, language),
     ]
     if grouped_before:
-        lines.append(
-            f"(This rule also refused {grouped_before} earlier attempt"
-            f"{'s' if grouped_before != 1 else ''} of yours since its last notice.)"
-        )
-    text = "\n".join(lines)
+        key = "grouped_one" if grouped_before == 1 else "grouped_many"
+        lines.append(text(language, key, count=grouped_before))
     room = html.escape(refusal.room_id)
+    link = f'<a href="https://matrix.to/#/{room}">{room}</a>'
+    # The template is ours; every value put into it is escaped.
+    head = text(
+        language,
+        "refused",
+        what=f"<b>{html.escape(what + target)}</b>",
+        target="",
+        room=link,
+        ref=f"<code>{html.escape(refusal.ref)}</code>",
+    )
     parts = [
-        f"<p>🛡️ <b>{html.escape(what + target)}</b> in "
-        f'<a href="https://matrix.to/#/{room}">{room}</a> was not sent '
-        f"(reference <code>{html.escape(refusal.ref)}</code>).</p>",
+        f"<p>🛡️ {head}</p>",
         "<ul>",
-        f"<li>When: {html.escape(when(refusal.at))}</li>",
-        f"<li>Rule: <code>{html.escape(refusal.rule)}</code></li>",
-        f"<li>Why: {html.escape(refusal.reason)}</li>",
-        f"<li>What to do instead: {html.escape(_INSTEAD[refusal.subject])}</li>",
+        f"<li>{text(language, 'when')}: {html.escape(when(refusal.at))}</li>",
+        f"<li>{text(language, 'rule')}: <code>{html.escape(refusal.rule)}</code></li>",
+        f"<li>{text(language, 'why')}: {html.escape(reason)}</li>",
+        f"<li>{html.escape(text(language, 'instead'))}: {html.escape(instead)}</li>",
         "</ul>",
-        f"<p>Think this is a mistake? Answer here with: <code>{html.escape(prefix)} report "
-        f"{html.escape(refusal.ref)} &lt;comment&gt;</code></p>",
-        f"<p>{html.escape(override_line(refusal, prefix, window))}</p>",
+        f"<p>{html.escape(text(language, 'report'))} <code>{html.escape(usage)}</code></p>",
+        f"<p>{html.escape(override_line(refusal, prefix, window, language))}</p>",
     ]
     if grouped_before:
         parts.append(f"<p><i>{html.escape(lines[-1])}</i></p>")
-    return text, "".join(parts)
+    return "\n".join(lines), "".join(parts)
 
 
 def subject_of(subject: Mapping[str, Any]) -> Subject:
@@ -319,21 +531,23 @@ def warn_place(joined: bool, encrypted: bool, local_sender: bool) -> WarnPlace:
     return WarnPlace.NOTICE_ROOM if local_sender else WarnPlace.NOWHERE
 
 
-def render_warning(room_id: str, rule: str, reason: str, at: float) -> tuple[str, str]:
-    """A warning for the sender's notice room (never the matched text)."""
+def render_warning(
+    room_id: str, rule: str, reason: str, at: float, language: Language = Language.EN
+) -> tuple[str, str]:
+    """A warning for the sender's notice room in ``language`` (never the matched text)."""
+    reason = reason_in(language, rule, reason)
     lines = [
-        f"⚠️ Your message in {room_id} was sent, but it matched a policy rule.",
-        f"When: {when(at)}",
-        f"Rule: {rule}",
-        f"Why: {reason}",
+        "⚠️ " + text(language, "warned", room=room_id),
+        f"{text(language, 'when')}: {when(at)}",
+        f"{text(language, 'rule')}: {rule}",
+        f"{text(language, 'why')}: {reason}",
     ]
-    text = "\n".join(lines)
     room = html.escape(room_id)
+    head = text(language, "warned", room=f'<a href="https://matrix.to/#/{room}">{room}</a>')
     body = (
-        f'<p>⚠️ Your message in <a href="https://matrix.to/#/{room}">{room}</a> was sent, but'
-        " it matched a policy rule.</p><ul>"
-        f"<li>When: {html.escape(when(at))}</li>"
-        f"<li>Rule: <code>{html.escape(rule)}</code></li>"
-        f"<li>Why: {html.escape(reason)}</li></ul>"
+        f"<p>⚠️ {head}</p><ul>"
+        f"<li>{text(language, 'when')}: {html.escape(when(at))}</li>"
+        f"<li>{text(language, 'rule')}: <code>{html.escape(rule)}</code></li>"
+        f"<li>{text(language, 'why')}: {html.escape(reason)}</li></ul>"
     )
-    return text, body
+    return "\n".join(lines), body

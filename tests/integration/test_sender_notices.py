@@ -273,3 +273,52 @@ async def test_a_warning_where_the_bot_is_not_in_the_room_reaches_the_notice_roo
         assert "WRN-12345" not in body
         members = await alice.joined_members(room)
         assert stack.bot not in members
+
+
+async def test_a_reported_false_positive_answered_with_an_exception_then_passes(
+    stack: Stack, management_room: str
+) -> None:
+    await command(stack, management_room, "!policy dlp detectors enable card")
+    user = stack.new_user("excepted")
+    message = f"for the demo use the test card {CARD} please"
+    async with stack.client(user) as alice:
+        room = await alice.create_room(name="demo shop")
+        since = await sync_token(alice)
+
+        async def refused(body: str) -> bool:
+            try:
+                await alice.send_text(room, body)
+            except MatrixError as e:
+                return e.errcode == "M_FORBIDDEN"
+            return False
+
+        await wait_for(lambda: refused(message), timeout=20, message="the card detector")
+        notice_room, _ = await notice_invite(alice, stack.bot, since)
+        await alice.join(notice_room)
+        [notice] = await wait_for(
+            lambda: bot_notices(alice, notice_room, stack.bot), timeout=20, message="a notice"
+        )
+        ref = ref_of(notice)
+        report = await alice.send_text(notice_room, f"!policy report {ref} shop test card")
+        [reply] = await bot_replies(alice, notice_room, stack.bot, report)
+        assert "sent to the compliance team" in reply["content"]["body"]
+
+        answer = await admin_reply(
+            stack,
+            management_room,
+            f'!policy dlp except detector:card "test card {CARD}" --report {ref} --room {room}',
+        )
+        assert "exception added" in answer and f"report {ref} answered" in answer
+
+        async def passes() -> bool:
+            return not await refused(message)
+
+        await wait_for(passes, timeout=20, message="the excepted message to pass")
+        # The allowed phrase and a real card elsewhere in the same message: still refused.
+        assert await refused(f"test card {CARD}, and mine is 5555 5555 5555 4444")
+        assert await refused(f"my card {CARD}")  # the number outside the phrase
+
+    stats = await admin_reply(stack, management_room, "!policy dlp stats")
+    assert "answered with an exception" in stats
+    listed = await admin_reply(stack, management_room, "!policy dlp exceptions")
+    assert f"(report {ref})" in listed

@@ -18,7 +18,7 @@ from bridge.policy.dlp.regex import (
     InvalidPattern,
     compile_regex,
 )
-from bridge.policy.dlp.rules import DetectorRule, DlpPolicy, KeywordList, RegexRule
+from bridge.policy.dlp.rules import AllowedPhrase, DetectorRule, DlpPolicy, KeywordList, RegexRule
 
 __all__ = [
     "CATEGORY",
@@ -26,6 +26,7 @@ __all__ = [
     "MAX_REGEX_PROGRAM_SIZE",
     "MAX_REGEX_RULES",
     "MAX_REGEX_TOTAL_PROGRAM_SIZE",
+    "AllowedPhrase",
     "DetectorRule",
     "DlpEngine",
     "DlpPolicy",

@@ -29,6 +29,13 @@ What runs on which form of the text (see :mod:`bridge.policy.normalize`):
   single ``RE2::Set`` pass tells which detectors have a candidate; only those run their
   validators (Luhn, mod-97, SSN ranges, JWT header decoding, ...).
 
+**Allowed phrases** (:class:`~bridge.policy.dlp.rules.AllowedPhrase`, the answer to a
+false-positive report) are compared on the form the rule reads: for keyword lists, a hit
+lying entirely inside an occurrence of the phrase's skeleton is skipped and the scan goes on
+to the next hit; for regex rules and detectors, a rule found in a text is dropped only when
+every occurrence of the phrase matches the rule on its own and the text with those
+occurrences cut out no longer matches. A match elsewhere, or of another rule, still counts.
+
 A :class:`~bridge.policy.model.Finding` names the rule (``keyword:<list>``, ``regex:<name>``,
 ``detector:<name>``) and tells the sender what to do; it never contains the matched text.
 Its ``excerpt`` is masked (``4111 **** **** 1111``).
@@ -51,7 +58,7 @@ from bridge.policy.dlp.regex import (
     compile_regex,
     options,
 )
-from bridge.policy.dlp.rules import DlpPolicy
+from bridge.policy.dlp.rules import AllowedPhrase, DlpPolicy
 from bridge.policy.dlp.words import is_word
 from bridge.policy.extract import extract_texts
 from bridge.policy.model import ALLOW, Action, Finding, Verdict, server_name
@@ -117,6 +124,36 @@ class _Rule:
         )
 
 
+# What replaces an allowed phrase when a text is scanned again without it: not a
+# separator the detectors read through (spaces, dashes), so digits either side stay apart.
+_CUT = " # "
+
+
+def _phrase_pattern(phrase: str) -> re2._Regexp:
+    """The phrase on the clean text: case-insensitive, any run of non-word characters
+    between its words (as the skeleton compares them)."""
+    words = [w for w in re2.split(r"[^\pL\pN]+", clean(phrase)) if w]
+    if not words:
+        raise ValueError(f"allowed phrase {phrase!r} has no letters or digits")
+    return re2.compile("(?i)" + r"[^\pL\pN]+".join(re2.escape(w) for w in words), options())
+
+
+def _spans(text: str, needles: Iterable[str]) -> list[tuple[int, int]]:
+    """Every whole-word occurrence of each needle in ``text`` as (first, last) positions."""
+    out: list[tuple[int, int]] = []
+    last = len(text) - 1
+    for needle in needles:
+        start = text.find(needle)
+        while start >= 0:
+            end = start + len(needle) - 1
+            if not (start > 0 and is_word(text[start - 1])) and not (
+                end < last and is_word(text[end + 1])
+            ):
+                out.append((start, end))
+            start = text.find(needle, start + 1)
+    return out
+
+
 def _automaton(entries: Mapping[str, list[_Entry]]) -> Any:
     """One Aho-Corasick automaton over ``entries`` (None when there are none)."""
     if not entries:
@@ -132,6 +169,8 @@ class DlpEngine:
     """A :class:`DlpPolicy` compiled for fast scanning. Immutable once built; thread-safe."""
 
     __slots__ = (
+        "_allowed_forms",
+        "_allowed_patterns",
         "_automaton",
         "_detectors",
         "_exempt_rooms",
@@ -160,6 +199,9 @@ class DlpEngine:
         self._exempt_users: frozenset[str] = frozenset()
         self._exempt_servers: frozenset[str] = frozenset()
         self._exempt_rooms: frozenset[str] = frozenset()
+        # Allowed phrases by rule index: skeleton forms (keyword rules), clean-text patterns.
+        self._allowed_forms: dict[int, tuple[str, ...]] = {}
+        self._allowed_patterns: dict[int, tuple[re2._Regexp, ...]] = {}
 
     @classmethod
     def compile(cls, policy: DlpPolicy) -> DlpEngine:
@@ -283,6 +325,8 @@ class DlpEngine:
             detector_set.Compile()
             engine._set_detectors = detector_set
 
+        engine._add_allowed(policy.allowed_phrases)
+
         users: set[str] = set()
         servers: set[str] = set()
         for pattern in policy.exempt_users:
@@ -302,6 +346,28 @@ class DlpEngine:
         engine._exempt_servers = frozenset(servers)
         engine._exempt_rooms = frozenset(policy.exempt_rooms)
         return engine
+
+    def _add_allowed(self, phrases: Iterable[AllowedPhrase]) -> None:
+        """Index the allowed phrases by rule; phrases of rules not in force are ignored
+        (a scope may allow a phrase for a rule only some rooms have)."""
+        by_name = {rule.rule: index for index, rule in enumerate(self._rules)}
+        forms: dict[int, list[str]] = {}
+        patterns: dict[int, list[re2._Regexp]] = {}
+        for allowed in phrases:
+            pattern = _phrase_pattern(allowed.phrase)  # validates every phrase
+            index = by_name.get(allowed.rule)
+            if index is None:
+                continue
+            if allowed.rule.startswith("keyword:"):
+                cleaned = clean(allowed.phrase)
+                bucket = forms.setdefault(index, [])
+                for form in (*keyword_forms(allowed.phrase), fold_literal(cleaned)):
+                    if form and form not in bucket:
+                        bucket.append(form)
+            else:
+                patterns.setdefault(index, []).append(pattern)
+        self._allowed_forms = {i: tuple(f) for i, f in forms.items()}
+        self._allowed_patterns = {i: tuple(p) for i, p in patterns.items()}
 
     # -- exemptions --
 
@@ -335,37 +401,102 @@ class DlpEngine:
         found: dict[int, str] = {}
         excerpt_searches = [_MAX_EXCERPT_SEARCHES]
         for raw in texts:
-            if not isinstance(raw, str) or not raw:
-                continue
-            if raw.isascii():  # most chat: one pass over bytes for every reader
-                data = clean_ascii(raw)
-                if not data:
-                    continue
-                cleaned = data.decode("ascii")
-                skeleton = fold_ascii(data) if self._automaton is not None else ""
+            if self._allowed_patterns:
+                local: dict[int, str] = {}
+                self._scan_text(raw, local, excerpt_searches)
+                for index in [i for i in local if i in self._allowed_patterns]:
+                    if index not in found and self._explained(index, raw):
+                        del local[index]
+                found.update({i: e for i, e in local.items() if i not in found})
             else:
-                cleaned = clean(raw)
-                if not cleaned:
-                    continue
-                data = cleaned.encode("utf-8", "replace")
-                skeleton = fold(cleaned) if self._automaton is not None else ""
-            if self._automaton is not None:
-                self._scan_keywords(self._automaton, skeleton, found)
-            if self._literal_automaton is not None:
-                self._scan_keywords(self._literal_automaton, fold_literal(cleaned), found)
-            if self._regexes:
-                self._scan_regexes(cleaned, found, excerpt_searches)
-                if raw != cleaned:
-                    self._scan_regexes(raw, found, excerpt_searches)
-            if self._detectors:
-                self._scan_detectors(data, found)
+                self._scan_text(raw, found, excerpt_searches)
         if not found:
             return ()
         return tuple(self._rules[i].finding(found[i]) for i in sorted(found))
 
-    @staticmethod
-    def _scan_keywords(automaton: Any, text: str, found: dict[int, str]) -> None:
+    def _scan_text(self, raw: str, found: dict[int, str], excerpt_searches: list[int]) -> None:
+        """Add the rules ``raw`` matches (and are not in ``found`` yet) to ``found``."""
+        if not isinstance(raw, str) or not raw:
+            return
+        if raw.isascii():  # most chat: one pass over bytes for every reader
+            data = clean_ascii(raw)
+            if not data:
+                return
+            cleaned = data.decode("ascii")
+            skeleton = fold_ascii(data) if self._automaton is not None else ""
+        else:
+            cleaned = clean(raw)
+            if not cleaned:
+                return
+            data = cleaned.encode("utf-8", "replace")
+            skeleton = fold(cleaned) if self._automaton is not None else ""
+        if self._automaton is not None:
+            self._scan_keywords(self._automaton, skeleton, found)
+        if self._literal_automaton is not None:
+            self._scan_keywords(self._literal_automaton, fold_literal(cleaned), found)
+        if self._regexes:
+            self._scan_regexes(cleaned, found, excerpt_searches)
+            if raw != cleaned:
+                self._scan_regexes(raw, found, excerpt_searches)
+        if self._detectors:
+            self._scan_detectors(data, found)
+
+    def _matches(self, index: int, text: str) -> bool:
+        """Whether the regex rule or detector ``index`` matches ``text`` (clean or raw)."""
+        if text.isascii():
+            data = clean_ascii(text)
+        else:
+            data = clean(text).encode("utf-8", "replace")
+        for position, rule_index in enumerate(self._regex_rules):
+            if rule_index == index:
+                regex = self._regexes[position]
+                raw = text.encode("utf-8", "replace")
+                return regex.search(data) is not None or regex.search(raw) is not None
+        for rule_index, spec in self._detectors:
+            if rule_index == index:
+                return spec.find(data) is not None
+        return False
+
+    def _explained(self, index: int, raw: str) -> bool:
+        """Whether every match of rule ``index`` in ``raw`` lies inside an allowed phrase.
+
+        True when each occurrence of the rule's allowed phrases matches the rule on its own
+        and the text with all those occurrences cut out does not match it any more.
+        """
+        cleaned = clean(raw)
+        spans: list[tuple[int, int]] = []
+        for pattern in self._allowed_patterns[index]:
+            spans += [
+                m.span()
+                for m in pattern.finditer(cleaned)
+                if not (m.start() > 0 and is_word(cleaned[m.start() - 1]))
+                and not (m.end() < len(cleaned) and is_word(cleaned[m.end()]))
+            ]
+        if not spans:
+            return False
+        spans.sort()
+        pieces: list[str] = []
+        position = 0
+        for start, end in spans:
+            if start < position:  # overlapping occurrences: not worth the ambiguity
+                return False
+            if not self._matches(index, cleaned[start:end]):
+                return False
+            pieces += [cleaned[position:start], _CUT]
+            position = end
+        pieces.append(cleaned[position:])
+        if self._matches(index, "".join(pieces)):
+            return False
+        if raw == cleaned:
+            return True
+        # Regex rules also read the original text (line breaks, accents): cut it there too.
+        for pattern in self._allowed_patterns[index]:
+            raw = pattern.sub(_CUT, raw)
+        return not self._matches(index, raw)
+
+    def _scan_keywords(self, automaton: Any, text: str, found: dict[int, str]) -> None:
         last = len(text) - 1
+        allowed: dict[int, list[tuple[int, int]]] = {}
         for end, bucket in automaton.iter(text):
             for index, length, left, right in bucket:
                 if index in found:
@@ -375,6 +506,13 @@ class DlpEngine:
                     continue
                 if right and end < last and is_word(text[end + 1]):
                     continue
+                forms = self._allowed_forms.get(index)
+                if forms is not None:
+                    spans = allowed.get(index)
+                    if spans is None:
+                        spans = allowed[index] = _spans(text, forms)
+                    if any(s <= start and end <= e for s, e in spans):
+                        continue  # inside an allowed phrase: look at the next hit
                 found[index] = mask_text(text[start : end + 1])
 
     def _scan_regexes(self, text: str, found: dict[int, str], searches: list[int]) -> None:

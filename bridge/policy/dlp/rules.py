@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from bridge.policy.dlp.detectors import DETECTORS
 from bridge.policy.model import Action
 
-__all__ = ["DetectorRule", "DlpPolicy", "KeywordList", "RegexRule"]
+__all__ = ["AllowedPhrase", "DetectorRule", "DlpPolicy", "KeywordList", "RegexRule"]
 
 
 def _coerce_actions(value: object, where: str) -> frozenset[Action]:
@@ -110,6 +110,32 @@ class DetectorRule:
 
 
 @dataclass(frozen=True, slots=True)
+class AllowedPhrase:
+    """An exception to one rule: a match of ``rule`` (``detector:card``, ``keyword:<list>``,
+    ``regex:<name>``) that lies entirely inside an occurrence of ``phrase`` is not flagged.
+
+    Typically the answer to a false-positive report (``!policy dlp except``). It never
+    suppresses a match elsewhere in the same text, nor another rule's match.
+    """
+
+    rule: str
+    phrase: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, str) or self.rule.split(":", 1)[0] not in (
+            "keyword",
+            "regex",
+            "detector",
+        ):
+            raise ValueError(
+                f"allowed phrase: rule must be keyword:<list>, regex:<name> or"
+                f" detector:<name>, got {self.rule!r}"
+            )
+        if not isinstance(self.phrase, str) or not self.phrase.strip():
+            raise ValueError(f"allowed phrase for {self.rule}: the phrase is empty")
+
+
+@dataclass(frozen=True, slots=True)
 class DlpPolicy:
     """Everything DLP needs, as one immutable (hashable) bundle.
 
@@ -122,3 +148,4 @@ class DlpPolicy:
     detectors: tuple[DetectorRule, ...] = ()
     exempt_users: frozenset[str] = frozenset()
     exempt_rooms: frozenset[str] = frozenset()
+    allowed_phrases: tuple[AllowedPhrase, ...] = ()
