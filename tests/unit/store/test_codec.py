@@ -40,6 +40,10 @@ def same(a: Any, b: Any) -> bool:
         '{"f": -0.0, "g": 1.0, "h": 5e-324, "i": 1.7976931348623157e308}',
         '{"u": "caf\\u00e9 \\ud83d\\ude00 会議"}',
         "[]",
+        # just outside orjson's exact range (found by the round-trip property below)
+        "[-9223372036854775809]",
+        "[-9223372036854775808, 9223372036854775808]",
+        "[18446744073709551616]",
     ],
 )
 def test_reads_what_the_stdlib_reads(text: str) -> None:
