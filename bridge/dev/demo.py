@@ -114,7 +114,8 @@ def show_dlp(stack: DevStack, admin_token: str, management_room: str | None) -> 
     except HomeserverRequestError as e:
         print(
             f"  2. 'my card is {TEST_CARD[:4]} …' -> refused by Synapse, HTTP {e.status} "
-            f"{e.errcode}.\n     The sender's client shows: {e.error}"
+            f"{e.errcode}.\n     Synapse's refusal reads: {e.error}\n     (Element shows only "
+            "'not sent'; the bot also tells the sender in a 'Policy notices' room)"
         )
     except Exception as e:
         print(f"  2. the card message failed unexpectedly: {e}")

@@ -38,7 +38,7 @@ def test_demo_shows_a_refusal_and_a_notice() -> None:
         assert "The demo is running." in out, out
         assert "-> sent (no rule matches)" in out, out
         assert "refused by Synapse, HTTP 403 M_FORBIDDEN" in out, out
-        [shown] = [line for line in lines if "The sender's client shows:" in line]
+        [shown] = [line for line in lines if "Synapse's refusal reads:" in line]
         assert "detector:card" in shown and "1111 1111" not in shown, shown
         assert "The management room got: Policy keyword:watchlist matched" in out, out
         assert "What to look at:" in out
