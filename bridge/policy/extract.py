@@ -19,8 +19,10 @@ Then, so that text cannot hide where no client looks (custom keys, nested object
 event types), **every other string value** of the content, walked depth-first in key order
 up to :data:`MAX_DEPTH` levels and :data:`MAX_NODES` values, except the values of
 protocol keys that hold identifiers, not prose (:data:`STRUCTURAL_KEYS`: ``msgtype``,
-``mimetype``, ``url``, ``event_id`` ...). Last, the ``state_key`` of state events of custom
-types (not ``m.*``, whose state keys are user or room IDs or empty) unless it is a user ID.
+``mimetype``, ``url``, ``event_id`` ...); a media URL key (``url``, ``avatar_url``,
+``thumbnail_url``) is skipped only when its value is an ``mxc://`` URI. Last, the
+``state_key`` of state events of custom types (not ``m.*``, whose state keys are user or
+room IDs or empty) unless it is a user ID.
 
 The fields are read in that order (message fields first, then the walk, then the state key)
 and share one budget of :data:`MAX_SCAN_CHARS` characters, so what a sender sees most is
@@ -61,6 +63,9 @@ _LOCATION_KEYS = ("m.location", "org.matrix.msc3488.location")
 _EXTRA_KEYS = frozenset({"reason", *_CAPTION_KEYS, *_LOCATION_KEYS})
 _BEACON_TYPES = frozenset({"m.beacon_info", "org.matrix.msc3672.beacon_info"})
 _HTML_MIMETYPES = frozenset({"text/html", "org.matrix.custom.html"})
+#: Structural keys that hold a media URI: skipped only when the value is one (``mxc://``),
+#: else read like any string (text hidden where a client expects a media URI).
+_MEDIA_URL_KEYS = frozenset({"avatar_url", "thumbnail_url", "url"})
 _MAX_LIST = 256  # answers, m.text representations: more than any real client sends
 _USER_ID = re.compile(r"@[^\s:]+:[^\s]+")  # state keys of per-user state (beacons ...)
 
@@ -175,6 +180,12 @@ def _add_content(out: _Collector, etype: str, content: Mapping[str, Any]) -> Non
             out.add(relates.get("key"))
 
 
+def _hides_text(key: str, value: object) -> bool:
+    """Whether a structural key's value is not what the protocol puts there (a media URL
+    key whose value is no ``mxc://`` URI), so it is read as text."""
+    return key in _MEDIA_URL_KEYS and isinstance(value, str) and not value.startswith("mxc://")
+
+
 def _walk(out: _Collector, value: object, depth: int) -> None:
     """Every string below ``value`` (depth-first, key order), bounded in depth and count."""
     out.nodes -= 1
@@ -187,7 +198,7 @@ def _walk(out: _Collector, value: object, depth: int) -> None:
     elif isinstance(value, Mapping):
         html = value.get("mimetype") in _HTML_MIMETYPES
         for key, item in value.items():
-            if key in STRUCTURAL_KEYS:
+            if key in STRUCTURAL_KEYS and not _hides_text(key, item):
                 continue
             if isinstance(item, str) and (key == "formatted_body" or (html and key == "body")):
                 out.add(item, html=True)

@@ -269,6 +269,18 @@ def test_every_string_of_the_content_is_read_in_order_after_the_known_fields() -
     assert texts == ["the body", "first custom", "x", "deep"]
 
 
+def test_a_media_url_key_holding_no_mxc_uri_is_read_as_text() -> None:
+    content = {"msgtype": "m.text", "body": "hi", "url": "https://x.example/project falcon"}
+    assert extract_texts(ev("m.room.message", content)) == [
+        "hi",
+        "https://x.example/project falcon",
+    ]
+    hidden = {"body": "hi", "info": {"thumbnail_url": "4111 1111 1111 1111", "w": 5}}
+    assert extract_texts(ev("m.room.message", hidden)) == ["hi", "4111 1111 1111 1111"]
+    media = {"body": "cat.png", "url": "mxc://x/4111111111111111", "avatar_url": "mxc://a/b"}
+    assert extract_texts(ev("m.room.message", media)) == ["cat.png"]
+
+
 def test_state_keys_of_custom_state_events_are_read_but_not_user_ids() -> None:
     assert extract_texts(ev("com.example.s", {}, state_key="project falcon")) == ["project falcon"]
     assert extract_texts(ev("com.example.s", {}, state_key="@a:x.org")) == []
