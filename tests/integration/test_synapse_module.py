@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from matrix_client import MatrixError, MatrixTestClient, wait_for
-from synapse_fixtures import require_synapse
+from synapse_fixtures import require_synapse, start_test_synapse
 
 from bridge.dev.devstack import BridgeProcess, DevStack, prepare_stack
-from bridge.dev.devsynapse import GateModule
+from bridge.dev.devsynapse import GateModule, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -224,3 +226,94 @@ async def test_compatible_with_synapse_http_antispam(antispam_stack: Running) ->
             await alice.invite(room, "@eve:evil.example")
         assert "evil.example" in err.value.error
         await alice.send_text(room, "harmless")
+
+
+class MediaGate:
+    """A stand-in for the bridge's media endpoint: records what the module sends."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.match_info["callback"] != "check_media_file_for_spam":
+            return web.json_response({})
+        body = await request.read()
+        self.received.append((dict(request.headers), body))
+        if b"DENY-ME" in body:
+            return web.json_response(
+                {"errcode": "M_FORBIDDEN", "error": "attachment refused by rule x"}, status=403
+            )
+        return web.json_response({})
+
+
+async def test_media_contract_through_real_synapse(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Uploads reach the gate streamed, with the contract's headers; a refusal stops the
+    upload; a file over media_max_bytes is announced with an empty body."""
+    require_synapse()
+    gate = MediaGate()
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/{callback}", gate.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    settings = {
+        "base_url": f"http://127.0.0.1:{port}",
+        "authorization": "media-token",
+        "options": {"media_max_bytes": 4 << 20},
+    }
+    hs = await asyncio.to_thread(
+        start_test_synapse,
+        tmp_path_factory,
+        [],
+        settings,
+        False,
+        name="media",
+        extra_config={"max_upload_size": "20M"},
+    )
+    try:
+        _, token = await hs.async_register_user("uploader", "pw")
+
+        async def upload(data: bytes) -> tuple[int, Any]:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(
+                    f"{hs.url}/_matrix/media/v3/upload",
+                    data=data,
+                    headers={
+                        "Authorization": f"Bearer {token}",
+                        "Content-Type": "application/octet-stream",
+                    },
+                ) as r:
+                    return r.status, await r.json(content_type=None)
+
+        big = secrets.token_bytes(3 << 20)  # 3 MiB: streamed in chunks, arrives whole
+        status, answer = await upload(big)
+        assert status == 200, answer
+        headers, body = gate.received[-1]
+        assert body == big
+        assert headers["Authorization"] == "Bearer media-token"
+        assert headers["Content-Type"] == "application/octet-stream"
+        assert headers["X-Bridge-Media-Kind"] == "upload"
+        assert headers["X-Bridge-Media-Length"] == str(len(big))
+        assert answer["content_uri"].endswith("/" + headers["X-Bridge-Media-Id"])
+        assert "X-Bridge-Media-Over-Limit" not in headers
+
+        status, answer = await upload(b"a text file that says DENY-ME")
+        assert status == 400 and answer["error"] == "Bad content"  # Synapse's own words
+
+        over = b"x" * ((4 << 20) + 1)
+        status, _ = await upload(over)
+        assert status == 200
+        headers, body = gate.received[-1]
+        assert body == b""
+        assert headers["X-Bridge-Media-Over-Limit"] == "1"
+        assert headers["X-Bridge-Media-Length"] == str(len(over))
+        assert len(gate.received) == 3
+        log = hs.log_path.read_text("utf-8")
+        assert "gate refused check_media_file_for_spam (HTTP 403, M_FORBIDDEN" in log
+        assert "DENY-ME" not in log
+    finally:
+        await hs.async_stop()
+        await runner.cleanup()
