@@ -123,5 +123,20 @@ class TwistedTransport:
         fields = {k.encode("ascii"): [v.encode("ascii")] for k, v in headers.items()}
         sent = self.agent.request(b"POST", url.encode("ascii"), Headers(fields), _untyped(producer))
         answered: defer.Deferred[Reply] = sent.addCallback(_read)
-        answered.addTimeout(time_limit, self.reactor)
-        return await make_deferred_yieldable(answered)
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            answered.cancel()  # aborts the connection, whatever stage it is in
+
+        timer = _untyped(self.reactor).callLater(time_limit, expire)
+        try:
+            return await make_deferred_yieldable(answered)
+        except Exception:
+            if expired:  # the cancellation surfaces as Twisted's own errors: say what it was
+                raise TimeoutError(f"no answer within {time_limit:g} s") from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()

@@ -317,3 +317,53 @@ async def test_media_contract_through_real_synapse(
     finally:
         await hs.async_stop()
         await runner.cleanup()
+
+
+async def test_a_gate_that_does_not_answer_meets_the_timeout(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A gate that accepts the connection and never answers: each call ends after the
+    module's timeout and the callback's fail mode decides (through real Twisted)."""
+    require_synapse()
+    stalled: list[str] = []
+
+    async def stall(request: web.Request) -> web.Response:
+        stalled.append(request.match_info["callback"])
+        await asyncio.sleep(30)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/{callback}", stall)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    settings = {
+        "base_url": f"http://127.0.0.1:{port}",
+        "authorization": "t",
+        "enabled_callbacks": ["check_event_for_spam", "user_may_invite"],
+        "options": {"timeout": 1},
+    }
+    hs = await asyncio.to_thread(
+        start_test_synapse, tmp_path_factory, [], settings, False, name="stall"
+    )
+    try:
+        alice = await hs.async_register_user("alice", "pw")
+        bob = await hs.async_register_user("bob", "pw")
+        async with MatrixTestClient(hs.url, *alice) as client:
+            room = await client.create_room()
+            started = asyncio.get_running_loop().time()
+            await client.send_text(room, "fails open after the timeout")
+            with pytest.raises(MatrixError) as err:
+                await client.invite(room, bob[0])
+            elapsed = asyncio.get_running_loop().time() - started
+        assert err.value.errcode == "M_UNKNOWN"
+        assert 2 <= elapsed < 10
+        assert stalled == ["check_event_for_spam", "user_may_invite"]
+        log = hs.log_path.read_text("utf-8")
+        assert "gate call user_may_invite failed after" in log
+        assert "TimeoutError; failing closed (refused)" in log
+        assert "fails open after the timeout" not in log
+    finally:
+        await hs.async_stop()
+        await runner.cleanup()
