@@ -387,6 +387,10 @@ class Bridge:
         """Re-read the config file (see :class:`bridge.pipeline.reload.Reloader`)."""
         return await self.reloader.reload(who)
 
+    def undecryptable_counts(self) -> Mapping[str, int]:
+        """End-to-end encrypted events still undecryptable, by room."""
+        return self.worker.decryption.counts()
+
     async def count_expiring(self, scope: str, ms: int) -> tuple[int, int]:
         """(messages, rooms) a retention of ``ms`` at ``scope`` would delete that the
         policy in force would not yet (for the confirmation of ``retention set``)."""
