@@ -178,9 +178,12 @@ class OlmCrypto:
     ) -> OlmCrypto:
         """Open the crypto store, log in to the bot's device (created on the first start
         only), upload its keys and cross-sign it with the bot user's own keys."""
+        sqlite = settings.crypto_db_url.startswith("sqlite")
         db = CryptoDatabase.create(
             settings.crypto_db_url,
             upgrade_table=PgCryptoStore.upgrade_table,
+            # a room key is acknowledged to Synapse once stored: as durable as the archive
+            db_args={"init_commands": ["PRAGMA synchronous = FULL"]} if sqlite else None,
             log=cast(TraceLogger, logging.getLogger("bridge.e2ee.db")),
         )
         await db.start()

@@ -13,6 +13,8 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import pathlib
 import sqlite3
 import subprocess
 import sys
@@ -47,6 +49,8 @@ from bridge.e2ee.pickle_key import derive_pickle_key
 pytestmark = pytest.mark.integration
 
 KEYWORD = "pelican"
+#: Run the module on PostgreSQL: an empty database of its own (not the shared stack's).
+DATABASE_URL = os.environ.get("BRIDGE_TEST_E2EE_DATABASE_URL", "")
 
 
 @dataclass
@@ -60,7 +64,7 @@ class E2EEStack:
     room: str = ""
     late_key: str = ""
 
-    def export(self) -> list[dict[str, Any]]:
+    def export(self, *filters: str) -> list[dict[str, Any]]:
         out = subprocess.run(
             [
                 sys.executable,
@@ -74,6 +78,7 @@ class E2EEStack:
                 "-",
                 "--jobs",
                 "1",
+                *filters,
             ],
             capture_output=True,
             text=True,
@@ -98,6 +103,7 @@ def e2ee_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevStac
     workdir = tmp_path_factory.mktemp("e2ee")
     dev = prepare_stack(
         workdir,
+        database_url=DATABASE_URL,
         permissions={"@admin:localhost": "admin", "@alice:localhost": "admin"},
         bridge_options={
             "e2ee": {"enabled": True, "key_wait_seconds": 2, "retry_interval_seconds": 2},
@@ -179,6 +185,10 @@ async def test_encrypted_messages_appear_decrypted_in_export(e2ee: E2EEStack) ->
     assert rec["data"]["end_to_end_encrypted"] is True
     assert rec["data"]["event"]["content"]["body"] == "quarterly numbers look fine"
     assert rec["sender"] == e2ee.alice.user_id
+    # search sees the decrypted content, marked as end-to-end encrypted
+    found = await asyncio.to_thread(e2ee.export, "--text", "quarterly")
+    assert [r["kind"] for r in found] == ["decrypted"]
+    assert found[0]["data"]["end_to_end_encrypted"] is True
     # the archived original is the ciphertext, as the server has it
     raw = [r for r in e2ee.export() if r["kind"] == "event" and r["event_id"] == event_id]
     assert raw and raw[0]["type"] == "m.room.encrypted"
@@ -356,20 +366,7 @@ async def test_crypto_tables_hold_no_plaintext_key_material(e2ee: E2EEStack) -> 
         pickle_key = derive_pickle_key(dk.key, e2ee.bot).encode()
     finally:
         await store.close()
-    con = sqlite3.connect(db_path)
-    try:
-        (account,) = con.execute("SELECT account FROM crypto_account").fetchone()
-        tables = [
-            r[0]
-            for r in con.execute(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'crypto_%'"
-            )
-        ]
-        dump = b"".join(
-            repr(row).encode() for t in tables for row in con.execute(f"SELECT * FROM {t}")
-        )
-    finally:
-        con.close()
+    account, dump = await _crypto_tables(db_path)
     plain = _olm_unpickle(bytes(account), pickle_key)
     ed_pub, ed_priv = plain[4:36], plain[36:100]
     cv_pub, cv_priv = plain[100:132], plain[132:164]
@@ -386,12 +383,47 @@ async def test_crypto_tables_hold_no_plaintext_key_material(e2ee: E2EEStack) -> 
         "curve25519 private": cv_priv,
         "megolm session key": ratchet,
     }
-    files = b"".join(p.read_bytes() for p in db_path.parent.glob("bridge.db*"))
+    files = b"".join(p.read_bytes() for p in db_path.parent.glob("bridge.db*"))  # SQLite
     assert key_text not in files and key_text not in dump
     for what, secret in secrets.items():
         for form in _forms(secret):
             assert form not in files, f"{what} in the database file"
             assert form not in dump, f"{what} in a crypto table"
+
+
+async def _crypto_tables(db_path: pathlib.Path) -> tuple[bytes, bytes]:
+    """The bot's account pickle, and every row of every crypto_* table as bytes."""
+    if DATABASE_URL:
+        import asyncpg
+
+        con = await asyncpg.connect(DATABASE_URL.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            account = await con.fetchval("SELECT account FROM crypto_account")
+            tables = [
+                r[0]
+                for r in await con.fetch(
+                    "SELECT tablename FROM pg_tables WHERE tablename LIKE 'crypto_%'"
+                )
+            ]
+            rows = [row for t in tables for row in await con.fetch(f"SELECT * FROM {t}")]
+        finally:
+            await con.close()
+        return bytes(account), b"".join(repr(tuple(r)).encode() for r in rows)
+    sq = sqlite3.connect(db_path)
+    try:
+        (account,) = sq.execute("SELECT account FROM crypto_account").fetchone()
+        names = [
+            r[0]
+            for r in sq.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'crypto_%'"
+            )
+        ]
+        dump = b"".join(
+            repr(row).encode() for t in names for row in sq.execute(f"SELECT * FROM {t}")
+        )
+    finally:
+        sq.close()
+    return bytes(account), dump
 
 
 def _bot_device(s: E2EEStack) -> DeviceID:
