@@ -106,6 +106,26 @@ class OlmSettings:
     device_name: str
 
 
+#: mautrix's OlmMachine logs a warning for every event from a sender without cross-signing
+#: keys; each decrypted record holds the sender device's trust instead. Errors still show.
+MACHINE_LOG = cast(TraceLogger, logging.getLogger("bridge.e2ee.olm"))
+MACHINE_LOG.setLevel(logging.ERROR)
+
+
+async def open_crypto_db(url: str) -> CryptoDatabase:
+    """mautrix's database for the crypto store (its ``crypto_*`` tables), started."""
+    sqlite = url.startswith("sqlite")
+    db = CryptoDatabase.create(
+        url,
+        upgrade_table=PgCryptoStore.upgrade_table,
+        # a room key is acknowledged to Synapse once stored: as durable as the archive
+        db_args={"init_commands": ["PRAGMA synchronous = FULL"]} if sqlite else None,
+        log=cast(TraceLogger, logging.getLogger("bridge.e2ee.db")),
+    )
+    await db.start()
+    return db
+
+
 def crypto_db_url(sqlalchemy_url: str) -> str:
     """The bridge's SQLAlchemy URL as a mautrix ``async_db`` URL (same database)."""
     scheme, sep, rest = sqlalchemy_url.partition("://")
@@ -178,15 +198,7 @@ class OlmCrypto:
     ) -> OlmCrypto:
         """Open the crypto store, log in to the bot's device (created on the first start
         only), upload its keys and cross-sign it with the bot user's own keys."""
-        sqlite = settings.crypto_db_url.startswith("sqlite")
-        db = CryptoDatabase.create(
-            settings.crypto_db_url,
-            upgrade_table=PgCryptoStore.upgrade_table,
-            # a room key is acknowledged to Synapse once stored: as durable as the archive
-            db_args={"init_commands": ["PRAGMA synchronous = FULL"]} if sqlite else None,
-            log=cast(TraceLogger, logging.getLogger("bridge.e2ee.db")),
-        )
-        await db.start()
+        db = await open_crypto_db(settings.crypto_db_url)
         store = PgCryptoStore(settings.bot_mxid, settings.pickle_key, db)
         try:
             as_api = HTTPAPI(
@@ -209,12 +221,7 @@ class OlmCrypto:
                 log=cast(TraceLogger, logging.getLogger("bridge.e2ee.http")),
             )
             client = Client(mxid=UserID(settings.bot_mxid), device_id=DeviceID(device_id), api=api)
-            machine = OlmMachine(
-                client,
-                store,
-                _Rooms(),
-                log=cast(TraceLogger, logging.getLogger("bridge.e2ee.olm")),
-            )
+            machine = OlmMachine(client, store, _Rooms(), log=MACHINE_LOG)
             machine.share_keys_min_trust = TrustState.VERIFIED  # no key is ever forwarded
             await machine.load()
             crypto = cls(settings, db, store, client, machine, as_api)
