@@ -49,6 +49,7 @@ from bridge.e2ee.pickle_key import derive_pickle_key
 pytestmark = pytest.mark.integration
 
 KEYWORD = "pelican"
+WARN_WORD = "heron"
 #: Run the module on PostgreSQL: an empty database of its own (not the shared stack's).
 DATABASE_URL = os.environ.get("BRIDGE_TEST_E2EE_DATABASE_URL", "")
 
@@ -109,7 +110,8 @@ def e2ee_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevStac
             "e2ee": {"enabled": True, "key_wait_seconds": 2, "retry_interval_seconds": 2},
             "dlp": {
                 "keywords": [
-                    {"name": "codename", "keywords": [KEYWORD], "action": ["redact", "notify"]}
+                    {"name": "codename", "keywords": [KEYWORD], "action": ["redact", "notify"]},
+                    {"name": "careful", "keywords": [WARN_WORD], "action": "warn"},
                 ]
             },
         },
@@ -213,6 +215,31 @@ async def test_keyword_in_encrypted_message_is_redacted_and_admins_told(e2ee: E2
         return False
 
     await wait_for(told, timeout=30, interval=1, message="the management room told")
+
+
+async def test_the_bot_device_is_cross_signed_by_the_bot_user(e2ee: E2EEStack) -> None:
+    """MSC4153 clients share keys only with devices cross-signed by their owner."""
+    await _room_with_bot(e2ee)
+    device = await e2ee.alice.machine.get_or_fetch_device(UserID(e2ee.bot), _bot_device(e2ee))
+    assert device is not None
+    trust = await e2ee.alice.machine.resolve_trust(device)
+    assert trust == TrustState.CROSS_SIGNED_TOFU
+
+
+async def test_warn_is_an_encrypted_reply_in_a_thread(e2ee: E2EEStack) -> None:
+    room = await _room_with_bot(e2ee)
+    event_id = await e2ee.alice.send_text(room, f"a {WARN_WORD} flew by")
+
+    async def warning() -> dict[str, Any] | None:
+        for ev in await e2ee.alice.read_decrypted(room):
+            rel = ev["content"].get("m.relates_to") or {}
+            if ev["sender"] == e2ee.bot and rel.get("event_id") == event_id:
+                return ev
+        return None
+
+    ev = await wait_for(warning, timeout=40, interval=1, message="an encrypted warning")
+    assert ev["content"]["m.relates_to"]["rel_type"] == "m.thread"
+    assert "careful" in json.dumps(ev["content"]) or e2ee.alice.user_id in ev["content"]["body"]
 
 
 async def test_withheld_key_is_recorded_with_its_code(e2ee: E2EEStack) -> None:
