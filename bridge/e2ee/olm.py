@@ -37,6 +37,7 @@ from mautrix.errors import (
     DuplicateMessageIndex,
     EncryptionError,
     GroupSessionWithheldError,
+    MatrixRequestError,
     SessionNotFound,
     VerificationError,
 )
@@ -389,7 +390,9 @@ class OlmCrypto:
     # -- sending ------------------------------------------------------------------------
 
     async def is_encrypted(self, room_id: str) -> bool:
-        """Whether the room has ``m.room.encryption`` (asked once per room)."""
+        """Whether the room has ``m.room.encryption`` (asked once per room). Only a 404 means
+        "not encrypted": any other failure raises (the caller retries), so a transient error
+        never sends plaintext into an encrypted room."""
         rid = RoomID(room_id)
         if rid not in self.rooms.encryption:
             try:
@@ -397,7 +400,9 @@ class OlmCrypto:
                     Method.GET,
                     Path.v3.rooms[rid].state[ENCRYPTION_STATE],
                 )
-            except Exception:
+            except MatrixRequestError as e:
+                if e.http_status != 404:
+                    raise
                 content = None
             self.rooms.encryption[rid] = (
                 RoomEncryptionStateEventContent.deserialize(content)
