@@ -162,7 +162,9 @@ async def _ingest_path(tmp: Path, crypto: OlmCrypto, events: list[dict[str, Any]
             for item in await bstore.queue.pending(1):
                 batch = Batch()
                 for stored in item.events:
-                    plain = await stage.decrypt(stored.event, stored.seq, batch, wait=0)
+                    plain = await stage.decrypt(
+                        stored.event, stored.seq, batch, wait=0, joined=True
+                    )
                     assert plain is not None
                 await bstore.queue.complete([item.queue_id], batch.actions, batch.audit)
         return len(events) / (time.perf_counter() - t0)

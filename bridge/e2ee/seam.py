@@ -18,6 +18,7 @@ ENCRYPTION_STATE = "m.room.encryption"
 class Undecryptable(StrEnum):
     """Why an encrypted event could not be read (stored in audit records and metrics)."""
 
+    NOT_MEMBER = "not_member"  # the bot is not in the room: no key is ever shared with it
     NO_SESSION = "no_session"  # the room key has not reached the bot's device (yet)
     WITHHELD = "withheld"  # the sender's device refused to share it (``code`` says why)
     UNKNOWN_ALGORITHM = "unknown_algorithm"  # not Megolm v1

@@ -31,6 +31,7 @@ from bridge.e2ee.seam import (
     Decrypted,
     NotDecrypted,
     RoomCrypto,
+    Undecryptable,
 )
 from bridge.pipeline import actions
 from bridge.pipeline.batch import Batch, as_str
@@ -135,12 +136,22 @@ class DecryptionStage:
     # -- the worker's calls -------------------------------------------------------------
 
     async def decrypt(
-        self, event: Mapping[str, Any], seq: int, batch: Batch, *, wait: float
+        self, event: Mapping[str, Any], seq: int, batch: Batch, *, wait: float, joined: bool
     ) -> Mapping[str, Any] | None:
         """The decrypted event of an archived ``m.room.encrypted`` one (recorded in the
-        batch), or None (recorded as undecryptable and kept for retry)."""
+        batch), or None (recorded as undecryptable and kept for retry). In a room the bot
+        is not in (the appservice sees every room) no key will ever come: recorded as
+        ``not_member``, not waited for, not kept."""
         crypto = self.crypto
         if crypto is None or event.get("type") != ENCRYPTED_EVENT:
+            return None
+        if not joined:
+            content = event.get("content")
+            session = content.get("session_id") if isinstance(content, dict) else None
+            outside = NotDecrypted(
+                Undecryptable.NOT_MEMBER, session if isinstance(session, str) else ""
+            )
+            self._record_undecryptable(event, seq, outside, batch)
             return None
         result = await crypto.decrypt(event, wait=wait)
         event_id = as_str(event.get("event_id")) or ""

@@ -132,7 +132,11 @@ class Worker:
                 await self.handle_event(event, batch)
                 if event.get("type") == ENCRYPTED_EVENT and self.decryption.crypto is not None:
                     started = time.monotonic()
-                    plain = await self.decryption.decrypt(event, stored.seq, batch, wait=key_wait)
+                    room = as_str(event.get("room_id")) or ""
+                    joined = self.tracker.joined(room, batch)
+                    plain = await self.decryption.decrypt(
+                        event, stored.seq, batch, wait=key_wait, joined=joined
+                    )
                     key_wait = max(0.0, key_wait - (time.monotonic() - started))
                     if plain is not None:
                         await self.handle_event(plain, batch)

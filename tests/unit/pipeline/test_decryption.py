@@ -225,3 +225,16 @@ async def test_transparency_notice_when_the_bot_joins_an_encrypted_room(worker: 
     [notice] = [a for a in acts if a.kind == "send_notice" and a.room_id == ROOM]
     assert "archived" in notice.payload["body"] and "BOTDEVICE" in notice.payload["body"]
     assert "before it joined cannot be read" in notice.payload["body"]
+
+
+async def test_rooms_the_bot_is_not_in_are_recorded_not_waited_for_nor_kept(
+    worker: Worker,
+) -> None:
+    device(worker).keys.add("s1")  # even a key it happens to hold is not used there
+    ev = encrypted("elsewhere")
+    ev["room_id"] = "!other:corp.example"
+    await feed(worker, ev)
+    [rec] = await records(worker, "undecryptable")
+    assert rec["data"]["reason"] == "not_member"
+    assert await records(worker, "decrypted") == []
+    assert worker.decryption.counts() == {}
