@@ -4,6 +4,7 @@ undecryptable ones recorded with the reason, kept across a restart, retried on l
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,8 @@ BOT = "@policybot:corp.example"
 
 
 class FakeDevice:
-    """A RoomCrypto whose room keys the test hands out: ciphertext = "enc:" + body."""
+    """A RoomCrypto whose room keys the test hands out: ciphertext = base64 of the body
+    (opaque to DLP, like real ciphertext)."""
 
     device_id = "BOTDEVICE"
 
@@ -42,7 +44,8 @@ class FakeDevice:
             return NotDecrypted(Undecryptable.NO_SESSION, session)
         plain = {k: event[k] for k in ("event_id", "room_id", "sender", "origin_server_ts")}
         plain["type"] = "m.room.message"
-        plain["content"] = {"msgtype": "m.text", "body": content["ciphertext"][4:]}
+        body = base64.b64decode(content["ciphertext"]).decode()
+        plain["content"] = {"msgtype": "m.text", "body": body}
         return Decrypted(plain, session, Trust.UNVERIFIED)
 
     async def encrypt(
@@ -109,7 +112,7 @@ def encrypted(body: str, session: str = "s1") -> dict[str, Any]:
         "content": {
             "algorithm": "m.megolm.v1.aes-sha2",
             "session_id": session,
-            "ciphertext": "enc:" + body,
+            "ciphertext": base64.b64encode(body.encode()).decode(),
             "device_id": "ALICE",
             "sender_key": "k",
         },
@@ -238,3 +241,31 @@ async def test_rooms_the_bot_is_not_in_are_recorded_not_waited_for_nor_kept(
     assert rec["data"]["reason"] == "not_member"
     assert await records(worker, "decrypted") == []
     assert worker.decryption.counts() == {}
+
+
+async def test_retroactive_scans_read_the_decrypted_copies(worker: Worker, store: Store) -> None:
+    """A rule added with --retroactive finds a match in an encrypted message and redacts
+    the encrypted event (the ciphertext alone would never match)."""
+    from bridge.pipeline import retroactive
+    from bridge.pipeline.live_policy import LivePolicy
+    from bridge.policy.layers import GLOBAL
+
+    device(worker).keys.add("s1")
+    ev = encrypted("meet at the osprey nest")
+    await feed(worker, ev)
+    engine = LivePolicy(worker.config()).engine
+    job = retroactive.RetroJob(
+        scope=GLOBAL,
+        rules=frozenset({"keyword:codename"}),
+        since_ms=0,
+        window_ms=0,
+        requested_by="@boss:corp.example",
+        command_room=MGMT,
+        change="test",
+    )
+    result = await retroactive.scan_archive(store, engine, job, [ROOM])
+    assert [m.event_id for m in result.matches] == []  # no codename word in it
+    pelican = encrypted("pelican in the archive")
+    await feed(worker, pelican)
+    result = await retroactive.scan_archive(store, engine, job, [ROOM])
+    assert [m.event_id for m in result.matches] == [pelican["event_id"]]
