@@ -196,8 +196,15 @@ class DecryptionStage:
                 self._record_decrypted(event, seq, result, batch, late=True)
                 await handle(result.event, batch)
                 changed = True
-            elif isinstance(result, NotDecrypted) and (
-                str(result.reason) != entry.get("reason") or result.code != entry.get("code")
+            elif (
+                isinstance(result, NotDecrypted)
+                and (str(result.reason), result.code) != (entry.get("reason"), entry.get("code"))
+                # withheld notices are kept in memory only: after a restart the device
+                # answers no_session for them, which is not news
+                and not (
+                    result.reason is Undecryptable.NO_SESSION
+                    and entry.get("reason") == Undecryptable.WITHHELD
+                )
             ):
                 self._record_undecryptable(event, seq, result, batch)
                 staged[event_id] = {**entry, "reason": str(result.reason), "code": result.code}

@@ -269,3 +269,17 @@ async def test_retroactive_scans_read_the_decrypted_copies(worker: Worker, store
     await feed(worker, pelican)
     result = await retroactive.scan_archive(store, engine, job, [ROOM])
     assert [m.event_id for m in result.matches] == [pelican["event_id"]]
+
+
+async def test_a_restart_does_not_turn_withheld_into_no_session(
+    worker: Worker, store: Store, tmp_path: Path
+) -> None:
+    device(worker).withheld["w2"] = "m.unverified"
+    await feed(worker, encrypted("x", session="w2"))
+    again = make_worker(store, tmp_path)
+    again.decryption.crypto = FakeDevice()  # forgot the withheld notice
+    await again.load()
+    again.decryption.keys_arrived()
+    await again.run_once()
+    reasons = [r["data"]["reason"] for r in await records(again, "undecryptable")]
+    assert reasons == ["withheld"]
