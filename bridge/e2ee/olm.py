@@ -22,6 +22,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -109,7 +110,7 @@ class OlmSettings:
 
 #: mautrix's OlmMachine logs a warning for every event from a sender without cross-signing
 #: keys; each decrypted record holds the sender device's trust instead. Errors still show.
-MACHINE_LOG = cast(TraceLogger, logging.getLogger("bridge.e2ee.olm"))
+MACHINE_LOG = cast(TraceLogger, logging.getLogger("bridge.e2ee.olm.machine"))
 MACHINE_LOG.setLevel(logging.ERROR)
 
 
@@ -134,7 +135,10 @@ def crypto_db_url(sqlalchemy_url: str) -> str:
         raise ValueError("not a database URL")
     base = scheme.split("+", 1)[0]
     if base == "sqlite":
-        return f"sqlite://{rest}"
+        # SQLAlchemy: sqlite:///relative or sqlite:////absolute; async_db reads the URL's
+        # path, so give it the absolute one (the same file, whatever the working directory)
+        path = rest.removeprefix("/").partition("?")[0]
+        return f"sqlite://{os.path.abspath(path)}"
     if base in ("postgresql", "postgres"):
         return f"postgres://{rest}"
     raise ValueError(f"unsupported database for the crypto store: {base}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 
 import pytest
 
@@ -30,7 +31,8 @@ def test_short_secret_is_refused() -> None:
 @pytest.mark.parametrize(
     ("bridge_url", "crypto_url"),
     [
-        ("sqlite+aiosqlite:////data/bridge.db", "sqlite:////data/bridge.db"),
+        ("sqlite+aiosqlite:////data/bridge.db", "sqlite:///data/bridge.db"),
+        ("sqlite+aiosqlite:///rel/bridge.db", f"sqlite://{os.path.abspath('rel/bridge.db')}"),
         (
             "postgresql+asyncpg://u:p@db:5432/bridge",
             "postgres://u:p@db:5432/bridge",
