@@ -16,8 +16,9 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -32,6 +33,7 @@ from bridge.audit.chain import VerifyReport
 from bridge.commands.catalog import build_registry
 from bridge.commands.services import RetroScan
 from bridge.config import Config
+from bridge.e2ee.seam import RoomCrypto
 from bridge.http.gate import Gate
 from bridge.http.health import (
     HealthInfo,
@@ -105,6 +107,8 @@ class Bridge:
         self.runner: web.AppRunner | None = None
         self.metrics_runner: web.AppRunner | None = None
         self.gate: Gate | None = None
+        self.crypto: RoomCrypto | None = None  # the bot's E2EE device (e2ee.enabled)
+        self._e2ee_failed = False
 
     @property
     def management_room(self) -> str:
@@ -145,6 +149,7 @@ class Bridge:
             on_committed=lambda: self.worker.wake(),
             accepting=lambda: self.accepting,
             on_refused=self.redelivery.refused,
+            on_ephemeral=self._e2ee_received if self.config.e2ee.enabled else None,
         )
         gate = self.gate = Gate(
             self.config.gate.base_path,
@@ -285,6 +290,8 @@ class Bridge:
         self.management.room_id = room
         self.policy.set_management_room(room)
         self.worker.tracker.joined_rooms.add(room)  # bootstrap() stored it joined
+        if cfg.e2ee.enabled:
+            await self._open_e2ee()
         await self.ping.at_startup()
         await self._rollout_if_policy_changed()
         spawn = self.scheduler.spawn
@@ -313,6 +320,50 @@ class Bridge:
         self.ready = True
         log.info("bridge ready (bot %s, management room %s)", cfg.bot_mxid, self.management_room)
 
+    async def _e2ee_received(self, payload: Mapping[str, Any]) -> None:
+        """A transaction's to-device part: to the bot's device (503 until it is open)."""
+        if not any(k.startswith(("de.sorunome.msc2409.to", "org.matrix.msc3202")) for k in payload):
+            return
+        if self.crypto is None:
+            if self._e2ee_failed:
+                return  # logged at start; transactions must not be refused for it
+            raise RuntimeError("the E2EE device is not open yet")
+        if await self.crypto.receive(payload):
+            self.worker.decryption.keys_arrived()
+            self.worker.wake()
+
+    async def _open_e2ee(self) -> None:
+        """Open the bot's E2EE device and start its sync loop (docs/e2ee.md). A failure is
+        logged and the bridge runs on without decrypting (encrypted events stay archived
+        as ciphertext and are reported undecryptable)."""
+        from bridge.e2ee.olm import OlmCrypto, OlmSettings, Secrets, crypto_db_url
+        from bridge.e2ee.pickle_key import derive_pickle_key
+
+        cfg = self.config
+        op_key = await self.store.keys.op_key_created()
+        settings = OlmSettings(
+            homeserver_url=cfg.homeserver.url,
+            as_token=cfg.appservice.as_token,
+            bot_mxid=cfg.bot_mxid,
+            crypto_db_url=crypto_db_url(
+                self.store.db.engine.url.render_as_string(hide_password=False)
+            ),
+            pickle_key=derive_pickle_key(op_key.key, cfg.bot_mxid),
+            device_name=cfg.e2ee.device_name,
+        )
+        try:
+            crypto = await OlmCrypto.open(
+                settings, self.session, Secrets(self.store.state.get, self.store.state.set)
+            )
+        except Exception:
+            log.exception("could not open the bot's E2EE device; encrypted rooms stay unread")
+            self._e2ee_failed = True
+            return
+        self.crypto = crypto
+        self.worker.decryption.crypto = crypto
+        self.executor.crypto = crypto
+        log.info("E2EE device %s ready", crypto.device_id)
+
     async def _rollout_if_policy_changed(self) -> None:
         """After a restart or reload with a changed config, bring every managed room in line."""
         await rollout_if_policy_changed(
@@ -335,6 +386,10 @@ class Bridge:
     async def reload(self, who: str) -> tuple[bool, list[str]]:
         """Re-read the config file (see :class:`bridge.pipeline.reload.Reloader`)."""
         return await self.reloader.reload(who)
+
+    def undecryptable_counts(self) -> Mapping[str, int]:
+        """End-to-end encrypted events still undecryptable, by room."""
+        return self.worker.decryption.counts()
 
     async def count_expiring(self, scope: str, ms: int) -> tuple[int, int]:
         """(messages, rooms) a retention of ``ms`` at ``scope`` would delete that the
@@ -422,6 +477,8 @@ class Bridge:
             await asyncio.wait_for(self.sink.flush(), SHUTDOWN_STEP)
         except Exception as e:
             log.warning("could not write %d buffered audit records: %s", self.sink.pending, e)
+        if self.crypto is not None:
+            await self.crypto.close()
         await self.session.close()
         try:
             # Signs the final checkpoint; bounded in case the database hangs.

@@ -189,6 +189,34 @@ class MetricsConfig:
     listen: tuple[str, int] | None  # its own (host, port); None = the appservice listener
 
 
+# -- e2ee (the bot as an end-to-end encrypted member; see docs/e2ee.md) ----------------
+@dataclass(frozen=True, slots=True)
+class E2EEConfig:
+    """``e2ee:``: the bot's own E2EE device, decrypting what it is given keys for."""
+
+    enabled: bool = False
+    device_name: str = "policy bridge (compliance archive)"
+    key_wait_s: float = 3.0  # how long the worker waits for a late room key per transaction
+    retry_interval_s: float = 30.0  # undecryptable events are retried at least this often
+    max_pending: int = 5000  # undecryptable events kept for retry (oldest dropped, recorded)
+    notice: str = ""  # transparency notice posted on joining an encrypted room ("" = default)
+
+
+def _e2ee_config(v: _Validator) -> E2EEConfig:
+    """The ``e2ee`` section."""
+    return E2EEConfig(
+        enabled=v.boolean("e2ee.enabled"),
+        device_name=v.string("e2ee.device_name"),
+        key_wait_s=v.number("e2ee.key_wait_seconds", 0, 60),
+        retry_interval_s=v.number("e2ee.retry_interval_seconds", 1, 86400),
+        max_pending=v.integer("e2ee.max_pending", 1, 1_000_000),
+        notice=v.string("e2ee.notice", nonempty=False),
+    )
+
+
+# -- end of e2ee -----------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The validated configuration. Immutable: a reload builds a new one."""
@@ -207,6 +235,7 @@ class Config:
     audit: AuditConfig | None = None
     dlp: Mapping[str, Any] = field(default_factory=dict)  # scope -> DlpLayer
     notices: NoticeSettings = field(default_factory=NoticeSettings)
+    e2ee: E2EEConfig = field(default_factory=E2EEConfig)
     source: str = "<defaults>"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -545,6 +574,7 @@ def build_config(
     )
     federation = _federation_config(v)
     retention = _retention_config(v)
+    e2ee = _e2ee_config(v)
     problems.extend(v.problems)
     if problems:
         raise ConfigError(source, problems)
@@ -563,6 +593,7 @@ def build_config(
         audit=audit,
         dlp=dlp_layers,
         notices=notices,
+        e2ee=e2ee,
         source=source,
         raw=data,
     )

@@ -121,3 +121,23 @@ DLP_REPORTS = Counter(
     ["rule"],
     registry=REGISTRY,
 )
+
+# -- e2ee (issue 14) --------------------------------------------------------------------
+E2EE_DECRYPTED = Counter(
+    "bridge_e2ee_decrypted_total",
+    "End-to-end encrypted events the bot decrypted, by when (at once, or later on a late key)",
+    ["when"],
+    registry=REGISTRY,
+)
+E2EE_UNDECRYPTABLE = Counter(
+    "bridge_e2ee_undecryptable_total",
+    "Encrypted events the bot could not decrypt when it processed them, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+E2EE_PENDING = Gauge(
+    "bridge_e2ee_undecryptable_pending",
+    "Encrypted events still undecryptable (kept for retry), by room",
+    ["room_id"],
+    registry=REGISTRY,
+)

@@ -35,6 +35,13 @@ def registration_dict(config: Config, as_token: str, hs_token: str) -> dict[str,
             "rooms": [{"exclusive": False, "regex": "!.*"}],
         },
         "receive_ephemeral": False,
+        # e2ee: to-device messages (MSC2409) and device lists / one-time-key counts (MSC3202)
+        # for the bot's device, pushed in transactions (docs/e2ee.md)
+        **(
+            {"de.sorunome.msc2409.push_ephemeral": True, "org.matrix.msc3202": True}
+            if config.e2ee.enabled
+            else {}
+        ),
     }
 
 

@@ -28,11 +28,15 @@ class AuditKind(StrEnum):
     SHRED = "shred"  # a room key destroyed
     NOTICE = "notice"  # a policy notice to a blocked sender (sent, grouped or held back)
     OVERRIDE = "override"  # an override with justification: granted, used or revoked
+    DECRYPTED = "decrypted"  # an end-to-end encrypted event, decrypted (linked to its record)
+    UNDECRYPTABLE = "undecryptable"  # an encrypted event the bot could not decrypt, and why
 
 
 #: Kinds whose ``type`` is a Matrix event type (the event's own, or the type of the event
 #: judged); the others use it for a sub-kind of their own (a command's name, …).
-EVENT_TYPED_KINDS = frozenset({AuditKind.EVENT, AuditKind.DECISION, AuditKind.GATE})
+EVENT_TYPED_KINDS = frozenset(
+    {AuditKind.EVENT, AuditKind.DECISION, AuditKind.GATE, AuditKind.DECRYPTED}
+)
 
 
 def split_type_filter(value: str | None) -> tuple[AuditKind | None, str | None]:

@@ -307,6 +307,17 @@ async def ret_off(ctx: CommandContext) -> Reply:
     return await _reply(ctx, f"retention off {where(scope, ctx)}", RETENTION, rooms)
 
 
+def _undecryptable_lines(counts: Mapping[str, int]) -> list[str]:
+    """The encrypted events the bot's device could not decrypt yet, per room."""
+    if not counts:
+        return ["🔒 no end-to-end encrypted events undecryptable"]
+    total = sum(counts.values())
+    lines = [f"🔒 {total} end-to-end encrypted event(s) undecryptable (waiting for keys):"]
+    for room, n in sorted(counts.items(), key=lambda kv: -kv[1])[:ROOMS_PAGE]:
+        lines.append(_cut(f"{room}: {n} undecryptable"))
+    return lines
+
+
 @commands.command(
     "rooms",
     summary=(
@@ -338,6 +349,8 @@ async def rooms_cmd(ctx: CommandContext) -> Reply:
     if page > pages:
         raise CommandError(f"there are {pages} page(s) of {wanted} rooms; page {page} is empty")
     shown = items[(page - 1) * ROOMS_PAGE : page * ROOMS_PAGE]
+    if ctx.services.config.e2ee.enabled:
+        shown = shown + _undecryptable_lines(ctx.services.undecryptable_counts())
     summary = ", ".join(f"{n} {_LABELS[k]}" for k, n in counts.items() if n)
     title = f"{total} room(s)" + (f": {summary}" if summary else "")
     if wanted != "all":

@@ -142,6 +142,10 @@ class CommandServices(Protocol):
     @property
     def management_room(self) -> str: ...
 
+    def undecryptable_counts(self) -> Mapping[str, int]:
+        """End-to-end encrypted events still undecryptable, by room (e2ee)."""
+        ...
+
     @property
     def overrides(self) -> OverrideBook: ...
 

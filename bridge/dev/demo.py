@@ -144,7 +144,10 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="policy-bridge-demo-"))
     password = secrets.token_urlsafe(9)
     stack = prepare_stack(
-        workdir, permissions={"@admin:localhost": "admin"}, bridge_options={"dlp": DEMO_DLP}
+        workdir,
+        permissions={"@admin:localhost": "admin"},
+        # e2ee: the bot joins encrypted rooms as an E2EE member (docs/e2ee.md)
+        bridge_options={"dlp": DEMO_DLP, "e2ee": {"enabled": True}},
     )
     if port:
         stack.synapse.port = port
@@ -187,6 +190,8 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
             "    (rule keyword:watchlist, with a masked excerpt);\n"
             "  - the room 'DLP demo' (accept the invite): the allowed messages are there,\n"
             "    the card number never reached the server;\n"
+            "  - an encrypted room: create one, invite @policybot:localhost; it joins, says\n"
+            "    (encrypted) that the room is archived, and checks messages after the fact;\n"
             f"  - try it yourself: send a message containing {TEST_CARD} (refused), or type\n"
             "    in the management room:  !policy dlp test my card is " + TEST_CARD + "\n"
             f"Bridge log: {workdir / 'bridge.log'}  Synapse log: {stack.synapse.log_path}\n"

@@ -382,6 +382,17 @@ class SynapseServer:
         }
         for key in _RATE_LIMIT_KEYS:
             deep_merge(config, _nested(key, dict(_UNLIMITED)))
+        # e2ee (docs/e2ee.md): to-device messages, device lists and one-time-key counts for
+        # appservice devices, pushed in transactions (only to registrations asking for them)
+        deep_merge(
+            config,
+            {
+                "experimental_features": {
+                    "msc2409_to_device_messages_enabled": True,
+                    "msc3202_transaction_extensions": True,
+                }
+            },
+        )
         if self.antispam is not None:
             config["modules"] = [
                 {

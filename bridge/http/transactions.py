@@ -10,7 +10,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -56,6 +56,7 @@ class AppserviceAPI:
         accepting: Callable[[], bool] = lambda: True,
         on_ping: Callable[[], Awaitable[None]] | None = None,
         on_refused: Callable[[], None] | None = None,
+        on_ephemeral: Callable[[Mapping[str, Any]], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.hs_token = hs_token
@@ -64,6 +65,9 @@ class AppserviceAPI:
         self.accepting = accepting
         self.on_ping = on_ping
         self.on_refused = on_refused
+        # e2ee: the transaction's to-device messages, device lists and key counts, handed
+        # to the bot's device before the 200 (its crypto store commits them)
+        self.on_ephemeral = on_ephemeral
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -117,6 +121,13 @@ class AppserviceAPI:
             if self.on_refused is not None:
                 self.on_refused()
             return matrix_error(503, "M_UNKNOWN", "storage unavailable; retry later")
+        if self.on_ephemeral is not None and isinstance(payload, dict):
+            try:
+                await self.on_ephemeral(payload)
+            except Exception as e:
+                metrics.TRANSACTIONS.labels("e2ee_unavailable").inc()
+                log.warning("transaction %s: to-device part not handled (%s)", txn_id, e)
+                return matrix_error(503, "M_UNKNOWN", "e2ee not ready; retry later")
         metrics.EVENTS_INGESTED.inc(result.stored)
         metrics.TRANSACTIONS.labels("duplicate" if result.duplicate else "ok").inc()
         metrics.INGEST_LATENCY.observe(time.perf_counter() - started)

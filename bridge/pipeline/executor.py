@@ -22,6 +22,7 @@ from mautrix.types import EventType, RoomCreatePreset, RoomID, UserID
 from bridge import metrics
 from bridge.audit.kinds import AuditKind
 from bridge.config import ExecutorConfig
+from bridge.e2ee.seam import RoomCrypto
 from bridge.matrix import AdminAPI
 from bridge.pipeline.actions import ActionKind, kind_of, purge_status
 from bridge.pipeline.enforcement import RoomEnforcement
@@ -148,6 +149,7 @@ class Executor:
         self.admin = admin
         self.on_permanent_failure = on_permanent_failure
         self.rooms = rooms
+        self.crypto: RoomCrypto | None = None  # the bot's E2EE device, once opened (app)
         self.limiter = RateLimiter(config.rate_per_second)
         self._wake = asyncio.Event()
         self._handlers: dict[ActionKind, Callable[[ActionRow], Awaitable[dict[str, Any]]]] = {
@@ -377,10 +379,22 @@ class Executor:
             content["m.relates_to"] = {"m.in_reply_to": {"event_id": p["reply_to"]}}
         if p.get("mentions") is not None:
             content["m.mentions"] = {"user_ids": list(p["mentions"])}
-        event_id = await self.client.send_message_event(
-            self._room(action), EventType.ROOM_MESSAGE, cast(Any, content), txn_id=action.id
-        )
+        event_id = await self._send_message(self._room(action), content, action.id)
         return {"event_id": str(event_id)}
+
+    async def _send_message(self, room: str, content: dict[str, Any], txn_id: str) -> str:
+        """Send an ``m.room.message`` of the bot; encrypted in an encrypted room when the
+        bot has its E2EE device (``crypto``)."""
+        if self.crypto is not None and await self.crypto.is_encrypted(room):
+            encrypted = await self.crypto.encrypt(room, "m.room.message", content)
+            event_id = await self.client.send_message_event(
+                RoomID(room), EventType.ROOM_ENCRYPTED, cast(Any, encrypted), txn_id=txn_id
+            )
+        else:
+            event_id = await self.client.send_message_event(
+                RoomID(room), EventType.ROOM_MESSAGE, cast(Any, content), txn_id=txn_id
+            )
+        return str(event_id)
 
     async def _policy_notice(self, action: ActionRow) -> dict[str, Any]:
         """Write to the user's policy-notice room (see :meth:`_to_notice_room`)."""
@@ -403,7 +417,8 @@ class Executor:
         room = self._room(action)
         joined = bool(p.get("joined"))
         encrypted = joined and await self._encrypted(room)
-        place = warn_place(joined, encrypted, bool(p.get("local")))
+        # With its own E2EE device the bot answers in the thread, encrypted (bridge.e2ee).
+        place = warn_place(joined, encrypted and self.crypto is None, bool(p.get("local")))
         if place is WarnPlace.THREAD:
             return {"place": str(place), **(await self._send_notice(action))}
         if place is WarnPlace.NOWHERE:
@@ -441,9 +456,7 @@ class Executor:
             "formatted_body": p["html"],
             "m.mentions": {"user_ids": [user]},
         }
-        event_id = await self.client.send_message_event(
-            RoomID(room), EventType.ROOM_MESSAGE, cast(Any, content), txn_id=action.id
-        )
+        event_id = await self._send_message(room, content, action.id)
         return {"notice_room": room, "created": created, "event_id": str(event_id)}
 
     async def _send_state(self, action: ActionRow) -> dict[str, Any]:

@@ -180,11 +180,16 @@ async def scan_archive(
     """Read the archive of ``rooms`` and collect the matches of ``job.rules`` (no effects)."""
     result = RetroResult(rooms=len(rooms))
     redacted: set[str] = set()
-    for room in rooms:
-        records = store.reader.iter(kind=AuditKind.EVENT, room=room, since=job.since_ms)
+    # Archived events, then (e2ee) the decrypted copies of encrypted ones, whose matches
+    # name the encrypted event (the same event ID).
+    passes = [(room, kind) for room in rooms for kind in (AuditKind.EVENT, AuditKind.DECRYPTED)]
+    for room, kind in passes:
+        records = store.reader.iter(kind=kind, room=room, since=job.since_ms)
         async with contextlib.aclosing(records):  # a break must end the read-ahead now
             async for rec in records:
                 event = rec.get("data")
+                if kind is AuditKind.DECRYPTED and isinstance(event, dict):
+                    event = event.get("event")
                 if not isinstance(event, dict):
                     continue
                 result.scanned += 1

@@ -23,9 +23,11 @@ from bridge import metrics
 from bridge.audit.kinds import AuditKind
 from bridge.commands import CommandRegistry, Reply
 from bridge.config import Config
+from bridge.e2ee.seam import ENCRYPTED_EVENT
 from bridge.pipeline import actions
 from bridge.pipeline.batch import Batch, as_str
 from bridge.pipeline.command_runner import CommandRunner
+from bridge.pipeline.decryption import DecryptionStage
 from bridge.pipeline.room_tracker import RoomTracker
 from bridge.pipeline.services import WorkerServices
 from bridge.policy.dlp import CATEGORY as DLP_CATEGORY
@@ -63,6 +65,8 @@ class Worker:
         self.on_actions = on_actions
         self.tracker = RoomTracker(store, config, engine, services)
         self.commands = CommandRunner(store, registry, services, self.tracker)
+        # encrypted rooms: decrypt, archive the plaintext, retry late keys (bridge.e2ee)
+        self.decryption = DecryptionStage(store, config, lambda: services.management_room)
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -73,6 +77,7 @@ class Worker:
         """Read which rooms the bot is joined to, and commands awaiting confirmation."""
         await self.tracker.load()
         await self.commands.load()
+        await self.decryption.load()
 
     async def run(self) -> None:
         """Process the queue forever, waking on new commits (and every few seconds)."""
@@ -105,6 +110,8 @@ class Worker:
         items = await self.store.queue.pending(limit)
         for item in items:
             await self.process(item)
+        if self.decryption.retry_due():
+            await self._retry_decryption()
         if items:
             depth, lag = await self.store.queue.backlog()
             metrics.QUEUE_DEPTH.set(depth)
@@ -115,6 +122,7 @@ class Worker:
         """Process one transaction and commit everything it produced at once."""
         batch = Batch()
         unreadable: list[UnreadableEvent] = []
+        key_wait = self.config().e2ee.key_wait_s  # per transaction, for late room keys
         for stored in item.events:
             if isinstance(stored, UnreadableEvent):
                 unreadable.append(stored)
@@ -122,6 +130,16 @@ class Worker:
             event = stored.event
             try:
                 await self.handle_event(event, batch)
+                if event.get("type") == ENCRYPTED_EVENT and self.decryption.crypto is not None:
+                    started = time.monotonic()
+                    room = as_str(event.get("room_id")) or ""
+                    joined = self.tracker.joined(room, batch)
+                    plain = await self.decryption.decrypt(
+                        event, stored.seq, batch, wait=key_wait, joined=joined
+                    )
+                    key_wait = max(0.0, key_wait - (time.monotonic() - started))
+                    if plain is not None:
+                        await self.handle_event(plain, batch)
             except Exception as e:
                 # An event we cannot handle must not block the queue: record and move on.
                 log.exception(
@@ -146,6 +164,20 @@ class Worker:
             batch.audit,
             batch.state,
             rooms=list(batch.rooms.values()),
+        )
+        for callback in batch.after_commit:
+            callback()
+        if batch.actions:
+            self.on_actions()
+
+    async def _retry_decryption(self) -> None:
+        """Encrypted events whose keys arrived late: decrypted, recorded and handled in
+        one commit of their own."""
+        batch = await self.decryption.retry(self.handle_event)
+        if batch is None:
+            return
+        await self.store.queue.complete(
+            [], batch.actions, batch.audit, batch.state, rooms=list(batch.rooms.values())
         )
         for callback in batch.after_commit:
             callback()
@@ -198,6 +230,9 @@ class Worker:
         """Stage everything one event leads to: room bookkeeping, a command, enforcement."""
         cfg = self.config()
         self.tracker.on_event(event, batch, cfg)
+        if self.decryption.crypto is not None:
+            room = as_str(event.get("room_id")) or ""
+            await self.decryption.on_event(event, batch, self.tracker.joined(room, batch))
         if event.get("sender") == cfg.bot_mxid:
             return
         # A command message is judged like any message below: a command prefix must not be

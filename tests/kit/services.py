@@ -81,6 +81,12 @@ class _Base:
         #: what ``reload`` answers, and who asked.
         self.reload_result: tuple[bool, list[str]] = (False, ["reload is not available here"])
         self.reloads: list[str] = []
+        #: e2ee: what ``undecryptable_counts`` answers (by room)
+        self.undecryptable: dict[str, int] = {}
+
+    def undecryptable_counts(self) -> dict[str, int]:
+        """End-to-end encrypted events still undecryptable, by room (set by the test)."""
+        return self.undecryptable
 
     async def reload(self, who: str) -> tuple[bool, list[str]]:
         self.reloads.append(who)

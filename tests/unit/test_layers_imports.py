@@ -42,6 +42,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "scheduler": frozenset(),
     "matrix": frozenset(),
     "roles": frozenset(),
+    "e2ee": frozenset(),  # the crypto seam and its libolm implementation (issue 14)
     "store": frozenset({"audit"}),
     "config": frozenset({"policy", "roles"}),
     "registration": frozenset({"config"}),
@@ -51,6 +52,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
             "audit",
             "commands",
             "config",
+            "e2ee",
             "logs",
             "matrix",
             "metrics",
@@ -69,6 +71,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
             "audit",
             "commands",
             "config",
+            "e2ee",
             "http",
             "matrix",
             "metrics",

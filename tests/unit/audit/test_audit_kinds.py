@@ -25,6 +25,8 @@ def test_the_stored_values_are_plain_strings() -> None:
         "shred",
         "notice",
         "override",
+        "decrypted",
+        "undecryptable",
     ]
     assert AuditKind.RETROACTIVE == "retroactive" and f"{AuditKind.HOLD}" == "hold"
     assert (EXPIRY_KIND, SHRED_KIND) == (AuditKind.EXPIRY, AuditKind.SHRED)
@@ -44,4 +46,9 @@ def test_anything_else_is_an_event_type() -> None:
 
 
 def test_event_typed_kinds() -> None:
-    assert {AuditKind.EVENT, AuditKind.DECISION, AuditKind.GATE} == EVENT_TYPED_KINDS
+    assert {
+        AuditKind.EVENT,
+        AuditKind.DECISION,
+        AuditKind.GATE,
+        AuditKind.DECRYPTED,  # e2ee: the decrypted event's own type
+    } == EVENT_TYPED_KINDS
