@@ -121,3 +121,11 @@ DLP_REPORTS = Counter(
     ["rule"],
     registry=REGISTRY,
 )
+
+REPLICA_ROLE = Gauge(
+    "bridge_replica_role",
+    "1 for this replica's current role (leader: runs the worker, executor, sweepers and "
+    "jobs; follower: answers the gate and ingest only), 0 for the other",
+    ["role"],
+    registry=REGISTRY,
+)

@@ -31,7 +31,7 @@ from bridge.audit.chain import (
 from bridge.audit.codec import dumps
 from bridge.audit.crypto import GLOBAL_SCOPE, encrypt_record
 from bridge.audit.kinds import AuditKind
-from bridge.store.database import Backend, Database, log
+from bridge.store.database import CHAIN_LOCK_KEY, Backend, Database, advisory_xact_lock, log
 from bridge.store.keys import KeyRepository
 from bridge.store.models import AuditEntry, Plain, StoreUnavailable, now_ms
 from bridge.store.schema import checkpoints, records
@@ -60,6 +60,7 @@ _SQLITE_INSERT_RECORDS = (
 )
 _sha256 = hashlib.sha256
 _INSERT_RECORDS = insert(records)
+_LAST_RECORD = select(records.c.seq, records.c.hash).order_by(records.c.seq.desc()).limit(1)
 #: Kinds of non-event records (``--type`` parsing is
 #: :func:`bridge.audit.kinds.split_type_filter`).
 AUDIT_KINDS = tuple(k for k in AuditKind if k is not AuditKind.EVENT)
@@ -382,6 +383,8 @@ class RecordLog:
             for attempt in (0, 1):
                 try:
                     async with self.db.transaction() as conn:
+                        if self.db.backend is Backend.POSTGRESQL:
+                            await self._serialize(conn)
                         result = await fn(conn)
                 except IntegrityError:
                     self.reset()
@@ -394,6 +397,20 @@ class RecordLog:
                 self.committed()
                 return result
         raise AssertionError("unreachable")
+
+    async def _serialize(self, conn: AsyncConnection) -> None:
+        """PostgreSQL: take the chain lock for this transaction and continue from the head
+        in the database (replicas append to one chain; each transaction that appends holds
+        the lock until its commit, so the next one reads the head it left)."""
+        await advisory_xact_lock(conn, CHAIN_LOCK_KEY)
+        if self._next_seq is None or self._head is None:
+            await self.load_head(conn)
+            return
+        last = (await conn.execute(_LAST_RECORD)).first()
+        if (last[0] if last else 0) != self._next_seq - 1 or (
+            last is not None and bytes(last[1]) != self._head
+        ):
+            await self.load_head(conn)
 
     def adopt_tentative(self) -> None:
         """Take the appends so far in the open transaction as the head now (the schema 1
