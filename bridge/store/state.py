@@ -6,6 +6,7 @@ import base64
 from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.audit.crypto import OPERATIONAL_SCOPE, DataKey
@@ -82,12 +83,18 @@ class StateRepository:
         async with self.db.transaction() as conn:
             query = select(state.c.value).where(state.c.key == key)
             if not self.db.sqlite:
+                # a row to lock even on first use ("" reads as "nothing stored")
+                await conn.execute(
+                    pg_insert(state)
+                    .values(key=key, value=self._seal(key, ""))
+                    .on_conflict_do_nothing(index_elements=[state.c.key])
+                )
                 query = query.with_for_update()
             stored = (await conn.execute(query)).scalar()
             current = None
             if stored is not None:
                 dk = None if key in PLAIN_STATE_KEYS else await self.keys.op_key(create=False)
-                current = self._open(dk, key, stored)
+                current = self._open(dk, key, stored) or None
             value = await combine(current)
             await self.put(conn, key, value)
         return value

@@ -1,5 +1,6 @@
-"""A policy change stored by one replica reaches another replica's gate engine within a
-second, through the change notice; and the periodic re-read repairs a missed notice."""
+"""A policy change stored by one replica (runtime rules, overrides, the management room, a
+config reload) reaches another replica within a second, through the change notice; and the
+periodic re-read repairs a missed notice."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from pathlib import Path
 
 from bridge.pipeline.live_policy import LivePolicy, runtime_key
 from bridge.pipeline.management import MANAGEMENT_ROOM_KEY
-from bridge.pipeline.replicas import ReplicaHooks, ReplicaSync, broadcast_key
+from bridge.pipeline.replicas import CONFIG_TOPIC, ReplicaHooks, ReplicaSync, broadcast_key
 from bridge.policy.layers import add_keyword
 from bridge.policy.overrides import Grant, OverrideBook
 from bridge.store import Store, StoreSettings
-from bridge.store.changes import ChangeFeed
+from bridge.store.changes import ChangeFeed, publish
 from bridge.store.notice_rooms import OVERRIDES_KEY
 from tests.conftest import fresh_store_url
 from tests.kit.config import make_config
@@ -41,13 +42,18 @@ async def test_a_keyword_added_on_one_replica_is_enforced_by_another_within_a_se
     config = make_config()
     follower_policy, overrides = LivePolicy(config), OverrideBook()
     rooms: list[str] = []
+    reloads: list[str] = []
+
+    async def reload_config() -> None:
+        reloads.append("reload")
+
     sync = ReplicaSync(
         follower_store,
         ReplicaHooks(
             policy=lambda: follower_policy,
             overrides=overrides,
             set_management_room=rooms.append,
-            reload_config=asyncio.sleep,  # type: ignore[arg-type]
+            reload_config=reload_config,
             wake=lambda: None,
         ),
     )
@@ -70,6 +76,12 @@ async def test_a_keyword_added_on_one_replica_is_enforced_by_another_within_a_se
             assert time.monotonic() - sent < 1.0
             await asyncio.sleep(0.01)
         assert rooms == ["!mgmt:corp.example"]
+        async with leader_store.db.transaction() as conn:  # `!policy reload` on the leader
+            await publish(conn, leader_store.db.backend, CONFIG_TOPIC)
+        sent = time.monotonic()
+        while not reloads:
+            assert time.monotonic() - sent < 1.0
+            await asyncio.sleep(0.01)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
