@@ -554,8 +554,6 @@ class Bridge:
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
         await self.scheduler.stop(SHUTDOWN_STEP)
-        if self.lease is not None:  # a follower takes over at its next poll
-            await self.lease.release()
         if self.gate is not None:
             self.gate.close()  # its judging threads
         try:  # membership changes not yet written (for the federation confirmation counts)
@@ -567,6 +565,11 @@ class Bridge:
         except Exception as e:
             log.warning("could not write %d buffered audit records: %s", self.sink.pending, e)
         await self.session.close()
+        if self.lease is not None:  # after the last leader writes; a follower takes over now
+            try:
+                await asyncio.wait_for(self.lease.release(), SHUTDOWN_STEP)
+            except TimeoutError:
+                log.warning("could not release the leader lease; it expires on its own")
         try:
             # Signs the final checkpoint; bounded in case the database hangs.
             await asyncio.wait_for(self.store.close(), SHUTDOWN_STEP)
