@@ -444,8 +444,7 @@ class Bridge:
                 self.admin, self.store, self._submit, self.management.notify, cfg.bot_mxid
             )
             spawn(enroller.run(), "auto-enroll", TaskKind.ONE_OFF)
-        if self.lease is not None:
-            log.info("leader work started (management room %s)", self.management_room)
+        log.info("leader work started (management room %s)", self.management_room)
 
     async def _rollout_if_policy_changed(self) -> None:
         """After a restart or reload with a changed config, bring every managed room in line."""

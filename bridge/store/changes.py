@@ -30,6 +30,8 @@ from bridge.store.database import Backend
 log = logging.getLogger(__name__)
 
 CHANNEL = "bridge_changes"
+#: How the listening connection names itself (``pg_stat_activity.application_name``).
+APPLICATION_NAME = "policy-bridge-changes"
 #: The callback argument meaning "anything may have changed: re-read it all".
 EVERYTHING = "*"
 _NOTIFY = text("SELECT pg_notify(:channel, :topic)")
@@ -77,7 +79,7 @@ class ChangeFeed:
                 try:
                     await self._listen_once()
                     delay = 0.5
-                except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+                except Exception as e:  # whatever the connection did: it must outlive it
                     log.warning("change feed lost (%s); reconnecting", e.__class__.__name__)
                 self.listening.clear()
                 await asyncio.sleep(delay)
@@ -88,7 +90,10 @@ class ChangeFeed:
                 await dispatcher
 
     async def _listen_once(self) -> None:
-        conn = await asyncio.wait_for(asyncpg.connect(self._dsn), 10)
+        conn = await asyncio.wait_for(
+            asyncpg.connect(self._dsn, server_settings={"application_name": APPLICATION_NAME}),
+            10,
+        )
         try:
             await conn.add_listener(CHANNEL, self._notice)
             self.listening.set()

@@ -206,7 +206,7 @@ class Lease:
             budget = self.remaining() if leading else self.timing.ttl
             try:
                 held = await asyncio.wait_for(self.try_acquire(), max(0.05, budget))
-            except (TimeoutError, SQLAlchemyError, OSError) as e:
+            except Exception as e:  # the database away or stalled: the term runs out
                 held = False
                 if leading:
                     log.warning("cannot renew the leader lease: %s", e.__class__.__name__)

@@ -5,8 +5,8 @@ over three ``python -m bridge run`` processes (health checks on ``/_bridge/healt
 Under a steady send load the leader is SIGKILLed, then the next leader: every message
 Synapse accepted is archived exactly once, the gate never stops answering for longer than
 HAProxy needs to notice a dead replica, a keyword added by command is enforced by every
-replica's gate within a second, each ``notify`` hit gives exactly one notice, and
-``audit verify`` passes.
+replica's gate within a second, each ``notify`` hit gives exactly one notice (also the hits
+sent while the leaders die), and ``audit verify`` passes.
 """
 
 from __future__ import annotations
@@ -212,6 +212,7 @@ async def gate_allows(
 @dataclass
 class Load:
     sent: list[str] = field(default_factory=list)  # event IDs Synapse accepted
+    hits: int = 0  # of them, messages a `notify` rule matches
     refused: int = 0
     errors: int = 0
 
@@ -220,8 +221,12 @@ async def send_load(client: MatrixTestClient, room: str, load: Load, stop: async
     n = 0
     while not stop.is_set():
         n += 1
+        hit = n % 10 == 0  # every tenth message is a `notify` hit
         try:
-            load.sent.append(await client.send_text(room, f"steady message {n}"))
+            load.sent.append(
+                await client.send_text(room, f"steady {'wombat' if hit else 'message'} {n}")
+            )
+            load.hits += hit
         except MatrixError as e:
             if e.status == 403:
                 load.refused += 1
@@ -327,8 +332,8 @@ async def test_replicas_survive_losing_two_leaders(cluster: Cluster) -> None:
                 room = await alice.create_room(name="steady")
                 hits = [await alice.send_text(room, f"wombat sighting {i}") for i in range(3)]
 
-                async def notices() -> list[str] | None:
-                    events = await admin.messages(mgmt, limit=200)
+                async def notices(expected: int) -> list[str] | None:
+                    events = await admin.messages(mgmt, limit=1000)
                     found = [
                         e["content"]["body"]
                         for e in events
@@ -336,11 +341,11 @@ async def test_replicas_survive_losing_two_leaders(cluster: Cluster) -> None:
                         and "admin-notify" in e.get("content", {}).get("body", "")
                         and user.user_id in e["content"]["body"]
                     ]
-                    return found if len(found) >= 3 else None
+                    return found if len(found) >= expected else None
 
-                await wait_for(notices, timeout=30, message="three notify notices")
+                await wait_for(lambda: notices(3), timeout=30, message="three notify notices")
                 await asyncio.sleep(3)  # a duplicate would show up by now
-                assert len(await notices() or []) == 3
+                assert len(await notices(0) or []) == 3
                 # each refused send of the blocked keyword is refused by whichever replica
                 for i in range(6):
                     with pytest.raises(MatrixError):
@@ -363,11 +368,17 @@ async def test_replicas_survive_losing_two_leaders(cluster: Cluster) -> None:
                     await asyncio.sleep(4)
                 stop.set()
                 await asyncio.gather(sender, probe)
+                # the hits sent across both failovers: each noticed exactly once (a worker
+                # processing a transaction twice, or an action posted twice, shows here)
+                expected = 3 + load.hits
+                await wait_for(lambda: notices(expected), timeout=60, message=f"{expected} notices")
+                await asyncio.sleep(3)
+                assert len(await notices(0) or []) == expected
 
         print(  # the figures, for the record (pytest -s)
             f"replicas: takeovers {[round(t, 2) for t in takeovers]}s, gate gap max "
             f"{max(gaps):.2f}s (limit {GATE_GAP_LIMIT_S}s), policy spread {spread:.2f}s, "
-            f"{len(load.sent)} messages accepted"
+            f"{len(load.sent)} messages accepted, {load.hits} notify hits in them"
         )
         assert all(t < TAKEOVER_LIMIT_S for t in takeovers), takeovers
         assert load.errors == 0 and load.refused == 0, load

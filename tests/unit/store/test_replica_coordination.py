@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from bridge.archive.cli import verify_store
 from bridge.store import NewAction, Store, StoreSettings
-from bridge.store.changes import ChangeFeed
+from bridge.store.changes import APPLICATION_NAME, EVERYTHING, ChangeFeed
 from bridge.store.lease import Lease, LeaseLost, LeaseTiming, Role
 from bridge.store.process_lock import DatabaseInUse, SqliteProcessLock
 from bridge.store.queue import AlreadyProcessed
@@ -208,6 +208,41 @@ async def test_state_changes_reach_listeners_after_commit_only(pg_store: Store) 
             assert time.monotonic() - sent < 1.0
         await asyncio.sleep(0.2)
         assert [t for t, _ in got] == ["policy.dlp"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_change_feed_outlives_its_connection_and_re_reads_everything(
+    pg_store: Store,
+) -> None:
+    got: list[str] = []
+
+    async def on_change(topic: str) -> None:
+        got.append(topic)
+
+    feed = ChangeFeed(pg_store.db.url, on_change, resync=3600, check=0.2)
+    pg_store.state.broadcast = lambda key: key.startswith("policy.")
+    task = asyncio.create_task(feed.run())
+    try:
+        await asyncio.wait_for(feed.listening.wait(), 10)
+        await asyncio.sleep(0.2)
+        assert got == [EVERYTHING]
+        async with pg_store.db.transaction() as conn:  # the server drops the listener
+            await conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = :name AND datname = current_database()"
+                ),
+                {"name": APPLICATION_NAME},
+            )
+        while got.count(EVERYTHING) < 2:  # reconnected: whatever was missed is re-read
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(feed.listening.wait(), 10)
+        await pg_store.state.set("policy.dlp", "{}")
+        while "policy.dlp" not in got:
+            await asyncio.sleep(0.05)
+        assert not task.done()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
