@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.archive.cli import verify_store
+from bridge.scheduler import Scheduler, in_leader_task
 from bridge.store import NewAction, Store, StoreSettings
 from bridge.store.changes import APPLICATION_NAME, EVERYTHING, ChangeFeed
 from bridge.store.lease import Lease, LeaseLost, LeaseTiming, Role
@@ -143,6 +145,36 @@ async def test_a_takeover_waits_for_the_deposed_leaders_open_commit(pg_store: St
         assert not takeover.done()  # blocked by the share lock
     assert await takeover
     assert b.epoch == 2
+
+
+async def test_a_deposed_leaders_task_cannot_commit_while_ingest_goes_on(
+    pg_store: Store,
+) -> None:
+    """The fence as the bridge installs it: writes from leader tasks check the lease,
+    writes from anywhere else (ingest, the gate's audit records) do not."""
+    lease = Lease(pg_store.db, "a", FAST)
+
+    async def fence(conn: AsyncConnection) -> None:
+        if in_leader_task():
+            await lease.fence(conn)
+
+    pg_store.db.fence = fence
+    scheduler = Scheduler()
+    assert await lease.try_acquire()
+    await pg_store.queue.ingest("t1", events("f", 2))
+    (item,) = await pg_store.queue.pending()
+    successor = Lease(pg_store.db, "b", FAST)
+    while not await successor.try_acquire():  # "a" stalled; "b" took over
+        await asyncio.sleep(0.05)
+    notice = NewAction("send_notice", {"body": "late"}, "!room0:x")
+    task = scheduler.spawn_leader(pg_store.queue.complete([item.queue_id], [notice]), "worker")
+    assert task is not None
+    with pytest.raises(LeaseLost):
+        await task
+    await pg_store.queue.ingest("t2", events("g", 2))  # not a leader task: unaffected
+    assert [w.txn_id for w in await pg_store.queue.pending()] == ["t1", "t2"]
+    async with pg_store.db.connect() as conn:
+        assert (await conn.execute(select(func.count()).select_from(actions))).scalar() == 0
 
 
 async def test_run_hands_over_when_the_leader_stalls(pg_store: Store) -> None:
