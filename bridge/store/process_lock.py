@@ -31,8 +31,13 @@ class SqliteProcessLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock, or raise :class:`DatabaseInUse` naming the file and the holder."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        """Take the lock, or raise :class:`DatabaseInUse` naming the file and the holder
+        (StoreUnavailable if the lock file cannot be made)."""
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot create the lock file {self.path}: {e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -407,10 +407,28 @@ class RecordLog:
             await self.load_head(conn)
             return
         last = (await conn.execute(_LAST_RECORD)).first()
-        if (last[0] if last else 0) != self._next_seq - 1 or (
-            last is not None and bytes(last[1]) != self._head
-        ):
-            await self.load_head(conn)
+        mine, db_last = self._next_seq - 1, last[0] if last else 0
+        if db_last == mine and (last is None or bytes(last[1]) == self._head):
+            return  # nobody appended since this process did
+        if db_last > mine:
+            at_head = (
+                await conn.execute(select(records.c.hash).where(records.c.seq == mine))
+            ).scalar()
+            if mine == 0 or (at_head is not None and bytes(at_head) == self._head):
+                await self.load_head(conn)  # other replicas appended after this head
+                return
+            await self.load_head(conn)  # nothing else to append to; verify names the change
+        # The records up to this process's head differ from what it wrote (rewritten or
+        # removed in the database): it keeps its own head when it can, so the next
+        # checkpoint signs what it wrote and `audit verify` reports the change.
+        if self._mismatch_logged != (mine, db_last):
+            self._mismatch_logged = (mine, db_last)
+            log.error(
+                "the audit records in the database differ from those this bridge wrote (its "
+                "head: seq %d; the database's: seq %d); `audit verify` will name the records",
+                mine,
+                db_last,
+            )
 
     def adopt_tentative(self) -> None:
         """Take the appends so far in the open transaction as the head now (the schema 1
