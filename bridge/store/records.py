@@ -377,7 +377,10 @@ class RecordLog:
     async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``fn`` in one transaction under the append lock; adopt the head on commit.
 
-        A seq conflict (another process appended) reloads the head and retries once.
+        On PostgreSQL the transaction first takes the chain's advisory lock and continues
+        from the head in the database (:meth:`_serialize`): replicas append to one chain.
+        A seq conflict (another process appended without the lock) reloads the head and
+        retries once.
         """
         async with self.db.write_lock:
             for attempt in (0, 1):
