@@ -16,15 +16,17 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mautrix.errors import MatrixError
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bridge import __version__
+from bridge import __version__, metrics
 from bridge.archive.cli import verify_store
 from bridge.archive.jobs import CheckpointSigner, run_audit_jobs
 from bridge.archive.setup import audit_config
@@ -60,15 +62,26 @@ from bridge.pipeline.notices import SenderNotices
 from bridge.pipeline.ping import AppservicePing
 from bridge.pipeline.redelivery import RedeliveryNudger
 from bridge.pipeline.reload import Reloader, load_runtime_policy
+from bridge.pipeline.replicas import (
+    CONFIG_TOPIC,
+    WAKE_TOPIC,
+    LeaderWaker,
+    ReplicaHooks,
+    ReplicaSync,
+    broadcast_key,
+)
 from bridge.pipeline.retention_preview import count_expiring
 from bridge.pipeline.rollout import policy_fingerprint, rollout_if_policy_changed
 from bridge.pipeline.sweeper import RetentionSweeper
 from bridge.pipeline.worker import Worker
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.overrides import OverrideBook
-from bridge.scheduler import Scheduler, TaskKind
-from bridge.store import AuditEntry, NewAction, Store, StoreUnavailable
-from bridge.store.notice_rooms import load_overrides, save_overrides
+from bridge.scheduler import Scheduler, TaskKind, in_leader_task
+from bridge.store import AuditEntry, Backend, NewAction, Store, StoreUnavailable
+from bridge.store.changes import ChangeFeed, publish
+from bridge.store.lease import Lease, Role
+from bridge.store.notice_rooms import OVERRIDES_KEY, load_overrides
+from bridge.store.process_lock import SqliteProcessLock
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +120,50 @@ class Bridge:
         self.runner: web.AppRunner | None = None
         self.metrics_runner: web.AppRunner | None = None
         self.gate: Gate | None = None
-        self.crypto: RoomCrypto | None = None  # the bot's E2EE device (e2ee.enabled)
+        self.crypto: RoomCrypto | None = None  # the bot's E2EE device (e2ee.enabled, leader)
         self._e2ee_failed = False
+        # Replicas (see _setup_replicas): None on SQLite, where this process is the leader
+        # and holds the database's lock file.
+        self.lease: Lease | None = None
+        self.changes: ChangeFeed | None = None
+        self.replica_sync: ReplicaSync | None = None
+        self.sqlite_lock: SqliteProcessLock | None = None
+        self.waker = LeaderWaker(lambda: self._announce(WAKE_TOPIC))
 
     @property
     def management_room(self) -> str:
         """The management room's ID ("" until known)."""
         return self.management.room_id
 
+    @property
+    def role(self) -> Role:
+        """Leader (runs the worker, executor, sweepers, jobs) or follower (gate and ingest)."""
+        return Role.LEADER if self.lease is None else self.lease.role
+
     def _overrides_changed(self) -> None:
         self.scheduler.spawn(self._save_overrides(), "save-overrides", TaskKind.ONE_OFF)
 
     async def _save_overrides(self) -> None:
+        async def combine(stored: str | None) -> str:
+            self.overrides.merge(stored)  # what other replicas granted or used meanwhile
+            return self.overrides.dumps(time.time())
+
         async with self._overrides_lock:
-            await save_overrides(self.store, self.overrides.dumps(time.time()))
+            await self.store.state.merge(OVERRIDES_KEY, combine)
 
     async def _submit(self, actions: list[NewAction]) -> None:
         # Bound late: the management room is built before the executor it posts through.
         await self.executor.submit(actions)
+        self._wake_leader()
+
+    def _wake_leader(self) -> None:
+        """A follower queued work: wake the leader's worker and executor."""
+        if self.lease is not None and self.role is Role.FOLLOWER:
+            self.waker.poke()
+
+    def _committed(self) -> None:
+        self.worker.wake()
+        self._wake_leader()
 
     # -- building -----------------------------------------------------------------------
 
@@ -146,7 +185,7 @@ class Bridge:
             self.store,
             self.config.appservice.hs_token,
             allow_query_token=self.config.appservice.allow_query_token,
-            on_committed=lambda: self.worker.wake(),
+            on_committed=self._committed,
             accepting=lambda: self.accepting,
             on_refused=self.redelivery.refused,
             on_ephemeral=self._e2ee_received if self.config.e2ee.enabled else None,
@@ -164,7 +203,12 @@ class Bridge:
         app.add_routes(
             health_routes(
                 lambda: self.ready,
-                HealthInfo(self.version, self.started_monotonic, self.store.db.backend),
+                HealthInfo(
+                    self.version,
+                    self.started_monotonic,
+                    self.store.db.backend,
+                    role=lambda: str(self.role),
+                ),
             )
         )
         app.add_routes(main_listener_metrics(self.config.metrics))
@@ -172,12 +216,14 @@ class Bridge:
 
     async def open(self) -> None:
         """Open the store and start listening. Raises StoreUnavailable / OSError."""
-        from bridge.archive.setup import audit_config, open_store
+        from bridge.archive.setup import open_store
 
         cfg = self.config
+        self._lock_sqlite_file()
         # the encrypted audit store: keyring + checkpoint signing key from `audit:`
         self.store = await open_store(cfg)
         self.overrides.load(await load_overrides(self.store))
+        self._setup_replicas()
         self.session = ClientSession(timeout=ClientTimeout(total=60))
         self.client = make_client(
             cfg.homeserver.url, cfg.appservice.as_token, cfg.bot_mxid, self.session
@@ -262,9 +308,6 @@ class Bridge:
         site = web.TCPSite(self.runner, cfg.appservice.hostname, cfg.appservice.port)
         await site.start()
         self.scheduler.spawn(self.sink.run(), "audit-sink")
-        interval = audit_config(cfg).checkpoint_interval_s
-        signer = CheckpointSigner(self.store.records, interval)
-        self.scheduler.spawn(signer.run(), "audit-checkpoints")  # no record unsigned longer
         self.metrics_runner = await start_metrics_listener(cfg.metrics)
         self.scheduler.spawn(refresh_gauges(self.store), "metrics")
         log.info(
@@ -286,22 +329,119 @@ class Bridge:
                 await self.client.set_displayname(cfg.appservice.bot_displayname)
             except MatrixError as e:
                 log.warning("could not set the bot's display name: %s", e)
-        room = await management.bootstrap(self.client, self.store, cfg.bridge)
-        self.management.room_id = room
-        self.policy.set_management_room(room)
-        self.worker.tracker.joined_rooms.add(room)  # bootstrap() stored it joined
-        if cfg.e2ee.enabled:
-            await self._open_e2ee()
+        if self.lease is None:  # SQLite: this process is the leader, at once
+            await self._lead()
+        else:  # a follower until the lease says otherwise; the gate needs the room now
+            self._set_management_room(self.management.room_id)
         await self.ping.at_startup()
+        self.scheduler.spawn(self.redelivery.run(), "redelivery")
+        if self.lease is not None and self.changes is not None:
+            self.scheduler.spawn(self.changes.run(), "change-feed")
+            self.scheduler.spawn(self.lease.run(self._elected, self._deposed), "leader-lease")
+        self.ready = True
+        log.info(
+            "bridge ready (bot %s, management room %s, %s)",
+            cfg.bot_mxid,
+            self.management_room or "not known yet",
+            self.role,
+        )
+
+    # -- replicas -------------------------------------------------------------------------
+
+    def _lock_sqlite_file(self) -> None:
+        """SQLite: refuse to run next to another bridge process on the same file."""
+        url = make_url(self.config.database.url)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            self.sqlite_lock = SqliteProcessLock(Path(url.database))
+            self.sqlite_lock.acquire()
+
+    def _setup_replicas(self) -> None:
+        """PostgreSQL: the leader lease, its fence on the leader's writes, and the change
+        notices that keep every replica's gate up to date."""
+        if self.store.db.backend is not Backend.POSTGRESQL:
+            return
+        lease = self.lease = Lease(self.store.db)
+
+        async def fence(conn: AsyncConnection) -> None:
+            if in_leader_task():
+                await lease.fence(conn)
+
+        self.store.db.fence = fence
+        self.store.state.broadcast = broadcast_key
+        self.replica_sync = ReplicaSync(
+            self.store,
+            ReplicaHooks(
+                policy=lambda: self.policy,
+                overrides=self.overrides,
+                set_management_room=self._set_management_room,
+                reload_config=lambda: self.reloader.reload("another replica"),
+                wake=self._wake_local,
+            ),
+            self.config.bridge.management_room,
+        )
+        self.changes = ChangeFeed(self.store.db.url, self.replica_sync.on_change)
+        for role in Role:
+            metrics.REPLICA_ROLE.labels(str(role)).set_function(self._role_is(role))
+
+    def _role_is(self, role: Role) -> Callable[[], float]:
+        return lambda: 1.0 if self.role is role else 0.0
+
+    def _wake_local(self) -> None:
+        self.worker.wake()
+        self.executor.wake()
+
+    def _set_management_room(self, room: str) -> None:
+        if room and room != self.policy.management_room:
+            self.management.room_id = room
+            self.policy.set_management_room(room)
+
+    async def _elected(self, epoch: int) -> None:
+        self.scheduler.spawn_leader(self._lead(reload=True), "leader-start")
+
+    async def _deposed(self) -> None:
+        await self.scheduler.stop_leader(SHUTDOWN_STEP)
+        if self.crypto is not None:  # the next leader opens the bot's device
+            crypto, self.crypto = self.crypto, None
+            self.worker.decryption.crypto = None
+            self.executor.crypto = None
+            await crypto.close()
+
+    async def _announce(self, topic: str) -> None:
+        """Tell the other replicas (PostgreSQL) that ``topic`` changed."""
+        if self.lease is not None:
+            async with self.store.db.transaction() as conn:
+                await publish(conn, self.store.db.backend, topic)
+
+    async def _lead(self, reload: bool = False) -> None:
+        """Become the leader: start the work that runs once across replicas.
+
+        ``reload``: a replica taking over re-reads first what the previous leader changed
+        (rooms, commands awaiting confirmation, sweep counters, policy, overrides).
+        """
+        cfg = self.config
+        if reload:
+            await self.worker.load()
+            await self.sweeper.load()
+            await self.rooms.load()
+            if self.replica_sync is not None:
+                await self.replica_sync.on_change("*")
+        room = await management.bootstrap(self.client, self.store, cfg.bridge)
+        self._set_management_room(room)
+        self.worker.tracker.joined_rooms.add(room)  # bootstrap() stored it joined
+        if cfg.e2ee.enabled and self.crypto is None:
+            # One device for the bot: only the leader holds it open (docs/e2ee.md, replicas).
+            await self._open_e2ee()
         await self._rollout_if_policy_changed()
-        spawn = self.scheduler.spawn
+        spawn = self.scheduler.spawn_leader
         spawn(self.worker.run(), "worker")
         spawn(self.executor.run(), "executor")
         resumed = await retroactive.resume(self)
         if resumed:
             log.info("resumed %d unfinished retroactive DLP scan(s)", resumed)
-        spawn(self.redelivery.run(), "redelivery")
         spawn(self.sweeper.run(), "retention-sweeper")
+        interval = audit_config(cfg).checkpoint_interval_s
+        signer = CheckpointSigner(self.store.records, interval)
+        spawn(signer.run(), "audit-checkpoints")  # no record unsigned longer
         spawn(  # archive expiry, checkpoint notices
             run_audit_jobs(
                 cfg,
@@ -317,8 +457,7 @@ class Bridge:
                 self.admin, self.store, self._submit, self.management.notify, cfg.bot_mxid
             )
             spawn(enroller.run(), "auto-enroll", TaskKind.ONE_OFF)
-        self.ready = True
-        log.info("bridge ready (bot %s, management room %s)", cfg.bot_mxid, self.management_room)
+        log.info("leader work started (management room %s)", self.management_room)
 
     async def _e2ee_received(self, payload: Mapping[str, Any]) -> None:
         """A transaction's to-device part: to the bot's device (503 until it is open)."""
@@ -366,6 +505,8 @@ class Bridge:
 
     async def _rollout_if_policy_changed(self) -> None:
         """After a restart or reload with a changed config, bring every managed room in line."""
+        if self.role is not Role.LEADER:
+            return  # the leader rolls out (a follower reloading its config follows it)
         await rollout_if_policy_changed(
             self.store,
             self.rooms,
@@ -384,8 +525,12 @@ class Bridge:
     # -- services (what commands call) -------------------------------------------------
 
     async def reload(self, who: str) -> tuple[bool, list[str]]:
-        """Re-read the config file (see :class:`bridge.pipeline.reload.Reloader`)."""
-        return await self.reloader.reload(who)
+        """Re-read the config file (see :class:`bridge.pipeline.reload.Reloader`); every
+        other replica then re-reads its own."""
+        result = await self.reloader.reload(who)
+        if result[0]:
+            await self._announce(CONFIG_TOPIC)
+        return result
 
     def undecryptable_counts(self) -> Mapping[str, int]:
         """End-to-end encrypted events still undecryptable, by room."""
@@ -429,9 +574,7 @@ class Bridge:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(
             signal.SIGHUP,
-            lambda: self.scheduler.spawn(
-                self.reloader.reload_and_report("SIGHUP"), "reload", TaskKind.ONE_OFF
-            ),
+            lambda: self.scheduler.spawn(self._sighup(), "reload", TaskKind.ONE_OFF),
         )
         await self.open()
         try:
@@ -448,6 +591,10 @@ class Bridge:
         finally:
             await self.close()
         return self.exit_code
+
+    async def _sighup(self) -> None:
+        await self.reloader.reload_and_report("SIGHUP")
+        await self._announce(CONFIG_TOPIC)
 
     async def close(self) -> None:
         """Stop taking transactions, let the commit in flight finish, stop tasks, close.
@@ -480,11 +627,18 @@ class Bridge:
         if self.crypto is not None:
             await self.crypto.close()
         await self.session.close()
+        if self.lease is not None:  # after the last leader writes; a follower takes over now
+            try:
+                await asyncio.wait_for(self.lease.release(), SHUTDOWN_STEP)
+            except TimeoutError:
+                log.warning("could not release the leader lease; it expires on its own")
         try:
             # Signs the final checkpoint; bounded in case the database hangs.
             await asyncio.wait_for(self.store.close(), SHUTDOWN_STEP)
         except Exception as e:
             log.warning("closing the store failed: %s", e.__class__.__name__)
+        if self.sqlite_lock is not None:
+            self.sqlite_lock.release()
         log.info("bridge stopped")
 
 

@@ -141,3 +141,10 @@ E2EE_PENDING = Gauge(
     ["room_id"],
     registry=REGISTRY,
 )
+REPLICA_ROLE = Gauge(
+    "bridge_replica_role",
+    "1 for this replica's current role (leader: runs the worker, executor, sweepers and "
+    "jobs; follower: answers the gate and ingest only), 0 for the other",
+    ["role"],
+    registry=REGISTRY,
+)

@@ -7,17 +7,31 @@ Every background task of a running bridge is started through one :class:`Schedul
 * a *one-off* task (a reload, auto-enrolment, a ping, a management-room notice, a
   retroactive scan, room bookkeeping) that fails is logged and the bridge carries on;
 * :meth:`Scheduler.stop` cancels everything still running and waits for it, bounded.
+
+Replicas (several processes on one PostgreSQL database): the work that must run once (the
+worker, executor, sweepers, jobs) is started with :meth:`Scheduler.spawn_leader` when this
+replica becomes the leader, and :meth:`Scheduler.stop_leader` cancels it, and every task
+those tasks spawned, when its term ends. Code running in such a task sees
+:func:`in_leader_task` true: the store fences its writes with the lease.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+_LEADER_TASK: contextvars.ContextVar[bool] = contextvars.ContextVar("leader_task", default=False)
+
+
+def in_leader_task() -> bool:
+    """Whether the running code belongs to the leader's work (:meth:`Scheduler.spawn_leader`)."""
+    return _LEADER_TASK.get()
 
 
 class TaskKind(enum.Enum):
@@ -37,6 +51,7 @@ class Scheduler:
     def __init__(self, on_critical_death: Callable[[str, BaseException], None] | None = None):
         self._on_critical_death = on_critical_death
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._leader: set[asyncio.Task[Any]] = set()
         self._stopping = False
 
     @property
@@ -66,8 +81,45 @@ class Scheduler:
             return None
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
+        if in_leader_task():  # spawned by leader work: ends with the term
+            self._leader.add(task)
+            task.add_done_callback(self._leader.discard)
         task.add_done_callback(self._critical_done if kind is TaskKind.CRITICAL else self._done)
         return task
+
+    def spawn_leader(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        name: str,
+        kind: TaskKind = TaskKind.CRITICAL,
+    ) -> asyncio.Task[Any] | None:
+        """:meth:`spawn` a task of the leader's work (cancelled by :meth:`stop_leader`)."""
+        if self._stopping:
+            coro.close()
+            return None
+        context = contextvars.copy_context()
+        context.run(_LEADER_TASK.set, True)
+        task = asyncio.get_running_loop().create_task(coro, name=name, context=context)
+        self._tasks.add(task)
+        self._leader.add(task)
+        task.add_done_callback(self._leader.discard)
+        task.add_done_callback(self._critical_done if kind is TaskKind.CRITICAL else self._done)
+        return task
+
+    @property
+    def leader_tasks(self) -> list[asyncio.Task[Any]]:
+        """The leader's tasks still running."""
+        return [t for t in self._leader if not t.done()]
+
+    async def stop_leader(self, limit_s: float) -> None:
+        """Cancel the leader's work (its term ended) and wait up to ``limit_s`` seconds."""
+        tasks = self.leader_tasks
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=limit_s)
+            if pending:
+                log.warning("%d leader task(s) did not stop within %ss", len(pending), limit_s)
 
     def _critical_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

@@ -134,16 +134,25 @@ def prepare_stack(
 class BridgeProcess:
     """``python -m bridge run -c CONFIG`` as a child process."""
 
-    def __init__(self, config_path: Path, log_path: Path, port: int) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        log_path: Path,
+        port: int,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.config_path = config_path
         self.log_path = log_path
         self.port = port
+        #: Extra environment (e.g. ``POLICY_BRIDGE__APPSERVICE__PORT`` for a replica).
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait: bool = True, timeout: float = 60.0) -> None:
         """Start the bridge; with ``wait``, block until it reports ready."""
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(self.env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bridge", "run", "-c", str(self.config_path)],

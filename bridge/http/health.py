@@ -8,7 +8,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,6 +30,8 @@ class HealthInfo:
     version: str
     started_monotonic: float
     database: str  # the store's backend
+    #: "leader" or "follower" right now (replicas on PostgreSQL; always leader on SQLite)
+    role: Callable[[], str] = field(default=lambda: "leader")
 
 
 def health_routes(ready: Callable[[], bool], info: HealthInfo) -> list[web.RouteDef]:
@@ -55,6 +57,7 @@ def health_routes(ready: Callable[[], bool], info: HealthInfo) -> list[web.Route
                 "version": info.version,
                 "uptime_s": round(time.monotonic() - info.started_monotonic, 1),
                 "database": info.database,
+                "role": info.role(),
             },
             status=200 if ok else 503,
         )

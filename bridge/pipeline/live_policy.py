@@ -134,6 +134,28 @@ class LivePolicy:
             after_commit=(lambda: self.apply(candidate, engine, section=section),),
         )
 
+    def replace(
+        self,
+        runtime: Mapping[str, Mapping[str, Any]],
+        room_spaces: Mapping[str, tuple[str, ...]],
+    ) -> bool:
+        """Swap in runtime documents and the room→spaces map another replica stored; the
+        engine is rebuilt once, and only if something differs. Raises ValueError on bad
+        rules (nothing changes then). Returns whether anything changed."""
+        docs = {k: dict(v) for k, v in runtime.items() if v}
+        mine = {k: v for k, v in self.runtime.items() if v}
+        if docs == mine and dict(room_spaces) == self.room_spaces:
+            return False
+        old_spaces = self.room_spaces
+        self.room_spaces = dict(room_spaces)
+        try:
+            engine = self._build(docs)
+        except ValueError:
+            self.room_spaces = old_spaces
+            raise
+        self.engine, self.runtime = engine, docs
+        return True
+
     def set_management_room(self, room_id: str) -> None:
         """Exempt the management room from DLP (rebuilds the engine)."""
         self.management_room = room_id

@@ -31,7 +31,7 @@ from bridge.policy.notices import (
 )
 from bridge.scheduler import Scheduler, TaskKind
 from bridge.store import AuditEntry, NewAction, Store
-from bridge.store.notice_rooms import load_ledger, save_ledger
+from bridge.store.notice_rooms import update_ledger
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,23 @@ class SenderNotices:
     async def handle(self, sender: str, refusal: Refusal, finding: Finding) -> Decision:
         """Decide, store the ledger, queue the notice, record the decision."""
         async with self._lock:
-            ledger = Ledger.loads(await load_ledger(self.store, sender))
-            decision = decide(
-                ledger, refusal, self._settings(), notify_sender=finding.notify_sender
-            )
-            await save_ledger(self.store, sender, decision.ledger.dumps())
+            decided: list[Decision] = []
+
+            async def change(stored: str | None) -> str:
+                decided[:] = [
+                    decide(
+                        Ledger.loads(stored),
+                        refusal,
+                        self._settings(),
+                        notify_sender=finding.notify_sender,
+                    )
+                ]
+                return decided[0].ledger.dumps()
+
+            # one transaction, the ledger row locked: another replica refusing the same
+            # sender at the same moment decides after this one, on its result
+            await update_ledger(self.store, sender, change)
+            decision = decided[0]
             if decision.outcome is NoticeOutcome.SENT:
                 settings = self._settings()
                 text, html = render(

@@ -105,6 +105,17 @@ class OverrideBook:
             return
         self._grants = {g.ref: g for g in items}
 
+    def merge(self, text: str | None) -> None:
+        """Take in grants another replica stored (``text`` as :meth:`dumps` writes it):
+        unknown grants are added; for a grant known to both, the later-expiring one wins,
+        and of the same grant, used or revoked on either side stays so. Grants only ever
+        move towards used/revoked, so merging in any order gives the same book."""
+        other = OverrideBook()
+        other.load(text)
+        for ref, theirs in other._grants.items():
+            mine = self._grants.get(ref)
+            self._grants[ref] = theirs if mine is None else merged_grant(mine, theirs)
+
     def dumps(self, now: float | None = None) -> str:
         """The grants as JSON (those expired for a day are left out, if ``now`` is given)."""
         keep = [
@@ -146,6 +157,13 @@ class OverrideBook:
                 self._changed()
                 return grant
         return None
+
+
+def merged_grant(a: Grant, b: Grant) -> Grant:
+    """One grant from two copies of it (see :meth:`OverrideBook.merge`)."""
+    if a.expires != b.expires:
+        return a if a.expires > b.expires else b
+    return replace(a, used=a.used or b.used, revoked_by=a.revoked_by or b.revoked_by)
 
 
 def override_digest(key: str, callback: str, body: Mapping[str, Any], verdict: Verdict) -> str:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,18 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+#: PostgreSQL advisory lock keys (transaction-scoped, ``pg_advisory_xact_lock``): replicas
+#: on one database serialise on them. CHAIN: every transaction that appends to the record
+#: chain (the head is re-read under it); SCHEMA: creating or migrating the schema.
+CHAIN_LOCK_KEY = 0x62726964_63686E  # "bridchn"
+SCHEMA_LOCK_KEY = 0x62726964_736368  # "bridsch"
+
+
+async def advisory_xact_lock(conn: AsyncConnection, key: int) -> None:
+    """Hold the PostgreSQL advisory lock ``key`` until ``conn``'s transaction ends."""
+    await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
 
 PRIVATE_FILE = 0o600
@@ -78,6 +90,9 @@ class Database:
         #: Serialises, within this process, the writes that append to the record chain and
         #: those that must not interleave with one (expiry batches, key re-wrapping).
         self.write_lock = asyncio.Lock()
+        #: Run first in every write transaction (:meth:`transaction`): replicas install the
+        #: leader lease's fence here, which refuses a deposed leader's writes.
+        self.fence: Callable[[AsyncConnection], Awaitable[None]] | None = None
 
     @classmethod
     def create(cls, url: str, *, pool_size: int) -> Database:
@@ -125,6 +140,8 @@ class Database:
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """A connection in a transaction: committed at the end, rolled back on error."""
         async with self.engine.begin() as conn:
+            if self.fence is not None:
+                await self.fence(conn)
             yield conn
 
     @contextlib.asynccontextmanager

@@ -8,6 +8,7 @@ notice room accepts. The user's ledger of recent refusals is kept there too.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -47,6 +48,14 @@ async def load_ledger(store: Store, user_id: str) -> str | None:
 async def save_ledger(store: Store, user_id: str, text: str) -> None:
     """Store the notice ledger of ``user_id``."""
     await store.state.set(_LEDGER_KEY + user_id, text)
+
+
+async def update_ledger(
+    store: Store, user_id: str, change: Callable[[str | None], Awaitable[str]]
+) -> str:
+    """Read, change and store the notice ledger of ``user_id`` in one transaction, the row
+    locked: replicas refusing the same sender at once do not lose each other's entries."""
+    return await store.state.merge(_LEDGER_KEY + user_id, change)
 
 
 OVERRIDES_KEY = "notices.overrides"  # the overrides granted (JSON, see bridge.policy.overrides)

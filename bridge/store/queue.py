@@ -48,6 +48,10 @@ _KNOWN_EVENTS = select(records.c.event_id_idx).where(
 _INSERT_TXN = insert(transactions)
 
 
+class AlreadyProcessed(StoreUnavailable):
+    """A transaction being marked processed was processed by another worker already."""
+
+
 @dataclass(frozen=True, slots=True)
 class UnreadableEvent(StoredEvent):
     """An event of a pending transaction that cannot be read back (its ciphertext expired
@@ -203,13 +207,23 @@ class WorkQueue:
             return items
 
     async def mark_processed(self, conn: AsyncConnection, queue_ids: Sequence[int]) -> None:
-        """Mark the transactions ``queue_ids`` processed, in ``conn``."""
+        """Mark the transactions ``queue_ids`` processed, in ``conn``.
+
+        Only rows still pending are marked; if any was marked by someone else meanwhile (two
+        leaders overlapping), :class:`AlreadyProcessed` rolls the whole commit back, so
+        nothing processing produced is stored twice."""
         if queue_ids:
-            await conn.execute(
+            ids = list(dict.fromkeys(queue_ids))
+            marked = await conn.execute(
                 update(transactions)
-                .where(transactions.c.id.in_(list(queue_ids)))
+                .where(transactions.c.id.in_(ids), transactions.c.processed.is_(False))
                 .values(processed=True)
             )
+            if marked.rowcount != len(ids):
+                raise AlreadyProcessed(
+                    f"{len(ids) - marked.rowcount} of {len(ids)} transactions were processed "
+                    "by another worker"
+                )
 
     async def complete(
         self,

@@ -31,7 +31,7 @@ from bridge.audit.chain import (
 from bridge.audit.codec import dumps
 from bridge.audit.crypto import GLOBAL_SCOPE, encrypt_record
 from bridge.audit.kinds import AuditKind
-from bridge.store.database import Backend, Database, log
+from bridge.store.database import CHAIN_LOCK_KEY, Backend, Database, advisory_xact_lock, log
 from bridge.store.keys import KeyRepository
 from bridge.store.models import AuditEntry, Plain, StoreUnavailable, now_ms
 from bridge.store.schema import checkpoints, records
@@ -60,6 +60,7 @@ _SQLITE_INSERT_RECORDS = (
 )
 _sha256 = hashlib.sha256
 _INSERT_RECORDS = insert(records)
+_LAST_RECORD = select(records.c.seq, records.c.hash).order_by(records.c.seq.desc()).limit(1)
 #: Kinds of non-event records (``--type`` parsing is
 #: :func:`bridge.audit.kinds.split_type_filter`).
 AUDIT_KINDS = tuple(k for k in AuditKind if k is not AuditKind.EVENT)
@@ -376,12 +377,17 @@ class RecordLog:
     async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``fn`` in one transaction under the append lock; adopt the head on commit.
 
-        A seq conflict (another process appended) reloads the head and retries once.
+        On PostgreSQL the transaction first takes the chain's advisory lock and continues
+        from the head in the database (:meth:`_serialize`): replicas append to one chain.
+        A seq conflict (another process appended without the lock) reloads the head and
+        retries once.
         """
         async with self.db.write_lock:
             for attempt in (0, 1):
                 try:
                     async with self.db.transaction() as conn:
+                        if self.db.backend is Backend.POSTGRESQL:
+                            await self._serialize(conn)
                         result = await fn(conn)
                 except IntegrityError:
                     self.reset()
@@ -394,6 +400,38 @@ class RecordLog:
                 self.committed()
                 return result
         raise AssertionError("unreachable")
+
+    async def _serialize(self, conn: AsyncConnection) -> None:
+        """PostgreSQL: take the chain lock for this transaction and continue from the head
+        in the database (replicas append to one chain; each transaction that appends holds
+        the lock until its commit, so the next one reads the head it left)."""
+        await advisory_xact_lock(conn, CHAIN_LOCK_KEY)
+        if self._next_seq is None or self._head is None:
+            await self.load_head(conn)
+            return
+        last = (await conn.execute(_LAST_RECORD)).first()
+        mine, db_last = self._next_seq - 1, last[0] if last else 0
+        if db_last == mine and (last is None or bytes(last[1]) == self._head):
+            return  # nobody appended since this process did
+        if db_last > mine:
+            at_head = (
+                await conn.execute(select(records.c.hash).where(records.c.seq == mine))
+            ).scalar()
+            if mine == 0 or (at_head is not None and bytes(at_head) == self._head):
+                await self.load_head(conn)  # other replicas appended after this head
+                return
+            await self.load_head(conn)  # nothing else to append to; verify names the change
+        # The records up to this process's head differ from what it wrote (rewritten or
+        # removed in the database): it keeps its own head when it can, so the next
+        # checkpoint signs what it wrote and `audit verify` reports the change.
+        if self._mismatch_logged != (mine, db_last):
+            self._mismatch_logged = (mine, db_last)
+            log.error(
+                "the audit records in the database differ from those this bridge wrote (its "
+                "head: seq %d; the database's: seq %d); `audit verify` will name the records",
+                mine,
+                db_last,
+            )
 
     def adopt_tentative(self) -> None:
         """Take the appends so far in the open transaction as the head now (the schema 1

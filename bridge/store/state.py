@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.audit.crypto import OPERATIONAL_SCOPE, DataKey
+from bridge.store.changes import publish
 from bridge.store.database import Database
 from bridge.store.keys import INDEX_CHECK_KEY, KeyRepository
 from bridge.store.models import StoreError
@@ -27,6 +29,9 @@ class StateRepository:
     def __init__(self, db: Database, keys: KeyRepository) -> None:
         self.db = db
         self.keys = keys
+        #: Which keys every replica caches: a write of one publishes a change notice
+        #: (:mod:`.changes`) in its transaction. Set by the wiring; none by default.
+        self.broadcast: Callable[[str], bool] = lambda _key: False
 
     def _seal(self, key: str, value: str) -> str:
         if key in PLAIN_STATE_KEYS:
@@ -66,6 +71,33 @@ class StateRepository:
         updated = await conn.execute(update(state).where(state.c.key == key).values(value=stored))
         if updated.rowcount == 0:
             await conn.execute(insert(state).values(key=key, value=stored))
+        if self.broadcast(key):
+            await publish(conn, self.db.backend, key)
+
+    async def merge(self, key: str, combine: Callable[[str | None], Awaitable[str]]) -> str:
+        """Read-modify-write ``key`` in one transaction, the row locked (PostgreSQL) so
+        replicas writing the same key concurrently do not lose each other's changes:
+        ``combine(stored value or None)`` returns the value written (and returned)."""
+        if key not in PLAIN_STATE_KEYS:
+            await self.keys.op_key()
+        async with self.db.transaction() as conn:
+            query = select(state.c.value).where(state.c.key == key)
+            if not self.db.sqlite:
+                # a row to lock even on first use ("" reads as "nothing stored")
+                await conn.execute(
+                    pg_insert(state)
+                    .values(key=key, value=self._seal(key, ""))
+                    .on_conflict_do_nothing(index_elements=[state.c.key])
+                )
+                query = query.with_for_update()
+            stored = (await conn.execute(query)).scalar()
+            current = None
+            if stored is not None:
+                dk = None if key in PLAIN_STATE_KEYS else await self.keys.op_key(create=False)
+                current = self._open(dk, key, stored) or None
+            value = await combine(current)
+            await self.put(conn, key, value)
+        return value
 
     async def get(self, key: str) -> str | None:
         """The value of ``key``, or None."""

@@ -4,7 +4,9 @@ Records are the audit store of issue 3 (see :mod:`bridge.audit.crypto` and
 :mod:`bridge.audit.chain`): each record's JSON is AES-256-GCM ciphertext under its room's
 data key (wrapped by the keyring's current KEK), queryable fields are blind indexes, and
 every record is hash-chained to the previous one. Appends to the record sequence are
-serialised by an in-process lock: one bridge process owns a store (another process
+serialised by an in-process lock and, on PostgreSQL, by a transaction-scoped advisory lock
+under which the head is re-read, so several replicas append to one chain
+(:meth:`RecordLog.write`). On SQLite one bridge process owns a store (another process
 appending, e.g. ``audit export`` recording itself, makes a concurrent append fail on the
 seq primary key; the store then reloads the chain head and retries once).
 

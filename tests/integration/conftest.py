@@ -97,6 +97,11 @@ async def accept_invites(client: MatrixTestClient, timeout: float = 15) -> list[
 @pytest.fixture(scope="session")
 async def management_room(stack: Stack) -> str:
     """The management room the bridge created, joined by the admin and the auditor."""
+
+    async def leading() -> bool:  # on PostgreSQL the room is created after ready
+        return "leader work started" in stack.bridge.log_path.read_text("utf-8", "replace")
+
+    await wait_for(leading, timeout=30, message="the leader's start")
     async with stack.client(stack.admin) as admin:
         rooms = await accept_invites(admin)
     assert len(rooms) == 1, rooms

@@ -129,6 +129,12 @@ def fault_stack(
 
 
 async def management_room(fs: FaultStack) -> str:
+    # On PostgreSQL the bridge is ready (serving gate and ingest) before it holds the leader
+    # lease and creates the room; an initial sync before that is cached by Synapse.
+    async def leading() -> bool:
+        return "leader work started" in bridge_log(fs)
+
+    await wait_for(leading, timeout=30, message="the leader's start")
     async with fs.client() as admin:
         [room] = await accept_invites(admin, timeout=30)
     return room

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.store import schema
 from bridge.store.actions import ActionQueue
-from bridge.store.database import Backend, Database, log
+from bridge.store.database import SCHEMA_LOCK_KEY, Backend, Database, advisory_xact_lock, log
 from bridge.store.keys import INDEX_CHECK_KEY, KeyRepository
 from bridge.store.models import StoreError
 from bridge.store.records import RecordLog
@@ -108,6 +108,8 @@ async def migrate(ctx: MigrationContext, *, create: bool = True) -> None:
             # migration (renames, new tables, drops) is inside the one transaction too
             await conn.exec_driver_sql("BEGIN IMMEDIATE" if create else "BEGIN")
         try:
+            if not sqlite:  # replicas starting together: one creates/migrates, the rest wait
+                await advisory_xact_lock(conn, SCHEMA_LOCK_KEY)
             migrated = await _migrate(ctx, conn, create)
         except BaseException:
             await conn.rollback()
