@@ -35,9 +35,12 @@ class HealthInfo:
 
 
 def health_routes(ready: Callable[[], bool], info: HealthInfo) -> list[web.RouteDef]:
-    """``/_bridge/health/live``, ``/_bridge/health/ready``, ``/_bridge/health``.
+    """``/_bridge/health/live``, ``/_bridge/health/ready``, ``/_bridge/health/leader``,
+    ``/_bridge/health``.
 
-    ``ready`` says whether the bridge has started and not begun to stop.
+    ``ready`` says whether the bridge has started and not begun to stop. ``leader`` answers
+    200 only on the ready leader: a load balancer can send the appservice transactions there
+    when the bot's E2EE device (held by the leader) must receive their to-device part.
     """
 
     async def live(_: web.Request) -> web.Response:
@@ -48,6 +51,12 @@ def health_routes(ready: Callable[[], bool], info: HealthInfo) -> list[web.Route
         return web.json_response(
             {"status": "ready" if ok else "starting"}, status=200 if ok else 503
         )
+
+    async def leader_route(_: web.Request) -> web.Response:
+        role = info.role()
+        ok = ready() and role == "leader"
+        return web.json_response({"status": "ready" if ready() else "starting", "role": role},
+                                 status=200 if ok else 503)  # fmt: skip
 
     async def summary(_: web.Request) -> web.Response:
         ok = ready()
@@ -65,6 +74,7 @@ def health_routes(ready: Callable[[], bool], info: HealthInfo) -> list[web.Route
     return [
         web.get("/_bridge/health/live", live),
         web.get("/_bridge/health/ready", ready_route),
+        web.get("/_bridge/health/leader", leader_route),
         web.get("/_bridge/health", summary),
     ]
 

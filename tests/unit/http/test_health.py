@@ -29,6 +29,22 @@ async def test_health_follows_readiness() -> None:
         assert (await client.get("/metrics")).status == 200
 
 
+async def test_leader_route_answers_only_on_the_ready_leader() -> None:
+    ready, role = [False], ["leader"]
+    app = web.Application()
+    info = HealthInfo("9.9", time.monotonic(), "postgresql", role=lambda: role[0])
+    app.add_routes(health_routes(lambda: ready[0], info))
+    async with TestClient(TestServer(app)) as client:
+        assert (await client.get("/_bridge/health/leader")).status == 503  # starting
+        ready[0] = True
+        resp = await client.get("/_bridge/health/leader")
+        assert resp.status == 200 and (await resp.json())["role"] == "leader"
+        role[0] = "follower"
+        resp = await client.get("/_bridge/health/leader")
+        assert resp.status == 503 and (await resp.json())["role"] == "follower"
+        assert (await client.get("/_bridge/health/ready")).status == 200  # still serves
+
+
 async def test_gauges_come_from_the_store(store: Store) -> None:
     await store.actions.enqueue([NewAction("join", {}, room_id="!r:x")])
     await refresh_gauges_once(store)
