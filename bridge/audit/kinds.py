@@ -28,6 +28,8 @@ class AuditKind(StrEnum):
     SHRED = "shred"  # a room key destroyed
     NOTICE = "notice"  # a policy notice to a blocked sender (sent, grouped or held back)
     OVERRIDE = "override"  # an override with justification: granted, used or revoked
+    LOGIN = "login"  # a console login: succeeded, failed, refused (no role), logged out
+    ACCESS = "access"  # a console read: a record viewed, a search, a verify run
 
 
 #: Kinds whose ``type`` is a Matrix event type (the event's own, or the type of the event
