@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
@@ -60,6 +61,16 @@ from bridge.store.models import now_ms
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent the request: their session and role (None: no session, or no role)."""
+
+    session: Session | None = None
+    role: Role | None = None
+
+
+CALLER = web.RequestKey("console_caller", Caller)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _LOGIN_NONCE = "policy-console-login"
 _SSO_TTL_S = 600
@@ -133,8 +144,8 @@ class Console:
     def render(
         self, request: web.Request, template: str, status: int = 200, **context: Any
     ) -> web.Response:
-        session: Session | None = request.get("session")
-        role: Role | None = request.get("role")
+        session: Session | None = _caller(request).session
+        role: Role | None = _caller(request).role
         body = self.env.get_template(template).render(
             base=self.base,
             url=self.url,
@@ -184,16 +195,15 @@ class Console:
         CSRF check of every POST."""
         public = request.match_info.handler in self.public_handlers()
         session = await self.sessions.lookup(request.cookies.get(self.cookies.name))
-        request["session"] = session
-        if session is not None:
-            request["role"] = self.role_of(session.user_id)
+        caller = Caller(session, self.role_of(session.user_id) if session else None)
+        request[CALLER] = caller
         if public:
             return await handler(request)
         if session is None:
             raise web.HTTPSeeOther(self.url("/login"))
-        if request.get("role") is None:
+        if caller.role is None:
             await self.sessions.end(session.id)
-            request["session"] = None
+            request[CALLER] = Caller()
             response = self.render(request, "refused.html", 403, who=session.user_id)
             response.del_cookie(self.cookies.name, path="/")
             return response
@@ -213,7 +223,7 @@ class Console:
     # -- login ----------------------------------------------------------------------------
 
     async def login_page(self, request: web.Request) -> web.Response:
-        if request.get("session") is not None and request.get("role") is not None:
+        if _caller(request).session is not None and _caller(request).role is not None:
             raise web.HTTPSeeOther(self.url("/"))
         return await self._login_form(request)
 
@@ -381,7 +391,8 @@ class Console:
         raise response
 
     async def logout(self, request: web.Request) -> web.Response:
-        session: Session = request["session"]
+        session = _caller(request).session
+        assert session is not None
         await self.sessions.end(session.id)
         await self.audit(AuditKind.LOGIN, "logout", session.user_id, {})
         response = web.HTTPSeeOther(self.url("/login"))
@@ -399,7 +410,8 @@ class Console:
     # -- pages ----------------------------------------------------------------------------
 
     def _who(self, request: web.Request) -> str:
-        session: Session = request["session"]
+        session = _caller(request).session
+        assert session is not None
         return session.user_id
 
     async def overview(self, request: web.Request) -> web.Response:
@@ -522,7 +534,7 @@ class Console:
         )
 
     async def hold_change(self, request: web.Request) -> web.Response:
-        if request.get("role") is not Role.ADMIN:
+        if _caller(request).role is not Role.ADMIN:
             return self.error(
                 request, 403, "Not allowed", "Only admins can add or lift legal holds."
             )
@@ -619,6 +631,10 @@ class Console:
         return app
 
 
+def _caller(request: web.Request) -> Caller:
+    return request.get(CALLER) or Caller()
+
+
 def _field(form: MultiDictProxy[Any], name: str, limit: int) -> str:
     value = form.get(name)
     return value.strip()[:limit] if isinstance(value, str) else ""
@@ -633,8 +649,7 @@ def _body_of(rec: Mapping[str, Any]) -> str:
     if isinstance(content, Mapping) and isinstance(content.get("body"), str):
         text = str(content["body"])
     else:
-        inner = data.get("data") if rec.get("kind") != AuditKind.EVENT else None
-        text = json.dumps(inner if inner is not None else data, ensure_ascii=False, default=str)
+        text = json.dumps(data, ensure_ascii=False, default=str)
     return text if len(text) <= 200 else text[:199] + "…"
 
 
