@@ -200,7 +200,7 @@ class ConsoleConfig:
     secure_cookies: bool = True
     session_idle_s: float = 1800.0
     session_max_s: float = 43200.0
-    login_attempts: int = 5  # per client address and per user ID within login_window
+    login_attempts: int = 5  # failed logins per client address and per user in login_window
     login_window_s: float = 300.0
 
 

@@ -258,6 +258,13 @@ class Console:
             wait = max(wait, self.by_user.retry_after(user, now))
         return wait
 
+    def _failed(self, address: str, user_key: str) -> None:
+        """Count a failed login against the address and the user name tried."""
+        now = self.clock()
+        self.by_address.hit(address, now)
+        if user_key:
+            self.by_user.hit(user_key, now)
+
     async def login_password(self, request: web.Request) -> web.Response:
         form = await request.post()
         user = _field(form, "username", 255)
@@ -287,15 +294,12 @@ class Console:
                 f"Too many login attempts. Try again in {int(wait) + 1} seconds.",
                 user,
             )
-        now = self.clock()
-        self.by_address.hit(address, now)
-        if user_key:
-            self.by_user.hit(user_key, now)
         if not user or not password:
             return await self._login_form(request, 400, "Enter your user name and password.", user)
         try:
             user_id = await self.homeserver().password(user, password)
         except LoginRefused as e:
+            self._failed(address, user_key)
             await self.audit(
                 AuditKind.LOGIN,
                 "failed",
@@ -342,10 +346,10 @@ class Console:
             return self.error(
                 request, 429, "Too many attempts", f"Try again in {int(wait) + 1} seconds."
             )
-        self.by_address.hit(address, self.clock())
         try:
             user_id = await self.homeserver().login_token(login_token)
         except LoginRefused as e:
+            self._failed(address, "")
             await self.audit(
                 AuditKind.LOGIN,
                 "failed",

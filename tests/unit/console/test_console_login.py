@@ -90,11 +90,15 @@ async def test_the_login_form_needs_its_csrf_token(rig: ConsoleRig) -> None:
 
 
 async def test_login_attempts_are_limited_per_address(rig: ConsoleRig) -> None:
+    for _ in range(3):  # successful logins do not count
+        rig.client.session.cookie_jar.clear()
+        assert (await rig.login("auditor")).status == 303
+    rig.client.session.cookie_jar.clear()
     for _ in range(5):
         assert (await rig.login("admin", "wrong")).status == 401
     resp = await rig.login("admin")  # the right password, too late
     assert resp.status == 429 and "Too many login attempts" in await resp.text()
-    assert len(rig.hs.logins) == 5
+    assert len(rig.hs.logins) == 8
     rig.clock.now += 301  # the window (5m) has passed
     assert (await rig.login("admin")).status == 303
 
