@@ -304,21 +304,25 @@ class RecordReader:
         page and the seq to continue before (None when nothing older is left to scan).
         """
         conds = self._record_conds(None, room, sender, type, since, until)
-        if kind is not None:
-            conds.append(records.c.kind == kind)
-        elif kinds:
-            conds.append(records.c.kind.in_(list(kinds)))
+        # one query per kind, each along its (kind, seq) index, merged here: a kind IN (…)
+        # would make the database sort every record of those kinds for each batch
+        per_kind: list[list[Any]] = [[records.c.kind == k] for k in ([kind] if kind else kinds)]
         out: list[dict[str, Any]] = []
         scanned = 0
         cursor = before
         batch = max(limit, 100) if keep is None else max(limit * 4, 500)
         while len(out) < limit and scanned < scan_limit:
-            query = select(*READ_COLUMNS).where(*conds)
-            if cursor is not None:
-                query = query.where(records.c.seq < cursor)
-            query = query.order_by(records.c.seq.desc()).limit(batch)
+            rows: list[Any] = []
             async with self.db.connect() as conn:
-                rows = (await conn.execute(query)).all()
+                for extra in per_kind or [[]]:
+                    query = select(*READ_COLUMNS).where(*conds, *extra)
+                    if cursor is not None:
+                        query = query.where(records.c.seq < cursor)
+                    query = query.order_by(records.c.seq.desc()).limit(batch)
+                    rows.extend((await conn.execute(query)).all())
+                if len(per_kind) > 1:  # the newest ``batch`` of the union, in seq order
+                    rows.sort(key=lambda r: -r[0])
+                    del rows[batch:]
                 await self.keys.by_ids(conn, {r[5] for r in rows})
             if not rows:
                 return out, None

@@ -47,14 +47,15 @@ records = Table(
     Column("ct_digest", LargeBinary(32), nullable=False),
     Column("hash", LargeBinary(32), nullable=False),
     Index("ix_records_room_ts", "room_idx", "origin_ts"),
-    Index("ix_records_kind_ts", "kind", "ts"),
     Index("ix_records_origin_ts", "origin_ts"),
     # the console's newest-first pages (schema 4: the sender and type indexes gained seq,
-    # replacing ix_records_sender and ix_records_type, whose lookups they also serve)
+    # replacing ix_records_sender and ix_records_type, whose lookups they also serve;
+    # ix_records_kind_room_seq replaced ix_records_kind_ts, which no query ordered by)
     Index("ix_records_sender_seq", "sender_idx", "seq"),
     Index("ix_records_type_seq", "type_idx", "seq"),
     Index("ix_records_room_seq", "room_idx", "seq"),
     Index("ix_records_kind_seq", "kind", "seq"),
+    Index("ix_records_kind_room_seq", "kind", "room_idx", "seq"),
 )
 
 #: A record's sealed part, in the order ``_decrypt(seq, *sealed)`` takes it: what opening a

@@ -71,6 +71,8 @@ async def test_schema_3_is_upgraded_with_counters_and_indexes(tmp_path: Path) ->
             "DROP INDEX ix_records_type_seq",
             "DROP INDEX ix_records_room_seq",
             "DROP INDEX ix_records_kind_seq",
+            "DROP INDEX ix_records_kind_room_seq",
+            "CREATE INDEX ix_records_kind_ts ON records (kind, ts)",
             "CREATE INDEX ix_records_sender ON records (sender_idx)",
             "CREATE INDEX ix_records_type ON records (type_idx)",
             "UPDATE bridge_state SET value = '3' WHERE key = 'schema_version'",
@@ -90,6 +92,23 @@ async def test_schema_3_is_upgraded_with_counters_and_indexes(tmp_path: Path) ->
         async with store.db.connect() as conn:
             indexes = await conn.run_sync(names)
         assert {"ix_records_room_seq", "ix_records_sender_seq", "ix_records_type_seq"} <= indexes
+        assert "ix_records_kind_room_seq" in indexes and "ix_records_kind_ts" not in indexes
         assert "ix_records_sender" not in indexes and "ix_records_type" not in indexes
     finally:
         await store.close()
+
+
+async def test_newest_pages_of_several_kinds_merge_in_seq_order(store: Store) -> None:
+    kinds = [AuditKind.COMMAND, AuditKind.CONFIG, AuditKind.HOLD]
+    await store.records.append(
+        [AuditEntry(kinds[i % 3] if i % 5 else AuditKind.ACTION, {"i": i}) for i in range(400)]
+    )
+    want = [r["seq"] async for r in store.reader.iter() if r["kind"] in kinds[:2]][::-1]
+    got: list[int] = []
+    before = None
+    while True:
+        page, before = await store.reader.newest_page(kinds=kinds[:2], before=before, limit=50)
+        got.extend(r["seq"] for r in page)
+        if before is None:
+            break
+    assert got == want and len(got) > 200
