@@ -144,7 +144,10 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="policy-bridge-demo-"))
     password = secrets.token_urlsafe(9)
     stack = prepare_stack(
-        workdir, permissions={"@admin:localhost": "admin"}, bridge_options={"dlp": DEMO_DLP}
+        workdir,
+        permissions={"@admin:localhost": "admin"},
+        # the compliance console on the bridge's loopback listener (plain HTTP: no Secure)
+        bridge_options={"dlp": DEMO_DLP, "console": {"enabled": True, "secure_cookies": False}},
     )
     if port:
         stack.synapse.port = port
@@ -179,6 +182,7 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
             "  User           : @admin:localhost\n"
             f"  Password       : {password}\n"
             f"  Management room: {room or '(not joined yet: accept the invite)'}\n"
+            f"  Console        : {stack.bridge_url}/console/ (same user and password)\n"
             "\n"
             "Log in with any Matrix client (e.g. Element: 'Edit' homeserver, paste the URL),\n"
             "open the management room and type:  !policy help\n"
