@@ -134,12 +134,11 @@ class Console:
             out += "?" + urlencode(query)
         return out
 
-    def public_url(self, request: web.Request, path: str) -> str:
-        """An absolute URL of the console (``console.public_url``, else from the request)."""
+    def public_url(self, path: str) -> str | None:
+        """An absolute URL of the console (``console.public_url``), None when not set: never
+        taken from the request's Host header, which a proxy may pass on unchecked."""
         configured = self.services.config.console.public_url
-        if configured:
-            return configured + path
-        return f"{request.scheme}://{request.host}{self.base}{path}"
+        return configured + path if configured else None
 
     def render(
         self, request: web.Request, template: str, status: int = 200, **context: Any
@@ -243,7 +242,7 @@ class Console:
             "login.html",
             status,
             password=PASSWORD in flows or not flows,
-            sso=SSO in flows,
+            sso=SSO in flows and bool(self.services.config.console.public_url),
             login_csrf=csrf_token(nonce),
             message=message or problem,
             username=user,
@@ -315,10 +314,16 @@ class Console:
         return await self._logged_in(request, user_id, "password", address)
 
     async def login_sso(self, request: web.Request) -> web.Response:
+        base = self.public_url("/login/sso/callback")
+        if base is None:
+            return self.error(
+                request,
+                404,
+                "Single sign-on is not set up",
+                "Single sign-on needs console.public_url in the bridge's configuration.",
+            )
         state = secrets.token_urlsafe(24)
-        callback = (
-            self.public_url(request, "/login/sso/callback") + "?" + urlencode({"state": state})
-        )
+        callback = base + "?" + urlencode({"state": state})
         response = web.HTTPSeeOther(self.homeserver().sso_redirect(callback))
         response.set_cookie(
             self.cookies.sso_state_name,

@@ -178,13 +178,25 @@ async def test_secure_cookies(tmp_path: Path) -> None:
         assert "SameSite=Strict" in session and "Path=/" in session and "Domain" not in session
 
 
-async def test_single_sign_on_round_trip(rig: ConsoleRig) -> None:
+async def test_single_sign_on_needs_the_public_url(rig: ConsoleRig) -> None:
+    assert "single sign-on" not in (await (await rig.client.get("/console/login")).text())
+    resp = await rig.client.get("/console/login/sso", allow_redirects=False)
+    assert resp.status == 404 and "console.public_url" in await resp.text()
+
+
+async def test_single_sign_on_round_trip(tmp_path: Path) -> None:
+    async for rig in make_rig(tmp_path, {"public_url": "https://console.example/console"}):
+        await _sso_round_trip(rig)
+
+
+async def _sso_round_trip(rig: ConsoleRig) -> None:
+    assert "single sign-on" in (await (await rig.client.get("/console/login")).text())
     resp = await rig.client.get("/console/login/sso", allow_redirects=False)
     assert resp.status == 303
     target = urlparse(resp.headers["Location"])
     assert target.path == "/_matrix/client/v3/login/sso/redirect"
     callback = urlparse(parse_qs(target.query)["redirectUrl"][0])
-    assert callback.path == "/console/login/sso/callback"
+    assert callback.netloc == "console.example" and callback.path == "/console/login/sso/callback"
     state = parse_qs(callback.query)["state"][0]
     # a callback with another state (started elsewhere) is refused
     rig.hs.login_tokens["lt1"] = f"@auditor:{DOMAIN}"
