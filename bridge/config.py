@@ -196,7 +196,7 @@ class ConsoleConfig:
     enabled: bool = False
     path: str = "/console"  # on the appservice listener ("" with ``listen``)
     listen: tuple[str, int] | None = None  # its own (host, port) instead
-    public_url: str = ""  # how browsers reach it; "" = from the request
+    public_url: str = ""  # how browsers reach it; "" = no single sign-on
     secure_cookies: bool = True
     session_idle_s: float = 1800.0
     session_max_s: float = 43200.0
