@@ -57,7 +57,7 @@ from bridge.console.services import ConsoleServices
 from bridge.console.sessions import Session, SessionManager
 from bridge.roles import Role
 from bridge.store import AuditEntry
-from bridge.store.models import now_ms
+from bridge.store.models import StoreUnavailable, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,16 @@ class Console:
             response = await handler(request)
         except web.HTTPException as e:
             response = e
+        except StoreUnavailable:
+            log.warning(
+                "console: the database is unreachable (%s %s)", request.method, request.path
+            )
+            response = self.error(
+                request,
+                503,
+                "Database unreachable",
+                "The bridge cannot reach its database at the moment. Try again shortly.",
+            )
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         if isinstance(response, web.HTTPException):

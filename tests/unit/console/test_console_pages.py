@@ -11,7 +11,7 @@ from bridge.audit.kinds import AuditKind
 from bridge.console.exporting import csv_rows
 from bridge.console.readmodel import SearchFilters
 from bridge.console.security import CSP, csrf_token
-from bridge.store import AuditEntry, Store
+from bridge.store import AuditEntry, Store, StoreUnavailable
 from tests.kit.config import DOMAIN
 from tests.kit.console import ConsoleRig
 
@@ -273,3 +273,15 @@ async def test_overview_draws_charts_from_the_daily_counters(rig: ConsoleRig) ->
     assert '<rect class="bar s0"' in text
     assert "<caption>Events archived per day, days with any count</caption>" in text
     assert "keyword:secret" in text
+
+
+async def test_a_database_outage_is_a_503_page(rig: ConsoleRig) -> None:
+    await rig.login("auditor")
+
+    async def down(_sid: str) -> None:
+        raise StoreUnavailable("OperationalError")
+
+    rig.store.console.session = down  # type: ignore[method-assign]
+    resp = await rig.client.get("/console/archive")
+    assert resp.status == 503 and "Database unreachable" in await resp.text()
+    assert resp.headers["Content-Security-Policy"] == CSP
