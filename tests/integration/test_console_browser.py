@@ -152,6 +152,13 @@ async def test_admin_logs_in_and_sees_the_overview_with_charts(
     assert await page.locator("svg[data-chart]").count() == 4
     box = await bars.first.bounding_box()
     assert box is not None and box["height"] > 0 and box["width"] > 0
+    # every chart has its numbers as a table (the text alternative)
+    assert await page.locator("figure.chart table caption").count() == 4
+    # keyboard: the first Tab reaches the skip link, Enter moves focus to the content
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent") == "Skip to content"
+    await page.keyboard.press("Enter")
+    assert await page.evaluate("document.activeElement.id") == "main"
     await page.get_by_role("button", name="Verify the archive now").click()
     await page.get_by_text("intact").first.wait_for()
     await shot(page, "overview")
