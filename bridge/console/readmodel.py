@@ -19,7 +19,7 @@ from bridge.console.charts import Chart, build_chart
 from bridge.policy.layers import DlpLayer, parse_runtime_dlp
 from bridge.policy.scopes import GLOBAL
 from bridge.store import Store
-from bridge.store.console import DAY_MS, FINDING, REFUSAL
+from bridge.store.console import DAY_MS, FINDING, REFUSAL, REPORT
 from bridge.store.models import HoldInfo, StoreStats
 
 PAGE_SIZE = 50
@@ -334,14 +334,17 @@ class ReadModel:
         self.store = store
 
     async def charts(self, days: int, today: int) -> tuple[Chart, ...]:
-        """Events archived, DLP findings per rule, gate refusals, overrides per day."""
+        """Events archived, DLP findings per rule, gate refusals, overrides and reports
+        per day."""
         first = today - days + 1
         rows = await self.store.console.daily(
-            first, today, [AuditKind.EVENT, FINDING, REFUSAL, AuditKind.OVERRIDE]
+            first, today, [AuditKind.EVENT, FINDING, REFUSAL, AuditKind.OVERRIDE, REPORT]
         )
         by_metric: dict[str, dict[tuple[int, str], int]] = {}
         for day, metric, label, n in rows:
             by_metric.setdefault(metric, {})[(day, label or metric)] = n
+        # overrides and reports share a chart: what blocked senders did about refusals
+        by_metric.setdefault("override", {}).update(by_metric.get(REPORT, {}))
         return (
             build_chart(
                 "events", "Events archived per day", first, today, by_metric.get("event", {})
@@ -362,7 +365,7 @@ class ReadModel:
             ),
             build_chart(
                 "overrides",
-                "Overrides per day (granted, used, revoked)",
+                "Overrides and false-positive reports per day",
                 first,
                 today,
                 by_metric.get("override", {}),

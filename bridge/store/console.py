@@ -28,6 +28,7 @@ DAY_MS = 86_400_000
 #: Derived series besides one per record kind.
 FINDING = "finding"  # a DLP finding, label = rule
 REFUSAL = "refusal"  # a gate refusal, label = callback
+REPORT = "report"  # a false-positive report (``!policy report``) that went through
 
 _UPSERT = text(
     "INSERT INTO console_daily (day, metric, label, n) VALUES (:day, :metric, :label, :n) "
@@ -42,11 +43,17 @@ def kind_counts(kinds_and_ts: Iterable[tuple[str, int]]) -> Counter[DailyKey]:
     return Counter((ts // DAY_MS, kind, "") for kind, ts in kinds_and_ts)
 
 
-def finding_counts(entries: Iterable[tuple[str, Mapping[str, Any]]], ts: int) -> Counter[DailyKey]:
-    """Findings per rule and gate refusals per callback of audit entries ``(kind, data)``."""
+def finding_counts(
+    entries: Iterable[tuple[str, str | None, Mapping[str, Any]]], ts: int
+) -> Counter[DailyKey]:
+    """Findings per rule, gate refusals per callback and false-positive reports of audit
+    entries ``(kind, type, data)``."""
     day = ts // DAY_MS
     out: Counter[DailyKey] = Counter()
-    for kind, data in entries:
+    for kind, etype, data in entries:
+        if kind == AuditKind.COMMAND and etype == "report" and data.get("outcome") == "ok":
+            out[(day, REPORT, "")] += 1
+            continue
         if kind not in (AuditKind.DECISION, AuditKind.GATE):
             continue
         findings = data.get("findings")

@@ -534,7 +534,7 @@ class RecordLog:
             ts = now_ms()
         entries = list(entries)
         seqs = await self.append_records(conn, self.audit_items(entries, ts), ts, sign=sign)
-        await add_daily(conn, finding_counts(((e.kind, e.data) for e in entries), ts))
+        await add_daily(conn, finding_counts(((e.kind, e.type, e.data) for e in entries), ts))
         return seqs
 
     async def append(self, entries: Sequence[AuditEntry]) -> None:

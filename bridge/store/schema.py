@@ -167,7 +167,8 @@ state = Table(
 # -- the compliance console (bridge/console) ----------------------------------------------
 # Per-day counters kept on every append to ``records`` (same transaction), so the console's
 # charts never decrypt the archive: ``metric`` is a record kind (label "") or a derived
-# series: ``finding`` (label = DLP rule name), ``refusal`` (label = gate callback).
+# series: ``finding`` (label = DLP rule name), ``refusal`` (label = gate callback),
+# ``report`` (false-positive reports that went through).
 # Rule and callback names are policy configuration, not message content.
 console_daily = Table(
     "console_daily",

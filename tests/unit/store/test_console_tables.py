@@ -31,10 +31,14 @@ async def test_appends_count_per_day_kind_rule_and_refusal(store: Store) -> None
     await store.queue.ingest("t1", [event, {**event, "event_id": "$2"}])
     await store.records.append([gate_deny("keyword:a"), gate_deny("keyword:a")])
     await store.records.append(
-        [AuditEntry(AuditKind.DECISION, {"findings": [{"rule": "detector:card"}]})]
+        [
+            AuditEntry(AuditKind.DECISION, {"findings": [{"rule": "detector:card"}]}),
+            AuditEntry(AuditKind.COMMAND, {"outcome": "ok"}, type="report"),
+            AuditEntry(AuditKind.COMMAND, {"outcome": "error"}, type="report"),
+        ]
     )
     rows = {(m, lab): n for _d, m, lab, n in await store.console.daily(0, 10**6, [
-        "event", "gate", "decision", "finding", "refusal"])}  # fmt: skip
+        "event", "gate", "decision", "finding", "refusal", "report"])}  # fmt: skip
     assert rows == {
         ("event", ""): 2,
         ("gate", ""): 2,
@@ -42,6 +46,7 @@ async def test_appends_count_per_day_kind_rule_and_refusal(store: Store) -> None
         ("finding", "keyword:a"): 2,
         ("finding", "detector:card"): 1,
         ("refusal", "user_may_invite"): 2,
+        ("report", ""): 1,
     }
 
 
