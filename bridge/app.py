@@ -35,6 +35,7 @@ from bridge.audit.chain import VerifyReport
 from bridge.commands.catalog import build_registry
 from bridge.commands.services import RetroScan
 from bridge.config import Config
+from bridge.console.web import build_console
 from bridge.e2ee.seam import RoomCrypto
 from bridge.http.gate import Gate
 from bridge.http.health import (
@@ -119,6 +120,7 @@ class Bridge:
         self.redelivery: RedeliveryNudger
         self.runner: web.AppRunner | None = None
         self.metrics_runner: web.AppRunner | None = None
+        self.console_runner: web.AppRunner | None = None
         self.gate: Gate | None = None
         self.crypto: RoomCrypto | None = None  # the bot's E2EE device (e2ee.enabled, leader)
         self._e2ee_failed = False
@@ -212,6 +214,9 @@ class Bridge:
             )
         )
         app.add_routes(main_listener_metrics(self.config.metrics))
+        console = self.config.console  # the compliance console, under its path (issue 15)
+        if console.enabled and console.listen is None:
+            app.add_subapp(console.path, build_console(self, console.path))
         return app
 
     async def open(self) -> None:
@@ -309,6 +314,10 @@ class Bridge:
         await site.start()
         self.scheduler.spawn(self.sink.run(), "audit-sink")
         self.metrics_runner = await start_metrics_listener(cfg.metrics)
+        if cfg.console.enabled and cfg.console.listen is not None:  # the console's own listener
+            self.console_runner = web.AppRunner(build_console(self, ""), access_log=None)
+            await self.console_runner.setup()
+            await web.TCPSite(self.console_runner, *cfg.console.listen).start()
         self.scheduler.spawn(refresh_gauges(self.store), "metrics")
         log.info(
             "listening on %s:%d (database: %s)",
@@ -613,6 +622,8 @@ class Bridge:
                 log.warning("in-flight requests did not finish within %ss", SHUTDOWN_STEP)
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
+        if self.console_runner is not None:
+            await self.console_runner.cleanup()
         await self.scheduler.stop(SHUTDOWN_STEP)
         if self.gate is not None:
             self.gate.close()  # its judging threads

@@ -218,6 +218,21 @@ def _e2ee_config(v: _Validator) -> E2EEConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """The compliance console (``console:``): where it is served, sessions, login limits."""
+
+    enabled: bool = False
+    path: str = "/console"  # on the appservice listener ("" with ``listen``)
+    listen: tuple[str, int] | None = None  # its own (host, port) instead
+    public_url: str = ""  # how browsers reach it; "" = no single sign-on
+    secure_cookies: bool = True
+    session_idle_s: float = 1800.0
+    session_max_s: float = 43200.0
+    login_attempts: int = 5  # failed logins per client address and per user in login_window
+    login_window_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The validated configuration. Immutable: a reload builds a new one."""
 
@@ -236,6 +251,7 @@ class Config:
     dlp: Mapping[str, Any] = field(default_factory=dict)  # scope -> DlpLayer
     notices: NoticeSettings = field(default_factory=NoticeSettings)
     e2ee: E2EEConfig = field(default_factory=E2EEConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     source: str = "<defaults>"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -575,6 +591,7 @@ def build_config(
     federation = _federation_config(v)
     retention = _retention_config(v)
     e2ee = _e2ee_config(v)
+    console = _console_config(v)
     problems.extend(v.problems)
     if problems:
         raise ConfigError(source, problems)
@@ -594,6 +611,7 @@ def build_config(
         dlp=dlp_layers,
         notices=notices,
         e2ee=e2ee,
+        console=console,
         source=source,
         raw=data,
     )
@@ -667,6 +685,49 @@ def _metrics_config(v: _Validator) -> MetricsConfig:
         else:
             listen = (host, int(port))
     return MetricsConfig(token=v.token("metrics.token", required=False), listen=listen)
+
+
+def _console_config(v: _Validator) -> ConsoleConfig:
+    """The ``console:`` section (see config.example.yaml)."""
+    from bridge.policy.durations import DurationError, parse_duration
+
+    def seconds(key: str, least_s: int, most_s: int) -> float:
+        raw = v.get(f"console.{key}")
+        try:
+            ms = parse_duration(str(raw))
+        except DurationError as e:
+            v.fail(f"console.{key}", raw, f"a duration such as 30m or 12h ({e})")
+            return float(least_s)
+        if not least_s * 1000 <= ms <= most_s * 1000:
+            v.fail(f"console.{key}", raw, f"a duration from {least_s}s to {most_s // 3600}h")
+        return ms / 1000
+
+    raw_listen = v.string("console.listen", nonempty=False)
+    listen: tuple[str, int] | None = None
+    if raw_listen:
+        host, sep, port = raw_listen.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            v.fail("console.listen", raw_listen, "host:port such as 127.0.0.1:8090, or empty")
+        else:
+            listen = (host, int(port))
+    path = v.string("console.path", nonempty=False).rstrip("/")
+    if listen is None and (not path.startswith("/") or path.startswith(("/_matrix", "/_bridge"))):
+        v.fail("console.path", path, "a path such as /console (not / or under /_matrix, /_bridge)")
+    public_url = v.string("console.public_url", nonempty=False)
+    if public_url and not public_url.startswith(("https://", "http://")):
+        v.fail("console.public_url", public_url, "a URL starting with https:// (or http://)")
+    return ConsoleConfig(
+        enabled=v.boolean("console.enabled"),
+        path="" if listen is not None else path,
+        listen=listen,
+        public_url=public_url.rstrip("/"),
+        secure_cookies=v.boolean("console.secure_cookies"),
+        session_idle_s=seconds("session_idle", 60, 7 * 86400),
+        session_max_s=seconds("session_max", 60, 30 * 86400),
+        login_attempts=v.integer("console.login_attempts", 1, 1000),
+        login_window_s=seconds("login_window", 1, 86400),
+    )
 
 
 def _audit_config(v: _Validator, data_dir: Path, base_dir: Path) -> AuditConfig:

@@ -30,6 +30,8 @@ class AuditKind(StrEnum):
     OVERRIDE = "override"  # an override with justification: granted, used or revoked
     DECRYPTED = "decrypted"  # an end-to-end encrypted event, decrypted (linked to its record)
     UNDECRYPTABLE = "undecryptable"  # an encrypted event the bot could not decrypt, and why
+    LOGIN = "login"  # a console login: succeeded, failed, refused (no role), logged out
+    ACCESS = "access"  # a console read: a record viewed, a search, a verify run
 
 
 #: Kinds whose ``type`` is a Matrix event type (the event's own, or the type of the event

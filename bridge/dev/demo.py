@@ -146,8 +146,13 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
     stack = prepare_stack(
         workdir,
         permissions={"@admin:localhost": "admin"},
-        # e2ee: the bot joins encrypted rooms as an E2EE member (docs/e2ee.md)
-        bridge_options={"dlp": DEMO_DLP, "e2ee": {"enabled": True}},
+        # e2ee: the bot joins encrypted rooms as an E2EE member (docs/e2ee.md); the compliance
+        # console on the bridge's loopback listener (plain HTTP: no Secure cookies)
+        bridge_options={
+            "dlp": DEMO_DLP,
+            "e2ee": {"enabled": True},
+            "console": {"enabled": True, "secure_cookies": False},
+        },
     )
     if port:
         stack.synapse.port = port
@@ -182,6 +187,7 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
             "  User           : @admin:localhost\n"
             f"  Password       : {password}\n"
             f"  Management room: {room or '(not joined yet: accept the invite)'}\n"
+            f"  Console        : {stack.bridge_url}/console/ (same user and password)\n"
             "\n"
             "Log in with any Matrix client (e.g. Element: 'Edit' homeserver, paste the URL),\n"
             "open the management room and type:  !policy help\n"

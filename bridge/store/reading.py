@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from typing import Any, TypedDict, Unpack
 
 from sqlalchemy import case, func, null, select
@@ -279,3 +279,77 @@ class RecordReader:
             for g in grouped[:groups]
         ]
         return SearchSummary(total, out_groups, len(grouped) > groups, [metas[r[0]] for r in last])
+
+    async def newest_page(
+        self,
+        *,
+        kind: str | None = None,
+        kinds: Sequence[str] = (),
+        room: str | None = None,
+        sender: str | None = None,
+        type: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        before: int | None = None,
+        limit: int = 50,
+        keep: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+        scan_limit: int = 20_000,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """One page of matching records, newest first (keyset pagination on seq).
+
+        The filters of :meth:`iter_batches` (``kinds``: any of these kinds), ``before``: only
+        records with a lower seq. Rows are read newest-first in batches along an index
+        (room, sender or kind, then seq), decrypted, and passed through ``keep`` (e.g. the
+        words filter) until ``limit`` are kept or ``scan_limit`` rows were read. Returns the
+        page and the seq to continue before (None when nothing older is left to scan).
+        """
+        conds = self._record_conds(None, room, sender, type, since, until)
+        # one query per kind, each along its (kind, seq) index, merged here: a kind IN (…)
+        # would make the database sort every record of those kinds for each batch
+        per_kind: list[list[Any]] = [[records.c.kind == k] for k in ([kind] if kind else kinds)]
+        out: list[dict[str, Any]] = []
+        scanned = 0
+        cursor = before
+        batch = max(limit, 100) if keep is None else max(limit * 4, 500)
+        while len(out) < limit and scanned < scan_limit:
+            rows: list[Any] = []
+            async with self.db.connect() as conn:
+                for extra in per_kind or [[]]:
+                    query = select(*READ_COLUMNS).where(*conds, *extra)
+                    if cursor is not None:
+                        query = query.where(records.c.seq < cursor)
+                    query = query.order_by(records.c.seq.desc()).limit(batch)
+                    rows.extend((await conn.execute(query)).all())
+                if len(per_kind) > 1:  # the newest ``batch`` of the union, in seq order
+                    rows.sort(key=lambda r: -r[0])
+                    del rows[batch:]
+                await self.keys.by_ids(conn, {r[5] for r in rows})
+            if not rows:
+                return out, None
+            scanned += len(rows)
+            try:
+                recs = decode.decode_rows(rows, self.keys.by_id, self.keys.shredded)
+            except decode.RecordError as e:
+                raise StoreError(str(e)) from None
+            if keep is not None:
+                recs = keep(recs)
+            for rec in recs:
+                out.append(rec)
+                if len(out) == limit:
+                    return out, int(rec["seq"])
+            cursor = int(rows[-1][0])
+            if len(rows) < batch:
+                return out, None
+        return out, cursor
+
+    async def one(self, seq: int) -> dict[str, Any] | None:
+        """The record ``seq``, decrypted (as :meth:`iter_batches` yields it), or None."""
+        async with self.db.connect() as conn:
+            rows = (await conn.execute(select(*READ_COLUMNS).where(records.c.seq == seq))).all()
+            await self.keys.by_ids(conn, {r[5] for r in rows})
+        if not rows:
+            return None
+        try:
+            return decode.decode_rows(rows, self.keys.by_id, self.keys.shredded)[0]
+        except decode.RecordError as e:
+            raise StoreError(str(e)) from None

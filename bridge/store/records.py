@@ -31,6 +31,7 @@ from bridge.audit.chain import (
 from bridge.audit.codec import dumps
 from bridge.audit.crypto import GLOBAL_SCOPE, encrypt_record
 from bridge.audit.kinds import AuditKind
+from bridge.store.console import add_daily, finding_counts, kind_counts
 from bridge.store.database import CHAIN_LOCK_KEY, Backend, Database, advisory_xact_lock, log
 from bridge.store.keys import KeyRepository
 from bridge.store.models import AuditEntry, Plain, StoreUnavailable, now_ms
@@ -244,6 +245,7 @@ class RecordLog:
             seq += 1
         self._tentative_events += sum(1 for p in items if p.kind == _EVENT)
         await self._insert_rows(conn, rows, prev, ts, checkpoints=checkpoints, sign=sign)
+        await add_daily(conn, kind_counts((r[2], r[1]) for r in rows))  # the console's charts
         return seq0, seq - 1
 
     async def _insert_rows(
@@ -568,7 +570,10 @@ class RecordLog:
         returns their (first_seq, last_seq). ``sign``: see :meth:`append_records`."""
         if ts is None:
             ts = now_ms()
-        return await self.append_records(conn, self.audit_items(entries, ts), ts, sign=sign)
+        entries = list(entries)
+        seqs = await self.append_records(conn, self.audit_items(entries, ts), ts, sign=sign)
+        await add_daily(conn, finding_counts(((e.kind, e.type, e.data) for e in entries), ts))
+        return seqs
 
     async def append(self, entries: Sequence[AuditEntry]) -> None:
         """Append audit records (gate decisions, outcomes, commands) in one commit."""

@@ -17,8 +17,9 @@ from sqlalchemy import (
 )
 
 #: 1: plaintext records. 2: encrypted, chained records. 3: the operational tables (rooms,
-#: actions, bridge_state values) encrypted too, rooms looked up by blind index.
-SCHEMA_VERSION = 3
+#: actions, bridge_state values) encrypted too, rooms looked up by blind index. 4: the
+#: compliance console's tables (per-day counters, sessions).
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 
@@ -46,10 +47,15 @@ records = Table(
     Column("ct_digest", LargeBinary(32), nullable=False),
     Column("hash", LargeBinary(32), nullable=False),
     Index("ix_records_room_ts", "room_idx", "origin_ts"),
-    Index("ix_records_sender", "sender_idx"),
-    Index("ix_records_type", "type_idx"),
-    Index("ix_records_kind_ts", "kind", "ts"),
     Index("ix_records_origin_ts", "origin_ts"),
+    # the console's newest-first pages (schema 4: the sender and type indexes gained seq,
+    # replacing ix_records_sender and ix_records_type, whose lookups they also serve;
+    # ix_records_kind_room_seq replaced ix_records_kind_ts, which no query ordered by)
+    Index("ix_records_sender_seq", "sender_idx", "seq"),
+    Index("ix_records_type_seq", "type_idx", "seq"),
+    Index("ix_records_room_seq", "room_idx", "seq"),
+    Index("ix_records_kind_seq", "kind", "seq"),
+    Index("ix_records_kind_room_seq", "kind", "room_idx", "seq"),
 )
 
 #: A record's sealed part, in the order ``_decrypt(seq, *sealed)`` takes it: what opening a
@@ -156,4 +162,31 @@ state = Table(
     metadata,
     Column("key", String(128), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+# -- the compliance console (bridge/console) ----------------------------------------------
+# Per-day counters kept on every append to ``records`` (same transaction), so the console's
+# charts never decrypt the archive: ``metric`` is a record kind (label "") or a derived
+# series: ``finding`` (label = DLP rule name), ``refusal`` (label = gate callback),
+# ``report`` (false-positive reports that went through).
+# Rule and callback names are policy configuration, not message content.
+console_daily = Table(
+    "console_daily",
+    metadata,
+    Column("day", Integer, primary_key=True, autoincrement=False),  # days since 1970-01-01 UTC
+    Column("metric", String(32), primary_key=True),
+    Column("label", String(200), primary_key=True),
+    Column("n", BigInteger, nullable=False),
+)
+
+# Console sessions, shared by replicas: the cookie's random ID is stored only as its SHA-256;
+# the user ID is sealed under the operational data key (AAD = table, id_hash, column).
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("id_hash", LargeBinary(32), primary_key=True),
+    Column("data", LargeBinary, nullable=False),  # sealed {"user_id"}
+    Column("created_ts", BigInteger, nullable=False),
+    Column("seen_ts", BigInteger, nullable=False),
+    Index("ix_console_sessions_seen", "seen_ts"),
 )

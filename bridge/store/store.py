@@ -15,9 +15,9 @@ module each, all taking the one :class:`~bridge.store.database.Database`:
 ``keys`` (:mod:`.keys`), ``records`` (:mod:`.records`), ``queue`` (:mod:`.queue`),
 ``actions`` (:mod:`.actions`), ``rooms`` (:mod:`.rooms`), ``state`` (:mod:`.state`),
 ``holds`` (:mod:`.holds`), ``expiry`` (:mod:`.archive_expiry`), ``reader``
-(:mod:`.reading`) and ``stats`` (:mod:`.stats`); :mod:`.migrations` creates and upgrades
-the schema, :mod:`.chain` reads the chain for verification, :mod:`.models` holds the
-value types.
+(:mod:`.reading`), ``stats`` (:mod:`.stats`) and ``console`` (:mod:`.console`);
+:mod:`.migrations` creates and upgrades the schema, :mod:`.chain` reads the chain for
+verification, :mod:`.models` holds the value types.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from bridge.audit.keyring import Keyring
 from bridge.store.actions import ActionQueue
 from bridge.store.archive_expiry import ArchiveExpiry
+from bridge.store.console import ConsoleRepository
 from bridge.store.database import Database, log
 from bridge.store.holds import HoldRepository
 from bridge.store.keys import KeyRepository
@@ -84,6 +85,7 @@ class Store:
         self.expiry = ArchiveExpiry(db, keys, records, self.state, self.holds)
         self.reader = RecordReader(db, keys)
         self.stats = StatsQueries(db, records)
+        self.console = ConsoleRepository(db, keys)  # the compliance console's tables
 
     @property
     def keyring(self) -> Keyring:

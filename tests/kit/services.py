@@ -229,3 +229,11 @@ class CommandFake(_Base):
 
 def _satisfies(fake: CommandFake, services: Services) -> tuple[CommandServices, CommandServices]:
     return fake, services  # mypy (when run on tests/kit) checks both stand-ins fit the protocol
+
+
+class ConsoleFake(_Base):
+    """What the compliance console uses (``bridge.console.services.ConsoleServices``)."""
+
+    def __init__(self, store: Store, config: Config, *, ready: bool = True) -> None:
+        super().__init__(store, config, "")
+        self.ready = ready

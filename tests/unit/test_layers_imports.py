@@ -65,12 +65,15 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "archive": frozenset({"audit", "config", "pipeline", "policy", "scheduler", "store"}),
     "http": frozenset({"archive", "audit", "config", "metrics", "policy", "store"}),
     "dev": frozenset({"config", "registration"}),
+    # the compliance console: reads through the store, commands' policy view (issue 15)
+    "console": frozenset({"archive", "audit", "commands", "config", "policy", "roles", "store"}),
     "app": frozenset(
         {
             "archive",
             "audit",
             "commands",
             "config",
+            "console",
             "e2ee",
             "http",
             "matrix",

@@ -27,6 +27,8 @@ def test_the_stored_values_are_plain_strings() -> None:
         "override",
         "decrypted",
         "undecryptable",
+        "login",
+        "access",
     ]
     assert AuditKind.RETROACTIVE == "retroactive" and f"{AuditKind.HOLD}" == "hold"
     assert (EXPIRY_KIND, SHRED_KIND) == (AuditKind.EXPIRY, AuditKind.SHRED)
