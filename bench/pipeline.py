@@ -17,7 +17,8 @@ PostgreSQL with ``--postgres``):
   ``/proc/<pid>/stat``) from the first push until the queue is drained, divided by events;
 - **lag**: transactions pushed as Synapse would at ``--lag-factor`` (5) x Synapse's maximum
   send rate on this machine (``--synapse-rate``, default the soak's measurement, 42 msg/s;
-  ``--measure-synapse S`` measures it in this run with 4 senders for S seconds): events
+  ``--measure-synapse S`` measures it in this run, 4 senders for S seconds against the
+  first variant's bridge with the gate on): events
   arrive evenly, each push carries what arrived while the previous one was in flight (at most
   100), and an event's lag is the time from its arrival to the moment its transaction is seen
   processed (p50 / p95 / max).
@@ -406,6 +407,14 @@ async def drop_pg_database(admin_dsn: str, bridge_dsn: str) -> None:
 
 
 @dataclass
+class SynapseRate:
+    """Synapse's maximum send rate (msg/s): measured in this run, or the documented one."""
+
+    rate: float
+    measured: bool
+
+
+@dataclass
 class VariantResult:
     variant: Variant
     floor: float  # events/s: the mean of the floor run just before and just after
@@ -423,7 +432,7 @@ async def run_variant(
     bodies: list[bytes],
     warm: list[bytes],
     first_txn: int,
-    lag_rate: float,
+    synapse: SynapseRate,
 ) -> VariantResult:
     data_dir = root / f"data-{variant.name}"
     configure_variant(dev.config_path, variant, data_dir, args)
@@ -441,6 +450,15 @@ async def run_variant(
             if await watcher.pending() == 0:
                 break
             await asyncio.sleep(0.1)
+        if args.measure_synapse and not synapse.measured:
+            # with this bridge running: Synapse calls its gate for every message
+            synapse.rate = await synapse_rate(dev, args.measure_synapse)
+            synapse.measured = True
+            print(f"  Synapse accepted {synapse.rate:.1f} msg/s (gate on)", flush=True)
+            for _ in range(300):
+                if await watcher.pending() == 0:
+                    break
+                await asyncio.sleep(0.1)
         tracker = Tracker(watcher)
         await tracker.start()
         timeout = aiohttp.ClientTimeout(total=120)
@@ -465,6 +483,7 @@ async def run_variant(
                 profiler = None
             lag = None
             if args.lag_seconds > 0:
+                lag_rate = synapse.rate * args.lag_factor
                 lag = await lag_test(pusher, tracker, lag_rate, args.lag_seconds)
         await tracker.stop()
         return VariantResult(
@@ -558,12 +577,7 @@ async def amain(args: argparse.Namespace) -> int:
         )
         dev = prepare_stack(root / "stack")
         dev.synapse.start(timeout=120)
-        rate = args.synapse_rate
-        measured = False
-        if args.measure_synapse:
-            rate = await synapse_rate(dev, args.measure_synapse)
-            measured = True
-            print(f"Synapse accepted {rate:.1f} msg/s", flush=True)
+        synapse = SynapseRate(args.synapse_rate, measured=False)
         if args.postgres:
             pg = await create_pg_database(args.postgres)
             variants.append(Variant("postgresql", pg[0], pg[1]))
@@ -573,7 +587,7 @@ async def amain(args: argparse.Namespace) -> int:
             print(f"variant {variant.name} …", flush=True)
             # the bodies get fresh event IDs per variant only through a fresh database
             res = await run_variant(
-                dev, root, variant, args, bodies, warm, 10_000_000 * (i + 1), rate * args.lag_factor
+                dev, root, variant, args, bodies, warm, 10_000_000 * (i + 1), synapse
             )
             results.append(res)
             print(
@@ -592,7 +606,7 @@ async def amain(args: argparse.Namespace) -> int:
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    return 0 if report(results, rate, measured, args.lag_factor) else 1
+    return 0 if report(results, synapse.rate, synapse.measured, args.lag_factor) else 1
 
 
 def main() -> int:
