@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from bridge.dev.devsynapse import SynapseServer, free_port
 
@@ -36,45 +37,49 @@ class SmokeError(RuntimeError):
     """A step of the smoke test failed."""
 
 
-def image_config(image: str) -> dict[str, object]:
-    out = subprocess.run(
-        ["podman", "image", "inspect", image], check=True, capture_output=True, text=True
-    ).stdout
-    inspected = json.loads(out)[0]
-    # podman shows the (docker-format) HEALTHCHECK beside Config, not in it
-    return {**inspected["Config"], "Healthcheck": inspected.get("Healthcheck")}
+def _strings(value: object) -> list[str]:
+    """A JSON list of strings from ``podman image inspect`` (absent: empty)."""
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 class Image:
     """Runs commands in the mounted image filesystem as the image would."""
 
-    def __init__(self, rootfs: Path, config: dict[str, object]) -> None:
+    def __init__(self, rootfs: Path, inspected: dict[str, Any]) -> None:
         self.rootfs = rootfs
+        config: dict[str, Any] = inspected.get("Config") or {}
         user = str(config.get("User") or "")
         if not user or user.split(":")[0] in ("0", "root"):
             raise SmokeError(f"the image must run as an unprivileged USER, not {user!r}")
         self.user = user if ":" in user else f"{user}:{user}"
-        self.env = [str(e) for e in config.get("Env") or []]  # type: ignore[union-attr]
+        self.env = _strings(config.get("Env"))
         self.workdir = str(config.get("WorkingDir") or "/")
-        self.entrypoint = [str(a) for a in config.get("Entrypoint") or []]  # type: ignore[union-attr]
-        self.cmd = [str(a) for a in config.get("Cmd") or []]  # type: ignore[union-attr]
-        health = config.get("Healthcheck") or {}
-        test = [str(a) for a in health.get("Test") or []]  # type: ignore[union-attr]
+        self.entrypoint = _strings(config.get("Entrypoint"))
+        self.cmd = _strings(config.get("Cmd"))
+        # podman shows a (docker-format) HEALTHCHECK beside Config, not in it
+        health = inspected.get("Healthcheck") or config.get("Healthcheck") or {}
+        test = _strings(health.get("Test"))
         if test[:1] != ["CMD"]:
             raise SmokeError(f"the image has no exec-form HEALTHCHECK (Test: {test!r})")
         self.healthcheck = test[1:]
 
+    @classmethod
+    def inspect(cls, rootfs: Path, image: str) -> Image:
+        out = subprocess.run(
+            ["podman", "image", "inspect", image], check=True, capture_output=True, text=True
+        ).stdout
+        return cls(rootfs, json.loads(out)[0])
+
     def exec_argv(self, command: list[str], extra_env: dict[str, str]) -> list[str]:
         """``command`` as is (no ENTRYPOINT), like the engine runs a HEALTHCHECK."""
-        saved, self.entrypoint = self.entrypoint, []
-        try:
-            return self.argv(command, extra_env)
-        finally:
-            self.entrypoint = saved
+        return self._chroot(command, extra_env)
 
     def argv(self, args: list[str] | None, extra_env: dict[str, str]) -> list[str]:
+        """ENTRYPOINT + ``args`` (None: the image's CMD), as the image's USER."""
+        return self._chroot(self.entrypoint + (self.cmd if args is None else args), extra_env)
+
+    def _chroot(self, command: list[str], extra_env: dict[str, str]) -> list[str]:
         env = self.env + [f"{k}={v}" for k, v in extra_env.items()]
-        command = self.entrypoint + (self.cmd if args is None else args)
         return [
             "chroot",
             f"--userspec={self.user}",
@@ -86,7 +91,9 @@ class Image:
             *command,
         ]
 
-    def run(self, args: list[str] | None, extra_env: dict[str, str], timeout: float = 120):
+    def run(
+        self, args: list[str] | None, extra_env: dict[str, str], timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             self.argv(args, extra_env), capture_output=True, text=True, timeout=timeout
         )
@@ -197,7 +204,7 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="container-smoke-"))
     try:
-        smoke(Image(args.rootfs, image_config(args.image)), work)
+        smoke(Image.inspect(args.rootfs, args.image), work)
     except (SmokeError, subprocess.SubprocessError, OSError) as e:
         print(f"container smoke test FAILED: {e}", file=sys.stderr)
         return 1
