@@ -7,7 +7,6 @@ anything that prevents the commit answers 5xx so Synapse retries the same txnId.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge import metrics
+from bridge.audit import codec
 from bridge.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class AppserviceAPI:
             metrics.TRANSACTIONS.labels("too_large").inc()
             return matrix_error(413, "M_TOO_LARGE", "transaction body too large")
         try:
-            payload = json.loads(body)
+            payload = codec.loads(body)  # orjson where it reads exactly what json.loads reads
         except (ValueError, UnicodeDecodeError, RecursionError):
             metrics.TRANSACTIONS.labels("bad_json").inc()
             return matrix_error(400, "M_NOT_JSON", "body is not valid JSON")

@@ -1,4 +1,5 @@
-"""The unit of the worker's work: everything one transaction produces, committed together.
+"""The unit of the worker's work: everything the transactions of one batch produce (one or
+more, in order), committed together.
 
 The worker's stages (room tracking, commands, policy enforcement) never write to the store
 or change what they remember while they judge a transaction: they stage writes in the
@@ -28,7 +29,7 @@ class PendingConfirmation(TypedDict):
 
 @dataclass
 class Batch:
-    """What processing one transaction produced, committed together.
+    """What processing a batch of transactions produced, committed together.
 
     ``rooms``: the room rows to write, by room. ``spaces`` and ``confirmations``: the
     space links and pending confirmations as this batch leaves them, when it changed them

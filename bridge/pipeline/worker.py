@@ -4,9 +4,11 @@ It reads the work queue in order and hands each event to its stages: the room tr
 (:mod:`bridge.pipeline.room_tracker`), the command runner
 (:mod:`bridge.pipeline.command_runner`), and the policy engine, whose verdicts it enforces
 here. What the stages produce goes into one :class:`~bridge.pipeline.batch.Batch`,
-committed in the same commit that marks the transaction processed; what they remember
-changes after that commit. A crash or a failed commit before it means the transaction is
-processed again from scratch; after it, never again.
+committed in the same commit that marks the transactions processed; what they remember
+changes after that commit. A batch holds every transaction pending when the worker looks
+(up to 20), so a backlog costs one commit per batch, not per transaction. A crash or a
+failed commit before it means the transactions are processed again from scratch; after
+it, never again.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from bridge.policy.dlp import CATEGORY as DLP_CATEGORY
 from bridge.policy.engine import ENCRYPTION_EVENT, ENCRYPTION_RULE, PolicyEngine
 from bridge.policy.model import Action, Finding, Verdict
 from bridge.policy.notices import is_local_user, render_warning
-from bridge.store import AuditEntry, Store, StoreUnavailable, WorkItem
+from bridge.store import AuditEntry, Store, StoredEvent, StoreUnavailable, WorkItem
 from bridge.store.queue import UnreadableEvent
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def notify_text(finding: Finding, verb: str, sender: object, room_id: object) ->
 
 
 class Worker:
-    """Processes the work queue: one transaction, one batch, one commit."""
+    """Processes the work queue: the pending transactions (up to 20), one batch, one commit."""
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class Worker:
         # encrypted rooms: decrypt, archive the plaintext, retry late keys (bridge.e2ee)
         self.decryption = DecryptionStage(store, config, lambda: services.management_room)
         self._wake = asyncio.Event()
+        self._backlog_at = -1.0
 
     def wake(self) -> None:
         """New transactions were committed: look at the queue now."""
@@ -106,60 +109,51 @@ class Worker:
                 pass
 
     async def run_once(self, limit: int = 20) -> int:
-        """Process up to ``limit`` pending transactions; returns how many."""
+        """Process up to ``limit`` pending transactions in one batch; returns how many."""
         items = await self.store.queue.pending(limit)
-        for item in items:
-            await self.process(item)
+        if items:
+            await self.process_all(items)
         if self.decryption.retry_due():
             await self._retry_decryption()
-        if items:
-            depth, lag = await self.store.queue.backlog()
-            metrics.QUEUE_DEPTH.set(depth)
-            metrics.QUEUE_LAG.set(lag)
+        await self._report_backlog(empty=not items)
         return len(items)
+
+    async def _report_backlog(self, *, empty: bool) -> None:
+        """The queue gauges: zero when the queue was just seen empty; else read from the
+        store at most once a second (a query per batch costs more than the gauges are worth)."""
+        if empty:
+            metrics.QUEUE_DEPTH.set(0)
+            metrics.QUEUE_LAG.set(0)
+            return
+        now = time.monotonic()
+        if now - self._backlog_at < 1.0:
+            return
+        self._backlog_at = now
+        depth, lag = await self.store.queue.backlog()
+        metrics.QUEUE_DEPTH.set(depth)
+        metrics.QUEUE_LAG.set(lag)
 
     async def process(self, item: WorkItem) -> None:
         """Process one transaction and commit everything it produced at once."""
+        await self.process_all([item])
+
+    async def process_all(self, items: list[WorkItem]) -> None:
+        """Process transactions, in order, into ONE batch: everything they produced and the
+        marks that they were processed are one commit (all of them, or none)."""
         batch = Batch()
-        unreadable: list[UnreadableEvent] = []
-        key_wait = self.config().e2ee.key_wait_s  # per transaction, for late room keys
-        for stored in item.events:
-            if isinstance(stored, UnreadableEvent):
-                unreadable.append(stored)
-                continue
-            event = stored.event
-            try:
-                await self.handle_event(event, batch)
-                if event.get("type") == ENCRYPTED_EVENT and self.decryption.crypto is not None:
-                    started = time.monotonic()
-                    room = as_str(event.get("room_id")) or ""
-                    joined = self.tracker.joined(room, batch)
-                    plain = await self.decryption.decrypt(
-                        event, stored.seq, batch, wait=key_wait, joined=joined
-                    )
-                    key_wait = max(0.0, key_wait - (time.monotonic() - started))
-                    if plain is not None:
-                        await self.handle_event(plain, batch)
-            except Exception as e:
-                # An event we cannot handle must not block the queue: record and move on.
-                log.exception(
-                    "could not process event %s in %s", event.get("event_id"), event.get("room_id")
-                )
-                batch.audit.append(
-                    AuditEntry(
-                        kind=AuditKind.ERROR,
-                        room_id=as_str(event.get("room_id")),
-                        data={
-                            "event_id": event.get("event_id"),
-                            "seq": stored.seq,
-                            "error": e.__class__.__name__,
-                        },
-                    )
-                )
-        if unreadable:
-            self._unreadable(item, unreadable, batch)
+        # encrypted rooms: how long this batch may still wait for late room keys
+        key_wait = [self.config().e2ee.key_wait_s]
+        for item in items:
+            unreadable: list[UnreadableEvent] = []
+            for stored in item.events:
+                if isinstance(stored, UnreadableEvent):
+                    unreadable.append(stored)
+                    continue
+                await self._handle_stored(stored, batch, key_wait)
+            if unreadable:
+                self._unreadable(item, unreadable, batch)
         await self.store.queue.complete(
-            [item.queue_id],
+            [item.queue_id for item in items],
             batch.actions,
             batch.audit,
             batch.state,
@@ -183,6 +177,41 @@ class Worker:
             callback()
         if batch.actions:
             self.on_actions()
+
+    async def _handle_stored(
+        self, stored: StoredEvent, batch: Batch, key_wait: list[float]
+    ) -> None:
+        """One stored event (and, in an encrypted room, its decrypted copy) into ``batch``;
+        ``key_wait[0]`` is what the batch may still wait for late room keys."""
+        event = stored.event
+        try:
+            await self.handle_event(event, batch)
+            if event.get("type") == ENCRYPTED_EVENT and self.decryption.crypto is not None:
+                started = time.monotonic()
+                room = as_str(event.get("room_id")) or ""
+                joined = self.tracker.joined(room, batch)
+                plain = await self.decryption.decrypt(
+                    event, stored.seq, batch, wait=key_wait[0], joined=joined
+                )
+                key_wait[0] = max(0.0, key_wait[0] - (time.monotonic() - started))
+                if plain is not None:
+                    await self.handle_event(plain, batch)
+        except Exception as e:
+            # An event we cannot handle must not block the queue: record and move on.
+            log.exception(
+                "could not process event %s in %s", event.get("event_id"), event.get("room_id")
+            )
+            batch.audit.append(
+                AuditEntry(
+                    kind=AuditKind.ERROR,
+                    room_id=as_str(event.get("room_id")),
+                    data={
+                        "event_id": event.get("event_id"),
+                        "seq": stored.seq,
+                        "error": e.__class__.__name__,
+                    },
+                )
+            )
 
     def _unreadable(self, item: WorkItem, events: list[UnreadableEvent], batch: Batch) -> None:
         """Archived events that cannot be read back are skipped, not retried forever: each

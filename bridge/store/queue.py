@@ -9,6 +9,7 @@ cannot split what belongs in one commit.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,52 @@ _KNOWN_EVENTS = select(records.c.event_id_idx).where(
     records.c.event_id_idx.in_(bindparam("ids", expanding=True))
 )
 _INSERT_TXN = insert(transactions)
+# ... and of the worker's reads and marks.
+_PENDING_TXNS = (
+    select(
+        transactions.c.id,
+        transactions.c.txn_id,
+        transactions.c.received_ts,
+        transactions.c.first_seq,
+        transactions.c.last_seq,
+    )
+    .where(transactions.c.processed.is_(False))
+    .order_by(transactions.c.id)
+    .limit(bindparam("limit"))
+)
+_QUEUED_RECORDS = (
+    select(records.c.seq, *SEALED_PART)
+    .where(
+        records.c.seq.between(bindparam("lo"), bindparam("hi")),
+        records.c.kind == AuditKind.EVENT,
+    )
+    .order_by(records.c.seq)
+)
+_MARK_PROCESSED = (
+    update(transactions)
+    .where(
+        transactions.c.id.in_(bindparam("ids", expanding=True)),
+        transactions.c.processed.is_(False),
+    )
+    .values(processed=True)
+)
+
+
+# The hand-off from ingest to the worker: at most this many committed transactions' events
+# are kept in memory (beyond that, the worker reads them back from the store, as after a
+# restart).
+_FRESH_MAX = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Fresh:
+    """A committed transaction's stored events, in seq order, as ingest parsed them."""
+
+    queue_id: int
+    txn_id: str
+    first_seq: int
+    last_seq: int
+    events: list[Mapping[str, Any]]
 
 
 class AlreadyProcessed(StoreUnavailable):
@@ -79,6 +126,8 @@ class WorkQueue:
         self.actions = actions
         self.state = state
         self.rooms = rooms
+        self._fresh: OrderedDict[int, _Fresh] = OrderedDict()
+        self._fresh_shredded = len(keys.shredded)  # destroyed keys known at hand-off
 
     async def ingest(self, txn_id: str, events: Sequence[Mapping[str, Any]]) -> IngestResult:
         """Store a transaction's events and its work-queue entry in ONE commit.
@@ -86,15 +135,34 @@ class WorkQueue:
         Returns once the commit is durable. A txnId seen before stores nothing; an event_id
         seen before (in an earlier transaction or twice in this one) is skipped.
         """
+        staged: list[_Fresh] = []
         try:
-            return await self.records.write(lambda conn: self._ingest(conn, txn_id, events))
+            result = await self.records.write(
+                lambda conn: self._ingest(conn, txn_id, events, staged)
+            )
         except SQLAlchemyError as e:
             raise StoreUnavailable(str(e.__class__.__name__)) from e
         except OSError as e:
             raise StoreUnavailable(str(e)) from e
+        # Committed: the worker may take these events from memory instead of reading,
+        # decrypting and parsing them again (only the last attempt's staging counts).
+        if staged:
+            self._hand_off(staged[-1])
+        return result
+
+    def _hand_off(self, fresh: _Fresh) -> None:
+        if len(self.keys.shredded) != self._fresh_shredded:
+            self.forget_hand_off()
+        self._fresh[fresh.queue_id] = fresh
+        while len(self._fresh) > _FRESH_MAX:
+            self._fresh.popitem(last=False)
 
     async def _ingest(
-        self, conn: AsyncConnection, txn_id: str, events: Sequence[Mapping[str, Any]]
+        self,
+        conn: AsyncConnection,
+        txn_id: str,
+        events: Sequence[Mapping[str, Any]],
+        staged: list[_Fresh],
     ) -> IngestResult:
         ts = now_ms()
         seen = (await conn.execute(_SEEN_TXN, {"txn_id": txn_id})).first()
@@ -119,12 +187,14 @@ class WorkQueue:
             )
             txn_id = f"{txn_id[:200]}~{uuid.uuid4().hex}"
         items = []
+        kept: list[Mapping[str, Any]] = []
         for ev, key in zip(events, eidx, strict=True):
             if key is not None:
                 if key in known:
                     continue
                 known.add(key)
             origin = ev.get("origin_server_ts")
+            kept.append(ev)
             items.append(
                 Plain(
                     AuditKind.EVENT,
@@ -137,7 +207,7 @@ class WorkQueue:
                 )
             )
         first, last = await self.records.append_records(conn, items, ts)
-        await conn.execute(
+        inserted = await conn.execute(
             _INSERT_TXN,
             {
                 "txn_id": txn_id,
@@ -148,6 +218,9 @@ class WorkQueue:
                 "processed": not items,
             },
         )
+        key = inserted.inserted_primary_key
+        if items and key is not None:
+            staged.append(_Fresh(int(key[0]), txn_id, first, last, kept))
         return IngestResult(duplicate=False, stored=len(items), skipped=len(events) - len(items))
 
     def _open_queued(
@@ -174,37 +247,64 @@ class WorkQueue:
         A record that cannot be read back is returned as an :class:`UnreadableEvent` in its
         place, so one bad record does not stop the queue: the worker skips it and reports
         it. (A data key that cannot be unwrapped still raises StoreError: that is the
-        keyring, not one record.)"""
+        keyring, not one record.)
+
+        Two queries whatever ``limit`` is: the transactions, then the event records of all
+        of them (one range over their seqs, each row given to the transaction whose range
+        holds it)."""
         async with self.db.connect() as conn:
-            txns = (
-                await conn.execute(
-                    select(
-                        transactions.c.id,
-                        transactions.c.txn_id,
-                        transactions.c.received_ts,
-                        transactions.c.first_seq,
-                        transactions.c.last_seq,
-                    )
-                    .where(transactions.c.processed.is_(False))
-                    .order_by(transactions.c.id)
-                    .limit(limit)
-                )
-            ).all()
-            items = []
-            for qid, txn_id, received, first, last in txns:
-                rows = (
-                    await conn.execute(
-                        select(records.c.seq, *SEALED_PART)
-                        .where(
-                            records.c.seq.between(first, last), records.c.kind == AuditKind.EVENT
-                        )
-                        .order_by(records.c.seq)
-                    )
-                ).all()
+            txns = (await conn.execute(_PENDING_TXNS, {"limit": limit})).all()
+            fresh = self._take_fresh(txns)
+            spans = [
+                (f, last)
+                for qid, *_, f, last in txns
+                if f is not None and last is not None and qid not in fresh
+            ]
+            rows: list[Any] = []
+            if spans:
+                lo, hi = min(f for f, _ in spans), max(last for _, last in spans)
+                rows = list((await conn.execute(_QUEUED_RECORDS, {"lo": lo, "hi": hi})).all())
                 await self.keys.by_ids(conn, {r[2] for r in rows})
-                evs = [self._open_queued(*row) for row in rows]
-                items.append(WorkItem(qid, txn_id, received, evs))
-            return items
+        items = []
+        i = 0
+        for qid, txn_id, received, first, last in txns:
+            evs: list[StoredEvent] = []
+            if qid in fresh:
+                evs = fresh[qid]
+            elif first is not None and last is not None:
+                while i < len(rows) and rows[i][0] < first:
+                    i += 1  # an event record of no pending transaction: not ours to process
+                while i < len(rows) and rows[i][0] <= last:
+                    evs.append(self._open_queued(*rows[i]))
+                    i += 1
+            items.append(WorkItem(qid, txn_id, received, evs))
+        return items
+
+    def forget_hand_off(self) -> None:
+        """Forget the events ingest handed to the worker in memory: the worker reads every
+        pending transaction back from the store, as after a restart."""
+        self._fresh.clear()
+        self._fresh_shredded = len(self.keys.shredded)
+
+    def _take_fresh(self, txns: Sequence[Any]) -> dict[int, list[StoredEvent]]:
+        """The pending transactions' events this process ingested, as committed (by queue
+        id; only where the row still names the same txnId and seqs). Entries older than
+        the oldest pending transaction (processed elsewhere) are dropped, and all of them
+        once a data key was destroyed since (its records must read as destroyed)."""
+        if len(self.keys.shredded) != self._fresh_shredded:
+            self.forget_hand_off()
+        if not txns:
+            self._fresh.clear()
+            return {}
+        oldest = txns[0][0]
+        for qid in [q for q in self._fresh if q < oldest]:
+            del self._fresh[qid]
+        out: dict[int, list[StoredEvent]] = {}
+        for qid, txn_id, _received, first, last in txns:
+            f = self._fresh.get(qid)
+            if f is not None and (f.txn_id, f.first_seq, f.last_seq) == (txn_id, first, last):
+                out[qid] = [StoredEvent(first + i, dict(ev)) for i, ev in enumerate(f.events)]
+        return out
 
     async def mark_processed(self, conn: AsyncConnection, queue_ids: Sequence[int]) -> None:
         """Mark the transactions ``queue_ids`` processed, in ``conn``.
@@ -214,11 +314,7 @@ class WorkQueue:
         nothing processing produced is stored twice."""
         if queue_ids:
             ids = list(dict.fromkeys(queue_ids))
-            marked = await conn.execute(
-                update(transactions)
-                .where(transactions.c.id.in_(ids), transactions.c.processed.is_(False))
-                .values(processed=True)
-            )
+            marked = await conn.execute(_MARK_PROCESSED, {"ids": ids})
             if marked.rowcount != len(ids):
                 raise AlreadyProcessed(
                     f"{len(ids) - marked.rowcount} of {len(ids)} transactions were processed "

@@ -384,10 +384,15 @@ class DlpEngine:
 
     # -- scanning --
 
+    @property
+    def has_rules(self) -> bool:
+        """Whether any keyword, regex or detector is in force."""
+        return bool(self._rules)
+
     def check(self, event: Mapping[str, Any]) -> Verdict:
         """Judge one client-format event: exemptions, then :meth:`scan` of its texts."""
-        if not isinstance(event, Mapping):
-            return ALLOW
+        if not isinstance(event, Mapping) or not self.has_rules:
+            return ALLOW  # no rules: nothing to extract or normalise
         if self.is_exempt(event.get("sender"), event.get("room_id")):
             return ALLOW
         texts = extract_texts(event)

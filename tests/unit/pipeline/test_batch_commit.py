@@ -268,3 +268,35 @@ def test_a_batch_merges_the_changes_to_one_room() -> None:
     assert (batch.rooms[ROOM].joined, batch.rooms[ROOM].lacking) == (True, DRIFTED)
     assert (batch.rooms[NEW].joined, batch.rooms[NEW].lacking) == (False, "x")
     assert batch.staged_joined(ROOM) is True and batch.staged_joined(SPACE) is None
+
+
+async def test_pending_transactions_are_one_batch_committed_all_or_none(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = {a.id for a in await pending(worker.store)}
+    joins = [NEW, f"!second:{OWN}", f"!third:{OWN}"]
+    for room in joins:
+        await worker.store.queue.ingest(f"t-{room}", [member(room, bot(worker), "join")])
+    await fail_next_commit(worker.store, monkeypatch)
+    before |= {a.id for a in await pending(worker.store)}
+    with pytest.raises(StoreUnavailable):
+        await worker.run_once()
+    # nothing of any of them: not processed, no room rows, no actions, nothing remembered
+    assert len(await worker.store.queue.pending()) == 3
+    assert not set(joins) & set(await rooms(worker.store))
+    assert [a for a in await pending(worker.store) if a.id not in before] == []
+    assert not any(worker.tracker.joined(room) for room in joins)
+
+    real, commits = worker.store.queue.complete, []
+
+    async def counted(queue_ids: Any, *args: Any, **kwargs: Any) -> None:
+        commits.append(list(queue_ids))
+        await real(queue_ids, *args, **kwargs)
+
+    monkeypatch.setattr(worker.store.queue, "complete", counted)
+    assert await worker.run_once() == 3
+    assert await worker.run_once() == 0
+    assert [len(ids) for ids in commits] == [3]  # one batch, one commit
+    assert set(joins) <= set(await rooms(worker.store))
+    new = [a for a in await pending(worker.store) if a.id not in before]
+    assert sorted(a.room_id or "" for a in new if a.kind == ActionKind.RECONCILE) == sorted(joins)
