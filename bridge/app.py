@@ -28,11 +28,14 @@ from bridge.archive.cli import verify_store
 from bridge.archive.jobs import CheckpointSigner, run_audit_jobs
 from bridge.archive.setup import audit_config
 from bridge.archive.sink import AuditSink
+from bridge.attachments.pool import ExtractionPool
 from bridge.audit.chain import VerifyReport
+from bridge.commands import Reply
 from bridge.commands.catalog import build_registry
 from bridge.commands.services import RetroScan
 from bridge.config import Config
 from bridge.http.gate import Gate
+from bridge.http.media_gate import MediaGate
 from bridge.http.health import (
     HealthInfo,
     health_routes,
@@ -105,6 +108,11 @@ class Bridge:
         self.runner: web.AppRunner | None = None
         self.metrics_runner: web.AppRunner | None = None
         self.gate: Gate | None = None
+        # Attachment scanning (issue 12): extraction processes shared by the upload gate
+        # and the in-room re-check; started in open(), stopped in close().
+        self.extraction = ExtractionPool(
+            config.attachments.workers, config.attachments.limits.memory_bytes
+        )
 
     @property
     def management_room(self) -> str:
@@ -155,6 +163,8 @@ class Bridge:
             overrides=self.overrides,
         )
         app.add_routes(self.appservice_api.routes())
+        # attachments: before the gate's catch-all {callback} route
+        app.add_routes(self._media_gate().routes())
         app.add_routes(gate.routes())
         app.add_routes(
             health_routes(
@@ -164,6 +174,24 @@ class Bridge:
         )
         app.add_routes(main_listener_metrics(self.config.metrics))
         return app
+
+    def _media_gate(self) -> MediaGate:
+        """The attachment gate; its management-room lines go through the executor."""
+
+        def notify(text: str) -> None:
+            self.scheduler.spawn(
+                self.management.notify(Reply.plain(text)), "media-notice", TaskKind.ONE_OFF
+            )
+
+        return MediaGate(
+            self.config.gate.base_path,
+            self.config.gate.token,
+            lambda: self.config.attachments,
+            lambda: self.policy.engine,
+            self.extraction,
+            self.sink,
+            notify=notify,
+        )
 
     async def open(self) -> None:
         """Open the store and start listening. Raises StoreUnavailable / OSError."""
@@ -254,6 +282,8 @@ class Bridge:
             shutdown_timeout=SHUTDOWN_STEP,
         )
         await self.runner.setup()
+        if cfg.attachments.enabled:
+            await self.extraction.start()
         site = web.TCPSite(self.runner, cfg.appservice.hostname, cfg.appservice.port)
         await site.start()
         self.scheduler.spawn(self.sink.run(), "audit-sink")
@@ -414,6 +444,7 @@ class Bridge:
         await self.scheduler.stop(SHUTDOWN_STEP)
         if self.gate is not None:
             self.gate.close()  # its judging threads
+        self.extraction.close()  # the attachment extraction processes
         try:  # membership changes not yet written (for the federation confirmation counts)
             await asyncio.wait_for(self.rooms.close(), SHUTDOWN_STEP)
         except Exception as e:

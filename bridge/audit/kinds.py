@@ -28,6 +28,7 @@ class AuditKind(StrEnum):
     SHRED = "shred"  # a room key destroyed
     NOTICE = "notice"  # a policy notice to a blocked sender (sent, grouped or held back)
     OVERRIDE = "override"  # an override with justification: granted, used or revoked
+    MEDIA = "media"  # an attachment judged (at upload or in its room): digest, type, rule
 
 
 #: Kinds whose ``type`` is a Matrix event type (the event's own, or the type of the event

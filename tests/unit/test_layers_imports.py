@@ -42,12 +42,15 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "scheduler": frozenset(),
     "matrix": frozenset(),
     "roles": frozenset(),
+    # attachments (issue 12): file readers, pure decision over the DLP engine
+    "attachments": frozenset({"policy"}),
     "store": frozenset({"audit"}),
-    "config": frozenset({"policy", "roles"}),
+    "config": frozenset({"attachments", "policy", "roles"}),
     "registration": frozenset({"config"}),
     "commands": frozenset({"audit", "config", "metrics", "policy", "roles", "store"}),
     "pipeline": frozenset(
         {
+            "attachments",
             "audit",
             "commands",
             "config",
@@ -61,11 +64,12 @@ ALLOWED: Mapping[str, frozenset[str]] = {
         }
     ),
     "archive": frozenset({"audit", "config", "pipeline", "policy", "scheduler", "store"}),
-    "http": frozenset({"archive", "audit", "config", "metrics", "policy", "store"}),
+    "http": frozenset({"archive", "attachments", "audit", "config", "metrics", "policy", "store"}),
     "dev": frozenset({"config", "registration"}),
     "app": frozenset(
         {
             "archive",
+            "attachments",
             "audit",
             "commands",
             "config",
