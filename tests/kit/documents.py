@@ -200,9 +200,7 @@ def overlapping_bomb(members: int = 200, kernel: int = 2 * 1024 * 1024) -> bytes
             )
             + entry
         )
-    end = struct.pack(
-        "<4s4H2LH", b"PK\x05\x06", 0, 0, members, members, len(central), len(body), 0
-    )
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, members, members, len(central), len(body), 0)
     return body + central + end
 
 
