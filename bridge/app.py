@@ -35,7 +35,6 @@ from bridge.commands.catalog import build_registry
 from bridge.commands.services import RetroScan
 from bridge.config import Config
 from bridge.http.gate import Gate
-from bridge.http.media_gate import MediaGate
 from bridge.http.health import (
     HealthInfo,
     health_routes,
@@ -43,6 +42,7 @@ from bridge.http.health import (
     refresh_gauges,
     start_metrics_listener,
 )
+from bridge.http.media_gate import MediaGate
 from bridge.http.transactions import AppserviceAPI
 from bridge.matrix import (
     AdminAPI,
