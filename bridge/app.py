@@ -57,6 +57,7 @@ from bridge.pipeline.enrollment import AutoEnroller, PowerObtainer
 from bridge.pipeline.executor import Executor, RateLimiter, RoomEnforcement
 from bridge.pipeline.live_policy import LivePolicy
 from bridge.pipeline.management import ManagementRoom
+from bridge.pipeline.media_checks import MediaChecker
 from bridge.pipeline.notices import SenderNotices
 from bridge.pipeline.ping import AppservicePing
 from bridge.pipeline.redelivery import RedeliveryNudger
@@ -104,6 +105,7 @@ class Bridge:
         self.store: Store
         self.session: ClientSession
         self.worker: Worker
+        self.media_checker: MediaChecker
         self.redelivery: RedeliveryNudger
         self.runner: web.AppRunner | None = None
         self.metrics_runner: web.AppRunner | None = None
@@ -249,6 +251,17 @@ class Bridge:
             self.registry,
             self,
             on_actions=self.executor.wake,
+            on_media=lambda: self.media_checker.wake(),
+        )
+        # attachments: in-room media checks (queue filled by the worker, run as a task)
+        self.media_checker = MediaChecker(
+            self.store,
+            self.session,
+            lambda: self.config,
+            lambda: self.policy.engine,
+            self.extraction,
+            lambda: self.management_room,
+            on_actions=self.executor.wake,
         )
         await self.worker.load()
         await load_runtime_policy(self.store, self.policy)
@@ -320,6 +333,8 @@ class Bridge:
         spawn = self.scheduler.spawn
         spawn(self.worker.run(), "worker")
         spawn(self.executor.run(), "executor")
+        if cfg.attachments.enabled:
+            spawn(self.media_checker.run(), "media-checks")
         resumed = await retroactive.resume(self)
         if resumed:
             log.info("resumed %d unfinished retroactive DLP scan(s)", resumed)
