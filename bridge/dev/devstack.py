@@ -1,7 +1,8 @@
 """A complete throwaway stack (Synapse + bridge) for the demo and the integration tests.
 
 ``prepare_stack`` writes a bridge config and registration and a Synapse config wired to
-them (appservice registration, synapse-http-antispam pointed at the bridge's gate);
+them (appservice registration, the gate module pointed at the bridge's gate: the project's
+own ``policy_bridge_synapse`` by default, or synapse-http-antispam);
 ``BridgeProcess`` runs ``python -m bridge run`` as a child process, like production.
 """
 
@@ -21,9 +22,11 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from bridge.dev.devsynapse import AntispamSettings, SynapseServer, free_port
+from bridge.dev.devsynapse import AntispamSettings, GateModule, SynapseServer, free_port
 from bridge.registration import generate_registration
 
+#: The callbacks synapse-http-antispam forwards to the gate (``gate_module=HTTP_ANTISPAM``);
+#: the project's module forwards its own default list (``POLICY_BRIDGE_CALLBACKS``).
 GATE_CALLBACKS = [
     "check_event_for_spam",
     "user_may_invite",
@@ -71,8 +74,14 @@ def prepare_stack(
     retention: bool = False,
     bridge_options: Mapping[str, Mapping[str, Any]] | None = None,
     fail_open: Mapping[str, bool] | None = None,
+    gate_module: GateModule = GateModule.POLICY_BRIDGE,
+    module_options: Mapping[str, Any] | None = None,
 ) -> DevStack:
-    """Write bridge + Synapse configs into ``workdir`` (nothing is started)."""
+    """Write bridge + Synapse configs into ``workdir`` (nothing is started).
+
+    ``gate_module`` chooses the Synapse module that asks the gate; ``module_options`` are
+    further options of the project's module (e.g. ``{"timeout": 2}``).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     synapse_port, bridge_port = free_port(), free_port()
     config_path = workdir / "config.yaml"
@@ -104,8 +113,10 @@ def prepare_stack(
     antispam = AntispamSettings(
         base_url=f"http://127.0.0.1:{bridge_port}/_bridge/antispam",
         authorization=gate_token,
-        enabled_callbacks=list(GATE_CALLBACKS),
+        enabled_callbacks=list(GATE_CALLBACKS) if gate_module is GateModule.HTTP_ANTISPAM else None,
         fail_open=dict(fail_open or {}),
+        module=gate_module,
+        options=dict(module_options or {}),
     )
     synapse = SynapseServer(
         workdir / "synapse",

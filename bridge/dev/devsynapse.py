@@ -38,6 +38,7 @@ import urllib.request
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -45,7 +46,10 @@ from typing import Any
 __all__ = [
     "DEFAULT_ANTISPAM_CALLBACKS",
     "INSTALL_HINT",
+    "POLICY_BRIDGE_CALLBACKS",
+    "SYNAPSE_MODULE_DIR",
     "AntispamSettings",
+    "GateModule",
     "HomeserverRequestError",
     "SynapseNotInstalledError",
     "SynapseServer",
@@ -66,6 +70,34 @@ DEFAULT_ANTISPAM_CALLBACKS: tuple[str, ...] = (
     "user_may_invite",
     "federated_user_may_invite",
     "user_may_join_room",
+)
+
+
+class GateModule(StrEnum):
+    """The Synapse module that asks the bridge's gate (both speak the same HTTP protocol)."""
+
+    #: The project's own module (``synapse_module/``): full context, media, no text in logs.
+    POLICY_BRIDGE = "policy_bridge_synapse.PolicyBridgeModule"
+    #: The third-party ``synapse-http-antispam`` from PyPI.
+    HTTP_ANTISPAM = "synapse_http_antispam.HTTPAntispam"
+
+    @property
+    def package(self) -> str:
+        """The importable package Synapse's Python needs."""
+        return self.value.split(".", 1)[0]
+
+
+#: The project's own Synapse module, a distribution of its own next to the ``bridge`` package.
+#: Synapse started here finds it through ``PYTHONPATH`` (no installation needed in a checkout).
+SYNAPSE_MODULE_DIR = Path(__file__).resolve().parents[2] / "synapse_module"
+
+#: Callbacks the project's module forwards by default: those above, room creation and state
+#: events with their content, and uploaded files.
+POLICY_BRIDGE_CALLBACKS: tuple[str, ...] = (
+    *DEFAULT_ANTISPAM_CALLBACKS,
+    "user_may_create_room",
+    "user_may_send_state_event",
+    "check_media_file_for_spam",
 )
 
 # Generous enough that nothing a test or the demo does ever hits them.
@@ -127,22 +159,35 @@ class HomeserverRequestError(RuntimeError):
 
 @dataclass
 class AntispamSettings:
-    """Configuration of the ``synapse_http_antispam.HTTPAntispam`` module.
+    """Configuration of the gate module: the project's own (default) or synapse-http-antispam.
 
     ``base_url`` is where the bridge's gate listens (callbacks are POSTed to
-    ``{base_url}/{callback}``); ``authorization`` is sent as a bearer token.
+    ``{base_url}/{callback}``); ``authorization`` is sent as a bearer token. Both modules
+    take these keys; ``options`` holds further keys of the project's module (``timeout``,
+    ``media_timeout``, ``media_max_bytes``, ``media_kinds``). ``enabled_callbacks`` defaults
+    to what the chosen module can forward on this Synapse.
     """
 
     base_url: str
     authorization: str | None = None
     fail_open: dict[str, bool] = field(default_factory=dict)
-    enabled_callbacks: list[str] = field(default_factory=lambda: list(DEFAULT_ANTISPAM_CALLBACKS))
+    enabled_callbacks: list[str] | None = None
     do_ping: bool = False
+    module: GateModule = GateModule.POLICY_BRIDGE
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> AntispamSettings:
         """Build settings from a plain dict using the module's own config keys."""
-        known = {"base_url", "authorization", "fail_open", "enabled_callbacks", "do_ping"}
+        known = {
+            "base_url",
+            "authorization",
+            "fail_open",
+            "enabled_callbacks",
+            "do_ping",
+            "module",
+            "options",
+        }
         unknown = set(data) - known
         if unknown:
             raise ValueError(
@@ -150,19 +195,35 @@ class AntispamSettings:
             )
         if "base_url" not in data:
             raise ValueError("antispam settings need 'base_url'")
-        return cls(**dict(data))
+        values = dict(data)
+        if "module" in values:
+            values["module"] = GateModule(values["module"])
+        return cls(**values)
+
+    @property
+    def callbacks(self) -> list[str]:
+        """The callbacks forwarded: as configured, else the module's default list."""
+        if self.enabled_callbacks is not None:
+            return list(self.enabled_callbacks)
+        if self.module is GateModule.POLICY_BRIDGE:
+            return list(POLICY_BRIDGE_CALLBACKS)
+        return list(DEFAULT_ANTISPAM_CALLBACKS)
 
     def module_config(self) -> dict[str, Any]:
         """The ``config:`` block for the module entry in homeserver.yaml."""
         config: dict[str, Any] = {
             "base_url": self.base_url.rstrip("/"),
-            "enabled_callbacks": list(self.enabled_callbacks),
+            "enabled_callbacks": self.callbacks,
             "fail_open": dict(self.fail_open),
         }
         if self.authorization:
             config["authorization"] = self.authorization
         if self.do_ping:
             config["do_ping"] = True
+        if self.options:
+            if self.module is not GateModule.POLICY_BRIDGE:
+                raise ValueError(f"options {sorted(self.options)} need {GateModule.POLICY_BRIDGE}")
+            config.update(self.options)
         return config
 
 
@@ -236,8 +297,10 @@ class SynapseServer:
             server_name: the Matrix server name (user IDs end in ``:server_name``).
             port: HTTP port on 127.0.0.1; a free one is picked when omitted.
             registrations: appservice registration files to load.
-            antispam: settings for synapse-http-antispam (dict keys as in the module's
-                config: base_url, authorization, fail_open, enabled_callbacks, do_ping).
+            antispam: settings of the gate module (dict keys as in the module's config:
+                base_url, authorization, fail_open, enabled_callbacks, do_ping; plus
+                ``module`` to choose synapse-http-antispam and ``options`` for further keys
+                of the project's module), see :class:`AntispamSettings`.
             retention: enable Synapse's ``retention:`` support with a purge job every
                 ``retention_interval`` so ``m.room.retention`` takes effect within seconds.
             extra_config: merged recursively into the generated config, last.
@@ -322,7 +385,7 @@ class SynapseServer:
         if self.antispam is not None:
             config["modules"] = [
                 {
-                    "module": "synapse_http_antispam.HTTPAntispam",
+                    "module": self.antispam.module.value,
                     "config": self.antispam.module_config(),
                 }
             ]
@@ -375,7 +438,17 @@ class SynapseServer:
             raise SynapseNotInstalledError(
                 f"matrix-synapse is not importable by {self.python}: {INSTALL_HINT}"
             )
-        if self.antispam is not None and not _python_has(self.python, "synapse_http_antispam"):
+        if self.antispam is None:
+            return
+        if self.antispam.module is GateModule.POLICY_BRIDGE:
+            if not SYNAPSE_MODULE_DIR.is_dir() and not _python_has(
+                self.python, self.antispam.module.package
+            ):
+                raise SynapseNotInstalledError(
+                    f"the policy bridge's Synapse module is not importable by {self.python}: "
+                    "install it there (pip install --no-deps ./synapse_module)"
+                )
+        elif not _python_has(self.python, self.antispam.module.package):
             raise SynapseNotInstalledError(
                 f"synapse-http-antispam is not importable by {self.python}: "
                 "install synapse-http-antispam (pip install 'matrix-policy-bridge[test]')"
@@ -396,6 +469,10 @@ class SynapseServer:
         self._output_file = open(self.output_path, "ab")  # closed in stop()
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.antispam is not None and self.antispam.module is GateModule.POLICY_BRIDGE:
+            if SYNAPSE_MODULE_DIR.is_dir():  # a checkout: the module from source
+                paths = [str(SYNAPSE_MODULE_DIR), env.get("PYTHONPATH", "")]
+                env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         self._process = subprocess.Popen(
             [self.python, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
             cwd=self.workdir,
@@ -467,6 +544,9 @@ class SynapseServer:
                 f"\nThis Synapse does not support the spam-checker callback {name!r}; "
                 "remove it from the antispam 'enabled_callbacks'."
             )
+        if "policy_bridge_synapse cannot load:" in text:
+            reason = text.split("policy_bridge_synapse cannot load:", 1)[1].split("\n", 1)[0]
+            return f"\nThe policy bridge's Synapse module refused to load:{reason}"
         if "Address already in use" in text:
             return f"\nPort {self.port} on 127.0.0.1 is already in use."
         return ""

@@ -1,5 +1,6 @@
 """Proves the throwaway-Synapse harness: startup, registration, lifted rate limits, and the
-synapse-http-antispam module wired to an HTTP gate."""
+gate modules (the project's own and synapse-http-antispam) wired to an HTTP gate speaking the
+same protocol."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from aiohttp import web
 from matrix_client import MatrixError, MatrixTestClient, wait_for
 from synapse_fixtures import start_test_synapse
 
-from bridge.dev.devsynapse import SynapseServer, free_port
+from bridge.dev.devsynapse import GateModule, SynapseServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -130,16 +131,18 @@ async def fake_gate() -> AsyncIterator[tuple[FakeGate, str]]:
     await runner.cleanup()
 
 
+@pytest.mark.parametrize("module", list(GateModule))
 async def test_antispam_module_reaches_gate(
-    tmp_path_factory: pytest.TempPathFactory, fake_gate: tuple[FakeGate, str]
+    tmp_path_factory: pytest.TempPathFactory, fake_gate: tuple[FakeGate, str], module: GateModule
 ) -> None:
+    """Both modules speak the same protocol to the same gate (compatibility)."""
     gate, gate_url = fake_gate
     # Start in a thread: the gate runs on this event loop and must keep serving.
     hs = await asyncio.to_thread(
         start_test_synapse,
         tmp_path_factory,
         [],
-        {"base_url": gate_url, "authorization": GATE_TOKEN},
+        {"base_url": gate_url, "authorization": GATE_TOKEN, "module": module},
         False,
         name="antispam",
     )
@@ -150,7 +153,15 @@ async def test_antispam_module_reaches_gate(
         async with MatrixTestClient(hs.url, alice_id, alice_token) as alice:
             room_id = await alice.create_room(name="gated", topic="t")
             # Synapse fact worth knowing: the events createRoom writes (create, member,
-            # power levels, name, topic, initial_state) never reach check_event_for_spam.
+            # power levels, name, topic, initial_state) never reach check_event_for_spam;
+            # only the project's module forwards the createRoom body (user_may_create_room).
+            if module is GateModule.POLICY_BRIDGE:
+                assert [cb for cb, _ in gate.calls] == ["user_may_create_room"]
+                created = gate.calls[0][1]
+                assert created["user_id"] == alice_id
+                assert created["room_config"]["name"] == "gated"
+                assert created["room_config"]["topic"] == "t"
+                gate.calls.clear()
             assert gate.calls == []
             allowed_id = await alice.send_text(room_id, "hello, world")
 
@@ -182,12 +193,27 @@ async def test_antispam_module_reaches_gate(
         await hs.async_stop()
 
 
-async def test_antispam_unreachable_gate(tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (GateModule.HTTP_ANTISPAM, "Failed to connect to antispam server"),
+        (
+            GateModule.POLICY_BRIDGE,
+            "the policy service could not check this request; try again later",
+        ),
+    ],
+)
+async def test_antispam_unreachable_gate(
+    tmp_path_factory: pytest.TempPathFactory, module: GateModule, message: str
+) -> None:
     """With the gate down, check_event_for_spam fails open (module default) while
     user_may_invite fails closed with M_UNKNOWN."""
     dead_url = f"http://127.0.0.1:{free_port()}"
+    settings: dict[str, Any] = {"base_url": dead_url, "module": module}
+    if module is GateModule.POLICY_BRIDGE:
+        settings.update(authorization=GATE_TOKEN, fail_open={"user_may_create_room": True})
     hs = await asyncio.to_thread(
-        start_test_synapse, tmp_path_factory, [], {"base_url": dead_url}, False, name="deadgate"
+        start_test_synapse, tmp_path_factory, [], settings, False, name="deadgate"
     )
     try:
         alice_id, alice_token = await hs.async_register_user("alice", "pw")
@@ -198,7 +224,7 @@ async def test_antispam_unreachable_gate(tmp_path_factory: pytest.TempPathFactor
             with pytest.raises(MatrixError) as err:
                 await alice.invite(room_id, bob_id)
             assert err.value.errcode == "M_UNKNOWN"
-            assert err.value.error == "Failed to connect to antispam server"
+            assert err.value.error == message
     finally:
         await hs.async_stop()
 
@@ -209,7 +235,11 @@ def test_config_only_no_start(tmp_path_factory: pytest.TempPathFactory) -> None:
     server = SynapseServer(
         workdir,
         server_name="example.test",
-        antispam={"base_url": "http://127.0.0.1:1/", "fail_open": {"user_may_invite": True}},
+        antispam={
+            "base_url": "http://127.0.0.1:1/",
+            "fail_open": {"user_may_invite": True},
+            "module": "synapse_http_antispam.HTTPAntispam",
+        },
         retention=True,
         extra_config={"rc_message": {"per_second": 5}, "max_upload_size": "1M"},
     )
@@ -222,7 +252,23 @@ def test_config_only_no_start(tmp_path_factory: pytest.TempPathFactory) -> None:
     assert module["module"] == "synapse_http_antispam.HTTPAntispam"
     assert module["config"]["base_url"] == "http://127.0.0.1:1"
     assert "check_event_for_spam" in module["config"]["enabled_callbacks"]
+    assert module["config"]["enabled_callbacks"] == [
+        "check_event_for_spam",
+        "user_may_invite",
+        "federated_user_may_invite",
+        "user_may_join_room",
+    ]
     assert cfg["retention"]["enabled"] is True
+    # The project's own module is the default; it forwards more callbacks, takes options.
+    ours = SynapseServer(
+        tmp_path_factory.mktemp("cfg2"),
+        antispam={"base_url": "http://127.0.0.1:1/", "options": {"timeout": 2}},
+    ).config["modules"][0]
+    assert ours["module"] == "policy_bridge_synapse.PolicyBridgeModule"
+    assert ours["config"]["timeout"] == 2
+    assert {"user_may_create_room", "user_may_send_state_event"} <= set(
+        ours["config"]["enabled_callbacks"]
+    )
     assert (workdir / "example.test.signing.key").read_text().startswith("ed25519 a_")
     assert not server.running
 
