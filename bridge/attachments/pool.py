@@ -33,6 +33,8 @@ def _serve(conn: Connection, memory_bytes: int) -> None:
     """A worker's loop: (data, limits) in, Extraction out, until the pipe closes."""
     if memory_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    # A native reader (PDFium) aborts when an allocation fails: no core file of that size.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     while True:
         try:
             data, limits = conn.recv()

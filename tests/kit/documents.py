@@ -220,3 +220,72 @@ def billion_laughs(levels: int = 9) -> bytes:
             "word/document.xml": xml.encode(),
         }
     )
+
+
+def _write_pdf(objects: list[bytes], root: int) -> bytes:
+    """A PDF of ``objects`` (object n is ``objects[n - 1]``) with catalog ``root``."""
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n" % number + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    for offset in offsets:
+        out.write(b"%010d 00000 n \n" % offset)
+    trailer = b"<< /Size %d /Root %d 0 R >>" % (len(objects) + 1, root)
+    out.write(b"trailer\n" + trailer + b"\nstartxref\n%d\n%%%%EOF\n" % xref)
+    return out.getvalue()
+
+
+_FONT = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"
+
+
+def pdf_stream_bomb(inflated: int = 1024 * 1024 * 1024, text: str = "") -> bytes:
+    """One page whose content stream (deflated) inflates to ``inflated`` bytes: ``text`` shown
+    once, then spaces (about 1000:1)."""
+    escaped = text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+    head = b"BT /F1 12 Tf 72 720 Td (" + escaped.encode("latin-1") + b") Tj ET\n"
+    packer = zlib.compressobj(9)
+    parts = [packer.compress(head)]
+    chunk = b" " * (1024 * 1024)
+    for _ in range(inflated // len(chunk)):
+        parts.append(packer.compress(chunk))
+    parts.append(packer.flush())
+    packed = b"".join(parts)
+    objects = [
+        _FONT,
+        b"<< /Type /Pages /Kids [4 0 R] /Count 1 >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(packed) + packed + b"\nendstream",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 3 0 R "
+        b"/Resources << /Font << /F1 1 0 R >> >> >>",
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+    ]
+    return _write_pdf(objects, 5)
+
+
+def pdf_deep(levels: int = 100_000, text: str = "deep") -> bytes:
+    """One page whose resources hold an array nested ``levels`` deep (a recursive parser's
+    stack), and a page tree ``min(levels, 5000)`` nodes deep."""
+    escaped = text.encode("latin-1")
+    content = b"BT /F1 12 Tf 72 720 Td (" + escaped + b") Tj ET"
+    nested = b"[" * levels + b"]" * levels
+    tree = min(levels, 5000)
+    objects = [
+        _FONT,
+        b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream",
+        b"<< /Type /Catalog /Pages 4 0 R >>",
+    ]
+    # Pages nodes 4 .. 4 + tree - 1, each the only kid of the one before; then the page.
+    first = 4
+    page = first + tree
+    for i in range(tree):
+        number = first + i
+        parent = b"" if i == 0 else b"/Parent %d 0 R " % (number - 1)
+        objects.append(b"<< /Type /Pages %s/Kids [%d 0 R] /Count 1 >>" % (parent, number + 1))
+    objects.append(
+        b"<< /Type /Page /Parent %d 0 R /MediaBox [0 0 612 792] /Contents 2 0 R "
+        b"/Resources << /Font << /F1 1 0 R >> /Deep %s >> >>" % (page - 1, nested)
+    )
+    return _write_pdf(objects, 3)
