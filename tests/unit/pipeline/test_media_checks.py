@@ -121,3 +121,62 @@ async def test_room_rules_redact_and_notify_and_the_file_is_fetched_once(
         finally:
             pool.close()
             await store.close()
+
+
+@pytest.mark.parametrize("rule", ["refuse", "allow"])
+async def test_media_over_the_download_cap_is_too_large_and_follows_the_rule(
+    tmp_path: Path, rule: str
+) -> None:
+    big = b"%PDF-1.4\n" + b"0" * (2 * 1024 * 1024)  # 2 MiB: over a 1 MiB cap
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for i in range(0, len(big), 64 * 1024):
+            try:
+                await response.write(big[i : i + 64 * 1024])
+            except (ConnectionError, RuntimeError):
+                break  # the checker stopped reading at its cap
+        return response
+
+    app = web.Application()
+    app.add_routes([web.get("/_matrix/client/v1/media/download/{server}/{media}", download)])
+    server = TestServer(app)
+    await server.start_server()
+    config = make_config(
+        {
+            "homeserver": {"url": str(server.make_url("")).rstrip("/")},
+            "attachments": {"max_file_mb": 1, "unreadable": {"too_large": rule}},
+        },
+        base_dir=tmp_path,
+    )
+    engine = build_engine(config)
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'big.db'}")
+    pool = ExtractionPool(1, 768 * 1024 * 1024)
+    try:
+        async with ClientSession() as session:
+            checker = MediaChecker(
+                store, session, lambda: config, lambda: engine, pool, lambda: "!mgmt:corp.example"
+            )
+            await store.keys.op_key()
+            check = MediaCheck("!r:corp.example", "$big", "@a:corp.example", "mxc://corp/big")
+
+            async def run(conn: object) -> None:
+                await store.media.insert(conn, [check])  # type: ignore[arg-type]
+
+            await store.records.write(run)
+            assert await checker.run_once() == 1
+        [record] = [r async for r in store.reader.iter(kind="media")]
+        data = record["data"]
+        assert data["unreadable"] == "too_large" and data["detail"] == "over the download cap"
+        expected = "unreadable_refused" if rule == "refuse" else "unreadable_allowed"
+        assert data["outcome"] == expected
+        due = await store.actions.due(1e12)
+        assert [(a.kind, a.payload.get("event_id")) for a in due] == (
+            [("redact", "$big")] if rule == "refuse" else []
+        )
+        assert pool.replaced == 0 and data["size"] <= 1024 * 1024 + 256 * 1024
+    finally:
+        pool.close()
+        await store.close()
+        await server.close()
