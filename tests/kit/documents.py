@@ -289,3 +289,98 @@ def pdf_deep(levels: int = 100_000, text: str = "deep") -> bytes:
         b"/Resources << /Font << /F1 1 0 R >> /Deep %s >> >>" % (page - 1, nested)
     )
     return _write_pdf(objects, 3)
+
+
+def _words(count: int, seed: int) -> list[str]:
+    """``count`` pseudo-words from a fixed vocabulary (text that compresses like prose)."""
+    import random
+
+    rng = random.Random(seed)
+    letters = "etaoinshrdlucmfwypvbgkjqxz"
+    weights = [26 - i for i in range(len(letters))]
+    vocab = ["".join(rng.choices(letters, weights, k=rng.randint(2, 10))) for _ in range(3000)]
+    return rng.choices(vocab, k=count)
+
+
+def text_heavy_pdf(size: int = 1_000_000, lines_per_page: int = 50, seed: int = 1) -> bytes:
+    """A PDF of about ``size`` bytes of dense text pages (deflated content streams, standard
+    font, ~90 characters a line): the most text a megabyte of PDF carries."""
+    words = iter(_words(size, seed))
+    pages: list[bytes] = []
+    total = 0
+    while total < size:
+        ops = [b"BT /F1 9 Tf 11 TL 50 760 Td"]
+        for _ in range(lines_per_page):
+            line = ""
+            while len(line) < 90:
+                line += next(words) + " "
+            ops.append(b"(" + line.encode("ascii") + b") '")
+        ops.append(b"ET")
+        packed = zlib.compress(b"\n".join(ops), 6)
+        pages.append(packed)
+        total += len(packed) + 200
+    return _pages_pdf([(p, b"") for p in pages])
+
+
+def image_heavy_pdf(size: int = 1_000_000, images: int = 6, seed: int = 2) -> bytes:
+    """A PDF of about ``size`` bytes: ``images`` pages, each a JPEG photo-like image (noise
+    over gradients, made with Pillow) and a caption of a few words."""
+    import random
+
+    from PIL import Image, ImageFilter
+
+    rng = random.Random(seed)
+    per_image = size // images
+    pages: list[tuple[bytes, bytes]] = []
+    words = _words(images * 12, seed)
+    for i in range(images):
+        side = 400
+        jpeg = b""
+        while True:
+            noise = Image.effect_noise((side, side), 60).filter(ImageFilter.GaussianBlur(1))
+            img = Image.merge("RGB", (noise, noise.rotate(90), noise.rotate(180)))
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=85)
+            jpeg = buf.getvalue()
+            if len(jpeg) >= per_image * 0.9 or side > 3000:
+                break
+            side = int(side * (per_image / len(jpeg)) ** 0.5) + rng.randint(1, 9)
+        caption = " ".join(words[i * 12 : (i + 1) * 12]).encode("ascii")
+        ops = b"q 500 0 0 500 56 200 cm /Im0 Do Q BT /F1 10 Tf 56 150 Td (" + caption + b") Tj ET"
+        xobject = (
+            b"<< /Type /XObject /Subtype /Image /Width %d /Height %d /ColorSpace /DeviceRGB "
+            b"/BitsPerComponent 8 /Filter /DCTDecode /Length %d >>\nstream\n"
+            % (side, side, len(jpeg))
+            + jpeg
+            + b"\nendstream"
+        )
+        pages.append((zlib.compress(ops), xobject))
+    return _pages_pdf(pages)
+
+
+def _pages_pdf(pages: list[tuple[bytes, bytes]]) -> bytes:
+    """Pages of (deflated content stream, image XObject object or b"")."""
+    objects: list[bytes] = [_FONT, b""]  # 1: font, 2: page tree (filled below)
+    kids = []
+    for content, image in pages:
+        objects.append(
+            b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(content)
+            + content
+            + b"\nendstream"
+        )
+        stream = len(objects)
+        xobjects = b""
+        if image:
+            objects.append(image)
+            xobjects = b" /XObject << /Im0 %d 0 R >>" % len(objects)
+        objects.append(
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R "
+            b"/Resources << /Font << /F1 1 0 R >>%s >> >>" % (stream, xobjects)
+        )
+        kids.append(len(objects))
+    objects[1] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (
+        b" ".join(b"%d 0 R" % k for k in kids),
+        len(kids),
+    )
+    objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
+    return _write_pdf(objects, len(objects))
