@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import resource
 import time
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
@@ -29,6 +31,43 @@ log = logging.getLogger(__name__)
 _CTX = multiprocessing.get_context("spawn")
 
 
+#: Files at least this large go to the worker in a memory file (its descriptor passed over
+#: the socket), not through the pipe: one copy in, one out, and no back-and-forth of
+#: socket-buffer-sized writes between the two processes (≈ 2 ms less for 1 MB here).
+MEMFD_MIN_BYTES = 64 * 1024
+_MEMFD = hasattr(os, "memfd_create")
+_INLINE, _MEMFILE = "inline", "memfile"
+
+
+def _send_file(conn: Connection, data: bytes, limits: Limits, pid: int) -> None:
+    """Send one job: small files (or without memfd) pickled, others as a memory file."""
+    if not _MEMFD or len(data) < MEMFD_MIN_BYTES:
+        conn.send((_INLINE, data, limits))
+        return
+    fd = os.memfd_create("attachment", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        conn.send((_MEMFILE, len(data), limits))
+        reduction.send_handle(conn, fd, pid)
+    finally:
+        os.close(fd)
+
+
+def _receive_file(conn: Connection) -> tuple[bytes, Limits]:
+    """The worker's side of :func:`_send_file`."""
+    how, payload, limits = conn.recv()
+    if how == _INLINE:
+        return payload, limits
+    fd = reduction.recv_handle(conn)
+    try:
+        with open(fd, "rb", closefd=False) as f:
+            f.seek(0)  # the descriptor shares the sender's offset, which is at the end
+            return f.read(payload), limits
+    finally:
+        os.close(fd)
+
+
 def _serve(conn: Connection, memory_bytes: int) -> None:
     """A worker's loop: (data, limits) in, Extraction out, until the pipe closes."""
     if memory_bytes > 0:
@@ -37,7 +76,7 @@ def _serve(conn: Connection, memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     while True:
         try:
-            data, limits = conn.recv()
+            data, limits = _receive_file(conn)
         except (EOFError, OSError):
             return
         try:
@@ -69,7 +108,9 @@ class _Worker:
     def call(self, data: bytes, limits: Limits) -> Extraction | None:
         """Extract in this worker; None when it overran ``limits.timeout_s`` or died."""
         try:
-            self.conn.send((data, limits))
+            pid = self.process.pid
+            assert pid is not None
+            _send_file(self.conn, data, limits, pid)
             if self.conn.poll(limits.timeout_s):
                 result = self.conn.recv()
                 if isinstance(result, Extraction):

@@ -89,3 +89,15 @@ def sniff(data: bytes) -> FileType:
             return FileType.HTML
         return FileType.TEXT
     return FileType.UNKNOWN
+
+
+def textless(data: bytes) -> FileType | None:
+    """``MEDIA`` or ``EMPTY`` when :func:`sniff` would say so, told from magic bytes alone
+    (nothing is parsed): such a file needs no reader, and no extraction process. None when
+    the file may carry text."""
+    if not data:
+        return FileType.EMPTY
+    head = data[:_HEAD]
+    if b"%PDF-" in head[:1024] or head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return None
+    return FileType.MEDIA if _is_media(head) else None

@@ -40,6 +40,7 @@ from bridge.attachments.decide import MediaVerdict, decide
 from bridge.attachments.extract import Extraction
 from bridge.attachments.kinds import FileType, Outcome, Unreadable
 from bridge.attachments.pool import ExtractionPool
+from bridge.attachments.sniff import textless
 from bridge.audit.kinds import AuditKind
 from bridge.config import AttachmentsConfig
 from bridge.http.transactions import bearer_token, matrix_error, token_matches
@@ -227,6 +228,8 @@ class MediaGate:
                 detail=f"over the {cap} bytes read",
             )
             elapsed = 0.0
+        elif (known := textless(data)) is not None:  # images, audio, video: no reader
+            extraction, elapsed = Extraction(known, types=(known,)), 0.0
         else:
             extraction, elapsed = await self.pool.extract(data, cfg.limits)
         del data

@@ -54,3 +54,16 @@ async def test_a_worker_over_its_memory_limit_answers_with_a_limit_and_goes_on()
         assert again.text.strip() == "after the bomb"
     finally:
         pool.close()
+
+
+async def test_large_files_go_through_a_memory_file_and_small_ones_inline(
+    pool: ExtractionPool,
+) -> None:
+    from bridge.attachments.pool import MEMFD_MIN_BYTES
+
+    big = b"".join(b"line of text %d\n" % i for i in range(MEMFD_MIN_BYTES // 8))
+    assert len(big) > MEMFD_MIN_BYTES
+    for data in (big, b"small and inline", big[: MEMFD_MIN_BYTES - 1]):
+        result, _ = await pool.extract(data, Limits())
+        assert result.text.rstrip("\n") == data.decode().rstrip("\n")
+    assert pool.replaced == 0

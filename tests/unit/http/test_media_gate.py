@@ -208,3 +208,18 @@ async def test_malformed_headers_are_refused(rig: Rig, bad: dict[str, str]) -> N
 async def test_thumbnails_are_not_read(rig: Rig) -> None:
     status, _ = await post(rig, f"card {CARD}".encode(), **{"X-Bridge-Media-Kind": "thumbnail"})
     assert status == 200
+
+
+async def test_images_pass_without_an_extraction_process(
+    rig: Rig, pool: ExtractionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unused(data: bytes, limits: object) -> object:
+        raise AssertionError("the extraction pool was asked")
+
+    monkeypatch.setattr(pool, "extract", unused)
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 1024
+    status, body = await post(rig, png)
+    assert (status, body) == (200, {})
+    # A file that may carry text still goes to the pool (here: the stub above refuses).
+    r = await rig.client.post(URL, data=d.pdf("x"), headers=headers(d.pdf("x")))
+    assert r.status == 500
