@@ -1,8 +1,9 @@
 """PDF files: the text of each page and the document information, with PDFium (pypdfium2).
 
 Why PDFium and not pypdf (measured in ``bench/attachments.py``, BENCHMARKS.md): PDFium, the
-PDF engine of Chromium, reads text 4-10x faster than pure-Python pypdf, which at
-0.3-0.4 MB/s added seconds to the upload of a text-heavy 1 MB PDF; and it reads what pypdf
+PDF engine of Chromium, reads text about 3x faster than pure-Python pypdf on dense text and
+5-15x on image-heavy files (pypdf, at 0.3-0.6 MB/s, added 2-3 s to the upload of a
+text-heavy 1 MB PDF); and it reads what pypdf
 gives up on: pypdf stops inflating a stream past its own limit and raises, so a page hidden
 behind a large stream was "malformed" (allowed) while PDFium reads it, or trips the memory
 bound. pypdfium2 ships PDFium as a binary wheel (Apache-2.0/BSD-3; no AGPL, unlike PyMuPDF).
