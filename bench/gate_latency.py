@@ -4,8 +4,10 @@ Two throwaway stacks run side by side, each a real Synapse (SQLite) with the bri
 child process (``python -m bridge run``), both with the same DLP policy (1,000 keywords and
 every built-in detector) so the bridge's ingest load is the same:
 
-* **gate on**: Synapse loads ``synapse_http_antispam`` pointed at the bridge's gate, so every
-  send waits for ``check_event_for_spam``;
+* **gate on**: Synapse loads the gate module of ``prepare_stack`` (the project's own
+  ``policy_bridge_synapse`` since it exists; ``synapse_http_antispam`` for the figures
+  recorded before) pointed at the bridge's gate, so every send waits for
+  ``check_event_for_spam``;
 * **gate off**: the same, without the module.
 
 One user per stack (rate limits lifted) sends allowed ~200-character messages, one at a time

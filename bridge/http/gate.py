@@ -1,6 +1,9 @@
-"""The pre-send gate: the HTTP side of the ``synapse-http-antispam`` module.
+"""The pre-send gate: the HTTP side of the Synapse module (the project's own
+``policy_bridge_synapse``, or ``synapse-http-antispam``: both speak this protocol).
 
-Synapse calls ``POST {base_url}/{callback}`` before it accepts an event, invite or join.
+Synapse calls ``POST {base_url}/{callback}`` before it accepts an event, invite or join, and
+(with the project's module) before it creates a room (``user_may_create_room``: the whole
+createRoom body) or takes a state event through the state API (``user_may_send_state_event``).
 2xx with a JSON body allows; 403 with ``{"errcode", "error"}`` denies, and the error text
 reaches the sender's client. Answers come from the in-memory policy engine. A decision
 with findings (a refusal, or a rule that only notifies or audits) is answered once its
@@ -61,6 +64,8 @@ JUDGED = (
     "federated_user_may_invite",
     "user_may_join_room",
     "accept_make_join",
+    "user_may_create_room",
+    "user_may_send_state_event",
 )
 
 
@@ -274,8 +279,39 @@ class Gate:
             is_invited = bool(body.get("is_invited", False))
             subject = {"sender": user, "room_id": room}
             return engine.check_local_join(user, room, is_invited), subject
+        if name == "user_may_create_room":
+            return self._judge_create_room(engine, body)
+        if name == "user_may_send_state_event":
+            user, room = _str(body, "user_id"), _str(body, "room_id")
+            etype, key = _str(body, "event_type"), _str(body, "state_key")
+            content = body.get("content")
+            if not isinstance(content, dict):
+                raise ValueError("'content' must be an object")
+            subject = {"sender": user, "room_id": room, "type": etype, "state_key": key}
+            return engine.check_state_event(user, room, etype, key, content), subject
         user, room = _str(body, "user"), _str(body, "room")
         return engine.check_remote_join(user, room), {"sender": user, "room_id": room}
+
+    @staticmethod
+    def _judge_create_room(
+        engine: PolicyEngine, body: Mapping[str, Any]
+    ) -> tuple[Verdict, dict[str, Any]]:
+        """``user_may_create_room``: the createRoom body as a whole (our Synapse module sends
+        it as ``room_config``; synapse-http-antispam sends the user alone: nothing to judge)."""
+        user = _str(body, "user_id")
+        config = body.get("room_config", {})
+        if not isinstance(config, dict):
+            raise ValueError("'room_config' must be an object")
+        creation = config.get("creation_content")
+        predecessor = creation.get("predecessor") if isinstance(creation, dict) else None
+        old_room = predecessor.get("room_id") if isinstance(predecessor, dict) else None
+        subject = {
+            "sender": user,
+            "room_id": old_room if isinstance(old_room, str) else None,
+            "type": "m.room.create",
+            "is_direct": config.get("is_direct") is True,
+        }
+        return engine.check_create_room(user, config), subject
 
     async def _record(self, entry: AuditEntry, *, refusal: bool) -> None:
         """A decision is evidence: answer once its record is committed (grouped with the

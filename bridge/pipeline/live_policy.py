@@ -17,7 +17,7 @@ from bridge.config import Config
 from bridge.policy.engine import PolicyEngine, PolicySet
 from bridge.policy.layers import DlpLayers, EngineCache, parse_runtime_dlp
 from bridge.policy.scopes import federation_layers, retention_layers
-from bridge.policy.spaces import SpaceLinks
+from bridge.policy.spaces import SpaceLinks, SpacePower
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,13 @@ def build_engine(
     management_room: str = "",
     room_spaces: Mapping[str, tuple[str, ...]] | None = None,
     cache: EngineCache | None = None,
+    space_power: Mapping[str, SpacePower] | None = None,
 ) -> PolicyEngine:
     """Compile config + runtime rules into an engine. Raises ValueError on bad rules.
 
     ``cache`` keeps compiled DLP engines across builds, so a change of the room→space map
-    or of one room's rules does not recompile the others.
+    or of one room's rules does not recompile the others. ``space_power``: who may add rooms
+    to each space (decides which spaces judge a room's creation).
     """
     runtime = runtime or {}
     layers = DlpLayers(config.dlp, parse_runtime_dlp(runtime.get("dlp") or {}))
@@ -67,6 +69,7 @@ def build_engine(
             room_spaces=dict(room_spaces or {}),
             kick_excluded=config.federation.kick_excluded_members,
             encryption_forbidden=layers.encryption_setting(),
+            space_power=dict(space_power or {}),
         )
     )
 
@@ -81,12 +84,18 @@ class LivePolicy:
         self.runtime: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (runtime or {}).items()}
         self.management_room = ""
         self.room_spaces: dict[str, tuple[str, ...]] = {}
+        self.space_power: dict[str, SpacePower] = {}
         self.dlp_cache = EngineCache()
         self.engine = self._build(self.runtime)
 
     def _build(self, runtime: Mapping[str, Mapping[str, Any]]) -> PolicyEngine:
         return build_engine(
-            self.config, runtime, self.management_room, self.room_spaces, self.dlp_cache
+            self.config,
+            runtime,
+            self.management_room,
+            self.room_spaces,
+            self.dlp_cache,
+            self.space_power,
         )
 
     @property
@@ -130,9 +139,16 @@ class LivePolicy:
         self.management_room = room_id
         self.engine = self._build(self.runtime)
 
-    def set_room_spaces(self, room_spaces: Mapping[str, tuple[str, ...]]) -> None:
-        """Which spaces each room belongs to (rebuilds the engine)."""
+    def set_room_spaces(
+        self,
+        room_spaces: Mapping[str, tuple[str, ...]],
+        space_power: Mapping[str, SpacePower] | None = None,
+    ) -> None:
+        """Which spaces each room belongs to, and (when given) who may add rooms to each
+        space (rebuilds the engine)."""
         self.room_spaces = dict(room_spaces)
+        if space_power is not None:
+            self.space_power = dict(space_power)
         self.engine = self._build(self.runtime)
 
     def encode(self, doc: Mapping[str, Any]) -> str:

@@ -24,9 +24,9 @@ from bridge.pipeline.live_policy import (
     SPACES_KEY,
     LivePolicy,
     runtime_key,
-    stored_room_spaces,
 )
 from bridge.pipeline.rollout import ROOM_SECTIONS
+from bridge.policy.spaces import SpaceLinks
 from bridge.store import AuditEntry, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ LIVE_SECTIONS = ("bridge", "executor", "logging", "dlp", "federation", "retentio
 
 async def load_runtime_policy(store: Store, policy: LivePolicy) -> None:
     """Apply the runtime policy documents and room→space map kept in the store."""
-    policy.room_spaces = stored_room_spaces(await store.state.get(SPACES_KEY))
+    links = SpaceLinks.decode(await store.state.get(SPACES_KEY))
+    policy.room_spaces = links.room_spaces()
+    policy.space_power = dict(links.power)
     for section in SECTIONS:
         doc = LivePolicy.decode(await store.state.get(runtime_key(section)))
         try:
@@ -116,7 +118,7 @@ class Reloader:
             new = await asyncio.to_thread(load_config, self.path)
             policy = LivePolicy(new, current.runtime)
             policy.management_room = self.management_room()
-            policy.set_room_spaces(current.room_spaces)
+            policy.set_room_spaces(current.room_spaces, current.space_power)
         except ConfigError as e:
             log.error("reload by %s rejected; the old config stays: %s", who, e)
             return False, list(e.problems)

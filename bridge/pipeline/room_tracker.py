@@ -215,8 +215,8 @@ class RoomTracker:
         self.spaces = spaces
         live = self.services.policy
         links = spaces.room_spaces()
-        if links != live.room_spaces:
-            live.set_room_spaces(links)
+        if links != live.room_spaces or spaces.power != live.space_power:
+            live.set_room_spaces(links, spaces.power)
 
     @staticmethod
     def _log_refused_parent(event: Mapping[str, Any], after: SpaceLinks) -> None:

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.policy import federation as fed
+from bridge.policy.creation import ENCRYPTION_AT_CREATION, federation_findings, read_new_room
 from bridge.policy.dlp import DlpEngine, DlpPolicy
 from bridge.policy.federation import FederationPolicy
 from bridge.policy.model import ALLOW, Action, Finding, Verdict
 from bridge.policy.retention import RetentionPolicy
 from bridge.policy.rooms import RoomPlan, RoomState, plan_room
 from bridge.policy.scopes import ScopedSetting, federation_setting, retention_setting
+from bridge.policy.spaces import SpacePower
 
 ENCRYPTION_EVENT = "m.room.encryption"
 ENCRYPTION_RULE = "encryption:forbidden"
@@ -60,6 +62,9 @@ class PolicySet:
     kick_excluded: bool = True
     # Scopes where the gate refuses m.room.encryption (DLP layers' forbid_encryption).
     encryption_forbidden: ScopedSetting[bool] = field(default_factory=_no_encryption_rules)
+    # Who may add rooms to each known space: decides whether a new room's m.space.parent
+    # would count (policy/spaces.py), so which space policies judge its creation.
+    space_power: Mapping[str, SpacePower] = field(default_factory=dict)
 
 
 class PolicyEngine:
@@ -134,3 +139,98 @@ class PolicyEngine:
             retention=self.retention_for(room_id),
             kick_excluded=self.policy.kick_excluded,
         )
+
+    # -- rooms before they exist, and state sent through the state API -------------------
+
+    def check_create_room(self, user_id: str, body: Mapping[str, Any]) -> Verdict:
+        """A local user creates (or upgrades) a room (``user_may_create_room``): the whole
+        createRoom body, judged in the scope the room would have (see policy/creation.py)."""
+        if user_id == self.policy.bot_mxid:
+            return ALLOW
+        room = read_new_room(user_id, body)
+        room_id = room.predecessor
+        if room_id is not None:
+            spaces = self.policy.room_spaces.get(room_id, ())
+        else:
+            spaces = room.parent_spaces(self.policy.space_power)
+        findings: list[Finding] = []
+        if room.encrypted and self.policy.encryption_forbidden.resolve(room_id, spaces):
+            findings.append(ENCRYPTION_AT_CREATION)
+        federation = self.policy.federation.resolve(room_id, spaces)
+        findings += federation_findings(room, federation, self.policy.own_server)
+        if room_id is not None:
+            engines = [self.dlp_for(room_id)]
+        else:
+            engines = [self.dlp_for(space) for space in spaces] or [self.policy.dlp_global]
+        for dlp in dict.fromkeys(engines):  # each distinct engine once
+            for etype, key, content in room.state:
+                event = {"type": etype, "state_key": key, "content": content, "sender": user_id}
+                if room_id is not None:
+                    event["room_id"] = room_id
+                findings += dlp.check(event).findings
+            if room.alias and not dlp.is_exempt(user_id, room_id):
+                findings += dlp.scan([room.alias])
+        return Verdict(tuple(_unique(findings)))
+
+    def check_state_event(
+        self,
+        user_id: str,
+        room_id: str,
+        event_type: str,
+        state_key: str,
+        content: Mapping[str, Any],
+    ) -> Verdict:
+        """A state event sent through ``PUT /rooms/{room}/state/...``
+        (``user_may_send_state_event``): judged with its content as the event it becomes,
+        and a server ACL must be the one the federation policy sets."""
+        event = {
+            "type": event_type,
+            "state_key": state_key,
+            "content": dict(content),
+            "sender": user_id,
+            "room_id": room_id,
+        }
+        verdict = self.check_event(event)
+        if event_type != ACL_EVENT or user_id == self.policy.bot_mxid:
+            return verdict
+        acl = self._acl_finding(room_id, content)
+        return Verdict((*verdict.findings, acl)) if acl is not None else verdict
+
+    def _acl_finding(self, room_id: str, content: Mapping[str, Any]) -> Finding | None:
+        own = self.policy.own_server
+        if not fed.acl_allows(content, own):
+            return _acl_refusal(f"this server ACL would lock {own} out of the room")
+        policy = self.federation_for(room_id)
+        try:
+            desired = fed.acl_content(policy, own)
+        except fed.FederationPolicyError:
+            return None  # a policy that cannot be written as an ACL: check-config reports it
+        if fed.acl_matches(content, desired):
+            return None
+        return _acl_refusal(
+            f"the server ACL of this room follows company policy (federation mode"
+            f" {policy.mode.value}); ask a policy admin to change the federation policy instead"
+        )
+
+
+ACL_EVENT = "m.room.server_acl"
+
+
+def _acl_refusal(message: str) -> Finding:
+    return Finding(
+        rule="federation:acl",
+        category=fed.CATEGORY,
+        actions=frozenset({Action.BLOCK}),
+        message=message,
+    )
+
+
+def _unique(findings: Sequence[Finding]) -> list[Finding]:
+    """One finding per rule, the first one kept (several texts may match one rule)."""
+    seen: set[str] = set()
+    out: list[Finding] = []
+    for finding in findings:
+        if finding.rule not in seen:
+            seen.add(finding.rule)
+            out.append(finding)
+    return out

@@ -118,6 +118,7 @@ class Subject(StrEnum):
     EVENT = "event"
     INVITE = "invite"
     JOIN = "join"
+    ROOM = "room"  # a room refused at creation (it has no room ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,12 +265,14 @@ _WHAT = {
         Subject.EVENT: "Your event",
         Subject.INVITE: "Your invitation",
         Subject.JOIN: "Your request to join",
+        Subject.ROOM: "Your new room",
     },
     Language.DE: {
         Subject.MESSAGE: "Ihre Nachricht",
         Subject.EVENT: "Ihr Ereignis",
         Subject.INVITE: "Ihre Einladung",
         Subject.JOIN: "Ihre Beitrittsanfrage",
+        Subject.ROOM: "Ihr neuer Raum",
     },
 }
 
@@ -281,6 +284,7 @@ _INSTEAD = {
         Subject.INVITE: "ask a room admin or your administrator whether this person may be"
         " invited.",
         Subject.JOIN: "ask your administrator whether you may join this room.",
+        Subject.ROOM: "create the room again without what the rule names (see Why).",
     },
     Language.DE: {
         Subject.MESSAGE: "Entfernen Sie den vertraulichen Teil und senden Sie die Nachricht"
@@ -290,6 +294,7 @@ _INSTEAD = {
         Subject.INVITE: "Fragen Sie einen Raum-Admin oder Ihre Administration, ob diese Person"
         " eingeladen werden darf.",
         Subject.JOIN: "Fragen Sie Ihre Administration, ob Sie diesem Raum beitreten dürfen.",
+        Subject.ROOM: "Erstellen Sie den Raum erneut ohne das, was die Regel nennt (siehe Warum).",
     },
 }
 
@@ -297,6 +302,7 @@ _INSTEAD = {
 TEXTS: Mapping[Language, Mapping[str, str]] = {
     Language.EN: {
         "refused": "{what}{target} in {room} was not sent (reference {ref}).",
+        "refused_room": "{what} was not created (reference {ref}).",
         "target": " of {invitee}",
         "when": "When",
         "rule": "Rule",
@@ -334,6 +340,7 @@ TEXTS: Mapping[Language, Mapping[str, str]] = {
     },
     Language.DE: {
         "refused": "{what}{target} in {room} wurde nicht gesendet (Referenz {ref}).",
+        "refused_room": "{what} wurde nicht erstellt (Referenz {ref}).",
         "target": " von {invitee}",
         "when": "Wann",
         "rule": "Regel",
@@ -455,7 +462,9 @@ def render(
     reason = reason_in(language, refusal.rule, refusal.reason)
     instead = _INSTEAD[language][refusal.subject]
     usage = text(language, "report_usage", prefix=prefix, ref=refusal.ref)
-    refused = text(language, "refused", what=what, target=target, room=refusal.room_id,
+    # A room refused at creation has no room ID to name.
+    sentence = "refused_room" if refusal.subject is Subject.ROOM else "refused"
+    refused = text(language, sentence, what=what, target=target, room=refusal.room_id,
                    ref=refusal.ref)  # fmt: skip
     lines = [
         "🛡️ " + refused,
@@ -474,7 +483,7 @@ def render(
     # The template is ours; every value put into it is escaped.
     head = text(
         language,
-        "refused",
+        sentence,
         what=f"<b>{html.escape(what + target)}</b>",
         target="",
         room=link,
@@ -501,6 +510,8 @@ def subject_of(subject: Mapping[str, Any]) -> Subject:
     if "invitee" in subject:
         return Subject.INVITE
     etype = subject.get("type")
+    if etype == "m.room.create":
+        return Subject.ROOM
     if etype is None:
         return Subject.JOIN
     return Subject.MESSAGE if etype == "m.room.message" else Subject.EVENT

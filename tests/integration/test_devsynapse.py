@@ -296,6 +296,7 @@ def test_unsupported_callback_is_explained(tmp_path_factory: pytest.TempPathFact
     settings = {
         "base_url": f"http://127.0.0.1:{free_port()}",
         "enabled_callbacks": ["check_event_for_spam", "accept_make_join"],
+        "module": GateModule.HTTP_ANTISPAM,
     }
     try:
         hs = start_test_synapse(tmp_path_factory, [], settings, name="badcb")
@@ -305,3 +306,28 @@ def test_unsupported_callback_is_explained(tmp_path_factory: pytest.TempPathFact
     else:
         hs.stop()
         pytest.skip("this Synapse supports accept_make_join; add it to the defaults")
+
+
+def test_own_module_refuses_to_load_without_a_callback(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The project's module checks Synapse's registration function before registering: a
+    configured callback Synapse lacks stops startup with a message naming it; a config
+    mistake names the key."""
+    from bridge.dev.devsynapse import SynapseStartError
+
+    settings: dict[str, Any] = {
+        "base_url": f"http://127.0.0.1:{free_port()}",
+        "authorization": GATE_TOKEN,
+        "enabled_callbacks": ["check_event_for_spam", "accept_make_join"],
+    }
+    with pytest.raises(SynapseStartError) as err:
+        start_test_synapse(tmp_path_factory, [], settings, name="ownbadcb")
+    assert "The policy bridge's Synapse module refused to load: accept_make_join: this" in str(
+        err.value
+    )
+    assert "has no such spam-checker callback" in str(err.value)
+    with pytest.raises(SynapseStartError) as err:
+        start_test_synapse(tmp_path_factory, [], {"base_url": "bridge:1"}, name="ownbadcfg")
+    assert "modules.<item 0>.config.base_url" in str(err.value)
+    assert "is not an http(s) URL with a host" in str(err.value)

@@ -40,7 +40,13 @@ async def enrolled(client: MatrixTestClient, room: str, timeout: float = 45) -> 
 
 async def test_rooms_before_and_after_start_are_enrolled(tmp_path: Path) -> None:
     require_synapse(antispam=True)
-    dev = prepare_stack(tmp_path / "stack", permissions={"@admin:localhost": "admin"})
+    # Rooms are made before the bridge runs: room creation must not wait for its gate
+    # (the Synapse module's user_may_create_room fails closed by default).
+    dev = prepare_stack(
+        tmp_path / "stack",
+        permissions={"@admin:localhost": "admin"},
+        fail_open={"user_may_create_room": True},
+    )
     bridge = BridgeProcess(dev.config_path, dev.workdir / "bridge.log", dev.bridge_port)
     try:
         await asyncio.to_thread(dev.synapse.start)

@@ -17,9 +17,17 @@ async def command(stack: Stack, room: str, text: str) -> str:
         return str(reply["content"]["body"])
 
 
-async def managed_room(stack: Stack, client: MatrixTestClient, name: str, power: int = 100) -> str:
+async def managed_room(
+    stack: Stack,
+    client: MatrixTestClient,
+    name: str,
+    power: int = 100,
+    also: dict[str, int] | None = None,
+) -> str:
+    """A room with the bot (at ``power``) and, invited with their power, the users ``also``."""
+    users = {stack.bot: power, **(also or {})}
     room = await client.create_room(
-        name=name, invite=[stack.bot], power_level_content_override={"users": {stack.bot: power}}
+        name=name, invite=list(users), power_level_content_override={"users": users}
     )
 
     async def joined() -> bool:
@@ -57,13 +65,20 @@ async def test_allowlist_sets_acl_restores_drift_and_refuses_invites(
         await wait_acl(o, existing, expected)
 
         # A room the bot joins later gets the ACL at once.
-        fresh = await managed_room(stack, o, "new room")
+        fresh = await managed_room(stack, o, "new room", also={stack.admin.user_id: 100})
         await wait_acl(o, fresh, expected)
 
-        # Someone changes the ACL: the bridge puts it back and tells the admins.
-        await o.send_state(
-            fresh, "m.room.server_acl", "", {"allow": ["*"], "deny": [], "allow_ip_literals": False}
-        )
+        # A member's ACL that departs from the policy is refused by the gate
+        # (user_may_send_state_event; Synapse passes on the code only).
+        loose = {"allow": ["*"], "deny": [], "allow_ip_literals": False}
+        with pytest.raises(MatrixError) as exc:
+            await o.send_state(fresh, "m.room.server_acl", "", loose)
+        assert exc.value.errcode == "M_FORBIDDEN"
+        # A server admin, whose state events Synapse never gates, changes it anyway: the
+        # bridge puts it back and tells the admins.
+        async with stack.client(stack.admin) as admin:
+            await admin.join(fresh)
+            await admin.send_state(fresh, "m.room.server_acl", "", loose)
         await wait_acl(o, fresh, expected)
 
         # The gate refuses invites to servers outside the policy, with the policy's reason.

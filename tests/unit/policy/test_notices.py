@@ -119,6 +119,14 @@ def test_the_notice_names_room_rule_reason_and_ref_but_never_the_excerpt() -> No
     assert "4111" not in text and "4111" not in html and SECRET not in text
 
 
+def test_a_room_refused_at_creation_is_named_as_such() -> None:
+    item = replace(refusal(0.0), room_id="", subject=Subject.ROOM, rule="encryption:forbidden")
+    text, html = render(item, 0, "!policy")
+    assert text.startswith(f"🛡️ Your new room was not created (reference {item.ref}).")
+    assert " in  " not in text and "matrix.to" not in html
+    assert "create the room again without what the rule names" in text
+
+
 def test_refs_are_short_distinct_and_normalized_as_typed() -> None:
     refs = {new_ref() for _ in range(200)}
     assert len(refs) == 200
@@ -133,6 +141,10 @@ def test_subjects_and_local_users() -> None:
     assert subject_of({"type": "m.room.topic"}) is Subject.EVENT
     assert subject_of({"invitee": "@x:y"}) is Subject.INVITE
     assert subject_of({"sender": "@x:y", "room_id": "!r"}) is Subject.JOIN
+    # A room refused at creation (user_may_create_room) has no room ID to name.
+    assert subject_of({"sender": "@x:y", "room_id": None, "type": "m.room.create"}) is (
+        Subject.ROOM
+    )
     assert is_local_user("@a:corp.example", "corp.example")
     assert not is_local_user("@a:evil.corp.example.org", "corp.example")
     assert not is_local_user("@a:other.example", "corp.example")

@@ -350,3 +350,30 @@ async def test_media_fails_closed_by_default(tmp_path: Path) -> None:
     )
     module, _, _ = make(ConnectionRefusedError(), fail_open={"check_media_file_for_spam": True})
     assert await module.check_media_file_for_spam(media(tmp_path, b"x"), info) == NOT_SPAM
+
+
+class EchoTransport(FakeTransport):
+    """Answers a ping with its id after a failure and a wrong answer."""
+
+    async def post(
+        self, url: str, headers: Mapping[str, str], body: bytes | BinaryIO, time_limit: float
+    ) -> Reply:
+        assert isinstance(body, bytes)
+        self.requests.append((url, dict(headers), body, time_limit))
+        if len(self.requests) == 1:
+            raise ConnectionRefusedError()
+        if len(self.requests) == 2:
+            return Reply(200, b'{"id": "other", "status": "ok"}')
+        return Reply(200, json.dumps({**json.loads(body), "status": "ok"}).encode())
+
+
+async def test_ping_at_start_until_answered(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    config = parse_module_config({"base_url": BASE, "authorization": "tok", "do_ping": True})
+    transport = EchoTransport()
+    PolicyBridgeModule(config, FakeApi(), transport=transport, synapse_version="1.163.2")
+    assert [r[0] for r in transport.requests] == [f"{BASE}/ping"] * 3
+    text = caplog.text
+    assert "gate ping failed: ConnectionRefusedError; retrying" in text
+    assert "gate ping got an unexpected answer (HTTP 200); retrying" in text
+    assert "gate ping answered (HTTP 200)" in text
