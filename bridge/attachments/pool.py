@@ -29,6 +29,8 @@ from bridge.attachments.limits import Limits
 log = logging.getLogger(__name__)
 
 _CTX = multiprocessing.get_context("spawn")
+#: Seconds :meth:`ExtractionPool.start` waits for a new worker's first answer.
+WARM_UP_S = 60.0
 
 
 #: Files at least this large go to the worker in a memory file (its descriptor passed over
@@ -136,17 +138,27 @@ class ExtractionPool:
         self._all: list[_Worker] = []
         self.replaced = 0
 
+    def _ready(self) -> _Worker:
+        worker = self._start()
+        if worker.call(b"", Limits(timeout_s=WARM_UP_S)) is None:
+            # Its late answer must never be taken for the next file's: start another.
+            log.warning("an attachment extraction worker did not start in %g s", WARM_UP_S)
+            return self._replace(worker)
+        return worker
+
     def _start(self) -> _Worker:
         worker = _Worker(self.memory_bytes)
         self._all.append(worker)
         return worker
 
     async def start(self) -> None:
-        """Start the workers (in a thread: spawning imports the readers, ~0.5 s each)."""
+        """Start the workers and wait until each has answered an empty file (in threads:
+        a spawned worker imports the readers, 0.5-2.5 s here), so the first upload after
+        the bridge starts does not wait for that."""
         if self._idle is not None:
             return
         idle: asyncio.Queue[_Worker] = asyncio.Queue()
-        workers = await asyncio.gather(*(asyncio.to_thread(self._start) for _ in range(self.size)))
+        workers = await asyncio.gather(*(asyncio.to_thread(self._ready) for _ in range(self.size)))
         for w in workers:
             idle.put_nowait(w)
         self._idle = idle

@@ -67,3 +67,29 @@ async def test_large_files_go_through_a_memory_file_and_small_ones_inline(
         result, _ = await pool.extract(data, Limits())
         assert result.text.rstrip("\n") == data.decode().rstrip("\n")
     assert pool.replaced == 0
+
+
+async def test_start_waits_for_each_worker_and_replaces_one_that_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bridge.attachments import pool as pool_module
+
+    real = pool_module._Worker.call
+    answers: list[object] = []
+
+    def first_call_unanswered(self: pool_module._Worker, data: bytes, limits: Limits) -> object:
+        result = real(self, data, limits)
+        answers.append(result)
+        return None if len(answers) == 1 else result
+
+    monkeypatch.setattr(pool_module._Worker, "call", first_call_unanswered)
+    p = ExtractionPool(1, 512 * MIB)
+    await p.start()
+    try:
+        assert answers[0] is not None  # the worker did answer the warm-up file ...
+        assert p.replaced == 1  # ... but an unanswered warm-up means a fresh worker
+        monkeypatch.setattr(pool_module._Worker, "call", real)
+        result, _ = await p.extract(b"after the warm-up", Limits())
+        assert result.text.strip() == "after the warm-up"
+    finally:
+        p.close()
