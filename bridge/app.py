@@ -31,7 +31,9 @@ from bridge.archive.cli import verify_store
 from bridge.archive.jobs import CheckpointSigner, run_audit_jobs
 from bridge.archive.setup import audit_config
 from bridge.archive.sink import AuditSink
+from bridge.attachments.pool import ExtractionPool
 from bridge.audit.chain import VerifyReport
+from bridge.commands import Reply
 from bridge.commands.catalog import build_registry
 from bridge.commands.services import RetroScan
 from bridge.config import Config
@@ -45,6 +47,7 @@ from bridge.http.health import (
     refresh_gauges,
     start_metrics_listener,
 )
+from bridge.http.media_gate import MediaGate
 from bridge.http.transactions import AppserviceAPI
 from bridge.matrix import (
     AdminAPI,
@@ -59,6 +62,7 @@ from bridge.pipeline.enrollment import AutoEnroller, PowerObtainer
 from bridge.pipeline.executor import Executor, RateLimiter, RoomEnforcement
 from bridge.pipeline.live_policy import LivePolicy
 from bridge.pipeline.management import ManagementRoom
+from bridge.pipeline.media_checks import MediaChecker
 from bridge.pipeline.notices import SenderNotices
 from bridge.pipeline.ping import AppservicePing
 from bridge.pipeline.redelivery import RedeliveryNudger
@@ -117,6 +121,7 @@ class Bridge:
         self.store: Store
         self.session: ClientSession
         self.worker: Worker
+        self.media_checker: MediaChecker
         self.redelivery: RedeliveryNudger
         self.runner: web.AppRunner | None = None
         self.metrics_runner: web.AppRunner | None = None
@@ -131,6 +136,11 @@ class Bridge:
         self.replica_sync: ReplicaSync | None = None
         self.sqlite_lock: SqliteProcessLock | None = None
         self.waker = LeaderWaker(lambda: self._announce(WAKE_TOPIC))
+        # Attachment scanning (issue 12): extraction processes shared by the upload gate
+        # and the in-room re-check; started in open(), stopped in close().
+        self.extraction = ExtractionPool(
+            config.attachments.workers, config.attachments.limits.memory_bytes
+        )
 
     @property
     def management_room(self) -> str:
@@ -201,6 +211,8 @@ class Bridge:
             overrides=self.overrides,
         )
         app.add_routes(self.appservice_api.routes())
+        # attachments: before the gate's catch-all {callback} route
+        app.add_routes(self._media_gate().routes())
         app.add_routes(gate.routes())
         app.add_routes(
             health_routes(
@@ -218,6 +230,24 @@ class Bridge:
         if console.enabled and console.listen is None:
             app.add_subapp(console.path, build_console(self, console.path))
         return app
+
+    def _media_gate(self) -> MediaGate:
+        """The attachment gate; its management-room lines go through the executor."""
+
+        def notify(text: str) -> None:
+            self.scheduler.spawn(
+                self.management.notify(Reply.plain(text)), "media-notice", TaskKind.ONE_OFF
+            )
+
+        return MediaGate(
+            self.config.gate.base_path,
+            self.config.gate.token,
+            lambda: self.config.attachments,
+            lambda: self.policy.engine,
+            self.extraction,
+            self.sink,
+            notify=notify,
+        )
 
     async def open(self) -> None:
         """Open the store and start listening. Raises StoreUnavailable / OSError."""
@@ -277,6 +307,17 @@ class Bridge:
             self.registry,
             self,
             on_actions=self.executor.wake,
+            on_media=lambda: self.media_checker.wake(),
+        )
+        # attachments: in-room media checks (queue filled by the worker, run as a task)
+        self.media_checker = MediaChecker(
+            self.store,
+            self.session,
+            lambda: self.config,
+            lambda: self.policy.engine,
+            self.extraction,
+            lambda: self.management_room,
+            on_actions=self.executor.wake,
         )
         await self.worker.load()
         await load_runtime_policy(self.store, self.policy)
@@ -310,6 +351,8 @@ class Bridge:
             shutdown_timeout=SHUTDOWN_STEP,
         )
         await self.runner.setup()
+        if cfg.attachments.enabled:
+            await self.extraction.start()
         site = web.TCPSite(self.runner, cfg.appservice.hostname, cfg.appservice.port)
         await site.start()
         self.scheduler.spawn(self.sink.run(), "audit-sink")
@@ -444,6 +487,8 @@ class Bridge:
         spawn = self.scheduler.spawn_leader
         spawn(self.worker.run(), "worker")
         spawn(self.executor.run(), "executor")
+        if cfg.attachments.enabled:
+            spawn(self.media_checker.run(), "media-checks")
         resumed = await retroactive.resume(self)
         if resumed:
             log.info("resumed %d unfinished retroactive DLP scan(s)", resumed)
@@ -627,6 +672,7 @@ class Bridge:
         await self.scheduler.stop(SHUTDOWN_STEP)
         if self.gate is not None:
             self.gate.close()  # its judging threads
+        self.extraction.close()  # the attachment extraction processes
         try:  # membership changes not yet written (for the federation confirmation counts)
             await asyncio.wait_for(self.rooms.close(), SHUTDOWN_STEP)
         except Exception as e:

@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from bridge.attachments.kinds import DEFAULT_UNREADABLE, OnUnreadable, Unreadable
+from bridge.attachments.limits import MIB, Limits
 from bridge.policy.model import server_name
 from bridge.policy.notices import Languages, NoticeSettings
 from bridge.roles import Role
@@ -232,6 +234,52 @@ class ConsoleConfig:
     login_window_s: float = 300.0
 
 
+# --- attachments (issue 12, items 4 and 5) ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentsConfig:
+    """``attachments:``: scanning files at upload (the module's media callback) and again in
+    their room; the bounds of reading one file and the rule for files that cannot be read."""
+
+    enabled: bool = True
+    limits: Limits = field(default_factory=Limits)
+    workers: int = 2
+    unreadable: Mapping[Unreadable, OnUnreadable] = field(
+        default_factory=lambda: dict(DEFAULT_UNREADABLE)
+    )
+    recheck_in_rooms: bool = True
+    download_max_bytes: int = 25 * MIB
+
+
+def _attachments_config(v: _Validator) -> AttachmentsConfig:
+    """The ``attachments`` section (sizes in MiB, times in seconds)."""
+    rules = {}
+    for reason in Unreadable:
+        choice = v.choice(f"attachments.unreadable.{reason}", tuple(o.value for o in OnUnreadable))
+        rules[reason] = OnUnreadable(choice)
+    max_mib = v.integer("attachments.max_file_mb", 1, 2048)
+    limits = Limits(
+        max_file_bytes=max_mib * MIB,
+        max_text_chars=v.integer("attachments.max_text_chars", 1000, 100_000_000),
+        max_depth=v.integer("attachments.max_depth", 0, 20),
+        max_members=v.integer("attachments.max_members", 1, 1_000_000),
+        max_ratio=v.number("attachments.max_ratio", 2, 100_000),
+        max_inflated_bytes=v.integer("attachments.max_inflated_mb", 1, 100_000) * MIB,
+        max_member_bytes=v.integer("attachments.max_inflated_mb", 1, 100_000) * MIB,
+        timeout_s=v.number("attachments.timeout_seconds", 0.1, 600),
+        memory_bytes=v.integer("attachments.memory_mb", 64, 65_536) * MIB,
+    )
+    return AttachmentsConfig(
+        enabled=v.boolean("attachments.enabled"),
+        limits=limits,
+        workers=v.integer("attachments.workers", 1, 64),
+        unreadable=rules,
+        recheck_in_rooms=v.boolean("attachments.recheck_in_rooms"),
+        download_max_bytes=max_mib * MIB,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The validated configuration. Immutable: a reload builds a new one."""
@@ -252,6 +300,7 @@ class Config:
     notices: NoticeSettings = field(default_factory=NoticeSettings)
     e2ee: E2EEConfig = field(default_factory=E2EEConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    attachments: AttachmentsConfig = field(default_factory=AttachmentsConfig)
     source: str = "<defaults>"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -592,6 +641,7 @@ def build_config(
     retention = _retention_config(v)
     e2ee = _e2ee_config(v)
     console = _console_config(v)
+    attachments = _attachments_config(v)
     problems.extend(v.problems)
     if problems:
         raise ConfigError(source, problems)
@@ -612,6 +662,7 @@ def build_config(
         notices=notices,
         e2ee=e2ee,
         console=console,
+        attachments=attachments,
         source=source,
         raw=data,
     )

@@ -148,3 +148,24 @@ REPLICA_ROLE = Gauge(
     ["role"],
     registry=REGISTRY,
 )
+
+# --- attachments (issue 12) -------------------------------------------------------------
+MEDIA_CHECKS = Counter(
+    "bridge_media_checks_total",
+    "Attachments judged, by where (gate, room), outcome and sniffed type",
+    ["path", "outcome", "type"],
+    registry=REGISTRY,
+)
+MEDIA_EXTRACT_SECONDS = Histogram(
+    "bridge_media_extract_seconds",
+    "Time to read the text of one attachment (in the extraction process), by sniffed type",
+    ["type"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+MEDIA_CACHE = Counter(
+    "bridge_media_cache_total",
+    "In-room attachment checks answered from the cache (hit) or by fetching and reading (miss)",
+    ["result"],
+    registry=REGISTRY,
+)

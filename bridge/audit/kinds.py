@@ -32,6 +32,7 @@ class AuditKind(StrEnum):
     UNDECRYPTABLE = "undecryptable"  # an encrypted event the bot could not decrypt, and why
     LOGIN = "login"  # a console login: succeeded, failed, refused (no role), logged out
     ACCESS = "access"  # a console read: a record viewed, a search, a verify run
+    MEDIA = "media"  # an attachment judged (at upload or in its room): digest, type, rule
 
 
 #: Kinds whose ``type`` is a Matrix event type (the event's own, or the type of the event

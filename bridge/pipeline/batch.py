@@ -17,6 +17,7 @@ from typing import Any, TypedDict
 
 from bridge.policy.spaces import SpaceLinks
 from bridge.store import AuditEntry, NewAction, RoomUpdate
+from bridge.store.media import MediaCheck
 
 
 class PendingConfirmation(TypedDict):
@@ -44,6 +45,8 @@ class Batch:
     spaces: SpaceLinks | None = None
     confirmations: dict[str, PendingConfirmation] | None = None
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    #: attachments: in-room media checks to queue (issue 12)
+    media: list[MediaCheck] = field(default_factory=list)
 
     def stage_room(
         self, room_id: str, *, joined: bool | None = None, lacking: str | None = None

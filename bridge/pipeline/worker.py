@@ -30,6 +30,7 @@ from bridge.pipeline import actions
 from bridge.pipeline.batch import Batch, as_str
 from bridge.pipeline.command_runner import CommandRunner
 from bridge.pipeline.decryption import DecryptionStage
+from bridge.pipeline.media_checks import media_ref
 from bridge.pipeline.room_tracker import RoomTracker
 from bridge.pipeline.services import WorkerServices
 from bridge.policy.dlp import CATEGORY as DLP_CATEGORY
@@ -37,6 +38,7 @@ from bridge.policy.engine import ENCRYPTION_EVENT, ENCRYPTION_RULE, PolicyEngine
 from bridge.policy.model import Action, Finding, Verdict
 from bridge.policy.notices import is_local_user, render_warning
 from bridge.store import AuditEntry, Store, StoredEvent, StoreUnavailable, WorkItem
+from bridge.store.media import MediaCheck
 from bridge.store.queue import UnreadableEvent
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,14 @@ class Worker:
         registry: CommandRegistry,
         services: WorkerServices,
         on_actions: Callable[[], None] = lambda: None,
+        on_media: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.config = config
         self.engine = engine
         self.services = services
         self.on_actions = on_actions
+        self.on_media = on_media  # attachments: in-room media checks were queued
         self.tracker = RoomTracker(store, config, engine, services)
         self.commands = CommandRunner(store, registry, services, self.tracker)
         # encrypted rooms: decrypt, archive the plaintext, retry late keys (bridge.e2ee)
@@ -152,17 +156,7 @@ class Worker:
                 await self._handle_stored(stored, batch, key_wait)
             if unreadable:
                 self._unreadable(item, unreadable, batch)
-        await self.store.queue.complete(
-            [item.queue_id for item in items],
-            batch.actions,
-            batch.audit,
-            batch.state,
-            rooms=list(batch.rooms.values()),
-        )
-        for callback in batch.after_commit:
-            callback()
-        if batch.actions:
-            self.on_actions()
+        await self._commit([item.queue_id for item in items], batch)
 
     async def _retry_decryption(self) -> None:
         """Encrypted events whose keys arrived late: decrypted, recorded and handled in
@@ -170,13 +164,25 @@ class Worker:
         batch = await self.decryption.retry(self.handle_event)
         if batch is None:
             return
+        await self._commit([], batch)
+
+    async def _commit(self, queue_ids: list[int], batch: Batch) -> None:
+        """Everything ``batch`` holds and the marks of ``queue_ids``: one commit; then the
+        batch's after-commit callbacks and the wake-ups."""
         await self.store.queue.complete(
-            [], batch.actions, batch.audit, batch.state, rooms=list(batch.rooms.values())
+            queue_ids,
+            batch.actions,
+            batch.audit,
+            batch.state,
+            rooms=list(batch.rooms.values()),
+            media=batch.media,
         )
         for callback in batch.after_commit:
             callback()
         if batch.actions:
             self.on_actions()
+        if batch.media:
+            self.on_media()
 
     async def _handle_stored(
         self, stored: StoredEvent, batch: Batch, key_wait: list[float]
@@ -269,12 +275,34 @@ class Worker:
         # quote text). A reaction that confirms a command is not judged.
         if await self.commands.handle(event, batch, cfg):
             return
+        self._queue_media_check(event, batch, cfg)
         verdict = self.engine().check_event(event)
         if verdict.findings:
             rules = [f.rule for f in verdict.findings if f.category == DLP_CATEGORY]
             if rules:  # counted once committed (a transaction processed again is not)
                 batch.after_commit.append(lambda: _count_dlp_hits(rules))
             self._enforce(event, verdict, batch)
+
+    def _queue_media_check(self, event: Mapping[str, Any], batch: Batch, cfg: Config) -> None:
+        """Attachments (issue 12): queue the in-room check of the media a message refers
+        to, or record why it cannot be read (see :mod:`bridge.pipeline.media_checks`)."""
+        if not (cfg.attachments.enabled and cfg.attachments.recheck_in_rooms):
+            return
+        mxc, why = media_ref(event)
+        room_id = as_str(event.get("room_id")) or ""
+        event_id = as_str(event.get("event_id")) or ""
+        sender = as_str(event.get("sender")) or ""
+        if mxc is not None:
+            batch.media.append(MediaCheck(room_id, event_id, sender, mxc))
+        elif why:
+            batch.audit.append(
+                AuditEntry(
+                    kind=AuditKind.MEDIA,
+                    room_id=room_id,
+                    sender=sender,
+                    data={"path": "room", "event_id": event_id, "outcome": "skipped", "why": why},
+                )
+            )
 
     # -- enforcement on the ingest path -------------------------------------------------
 

@@ -24,6 +24,7 @@ from bridge.audit.kinds import AuditKind
 from bridge.store.actions import ActionQueue
 from bridge.store.database import Database, log
 from bridge.store.keys import KeyRepository
+from bridge.store.media import MediaCheck, MediaRepository
 from bridge.store.models import (
     AuditEntry,
     IngestResult,
@@ -124,6 +125,7 @@ class WorkQueue:
         self.keys = keys
         self.records = records
         self.actions = actions
+        self.media: MediaRepository | None = None  # set by the Store (attachments)
         self.state = state
         self.rooms = rooms
         self._fresh: OrderedDict[int, _Fresh] = OrderedDict()
@@ -328,11 +330,13 @@ class WorkQueue:
         audit: Sequence[AuditEntry] = (),
         state_updates: Mapping[str, str] | None = None,
         rooms: Sequence[RoomUpdate] = (),
+        media: Sequence[MediaCheck] = (),
     ) -> None:
         """Mark transactions processed together with everything processing produced
-        (``rooms``: room rows, as :meth:`RoomRepository.upsert` writes them)."""
+        (``rooms``: room rows, as :meth:`RoomRepository.upsert` writes them; ``media``:
+        in-room attachment checks to queue)."""
         dk = None
-        if new_actions or rooms or self.state.needs_key(list(state_updates or {})):
+        if new_actions or rooms or media or self.state.needs_key(list(state_updates or {})):
             dk = await self.keys.op_key()
 
         async def run(conn: AsyncConnection) -> None:
@@ -341,6 +345,8 @@ class WorkQueue:
                 assert dk is not None
                 await self.rooms.upsert_in(conn, dk, room)
             await self.actions.insert(conn, new_actions)
+            if media and self.media is not None:
+                await self.media.insert(conn, media)
             if audit:
                 await self.records.append_audit(conn, audit)
             for key, value in (state_updates or {}).items():

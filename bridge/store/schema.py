@@ -18,8 +18,9 @@ from sqlalchemy import (
 
 #: 1: plaintext records. 2: encrypted, chained records. 3: the operational tables (rooms,
 #: actions, bridge_state values) encrypted too, rooms looked up by blind index. 4: the
-#: compliance console's tables (per-day counters, sessions).
-SCHEMA_VERSION = 4
+#: compliance console's tables (per-day counters, sessions). 5: attachments: the queue of
+#: in-room media checks and the extraction cache.
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 
@@ -189,4 +190,27 @@ console_sessions = Table(
     Column("created_ts", BigInteger, nullable=False),
     Column("seen_ts", BigInteger, nullable=False),
     Index("ix_console_sessions_seen", "seen_ts"),
+)
+
+# --- attachments (issue 12) ---------------------------------------------------------------
+# In-room media checks waiting to run: the room, event, sender and mxc URI are sealed in
+# ``data`` (like actions); ``id`` is random.
+media_checks = Table(
+    "media_checks",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("data", LargeBinary, nullable=False),  # sealed {"room_id", "event_id", ...}
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_at", Float, nullable=False),
+    Column("created_ts", BigInteger, nullable=False),
+    Index("ix_media_checks_due", "next_at"),
+)
+# What reading a file gave, keyed by the blind index of its mxc URI or of its SHA-256: the
+# digest, sniffed type, why it was not (all) read, size; sealed. Never its text.
+media_cache = Table(
+    "media_cache",
+    metadata,
+    Column("key_idx", LargeBinary(16), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("updated_ts", BigInteger, nullable=False),
 )

@@ -35,6 +35,7 @@ from bridge.store.console import ConsoleRepository
 from bridge.store.database import Database, log
 from bridge.store.holds import HoldRepository
 from bridge.store.keys import KeyRepository
+from bridge.store.media import MediaRepository
 from bridge.store.migrations import MigrationContext, migrate
 from bridge.store.models import StoreUnavailable
 from bridge.store.queue import WorkQueue
@@ -80,7 +81,9 @@ class Store:
         self.state = StateRepository(db, keys)
         self.rooms = RoomRepository(db, keys)
         self.actions = ActionQueue(db, keys, records)
+        self.media = MediaRepository(db, keys)  # attachments: in-room checks, cache
         self.queue = WorkQueue(db, keys, records, self.actions, self.state, self.rooms)
+        self.queue.media = self.media
         self.holds = HoldRepository(db, keys, records, self.state)
         self.expiry = ArchiveExpiry(db, keys, records, self.state, self.holds)
         self.reader = RecordReader(db, keys)

@@ -43,12 +43,15 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "matrix": frozenset(),
     "roles": frozenset(),
     "e2ee": frozenset(),  # the crypto seam and its libolm implementation (issue 14)
+    # attachments (issue 12): file readers, pure decision over the DLP engine
+    "attachments": frozenset({"policy"}),
     "store": frozenset({"audit"}),
-    "config": frozenset({"policy", "roles"}),
+    "config": frozenset({"attachments", "policy", "roles"}),
     "registration": frozenset({"config"}),
     "commands": frozenset({"audit", "config", "metrics", "policy", "roles", "store"}),
     "pipeline": frozenset(
         {
+            "attachments",
             "audit",
             "commands",
             "config",
@@ -63,13 +66,14 @@ ALLOWED: Mapping[str, frozenset[str]] = {
         }
     ),
     "archive": frozenset({"audit", "config", "pipeline", "policy", "scheduler", "store"}),
-    "http": frozenset({"archive", "audit", "config", "metrics", "policy", "store"}),
+    "http": frozenset({"archive", "attachments", "audit", "config", "metrics", "policy", "store"}),
     "dev": frozenset({"config", "registration"}),
     # the compliance console: reads through the store, commands' policy view (issue 15)
     "console": frozenset({"archive", "audit", "commands", "config", "policy", "roles", "store"}),
     "app": frozenset(
         {
             "archive",
+            "attachments",
             "audit",
             "commands",
             "config",

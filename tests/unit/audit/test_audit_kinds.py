@@ -29,6 +29,7 @@ def test_the_stored_values_are_plain_strings() -> None:
         "undecryptable",
         "login",
         "access",
+        "media",
     ]
     assert AuditKind.RETROACTIVE == "retroactive" and f"{AuditKind.HOLD}" == "hold"
     assert (EXPIRY_KIND, SHRED_KIND) == (AuditKind.EXPIRY, AuditKind.SHRED)

@@ -1,0 +1,264 @@
+"""Attachment extraction throughput per format, against the library's own floor in the
+same run; the PDF readers compared (PDFium, which the bridge uses, and pypdf, which it used
+before); and the upload latency the gate adds through real Synapse: the same 1 MB PDFs
+uploaded to a Synapse with the project's module (and the bridge behind it) and to one
+without, alternately, in the same run.
+
+    PYTHONPATH=. python bench/attachments.py [--uploads N] [--no-synapse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import random
+import statistics
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pypdfium2 as pdfium
+from pypdf import PdfReader
+
+from bridge.attachments.extract import extract
+from bridge.attachments.limits import Limits
+from bridge.attachments.pool import ExtractionPool
+from tests.kit import documents as d
+
+LINE = "Quarterly minutes: revenue grew, the card 4111 1111 1111 1111 was seen. " * 2
+
+
+def best(fn: Callable[[], object], runs: int = 5) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def floor_pdf(data: bytes) -> None:
+    """PDFium's own text path (what the bridge's reader wraps)."""
+    doc = pdfium.PdfDocument(data)
+    for i in range(len(doc)):
+        page = doc[i]
+        page.get_textpage().get_text_range()
+        page.close()
+    doc.close()
+
+
+def pypdf_text(data: bytes) -> None:
+    """pypdf's text path (the reader before PDFium)."""
+    for page in PdfReader(io.BytesIO(data)).pages:
+        page.extract_text()
+
+
+def floor_zip_text(data: bytes) -> None:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for name in zf.namelist():
+            zf.read(name).decode("utf-8")
+
+
+def floor_docx(data: bytes) -> None:
+    import docx
+
+    for p in docx.Document(io.BytesIO(data)).paragraphs:
+        _ = p.text
+
+
+def floor_xlsx(data: bytes) -> None:
+    import openpyxl
+
+    book = openpyxl.load_workbook(io.BytesIO(data), read_only=True)
+    for sheet in book.worksheets:
+        for row in sheet.iter_rows(values_only=True):
+            _ = row
+
+
+def pdf_readers(files: dict[str, bytes]) -> None:
+    """PDFium (the bridge's reader) against pypdf (the one before) on the same files."""
+    print()
+    print("| PDF | size | pages | pypdf MB/s | PDFium MB/s | PDFium / pypdf |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, data in files.items():
+        slow = best(lambda data=data: pypdf_text(data), runs=3)
+        fast = best(lambda data=data: floor_pdf(data), runs=3)
+        mb = len(data) / 1e6
+        pages = len(pdfium.PdfDocument(data))
+        print(
+            f"| {name} | {len(data) / 1024:.0f} KiB | {pages} | {mb / slow:.2f} | {mb / fast:.2f} |"
+            f" {slow / fast:.1f} |"
+        )
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+async def upload_latency(uploads: int) -> None:
+    """Median and p95 of ``POST /_matrix/media/v3/upload`` of 1 MB PDFs: Synapse with the
+    project's module and the bridge behind it, against a Synapse without the module, both
+    from the same harness, uploads alternating between them (random order per round)."""
+    from bridge.dev.devstack import BridgeProcess, prepare_stack
+    from bridge.dev.devsynapse import SynapseServer
+
+    files = {"text-heavy": d.text_heavy_pdf(), "image-heavy": d.image_heavy_pdf()}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        dev = prepare_stack(
+            work / "with", bridge_options={"dlp": {"detectors": {"card": ["block", "notify"]}}}
+        )
+        plain = SynapseServer(work / "without", registrations=[dev.registration_path])
+        bridge = BridgeProcess(dev.config_path, work / "bridge.log", dev.bridge_port)
+        try:
+            dev.synapse.start()
+            plain.start()
+            bridge.start()
+            servers = {
+                "with module": (dev.synapse.url, dev.synapse.register_user("bench")[1]),
+                "without": (plain.url, plain.register_user("bench")[1]),
+            }
+            times: dict[tuple[str, str], list[float]] = {}
+            async with aiohttp.ClientSession() as session:
+
+                async def post(server: str, data: bytes) -> float:
+                    url, token = servers[server]
+                    headers = {
+                        "Authorization": f"Bearer {token}",
+                        "Content-Type": "application/pdf",
+                    }
+                    started = time.perf_counter()
+                    async with session.post(
+                        f"{url}/_matrix/media/v3/upload",
+                        data=data,
+                        params={"filename": "bench.pdf"},
+                        headers=headers,
+                    ) as r:
+                        await r.read()
+                        assert r.status == 200, r.status
+                    return time.perf_counter() - started
+
+                gate_url = (
+                    f"http://127.0.0.1:{dev.bridge_port}/_bridge/antispam/check_media_file_for_spam"
+                )
+
+                async def gate(data: bytes) -> float:
+                    """The bridge's side alone: the module's call, made directly."""
+                    headers = {
+                        "Authorization": f"Bearer {dev.gate_token}",
+                        "Content-Type": "application/octet-stream",
+                        "X-Bridge-Media-Kind": "upload",
+                        "X-Bridge-Media-Id": "benchbenchbench",
+                        "X-Bridge-Media-Length": str(len(data)),
+                    }
+                    started = time.perf_counter()
+                    async with session.post(gate_url, data=data, headers=headers) as r:
+                        await r.read()
+                        assert r.status == 200, r.status
+                    return time.perf_counter() - started
+
+                for data in files.values():  # warm-up: connections, workers, caches
+                    for server in servers:
+                        for _ in range(3):
+                            await post(server, data)
+                for name, data in files.items():
+                    for _ in range(uploads):
+                        order = list(servers)
+                        random.shuffle(order)
+                        for server in order:
+                            times.setdefault((name, server), []).append(await post(server, data))
+                        times.setdefault((name, "gate"), []).append(await gate(data))
+        finally:
+            bridge.stop()
+            plain.stop()
+            dev.synapse.stop()
+    print()
+    print(f"Upload of a 1 MB PDF through Synapse, {uploads} uploads each (ms):")
+    print()
+    print(
+        "| PDF | size | without module: median / p95 | with module: median / p95 |"
+        " added (median) | ratio (median) | ratio (p95) | gate alone: median / p95 |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, data in files.items():
+        base, gated = times[(name, "without")], times[(name, "with module")]
+        b50, b95 = statistics.median(base) * 1000, pct(base, 0.95) * 1000
+        g50, g95 = statistics.median(gated) * 1000, pct(gated, 0.95) * 1000
+        alone = times[(name, "gate")]
+        a50, a95 = statistics.median(alone) * 1000, pct(alone, 0.95) * 1000
+        print(
+            f"| {name} | {len(data) / 1024:.0f} KiB | {b50:.1f} / {b95:.1f} | {g50:.1f} / {g95:.1f}"
+            f" | {g50 - b50:+.1f} | {g50 / b50:.2f} | {g95 / b95:.2f} | {a50:.1f} / {a95:.1f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--uploads", type=int, default=30, help="uploads per PDF and server")
+    parser.add_argument("--no-synapse", action="store_true", help="skip the Synapse part")
+    args = parser.parse_args()
+    limits = Limits()
+    text_pdf, image_pdf = d.text_heavy_pdf(), d.image_heavy_pdf()
+    files = {
+        "pdf (text-heavy)": (text_pdf, floor_pdf),
+        "pdf (image-heavy)": (image_pdf, floor_pdf),
+        "docx": (d.docx(*[LINE] * 3000), floor_docx),
+        "xlsx": (d.xlsx([[LINE, 4111111111111111, i] for i in range(5000)]), floor_xlsx),
+        "text": ((LINE * 8000).encode(), lambda b: b.decode("utf-8")),
+        "zip": (d.zip_of({f"{i}.txt": (LINE * 400).encode() for i in range(20)}), floor_zip_text),
+    }
+    print("| format | size | bounded pipeline MB/s | library alone MB/s | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, (data, floor) in files.items():
+        mine = best(lambda data=data: extract(data, limits))
+        lib = best(lambda data=data, floor=floor: floor(data))
+        mb = len(data) / 1e6
+        print(
+            f"| {name} | {len(data) / 1024:.0f} KiB | {mb / mine:.1f} | {mb / lib:.1f} |"
+            f" {lib / mine:.2f} |"
+        )
+    pdf_readers({"text-heavy": text_pdf, "image-heavy": image_pdf})
+
+    async def pooled() -> None:
+        pool = ExtractionPool(1, 768 * 1024 * 1024)
+        await pool.start()
+        try:
+            direct = statistics.median(
+                [best(lambda: extract(text_pdf, limits), runs=1) for _ in range(5)]
+            )
+            through = []
+            for _ in range(5):
+                t = time.perf_counter()
+                await pool.extract(text_pdf, limits)
+                through.append(time.perf_counter() - t)
+            bomb = d.ratio_bomb(200 * 1024 * 1024)
+            t = time.perf_counter()
+            result, _ = await pool.extract(bomb, limits)
+            bomb_s = time.perf_counter() - t
+        finally:
+            pool.close()
+        med = statistics.median(through)
+        print()
+        print(
+            f"text-heavy PDF ({len(text_pdf) / 1e6:.2f} MB): in-process {direct * 1000:.1f} ms,"
+            f" through the worker pool {med * 1000:.1f} ms (pool overhead"
+            f" {(med - direct) * 1000:.1f} ms, ratio {med / direct:.2f})"
+        )
+        print(
+            f"200 MB ratio bomb ({len(bomb) / 1024:.0f} KiB): refused in {bomb_s * 1000:.0f} ms"
+            f" ({result.reason}: {result.detail})"
+        )
+
+    asyncio.run(pooled())
+    if not args.no_synapse:
+        asyncio.run(upload_latency(args.uploads))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""One file to text: sniff its type, run the reader for it, recurse into archives.
+
+:func:`extract` never raises for what a file contains: every bound hit or unreadable part
+becomes the ``reason`` of the :class:`Extraction` (text read before it is kept and still
+judged). Run it in the pool (:mod:`bridge.attachments.pool`), which adds the bounds of time
+and memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bridge.attachments import archive
+from bridge.attachments.archive import InflateBudget
+from bridge.attachments.kinds import FileType, Unreadable
+from bridge.attachments.limits import LimitHit, Limits, TextBudget
+from bridge.attachments.markup import extract_html
+from bridge.attachments.odf import extract_odf
+from bridge.attachments.ooxml import extract_ooxml
+from bridge.attachments.pdf import extract_pdf
+from bridge.attachments.sniff import sniff
+from bridge.attachments.text import extract_text
+
+_OOXML = frozenset({FileType.DOCX, FileType.XLSX, FileType.PPTX})
+_ODF = frozenset({FileType.ODT, FileType.ODS, FileType.ODP})
+
+
+@dataclass(frozen=True, slots=True)
+class Extraction:
+    """What was read from one file. ``reason``/``detail``: why (part of) it was not read
+    (the first problem met; never content). ``types``: every type met, archives' members
+    included, outermost first."""
+
+    file_type: FileType
+    text: str = ""
+    reason: Unreadable | None = None
+    detail: str = ""
+    truncated: bool = False
+    types: tuple[FileType, ...] = ()
+
+    @property
+    def read(self) -> bool:
+        """Whether everything was read (text may still have been capped)."""
+        return self.reason is None
+
+
+class _Walk:
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.out = TextBudget(limits.max_text_chars)
+        self.budget = InflateBudget(limits.max_inflated_bytes)
+        self.types: list[FileType] = []
+        self.problem: LimitHit | None = None
+
+    def note(self, hit: LimitHit) -> None:
+        if self.problem is None:
+            self.problem = hit
+
+    def file(self, data: bytes, depth: int) -> FileType:
+        kind = sniff(data)
+        self.types.append(kind)
+        try:
+            if kind is FileType.TEXT:
+                extract_text(data, self.out)
+            elif kind is FileType.HTML:
+                extract_html(data, self.out)
+            elif kind is FileType.PDF:
+                extract_pdf(data, self.out)
+            elif kind in _OOXML:
+                extract_ooxml(kind, data, self.out, self.limits, self.budget)
+            elif kind in _ODF:
+                extract_odf(data, self.out, self.limits, self.budget)
+            elif kind is FileType.ZIP:
+                self.zip(data, depth)
+            elif kind is FileType.UNKNOWN:
+                raise LimitHit(Unreadable.UNKNOWN_TYPE, "a type the bridge does not read")
+        except LimitHit as hit:
+            self.note(hit)
+        if self.out.parts and not self.out.full:
+            self.out.add("\n")  # the next file's text does not run into this one's
+        return kind
+
+    def zip(self, data: bytes, depth: int) -> None:
+        if depth >= self.limits.max_depth:
+            raise LimitHit(Unreadable.LIMIT, f"archives nested deeper than {self.limits.max_depth}")
+        for _name, body in archive.members(data, self.limits, self.budget):
+            self.file(body, depth + 1)
+            if self.problem is not None and self.problem.reason is Unreadable.LIMIT:
+                return  # a bomb's sibling members are not worth inflating
+            if self.out.full:
+                return
+
+
+def extract(data: bytes, limits: Limits) -> Extraction:
+    """Read ``data`` within ``limits`` (all but time and memory, which the pool enforces)."""
+    walk = _Walk(limits)
+    if len(data) > limits.max_file_bytes:
+        return Extraction(
+            FileType.UNKNOWN,
+            reason=Unreadable.TOO_LARGE,
+            detail=f"{len(data)} bytes, over {limits.max_file_bytes}",
+        )
+    kind = walk.file(data, 0)
+    problem = walk.problem
+    return Extraction(
+        kind,
+        "".join(walk.out.parts),
+        None if problem is None else problem.reason,
+        "" if problem is None else problem.detail,
+        walk.out.truncated,
+        tuple(walk.types[:50]),
+    )

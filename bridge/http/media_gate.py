@@ -1,0 +1,276 @@
+"""The attachment gate: ``POST {gate}/check_media_file_for_spam`` from the project's module.
+
+The module calls it from Synapse's ``check_media_file_for_spam`` with the file's bytes as
+the body (``application/octet-stream``, streamed) and these headers:
+
+* ``Authorization: Bearer <gate token>`` (compared in constant time);
+* ``X-Bridge-Media-Kind``: ``upload``, ``remote``, ``thumbnail`` or ``url_preview``;
+* ``X-Bridge-Media-Id``: Synapse's file ID (recorded, never trusted for anything else);
+* ``X-Bridge-Media-Length``: the file's total size (recorded; the body is counted anyway);
+* ``X-Bridge-Media-Over-Limit: 1`` with an EMPTY body when the file is over the module's
+  limit.
+
+The body is read in chunks up to ``attachments.max_file_mb`` (a longer body is not read
+further: the file counts as too large). Its type is sniffed from the bytes, its text read in
+the extraction pool and judged by the GLOBAL DLP rules (an upload has no room yet). 200 ``{}``
+allows; a refusal is 403 ``{"errcode": "M_FORBIDDEN", "error": <the rule's message>}`` (never
+the matched text). Every refusal, every file that could not be read and every ``notify`` or
+``audit`` finding is audited (digest, size, type, rule; never content) before the answer;
+``notify`` rules and refusals reach the management room. Thumbnails are Synapse's own
+renderings of an image it already checked: allowed without reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from aiohttp import web
+
+from bridge import metrics
+from bridge.archive.sink import AuditSink
+from bridge.attachments.decide import MediaVerdict, decide
+from bridge.attachments.extract import Extraction
+from bridge.attachments.kinds import FileType, Outcome, Unreadable
+from bridge.attachments.pool import ExtractionPool
+from bridge.attachments.sniff import textless
+from bridge.audit.kinds import AuditKind
+from bridge.config import AttachmentsConfig
+from bridge.http.transactions import bearer_token, matrix_error, token_matches
+from bridge.policy.engine import PolicyEngine
+from bridge.policy.model import Action
+from bridge.store import AuditEntry
+
+log = logging.getLogger(__name__)
+
+CALLBACK = "check_media_file_for_spam"
+#: Seconds a decision may wait for its audit record's commit (as the gate).
+AUDIT_WAIT = 1.0
+#: Texts longer than this are judged on a thread, not on the event loop.
+INLINE_SCAN_CHARS = 64 * 1024
+_CHUNK = 256 * 1024
+_MEDIA_ID = re.compile(r"[A-Za-z0-9._=-]{1,255}")
+
+
+class MediaKind(StrEnum):
+    """Which of Synapse's media paths the file came through (``X-Bridge-Media-Kind``)."""
+
+    UPLOAD = "upload"
+    REMOTE = "remote"
+    THUMBNAIL = "thumbnail"
+    URL_PREVIEW = "url_preview"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaRequest:
+    """The headers of one call, validated."""
+
+    kind: MediaKind
+    media_id: str
+    length: int
+    over_limit: bool
+
+
+def parse_headers(request: web.Request) -> MediaRequest | str:
+    """The call's headers, or what is wrong with them."""
+    raw_kind = request.headers.get("X-Bridge-Media-Kind", "")
+    try:
+        kind = MediaKind(raw_kind)
+    except ValueError:
+        return "X-Bridge-Media-Kind must be one of " + ", ".join(k.value for k in MediaKind)
+    media_id = request.headers.get("X-Bridge-Media-Id", "")
+    if not _MEDIA_ID.fullmatch(media_id):
+        return "X-Bridge-Media-Id must be 1-255 characters of A-Z a-z 0-9 . _ = -"
+    raw_length = request.headers.get("X-Bridge-Media-Length", "")
+    if not raw_length.isascii() or not raw_length.isdigit() or len(raw_length) > 15:
+        return "X-Bridge-Media-Length must be a non-negative integer"
+    over = request.headers.get("X-Bridge-Media-Over-Limit", "0")
+    if over not in ("0", "1"):
+        return "X-Bridge-Media-Over-Limit must be 0 or 1"
+    return MediaRequest(kind, media_id, int(raw_length), over == "1")
+
+
+async def read_capped(request: web.Request, cap: int) -> tuple[bytes, str, bool]:
+    """Up to ``cap`` bytes of the body, read in chunks: ``(data, sha256 hex, over)``;
+    ``over`` when the body holds more (not read any further)."""
+    digest = hashlib.sha256()
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(_CHUNK)
+        if not chunk:
+            break
+        if size + len(chunk) > cap:
+            return b"", "", True
+        parts.append(chunk)
+        digest.update(chunk)
+        size += len(chunk)
+    return b"".join(parts), digest.hexdigest(), False
+
+
+def media_audit(
+    path: str,
+    verdict: MediaVerdict,
+    extraction: Extraction,
+    *,
+    digest: str,
+    size: int,
+    extra: dict[str, Any],
+    room_id: str | None = None,
+    sender: str | None = None,
+) -> AuditEntry:
+    """The audit record of one judged file: never its content, never the matched text."""
+    return AuditEntry(
+        kind=AuditKind.MEDIA,
+        room_id=room_id,
+        sender=sender,
+        type=str(extraction.file_type),
+        data={
+            "path": path,
+            "outcome": str(verdict.outcome),
+            "sha256": digest,
+            "size": size,
+            "file_type": str(extraction.file_type),
+            "types": [str(t) for t in extraction.types],
+            "unreadable": None if extraction.reason is None else str(extraction.reason),
+            "detail": extraction.detail,
+            "rule": verdict.refusal.rule if verdict.refusal else None,
+            "findings": [
+                {"rule": f.rule, "actions": sorted(f.actions), "excerpt": f.excerpt}
+                for f in verdict.findings
+            ],
+            **extra,
+        },
+    )
+
+
+def notify_lines(verdict: MediaVerdict, where: str, digest: str) -> list[str]:
+    """Management-room lines for ``notify`` findings and for a refusal (masked excerpts)."""
+    lines = []
+    verb = "blocked" if verdict.refused else "matched"
+    for f in verdict.findings:
+        if Action.NOTIFY in f.actions:
+            line = f"Policy {f.rule} {verb} {where} (sha256 {digest[:16]}…)"
+            lines.append(line + (f": {f.excerpt}" if f.excerpt else ""))
+    if verdict.outcome is Outcome.UNREADABLE_REFUSED and verdict.refusal is not None:
+        lines.append(f"Policy {verdict.refusal.rule} refused {where} (sha256 {digest[:16]}…)")
+    return lines
+
+
+async def judge(
+    extraction: Extraction, engine: PolicyEngine, room_id: str | None, cfg: AttachmentsConfig
+) -> MediaVerdict:
+    """:func:`decide` with the rules in force in ``room_id`` (global for None), on a thread
+    for long texts."""
+    dlp = engine.dlp_for(room_id)
+    if len(extraction.text) <= INLINE_SCAN_CHARS:
+        return decide(extraction, dlp, cfg.unreadable)
+    return await asyncio.to_thread(decide, extraction, dlp, cfg.unreadable)
+
+
+class MediaGate:
+    """The aiohttp handler of the attachment callback."""
+
+    def __init__(
+        self,
+        base_path: str,
+        token: str,
+        config: Callable[[], AttachmentsConfig],
+        engine: Callable[[], PolicyEngine],
+        pool: ExtractionPool,
+        sink: AuditSink | None,
+        notify: Callable[[str], None] | None = None,
+    ) -> None:
+        self.base_path = base_path
+        self.token = token
+        self.config = config
+        self.engine = engine
+        self.pool = pool
+        self.sink = sink
+        # Posts a line in the management room; must not block (it only schedules work).
+        self.notify = notify
+
+    def routes(self) -> list[web.RouteDef]:
+        """The route; add it BEFORE the gate's catch-all ``{callback}`` route."""
+        return [web.post(f"{self.base_path}/{CALLBACK}", self.check)]
+
+    async def check(self, request: web.Request) -> web.Response:
+        """Judge one file (see the module docstring)."""
+        if not token_matches(bearer_token(request), self.token):
+            log.warning("media gate call refused: bad or missing token")
+            return matrix_error(403, "M_FORBIDDEN", "invalid gate token")
+        parsed = parse_headers(request)
+        if isinstance(parsed, str):
+            return matrix_error(400, "M_BAD_PARAM", parsed)
+        cfg = self.config()
+        if not cfg.enabled or parsed.kind is MediaKind.THUMBNAIL:
+            return web.json_response({})
+        started = time.perf_counter()
+        cap = cfg.limits.max_file_bytes
+        if parsed.over_limit:
+            if await request.content.read(1):
+                return matrix_error(400, "M_BAD_PARAM", "an over-limit call has an empty body")
+            data, digest, over = b"", "", True
+        else:
+            data, digest, over = await read_capped(request, cap)
+        size = parsed.length if over else len(data)
+        if over:
+            extraction = Extraction(
+                FileType.UNKNOWN,
+                reason=Unreadable.TOO_LARGE,
+                detail=f"over the {cap} bytes read",
+            )
+            elapsed = 0.0
+        elif (known := textless(data)) is not None:  # images, audio, video: no reader
+            extraction, elapsed = Extraction(known, types=(known,)), 0.0
+        else:
+            extraction, elapsed = await self.pool.extract(data, cfg.limits)
+        del data
+        verdict = await judge(extraction, self.engine(), None, cfg)
+        ftype = str(extraction.file_type)
+        metrics.MEDIA_CHECKS.labels("gate", str(verdict.outcome), ftype).inc()
+        if elapsed:
+            metrics.MEDIA_EXTRACT_SECONDS.labels(ftype).observe(elapsed)
+        for f in verdict.findings:
+            metrics.DLP_HITS.labels(f.rule, "gate").inc()
+        if verdict.outcome is not Outcome.ALLOWED or verdict.findings:
+            extra = {
+                "media_kind": str(parsed.kind),
+                "media_id": parsed.media_id,
+                "declared_length": parsed.length,
+                "ms": round(elapsed * 1000, 1),
+            }
+            entry = media_audit("gate", verdict, extraction, digest=digest, size=size, extra=extra)
+            await self._record(entry, refusal=verdict.refused)
+            lines = notify_lines(verdict, f"an {parsed.kind} ({ftype})", digest or "-" * 16)
+            if lines and self.notify is not None:
+                self.notify("\n".join(lines))
+        metrics.GATE_LATENCY.labels(CALLBACK).observe(time.perf_counter() - started)
+        if verdict.refusal is None:
+            return web.json_response({})
+        log.info(
+            "media gate refused %s %s (%s, %d bytes): rule %s",
+            parsed.kind,
+            parsed.media_id,
+            ftype,
+            size,
+            verdict.refusal.rule,
+        )
+        return matrix_error(403, verdict.refusal.errcode, verdict.refusal.message)
+
+    async def _record(self, entry: AuditEntry, *, refusal: bool) -> None:
+        """As the gate: answer once the record is committed, bounded by :data:`AUDIT_WAIT`."""
+        if self.sink is None:
+            return
+        if not refusal and self.sink.store_down:
+            self.sink.submit(entry)
+            return
+        if not await self.sink.record(entry, AUDIT_WAIT):
+            log.warning("media gate answered before its audit record was committed")

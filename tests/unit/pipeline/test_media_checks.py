@@ -1,0 +1,182 @@
+"""In-room media checks: the media reference of a message, and the checker against a fake
+homeserver's authenticated media endpoint: room rules applied, redaction and notice queued,
+and one fetch and one extraction for a file posted in several rooms (cache by mxc/digest)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestServer
+
+from bridge.attachments.pool import ExtractionPool
+from bridge.pipeline.live_policy import build_engine
+from bridge.pipeline.media_checks import MediaChecker, media_ref
+from bridge.store import Store
+from bridge.store.media import MediaCheck
+from tests.kit import documents as d
+from tests.kit.config import AS_TOKEN, make_config
+
+
+def test_media_messages_are_recognised_and_encrypted_files_skipped() -> None:
+    msg = {"type": "m.room.message", "content": {"msgtype": "m.file", "url": "mxc://s/abc"}}
+    assert media_ref(msg) == ("mxc://s/abc", "")
+    sticker = {"type": "m.sticker", "content": {"url": "mxc://s/st"}}
+    assert media_ref(sticker) == ("mxc://s/st", "")
+    enc = {"type": "m.room.message", "content": {"msgtype": "m.image", "file": {"url": "mxc://x"}}}
+    mxc, why = media_ref(enc)
+    assert mxc is None and "encrypted" in why
+    assert media_ref({"type": "m.room.message", "content": {"msgtype": "m.text"}}) == (None, "")
+    http = {"type": "m.room.message", "content": {"msgtype": "m.file", "url": "https://x"}}
+    assert media_ref(http) == (None, "")
+
+
+@pytest.fixture
+async def homeserver() -> AsyncIterator[tuple[str, list[str]]]:
+    fetched: list[str] = []
+    files = {"doc": d.docx("project Bluebird budget"), "plain": d.pdf("lunch menu")}
+
+    async def download(request: web.Request) -> web.Response:
+        assert request.headers["Authorization"] == f"Bearer {AS_TOKEN}"
+        media_id = request.match_info["media"]
+        fetched.append(media_id)
+        if media_id not in files:
+            return web.json_response({"errcode": "M_NOT_FOUND"}, status=404)
+        return web.Response(body=files[media_id])
+
+    app = web.Application()
+    app.add_routes([web.get("/_matrix/client/v1/media/download/{server}/{media}", download)])
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), fetched
+    finally:
+        await server.close()
+
+
+async def test_room_rules_redact_and_notify_and_the_file_is_fetched_once(
+    tmp_path: Path, homeserver: tuple[str, list[str]]
+) -> None:
+    url, fetched = homeserver
+    config = make_config(
+        {
+            "homeserver": {"url": url},
+            "dlp": {
+                "rooms": {
+                    "!secret:corp.example": {
+                        "keywords": [
+                            {
+                                "name": "codes",
+                                "keywords": ["bluebird"],
+                                "action": ["redact", "notify"],
+                            }
+                        ]
+                    }
+                }
+            },
+        },
+        base_dir=tmp_path,
+    )
+    engine = build_engine(config)
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    pool = ExtractionPool(1, 768 * 1024 * 1024)
+    async with ClientSession() as session:
+        checker = MediaChecker(
+            store, session, lambda: config, lambda: engine, pool, lambda: "!mgmt:corp.example"
+        )
+        try:
+            await store.keys.op_key()
+
+            async def queue(checks: list[MediaCheck]) -> None:
+                async def run(conn: object) -> None:
+                    await store.media.insert(conn, checks)  # type: ignore[arg-type]
+
+                await store.records.write(run)
+
+            await queue(
+                [
+                    MediaCheck("!open:corp.example", "$1", "@a:corp.example", "mxc://corp/doc"),
+                    MediaCheck("!secret:corp.example", "$2", "@a:corp.example", "mxc://corp/doc"),
+                    MediaCheck("!secret:corp.example", "$3", "@a:corp.example", "mxc://corp/plain"),
+                    MediaCheck("!secret:corp.example", "$4", "@a:corp.example", "mxc://corp/gone"),
+                ]
+            )
+            assert await checker.run_once() == 4
+            assert await store.media.pending() == 0
+            assert fetched.count("doc") == 1  # once for two rooms
+            due = await store.actions.due(1e12)
+            kinds = sorted((a.kind, a.room_id, a.payload.get("event_id")) for a in due)
+            assert kinds == [
+                ("redact", "!secret:corp.example", "$2"),
+                ("send_notice", "!mgmt:corp.example", None),
+            ]
+            notice = next(a for a in due if a.kind == "send_notice")
+            assert "keyword:codes" in notice.payload["body"]
+            records = [r async for r in store.reader.iter(kind="media")]
+            outcomes = sorted(r["data"]["outcome"] for r in records)
+            assert outcomes == ["allowed", "skipped"]  # $2's finding; $4 unavailable
+            assert "budget" not in str(records)
+        finally:
+            pool.close()
+            await store.close()
+
+
+@pytest.mark.parametrize("rule", ["refuse", "allow"])
+async def test_media_over_the_download_cap_is_too_large_and_follows_the_rule(
+    tmp_path: Path, rule: str
+) -> None:
+    big = b"%PDF-1.4\n" + b"0" * (2 * 1024 * 1024)  # 2 MiB: over a 1 MiB cap
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for i in range(0, len(big), 64 * 1024):
+            try:
+                await response.write(big[i : i + 64 * 1024])
+            except (ConnectionError, RuntimeError):
+                break  # the checker stopped reading at its cap
+        return response
+
+    app = web.Application()
+    app.add_routes([web.get("/_matrix/client/v1/media/download/{server}/{media}", download)])
+    server = TestServer(app)
+    await server.start_server()
+    config = make_config(
+        {
+            "homeserver": {"url": str(server.make_url("")).rstrip("/")},
+            "attachments": {"max_file_mb": 1, "unreadable": {"too_large": rule}},
+        },
+        base_dir=tmp_path,
+    )
+    engine = build_engine(config)
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'big.db'}")
+    pool = ExtractionPool(1, 768 * 1024 * 1024)
+    try:
+        async with ClientSession() as session:
+            checker = MediaChecker(
+                store, session, lambda: config, lambda: engine, pool, lambda: "!mgmt:corp.example"
+            )
+            await store.keys.op_key()
+            check = MediaCheck("!r:corp.example", "$big", "@a:corp.example", "mxc://corp/big")
+
+            async def run(conn: object) -> None:
+                await store.media.insert(conn, [check])  # type: ignore[arg-type]
+
+            await store.records.write(run)
+            assert await checker.run_once() == 1
+        [record] = [r async for r in store.reader.iter(kind="media")]
+        data = record["data"]
+        assert data["unreadable"] == "too_large" and data["detail"] == "over the download cap"
+        expected = "unreadable_refused" if rule == "refuse" else "unreadable_allowed"
+        assert data["outcome"] == expected
+        due = await store.actions.due(1e12)
+        assert [(a.kind, a.payload.get("event_id")) for a in due] == (
+            [("redact", "$big")] if rule == "refuse" else []
+        )
+        assert pool.replaced == 0 and data["size"] <= 1024 * 1024 + 256 * 1024
+    finally:
+        pool.close()
+        await store.close()
+        await server.close()
