@@ -26,12 +26,13 @@ from typing import Any, cast
 import olm
 from mautrix.api import HTTPAPI
 from mautrix.client import Client
-from mautrix.crypto import OlmMachine, PgCryptoStore
+from mautrix.crypto import OlmMachine
 from mautrix.types import DeviceID, DeviceIdentity, IdentityKey, SigningKey, TrustState, UserID
 
 from bridge.config import build_config
 from bridge.e2ee.olm import MACHINE_LOG, OlmCrypto, OlmSettings, _Rooms, open_crypto_db
 from bridge.e2ee.seam import Decrypted
+from bridge.e2ee.store import BridgeCryptoStore
 from bridge.pipeline.batch import Batch
 from bridge.pipeline.decryption import DecryptionStage
 from bridge.store import Store
@@ -75,7 +76,7 @@ async def main(n: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         db = await open_crypto_db(f"sqlite://{Path(tmp) / 'bench.db'}")  # as the bridge does
-        store = PgCryptoStore("@bot:localhost", "bench-pickle-key", db)
+        store = BridgeCryptoStore("@bot:localhost", "bench-pickle-key", db)
         await store.put_device_id(DeviceID("BOT"))
         client = Client(
             mxid=UserID("@bot:localhost"),
@@ -166,6 +167,7 @@ async def _ingest_path(tmp: Path, crypto: OlmCrypto, events: list[dict[str, Any]
                         stored.event, stored.seq, batch, wait=0, joined=True
                     )
                     assert plain is not None
+                await stage.before_commit()  # the batch's message indexes, as the worker
                 await bstore.queue.complete([item.queue_id], batch.actions, batch.audit)
         return len(events) / (time.perf_counter() - t0)
     finally:

@@ -67,6 +67,7 @@ from bridge.e2ee.seam import (
     Trust,
     Undecryptable,
 )
+from bridge.e2ee.store import BridgeCryptoStore
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class OlmCrypto:
         self,
         settings: OlmSettings,
         db: CryptoDatabase,
-        store: PgCryptoStore,
+        store: BridgeCryptoStore,
         client: Client,
         machine: OlmMachine,
         as_api: HTTPAPI,
@@ -204,7 +205,7 @@ class OlmCrypto:
         """Open the crypto store, log in to the bot's device (created on the first start
         only), upload its keys and cross-sign it with the bot user's own keys."""
         db = await open_crypto_db(settings.crypto_db_url)
-        store = PgCryptoStore(settings.bot_mxid, settings.pickle_key, db)
+        store = BridgeCryptoStore(settings.bot_mxid, settings.pickle_key, db)
         try:
             as_api = HTTPAPI(
                 settings.homeserver_url,
@@ -278,9 +279,17 @@ class OlmCrypto:
         """The bot's device ID."""
         return str(self.client.device_id)
 
+    async def flush(self) -> None:
+        """Write the message indexes of the events decrypted since the last call (one
+        transaction; replay protection, see :mod:`bridge.e2ee.store`)."""
+        await self.store.flush_message_indexes()
+
     async def close(self) -> None:
-        """Close the crypto store's database pool."""
-        await self.db.stop()
+        """Write what the crypto store deferred, close its database pool."""
+        try:
+            await self.store.flush()
+        finally:
+            await self.db.stop()
 
     # -- receiving ----------------------------------------------------------------------
 

@@ -135,6 +135,13 @@ class DecryptionStage:
 
     # -- the worker's calls -------------------------------------------------------------
 
+    async def before_commit(self) -> None:
+        """Make the replay protection of the batch's decrypted events durable (their
+        message indexes, one transaction); awaited before the batch is committed, so no
+        decrypted record is ever committed without its index."""
+        if self.crypto is not None:
+            await self.crypto.flush()
+
     async def decrypt(
         self, event: Mapping[str, Any], seq: int, batch: Batch, *, wait: float, joined: bool
     ) -> Mapping[str, Any] | None:

@@ -158,6 +158,7 @@ class Worker:
                 )
         if unreadable:
             self._unreadable(item, unreadable, batch)
+        await self.decryption.before_commit()
         await self.store.queue.complete(
             [item.queue_id],
             batch.actions,
@@ -176,6 +177,7 @@ class Worker:
         batch = await self.decryption.retry(self.handle_event)
         if batch is None:
             return
+        await self.decryption.before_commit()
         await self.store.queue.complete(
             [], batch.actions, batch.audit, batch.state, rooms=list(batch.rooms.values())
         )

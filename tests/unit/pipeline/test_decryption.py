@@ -65,6 +65,9 @@ class FakeDevice:
     async def receive(self, payload: Mapping[str, Any]) -> bool:
         return False
 
+    async def flush(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 
