@@ -34,6 +34,7 @@ class FakeDevice:
         self.keys: set[str] = set()
         self.withheld: dict[str, str] = {}
         self.encrypted_rooms = {ROOM}
+        self.unflushed = 0  # events decrypted since the last flush
 
     async def decrypt(self, event: Mapping[str, Any], *, wait: float = 0.0) -> DecryptResult:
         content = event["content"]
@@ -42,6 +43,7 @@ class FakeDevice:
             return NotDecrypted(Undecryptable.WITHHELD, session, self.withheld[session])
         if session not in self.keys:
             return NotDecrypted(Undecryptable.NO_SESSION, session)
+        self.unflushed += 1
         plain = {k: event[k] for k in ("event_id", "room_id", "sender", "origin_server_ts")}
         plain["type"] = "m.room.message"
         body = base64.b64decode(content["ciphertext"]).decode()
@@ -66,7 +68,7 @@ class FakeDevice:
         return False
 
     async def flush(self) -> None:
-        return None
+        self.unflushed = 0
 
     async def close(self) -> None:
         return None
@@ -155,6 +157,24 @@ async def test_decrypted_event_is_archived_linked_and_judged(worker: Worker) -> 
     [redact] = [a for a in acts if a.kind == "redact"]
     assert redact.payload["event_id"] == ev["event_id"]
     assert any(a.kind == "send_notice" and a.room_id == MGMT for a in acts)
+
+
+async def test_replay_protection_is_flushed_before_the_batch_commits(
+    worker: Worker, store: Store
+) -> None:
+    dev = device(worker)
+    dev.keys.add("s1")
+    complete = store.queue.complete
+    unflushed_at_commit: list[int] = []
+
+    async def spy(*args: Any, **kwargs: Any) -> None:
+        unflushed_at_commit.append(dev.unflushed)
+        await complete(*args, **kwargs)
+
+    store.queue.complete = spy  # type: ignore[method-assign]
+    await feed(worker, encrypted("one"), encrypted("two"))
+    assert unflushed_at_commit == [0]
+    assert len(await records(worker, "decrypted")) == 2
 
 
 async def test_undecryptable_is_recorded_kept_and_decrypted_when_the_key_arrives(
