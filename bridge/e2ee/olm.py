@@ -48,7 +48,11 @@ from mautrix.types import (
     DeviceLists,
     DeviceOTKCount,
     EncryptedEvent,
+    EncryptedEventContent,
+    EncryptedMegolmEventContent,
+    EventID,
     EventType,
+    IdentityKey,
     RoomEncryptionStateEventContent,
     RoomID,
     SessionID,
@@ -363,7 +367,7 @@ class OlmCrypto:
         if not isinstance(session_id, str) or not isinstance(room_id, str):
             return NotDecrypted(Undecryptable.FAILED, detail="no session_id or room_id")
         try:
-            evt = EncryptedEvent.deserialize(cast(JSON, dict(event)))
+            evt = _encrypted_event(event, content, room_id, session_id)
         except Exception:
             return NotDecrypted(Undecryptable.FAILED, session_id, detail="malformed event")
         for attempt in (0, 1):
@@ -457,6 +461,46 @@ class OlmCrypto:
         users = {UserID(u) for u in joined}
         self.rooms.members[room_id] = users
         return sorted(users)
+
+
+def _encrypted_event(
+    event: Mapping[str, Any], content: Mapping[str, Any], room_id: str, session_id: str
+) -> EncryptedEvent:
+    """The event as mautrix's type. mautrix's generic deserializer costs as much as the
+    decryption itself; the common case (strings where the spec says so, no relation) is
+    built directly, anything else goes through the deserializer."""
+    fields = (
+        event.get("event_id"),
+        event.get("sender"),
+        content.get("ciphertext"),
+        content.get("sender_key", ""),
+        content.get("device_id", ""),
+    )
+    ts = event.get("origin_server_ts")
+    if (
+        "m.relates_to" in content
+        or not all(isinstance(f, str) for f in fields)
+        or not isinstance(ts, int)
+        or isinstance(ts, bool)
+    ):
+        return EncryptedEvent.deserialize(cast(JSON, dict(event)))
+    event_id, sender, ciphertext, sender_key, device_id = cast(tuple[str, ...], fields)
+    return EncryptedEvent(
+        type=EventType.ROOM_ENCRYPTED,
+        room_id=RoomID(room_id),
+        event_id=EventID(event_id),
+        sender=UserID(sender),
+        timestamp=ts,
+        content=cast(
+            EncryptedEventContent,
+            EncryptedMegolmEventContent(
+                ciphertext=ciphertext,
+                session_id=SessionID(session_id),
+                sender_key=IdentityKey(sender_key) if sender_key else None,
+                device_id=DeviceID(device_id) if device_id else None,
+            ),
+        ),
+    )
 
 
 async def _appservice_login(
