@@ -19,6 +19,11 @@ those two writes, without weakening what they guarantee:
   store closes or the session leaves the cache. Losing it in a crash only makes it
   remember fewer decrypted indexes, i.e. keep keys longer; a new room key (a session
   object the cache did not hand out) is written through at once, as before.
+- **What the index rows say**: nothing readable. mautrix kept sender keys, session IDs,
+  event IDs and timestamps in ``crypto_message_index`` in plaintext; this store writes
+  keyed hashes instead (HMAC-SHA256 under a key derived from the pickle key: of the
+  sender key, of the session ID, and of the event ID with its timestamp; timestamp 0),
+  and still reads rows mautrix wrote in plaintext before it.
 - **Reads** (sessions, devices by key, cross-signing keys, signatures): read-through
   caches, dropped by every write of the same rows through this store (the bridge's
   process is the crypto store's only writer). A session that is withheld or redacted is
@@ -27,8 +32,12 @@ those two writes, without weakening what they guarantee:
 
 from __future__ import annotations
 
+import base64
+import hmac
 from collections import OrderedDict
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from mautrix.crypto import InboundGroupSession, PgCryptoStore
 from mautrix.types import (
     CrossSigner,
@@ -50,7 +59,9 @@ from mautrix.util.async_db.connection import LoggingConnection
 MAX_CACHED_SESSIONS = 2_000
 
 IndexKey = tuple[IdentityKey, SessionID]
-Claim = tuple[EventID, int]
+#: ``crypto_message_index.event_id`` of a row written by this store: a keyed hash follows.
+BLIND_PREFIX = "h:"
+INDEX_KEY_LABEL = b"matrix-policy-bridge/e2ee/message-index/v1"
 
 
 class BridgeCryptoStore(PgCryptoStore):
@@ -60,8 +71,11 @@ class BridgeCryptoStore(PgCryptoStore):
         super().__init__(account_id, pickle_key, db)
         self._sessions: OrderedDict[tuple[RoomID, SessionID], InboundGroupSession] = OrderedDict()
         self._ratchet_dirty: set[tuple[RoomID, SessionID]] = set()
-        self._indexes: OrderedDict[IndexKey, dict[int, Claim]] = OrderedDict()
-        self._unwritten: dict[tuple[IdentityKey, SessionID, int], Claim] = {}
+        self._index_key = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=INDEX_KEY_LABEL
+        ).derive(pickle_key.encode())
+        self._indexes: OrderedDict[IndexKey, dict[int, str]] = OrderedDict()
+        self._unwritten: dict[tuple[IdentityKey, SessionID, int], str] = {}
         self._by_key: dict[tuple[UserID, IdentityKey], DeviceIdentity] = {}
         self._cs_keys: dict[UserID, dict[CrossSigningUsage, TOFUSigningKey]] = {}
         self._signed: dict[tuple[CrossSigner, CrossSigner], bool] = {}
@@ -158,6 +172,14 @@ class BridgeCryptoStore(PgCryptoStore):
 
     # -- message indexes (replay protection) --------------------------------------------
 
+    def _blind(self, kind: str, value: str) -> str:
+        """A keyed hash (HMAC-SHA256, 43 characters of unpadded base64) of ``value``."""
+        mac = hmac.new(self._index_key, kind.encode() + b"\0" + value.encode(), "sha256")
+        return base64.b64encode(mac.digest()).decode("ascii").rstrip("=")
+
+    def _claim(self, event_id: str, timestamp: int) -> str:
+        return self._blind("claim", f"{event_id}\0{timestamp}")
+
     async def validate_message_index(
         self,
         sender_key: IdentityKey,
@@ -166,19 +188,21 @@ class BridgeCryptoStore(PgCryptoStore):
         index: int,
         timestamp: int,
     ) -> bool:
-        """Whether ``index`` of the session is unclaimed or claimed by this very event;
-        a new claim is kept for :meth:`flush_message_indexes`."""
+        """Whether ``index`` of the session is unclaimed or claimed by this very event
+        (same event ID and timestamp); a new claim is kept for
+        :meth:`flush_message_indexes`."""
         seen = await self._session_indexes(sender_key, session_id)
-        claim = seen.get(index)
-        if claim is not None:
-            return claim == (event_id, timestamp)
-        seen[index] = (event_id, timestamp)
-        self._unwritten[(sender_key, session_id, index)] = (event_id, timestamp)
+        claim = self._claim(event_id, timestamp)
+        known = seen.get(index)
+        if known is not None:
+            return hmac.compare_digest(known, claim)
+        seen[index] = claim
+        self._unwritten[(sender_key, session_id, index)] = claim
         return True
 
     async def _session_indexes(
         self, sender_key: IdentityKey, session_id: SessionID
-    ) -> dict[int, Claim]:
+    ) -> dict[int, str]:
         key = (sender_key, session_id)
         seen = self._indexes.get(key)
         if seen is not None:
@@ -186,11 +210,20 @@ class BridgeCryptoStore(PgCryptoStore):
             return seen
         rows = await self.db.fetch(
             'SELECT "index", event_id, timestamp FROM crypto_message_index '
-            "WHERE sender_key=$1 AND session_id=$2",
-            sender_key,
+            "WHERE (sender_key=$1 AND session_id=$2) OR (sender_key=$3 AND session_id=$4)",
+            self._blind("sender_key", sender_key),
+            self._blind("session_id", session_id),
+            sender_key,  # rows mautrix wrote itself, in plaintext (before this store)
             session_id,
         )
-        seen = {int(r["index"]): (EventID(r["event_id"]), int(r["timestamp"])) for r in rows}
+        seen = {}
+        for r in rows:
+            stored = str(r["event_id"])
+            seen[int(r["index"])] = (
+                stored[len(BLIND_PREFIX) :]
+                if stored.startswith(BLIND_PREFIX)
+                else self._claim(stored, int(r["timestamp"]))
+            )
         for (sk, sid, index), claim in self._unwritten.items():
             if (sk, sid) == key:
                 seen[index] = claim
@@ -201,13 +234,21 @@ class BridgeCryptoStore(PgCryptoStore):
 
     async def flush_message_indexes(self) -> int:
         """Write the message indexes claimed since the last flush, in one transaction;
-        returns how many. Await it before committing the records of the decrypted events."""
+        returns how many. Await it before committing the records of the decrypted events.
+        The rows hold keyed hashes only: of the sender key, the session ID, and of the
+        event ID with its timestamp (the ``timestamp`` column is 0)."""
         if not self._unwritten:
             return 0
         claims = dict(self._unwritten)
         rows = [
-            (sender_key, session_id, index, event_id, ts)
-            for (sender_key, session_id, index), (event_id, ts) in claims.items()
+            (
+                self._blind("sender_key", sender_key),
+                self._blind("session_id", session_id),
+                index,
+                BLIND_PREFIX + claim,
+                0,
+            )
+            for (sender_key, session_id, index), claim in claims.items()
         ]
         conn: LoggingConnection
         async with self.db.acquire() as conn, conn.transaction():

@@ -125,8 +125,18 @@ async def test_replay_within_one_batch_and_across_a_restart(tmp_path: Path) -> N
         rows = await crypto.db.fetchval("SELECT COUNT(*) FROM crypto_message_index")
         assert rows == 0  # deferred: nothing written per event
         await crypto.flush()  # the worker's before_commit
-        rows = await crypto.db.fetchval("SELECT COUNT(*) FROM crypto_message_index")
-        assert rows == 2
+        rows = await crypto.db.fetch("SELECT * FROM crypto_message_index")
+        assert len(rows) == 2
+        # keyed hashes only: no sender key, session ID, event ID or timestamp readable
+        stored = repr([dict(r) for r in rows])
+        for secret in (
+            alice.account.identity_keys["curve25519"],
+            alice.outbound.id,
+            "$original",
+            "$second",
+            "1700000000000",
+        ):
+            assert secret not in stored
     async with device(db, alice, first=False) as crypto:  # a restart: memory is empty
         result = await crypto.decrypt(replay)
         assert isinstance(result, NotDecrypted)
@@ -151,3 +161,23 @@ async def test_a_redacted_session_is_not_served_from_memory(tmp_path: Path) -> N
         result = await crypto.decrypt(alice.event("$c", alice.encrypt("c")))
         assert isinstance(result, NotDecrypted)
         assert result.reason is Undecryptable.WITHHELD
+
+
+async def test_rows_mautrix_wrote_in_plaintext_still_count(tmp_path: Path) -> None:
+    alice = Sender()
+    first = alice.encrypt("hello")
+    db = tmp_path / "crypto.db"
+    async with device(db, alice, first=True) as crypto:
+        await crypto.db.execute(  # as mautrix's own store wrote it before this one
+            "INSERT INTO crypto_message_index "
+            '(sender_key, session_id, "index", event_id, timestamp) VALUES ($1, $2, 0, $3, $4)',
+            alice.account.identity_keys["curve25519"],
+            alice.outbound.id,
+            "$original",
+            1_700_000_000_000,
+        )
+    async with device(db, alice, first=False) as crypto:
+        result = await crypto.decrypt(alice.event("$replay", first))
+        assert isinstance(result, NotDecrypted)
+        assert result.reason is Undecryptable.REPLAYED
+        assert isinstance(await crypto.decrypt(alice.event("$original", first)), Decrypted)
