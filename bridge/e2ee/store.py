@@ -240,10 +240,16 @@ class BridgeCryptoStore(PgCryptoStore):
         if not self._unwritten:
             return 0
         claims = dict(self._unwritten)
+        blinded: dict[IndexKey, tuple[str, str]] = {}
+        for sender_key, session_id, _ in claims:
+            if (sender_key, session_id) not in blinded:
+                blinded[(sender_key, session_id)] = (
+                    self._blind("sender_key", sender_key),
+                    self._blind("session_id", session_id),
+                )
         rows = [
             (
-                self._blind("sender_key", sender_key),
-                self._blind("session_id", session_id),
+                *blinded[(sender_key, session_id)],
                 index,
                 BLIND_PREFIX + claim,
                 0,
