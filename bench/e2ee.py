@@ -4,11 +4,13 @@ N distinct events of one Megolm session, all on SQLite in a temporary directory:
 
 - floor: python-olm's ``InboundGroupSession.decrypt`` of the ciphertexts (and vodozemac's,
   for comparison, when installed);
-- decrypt call: :meth:`bridge.e2ee.olm.OlmCrypto.decrypt` (mautrix OlmMachine: session
-  lookup in the crypto store, message-index replay check written per event, device trust);
+- decrypt call: :meth:`bridge.e2ee.olm.OlmCrypto.decrypt` (mautrix OlmMachine on the
+  bridge's crypto store, :mod:`bridge.e2ee.store`: session and device trust from memory after
+  the first event, the message-index replay check in memory, its writes deferred);
 - ingest path: transactions of 100 events archived (``store.queue.ingest``), then processed
-  as the worker does it: :class:`bridge.pipeline.decryption.DecryptionStage` decrypts each and
-  the batch (``decrypted`` records, sealed, chained) is committed with the transaction mark.
+  as the worker does it: :class:`bridge.pipeline.decryption.DecryptionStage` decrypts each,
+  the batch's message indexes are written (``before_commit``, one transaction) and the
+  batch (``decrypted`` records, sealed, chained) is committed with the transaction mark.
 
 Run: ``python bench/e2ee.py [N]``.
 """
