@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import olm
+import pytest
 from mautrix.api import HTTPAPI
 from mautrix.client import Client
 from mautrix.crypto import OlmMachine
@@ -26,9 +27,17 @@ from mautrix.types import (
     UserID,
 )
 
-from bridge.e2ee.olm import MACHINE_LOG, OlmCrypto, OlmSettings, _Rooms, open_crypto_db
+from bridge.e2ee.olm import (
+    MACHINE_LOG,
+    OlmCrypto,
+    OlmSettings,
+    _Rooms,
+    crypto_db_url,
+    open_crypto_db,
+)
 from bridge.e2ee.seam import Decrypted, NotDecrypted, Undecryptable
 from bridge.e2ee.store import BridgeCryptoStore
+from tests.conftest import BACKENDS, fresh_store_url
 
 ROOM = "!room:localhost"
 SENDER = "@alice:localhost"
@@ -65,9 +74,9 @@ class Sender:
 
 
 @asynccontextmanager
-async def device(db_path: Path, alice: Sender, *, first: bool) -> AsyncIterator[OlmCrypto]:
-    """The bot's device on ``db_path`` (a new process each time: nothing in memory)."""
-    db = await open_crypto_db(f"sqlite://{db_path}")
+async def device(db_url: str, alice: Sender, *, first: bool) -> AsyncIterator[OlmCrypto]:
+    """The bot's device on ``db_url`` (a new process each time: nothing in memory)."""
+    db = await open_crypto_db(db_url)
     store = BridgeCryptoStore(BOT, "test-pickle-key", db)
     client = Client(mxid=UserID(BOT), device_id=DeviceID("BOT"), api=HTTPAPI("http://127.0.0.1:9"))
     machine = OlmMachine(client, store, _Rooms(), log=MACHINE_LOG)
@@ -102,10 +111,15 @@ async def device(db_path: Path, alice: Sender, *, first: bool) -> AsyncIterator[
         await crypto.close()
 
 
-async def test_replay_within_one_batch_and_across_a_restart(tmp_path: Path) -> None:
+@pytest.fixture(params=BACKENDS)
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database for the crypto store (SQLite file, or a PostgreSQL database)."""
+    return crypto_db_url(await fresh_store_url(request.param, tmp_path))
+
+
+async def test_replay_within_one_batch_and_across_a_restart(db: str) -> None:
     alice = Sender()
     first, second = alice.encrypt("hello"), alice.encrypt("again")
-    db = tmp_path / "crypto.db"
     original = alice.event("$original", first)
     replay = alice.event("$replay", first)  # index 0 again, another event ID
     async with device(db, alice, first=True) as crypto:
@@ -148,25 +162,24 @@ async def test_replay_within_one_batch_and_across_a_restart(tmp_path: Path) -> N
         assert isinstance(await crypto.decrypt(alice.event("$second", second)), Decrypted)
 
 
-async def test_a_redacted_session_is_not_served_from_memory(tmp_path: Path) -> None:
+async def test_a_redacted_session_is_not_served_from_memory(db: str) -> None:
     alice = Sender()
-    async with device(tmp_path / "crypto.db", alice, first=True) as crypto:
+    async with device(db, alice, first=True) as crypto:
         assert isinstance(await crypto.decrypt(alice.event("$a", alice.encrypt("a"))), Decrypted)
         await crypto.store.redact_group_session(RoomID(ROOM), SessionID(alice.outbound.id), "test")
         result = await crypto.decrypt(alice.event("$b", alice.encrypt("b")))
         assert isinstance(result, NotDecrypted)
         assert result.reason is Undecryptable.WITHHELD
     # closing wrote no deferred ratchet bookkeeping over the redaction
-    async with device(tmp_path / "crypto.db", alice, first=False) as crypto:
+    async with device(db, alice, first=False) as crypto:
         result = await crypto.decrypt(alice.event("$c", alice.encrypt("c")))
         assert isinstance(result, NotDecrypted)
         assert result.reason is Undecryptable.WITHHELD
 
 
-async def test_rows_mautrix_wrote_in_plaintext_still_count(tmp_path: Path) -> None:
+async def test_rows_mautrix_wrote_in_plaintext_still_count(db: str) -> None:
     alice = Sender()
     first = alice.encrypt("hello")
-    db = tmp_path / "crypto.db"
     async with device(db, alice, first=True) as crypto:
         await crypto.db.execute(  # as mautrix's own store wrote it before this one
             "INSERT INTO crypto_message_index "
