@@ -15,7 +15,7 @@ import pytest
 from bridge.app import build_registry
 from bridge.e2ee.seam import Decrypted, DecryptResult, NotDecrypted, Trust, Undecryptable
 from bridge.pipeline.worker import Worker
-from bridge.store import Store
+from bridge.store import Store, StoreUnavailable
 from tests.kit.config import make_config
 from tests.kit.services import Services
 
@@ -35,6 +35,7 @@ class FakeDevice:
         self.withheld: dict[str, str] = {}
         self.encrypted_rooms = {ROOM}
         self.unflushed = 0  # events decrypted since the last flush
+        self.flush_fails = False
 
     async def decrypt(self, event: Mapping[str, Any], *, wait: float = 0.0) -> DecryptResult:
         content = event["content"]
@@ -68,6 +69,8 @@ class FakeDevice:
         return False
 
     async def flush(self) -> None:
+        if self.flush_fails:
+            raise OSError("disk gone")
         self.unflushed = 0
 
     async def close(self) -> None:
@@ -175,6 +178,21 @@ async def test_replay_protection_is_flushed_before_the_batch_commits(
     await feed(worker, encrypted("one"), encrypted("two"))
     assert unflushed_at_commit == [0]
     assert len(await records(worker, "decrypted")) == 2
+
+
+async def test_a_failed_index_flush_leaves_the_batch_uncommitted(worker: Worker) -> None:
+    dev = device(worker)
+    dev.keys.add("s1")
+    dev.flush_fails = True
+    await worker.store.queue.ingest("t-flush", [encrypted("one")])
+    with pytest.raises(StoreUnavailable):
+        await worker.run_once()
+    assert await records(worker, "decrypted") == []
+    assert len(await worker.store.queue.pending(10)) == 1
+    dev.flush_fails = False
+    await worker.run_once()
+    assert len(await records(worker, "decrypted")) == 1
+    assert await worker.store.queue.pending(10) == []
 
 
 async def test_undecryptable_is_recorded_kept_and_decrypted_when_the_key_arrives(
