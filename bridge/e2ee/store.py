@@ -57,6 +57,8 @@ from mautrix.util.async_db.connection import LoggingConnection
 
 #: Sessions (and their message indexes) kept in memory; the least recently used go first.
 MAX_CACHED_SESSIONS = 2_000
+#: Devices, cross-signing keys and signature answers kept (each cache starts over beyond).
+MAX_CACHED_TRUST = 50_000
 
 IndexKey = tuple[IdentityKey, SessionID]
 #: ``crypto_message_index.event_id`` of a row written by this store: a keyed hash follows.
@@ -281,6 +283,8 @@ class BridgeCryptoStore(PgCryptoStore):
             return cached
         device = await super().find_device_by_key(user_id, identity_key)
         if device is not None:
+            if len(self._by_key) >= MAX_CACHED_TRUST:
+                self._by_key.clear()
             self._by_key[key] = device
         return device
 
@@ -302,6 +306,8 @@ class BridgeCryptoStore(PgCryptoStore):
         if cached is not None:
             return dict(cached)
         keys = await super().get_cross_signing_keys(user_id)
+        if len(self._cs_keys) >= MAX_CACHED_TRUST:
+            self._cs_keys.clear()
         self._cs_keys[user_id] = dict(keys)
         return keys
 
@@ -320,6 +326,8 @@ class BridgeCryptoStore(PgCryptoStore):
         if cached is not None:
             return cached
         signed = bool(await super().is_key_signed_by(target, signer))
+        if len(self._signed) >= MAX_CACHED_TRUST:
+            self._signed.clear()
         self._signed[key] = signed
         return signed
 
