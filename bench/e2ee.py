@@ -4,11 +4,13 @@ N distinct events of one Megolm session, all on SQLite in a temporary directory:
 
 - floor: python-olm's ``InboundGroupSession.decrypt`` of the ciphertexts (and vodozemac's,
   for comparison, when installed);
-- decrypt call: :meth:`bridge.e2ee.olm.OlmCrypto.decrypt` (mautrix OlmMachine: session
-  lookup in the crypto store, message-index replay check written per event, device trust);
+- decrypt call: :meth:`bridge.e2ee.olm.OlmCrypto.decrypt` (mautrix OlmMachine on the
+  bridge's crypto store, :mod:`bridge.e2ee.store`: session and device trust from memory after
+  the first event, the message-index replay check in memory, its writes deferred);
 - ingest path: transactions of 100 events archived (``store.queue.ingest``), then processed
-  as the worker does it: :class:`bridge.pipeline.decryption.DecryptionStage` decrypts each and
-  the batch (``decrypted`` records, sealed, chained) is committed with the transaction mark.
+  as the worker does it: :class:`bridge.pipeline.decryption.DecryptionStage` decrypts each,
+  the batch's message indexes are written (``before_commit``, one transaction) and the
+  batch (``decrypted`` records, sealed, chained) is committed with the transaction mark.
 
 Run: ``python bench/e2ee.py [N]``.
 """
@@ -26,12 +28,13 @@ from typing import Any, cast
 import olm
 from mautrix.api import HTTPAPI
 from mautrix.client import Client
-from mautrix.crypto import OlmMachine, PgCryptoStore
+from mautrix.crypto import OlmMachine
 from mautrix.types import DeviceID, DeviceIdentity, IdentityKey, SigningKey, TrustState, UserID
 
 from bridge.config import build_config
 from bridge.e2ee.olm import MACHINE_LOG, OlmCrypto, OlmSettings, _Rooms, open_crypto_db
 from bridge.e2ee.seam import Decrypted
+from bridge.e2ee.store import BridgeCryptoStore
 from bridge.pipeline.batch import Batch
 from bridge.pipeline.decryption import DecryptionStage
 from bridge.store import Store
@@ -75,7 +78,7 @@ async def main(n: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         db = await open_crypto_db(f"sqlite://{Path(tmp) / 'bench.db'}")  # as the bridge does
-        store = PgCryptoStore("@bot:localhost", "bench-pickle-key", db)
+        store = BridgeCryptoStore("@bot:localhost", "bench-pickle-key", db)
         await store.put_device_id(DeviceID("BOT"))
         client = Client(
             mxid=UserID("@bot:localhost"),
@@ -166,6 +169,7 @@ async def _ingest_path(tmp: Path, crypto: OlmCrypto, events: list[dict[str, Any]
                         stored.event, stored.seq, batch, wait=0, joined=True
                     )
                     assert plain is not None
+                await stage.before_commit()  # the batch's message indexes, as the worker
                 await bstore.queue.complete([item.queue_id], batch.actions, batch.audit)
         return len(events) / (time.perf_counter() - t0)
     finally:

@@ -48,7 +48,11 @@ from mautrix.types import (
     DeviceLists,
     DeviceOTKCount,
     EncryptedEvent,
+    EncryptedEventContent,
+    EncryptedMegolmEventContent,
+    EventID,
     EventType,
+    IdentityKey,
     RoomEncryptionStateEventContent,
     RoomID,
     SessionID,
@@ -67,6 +71,7 @@ from bridge.e2ee.seam import (
     Trust,
     Undecryptable,
 )
+from bridge.e2ee.store import BridgeCryptoStore
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +184,7 @@ class OlmCrypto:
         self,
         settings: OlmSettings,
         db: CryptoDatabase,
-        store: PgCryptoStore,
+        store: BridgeCryptoStore,
         client: Client,
         machine: OlmMachine,
         as_api: HTTPAPI,
@@ -204,7 +209,7 @@ class OlmCrypto:
         """Open the crypto store, log in to the bot's device (created on the first start
         only), upload its keys and cross-sign it with the bot user's own keys."""
         db = await open_crypto_db(settings.crypto_db_url)
-        store = PgCryptoStore(settings.bot_mxid, settings.pickle_key, db)
+        store = BridgeCryptoStore(settings.bot_mxid, settings.pickle_key, db)
         try:
             as_api = HTTPAPI(
                 settings.homeserver_url,
@@ -278,9 +283,17 @@ class OlmCrypto:
         """The bot's device ID."""
         return str(self.client.device_id)
 
+    async def flush(self) -> None:
+        """Write the message indexes of the events decrypted since the last call (one
+        transaction; replay protection, see :mod:`bridge.e2ee.store`)."""
+        await self.store.flush_message_indexes()
+
     async def close(self) -> None:
-        """Close the crypto store's database pool."""
-        await self.db.stop()
+        """Write what the crypto store deferred, close its database pool."""
+        try:
+            await self.store.flush()
+        finally:
+            await self.db.stop()
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -354,7 +367,7 @@ class OlmCrypto:
         if not isinstance(session_id, str) or not isinstance(room_id, str):
             return NotDecrypted(Undecryptable.FAILED, detail="no session_id or room_id")
         try:
-            evt = EncryptedEvent.deserialize(cast(JSON, dict(event)))
+            evt = _encrypted_event(event, content, room_id, session_id)
         except Exception:
             return NotDecrypted(Undecryptable.FAILED, session_id, detail="malformed event")
         for attempt in (0, 1):
@@ -448,6 +461,46 @@ class OlmCrypto:
         users = {UserID(u) for u in joined}
         self.rooms.members[room_id] = users
         return sorted(users)
+
+
+def _encrypted_event(
+    event: Mapping[str, Any], content: Mapping[str, Any], room_id: str, session_id: str
+) -> EncryptedEvent:
+    """The event as mautrix's type. mautrix's generic deserializer costs as much as the
+    decryption itself; the common case (strings where the spec says so, no relation) is
+    built directly, anything else goes through the deserializer."""
+    fields = (
+        event.get("event_id"),
+        event.get("sender"),
+        content.get("ciphertext"),
+        content.get("sender_key", ""),
+        content.get("device_id", ""),
+    )
+    ts = event.get("origin_server_ts")
+    if (
+        "m.relates_to" in content
+        or not all(isinstance(f, str) for f in fields)
+        or not isinstance(ts, int)
+        or isinstance(ts, bool)
+    ):
+        return EncryptedEvent.deserialize(cast(JSON, dict(event)))
+    event_id, sender, ciphertext, sender_key, device_id = cast(tuple[str, ...], fields)
+    return EncryptedEvent(
+        type=EventType.ROOM_ENCRYPTED,
+        room_id=RoomID(room_id),
+        event_id=EventID(event_id),
+        sender=UserID(sender),
+        timestamp=ts,
+        content=cast(
+            EncryptedEventContent,
+            EncryptedMegolmEventContent(
+                ciphertext=ciphertext,
+                session_id=SessionID(session_id),
+                sender_key=IdentityKey(sender_key) if sender_key else None,
+                device_id=DeviceID(device_id) if device_id else None,
+            ),
+        ),
+    )
 
 
 async def _appservice_login(

@@ -71,6 +71,11 @@ class RoomCrypto(Protocol):
         room key still on its way. Never raises for a bad event (NotDecrypted says why)."""
         ...
 
+    async def flush(self) -> None:
+        """Make durable what :meth:`decrypt` deferred (the message indexes that protect
+        against replays); awaited before the records of decrypted events are committed."""
+        ...
+
     async def encrypt(
         self, room_id: str, event_type: str, content: Mapping[str, Any]
     ) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from bridge.e2ee.seam import (
 )
 from bridge.pipeline import actions
 from bridge.pipeline.batch import Batch, as_str
-from bridge.store import AuditEntry, Store
+from bridge.store import AuditEntry, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,20 @@ class DecryptionStage:
         return self._keys_arrived or time.monotonic() >= self._next_retry
 
     # -- the worker's calls -------------------------------------------------------------
+
+    async def before_commit(self) -> None:
+        """Make the replay protection of the batch's decrypted events durable (their
+        message indexes, one transaction); awaited before the batch is committed, so no
+        decrypted record is ever committed without its index. A failure raises
+        :class:`StoreUnavailable` (the worker backs off and processes the batch again)."""
+        if self.crypto is None:
+            return
+        try:
+            await self.crypto.flush()
+        except Exception as e:  # the batch is not committed; the worker retries it
+            raise StoreUnavailable(
+                f"the crypto store could not write message indexes ({e.__class__.__name__})"
+            ) from e
 
     async def decrypt(
         self, event: Mapping[str, Any], seq: int, batch: Batch, *, wait: float, joined: bool

@@ -7,9 +7,11 @@ previous start stored, or a new room the bot creates and to which it invites the
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from mautrix.client import ClientAPI
 from mautrix.errors import MatrixRequestError
@@ -28,6 +30,32 @@ from bridge.store import ActionRow, NewAction, Store
 log = logging.getLogger(__name__)
 
 MANAGEMENT_ROOM_KEY = "management_room"  # the store's state key of the room created at start
+
+#: How long creating or joining the management room is retried while the homeserver's gate
+#: module cannot reach a bridge (it answers M_UNKNOWN when it fails closed). This happens at
+#: start behind a load balancer that has not yet seen this replica ready (docs/deployment.md).
+GATE_PATIENCE_S = 60.0
+
+_T = TypeVar("_T")
+
+
+async def _patiently(what: str, op: Callable[[], Awaitable[_T]]) -> _T:
+    """``op()``, retried with backoff while the homeserver answers that its policy module
+    could not check the request (M_UNKNOWN) or a 5xx, for up to :data:`GATE_PATIENCE_S`."""
+    deadline = time.monotonic() + GATE_PATIENCE_S
+    delay = 0.5
+    while True:
+        try:
+            return await op()
+        except MatrixRequestError as e:
+            transient = e.errcode == "M_UNKNOWN" or e.http_status >= 500
+            if not transient or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: the homeserver's gate cannot answer yet (%s); retrying", what,
+                        e.errcode or e.http_status)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
 
 # Action kinds that are not reported as failures: a notice cannot report itself, and a
 # reconcile's failure is the room enforcer's to report (batched per rollout, once per room).
@@ -53,20 +81,25 @@ async def bootstrap(client: ClientAPI, store: Store, config: BridgeConfig) -> st
         room = await store.state.get(MANAGEMENT_ROOM_KEY) or ""
     if room:
         try:
-            await client.join_room_by_id(RoomID(room))
+            await _patiently(
+                "joining the management room", lambda: client.join_room_by_id(RoomID(room))
+            )
         except MatrixRequestError as e:
             log.error("cannot join the management room %s: %s", room, e.message)
     else:
         admins = [u for u, r in config.permissions.items() if r is Role.ADMIN and "*" not in u]
         room = str(
-            await client.create_room(
-                name="Policy bridge management",
-                topic="Commands and reports of the policy bridge. Type !policy help.",
-                invitees=[UserID(a) for a in admins],
-                is_direct=False,
-                # Room version 12 makes the creator (the bot) all-powerful already;
-                # listing it in users is refused.
-                power_level_override=cast(Any, {"users": dict.fromkeys(admins, 100)}),
+            await _patiently(
+                "creating the management room",
+                lambda: client.create_room(
+                    name="Policy bridge management",
+                    topic="Commands and reports of the policy bridge. Type !policy help.",
+                    invitees=[UserID(a) for a in admins],
+                    is_direct=False,
+                    # Room version 12 makes the creator (the bot) all-powerful already;
+                    # listing it in users is refused.
+                    power_level_override=cast(Any, {"users": dict.fromkeys(admins, 100)}),
+                ),
             )
         )
         await store.state.set(MANAGEMENT_ROOM_KEY, room)

@@ -169,6 +169,8 @@ class Worker:
     async def _commit(self, queue_ids: list[int], batch: Batch) -> None:
         """Everything ``batch`` holds and the marks of ``queue_ids``: one commit; then the
         batch's after-commit callbacks and the wake-ups."""
+        # encrypted rooms: the Megolm indexes this batch claimed, durable before it is
+        await self.decryption.before_commit()
         await self.store.queue.complete(
             queue_ids,
             batch.actions,

@@ -15,7 +15,7 @@ import pytest
 from bridge.app import build_registry
 from bridge.e2ee.seam import Decrypted, DecryptResult, NotDecrypted, Trust, Undecryptable
 from bridge.pipeline.worker import Worker
-from bridge.store import Store
+from bridge.store import Store, StoreUnavailable
 from tests.kit.config import make_config
 from tests.kit.services import Services
 
@@ -34,6 +34,8 @@ class FakeDevice:
         self.keys: set[str] = set()
         self.withheld: dict[str, str] = {}
         self.encrypted_rooms = {ROOM}
+        self.unflushed = 0  # events decrypted since the last flush
+        self.flush_fails = False
 
     async def decrypt(self, event: Mapping[str, Any], *, wait: float = 0.0) -> DecryptResult:
         content = event["content"]
@@ -42,6 +44,7 @@ class FakeDevice:
             return NotDecrypted(Undecryptable.WITHHELD, session, self.withheld[session])
         if session not in self.keys:
             return NotDecrypted(Undecryptable.NO_SESSION, session)
+        self.unflushed += 1
         plain = {k: event[k] for k in ("event_id", "room_id", "sender", "origin_server_ts")}
         plain["type"] = "m.room.message"
         body = base64.b64decode(content["ciphertext"]).decode()
@@ -64,6 +67,11 @@ class FakeDevice:
 
     async def receive(self, payload: Mapping[str, Any]) -> bool:
         return False
+
+    async def flush(self) -> None:
+        if self.flush_fails:
+            raise OSError("disk gone")
+        self.unflushed = 0
 
     async def close(self) -> None:
         return None
@@ -152,6 +160,39 @@ async def test_decrypted_event_is_archived_linked_and_judged(worker: Worker) -> 
     [redact] = [a for a in acts if a.kind == "redact"]
     assert redact.payload["event_id"] == ev["event_id"]
     assert any(a.kind == "send_notice" and a.room_id == MGMT for a in acts)
+
+
+async def test_replay_protection_is_flushed_before_the_batch_commits(
+    worker: Worker, store: Store
+) -> None:
+    dev = device(worker)
+    dev.keys.add("s1")
+    complete = store.queue.complete
+    unflushed_at_commit: list[int] = []
+
+    async def spy(*args: Any, **kwargs: Any) -> None:
+        unflushed_at_commit.append(dev.unflushed)
+        await complete(*args, **kwargs)
+
+    store.queue.complete = spy  # type: ignore[method-assign]
+    await feed(worker, encrypted("one"), encrypted("two"))
+    assert unflushed_at_commit == [0]
+    assert len(await records(worker, "decrypted")) == 2
+
+
+async def test_a_failed_index_flush_leaves_the_batch_uncommitted(worker: Worker) -> None:
+    dev = device(worker)
+    dev.keys.add("s1")
+    dev.flush_fails = True
+    await worker.store.queue.ingest("t-flush", [encrypted("one")])
+    with pytest.raises(StoreUnavailable):
+        await worker.run_once()
+    assert await records(worker, "decrypted") == []
+    assert len(await worker.store.queue.pending(10)) == 1
+    dev.flush_fails = False
+    await worker.run_once()
+    assert len(await records(worker, "decrypted")) == 1
+    assert await worker.store.queue.pending(10) == []
 
 
 async def test_undecryptable_is_recorded_kept_and_decrypted_when_the_key_arrives(

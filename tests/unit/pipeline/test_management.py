@@ -25,6 +25,7 @@ class Client:
         self.joined: list[str] = []
         self.created: list[dict[str, Any]] = []
         self.join_fails = join_fails
+        self.gate_down = 0
 
     async def resolve_room_alias(self, alias: str) -> Any:
         assert alias == "#mgmt:corp.example"
@@ -37,6 +38,11 @@ class Client:
 
     async def create_room(self, **kw: Any) -> str:
         self.created.append(kw)
+        if self.gate_down > 0:  # Synapse's module failing closed: the gate is not reachable
+            self.gate_down -= 1
+            raise make_request_error(
+                http_status=403, text="", errcode="M_UNKNOWN", message="try again later"
+            )
         return "!new:corp.example"
 
 
@@ -135,3 +141,35 @@ async def test_a_gate_block_with_notify_is_posted_in_the_background() -> None:
     [[action]] = sent
     assert "keyword:secret" in action.payload["body"] and "@joe:x" in action.payload["body"]
     assert "keyword:other" not in action.payload["body"]
+
+
+async def test_bootstrap_waits_while_the_homeservers_gate_cannot_answer(
+    store: Store, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Behind a load balancer a new leader may create the room before the balancer sees any
+    replica ready: Synapse's module then refuses with M_UNKNOWN. That is retried."""
+    monkeypatch.setattr(management.asyncio, "sleep", _no_sleep)
+    client = Client()
+    client.gate_down = 3
+    room = await management.bootstrap(client, store, _bridge_config(tmp_path))  # type: ignore[arg-type]
+    assert room == "!new:corp.example" and len(client.created) == 4
+
+
+async def test_bootstrap_gives_up_when_its_patience_is_spent(
+    store: Store, tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(management.asyncio, "sleep", _no_sleep)
+    monkeypatch.setattr(management, "GATE_PATIENCE_S", 0.0)
+    client = Client()
+    client.gate_down = 1
+    try:
+        await management.bootstrap(client, store, _bridge_config(tmp_path))  # type: ignore[arg-type]
+    except Exception as e:
+        assert getattr(e, "errcode", None) == "M_UNKNOWN"
+    else:
+        raise AssertionError("a refusal past the patience must reach the caller")
+    assert len(client.created) == 1
+
+
+async def _no_sleep(_: float) -> None:
+    return None

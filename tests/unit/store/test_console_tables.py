@@ -10,6 +10,7 @@ from bridge.audit.keyring import Keyring
 from bridge.audit.kinds import AuditKind
 from bridge.store import AuditEntry, Store, StoreSettings
 from bridge.store.console import DAY_MS
+from bridge.store.schema import SCHEMA_VERSION
 
 
 def gate_deny(rule: str) -> AuditEntry:
@@ -86,7 +87,7 @@ async def test_schema_3_is_upgraded_with_counters_and_indexes(tmp_path: Path) ->
     await store.close()
     store = await Store.open(url, StoreSettings(keyring=keyring))
     try:
-        assert await store.state.get("schema_version") == "4"
+        assert await store.state.get("schema_version") == str(SCHEMA_VERSION)
         rows = await store.console.daily(0, 10**6, ["command"])
         assert rows == [(day, "command", "", 3)] and day == rows[0][0]
         assert day * DAY_MS <= (await store.reader.one(1) or {})["ts"] < (day + 1) * DAY_MS
