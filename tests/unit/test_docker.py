@@ -275,9 +275,8 @@ def test_first_start_tells_the_operator_what_to_do(
         "appservice.address",
         "bridge.permissions",
         "app_service_config_files",
-        "synapse_http_antispam.HTTPAntispam",
+        "policy_bridge_synapse.PolicyBridgeModule",
         "http://127.0.0.1:29330/_bridge/antispam",
-        "enabled_callbacks",
         str(data / "config.yaml"),
     ):
         assert needle in out, needle
@@ -460,13 +459,17 @@ def test_compose_bridge_service(compose: dict[str, Any]) -> None:
     assert grace.endswith("s") and int(grace[:-1]) >= 3 * SHUTDOWN_STEP
 
 
-def test_compose_synapse_gets_the_antispam_module_and_registration(
+def test_compose_synapse_gets_the_policy_module_and_registration(
     compose: dict[str, Any],
 ) -> None:
     synapse = compose["services"]["synapse"]
     inline = synapse["build"]["dockerfile_inline"]
     assert re.search(r"^FROM matrixdotorg/synapse:v\d+\.\d+\.\d+$", inline, re.M)
-    assert re.search(r"pip install --no-cache-dir synapse-http-antispam==\d", inline)
+    # the project's own module, from this repository, without pulling anything into Synapse
+    assert "COPY synapse_module " in inline
+    assert re.search(r"pip install --no-cache-dir --no-deps /tmp/policy-bridge-synapse", inline)
+    assert synapse["build"]["context"] == "."
+    assert (ROOT / "synapse_module" / "pyproject.toml").is_file()
     assert lint(inline) == []
 
     script = synapse["entrypoint"][2]
