@@ -132,6 +132,42 @@ def test_an_upgrade_keeps_the_old_room_scope(tmp_path: Path) -> None:
     assert rules(eng.check_create_room(MALLORY, upgrade)) == ["encryption:forbidden"]
 
 
+def test_a_named_predecessor_cannot_lend_its_laxer_scope(tmp_path: Path) -> None:
+    """createRoom lets the client write any ``creation_content.predecessor``: naming a room
+    with an exception (encryption allowed, a keyword off, open federation) must not carry
+    the exception into a room that will live in the global scope."""
+    lax_room = f"!lax:{OWN}"
+    settings = {
+        "dlp": {
+            "forbid_encryption": True,
+            "keywords": [{"name": "codenames", "keywords": ["kingfisher"]}],
+            "rooms": {
+                lax_room: {
+                    "forbid_encryption": False,
+                    "keywords": [{"name": "codenames", "keywords": ["unrelated"]}],
+                }
+            },
+        },
+        "federation": {"mode": "allowlist", "servers": ["partner.example"]},
+    }
+    eng = engine(tmp_path, settings)
+    spoof = {"predecessor": {"room_id": lax_room}}
+    assert (
+        rules(
+            eng.check_event(
+                {"type": "m.room.encryption", "state_key": "", "room_id": lax_room, "content": {}}
+            )
+        )
+        == []
+    )
+    body = {"creation_content": spoof, "initial_state": [ENCRYPTION]}
+    assert rules(eng.check_create_room(MALLORY, body)) == ["encryption:forbidden"]
+    topic = {"creation_content": spoof, "topic": "kingfisher"}
+    assert rules(eng.check_create_room(MALLORY, topic)) == ["keyword:codenames"]
+    invite = {"creation_content": spoof, "invite": ["@eve:evil.example"]}
+    assert rules(eng.check_create_room(MALLORY, invite)) == ["federation:allowlist"]
+
+
 @pytest.mark.parametrize(
     "body",
     [
