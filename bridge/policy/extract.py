@@ -13,7 +13,8 @@ What is scanned, by event type:
 * polls (``m.poll.start``, ``org.matrix.msc3381.poll.start``, ``m.poll``): question and answer
   texts in both the ``m.text`` list and the plain ``body``/``msc1767.text`` forms;
 * ``m.room.name`` ``name``; ``m.room.topic`` ``topic`` and ``m.topic``;
-  ``m.room.member`` ``displayname``; ``m.reaction`` ``m.relates_to.key``.
+  ``m.room.member`` ``displayname``; ``m.reaction`` ``m.relates_to.key``; the names
+  (localparts) of ``m.room.canonical_alias`` ``alias`` and ``alt_aliases``.
 
 Then, so that text cannot hide where no client looks (custom keys, nested objects, custom
 event types), **every other string value** of the content, walked depth-first in key order
@@ -172,12 +173,25 @@ def _add_content(out: _Collector, etype: str, content: Mapping[str, Any]) -> Non
             _add_text_forms(out, {"m.text": topic})
     elif etype == "m.room.member":
         out.add(content.get("displayname"))
+    elif etype == "m.room.canonical_alias":
+        _add_alias_names(out, content)
     elif etype in _BEACON_TYPES:
         out.add(content.get("description"))
     elif etype == "m.reaction":
         relates = content.get("m.relates_to")
         if isinstance(relates, Mapping):
             out.add(relates.get("key"))
+
+
+def _add_alias_names(out: _Collector, content: Mapping[str, Any]) -> None:
+    """The names (localparts) of ``alias`` and ``alt_aliases``: an alias is chosen by a user
+    and shown to everyone in the room and the directory (``#kingfisher-launch:corp.example``).
+    The server part is the room's server, not text anyone typed."""
+    alt = content.get("alt_aliases")
+    aliases = [content.get("alias"), *(alt[:_MAX_LIST] if isinstance(alt, list) else ())]
+    for alias in aliases:
+        if isinstance(alias, str) and alias.startswith("#"):
+            out.add(alias[1:].partition(":")[0])
 
 
 def _hides_text(key: str, value: object) -> bool:

@@ -160,7 +160,6 @@ def test_reaction_key() -> None:
     ("etype", "content"),
     [
         ("m.room.encrypted", {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgA"}),
-        ("m.room.canonical_alias", {"alias": "#secret:x.org", "alt_aliases": ["#a:x.org"]}),
         ("m.room.pinned_events", {"pinned": ["$secret"]}),
         ("m.room.message", "not a dict"),
         ("m.room.message", None),
@@ -300,3 +299,17 @@ def test_the_walk_is_bounded_in_depth_and_count() -> None:
     assert extract_texts(ev("x.y", {"d": shallow})) == ["found"]
     many = {"list": [f"s{i}" for i in range(MAX_NODES + 100)]}
     assert len(extract_texts(ev("x.y", many))) < MAX_NODES
+
+
+def test_canonical_alias_names_are_read_not_their_servers() -> None:
+    """An alias is a name a user chose, shown to the room and the directory: an alias made
+    through the directory API (no callback) and published as an alt alias is text."""
+    event = {
+        "type": "m.room.canonical_alias",
+        "state_key": "",
+        "content": {
+            "alias": "#general:corp.example",
+            "alt_aliases": ["#kingfisher-launch:corp.example", 5, "no-hash:corp.example"],
+        },
+    }
+    assert extract_texts(event) == ["general", "kingfisher-launch"]
