@@ -29,7 +29,9 @@ cannot name it; what decides is:
   The predecessor is whatever the client wrote (a createRoom body may name any room, and
   Synapse checks it only on its own upgrade path), and the bridge does not carry a room's
   rules to its successor, so the old room can add refusals but never lend an exception
-  (encryption allowed, a rule switched off) to a room that will live in the global scope;
+  (encryption allowed, a rule switched off) to a room that will live in the global scope.
+  A room with rules of its own is not upgraded at all (the engine refuses it with
+  ``upgrade:room-rules``): its rules would stay with the old room ID;
 * a direct chat (``is_direct``) is judged like any other new room: DMs are in no space, so the
   global scope applies. Where encryption is forbidden globally, an encrypted DM is refused;
   where only some spaces forbid it, DMs may be encrypted.

@@ -65,6 +65,9 @@ class PolicySet:
     # Who may add rooms to each known space: decides whether a new room's m.space.parent
     # would count (policy/spaces.py), so which space policies judge its creation.
     space_power: Mapping[str, SpacePower] = field(default_factory=dict)
+    # Rooms and spaces with rules of their own (a DLP, federation or retention layer): an
+    # upgrade of such a room would leave them behind (the new room has a new ID).
+    rule_scopes: frozenset[str] = frozenset()
 
 
 class PolicyEngine:
@@ -161,6 +164,8 @@ class PolicyEngine:
             old = room.predecessor
             scopes.append((old, self.policy.room_spaces.get(old, ())))
         findings: list[Finding] = []
+        if room.predecessor is not None and room.predecessor in self.policy.rule_scopes:
+            findings.append(UPGRADE_LEAVES_RULES)
         if room.encrypted and any(
             self.policy.encryption_forbidden.resolve(rid, spaces) for rid, spaces in scopes
         ):
@@ -227,6 +232,18 @@ class PolicyEngine:
 
 
 ACL_EVENT = "m.room.server_acl"
+#: A room with rules of its own cannot be upgraded by its members: the rules are keyed by the
+#: old room's ID, and the new room would live under the global ones.
+UPGRADE_LEAVES_RULES = Finding(
+    rule="upgrade:room-rules",
+    category="policy",
+    actions=frozenset({Action.BLOCK, Action.NOTIFY}),
+    message=(
+        "this room has company-policy rules of its own, which an upgraded room would not"
+        " keep; ask a policy administrator to move the rules to a space or to the new room"
+        " before it is upgraded"
+    ),
+)
 
 
 def _acl_refusal(message: str) -> Finding:

@@ -161,11 +161,35 @@ def test_a_named_predecessor_cannot_lend_its_laxer_scope(tmp_path: Path) -> None
         == []
     )
     body = {"creation_content": spoof, "initial_state": [ENCRYPTION]}
-    assert rules(eng.check_create_room(MALLORY, body)) == ["encryption:forbidden"]
+    # The named room has rules of its own: no member may upgrade it anyway (below).
+    assert rules(eng.check_create_room(MALLORY, body)) == [
+        "upgrade:room-rules",
+        "encryption:forbidden",
+    ]
     topic = {"creation_content": spoof, "topic": "kingfisher"}
-    assert rules(eng.check_create_room(MALLORY, topic)) == ["keyword:codenames"]
+    assert "keyword:codenames" in rules(eng.check_create_room(MALLORY, topic))
     invite = {"creation_content": spoof, "invite": ["@eve:evil.example"]}
-    assert rules(eng.check_create_room(MALLORY, invite)) == ["federation:allowlist"]
+    assert "federation:allowlist" in rules(eng.check_create_room(MALLORY, invite))
+
+
+def test_a_room_with_rules_of_its_own_is_not_upgraded_by_its_members(tmp_path: Path) -> None:
+    """Rules are keyed by room ID: after an upgrade the new room would live under the global
+    rules only, so a room owner could shed a strict room rule by upgrading."""
+    strict_room = f"!strict-room:{OWN}"
+    settings = {
+        "dlp": {"rooms": {strict_room: {"keywords": [{"name": "deal", "keywords": ["heron"]}]}}},
+        "retention": {"rooms": {f"!kept:{OWN}": {"max_lifetime": "30d"}}},
+    }
+    eng = engine(tmp_path, settings)
+    for old in (strict_room, f"!kept:{OWN}"):
+        upgrade = {"creation_content": {"predecessor": {"room_id": old}}}
+        verdict = eng.check_create_room(ALICE, upgrade)
+        assert rules(verdict) == ["upgrade:room-rules"]
+        assert verdict.first_block is not None
+        assert "ask a policy administrator" in verdict.first_block.message
+    # A room without rules of its own (only its spaces' or the global ones) is upgraded.
+    plain = {"creation_content": {"predecessor": {"room_id": f"!plain:{OWN}"}}}
+    assert rules(eng.check_create_room(ALICE, plain)) == []
 
 
 @pytest.mark.parametrize(
