@@ -190,6 +190,14 @@ class PolicyEngine:
                 findings += dlp.scan([room.alias])
         return Verdict(tuple(_unique(findings)))
 
+    def check_room_alias(self, user_id: str, alias: str) -> Verdict:
+        """A local user creates ``alias`` (``user_may_create_room_alias``; Synapse does not
+        say for which room): its name (not its server) is read by the global DLP rules."""
+        if user_id == self.policy.bot_mxid or self.policy.dlp_global.is_exempt(user_id, None):
+            return ALLOW
+        name = alias[1:].partition(":")[0] if alias.startswith("#") else alias
+        return Verdict(tuple(_unique(self.policy.dlp_global.scan([name]))))
+
     def check_state_event(
         self,
         user_id: str,

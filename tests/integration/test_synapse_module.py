@@ -216,6 +216,22 @@ async def test_state_event_with_a_keyword_is_refused(running: Running) -> None:
     assert running.metric("user_may_send_state_event", "deny") == before + 1
 
 
+async def test_an_alias_with_a_keyword_is_refused(running: Running) -> None:
+    """PUT /directory/room/{alias} reaches the gate (user_may_create_room_alias)."""
+    async with running.client(running.alice) as alice:
+        room = await alice.create_room(name="aliases")
+        with pytest.raises(MatrixError) as err:
+            await alice.request(
+                "PUT",
+                f"/_matrix/client/v3/directory/room/%23kingfisher-launch:{SERVER}",
+                {"room_id": room},
+            )
+        assert err.value.status == 403 and "keyword:codenames" in err.value.error
+        await alice.request(
+            "PUT", f"/_matrix/client/v3/directory/room/%23launch:{SERVER}", {"room_id": room}
+        )
+
+
 async def test_bridge_down_fails_per_callback_and_synapse_logs_no_text(
     running: Running,
 ) -> None:

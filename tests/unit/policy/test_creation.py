@@ -307,3 +307,14 @@ def test_server_acl_must_follow_the_policy(tmp_path: Path) -> None:
     assert f"lock {OWN} out" in verdict.first_block.message
     # The bot writes the ACL the policy wants (any content it sends is its own decision).
     assert rules(eng.check_state_event(BOT, room, "m.room.server_acl", "", loose)) == []
+
+
+def test_an_alias_is_judged_by_its_name_in_the_global_scope(tmp_path: Path) -> None:
+    """``PUT /directory/room/{alias}`` (no callback judged it before): the name is read, the
+    server part is not; exempt users and the bot pass."""
+    eng = engine(tmp_path, {**SPACE_RULES, "dlp": {**SPACE_RULES["dlp"], "exempt_users": [BOT]}})
+    assert rules(eng.check_room_alias(ALICE, f"#kingfisher-launch:{OWN}")) == ["keyword:codenames"]
+    assert rules(eng.check_room_alias(ALICE, "#launch:kingfisher.example")) == []
+    assert rules(eng.check_room_alias(BOT, f"#kingfisher:{OWN}")) == []
+    exempt = engine(tmp_path, {"dlp": {**SPACE_RULES["dlp"], "exempt_users": [ALICE]}})
+    assert rules(exempt.check_room_alias(ALICE, f"#kingfisher:{OWN}")) == []
