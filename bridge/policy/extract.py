@@ -26,7 +26,7 @@ the content's **keys** (other than the protocol's, :data:`_PROTOCOL_KEYS`, and t
 structural keys) and **integers of 14 to 19 digits** (a card written as a JSON number;
 shorter numbers are sizes, durations and millisecond timestamps). Last, the
 ``state_key`` of state events of custom types (not ``m.*``, whose state keys are user or
-room IDs or empty) unless it is a user ID.
+room IDs or empty) unless it is the sender's own user ID (per-user state).
 
 The fields are read in that order (message fields first, then the walk, then the state key)
 and share one budget of :data:`MAX_SCAN_CHARS` characters, so what a sender sees most is
@@ -276,8 +276,10 @@ def extract_texts(event: Mapping[str, Any], *, max_chars: int = MAX_SCAN_CHARS) 
         if (
             isinstance(state_key, str)
             and not etype.startswith("m.")
-            and _USER_ID.fullmatch(state_key) is None
+            and (state_key != event.get("sender") or _USER_ID.fullmatch(state_key) is None)
         ):
+            # Per-user state is keyed by its sender's ID; any other user-ID-shaped key is
+            # text like the rest (``@4111-1111-1111-1111:x`` is a valid user ID).
             out.add(state_key)
         return out.texts
     except Exception:  # a hostile Mapping implementation must not break the gate

@@ -292,7 +292,10 @@ def test_a_media_url_key_holding_no_mxc_uri_is_read_as_text() -> None:
 
 def test_state_keys_of_custom_state_events_are_read_but_not_user_ids() -> None:
     assert extract_texts(ev("com.example.s", {}, state_key="project falcon")) == ["project falcon"]
-    assert extract_texts(ev("com.example.s", {}, state_key="@a:x.org")) == []
+    assert extract_texts(ev("com.example.s", {}, state_key="@a:x.org")) == []  # the sender's
+    # Another "user ID" is whatever the sender wrote: a card fits a valid localpart.
+    card_key = "@4111-1111-1111-1111:x.org"
+    assert extract_texts(ev("com.example.s", {}, state_key=card_key)) == [card_key]
     assert extract_texts(ev("m.room.member", {}, state_key="falcon")) == []
 
 
