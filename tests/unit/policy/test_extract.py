@@ -345,3 +345,18 @@ def test_content_keys_and_long_integers_are_read_as_text() -> None:
         "hi", "ts", "n", "4111111111111111", "com.example", "4111 1111 1111 1111",
         "kingfisher launch", "flag",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "markup",
+    [
+        '<font data-mx-spoiler="kingfisher">x</font>',  # Element shows the reason
+        '<span data-mx-maths="kingfisher">x</span>',  # and renders the maths source
+        "<!-- kingfisher -->x",  # shown by no client, read by any script
+    ],
+)
+def test_html_spoiler_reasons_maths_and_comments_are_read(markup: str) -> None:
+    content = {"msgtype": "m.text", "body": "x", "format": "org.matrix.custom.html"}
+    for padded in (markup, markup + "<p>" + "y " * 3000 + "</p>"):  # the parser and the fast path
+        texts = extract_texts(ev("m.room.message", {**content, "formatted_body": padded}))
+        assert any("kingfisher" in t for t in texts)
