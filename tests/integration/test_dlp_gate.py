@@ -50,8 +50,9 @@ async def test_card_numbers_never_reach_the_room(stack: Stack, management_room: 
 async def test_cards_as_numbers_keys_and_after_an_override_are_refused(
     stack: Stack, management_room: str
 ) -> None:
-    """Found in review: a card as a JSON integer or as a content key, and a card typed after
-    U+202E (shown reversed, copied as typed), went through Synapse's send path."""
+    """Found in review: a card as a JSON integer or as a content key, a card typed after
+    U+202E (shown reversed, copied as typed) and a card as a spoiler's reason (shown by
+    Element) went through Synapse's send path."""
     assert "enabled" in await command(stack, management_room, "!policy dlp detectors enable card")
     user = stack.new_user("cardleaker")
     async with stack.client(user) as alice:
@@ -61,6 +62,12 @@ async def test_cards_as_numbers_keys_and_after_an_override_are_refused(
             {"msgtype": "m.text", "body": "see data", "n": digits},
             {"msgtype": "m.text", "body": "see data", "x": {CARD: True}},
             {"msgtype": "m.text", "body": f"\u202e{CARD}"},
+            {
+                "msgtype": "m.text",
+                "body": "spoiler",
+                "format": "org.matrix.custom.html",
+                "formatted_body": f'<span data-mx-spoiler="{CARD}">spoiler</span>',
+            },
         ):
             with pytest.raises(MatrixError) as exc:
                 await alice.send_event(room, "m.room.message", content)
