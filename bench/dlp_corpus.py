@@ -217,6 +217,12 @@ def fill(unit: str, size: int = EVENT_LIMIT) -> dict[str, Any]:
     return event
 
 
+def overridden(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` with its body behind one right-to-left override (same size or smaller)."""
+    body = event["content"]["body"]
+    return message("\u202e" + body[3:])
+
+
 def nested(size: int = EVENT_LIMIT, depth: int = 12) -> dict[str, Any]:
     """Many small custom keys, deeply nested: the walk over every string of the content."""
     leaf = {f"k{i}": "falco nightingal 4111 1111" for i in range(8)}
@@ -273,6 +279,9 @@ def worst_cases(keywords: list[str], size: int = EVENT_LIMIT) -> dict[str, dict[
         "digit run, 4-digit groups": fill("4111 ", size),
         "digit run, mixed separators": fill("4111.1111/1111 - ", size),
         "digit run, no window passes Luhn": fill(luhn_failing_groups(size // 5), size),
+        # Text after a right-to-left override is read as shown and as typed (twice).
+        "digit run, mixed separators, overridden": overridden(fill("4111.1111/1111 - ", size)),
+        "digit run, 4-digit groups, overridden": overridden(fill("4111 ", size)),
         "digits, no separators": fill("4111111111111112", size),
         "keyword prefixes": fill(prefixes + " ", size),
         "keywords glued (boundary checks)": fill(glued, size),

@@ -98,6 +98,7 @@ POLICY_BRIDGE_CALLBACKS: tuple[str, ...] = (
     "user_may_create_room",
     "user_may_send_state_event",
     "check_media_file_for_spam",
+    "user_may_create_room_alias",
 )
 
 # Generous enough that nothing a test or the demo does ever hits them.

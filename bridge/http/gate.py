@@ -66,6 +66,7 @@ JUDGED = (
     "accept_make_join",
     "user_may_create_room",
     "user_may_send_state_event",
+    "user_may_create_room_alias",
 )
 
 
@@ -281,6 +282,10 @@ class Gate:
             return engine.check_local_join(user, room, is_invited), subject
         if name == "user_may_create_room":
             return self._judge_create_room(engine, body)
+        if name == "user_may_create_room_alias":
+            user, alias = _str(body, "user_id"), _str(body, "room_alias")
+            subject = {"sender": user, "type": "m.room.aliases"}  # the alias may be the secret
+            return engine.check_room_alias(user, alias), subject
         if name == "user_may_send_state_event":
             user, room = _str(body, "user_id"), _str(body, "room_id")
             etype, key = _str(body, "event_type"), _str(body, "state_key")

@@ -70,6 +70,7 @@ def build_engine(
             kick_excluded=config.federation.kick_excluded_members,
             encryption_forbidden=layers.encryption_setting(),
             space_power=dict(space_power or {}),
+            rule_scopes=frozenset(layers.scopes() | federation.scopes() | retention.scopes()),
         )
     )
 

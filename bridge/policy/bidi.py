@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["BIDI_CONTROLS", "MAX_DEPTH", "display_order"]
+__all__ = ["BIDI_CONTROLS", "MAX_DEPTH", "RLO", "display_order"]
 
 RLO, LRO, RLE, LRE, PDF = "\u202e", "\u202d", "\u202b", "\u202a", "\u202c"
 RLI, LRI, FSI, PDI = "\u2067", "\u2066", "\u2068", "\u2069"

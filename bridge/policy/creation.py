@@ -24,8 +24,14 @@ cannot name it; what decides is:
   in the space as far as the bridge knows the space's power levels). A claim that would not
   count is ignored here as it would be later, so a room can neither shelter in a lax space
   nor be judged by a strict one it does not belong to;
-* a room upgrade (``creation_content.predecessor``) continues its old room: the old room's
-  scope (its own rules and spaces) applies;
+* a room upgrade (``creation_content.predecessor``) is judged in the new room's own scope
+  (above) **and** in the old room's scope (its own rules and spaces): the stricter wins.
+  The predecessor is whatever the client wrote (a createRoom body may name any room, and
+  Synapse checks it only on its own upgrade path), and the bridge does not carry a room's
+  rules to its successor, so the old room can add refusals but never lend an exception
+  (encryption allowed, a rule switched off) to a room that will live in the global scope.
+  A room with rules of its own is not upgraded at all (the engine refuses it with
+  ``upgrade:room-rules``): its rules would stay with the old room ID;
 * a direct chat (``is_direct``) is judged like any other new room: DMs are in no space, so the
   global scope applies. Where encryption is forbidden globally, an encrypted DM is refused;
   where only some spaces forbid it, DMs may be encrypted.

@@ -65,6 +65,9 @@ class PolicySet:
     # Who may add rooms to each known space: decides whether a new room's m.space.parent
     # would count (policy/spaces.py), so which space policies judge its creation.
     space_power: Mapping[str, SpacePower] = field(default_factory=dict)
+    # Rooms and spaces with rules of their own (a DLP, federation or retention layer): an
+    # upgrade of such a room would leave them behind (the new room has a new ID).
+    rule_scopes: frozenset[str] = frozenset()
 
 
 class PolicyEngine:
@@ -144,33 +147,56 @@ class PolicyEngine:
 
     def check_create_room(self, user_id: str, body: Mapping[str, Any]) -> Verdict:
         """A local user creates (or upgrades) a room (``user_may_create_room``): the whole
-        createRoom body, judged in the scope the room would have (see policy/creation.py)."""
+        createRoom body, judged in the scope the room will have (see policy/creation.py).
+
+        ``creation_content.predecessor`` is whatever the client wrote (Synapse checks it only
+        on its own upgrade path, and a createRoom body may name any room): it can add the old
+        room's rules, never take the new room's own scope away.
+        """
         if user_id == self.policy.bot_mxid:
             return ALLOW
         room = read_new_room(user_id, body)
-        room_id = room.predecessor
-        if room_id is not None:
-            spaces = self.policy.room_spaces.get(room_id, ())
-        else:
-            spaces = room.parent_spaces(self.policy.space_power)
+        # (room ID, spaces) of every scope the new room must satisfy: its own first.
+        scopes: list[tuple[str | None, tuple[str, ...]]] = [
+            (None, room.parent_spaces(self.policy.space_power))
+        ]
+        if room.predecessor is not None:
+            old = room.predecessor
+            scopes.append((old, self.policy.room_spaces.get(old, ())))
         findings: list[Finding] = []
-        if room.encrypted and self.policy.encryption_forbidden.resolve(room_id, spaces):
+        if room.predecessor is not None and room.predecessor in self.policy.rule_scopes:
+            findings.append(UPGRADE_LEAVES_RULES)
+        if room.encrypted and any(
+            self.policy.encryption_forbidden.resolve(rid, spaces) for rid, spaces in scopes
+        ):
             findings.append(ENCRYPTION_AT_CREATION)
-        federation = self.policy.federation.resolve(room_id, spaces)
-        findings += federation_findings(room, federation, self.policy.own_server)
-        if room_id is not None:
-            engines = [self.dlp_for(room_id)]
-        else:
-            engines = [self.dlp_for(space) for space in spaces] or [self.policy.dlp_global]
-        for dlp in dict.fromkeys(engines):  # each distinct engine once
+        for rid, spaces in scopes:
+            federation = self.policy.federation.resolve(rid, spaces)
+            findings += federation_findings(room, federation, self.policy.own_server)
+        engines: list[tuple[DlpEngine, str | None]] = []
+        for rid, spaces in scopes:
+            if rid is not None:
+                engines.append((self.dlp_for(rid), rid))
+            else:
+                own = [self.dlp_for(space) for space in spaces] or [self.policy.dlp_global]
+                engines += [(dlp, None) for dlp in own]
+        for dlp, rid in dict.fromkeys(engines):  # each distinct engine once
             for etype, key, content in room.state:
                 event = {"type": etype, "state_key": key, "content": content, "sender": user_id}
-                if room_id is not None:
-                    event["room_id"] = room_id
+                if rid is not None:
+                    event["room_id"] = rid
                 findings += dlp.check(event).findings
-            if room.alias and not dlp.is_exempt(user_id, room_id):
+            if room.alias and not dlp.is_exempt(user_id, rid):
                 findings += dlp.scan([room.alias])
         return Verdict(tuple(_unique(findings)))
+
+    def check_room_alias(self, user_id: str, alias: str) -> Verdict:
+        """A local user creates ``alias`` (``user_may_create_room_alias``; Synapse does not
+        say for which room): its name (not its server) is read by the global DLP rules."""
+        if user_id == self.policy.bot_mxid or self.policy.dlp_global.is_exempt(user_id, None):
+            return ALLOW
+        name = alias[1:].partition(":")[0] if alias.startswith("#") else alias
+        return Verdict(tuple(_unique(self.policy.dlp_global.scan([name]))))
 
     def check_state_event(
         self,
@@ -214,6 +240,18 @@ class PolicyEngine:
 
 
 ACL_EVENT = "m.room.server_acl"
+#: A room with rules of its own cannot be upgraded by its members: the rules are keyed by the
+#: old room's ID, and the new room would live under the global ones.
+UPGRADE_LEAVES_RULES = Finding(
+    rule="upgrade:room-rules",
+    category="policy",
+    actions=frozenset({Action.BLOCK, Action.NOTIFY}),
+    message=(
+        "this room has company-policy rules of its own, which an upgraded room would not"
+        " keep; ask a policy administrator to move the rules to a space or to the new room"
+        " before it is upgraded"
+    ),
+)
 
 
 def _acl_refusal(message: str) -> Finding:

@@ -13,16 +13,20 @@ What is scanned, by event type:
 * polls (``m.poll.start``, ``org.matrix.msc3381.poll.start``, ``m.poll``): question and answer
   texts in both the ``m.text`` list and the plain ``body``/``msc1767.text`` forms;
 * ``m.room.name`` ``name``; ``m.room.topic`` ``topic`` and ``m.topic``;
-  ``m.room.member`` ``displayname``; ``m.reaction`` ``m.relates_to.key``.
+  ``m.room.member`` ``displayname``; ``m.reaction`` ``m.relates_to.key``; the names
+  (localparts) of ``m.room.canonical_alias`` ``alias`` and ``alt_aliases``.
 
 Then, so that text cannot hide where no client looks (custom keys, nested objects, custom
 event types), **every other string value** of the content, walked depth-first in key order
 up to :data:`MAX_DEPTH` levels and :data:`MAX_NODES` values, except the values of
 protocol keys that hold identifiers, not prose (:data:`STRUCTURAL_KEYS`: ``msgtype``,
 ``mimetype``, ``url``, ``event_id`` ...); a media URL key (``url``, ``avatar_url``,
-``thumbnail_url``) is skipped only when its value is an ``mxc://`` URI. Last, the
+``thumbnail_url``) is skipped only when its value is an ``mxc://`` URI. The walk also reads
+the content's **keys** (other than the protocol's, :data:`_PROTOCOL_KEYS`, and the
+structural keys) and **integers of 14 to 19 digits** (a card written as a JSON number;
+shorter numbers are sizes, durations and millisecond timestamps). Last, the
 ``state_key`` of state events of custom types (not ``m.*``, whose state keys are user or
-room IDs or empty) unless it is a user ID.
+room IDs or empty) unless it is the sender's own user ID (per-user state).
 
 The fields are read in that order (message fields first, then the walk, then the state key)
 and share one budget of :data:`MAX_SCAN_CHARS` characters, so what a sender sees most is
@@ -68,6 +72,24 @@ _HTML_MIMETYPES = frozenset({"text/html", "org.matrix.custom.html"})
 _MEDIA_URL_KEYS = frozenset({"avatar_url", "thumbnail_url", "url"})
 _MAX_LIST = 256  # answers, m.text representations: more than any real client sends
 _USER_ID = re.compile(r"@[^\s:]+:[^\s]+")  # state keys of per-user state (beacons ...)
+#: Keys of the Matrix protocol: not read as text themselves (their values are). Any other key
+#: of the content is text too: ``{"4111 1111 1111 1111": true}`` carries a card in its key.
+_PROTOCOL_KEYS = frozenset(
+    {
+        "answers", "body", "blurhash", "chunk", "displayname", "duration", "file", "filename",
+        "formatted_body", "h", "info", "is_falling_back", "key", "kind", "m.caption", "m.file",
+        "m.in_reply_to", "m.location", "m.mentions", "m.new_content", "m.relates_to", "m.text",
+        "m.topic", "max_selections", "name", "org.matrix.msc1767.caption",
+        "org.matrix.msc1767.text", "org.matrix.msc3488.location", "question", "reason", "room",
+        "size", "thumbnail_file", "thumbnail_info", "topic", "user_ids", "w", "description",
+        "m.poll", "m.poll.start", "org.matrix.msc3381.poll.start", "m.beacon_info", "live",
+        "timeout", "m.asset", "org.matrix.msc3488.asset", "m.ts", "org.matrix.msc3488.ts",
+        "type", "m.emote", "m.notice", "m.message", "m.markup", "mimetype",
+    }
+)  # fmt: skip
+#: Integers of 14 to 19 digits are read as text (a card number written as a JSON number);
+#: shorter ones are sizes, durations and millisecond timestamps (13 digits until 2286).
+_NUMBER_AS_TEXT = (10**13, 10**19)
 
 
 class _Collector:
@@ -172,12 +194,25 @@ def _add_content(out: _Collector, etype: str, content: Mapping[str, Any]) -> Non
             _add_text_forms(out, {"m.text": topic})
     elif etype == "m.room.member":
         out.add(content.get("displayname"))
+    elif etype == "m.room.canonical_alias":
+        _add_alias_names(out, content)
     elif etype in _BEACON_TYPES:
         out.add(content.get("description"))
     elif etype == "m.reaction":
         relates = content.get("m.relates_to")
         if isinstance(relates, Mapping):
             out.add(relates.get("key"))
+
+
+def _add_alias_names(out: _Collector, content: Mapping[str, Any]) -> None:
+    """The names (localparts) of ``alias`` and ``alt_aliases``: an alias is chosen by a user
+    and shown to everyone in the room and the directory (``#kingfisher-launch:corp.example``).
+    The server part is the room's server, not text anyone typed."""
+    alt = content.get("alt_aliases")
+    aliases = [content.get("alias"), *(alt[:_MAX_LIST] if isinstance(alt, list) else ())]
+    for alias in aliases:
+        if isinstance(alias, str) and alias.startswith("#"):
+            out.add(alias[1:].partition(":")[0])
 
 
 def _hides_text(key: str, value: object) -> bool:
@@ -193,6 +228,9 @@ def _walk(out: _Collector, value: object, depth: int) -> None:
         return
     if isinstance(value, str):
         out.add(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if _NUMBER_AS_TEXT[0] <= abs(value) < _NUMBER_AS_TEXT[1]:
+            out.add(str(value))
     elif depth >= MAX_DEPTH:
         return
     elif isinstance(value, Mapping):
@@ -200,6 +238,8 @@ def _walk(out: _Collector, value: object, depth: int) -> None:
         for key, item in value.items():
             if key in STRUCTURAL_KEYS and not _hides_text(key, item):
                 continue
+            if isinstance(key, str) and key not in _PROTOCOL_KEYS and key not in STRUCTURAL_KEYS:
+                out.add(key)
             if isinstance(item, str) and (key == "formatted_body" or (html and key == "body")):
                 out.add(item, html=True)
             else:
@@ -236,8 +276,10 @@ def extract_texts(event: Mapping[str, Any], *, max_chars: int = MAX_SCAN_CHARS) 
         if (
             isinstance(state_key, str)
             and not etype.startswith("m.")
-            and _USER_ID.fullmatch(state_key) is None
+            and (state_key != event.get("sender") or _USER_ID.fullmatch(state_key) is None)
         ):
+            # Per-user state is keyed by its sender's ID; any other user-ID-shaped key is
+            # text like the rest (``@4111-1111-1111-1111:x`` is a valid user ID).
             out.add(state_key)
         return out.texts
     except Exception:  # a hostile Mapping implementation must not break the gate

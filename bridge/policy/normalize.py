@@ -323,8 +323,9 @@ _BLOCK_TAGS = frozenset(
         "tr", "ul", "video", "audio", "iframe", "object",
     }
 )  # fmt: skip
-# Attributes whose values are human-readable or can carry data the body does not show.
-_TEXT_ATTRS = frozenset({"href", "alt", "title"})
+# Attributes whose values are human-readable or can carry data the body does not show:
+# Element shows a spoiler's reason beside it and renders the source of maths.
+_TEXT_ATTRS = frozenset({"href", "alt", "title", "data-mx-spoiler", "data-mx-maths"})
 
 
 class _TextExtractor(HTMLParser):
@@ -352,6 +353,11 @@ class _TextExtractor(HTMLParser):
     def handle_data(self, data: str) -> None:
         self.parts.append(data)
 
+    def handle_comment(self, data: str) -> None:
+        # Shown by no client, read by any script: data hidden like an unknown content key.
+        if data.strip():
+            self.attrs.append(data)
+
 
 _TAG = re.compile(r"<[^>]*>?")
 #: Markup longer than this is reduced by regular expressions (linear, in C) instead of the
@@ -362,9 +368,11 @@ _BLOCK_TAG = re.compile(
     re.IGNORECASE,
 )
 _TEXT_ATTR = re.compile(
-    r"""(?<![\w-])(?:href|alt|title)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""",
+    r"""(?<![\w-])(?:href|alt|title|data-mx-spoiler|data-mx-maths)\s*=\s*"""
+    r"""(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""",
     re.IGNORECASE,
 )
+_COMMENT = re.compile(r"<!--(.*?)-->", re.DOTALL)
 
 
 def _fast_html_to_text(markup: str) -> str:
@@ -374,6 +382,9 @@ def _fast_html_to_text(markup: str) -> str:
         for groups in _TEXT_ATTR.findall(" ".join(_TAG.findall(markup)))
         if "".join(groups)
     ]
+    if "<!--" in markup:
+        attrs += [c for c in _COMMENT.findall(markup) if c.strip()]
+        markup = _COMMENT.sub("", markup)
     text = _TAG.sub("", _BLOCK_TAG.sub(" ", markup))
     if attrs:
         text = text + " " + " ".join(attrs)
@@ -387,7 +398,8 @@ def html_to_text(markup: str) -> str:
     and ``<mx-reply>``); entities are unescaped; block elements and ``<br>`` become
     whitespace, inline elements do not (``<b>sec</b>ret`` -> ``secret``); the result is
     stripped. Values of
-    ``href``/``alt``/``title`` attributes are appended after the text. Malformed markup is
+    ``href``/``alt``/``title``/``data-mx-spoiler``/``data-mx-maths`` attributes and the text
+    of comments are appended after the text. Malformed markup is
     handled leniently; if the parser fails, tags are stripped with a simple pattern.
     """
     if not isinstance(markup, str):

@@ -24,6 +24,7 @@ class Callback(str, Enum):
     USER_MAY_CREATE_ROOM = "user_may_create_room"
     USER_MAY_SEND_STATE_EVENT = "user_may_send_state_event"
     CHECK_MEDIA_FILE_FOR_SPAM = "check_media_file_for_spam"
+    USER_MAY_CREATE_ROOM_ALIAS = "user_may_create_room_alias"
     # Not in Synapse 1.163's module API: forwarding it makes the module refuse to load there.
     ACCEPT_MAKE_JOIN = "accept_make_join"
 
@@ -46,6 +47,7 @@ DEFAULT_CALLBACKS: tuple[Callback, ...] = (
     Callback.USER_MAY_CREATE_ROOM,
     Callback.USER_MAY_SEND_STATE_EVENT,
     Callback.CHECK_MEDIA_FILE_FOR_SPAM,
+    Callback.USER_MAY_CREATE_ROOM_ALIAS,
 )
 #: Callbacks that let the operation through when the gate cannot answer, unless configured.
 #: Events refused too late are repaired on the bridge's ingest path (redacted).

@@ -28,6 +28,7 @@ from synapse.media._base import FileInfo
 from synapse.media.media_storage import ReadableFileWrapper
 from synapse.module_api import NOT_SPAM, EventBase, ModuleApi
 from synapse.module_api.errors import Codes, ConfigError
+from synapse.types import RoomAlias
 from twisted.internet import defer
 
 from policy_bridge_synapse.config import (
@@ -103,6 +104,7 @@ class PolicyBridgeModule:
             Callback.USER_MAY_SEND_STATE_EVENT: self.user_may_send_state_event,
             Callback.CHECK_MEDIA_FILE_FOR_SPAM: self.check_media_file_for_spam,
             Callback.ACCEPT_MAKE_JOIN: self.accept_make_join,
+            Callback.USER_MAY_CREATE_ROOM_ALIAS: self.user_may_create_room_alias,
         }
         api.register_spam_checker_callbacks(
             **{c.value: handlers[c] for c in config.callbacks}  # type: ignore[arg-type]
@@ -218,6 +220,14 @@ class PolicyBridgeModule:
         """A local user creates (or upgrades) a room: the whole createRoom body goes along."""
         payload = {"user_id": user_id, "room_config": room_config}
         return await self._answer(Callback.USER_MAY_CREATE_ROOM, payload)
+
+    async def user_may_create_room_alias(
+        self, user_id: str, room_alias: RoomAlias
+    ) -> Allow | Refusal:
+        """A local user creates an alias (``PUT /directory/room/{alias}``, or createRoom's
+        ``room_alias_name``): its name is shown in the directory and to the room."""
+        payload = {"user_id": user_id, "room_alias": room_alias.to_string()}
+        return await self._answer(Callback.USER_MAY_CREATE_ROOM_ALIAS, payload)
 
     async def user_may_send_state_event(
         self,

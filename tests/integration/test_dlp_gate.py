@@ -47,6 +47,37 @@ async def test_card_numbers_never_reach_the_room(stack: Stack, management_room: 
         await c.send_text(room, f"test card {CARD}")
 
 
+async def test_cards_as_numbers_keys_and_after_an_override_are_refused(
+    stack: Stack, management_room: str
+) -> None:
+    """Found in review: a card as a JSON integer or as a content key, a card typed after
+    U+202E (shown reversed, copied as typed) and a card as a spoiler's reason (shown by
+    Element) went through Synapse's send path."""
+    assert "enabled" in await command(stack, management_room, "!policy dlp detectors enable card")
+    user = stack.new_user("cardleaker")
+    async with stack.client(user) as alice:
+        room = await alice.create_room(name="payments 2")
+        digits = int(CARD.replace(" ", ""))  # below 2**53: legal canonical JSON
+        for content in (
+            {"msgtype": "m.text", "body": "see data", "n": digits},
+            {"msgtype": "m.text", "body": "see data", "x": {CARD: True}},
+            {"msgtype": "m.text", "body": f"\u202e{CARD}"},
+            {
+                "msgtype": "m.text",
+                "body": "spoiler",
+                "format": "org.matrix.custom.html",
+                "formatted_body": f'<span data-mx-spoiler="{CARD}">spoiler</span>',
+            },
+        ):
+            with pytest.raises(MatrixError) as exc:
+                await alice.send_event(room, "m.room.message", content)
+            assert exc.value.status == 403 and "detector:card" in exc.value.error
+        # Sizes and millisecond timestamps stay numbers nobody reads.
+        await alice.send_event(
+            room, "m.room.message", {"msgtype": "m.text", "body": "ok", "ts": 1733364000006}
+        )
+
+
 async def test_obfuscated_keywords_edits_and_html_are_caught(
     stack: Stack, management_room: str
 ) -> None:

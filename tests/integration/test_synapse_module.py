@@ -128,6 +128,52 @@ async def test_encrypted_dm_allowed_then_refused_where_encryption_is_forbidden(
     running.bridge.proc.send_signal(signal.SIGHUP)
 
 
+async def test_a_named_predecessor_lends_no_exception_and_upgrades_are_judged(
+    running: Running,
+) -> None:
+    """Encryption forbidden globally, allowed in one room by exception: bob names that room as
+    the ``predecessor`` of a new encrypted room (Synapse lets any createRoom body do so) and
+    is refused; a real upgrade of an encrypted room is judged too (Synapse sends
+    user_may_create_room a synthesised body with the copied m.room.encryption)."""
+    assert running.bridge.proc is not None
+    async with running.client(running.alice) as alice, running.client(running.bob) as bob:
+
+        async def encrypted_room() -> str | None:
+            try:  # an earlier test's reload (encryption allowed again) may still be on its way
+                return await alice.create_room(name="lax", initial_state=[ENCRYPTION])
+            except MatrixError:
+                return None
+
+        lax = await wait_for(encrypted_room, timeout=20, message="encryption to be allowed")
+        running.dev.set_bridge_options(
+            "dlp", {"forbid_encryption": True, "rooms": {lax: {"forbid_encryption": False}}}
+        )
+        running.bridge.proc.send_signal(signal.SIGHUP)
+
+        async def refused_plain() -> MatrixError | None:
+            try:
+                await bob.create_room(initial_state=[ENCRYPTION])
+            except MatrixError as e:
+                return e
+            return None
+
+        await wait_for(refused_plain, timeout=20, message="the reload to take effect")
+        spoof = {"predecessor": {"room_id": lax}}
+        with pytest.raises(MatrixError) as err:
+            await bob.create_room(creation_content=spoof, initial_state=[ENCRYPTION])
+        assert err.value.status == 403
+        assert "rules of its own" in err.value.error  # and the encryption (unit tests)
+        # The real upgrade would leave the room's own rules behind (they are keyed by its ID),
+        # and make an encrypted room in the global scope: refused too.
+        with pytest.raises(MatrixError) as err:
+            await alice.request(
+                "POST", f"/_matrix/client/v3/rooms/{lax}/upgrade", {"new_version": "12"}
+            )
+        assert err.value.status == 403 and "rules of its own" in err.value.error
+    running.dev.set_bridge_options("dlp", {"forbid_encryption": False, "rooms": {}})
+    running.bridge.proc.send_signal(signal.SIGHUP)
+
+
 async def test_initial_topic_with_a_keyword_is_refused(running: Running) -> None:
     before = running.metric("user_may_create_room", "deny")
     async with running.client(running.alice) as alice:
@@ -168,6 +214,22 @@ async def test_state_event_with_a_keyword_is_refused(running: Running) -> None:
         assert (await alice.get_state(room, "m.room.topic"))["topic"] == "soon"
     # Refused by user_may_send_state_event (Synapse passes on its code, not the text).
     assert running.metric("user_may_send_state_event", "deny") == before + 1
+
+
+async def test_an_alias_with_a_keyword_is_refused(running: Running) -> None:
+    """PUT /directory/room/{alias} reaches the gate (user_may_create_room_alias)."""
+    async with running.client(running.alice) as alice:
+        room = await alice.create_room(name="aliases")
+        with pytest.raises(MatrixError) as err:
+            await alice.request(
+                "PUT",
+                f"/_matrix/client/v3/directory/room/%23kingfisher-launch:{SERVER}",
+                {"room_id": room},
+            )
+        assert err.value.status == 403 and "keyword:codenames" in err.value.error
+        await alice.request(
+            "PUT", f"/_matrix/client/v3/directory/room/%23launch:{SERVER}", {"room_id": room}
+        )
 
 
 async def test_bridge_down_fails_per_callback_and_synapse_logs_no_text(

@@ -50,6 +50,7 @@ from typing import Any
 import ahocorasick
 import re2
 
+from bridge.policy.bidi import BIDI_CONTROLS, RLO
 from bridge.policy.dlp.detectors import DETECTORS, Detector, mask_text
 from bridge.policy.dlp.regex import (
     MAX_REGEX_RULES,
@@ -127,6 +128,8 @@ class _Rule:
 # What replaces an allowed phrase when a text is scanned again without it: not a
 # separator the detectors read through (spaces, dashes), so digits either side stay apart.
 _CUT = " # "
+#: Removes the bidirectional controls and keeps the typed (logical) order.
+_NO_BIDI = dict.fromkeys(map(ord, BIDI_CONTROLS))
 
 
 def _phrase_pattern(phrase: str) -> re2._Regexp:
@@ -445,6 +448,10 @@ class DlpEngine:
                 self._scan_regexes(raw, found, excerpt_searches)
         if self._detectors:
             self._scan_detectors(data, found)
+        if RLO in raw:
+            # Shown reversed, but copied, forwarded and read by machines in the order it was
+            # typed: a card or keyword after a right-to-left override is read that way too.
+            self._scan_text(raw.translate(_NO_BIDI), found, excerpt_searches)
 
     def _matches(self, index: int, text: str) -> bool:
         """Whether the regex rule or detector ``index`` matches ``text`` (clean or raw)."""

@@ -126,6 +126,22 @@ async def test_state_event_judged_with_its_content(gate: Harness) -> None:
     assert status == 200
 
 
+async def test_room_alias_judged_by_its_name(gate: Harness) -> None:
+    """PUT /directory/room/{alias}: no room, so the global rules; the server part is ours."""
+    body = {"user_id": f"@alice:{OWN}", "room_alias": f"#kingfisher-launch:{OWN}"}
+    status, answer = await gate.post("user_may_create_room_alias", body)
+    assert status == 403 and "keyword:codenames" in answer["error"]
+    [record] = await gate.records()
+    assert record["data"]["callback"] == "user_may_create_room_alias"
+    assert "kingfisher" not in str(record["data"]["subject"])
+    status, _ = await gate.post(
+        "user_may_create_room_alias", {**body, "room_alias": "#launch:kingfisher.example"}
+    )
+    assert status == 200
+    status, _ = await gate.post("user_may_create_room_alias", {"user_id": f"@alice:{OWN}"})
+    assert status == 400
+
+
 @pytest.mark.parametrize(
     ("callback", "body"),
     [

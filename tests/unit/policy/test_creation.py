@@ -132,6 +132,66 @@ def test_an_upgrade_keeps_the_old_room_scope(tmp_path: Path) -> None:
     assert rules(eng.check_create_room(MALLORY, upgrade)) == ["encryption:forbidden"]
 
 
+def test_a_named_predecessor_cannot_lend_its_laxer_scope(tmp_path: Path) -> None:
+    """createRoom lets the client write any ``creation_content.predecessor``: naming a room
+    with an exception (encryption allowed, a keyword off, open federation) must not carry
+    the exception into a room that will live in the global scope."""
+    lax_room = f"!lax:{OWN}"
+    settings = {
+        "dlp": {
+            "forbid_encryption": True,
+            "keywords": [{"name": "codenames", "keywords": ["kingfisher"]}],
+            "rooms": {
+                lax_room: {
+                    "forbid_encryption": False,
+                    "keywords": [{"name": "codenames", "keywords": ["unrelated"]}],
+                }
+            },
+        },
+        "federation": {"mode": "allowlist", "servers": ["partner.example"]},
+    }
+    eng = engine(tmp_path, settings)
+    spoof = {"predecessor": {"room_id": lax_room}}
+    assert (
+        rules(
+            eng.check_event(
+                {"type": "m.room.encryption", "state_key": "", "room_id": lax_room, "content": {}}
+            )
+        )
+        == []
+    )
+    body = {"creation_content": spoof, "initial_state": [ENCRYPTION]}
+    # The named room has rules of its own: no member may upgrade it anyway (below).
+    assert rules(eng.check_create_room(MALLORY, body)) == [
+        "upgrade:room-rules",
+        "encryption:forbidden",
+    ]
+    topic = {"creation_content": spoof, "topic": "kingfisher"}
+    assert "keyword:codenames" in rules(eng.check_create_room(MALLORY, topic))
+    invite = {"creation_content": spoof, "invite": ["@eve:evil.example"]}
+    assert "federation:allowlist" in rules(eng.check_create_room(MALLORY, invite))
+
+
+def test_a_room_with_rules_of_its_own_is_not_upgraded_by_its_members(tmp_path: Path) -> None:
+    """Rules are keyed by room ID: after an upgrade the new room would live under the global
+    rules only, so a room owner could shed a strict room rule by upgrading."""
+    strict_room = f"!strict-room:{OWN}"
+    settings = {
+        "dlp": {"rooms": {strict_room: {"keywords": [{"name": "deal", "keywords": ["heron"]}]}}},
+        "retention": {"rooms": {f"!kept:{OWN}": {"max_lifetime": "30d"}}},
+    }
+    eng = engine(tmp_path, settings)
+    for old in (strict_room, f"!kept:{OWN}"):
+        upgrade = {"creation_content": {"predecessor": {"room_id": old}}}
+        verdict = eng.check_create_room(ALICE, upgrade)
+        assert rules(verdict) == ["upgrade:room-rules"]
+        assert verdict.first_block is not None
+        assert "ask a policy administrator" in verdict.first_block.message
+    # A room without rules of its own (only its spaces' or the global ones) is upgraded.
+    plain = {"creation_content": {"predecessor": {"room_id": f"!plain:{OWN}"}}}
+    assert rules(eng.check_create_room(ALICE, plain)) == []
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -247,3 +307,14 @@ def test_server_acl_must_follow_the_policy(tmp_path: Path) -> None:
     assert f"lock {OWN} out" in verdict.first_block.message
     # The bot writes the ACL the policy wants (any content it sends is its own decision).
     assert rules(eng.check_state_event(BOT, room, "m.room.server_acl", "", loose)) == []
+
+
+def test_an_alias_is_judged_by_its_name_in_the_global_scope(tmp_path: Path) -> None:
+    """``PUT /directory/room/{alias}`` (no callback judged it before): the name is read, the
+    server part is not; exempt users and the bot pass."""
+    eng = engine(tmp_path, {**SPACE_RULES, "dlp": {**SPACE_RULES["dlp"], "exempt_users": [BOT]}})
+    assert rules(eng.check_room_alias(ALICE, f"#kingfisher-launch:{OWN}")) == ["keyword:codenames"]
+    assert rules(eng.check_room_alias(ALICE, "#launch:kingfisher.example")) == []
+    assert rules(eng.check_room_alias(BOT, f"#kingfisher:{OWN}")) == []
+    exempt = engine(tmp_path, {"dlp": {**SPACE_RULES["dlp"], "exempt_users": [ALICE]}})
+    assert rules(exempt.check_room_alias(ALICE, f"#kingfisher:{OWN}")) == []

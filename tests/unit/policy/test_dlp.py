@@ -869,3 +869,23 @@ def test_text_written_in_cyrillic_keeps_its_letters(text: str, found: bool) -> N
 )
 def test_accents_and_overrides_do_not_hide_secrets_from_detectors(text: str, rule: str) -> None:
     assert rule in rules(FULL.scan([text]))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"\u202e{CARD}",  # shown reversed; copied, it is the card
+        f"order \u202e {CARD} \u202e",
+        f"x \u202e{CARD}\u202c y",
+        "\u202e0000 000000 0018",  # Hypothesis found this one (a Diners-length card)
+    ],
+)
+def test_a_card_after_a_right_to_left_override_is_read_as_typed(text: str) -> None:
+    assert rules(DET.scan([text])) == {"detector:card"}
+
+
+def test_a_keyword_after_a_right_to_left_override_is_read_as_typed_and_as_shown() -> None:
+    eng = engine(keyword_lists=(KeywordList("codenames", ("kingfisher",)),))
+    assert rules(eng.scan(["launch \u202ekingfisher\u202c soon"])) == {"keyword:codenames"}
+    assert rules(eng.scan(["launch \u202erehsifgnik\u202c soon"])) == {"keyword:codenames"}
+    assert rules(eng.scan(["launch \u202ebird\u202c soon"])) == set()

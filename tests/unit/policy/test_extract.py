@@ -160,7 +160,6 @@ def test_reaction_key() -> None:
     ("etype", "content"),
     [
         ("m.room.encrypted", {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgA"}),
-        ("m.room.canonical_alias", {"alias": "#secret:x.org", "alt_aliases": ["#a:x.org"]}),
         ("m.room.pinned_events", {"pinned": ["$secret"]}),
         ("m.room.message", "not a dict"),
         ("m.room.message", None),
@@ -187,8 +186,8 @@ def test_yields_nothing_for_identifiers_or_no_text(etype: str, content: Any) -> 
 def test_malformed_fields_are_still_read_as_plain_strings(etype: str, content: Any) -> None:
     # A field of an unexpected shape is not parsed, but every string in it is still scanned.
     texts = extract_texts(ev(etype, content))
-    assert set(texts) <= {"x", "y", "nope"}
-    assert set(texts) == {v for v in ("x", "y", "nope") if repr(v) in repr(content)}
+    assert set(texts) <= {"x", "y", "nope", "a"}  # "a": a key of the content, read as text
+    assert set(texts) == {v for v in ("x", "y", "nope", "a") if repr(v) in repr(content)}
 
 
 @pytest.mark.parametrize("event", [None, 3, "str", [], {}, {"type": 5, "content": {"body": "x"}}])
@@ -266,7 +265,17 @@ def test_every_string_of_the_content_is_read_in_order_after_the_known_fields() -
         "nested": {"a": ["x", {"b": "deep"}], "url": "mxc://not/read", "msgtype": "m.text"},
     }
     texts = extract_texts(ev("com.example.thing", content))
-    assert texts == ["the body", "first custom", "x", "deep"]
+    # Keys other than the protocol's are text too, read where the walk meets them.
+    assert texts == [
+        "the body",
+        "com.example.note",
+        "first custom",
+        "nested",
+        "a",
+        "x",
+        "b",
+        "deep",
+    ]
 
 
 def test_a_media_url_key_holding_no_mxc_uri_is_read_as_text() -> None:
@@ -283,7 +292,10 @@ def test_a_media_url_key_holding_no_mxc_uri_is_read_as_text() -> None:
 
 def test_state_keys_of_custom_state_events_are_read_but_not_user_ids() -> None:
     assert extract_texts(ev("com.example.s", {}, state_key="project falcon")) == ["project falcon"]
-    assert extract_texts(ev("com.example.s", {}, state_key="@a:x.org")) == []
+    assert extract_texts(ev("com.example.s", {}, state_key="@a:x.org")) == []  # the sender's
+    # Another "user ID" is whatever the sender wrote: a card fits a valid localpart.
+    card_key = "@4111-1111-1111-1111:x.org"
+    assert extract_texts(ev("com.example.s", {}, state_key=card_key)) == [card_key]
     assert extract_texts(ev("m.room.member", {}, state_key="falcon")) == []
 
 
@@ -293,10 +305,58 @@ def test_the_walk_is_bounded_in_depth_and_count() -> None:
     deep: Any = "too deep"
     for _ in range(MAX_DEPTH + 5):
         deep = {"n": deep}
-    assert extract_texts(ev("x.y", {"d": deep})) == []
+    assert "too deep" not in extract_texts(ev("x.y", {"d": deep}))
     shallow: Any = "found"
     for _ in range(MAX_DEPTH - 2):
         shallow = {"n": shallow}
-    assert extract_texts(ev("x.y", {"d": shallow})) == ["found"]
+    assert extract_texts(ev("x.y", {"d": shallow})) == ["d", "n", "found"]
     many = {"list": [f"s{i}" for i in range(MAX_NODES + 100)]}
     assert len(extract_texts(ev("x.y", many))) < MAX_NODES
+
+
+def test_canonical_alias_names_are_read_not_their_servers() -> None:
+    """An alias is a name a user chose, shown to the room and the directory: an alias made
+    through the directory API (no callback) and published as an alt alias is text."""
+    event = {
+        "type": "m.room.canonical_alias",
+        "state_key": "",
+        "content": {
+            "alias": "#general:corp.example",
+            "alt_aliases": ["#kingfisher-launch:corp.example", 5, "no-hash:corp.example"],
+        },
+    }
+    assert extract_texts(event) == ["general", "kingfisher-launch"]
+
+
+def test_content_keys_and_long_integers_are_read_as_text() -> None:
+    """A card written as a JSON integer (canonical JSON allows up to 2**53) or as a key, and a
+    keyword as a key, are text a script on the other side reads; protocol keys and short
+    numbers (sizes, millisecond timestamps) are not."""
+    content = {
+        "msgtype": "m.text",
+        "body": "hi",
+        "info": {"size": 4111, "w": 5, "ts": 1733364000006},
+        "n": 4111111111111111,
+        "com.example": {"4111 1111 1111 1111": True, "kingfisher launch": None},
+        "flag": True,
+    }
+    texts = extract_texts(ev("m.room.message", content))
+    assert texts == [
+        "hi", "ts", "n", "4111111111111111", "com.example", "4111 1111 1111 1111",
+        "kingfisher launch", "flag",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "markup",
+    [
+        '<font data-mx-spoiler="kingfisher">x</font>',  # Element shows the reason
+        '<span data-mx-maths="kingfisher">x</span>',  # and renders the maths source
+        "<!-- kingfisher -->x",  # shown by no client, read by any script
+    ],
+)
+def test_html_spoiler_reasons_maths_and_comments_are_read(markup: str) -> None:
+    content = {"msgtype": "m.text", "body": "x", "format": "org.matrix.custom.html"}
+    for padded in (markup, markup + "<p>" + "y " * 3000 + "</p>"):  # the parser and the fast path
+        texts = extract_texts(ev("m.room.message", {**content, "formatted_body": padded}))
+        assert any("kingfisher" in t for t in texts)

@@ -19,6 +19,7 @@ from synapse.media._base import FileInfo, ThumbnailInfo
 from synapse.media.media_storage import ReadableFileWrapper
 from synapse.module_api import NOT_SPAM
 from synapse.module_api.errors import Codes, ConfigError
+from synapse.types import RoomAlias
 
 SECRET = "kingfisher-7f3a-marker"
 BASE = "http://gate.test/_bridge/antispam"
@@ -135,6 +136,7 @@ def test_registers_the_configured_callbacks() -> None:
         "user_may_create_room",
         "user_may_send_state_event",
         "check_media_file_for_spam",
+        "user_may_create_room_alias",
     }
     _, _, api = make(enabled_callbacks=["user_may_invite"])
     assert set(api.callbacks) == {"user_may_invite"}
@@ -193,11 +195,15 @@ async def test_bodies_of_each_callback() -> None:
         "state_key": "",
         "content": {"topic": "t"},
     }
+    alias = RoomAlias.from_string("#launch:x")
+    assert await module.user_may_create_room_alias("@a:x", alias) == NOT_SPAM
+    assert transport.last_json() == {"user_id": "@a:x", "room_alias": "#launch:x"}
     assert [r[0].rsplit("/", 1)[1] for r in transport.requests] == [
         "user_may_invite",
         "user_may_join_room",
         "user_may_create_room",
         "user_may_send_state_event",
+        "user_may_create_room_alias",
     ]
 
 
