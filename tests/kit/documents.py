@@ -43,21 +43,7 @@ def pdf(*pages: str, extra_stream: bytes = b"", info_title: str = "") -> bytes:
     )
     catalog = add(b"<< /Type /Catalog /Pages %d 0 R >>" % pages_index)
     info = add(b"<< /Title (" + info_title.encode("latin-1") + b") >>") if info_title else 0
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(out.tell())
-        out.write(b"%d 0 obj\n" % number + body + b"\nendobj\n")
-    xref = out.tell()
-    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
-    for offset in offsets:
-        out.write(b"%010d 00000 n \n" % offset)
-    trailer = b"<< /Size %d /Root %d 0 R" % (len(objects) + 1, catalog)
-    if info:
-        trailer += b" /Info %d 0 R" % info
-    out.write(b"trailer\n" + trailer + b" >>\nstartxref\n%d\n%%%%EOF\n" % xref)
-    return out.getvalue()
+    return _write_pdf(objects, catalog, info)
 
 
 def encrypted_pdf(text: str, password: str = "s3cret") -> bytes:
@@ -222,8 +208,9 @@ def billion_laughs(levels: int = 9) -> bytes:
     )
 
 
-def _write_pdf(objects: list[bytes], root: int) -> bytes:
-    """A PDF of ``objects`` (object n is ``objects[n - 1]``) with catalog ``root``."""
+def _write_pdf(objects: list[bytes], root: int, info: int = 0) -> bytes:
+    """A PDF of ``objects`` (object n is ``objects[n - 1]``) with catalog ``root`` (and
+    document information dictionary ``info``, if not 0)."""
     out = io.BytesIO()
     out.write(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
@@ -234,8 +221,10 @@ def _write_pdf(objects: list[bytes], root: int) -> bytes:
     out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
     for offset in offsets:
         out.write(b"%010d 00000 n \n" % offset)
-    trailer = b"<< /Size %d /Root %d 0 R >>" % (len(objects) + 1, root)
-    out.write(b"trailer\n" + trailer + b"\nstartxref\n%d\n%%%%EOF\n" % xref)
+    trailer = b"<< /Size %d /Root %d 0 R" % (len(objects) + 1, root)
+    if info:
+        trailer += b" /Info %d 0 R" % info
+    out.write(b"trailer\n" + trailer + b" >>\nstartxref\n%d\n%%%%EOF\n" % xref)
     return out.getvalue()
 
 
