@@ -166,7 +166,9 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
     try:
         print(f"Starting a throwaway Synapse in {workdir} …", flush=True)
         stack.synapse.start()
-        stack.synapse.register_user("admin", password, admin=True)
+        # not a Synapse server admin: Synapse skips the room-creation, invite and state
+        # checks for those, so the demo user would see no policy on new rooms
+        stack.synapse.register_user("admin", password, admin=False)
         print("Starting the policy bridge …", flush=True)
         bridge.start(timeout=90)
         login = stack.synapse.request(
