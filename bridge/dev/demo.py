@@ -217,7 +217,12 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
     except (SynapseNotInstalledError, SynapseStartError, BridgeStartError) as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while starting: clean up, without a traceback
+        print("\nInterrupted while starting.", flush=True)
+        return 130
     finally:
+        # a second Ctrl-C must not cut the clean-up short (leaving Synapse running)
+        signal.signal(signal.SIGINT, on_signal)
         print("Stopping …", flush=True)
         bridge.stop()
         stack.synapse.stop()
