@@ -7,7 +7,9 @@ strings they always were.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
 
 
 class AuditKind(StrEnum):
@@ -51,3 +53,28 @@ def split_type_filter(value: str | None) -> tuple[AuditKind | None, str | None]:
         return AuditKind(value), None
     except ValueError:
         return None, value
+
+
+#: The upload gate's callback: the label of its refusals (its ``media`` records name none).
+MEDIA_GATE_CALLBACK = "check_media_file_for_spam"
+#: The outcomes of a judged file (``data.outcome`` of a ``media`` record, the values of
+#: ``bridge.attachments.kinds.Outcome``) that refuse it: at upload, or redacted in a room.
+MEDIA_REFUSED_OUTCOMES = frozenset({"blocked", "unreadable_refused"})
+
+
+def gate_refusal(kind: str, data: Mapping[str, Any]) -> str | None:
+    """The callback of which a record is a gate refusal, or None: a ``gate`` record that
+    denied (``""`` when it names no callback), or a ``media`` record of the upload gate
+    (``path: gate``) that refused the file."""
+    if kind == AuditKind.GATE:
+        if data.get("decision") != "deny":
+            return None
+        callback = data.get("callback")
+        return callback if isinstance(callback, str) else ""
+    if (
+        kind == AuditKind.MEDIA
+        and data.get("path") == "gate"
+        and data.get("outcome") in MEDIA_REFUSED_OUTCOMES
+    ):
+        return MEDIA_GATE_CALLBACK
+    return None

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.archive.export import text_matches
-from bridge.audit.kinds import AuditKind, split_type_filter
+from bridge.audit.kinds import (
+    MEDIA_REFUSED_OUTCOMES,
+    AuditKind,
+    gate_refusal,
+    split_type_filter,
+)
 from bridge.console.charts import Chart, build_chart
 from bridge.policy.layers import DlpLayer, parse_runtime_dlp
 from bridge.policy.scopes import GLOBAL
@@ -34,7 +39,7 @@ ACTIVITY_KINDS = (
     AuditKind.LOGIN,
     AuditKind.ACCESS,
 )
-INCIDENT_KINDS = (AuditKind.DECISION, AuditKind.GATE)
+INCIDENT_KINDS = (AuditKind.DECISION, AuditKind.GATE, AuditKind.MEDIA)
 RANGES = (7, 30, 90, 365)
 LAST_VERIFY_KEY = "console.last_verify"
 
@@ -195,16 +200,25 @@ class Incident:
 
 
 def incident_of(rec: Mapping[str, Any]) -> Incident | None:
-    """The incident a decision or gate record is, or None (a gate allow without findings)."""
+    """The incident a decision, gate or media (attachment) record is, or None (an allow
+    without findings)."""
     data = rec.get("data")
     if not isinstance(data, Mapping):
         return None
     findings = [f for f in data.get("findings") or [] if isinstance(f, Mapping)]
-    refused = rec["kind"] == AuditKind.GATE and data.get("decision") == "deny"
+    media = rec["kind"] == AuditKind.MEDIA
+    refused = gate_refusal(str(rec["kind"]), data) is not None
+    if media and data.get("outcome") in MEDIA_REFUSED_OUTCOMES:
+        refused = True  # also a file redacted in its room, e.g. one that cannot be read
     if not findings and not refused:
         return None
     actions = sorted({str(a) for f in findings for a in f.get("actions") or []})
-    if rec["kind"] == AuditKind.GATE:
+    rules = tuple(str(f.get("rule") or "") for f in findings)
+    if not rules and media and data.get("rule"):
+        rules = (str(data["rule"]),)
+    if media and data.get("path") == "gate":
+        outcome = "upload refused by the gate" if refused else "upload allowed by the gate"
+    elif rec["kind"] == AuditKind.GATE:
         outcome = "refused by the gate" if refused else "allowed by the gate"
     else:
         done = data.get("actions") or []
@@ -215,7 +229,7 @@ def incident_of(rec: Mapping[str, Any]) -> Incident | None:
         kind=str(rec["kind"]),
         room_id=str(rec.get("room_id") or ""),
         sender=str(rec.get("sender") or ""),
-        rules=tuple(str(f.get("rule") or "") for f in findings),
+        rules=rules,
         actions=tuple(actions),
         excerpt="; ".join(str(f.get("excerpt") or "") for f in findings if f.get("excerpt")),
         outcome=outcome,

@@ -166,7 +166,9 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
     try:
         print(f"Starting a throwaway Synapse in {workdir} …", flush=True)
         stack.synapse.start()
-        stack.synapse.register_user("admin", password, admin=True)
+        # not a Synapse server admin: Synapse skips the room-creation, invite and state
+        # checks for those, so the demo user would see no policy on new rooms
+        stack.synapse.register_user("admin", password, admin=False)
         print("Starting the policy bridge …", flush=True)
         bridge.start(timeout=90)
         login = stack.synapse.request(
@@ -215,7 +217,12 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
     except (SynapseNotInstalledError, SynapseStartError, BridgeStartError) as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while starting: clean up, without a traceback
+        print("\nInterrupted while starting.", flush=True)
+        return 130
     finally:
+        # a second Ctrl-C must not cut the clean-up short (leaving Synapse running)
+        signal.signal(signal.SIGINT, on_signal)
         print("Stopping …", flush=True)
         bridge.stop()
         stack.synapse.stop()

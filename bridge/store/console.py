@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bridge.audit.kinds import AuditKind
+from bridge.audit.kinds import AuditKind, gate_refusal
 from bridge.store.database import Database
 from bridge.store.keys import KeyRepository
 from bridge.store.schema import console_daily, console_sessions
@@ -46,15 +46,15 @@ def kind_counts(kinds_and_ts: Iterable[tuple[str, int]]) -> Counter[DailyKey]:
 def finding_counts(
     entries: Iterable[tuple[str, str | None, Mapping[str, Any]]], ts: int
 ) -> Counter[DailyKey]:
-    """Findings per rule, gate refusals per callback and false-positive reports of audit
-    entries ``(kind, type, data)``."""
+    """Findings per rule, gate refusals per callback (uploads the media gate refused
+    included) and false-positive reports of audit entries ``(kind, type, data)``."""
     day = ts // DAY_MS
     out: Counter[DailyKey] = Counter()
     for kind, etype, data in entries:
         if kind == AuditKind.COMMAND and etype == "report" and data.get("outcome") == "ok":
             out[(day, REPORT, "")] += 1
             continue
-        if kind not in (AuditKind.DECISION, AuditKind.GATE):
+        if kind not in (AuditKind.DECISION, AuditKind.GATE, AuditKind.MEDIA):
             continue
         findings = data.get("findings")
         if isinstance(findings, list):
@@ -62,9 +62,9 @@ def finding_counts(
                 rule = f.get("rule") if isinstance(f, Mapping) else None
                 if isinstance(rule, str) and rule:
                     out[(day, FINDING, rule[:200])] += 1
-        if kind == AuditKind.GATE and data.get("decision") == "deny":
-            callback = data.get("callback")
-            out[(day, REFUSAL, callback[:200] if isinstance(callback, str) else "")] += 1
+        callback = gate_refusal(kind, data)
+        if callback is not None:
+            out[(day, REFUSAL, callback[:200])] += 1
     return out
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import IO
@@ -107,6 +108,20 @@ def test_demo_prints_working_credentials_and_cleans_up() -> None:
         )
         with urllib.request.urlopen(joined, timeout=10) as resp:
             assert room in json.load(resp)["joined_rooms"]
+        # The demo user meets the policy on new rooms too: not a Synapse server admin (for
+        # those Synapse skips the room-creation check), so a card in a topic is refused.
+        create = urllib.request.Request(
+            f"{url}/_matrix/client/v3/createRoom",
+            data=json.dumps({"name": "pay", "topic": "card 4111 1111 1111 1111"}).encode(),
+            headers={
+                "Authorization": f"Bearer {session['access_token']}",
+                "Content-Type": "application/json",
+            },
+            method="POST",
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(create, timeout=10)
+        assert refused.value.code == 403
 
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)

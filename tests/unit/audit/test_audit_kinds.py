@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from bridge.attachments.kinds import Outcome
 from bridge.audit.chain import EXPIRY_KIND, SHRED_KIND
-from bridge.audit.kinds import EVENT_TYPED_KINDS, AuditKind, split_type_filter
+from bridge.audit.kinds import (
+    EVENT_TYPED_KINDS,
+    MEDIA_REFUSED_OUTCOMES,
+    AuditKind,
+    split_type_filter,
+)
 
 
 def test_the_stored_values_are_plain_strings() -> None:
@@ -55,3 +61,10 @@ def test_event_typed_kinds() -> None:
         AuditKind.GATE,
         AuditKind.DECRYPTED,  # e2ee: the decrypted event's own type
     } == EVENT_TYPED_KINDS
+
+
+def test_media_refused_outcomes_are_the_attachment_outcomes_that_refuse() -> None:
+    assert {Outcome(o) for o in MEDIA_REFUSED_OUTCOMES} == {
+        Outcome.BLOCKED,
+        Outcome.UNREADABLE_REFUSED,
+    }

@@ -246,6 +246,52 @@ async def test_incidents_list_findings_and_refusals_masked(rig: ConsoleRig) -> N
     assert detail.status == 200 and "check_event_for_spam" in await detail.text()
 
 
+async def test_incidents_list_attachments_refused_at_upload_and_in_rooms(
+    rig: ConsoleRig,
+) -> None:
+    finding = {"rule": "detector:card", "actions": ["block"], "excerpt": "4111 **** **** 1111"}
+    await rig.store.records.append(
+        [
+            AuditEntry(
+                AuditKind.MEDIA,
+                {
+                    "path": "gate",
+                    "outcome": "blocked",
+                    "rule": "detector:card",
+                    "findings": [finding],
+                    "sha256": "ab" * 32,
+                },
+                type="pdf",
+            ),
+            AuditEntry(
+                AuditKind.MEDIA,
+                {
+                    "path": "room",
+                    "outcome": "unreadable_refused",
+                    "rule": "unreadable:encrypted",
+                    "findings": [],
+                    "actions": ["redact"],
+                },
+                room_id=ROOM,
+                sender=f"@carol:{DOMAIN}",
+            ),
+            AuditEntry(
+                AuditKind.MEDIA,
+                {"path": "gate", "outcome": "allowed", "rule": None, "findings": []},
+            ),
+        ]
+    )
+    await rig.login("auditor")
+    text = await (await rig.client.get("/console/incidents")).text()
+    assert "upload refused by the gate" in text and "4111 **** **** 1111" in text
+    assert "unreadable:encrypted" in text and f"@carol:{DOMAIN}" in text and "redact" in text
+    assert "upload allowed by the gate" not in text  # an allowed file is no incident
+    only = await (
+        await rig.client.get("/console/incidents", params={"rule": "unreadable:encrypted"})
+    ).text()
+    assert f"@carol:{DOMAIN}" in only and "upload refused" not in only
+
+
 async def test_overview_draws_charts_from_the_daily_counters(rig: ConsoleRig) -> None:
     day_ms = 86_400_000
     now = int(rig.clock.now * 1000)

@@ -51,6 +51,30 @@ async def test_appends_count_per_day_kind_rule_and_refusal(store: Store) -> None
     }
 
 
+def media(path: str, outcome: str, rule: str | None) -> AuditEntry:
+    findings = [{"rule": rule, "actions": ["block"], "excerpt": "x"}] if rule else []
+    return AuditEntry(
+        AuditKind.MEDIA, {"path": path, "outcome": outcome, "rule": rule, "findings": findings}
+    )
+
+
+async def test_attachment_findings_and_upload_refusals_are_counted(store: Store) -> None:
+    await store.records.append(
+        [
+            media("gate", "blocked", "detector:card"),  # an upload refused
+            media("gate", "unreadable_refused", None),  # a password-protected upload refused
+            media("gate", "unreadable_allowed", None),  # recorded, let through
+            media("room", "blocked", "detector:card"),  # a file redacted in its room
+        ]
+    )
+    rows = {(m, lab): n for _d, m, lab, n in await store.console.daily(0, 10**6, [
+        "finding", "refusal"])}  # fmt: skip
+    assert rows == {
+        ("finding", "detector:card"): 2,
+        ("refusal", "check_media_file_for_spam"): 2,
+    }
+
+
 async def test_a_failed_commit_counts_nothing(store: Store) -> None:
     async def fails(conn: object) -> None:
         await store.records.append_audit(conn, [gate_deny("keyword:a")])  # type: ignore[arg-type]
