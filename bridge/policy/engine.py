@@ -13,7 +13,7 @@ from typing import Any
 
 from bridge.policy import federation as fed
 from bridge.policy.creation import ENCRYPTION_AT_CREATION, federation_findings, read_new_room
-from bridge.policy.dlp import DlpEngine, DlpPolicy
+from bridge.policy.dlp import DlpEngine, DlpPolicy, Request
 from bridge.policy.federation import FederationPolicy
 from bridge.policy.model import ALLOW, Action, Finding, Verdict
 from bridge.policy.retention import RetentionPolicy
@@ -185,9 +185,9 @@ class PolicyEngine:
                 event = {"type": etype, "state_key": key, "content": content, "sender": user_id}
                 if rid is not None:
                     event["room_id"] = rid
-                findings += dlp.check(event).findings
+                findings += dlp.for_request(dlp.check(event).findings, Request.ROOM)
             if room.alias and not dlp.is_exempt(user_id, rid):
-                findings += dlp.scan([room.alias])
+                findings += dlp.for_request(dlp.scan([room.alias]), Request.ROOM)
         return Verdict(tuple(_unique(findings)))
 
     def check_room_alias(self, user_id: str, alias: str) -> Verdict:
@@ -196,7 +196,8 @@ class PolicyEngine:
         if user_id == self.policy.bot_mxid or self.policy.dlp_global.is_exempt(user_id, None):
             return ALLOW
         name = alias[1:].partition(":")[0] if alias.startswith("#") else alias
-        return Verdict(tuple(_unique(self.policy.dlp_global.scan([name]))))
+        dlp = self.policy.dlp_global
+        return Verdict(tuple(_unique(dlp.for_request(dlp.scan([name]), Request.ALIAS))))
 
     def check_state_event(
         self,
@@ -216,7 +217,8 @@ class PolicyEngine:
             "sender": user_id,
             "room_id": room_id,
         }
-        verdict = self.check_event(event)
+        found = self.check_event(event).findings
+        verdict = Verdict(tuple(self.dlp_for(room_id).for_request(found, Request.STATE)))
         if event_type != ACL_EVENT or user_id == self.policy.bot_mxid:
             return verdict
         acl = self._acl_finding(room_id, content)

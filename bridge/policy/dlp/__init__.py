@@ -10,7 +10,7 @@ Modules: :mod:`~bridge.policy.dlp.rules` (the rule models and :class:`DlpPolicy`
 from __future__ import annotations
 
 from bridge.policy.dlp.detectors import DETECTORS, luhn_valid
-from bridge.policy.dlp.engine import CATEGORY, DlpEngine
+from bridge.policy.dlp.engine import CATEGORY, DlpEngine, Request
 from bridge.policy.dlp.regex import (
     MAX_REGEX_PROGRAM_SIZE,
     MAX_REGEX_RULES,
@@ -33,6 +33,7 @@ __all__ = [
     "InvalidPattern",
     "KeywordList",
     "RegexRule",
+    "Request",
     "compile_regex",
     "luhn_valid",
 ]

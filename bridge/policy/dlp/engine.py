@@ -44,7 +44,8 @@ Its ``excerpt`` is masked (``4111 **** **** 1111``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Any
 
 import ahocorasick
@@ -81,6 +82,42 @@ CATEGORY = "dlp"
 _MAX_EXCERPT_SEARCHES = 2
 
 
+class Request(StrEnum):
+    """What the gate is judging, so that a refusal names it (not always "your message")."""
+
+    MESSAGE = "message"
+    ROOM = "room"  # createRoom: the name, topic, alias and initial state
+    STATE = "state"  # a state event sent through the state API (name, topic, ...)
+    ALIAS = "alias"  # a room alias being created
+
+
+#: (lead, tail) of a blocking rule's message, by request; "{rule}" is filled in.
+_BLOCKED: dict[Request, tuple[str, str]] = {
+    Request.ROOM: (
+        "Your new room was not created: the data-loss-prevention rule {rule} found in its"
+        " name, topic, address or initial settings",
+        "Remove it and create the room again.",
+    ),
+    Request.STATE: (
+        "This room setting (for example its name or topic) was not changed: the"
+        " data-loss-prevention rule {rule} found in it",
+        "Remove it and try again.",
+    ),
+    Request.ALIAS: (
+        "This room address was not created: the data-loss-prevention rule {rule} found in it",
+        "Choose another address.",
+    ),
+}
+
+
+def _request_message(rule: str, what: str, request: Request) -> str:
+    lead, tail = _BLOCKED[request]
+    return (
+        f"{lead.format(rule=repr(rule))} {what}. {tail}"
+        " If you think this is a mistake, contact your administrator."
+    )
+
+
 def _message(rule: str, what: str, actions: frozenset[Action], secret: bool) -> str:
     if Action.BLOCK in actions:
         lead = f"Your message was blocked by the data-loss-prevention rule {rule!r}"
@@ -112,6 +149,12 @@ class _Rule:
     secret: bool
     notify_sender: bool = True
     overridable: bool = False
+
+    def reworded(self, finding: Finding, request: Request) -> Finding:
+        """``finding`` of this rule, its message naming ``request`` instead of a message."""
+        if request is Request.MESSAGE or Action.BLOCK not in finding.actions:
+            return finding  # only a refusal is explained to the sender
+        return replace(finding, message=_request_message(self.rule, self.what, request))
 
     def finding(self, excerpt: str) -> Finding:
         return Finding(
@@ -386,6 +429,16 @@ class DlpEngine:
         return False
 
     # -- scanning --
+
+    def for_request(self, findings: Iterable[Finding], request: Request) -> list[Finding]:
+        """``findings`` (of this engine and others) with this engine's rules' messages
+        naming ``request`` (a new room, a room setting, an alias) instead of a message."""
+        by_name = {rule.rule: rule for rule in self._rules}
+        out = []
+        for f in findings:
+            rule = by_name.get(f.rule) if f.category == CATEGORY else None
+            out.append(rule.reworded(f, request) if rule is not None else f)
+        return out
 
     @property
     def has_rules(self) -> bool:

@@ -318,3 +318,29 @@ def test_an_alias_is_judged_by_its_name_in_the_global_scope(tmp_path: Path) -> N
     assert rules(eng.check_room_alias(BOT, f"#kingfisher:{OWN}")) == []
     exempt = engine(tmp_path, {"dlp": {**SPACE_RULES["dlp"], "exempt_users": [ALICE]}})
     assert rules(exempt.check_room_alias(ALICE, f"#kingfisher:{OWN}")) == []
+
+
+def test_refusals_name_what_was_refused_not_a_message(tmp_path: Path) -> None:
+    """The gate's answer reaches the client: a new room, a room setting or an alias refused
+    by a DLP rule is named as such (never the matched word), a message stays a message."""
+    blocking = {
+        "dlp": {"keywords": [{"name": "codenames", "keywords": ["kingfisher"], "action": "block"}]}
+    }
+    eng = engine(tmp_path, blocking)
+    room = eng.check_create_room(ALICE, {"topic": "the kingfisher launch"}).first_block
+    assert room is not None and room.message.startswith("Your new room was not created")
+    assert "create the room again" in room.message
+    state = eng.check_state_event(
+        ALICE, f"!r:{OWN}", "m.room.topic", "", {"topic": "kingfisher"}
+    ).first_block
+    assert state is not None and state.message.startswith("This room setting")
+    alias = eng.check_room_alias(ALICE, f"#kingfisher:{OWN}").first_block
+    assert alias is not None and alias.message.startswith("This room address was not created")
+    message = eng.check_event(
+        {"type": "m.room.message", "sender": ALICE, "room_id": f"!r:{OWN}",
+         "content": {"msgtype": "m.text", "body": "kingfisher"}}
+    ).first_block  # fmt: skip
+    assert message is not None and message.message.startswith("Your message was blocked")
+    for finding in (room, state, alias, message):
+        assert "kingfisher" not in finding.message.lower()
+        assert "'keyword:codenames'" in finding.message
