@@ -40,6 +40,7 @@ from bridge.archive.export import (
     PrivateOutput,
     csv_header,
     format_records,
+    searches_trail,
     text_matches,
 )
 from bridge.archive.parallel import export_parallel, frozen_heap
@@ -382,10 +383,12 @@ async def _match_batches(
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """Matching records, decrypted, in batches (one await per batch, not per record)."""
     words = _words(args)
-    batches = store.reader.iter_batches(**_query(args), raw_json=raw_json)
+    query = _query(args)
+    trail = searches_trail(query["kind"])
+    batches = store.reader.iter_batches(**query, raw_json=raw_json)
     async with contextlib.aclosing(batches):
         async for recs in batches:
-            recs = text_matches(recs, words)
+            recs = text_matches(recs, words, trail=trail)
             if recs:
                 yield recs
 

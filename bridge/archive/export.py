@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bridge.audit.crypto import DataKey
+from bridge.audit.kinds import AuditKind
 
 CSV_COLUMNS = ("seq", "ts", "origin_ts", "kind", "event_id", "room_id", "sender", "type", "data")
 FORMATS = ("jsonl", "csv")
@@ -57,11 +58,24 @@ def _json_text_function() -> Callable[[Any], str]:
 json_text = _json_text_function()
 
 
-def text_matches(recs: list[dict[str, Any]], words: Sequence[str]) -> list[dict[str, Any]]:
+#: The search trail: records of who logged in, searched, viewed or exported what. They hold
+#: the words people searched for, so a word search would find its own earlier searches; they
+#: match words only when the search asks for their kind (``--type access``).
+TRAIL_KINDS = frozenset({AuditKind.LOGIN, AuditKind.ACCESS, AuditKind.EXPORT})
+
+
+def searches_trail(kind: str | None) -> bool:
+    """Whether a search filtered to ``kind`` (None: every kind) looks into the trail."""
+    return kind in TRAIL_KINDS
+
+
+def text_matches(
+    recs: list[dict[str, Any]], words: Sequence[str], *, trail: bool = False
+) -> list[dict[str, Any]]:
     """The records whose data holds every one of ``words`` (casefolded), as ``--text``.
 
     Matched against the data's JSON text (non-ASCII kept), casefolded; unreadable records
-    (no data) never match.
+    (no data) never match, nor do the search trail's (:data:`TRAIL_KINDS`) unless ``trail``.
     """
     if not words:
         return recs
@@ -69,7 +83,7 @@ def text_matches(recs: list[dict[str, Any]], words: Sequence[str]) -> list[dict[
     out = []
     for r in recs:
         data = r["data"]
-        if data is None:
+        if data is None or (not trail and r.get("kind") in TRAIL_KINDS):
             continue
         text = dumps(data).casefold()
         if all(w in text for w in words):
@@ -233,6 +247,7 @@ def export_batch(
     shredded: frozenset[str],
     fmt: str,
     words: Sequence[str],
+    trail: bool = False,
 ) -> tuple[bytes, int]:
     """Open, filter and format one batch of sealed rows: ``(output, records written)``.
 
@@ -242,7 +257,7 @@ def export_batch(
     from bridge.audit.decode import decode_rows
 
     recs = decode_rows(rows, _keys(material), shredded, raw_json=fmt == "jsonl")
-    recs = text_matches(recs, words)
+    recs = text_matches(recs, words, trail=trail)
     return format_records(recs, fmt), len(recs)
 
 

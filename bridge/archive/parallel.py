@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from bridge.archive.export import export_batch, init_worker, keep_heap_pages
+from bridge.archive.export import export_batch, init_worker, keep_heap_pages, searches_trail
 from bridge.audit.decode import RecordError
 from bridge.store.models import StoreError
 
@@ -76,6 +76,7 @@ async def export_parallel(
     record fails, both have written the same pages before it.
     """
     loop = asyncio.get_running_loop()
+    trail = searches_trail(query.get("kind"))
     keep_heap_pages()
     pool = ProcessPoolExecutor(
         jobs, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker
@@ -107,7 +108,7 @@ async def export_parallel(
                     task = [tuple(r) for r in rows[i : i + task_rows]]
                     material, shredded = store.keys.key_material(r[5] for r in task)
                     fut = loop.run_in_executor(
-                        pool, export_batch, task, material, shredded, fmt, words
+                        pool, export_batch, task, material, shredded, fmt, words, trail
                     )
                     in_flight.append((fut, i + task_rows >= len(rows)))
                     del task, material

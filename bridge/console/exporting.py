@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.archive.export import text_matches
+from bridge.archive.export import searches_trail, text_matches
 from bridge.console.readmodel import SearchFilters
 from bridge.console.security import NO_STORE, SECURITY_HEADERS, neutralise_cell
 from bridge.store import Store
@@ -71,11 +71,12 @@ async def stream(
     await response.prepare(request)
     if fmt == "csv":
         await response.write(csv_rows((), header=True))
-    words = f.words()
-    batches = store.reader.iter_batches(**f.reader_args(), batch=1000)
+    words, query = f.words(), f.reader_args()
+    trail = searches_trail(query["kind"])
+    batches = store.reader.iter_batches(**query, batch=1000)
     async with contextlib.aclosing(batches):
         async for recs in batches:
-            recs = text_matches(recs, words)
+            recs = text_matches(recs, words, trail=trail)
             if recs:
                 await response.write(jsonl_lines(recs) if fmt == "jsonl" else csv_rows(recs))
     await response.write_eof()

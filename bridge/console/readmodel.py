@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.archive.export import text_matches
+from bridge.archive.export import searches_trail, text_matches
 from bridge.audit.kinds import (
     MEDIA_REFUSED_OUTCOMES,
     AuditKind,
@@ -406,12 +406,13 @@ class ReadModel:
 
     async def search(self, f: SearchFilters) -> Page:
         """A page of the archive search, newest first."""
-        words = f.words()
+        words, query = f.words(), f.reader_args()
+        trail = searches_trail(query["kind"])
         recs, nxt = await self.store.reader.newest_page(
-            **f.reader_args(),
+            **query,
             before=f.before,
             limit=PAGE_SIZE,
-            keep=(lambda rs: text_matches(rs, words)) if words else None,
+            keep=(lambda rs: text_matches(rs, words, trail=trail)) if words else None,
         )
         return Page(recs, nxt)
 
