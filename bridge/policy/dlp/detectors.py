@@ -163,8 +163,8 @@ def _find_card(data: bytes) -> str | None:
     return None
 
 
-def _card_shapes() -> list[tuple[bytes, re.Pattern[bytes]]]:
-    """Group lengths that consecutive groups of a card have: one overlapping pattern each.
+def _card_shapes() -> tuple[bytes, ...]:
+    """Group lengths that consecutive groups of a card have, one byte per group.
 
     A first group of 4 digits, middle groups of 4 or 6, a last group of 3-6, 13-19 digits.
     """
@@ -178,40 +178,21 @@ def _card_shapes() -> list[tuple[bytes, re.Pattern[bytes]]]:
         for middle in (4, 6):
             if sum(head) + middle + 3 <= 19:
                 todo.append((*head, middle))
-    return [
-        (bytes(shape), re.compile(b"(?=(" + re.escape(bytes(shape)) + b"))"))
-        for shape in sorted(set(shapes))
-    ]
+    return tuple(bytes(shape) for shape in sorted(set(shapes)))
 
 
-_CARD_SHAPES = _card_shapes()
-_CARD_SHAPE_LITERALS = tuple(literal for literal, _ in _CARD_SHAPES)
+_CARD_SHAPE_LITERALS = _card_shapes()
 # A group of 13-19 digits on its own, written without separators.
 _LONE_CARD_GROUP = re.compile(b"[\x0d-\x13]")
 
 
-class _LuhnWindows:
-    """Luhn sums of any slice of a digit string in O(1), after one linear pass in C.
-
-    Checking every window of a long run of digit groups one by one cost a Python loop per
-    digit; a crafted 64 KiB run of groups took 25 ms. Which digits Luhn doubles depends only
-    on the parity of their distance to the window's end, so two prefix sums (one per parity)
-    answer every window.
-    """
-
-    __slots__ = ("digits", "sums")
-
-    def __init__(self, digits: bytes) -> None:
-        self.digits = digits
-        even_plain, odd_plain = _luhn_values(digits)
-        self.sums = (
-            list(accumulate(even_plain, initial=0)),
-            list(accumulate(odd_plain, initial=0)),
-        )
-
-
 def _luhn_values(digits: bytes) -> tuple[bytearray, bytearray]:
-    """Each digit's value in the Luhn sum of windows ending on an even / an odd position."""
+    """Each digit's value in the Luhn sum of windows ending on an even / an odd position.
+
+    Which digits Luhn doubles depends only on the parity of their distance to the window's
+    end, so the prefix sums of these two (one per parity of the end) answer every window:
+    a window passes when the sums at its two ends are equal mod 10.
+    """
     plain = digits.translate(_VALUES)
     doubled = digits.translate(_DOUBLED_VALUES)
     even_plain = bytearray(plain)  # windows ending on an even position
@@ -304,7 +285,7 @@ class _WindowMasks:
     def __init__(self, digits: bytes, offsets: list[int], separators: list[bytes]) -> None:
         # Per group boundary: both Luhn prefix sums mod 10 and the parity of its offset. A
         # window from boundary i to boundary e passes Luhn when the sums of the parity of
-        # its end are equal mod 10 at both boundaries (see _LuhnWindows); the sums are
+        # its end are equal mod 10 at both boundaries (see _luhn_values); the sums are
         # taken group by group, never digit by digit.
         even_plain, odd_plain = _luhn_values(digits)
         at_boundaries = itemgetter(*offsets)  # offsets has two boundaries at least
