@@ -50,7 +50,7 @@ from typing import Any
 import ahocorasick
 import re2
 
-from bridge.policy.bidi import BIDI_CONTROLS, RLO, display_order
+from bridge.policy.bidi import BIDI_CONTROLS, RLO
 from bridge.policy.dlp.detectors import DETECTORS, Detector, mask_text
 from bridge.policy.dlp.regex import (
     MAX_REGEX_RULES,
@@ -460,13 +460,8 @@ class DlpEngine:
             self._scan_detectors(data, found)
         if RLO in raw:
             # Shown reversed, but copied, forwarded and read by machines in the order it was
-            # typed: a card or keyword after a right-to-left override is read that way too
-            # (unless both orders are the same text: an override of one character, ...).
-            typed = _typed_order(raw)
-            if typed != _typed_order(display_order(raw)):
-                self._scan_text(typed, found, excerpt_searches)
-            elif self._regexes:  # the same clean text: only the raw text regexes read differs
-                self._scan_regexes(typed, found, excerpt_searches)
+            # typed: a card or keyword after a right-to-left override is read that way too.
+            self._scan_text(_typed_order(raw), found, excerpt_searches)
 
     def _matches(self, index: int, text: str) -> bool:
         """Whether the regex rule or detector ``index`` matches ``text`` (clean or raw)."""
