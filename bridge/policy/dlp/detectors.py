@@ -290,8 +290,8 @@ class _WindowMasks:
     def __init__(self, digits: bytes, offsets: list[int], separators: list[bytes]) -> None:
         # Per group boundary: both Luhn prefix sums mod 10 and the parity of its offset. A
         # window from boundary i to boundary e passes Luhn when the sums of the parity of
-        # its end are equal mod 10 at both boundaries (see _luhn_values); the sums are
-        # taken group by group, never digit by digit.
+        # its end are equal mod 10 at both boundaries (see _luhn_values); the prefix sums
+        # are taken in C (_prefix_mod10) and picked at the boundaries.
         even_plain, odd_plain = _luhn_values(digits)
         at_boundaries = itemgetter(*offsets)  # offsets has two boundaries at least
         self._even = bytes(at_boundaries(_prefix_mod10(even_plain)))

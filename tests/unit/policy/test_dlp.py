@@ -892,9 +892,9 @@ def test_a_keyword_after_a_right_to_left_override_is_read_as_typed_and_as_shown(
 
 
 def test_an_override_shown_as_typed_still_lets_regexes_read_the_typed_raw_text() -> None:
-    # One overridden letter looks and reads the same both ways, so the text is not read a
-    # second time; a pattern needing the line break (kept only in the raw text) must still
-    # see the raw text without the controls.
+    # One overridden letter looks the same both ways; a pattern needing the line break (kept
+    # only in the raw text) must still see the raw text without the controls (an
+    # optimisation that skipped the typed reading when both orders read the same lost it).
     eng = engine(regex_rules=(RegexRule("two-lines", r"secret\nline"),))
     assert rules(eng.scan(["sec\u202er\u202cet\nline"])) == {"regex:two-lines"}
     assert rules(eng.scan(["sec\u202er\u202cet line"])) == set()
