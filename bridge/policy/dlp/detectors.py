@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
+from operator import itemgetter
 
 from bridge.policy.dlp.regex import compiled
 
@@ -66,8 +67,13 @@ _SEPARATOR_KIND = bytes.maketrans(b" -./", b"  ./")
 def _card_groups(data: bytes) -> Iterable[tuple[list[bytes], list[bytes]]]:
     """Each run of digit groups: its groups and the separators between them."""
     for m in _CARD_RUN_RE.finditer(data):
-        parts = _SEPARATORS.split(m.group())
-        yield parts[0::2], parts[1::2]
+        run = m.group()
+        if b"-" in run or b"." in run or b"/" in run:
+            parts = _SEPARATORS.split(run)
+            yield parts[0::2], parts[1::2]
+        else:  # single spaces only (a run never holds two in a row): a faster split in C
+            groups = run.split(b" ")
+            yield groups, [b" "] * (len(groups) - 1)
 
 
 def _one_kind(separators: list[bytes]) -> bool:
@@ -130,38 +136,40 @@ def _find_card(data: bytes) -> str | None:
             excerpt = _card_excerpt(groups[m.start()], tried)
             if excerpt is not None:
                 return excerpt
-        # (start, -length) of every card-shaped window whose Luhn sum passes: the first
-        # start wins and, there, the longest (a 19-digit card written 4-4-4-4-3 reads like
-        # a 16-digit card and a CVC; both are tried).
-        passing: list[tuple[int, int, int]] = []
-        windows: _LuhnWindows | None = None
-        offsets: list[int] = []
-        for literal, pattern in _CARD_SHAPES:
-            if literal not in shape:  # a quick test in C; most shapes are absent
-                continue
-            if windows is None:  # built for the first card-shaped window
-                windows = _LuhnWindows(b"".join(groups))
-                offsets = list(accumulate(sizes, initial=0))
-            ends_even, ends_odd = windows.sums
-            n = len(literal)
-            # The hot loop of a crafted run of 4-digit groups: kept to a few operations.
-            for m in pattern.finditer(shape):
-                i = m.start()
-                start, end = offsets[i], offsets[i + n]
-                sums = ends_odd if end & 1 == 0 else ends_even
-                if (sums[end] - sums[start]) % 10 == 0 and _one_kind(separators[i : i + n - 1]):
-                    passing.append((start, start - end, end))
-        if windows is None:
+        # Literals of the card shapes present in this run, by number of groups; most are
+        # absent (a quick test in C each).
+        present: dict[int, set[bytes]] = {}
+        for literal in _CARD_SHAPE_LITERALS:
+            if literal in shape:
+                present.setdefault(len(literal), set()).add(literal)
+        if not present:
             continue
+        # (start, -length) of every card-shaped window whose Luhn sum passes and whose
+        # separators are of one kind: the first start wins and, there, the longest (a
+        # 19-digit card written 4-4-4-4-3 reads like a 16-digit card and a CVC; both are
+        # tried). Which windows pass is worked out for all windows of n groups at once, in C
+        # (see _WindowMasks); only those are looked at one by one.
+        digits = b"".join(groups)
+        offsets = list(accumulate(sizes, initial=0))
+        masks = _WindowMasks(digits, offsets, separators)
+        passing: list[tuple[int, int, int]] = []
+        for n, literals in present.items():
+            failed = masks.failed(n)
+            i = failed.find(0)
+            while i >= 0:
+                if shape[i : i + n] in literals:
+                    start, end = offsets[i], offsets[i + n]
+                    passing.append((start, start - end, end))
+                i = failed.find(0, i + 1)
         for start, _, end in sorted(passing):
-            excerpt = _card_excerpt(windows.digits[start:end], tried)
+            excerpt = _card_excerpt(digits[start:end], tried)
             if excerpt is not None:
                 return excerpt
     return None
 
 
-def _card_shapes() -> list[tuple[bytes, re.Pattern[bytes]]]:
-    """Group lengths that consecutive groups of a card have: one overlapping pattern each.
+def _card_shapes() -> tuple[bytes, ...]:
+    """Group lengths that consecutive groups of a card have, one byte per group.
 
     A first group of 4 digits, middle groups of 4 or 6, a last group of 3-6, 13-19 digits.
     """
@@ -175,40 +183,151 @@ def _card_shapes() -> list[tuple[bytes, re.Pattern[bytes]]]:
         for middle in (4, 6):
             if sum(head) + middle + 3 <= 19:
                 todo.append((*head, middle))
-    return [
-        (bytes(shape), re.compile(b"(?=(" + re.escape(bytes(shape)) + b"))"))
-        for shape in sorted(set(shapes))
-    ]
+    return tuple(bytes(shape) for shape in sorted(set(shapes)))
 
 
-_CARD_SHAPES = _card_shapes()
+_CARD_SHAPE_LITERALS = _card_shapes()
 # A group of 13-19 digits on its own, written without separators.
 _LONE_CARD_GROUP = re.compile(b"[\x0d-\x13]")
 
 
-class _LuhnWindows:
-    """Luhn sums of any slice of a digit string in O(1), after one linear pass in C.
+def _luhn_values(digits: bytes) -> tuple[bytearray, bytearray]:
+    """Each digit's value in the Luhn sum of windows ending on an even / an odd position.
 
-    Checking every window of a long run of digit groups one by one cost a Python loop per
-    digit; a crafted 64 KiB run of groups took 25 ms. Which digits Luhn doubles depends only
-    on the parity of their distance to the window's end, so two prefix sums (one per parity)
-    answer every window.
+    Which digits Luhn doubles depends only on the parity of their distance to the window's
+    end, so the prefix sums of these two (one per parity of the end) answer every window:
+    a window passes when the sums at its two ends are equal mod 10.
+    """
+    plain = digits.translate(_VALUES)
+    doubled = digits.translate(_DOUBLED_VALUES)
+    even_plain = bytearray(plain)  # windows ending on an even position
+    even_plain[1::2] = doubled[1::2]
+    odd_plain = bytearray(doubled)  # windows ending on an odd position
+    odd_plain[1::2] = plain[1::2]
+    return even_plain, odd_plain
+
+
+# Byte-wise operations on equal-length byte strings, each one pass in C (through big ints).
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
+def _or(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") | int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
+def _and(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") & int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
+# Any non-zero byte to 1: "these two bytes differ" from an XOR.
+_NONZERO = bytes([0] + [1] * 255)
+_MOD10 = (10).__rmod__  # x -> x % 10
+_MOD2 = (2).__rmod__
+
+
+def _separator_kind(separator: bytes) -> bytes:
+    """The kind of one separator (spaces and dashes are one kind)."""
+    return separator.translate(_SEPARATOR_KIND).strip() or b" "
+
+
+def _separator_kinds() -> dict[bytes, int]:
+    """Every separator a card run can hold (``_CARD_SEPARATOR``) -> a number per kind."""
+    separators = [b" "]
+    middles = [b""]
+    for _ in range(3):  # 1 to 3 dashes, dots or slashes, with or without a space around
+        middles = [m + c for m in middles for c in (b"-", b".", b"/")]
+        separators += [a + m + b for m in middles for a in (b"", b" ") for b in (b"", b" ")]
+    ids: dict[bytes, int] = {}
+    return {sep: ids.setdefault(_separator_kind(sep), len(ids)) for sep in separators}
+
+
+_KIND_IDS = _separator_kinds()
+
+# Prefix sums of digit values in byte lanes: a block of 16 values (16 x 9 = 144) fits a byte.
+_BLOCK = 16
+_MOD10_TABLE = bytes(i % 10 for i in range(256))
+# Per doubling step of the prefix sum: the lanes that add the lane ``step`` places before
+# (those of the same block).
+_STEP_MASKS = tuple(
+    (step, bytes(0 if lane < step else 255 for lane in range(_BLOCK))) for step in (1, 2, 4, 8)
+)
+
+
+def _prefix_mod10(values: bytes | bytearray) -> bytes:
+    """``q[k] = sum(values[:k]) % 10`` for k in 0 .. len(values); every value at most 9.
+
+    One byte per position, computed in C: prefix sums inside blocks of :data:`_BLOCK` lanes
+    by doubling steps on one big integer, then the total before each block added to its
+    lanes. A Python step per digit (``itertools.accumulate``) cost milliseconds per 64 KiB.
+    """
+    n = len(values)
+    size = n + (-n % _BLOCK)
+    blocks = size // _BLOCK
+    lanes = int.from_bytes(bytes(values) + bytes(size - n), "little")
+    for step, mask in _STEP_MASKS:
+        lanes += (lanes << (8 * step)) & int.from_bytes(mask * blocks, "little")
+    inner = lanes.to_bytes(size, "little")  # sums from the block's start, at most 144
+    before = bytes(map(_MOD10, accumulate(inner[_BLOCK - 1 :: _BLOCK], initial=0)))
+    spread = bytearray(size)
+    for lane in range(_BLOCK):
+        spread[lane::_BLOCK] = before[:blocks]
+    total = int.from_bytes(inner, "little") + int.from_bytes(spread, "little")  # <= 153
+    return b"\x00" + total.to_bytes(size, "little")[:n].translate(_MOD10_TABLE)
+
+
+class _WindowMasks:
+    """Which windows of ``n`` whole groups fail Luhn or mix separator kinds, for every ``n``.
+
+    :meth:`failed` answers with one byte per first group (0: the window passes both), built
+    with a few byte-wise operations in C instead of a Python step per window: a crafted
+    64 KiB run of digit groups has tens of thousands of windows, and an event holding a
+    right-to-left override is read twice.
     """
 
-    __slots__ = ("digits", "sums")
+    __slots__ = ("_diff", "_even", "_odd", "_parity")
 
-    def __init__(self, digits: bytes) -> None:
-        self.digits = digits
-        plain = digits.translate(_VALUES)
-        doubled = digits.translate(_DOUBLED_VALUES)
-        even_plain = bytearray(plain)  # windows ending on an even position
-        even_plain[1::2] = doubled[1::2]
-        odd_plain = bytearray(doubled)  # windows ending on an odd position
-        odd_plain[1::2] = plain[1::2]
-        self.sums = (
-            list(accumulate(even_plain, initial=0)),
-            list(accumulate(odd_plain, initial=0)),
-        )
+    def __init__(self, digits: bytes, offsets: list[int], separators: list[bytes]) -> None:
+        # Per group boundary: both Luhn prefix sums mod 10 and the parity of its offset. A
+        # window from boundary i to boundary e passes Luhn when the sums of the parity of
+        # its end are equal mod 10 at both boundaries (see _luhn_values); the prefix sums
+        # are taken in C (_prefix_mod10) and picked at the boundaries.
+        even_plain, odd_plain = _luhn_values(digits)
+        at_boundaries = itemgetter(*offsets)  # offsets has two boundaries at least
+        self._even = bytes(at_boundaries(_prefix_mod10(even_plain)))
+        self._odd = bytes(at_boundaries(_prefix_mod10(odd_plain)))
+        self._parity = bytes(map(_MOD2, offsets))
+        # 1 where separator j and separator j + 1 are of different kinds.
+        if separators.count(separators[0]) == len(separators):  # one separator throughout
+            self._diff = bytes(len(separators) - 1)
+        else:
+            kinds = _kind_ids(separators)
+            self._diff = _xor(kinds[:-1], kinds[1:]).translate(_NONZERO)
+
+    def failed(self, n: int) -> bytes:
+        """Per first group i (windows of ``n`` groups, n >= 2): 0 if the window passes."""
+        length = len(self._odd) - n  # windows of n groups
+        if length <= 0:
+            return b""
+        odd, even, parity = self._odd, self._even, self._parity
+        odd_differs = _xor(odd[n:], odd[:length]).translate(_NONZERO)
+        even_differs = _xor(even[n:], even[:length]).translate(_NONZERO)
+        end_odd = parity[n:]
+        end_even = _xor(end_odd, b"\x01" * length)
+        # An even end reads the odd sums, an odd end the even sums (see _find_card).
+        failed = _or(_and(odd_differs, end_even), _and(even_differs, end_odd))
+        for k in range(n - 2):  # separators i .. i + n - 2 all of one kind
+            failed = _or(failed, self._diff[k : k + length])
+        return failed
+
+
+def _kind_ids(separators: list[bytes]) -> bytes:
+    """One byte per separator: equal bytes for separators of one kind."""
+    try:
+        return bytes(map(_KIND_IDS.__getitem__, separators))
+    except KeyError:  # not a card separator (never the case for _CARD_RUN's groups)
+        ids: dict[bytes, int] = {}
+        return bytes(ids.setdefault(_separator_kind(sep), len(ids)) for sep in separators)
 
 
 def _find_ssn(data: bytes) -> str | None:

@@ -802,12 +802,12 @@ def test_numbers_joined_by_mixed_separators_are_not_cards(text: str) -> None:
 
 @given(st.text(alphabet="0123456789", min_size=1, max_size=40), st.data())
 def test_luhn_windows_agree_with_luhn(digits: str, data: st.DataObject) -> None:
-    from bridge.policy.dlp.detectors import _LuhnWindows
+    from bridge.policy.dlp.detectors import _luhn_values, _prefix_mod10
 
-    windows = _LuhnWindows(digits.encode())
+    values = _luhn_values(digits.encode())
     start = data.draw(st.integers(0, len(digits) - 1))
     end = data.draw(st.integers(start + 1, len(digits)))
-    sums = windows.sums[(end - 1) & 1]
+    sums = _prefix_mod10(values[(end - 1) & 1])
     assert ((sums[end] - sums[start]) % 10 == 0) == luhn_valid(digits[start:end])
 
 
@@ -889,3 +889,44 @@ def test_a_keyword_after_a_right_to_left_override_is_read_as_typed_and_as_shown(
     assert rules(eng.scan(["launch \u202ekingfisher\u202c soon"])) == {"keyword:codenames"}
     assert rules(eng.scan(["launch \u202erehsifgnik\u202c soon"])) == {"keyword:codenames"}
     assert rules(eng.scan(["launch \u202ebird\u202c soon"])) == set()
+
+
+def test_an_override_shown_as_typed_still_lets_regexes_read_the_typed_raw_text() -> None:
+    # One overridden letter looks the same both ways; a pattern needing the line break (kept
+    # only in the raw text) must still see the raw text without the controls (an
+    # optimisation that skipped the typed reading when both orders read the same lost it).
+    eng = engine(regex_rules=(RegexRule("two-lines", r"secret\nline"),))
+    assert rules(eng.scan(["sec\u202er\u202cet\nline"])) == {"regex:two-lines"}
+    assert rules(eng.scan(["sec\u202er\u202cet line"])) == set()
+
+
+@given(st.binary(max_size=300).map(lambda b: bytes(x % 10 for x in b)))
+def test_prefix_sums_mod_10_in_byte_lanes_agree_with_a_plain_sum(values: bytes) -> None:
+    from bridge.policy.dlp.detectors import _prefix_mod10
+
+    assert _prefix_mod10(values) == bytes(sum(values[:k]) % 10 for k in range(len(values) + 1))
+
+
+_SEPARATOR_SAMPLES = [" ", "-", ".", "/", " - ", " / ", "./", "..", " .", "-- ", "/-/"]
+
+
+@given(
+    st.lists(st.text(alphabet="0123456789", min_size=1, max_size=7), min_size=2, max_size=12),
+    st.lists(st.sampled_from(_SEPARATOR_SAMPLES), min_size=11, max_size=11),
+    st.integers(2, 6),
+)
+def test_window_masks_agree_with_luhn_and_separator_kinds_one_window_at_a_time(
+    groups: list[str], separators: list[str], n: int
+) -> None:
+    from itertools import accumulate
+
+    from bridge.policy.dlp.detectors import _one_kind, _WindowMasks
+
+    seps = [sep.encode() for sep in separators[: len(groups) - 1]]
+    offsets = list(accumulate(map(len, groups), initial=0))
+    failed = _WindowMasks("".join(groups).encode(), offsets, seps).failed(n)
+    expected = bytes(
+        0 if luhn_valid("".join(groups[i : i + n])) and _one_kind(seps[i : i + n - 1]) else 1
+        for i in range(len(groups) - n + 1)
+    )
+    assert bytes(failed) == expected
