@@ -352,7 +352,7 @@ async def rooms_cmd(ctx: CommandContext) -> Reply:
     if ctx.services.config.e2ee.enabled:
         shown = shown + _undecryptable_lines(ctx.services.undecryptable_counts())
     summary = ", ".join(f"{n} {_LABELS[k]}" for k, n in counts.items() if n)
-    title = f"{total} room(s)" + (f": {summary}" if summary else "")
+    title = f"{total} room(s) besides the management room" + (f": {summary}" if summary else "")
     if wanted != "all":
         title += f". {len(items)} {_LABELS[wanted]}"
     if pages > 1:

@@ -136,7 +136,8 @@ async def test_rooms_lists_states_filters_and_pages(fake: CommandFake) -> None:
         await store.rooms.upsert(f"!r{i:03}:corp.example", joined=True)
     reply = await rooms.rooms_cmd(fake.context(role=Role.AUDITOR))
     assert reply.text.startswith(
-        f"{rooms.ROOMS_PAGE + 4} room(s): {rooms.ROOMS_PAGE + 1} enforced, 1 drifted, "
+        f"{rooms.ROOMS_PAGE + 4} room(s) besides the management room: "
+        f"{rooms.ROOMS_PAGE + 1} enforced, 1 drifted, "
         "1 lack power, 1 not joined. Page 1 of 2 (next: !policy rooms all --page 2)"
     )
     assert MGMT not in reply.text

@@ -318,7 +318,8 @@ async def test_rooms_command_filters_and_pages(store: Store, tmp_path: Path) -> 
     first = await rooms_command(worker, "!policy rooms")
     lines = first.splitlines()
     assert lines[0] == (
-        "130 room(s): 120 enforced, 2 drifted, 5 lack power, 3 not joined. "
+        "130 room(s) besides the management room: "
+        "120 enforced, 2 drifted, 5 lack power, 3 not joined. "
         "Page 1 of 3 (next: !policy rooms all --page 2)"
     )
     assert len(lines) == 51 and MGMT not in first
@@ -332,7 +333,8 @@ async def test_rooms_command_filters_and_pages(store: Store, tmp_path: Path) -> 
 
     weak = (await rooms_command(worker, "!policy rooms lacking")).splitlines()
     assert (
-        weak[0] == "130 room(s): 120 enforced, 2 drifted, 5 lack power, 3 not joined. 5 lack power"
+        weak[0] == "130 room(s) besides the management room: "
+        "120 enforced, 2 drifted, 5 lack power, 3 not joined. 5 lack power"
     )
     assert [ln.split(":", 2)[0] for ln in weak[1:]] == [f"• {r.split(':')[0]}" for r in lacking]
     assert all(f"lacks power: {NO_ACL}" in ln and len(ln) <= 242 for ln in weak[1:])
