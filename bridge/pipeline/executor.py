@@ -111,6 +111,14 @@ def describe_failure(
     what = _NEEDS.get(kind, kind)
     where = f" in {action.room_id}" if action.room_id else ""
     detail = err.message or getattr(err, "text", "") or ""
+    if err.http_status == 403 and "not in room" in detail and kind != ActionKind.RECONCILE:
+        # Synapse: "User @bot is not in room !r": no power would help; the bot must join.
+        # (A reconcile's refusal keeps its words: the room enforcer reads them as "not
+        # joined".)
+        return (
+            f"the bot is not a member of {action.room_id or 'the room'}, so it cannot {what}"
+            f" (invite it, or enrol the room: see docs/deployment.md)"
+        )
     if err.http_status == 403:
         return f"the bot is not allowed to {what}{where} ({err.errcode}: {detail})"
     if err.http_status == 404:

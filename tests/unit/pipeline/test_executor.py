@@ -890,3 +890,25 @@ async def test_warn_sender_goes_to_the_notice_room_when_encrypted_or_not_joined(
     assert len(homeserver.sent("POST", "createRoom")) == 1
     places = {r["action_id"]: r["result"]["place"] for r in await audit_actions(store)}
     assert places == {encrypted.id: "notice room", outside.id: "notice room", remote.id: "nowhere"}
+
+
+def test_a_refusal_because_the_bot_is_not_in_the_room_says_so() -> None:
+    """Synapse answers 403 "User … not in room" when the bot is not a member: that is no
+    lack of power, and the admin is told to invite or enrol (found in the demo)."""
+    from mautrix.errors import make_request_error
+
+    from bridge.pipeline.executor import describe_failure
+    from bridge.policy.outcomes import classify, power_problem
+
+    row = ActionRow("a1", ActionKind.REDACT, "!r:x", {}, "pending", 0, 0.0, None)
+    outside = make_request_error(
+        http_status=403, text="", errcode="M_FORBIDDEN", message="User @bot:x not in room !r:x"
+    )
+    text = describe_failure(row, outside)
+    assert text.startswith("the bot is not a member of !r:x, so it cannot")
+    assert "invite it" in text
+    lacking = make_request_error(
+        http_status=403, text="", errcode="M_FORBIDDEN", message="You don't have permission"
+    )
+    assert describe_failure(row, lacking).startswith("the bot is not allowed to")
+    assert not power_problem(classify({"error": text}))
