@@ -34,7 +34,10 @@ async def test_a_stream_inflating_past_the_memory_bound_is_a_limit(
     bomb = d.pdf_stream_bomb(1024 * MIB, text=f"card {CARD}")
     assert len(bomb) < 2 * MIB
     result, _ = await small_pool.extract(bomb, LIMITS)
-    assert result.reason is Unreadable.LIMIT and "memory" in result.detail
+    # Stopped by the memory bound; on a machine so loaded that inflating is slower than the
+    # wall-clock bound, by that one: a limit either way, never read, the worker replaced.
+    assert result.reason is Unreadable.LIMIT and not result.text
+    assert "memory" in result.detail or "longer than" in result.detail
     assert small_pool.replaced == 1
     again, _ = await small_pool.extract(d.pdf("after the bomb"), LIMITS)
     assert again.text.strip() == "after the bomb"
