@@ -129,6 +129,7 @@ class Bridge:
         self.gate: Gate | None = None
         self.crypto: RoomCrypto | None = None  # the bot's E2EE device (e2ee.enabled, leader)
         self._e2ee_failed = False
+        self._e2ee_refused = False  # a to-device part was answered 503 before the device opened
         # Replicas (see _setup_replicas): None on SQLite, where this process is the leader
         # and holds the database's lock file.
         self.lease: Lease | None = None
@@ -483,6 +484,11 @@ class Bridge:
         if cfg.e2ee.enabled and self.crypto is None:
             # One device for the bot: only the leader holds it open (docs/e2ee.md, replicas).
             await self._open_e2ee()
+            if self._e2ee_refused and self.crypto is not None:
+                # Synapse backs off after the 503s (4 s, 8 s, … up to minutes, with every
+                # later event queued behind): ask it to redeliver now that the device is open.
+                self._e2ee_refused = False
+                self.redelivery.refused()
         await self._rollout_if_policy_changed()
         spawn = self.scheduler.spawn_leader
         spawn(self.worker.run(), "worker")
@@ -520,6 +526,7 @@ class Bridge:
         if self.crypto is None:
             if self._e2ee_failed:
                 return  # logged at start; transactions must not be refused for it
+            self._e2ee_refused = True
             raise RuntimeError("the E2EE device is not open yet")
         if await self.crypto.receive(payload):
             self.worker.decryption.keys_arrived()
