@@ -78,6 +78,7 @@ from bridge.pipeline.replicas import (
 from bridge.pipeline.retention_preview import count_expiring
 from bridge.pipeline.rollout import policy_fingerprint, rollout_if_policy_changed
 from bridge.pipeline.sweeper import RetentionSweeper
+from bridge.pipeline.to_device import ToDeviceBacklog, to_device_part
 from bridge.pipeline.worker import Worker
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.overrides import OverrideBook
@@ -129,7 +130,6 @@ class Bridge:
         self.gate: Gate | None = None
         self.crypto: RoomCrypto | None = None  # the bot's E2EE device (e2ee.enabled, leader)
         self._e2ee_failed = False
-        self._e2ee_refused = False  # a to-device part was answered 503 before the device opened
         # Replicas (see _setup_replicas): None on SQLite, where this process is the leader
         # and holds the database's lock file.
         self.lease: Lease | None = None
@@ -258,6 +258,7 @@ class Bridge:
         self._lock_sqlite_file()
         # the encrypted audit store: keyring + checkpoint signing key from `audit:`
         self.store = await open_store(cfg)
+        self.to_device_backlog = ToDeviceBacklog(self.store)  # until the E2EE device is open
         self.overrides.load(await load_overrides(self.store))
         self._setup_replicas()
         self.session = ClientSession(timeout=ClientTimeout(total=60))
@@ -484,11 +485,7 @@ class Bridge:
         if cfg.e2ee.enabled and self.crypto is None:
             # One device for the bot: only the leader holds it open (docs/e2ee.md, replicas).
             await self._open_e2ee()
-            if self._e2ee_refused and self.crypto is not None:
-                # Synapse backs off after the 503s (4 s, 8 s, … up to minutes, with every
-                # later event queued behind): ask it to redeliver now that the device is open.
-                self._e2ee_refused = False
-                self.redelivery.refused()
+            await self._replay_to_device()
         await self._rollout_if_policy_changed()
         spawn = self.scheduler.spawn_leader
         spawn(self.worker.run(), "worker")
@@ -520,15 +517,33 @@ class Bridge:
         log.info("leader work started (management room %s)", self.management_room)
 
     async def _e2ee_received(self, payload: Mapping[str, Any]) -> None:
-        """A transaction's to-device part: to the bot's device (503 until it is open)."""
-        if not any(k.startswith(("de.sorunome.msc2409.to", "org.matrix.msc3202")) for k in payload):
+        """A transaction's to-device part: to the bot's device, or kept in the store until
+        the device is open (never refused: Synapse does not resend it; pipeline/to_device)."""
+        part = to_device_part(payload)
+        if not part:
             return
         if self.crypto is None:
             if self._e2ee_failed:
                 return  # logged at start; transactions must not be refused for it
-            self._e2ee_refused = True
-            raise RuntimeError("the E2EE device is not open yet")
-        if await self.crypto.receive(payload):
+            await self.to_device_backlog.keep(part)
+            return
+        if await self.crypto.receive(part):
+            self.worker.decryption.keys_arrived()
+            self.worker.wake()
+
+    async def _replay_to_device(self) -> None:
+        """Hand the device what arrived for it before it was open, oldest first."""
+        if self.crypto is None:
+            return
+        parts = await self.to_device_backlog.parts()
+        arrived = False
+        for part in parts:
+            arrived = await self.crypto.receive(part) or arrived
+        if parts:
+            await self.to_device_backlog.forget(len(parts))
+            log.info("E2EE: handed the device %d to-device part(s) kept before it opened",
+                     len(parts))  # fmt: skip
+        if arrived:
             self.worker.decryption.keys_arrived()
             self.worker.wake()
 

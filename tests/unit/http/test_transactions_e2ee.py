@@ -1,5 +1,5 @@
 """The transaction endpoint hands its to-device part to the bot's E2EE device before
-answering: a failure there answers 503 (Synapse sends it again), and the registration asks
+answering: a failure there (the store cannot keep it) answers 503, and the registration asks
 Synapse for that part only when e2ee is on."""
 
 from __future__ import annotations
