@@ -28,6 +28,8 @@ from bridge.store.console import DAY_MS, FINDING, REFUSAL, REPORT
 from bridge.store.models import HoldInfo, StoreStats
 
 PAGE_SIZE = 50
+#: Records a filtered page reads at most before it is shown short (the reader's bound).
+SCAN_LIMIT = 20_000
 #: Record kinds on the Activity page: admin commands and changes, console logins, exports.
 ACTIVITY_KINDS = (
     AuditKind.COMMAND,
@@ -270,6 +272,12 @@ class Page:
 
     items: list[Any] = field(default_factory=list)
     next_before: int | None = None
+    scan_limit: int = SCAN_LIMIT
+
+    @property
+    def stopped_short(self) -> bool:
+        """Older records may match, but the scan hit its bound before the page was full."""
+        return self.next_before is not None and len(self.items) < PAGE_SIZE
 
 
 def _dlp_rows(layer: DlpLayer, scope: str, scope_kind: str, source: str) -> list[PolicyRow]:
@@ -412,6 +420,7 @@ class ReadModel:
             **query,
             before=f.before,
             limit=PAGE_SIZE,
+            scan_limit=SCAN_LIMIT,
             keep=(lambda rs: text_matches(rs, words, trail=trail)) if words else None,
         )
         return Page(recs, nxt)
@@ -442,6 +451,7 @@ class ReadModel:
             until=until,
             before=f.before,
             limit=PAGE_SIZE,
+            scan_limit=SCAN_LIMIT,
             keep=keep,
         )
         return Page([r["incident"] for r in recs], nxt)

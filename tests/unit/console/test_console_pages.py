@@ -331,3 +331,18 @@ async def test_a_database_outage_is_a_503_page(rig: ConsoleRig) -> None:
     resp = await rig.client.get("/console/archive")
     assert resp.status == 503 and "Database unreachable" in await resp.text()
     assert resp.headers["Content-Security-Policy"] == CSP
+
+
+def test_a_short_page_says_the_scan_stopped_at_its_bound() -> None:
+    """One pager serves the archive and the incidents; a page the scan could not fill says
+    why, with the bound the reader used."""
+    from bridge.console.readmodel import PAGE_SIZE, SCAN_LIMIT, Page
+    from bridge.console.web import _environment
+
+    older = _environment().get_template("_older.html").module.older  # type: ignore[attr-defined]
+    short = str(older(Page([1], next_before=7), "/archive?before=7", "Older records"))
+    assert f"Stopped after scanning {SCAN_LIMIT:,} records" in short
+    assert '<a href="/archive?before=7">Older records</a>' in short
+    full = str(older(Page(list(range(PAGE_SIZE)), next_before=7), "/x", "Older"))
+    assert "Stopped" not in full and "Older" in full
+    assert str(older(Page([1]), "/x", "Older")).strip() == ""  # the last page: no link
