@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,16 +57,17 @@ class Stack:
         return self.dev.workdir / "data" / "bridge.db"
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A running Synapse + bridge (SQLite), shared by the integration tests."""
+def running_stack(
+    workdir: Path, bridge_options: dict[str, Any], database_url: str = ""
+) -> Iterator[Stack]:
+    """Synapse + the bridge in ``workdir``, with an admin, an auditor and a user without a
+    role; stopped when the generator is closed (for fixtures to ``yield from``)."""
     require_synapse(antispam=True)
-    workdir = tmp_path_factory.mktemp("stack")
     dev = prepare_stack(
         workdir,
         permissions={"@admin:localhost": "admin", "@auditor:localhost": "auditor"},
-        database_url=os.environ.get("BRIDGE_TEST_STACK_DATABASE_URL", ""),
-        bridge_options={"dlp": {"exempt_users": ["@compliance:localhost"]}},
+        database_url=database_url,
+        bridge_options=bridge_options,
     )
     dev.synapse.start()
     admin = User(*dev.synapse.register_user("admin", "admin-pw", admin=True))
@@ -78,6 +80,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         bridge.stop()
         dev.synapse.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A running Synapse + bridge (SQLite), shared by the integration tests."""
+    yield from running_stack(
+        tmp_path_factory.mktemp("stack"),
+        {"dlp": {"exempt_users": ["@compliance:localhost"]}},
+        os.environ.get("BRIDGE_TEST_STACK_DATABASE_URL", ""),
+    )
 
 
 async def accept_invites(client: MatrixTestClient, timeout: float = 15) -> list[str]:

@@ -17,11 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Stack, User
+from conftest import Stack, running_stack
 from matrix_client import MatrixError, wait_for
-from synapse_fixtures import require_synapse
-
-from bridge.dev.devstack import BridgeProcess, prepare_stack
 
 pytestmark = pytest.mark.integration
 
@@ -49,27 +46,13 @@ playwright_api = pytest.importorskip("playwright.async_api")
 @pytest.fixture(scope="module")
 def console_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Synapse + a bridge with the console on (plain HTTP: Secure cookies off)."""
-    require_synapse(antispam=True)
-    workdir = tmp_path_factory.mktemp("console-stack")
-    dev = prepare_stack(
-        workdir,
-        permissions={"@admin:localhost": "admin", "@auditor:localhost": "auditor"},
-        bridge_options={
+    yield from running_stack(
+        tmp_path_factory.mktemp("console-stack"),
+        {
             "console": {"enabled": True, "secure_cookies": False},
             "dlp": {"detectors": {"card": "block"}},
         },
     )
-    dev.synapse.start()
-    admin = User(*dev.synapse.register_user("admin", "admin-pw", admin=True))
-    auditor = User(*dev.synapse.register_user("auditor", "auditor-pw"))
-    stranger = User(*dev.synapse.register_user("stranger", "stranger-pw"))
-    bridge = BridgeProcess(dev.config_path, workdir / "bridge.log", dev.bridge_port)
-    try:
-        bridge.start()
-        yield Stack(dev, bridge, admin, auditor, stranger)
-    finally:
-        bridge.stop()
-        dev.synapse.stop()
 
 
 @pytest.fixture(scope="module")
