@@ -4,13 +4,15 @@ before); and the upload latency the gate adds through real Synapse: the same 1 M
 uploaded to a Synapse with the project's module (and the bridge behind it) and to one
 without, alternately, in the same run.
 
-    PYTHONPATH=. python bench/attachments.py [--uploads N] [--no-synapse]
+    PYTHONPATH=. python bench/attachments.py [--uploads N] [--no-synapse | --only-synapse]
+        [--links 0,1000,100]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import random
 import statistics
@@ -19,6 +21,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pypdfium2 as pdfium
@@ -101,10 +104,34 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-async def upload_latency(uploads: int) -> None:
-    """Median and p95 of ``POST /_matrix/media/v3/upload`` of 1 MB PDFs: Synapse with the
-    project's module and the bridge behind it, against a Synapse without the module, both
-    from the same harness, uploads alternating between them (random order per round)."""
+#: Upload ways measured: Synapse without the module (the floor), with the module sending the
+#: file's bytes, with the module naming the file in a media store the bridge reads too.
+WITHOUT, BODY, PATH = "without module", "module: bytes", "module: path"
+CHUNK = 64 * 1024
+
+
+def paced(data: bytes, mbit: float) -> Any:
+    """The body as a client on a ``mbit`` Mbit/s link sends it (0: as fast as loopback)."""
+    if not mbit:
+        return data
+
+    async def chunks() -> Any:
+        started = time.perf_counter()
+        for sent in range(0, len(data), CHUNK):
+            due = started + sent * 8 / (mbit * 1e6)
+            if (wait := due - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            yield data[sent : sent + CHUNK]
+
+    return chunks()
+
+
+async def upload_latency(uploads: int, links: list[float]) -> None:
+    """Median and p95 of ``POST /_matrix/media/v3/upload`` of 1 MB PDFs to three Synapses
+    from the same harness, uploads alternating between them in random order: one without
+    the module (the floor), one whose module streams the file to the bridge, one whose
+    module names the file in its media store, which the bridge reads (shared store). Per
+    client link: loopback, then uploads paced as a client on an N Mbit/s link sends them."""
     from bridge.dev.devstack import BridgeProcess, prepare_stack
     from bridge.dev.devsynapse import SynapseServer
 
@@ -112,31 +139,42 @@ async def upload_latency(uploads: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         dev = prepare_stack(
-            work / "with", bridge_options={"dlp": {"detectors": {"card": ["block", "notify"]}}}
+            work / "with",
+            bridge_options={"dlp": {"detectors": {"card": ["block", "notify"]}}},
+            shared_media=True,
+        )
+        assert dev.synapse.antispam is not None
+        options = {k: v for k, v in dev.synapse.antispam.options.items() if k != "media_delivery"}
+        by_body = SynapseServer(
+            work / "body",
+            registrations=[dev.registration_path],
+            antispam=dataclasses.replace(dev.synapse.antispam, options=options),
         )
         plain = SynapseServer(work / "without", registrations=[dev.registration_path])
         bridge = BridgeProcess(dev.config_path, work / "bridge.log", dev.bridge_port)
         try:
-            dev.synapse.start()
-            plain.start()
+            for server in (dev.synapse, by_body, plain):
+                server.start()
             bridge.start()
             servers = {
-                "with module": (dev.synapse.url, dev.synapse.register_user("bench")[1]),
-                "without": (plain.url, plain.register_user("bench")[1]),
+                WITHOUT: (plain.url, plain.register_user("bench")[1]),
+                BODY: (by_body.url, by_body.register_user("bench")[1]),
+                PATH: (dev.synapse.url, dev.synapse.register_user("bench")[1]),
             }
-            times: dict[tuple[str, str], list[float]] = {}
+            times: dict[tuple[float, str, str], list[float]] = {}
             async with aiohttp.ClientSession() as session:
 
-                async def post(server: str, data: bytes) -> float:
+                async def post(server: str, data: bytes, mbit: float) -> float:
                     url, token = servers[server]
                     headers = {
                         "Authorization": f"Bearer {token}",
                         "Content-Type": "application/pdf",
+                        "Content-Length": str(len(data)),
                     }
                     started = time.perf_counter()
                     async with session.post(
                         f"{url}/_matrix/media/v3/upload",
-                        data=data,
+                        data=paced(data, mbit),
                         params={"filename": "bench.pdf"},
                         headers=headers,
                     ) as r:
@@ -144,65 +182,64 @@ async def upload_latency(uploads: int) -> None:
                         assert r.status == 200, r.status
                     return time.perf_counter() - started
 
-                gate_url = (
-                    f"http://127.0.0.1:{dev.bridge_port}/_bridge/antispam/check_media_file_for_spam"
-                )
-
-                async def gate(data: bytes) -> float:
-                    """The bridge's side alone: the module's call, made directly."""
-                    headers = {
-                        "Authorization": f"Bearer {dev.gate_token}",
-                        "Content-Type": "application/octet-stream",
-                        "X-Bridge-Media-Kind": "upload",
-                        "X-Bridge-Media-Id": "benchbenchbench",
-                        "X-Bridge-Media-Length": str(len(data)),
-                    }
-                    started = time.perf_counter()
-                    async with session.post(gate_url, data=data, headers=headers) as r:
-                        await r.read()
-                        assert r.status == 200, r.status
-                    return time.perf_counter() - started
-
                 for data in files.values():  # warm-up: connections, workers, caches
                     for server in servers:
                         for _ in range(3):
-                            await post(server, data)
-                for name, data in files.items():
-                    for _ in range(uploads):
-                        order = list(servers)
-                        random.shuffle(order)
-                        for server in order:
-                            times.setdefault((name, server), []).append(await post(server, data))
-                        times.setdefault((name, "gate"), []).append(await gate(data))
+                            await post(server, data, 0)
+                for mbit in links:
+                    for name, data in files.items():
+                        for _ in range(uploads):
+                            order = list(servers)
+                            random.shuffle(order)
+                            for server in order:
+                                took = await post(server, data, mbit)
+                                times.setdefault((mbit, name, server), []).append(took)
         finally:
             bridge.stop()
-            plain.stop()
-            dev.synapse.stop()
+            for server in (plain, by_body, dev.synapse):
+                server.stop()
+        if FALLBACK_LINE in (dev.synapse.log_path.read_text("utf-8")):
+            print("WARNING: the path-mode module fell back to sending bytes")
     print()
-    print(f"Upload of a 1 MB PDF through Synapse, {uploads} uploads each (ms):")
+    print(f"Upload of a 1 MB PDF through Synapse, {uploads} uploads each (ms; ratio: to without)")
     print()
     print(
-        "| PDF | size | without module: median / p95 | with module: median / p95 |"
-        " added (median) | ratio (median) | ratio (p95) | gate alone: median / p95 |"
+        "| client link | PDF | without module: median / p95 | module, bytes: median / p95"
+        " | ratio | module, path: median / p95 | ratio | added by path (median) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, data in files.items():
-        base, gated = times[(name, "without")], times[(name, "with module")]
-        b50, b95 = statistics.median(base) * 1000, pct(base, 0.95) * 1000
-        g50, g95 = statistics.median(gated) * 1000, pct(gated, 0.95) * 1000
-        alone = times[(name, "gate")]
-        a50, a95 = statistics.median(alone) * 1000, pct(alone, 0.95) * 1000
-        print(
-            f"| {name} | {len(data) / 1024:.0f} KiB | {b50:.1f} / {b95:.1f} | {g50:.1f} / {g95:.1f}"
-            f" | {g50 - b50:+.1f} | {g50 / b50:.2f} | {g95 / b95:.2f} | {a50:.1f} / {a95:.1f} |"
-        )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for mbit in links:
+        link = f"{mbit:g} Mbit/s" if mbit else "loopback"
+        for name in files:
+            base = times[(mbit, name, WITHOUT)]
+            b50 = statistics.median(base) * 1000
+            row = [link, name, f"{b50:.1f} / {pct(base, 0.95) * 1000:.1f}"]
+            for way in (BODY, PATH):
+                gated = times[(mbit, name, way)]
+                g50 = statistics.median(gated) * 1000
+                row += [f"{g50:.1f} / {pct(gated, 0.95) * 1000:.1f}", f"{g50 / b50:.3f}"]
+            added = statistics.median(times[(mbit, name, PATH)]) * 1000 - b50
+            print("| " + " | ".join(row) + f" | {added:+.1f} |")
+
+
+FALLBACK_LINE = "sending the file's bytes"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--uploads", type=int, default=30, help="uploads per PDF and server")
     parser.add_argument("--no-synapse", action="store_true", help="skip the Synapse part")
+    parser.add_argument(
+        "--links",
+        default="0,1000,100",
+        help="client links in Mbit/s for the Synapse part, 0 = loopback (default 0,1000,100)",
+    )
+    parser.add_argument("--only-synapse", action="store_true", help="only the Synapse part")
     args = parser.parse_args()
+    links = [float(x) for x in args.links.split(",")]
+    if args.only_synapse:
+        asyncio.run(upload_latency(args.uploads, links))
+        return
     limits = Limits()
     text_pdf, image_pdf = d.text_heavy_pdf(), d.image_heavy_pdf()
     files = {
@@ -257,7 +294,7 @@ def main() -> None:
 
     asyncio.run(pooled())
     if not args.no_synapse:
-        asyncio.run(upload_latency(args.uploads))
+        asyncio.run(upload_latency(args.uploads, links))
 
 
 if __name__ == "__main__":

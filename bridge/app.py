@@ -90,6 +90,8 @@ from bridge.store.notice_rooms import OVERRIDES_KEY, load_overrides
 from bridge.store.process_lock import SqliteProcessLock
 
 log = logging.getLogger(__name__)
+#: aiohttp's read buffer for the appservice listener (it pauses reading at twice this).
+READ_BUFSIZE = 1024 * 1024
 
 SHUTDOWN_STEP = 10.0  # seconds each shutdown step may take
 
@@ -351,6 +353,9 @@ class Bridge:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=SHUTDOWN_STEP,
+            # A file the module streams arrives without the reader pausing the socket every
+            # 128 KiB (aiohttp's default buffer is 64 KiB); at most 2 MiB buffered per call.
+            read_bufsize=READ_BUFSIZE,
         )
         await self.runner.setup()
         if cfg.attachments.enabled:

@@ -238,6 +238,14 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedMediaStore:
+    """``attachments.shared_media_store``: where this process reads Synapse's media store."""
+
+    synapse_path: Path  # Synapse's media_store_path, as the module reports file paths
+    path: Path  # the same directory here (a read-only mount in a container)
+
+
+@dataclass(frozen=True, slots=True)
 class AttachmentsConfig:
     """``attachments:``: scanning files at upload (the module's media callback) and again in
     their room; the bounds of reading one file and the rule for files that cannot be read."""
@@ -250,9 +258,36 @@ class AttachmentsConfig:
     )
     recheck_in_rooms: bool = True
     download_max_bytes: int = 25 * MIB
+    #: Synapse's media store as Synapse names it and as this process reads it (both absolute),
+    #: when the two share it: the module may then send a file's path instead of its bytes.
+    shared_media: SharedMediaStore | None = None
 
 
-def _attachments_config(v: _Validator) -> AttachmentsConfig:
+def _shared_media(v: _Validator, base_dir: Path) -> SharedMediaStore | None:
+    synapse_raw = v.string("attachments.shared_media_store.synapse_path", nonempty=False)
+    local_raw = v.string("attachments.shared_media_store.path", nonempty=False)
+    if not synapse_raw:
+        if local_raw:
+            v.fail(
+                "attachments.shared_media_store.synapse_path",
+                "",
+                "Synapse's media_store_path (set with path)",
+            )
+        return None
+    synapse_path = Path(synapse_raw)
+    if not synapse_path.is_absolute():
+        v.fail(
+            "attachments.shared_media_store.synapse_path",
+            synapse_raw,
+            "an absolute path (Synapse's media_store_path)",
+        )
+        return None
+    local = Path(local_raw or synapse_raw)
+    local = local if local.is_absolute() else (base_dir / local).resolve()
+    return SharedMediaStore(synapse_path=synapse_path, path=local)
+
+
+def _attachments_config(v: _Validator, base_dir: Path) -> AttachmentsConfig:
     """The ``attachments`` section (sizes in MiB, times in seconds)."""
     rules = {}
     for reason in Unreadable:
@@ -277,6 +312,7 @@ def _attachments_config(v: _Validator) -> AttachmentsConfig:
         unreadable=rules,
         recheck_in_rooms=v.boolean("attachments.recheck_in_rooms"),
         download_max_bytes=max_mib * MIB,
+        shared_media=_shared_media(v, base_dir),
     )
 
 
@@ -641,7 +677,7 @@ def build_config(
     retention = _retention_config(v)
     e2ee = _e2ee_config(v)
     console = _console_config(v)
-    attachments = _attachments_config(v)
+    attachments = _attachments_config(v, base_dir)
     problems.extend(v.problems)
     if problems:
         raise ConfigError(source, problems)

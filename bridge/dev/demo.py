@@ -153,6 +153,7 @@ def run_demo(port: int = 0, keep: bool = False) -> int:
             "e2ee": {"enabled": True},
             "console": {"enabled": True, "secure_cookies": False},
         },
+        shared_media=True,  # one host: the module names uploads, the bridge reads them
     )
     if port:
         stack.synapse.port = port

@@ -76,11 +76,13 @@ def prepare_stack(
     fail_open: Mapping[str, bool] | None = None,
     gate_module: GateModule = GateModule.POLICY_BRIDGE,
     module_options: Mapping[str, Any] | None = None,
+    shared_media: bool = False,
 ) -> DevStack:
     """Write bridge + Synapse configs into ``workdir`` (nothing is started).
 
     ``gate_module`` chooses the Synapse module that asks the gate; ``module_options`` are
-    further options of the project's module (e.g. ``{"timeout": 2}``).
+    further options of the project's module (e.g. ``{"timeout": 2}``). ``shared_media``:
+    the bridge reads Synapse's media store and the module sends file paths, not bytes.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     synapse_port, bridge_port = free_port(), free_port()
@@ -103,6 +105,9 @@ def prepare_stack(
         "executor": {"initial_backoff": 0.2, "rate_per_second": 200},
         "logging": {"level": "INFO"},
     }
+    media_store = workdir / "synapse" / "media_store"  # SynapseServer's media_store_path
+    if shared_media:
+        config["attachments"] = {"shared_media_store": {"synapse_path": str(media_store)}}
     for section, values in (bridge_options or {}).items():
         config.setdefault(section, {}).update(values)
     y = YAML()
@@ -116,7 +121,7 @@ def prepare_stack(
         enabled_callbacks=list(GATE_CALLBACKS) if gate_module is GateModule.HTTP_ANTISPAM else None,
         fail_open=dict(fail_open or {}),
         module=gate_module,
-        options=dict(module_options or {}),
+        options={**({"media_delivery": "path"} if shared_media else {}), **(module_options or {})},
     )
     synapse = SynapseServer(
         workdir / "synapse",

@@ -8,7 +8,12 @@ the body (``application/octet-stream``, streamed) and these headers:
 * ``X-Bridge-Media-Id``: Synapse's file ID (recorded, never trusted for anything else);
 * ``X-Bridge-Media-Length``: the file's total size (recorded; the body is counted anyway);
 * ``X-Bridge-Media-Over-Limit: 1`` with an EMPTY body when the file is over the module's
-  limit.
+  limit;
+* ``X-Bridge-Media-Path`` (percent-encoded) with an EMPTY body: the file's path in Synapse's
+  media store, when the module is set to ``media_delivery: path`` and this bridge reads the
+  same store (``attachments.shared_media_store``, :mod:`bridge.attachments.shared_store`).
+  When it cannot read that file (no shared store configured, not mounted, outside the
+  store) it answers 409 ``BRIDGE_MEDIA_PATH_UNREADABLE`` and the module sends the bytes.
 
 The body is read in chunks up to ``attachments.max_file_mb`` (a longer body is not read
 further: the file counts as too large). Its type is sniffed from the bytes, its text read in
@@ -28,7 +33,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -40,6 +45,7 @@ from bridge.attachments.decide import MediaVerdict, decide
 from bridge.attachments.extract import Extraction
 from bridge.attachments.kinds import FileType, Outcome, Unreadable
 from bridge.attachments.pool import ExtractionPool
+from bridge.attachments.shared_store import StoredFile, StoredFileError, locate, read_stored
 from bridge.attachments.sniff import textless
 from bridge.audit.kinds import AuditKind
 from bridge.config import AttachmentsConfig
@@ -56,6 +62,11 @@ AUDIT_WAIT = 1.0
 #: Texts longer than this are judged on a thread, not on the event loop.
 INLINE_SCAN_CHARS = 64 * 1024
 _CHUNK = 256 * 1024
+#: Files up to this size are read from the shared store and hashed on the event loop
+#: (well under a millisecond); larger ones on a thread.
+INLINE_IO_BYTES = 2 * 1024 * 1024
+#: The answer that makes the module send the file's bytes after all.
+PATH_UNREADABLE = "BRIDGE_MEDIA_PATH_UNREADABLE"
 _MEDIA_ID = re.compile(r"[A-Za-z0-9._=-]{1,255}")
 
 
@@ -76,6 +87,7 @@ class MediaRequest:
     media_id: str
     length: int
     over_limit: bool
+    path: str | None = None  # percent-encoded, as Synapse names the file
 
 
 def parse_headers(request: web.Request) -> MediaRequest | str:
@@ -94,13 +106,15 @@ def parse_headers(request: web.Request) -> MediaRequest | str:
     over = request.headers.get("X-Bridge-Media-Over-Limit", "0")
     if over not in ("0", "1"):
         return "X-Bridge-Media-Over-Limit must be 0 or 1"
-    return MediaRequest(kind, media_id, int(raw_length), over == "1")
+    path = request.headers.get("X-Bridge-Media-Path")
+    if path is not None and (not path or not path.isascii() or not path.isprintable()):
+        return "X-Bridge-Media-Path must be a percent-encoded absolute path"
+    return MediaRequest(kind, media_id, int(raw_length), over == "1", path)
 
 
-async def read_capped(request: web.Request, cap: int) -> tuple[bytes, str, bool]:
-    """Up to ``cap`` bytes of the body, read in chunks: ``(data, sha256 hex, over)``;
-    ``over`` when the body holds more (not read any further)."""
-    digest = hashlib.sha256()
+async def read_capped(request: web.Request, cap: int) -> tuple[bytes, bool]:
+    """Up to ``cap`` bytes of the body, read in chunks: ``(data, over)``; ``over`` when the
+    body holds more (not read any further)."""
     parts: list[bytes] = []
     size = 0
     while True:
@@ -108,11 +122,34 @@ async def read_capped(request: web.Request, cap: int) -> tuple[bytes, str, bool]
         if not chunk:
             break
         if size + len(chunk) > cap:
-            return b"", "", True
+            return b"", True
         parts.append(chunk)
-        digest.update(chunk)
         size += len(chunk)
-    return b"".join(parts), digest.hexdigest(), False
+    return b"".join(parts), False
+
+
+async def sha256_hex(data: bytes) -> str:
+    """The file's digest for its audit record (on a thread when large)."""
+    if len(data) <= INLINE_IO_BYTES:
+        return hashlib.sha256(data).hexdigest()
+    return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+
+
+async def read_shared(cfg: AttachmentsConfig, reported: str) -> StoredFile:
+    """The file Synapse named, read from the shared media store (up to the cap), or
+    :class:`StoredFileError`."""
+    shared = cfg.shared_media
+    if shared is None:
+        raise StoredFileError("this bridge has no attachments.shared_media_store")
+    local = locate(shared.synapse_path, shared.path, reported)
+    cap = cfg.limits.max_file_bytes
+
+    def enough(head: bytes) -> bool:  # an image or a video: its head says all we read
+        return textless(head) is not None
+
+    if cap <= INLINE_IO_BYTES:
+        return read_stored(local, cap, enough)
+    return await asyncio.to_thread(read_stored, local, cap, enough)
 
 
 def media_audit(
@@ -214,13 +251,29 @@ class MediaGate:
             return web.json_response({})
         started = time.perf_counter()
         cap = cfg.limits.max_file_bytes
+        if (parsed.over_limit or parsed.path is not None) and await request.content.read(1):
+            return matrix_error(400, "M_BAD_PARAM", "this call has an empty body")
+        size: int | None = None  # when not len(data)
         if parsed.over_limit:
-            if await request.content.read(1):
-                return matrix_error(400, "M_BAD_PARAM", "an over-limit call has an empty body")
-            data, digest, over = b"", "", True
+            data, over = b"", True
+        elif parsed.path is not None:
+            try:
+                stored = await read_shared(cfg, parsed.path)
+            except StoredFileError as e:
+                log.warning(
+                    "media gate: %s %s not read from the shared media store (%s); the module"
+                    " sends it in the body",
+                    parsed.kind,
+                    parsed.media_id,
+                    e,
+                )
+                return matrix_error(409, PATH_UNREADABLE, f"shared media store: {e}")
+            data, over, size = stored.data, stored.over, stored.size
+            parsed = replace(parsed, length=stored.size)
         else:
-            data, digest, over = await read_capped(request, cap)
-        size = parsed.length if over else len(data)
+            data, over = await read_capped(request, cap)
+        if size is None:
+            size = parsed.length if over else len(data)
         if over:
             extraction = Extraction(
                 FileType.UNKNOWN,
@@ -232,15 +285,18 @@ class MediaGate:
             extraction, elapsed = Extraction(known, types=(known,)), 0.0
         else:
             extraction, elapsed = await self.pool.extract(data, cfg.limits)
-        del data
         verdict = await judge(extraction, self.engine(), None, cfg)
+        # Hashed only for a record: an allowed file without findings needs no digest.
+        recorded = verdict.outcome is not Outcome.ALLOWED or bool(verdict.findings)
+        digest = await sha256_hex(data) if recorded and data else ""
+        del data
         ftype = str(extraction.file_type)
         metrics.MEDIA_CHECKS.labels("gate", str(verdict.outcome), ftype).inc()
         if elapsed:
             metrics.MEDIA_EXTRACT_SECONDS.labels(ftype).observe(elapsed)
         for f in verdict.findings:
             metrics.DLP_HITS.labels(f.rule, "gate").inc()
-        if verdict.outcome is not Outcome.ALLOWED or verdict.findings:
+        if recorded:
             extra = {
                 "media_kind": str(parsed.kind),
                 "media_id": parsed.media_id,

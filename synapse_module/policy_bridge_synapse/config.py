@@ -38,6 +38,13 @@ class MediaKind(str, Enum):
     URL_PREVIEW = "url_preview"  # a web page or image fetched for a URL preview
 
 
+class MediaDelivery(str, Enum):
+    """How a file reaches the gate."""
+
+    BODY = "body"  # its bytes, streamed in the request body
+    PATH = "path"  # its path in the media store, which the bridge reads too (shared)
+
+
 #: Forwarded when ``enabled_callbacks`` is not given.
 DEFAULT_CALLBACKS: tuple[Callback, ...] = (
     Callback.CHECK_EVENT_FOR_SPAM,
@@ -70,6 +77,7 @@ KEYS = frozenset(
         "media_timeout",
         "media_max_bytes",
         "media_kinds",
+        "media_delivery",
         "do_ping",
     }
 )
@@ -98,6 +106,7 @@ class ModuleConfig:
     media_kinds: frozenset[MediaKind] = field(
         default_factory=lambda: frozenset(DEFAULT_MEDIA_KINDS)
     )
+    media_delivery: MediaDelivery = MediaDelivery.BODY
     do_ping: bool = False
 
     def url(self, callback: str) -> str:
@@ -268,6 +277,17 @@ def _media_kinds(value: object) -> frozenset[MediaKind]:
     return frozenset(kinds)
 
 
+def _media_delivery(value: object) -> MediaDelivery:
+    if value is None:
+        return MediaDelivery.BODY
+    try:
+        return MediaDelivery(value)
+    except ValueError:
+        raise ModuleConfigError(
+            f"expected one of {_names(MediaDelivery)}, got {value!r}", ("media_delivery",)
+        ) from None
+
+
 def parse_module_config(data: object) -> ModuleConfig:
     """Check the module's ``config:`` mapping from homeserver.yaml.
 
@@ -295,6 +315,7 @@ def parse_module_config(data: object) -> ModuleConfig:
         media_timeout=_seconds(data.get("media_timeout"), "media_timeout", DEFAULT_MEDIA_TIMEOUT),
         media_max_bytes=_max_bytes(data.get("media_max_bytes")),
         media_kinds=_media_kinds(data.get("media_kinds")),
+        media_delivery=_media_delivery(data.get("media_delivery")),
         do_ping=do_ping,
     )
 

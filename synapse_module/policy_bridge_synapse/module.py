@@ -5,7 +5,10 @@ Protocol (the one ``synapse-http-antispam`` speaks, so a gate serves both module
 2xx with a JSON body allows; 4xx with ``{"errcode", "error"}`` refuses, with that error;
 anything else (unreachable, timeout, 5xx, not JSON) is a failure, and the callback's fail
 mode decides (``fail_open``). Files go to ``POST {base_url}/check_media_file_for_spam`` as
-``application/octet-stream`` with ``X-Bridge-Media-*`` headers.
+``application/octet-stream`` with ``X-Bridge-Media-*`` headers; with ``media_delivery: path``
+only their path in the media store (``X-Bridge-Media-Path``, empty body), and the bytes
+after all when the gate answers 409 ``BRIDGE_MEDIA_PATH_UNREADABLE`` (it cannot read the
+store).
 
 The module never logs what it forwards: only the callback, the HTTP status, the duration
 and, on failure, the error's class.
@@ -22,6 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
+from urllib.parse import quote
 
 import synapse
 from synapse.media._base import FileInfo
@@ -33,6 +37,7 @@ from twisted.internet import defer
 
 from policy_bridge_synapse.config import (
     Callback,
+    MediaDelivery,
     MediaKind,
     ModuleConfig,
     ModuleConfigError,
@@ -54,6 +59,8 @@ MAX_ERROR_CHARS = 2000
 #: Keys of an event in the client format the gate reads.
 CLIENT_KEYS = ("type", "room_id", "sender", "content", "state_key", "origin_server_ts", "redacts")
 PING_INTERVAL = 5.0
+#: The gate's errcode (with 409) for "send the bytes: I cannot read that path".
+PATH_UNREADABLE = "BRIDGE_MEDIA_PATH_UNREADABLE"
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class Outcome:
     errcode: Codes = Codes.FORBIDDEN
     error: str = ""
     failure: str = ""
+    send_bytes: bool = False  # the gate could not read the file by its path
 
 
 class PolicyBridgeModule:
@@ -147,6 +155,8 @@ class PolicyBridgeModule:
             return self._failed(callback, started, e.__class__.__name__)
         outcome = _decision(reply)
         ms = (time.monotonic() - started) * 1000
+        if outcome.send_bytes:
+            return outcome
         if outcome.failure:
             return self._failed(callback, started, outcome.failure, reply.status)
         if outcome.allowed:
@@ -275,22 +285,37 @@ class PolicyBridgeModule:
             outcome = self._failed(callback, started, e.__class__.__name__)
         else:
             with handle:
-                outcome = await self._send_file(callback, kind, file_info.file_id, handle)
+                outcome = await self._send_file(
+                    callback, kind, file_info.file_id, file_wrapper.path, handle
+                )
         return NOT_SPAM if outcome.allowed else (outcome.errcode, {"error": outcome.error})
 
     async def _send_file(
-        self, callback: Callback, kind: MediaKind, file_id: str, handle: BinaryIO
+        self, callback: Callback, kind: MediaKind, file_id: str, path: str, handle: BinaryIO
     ) -> Outcome:
+        """The file to the gate: its path (``media_delivery: path``, falling back to its
+        bytes when the gate cannot read it) or its bytes, or only its size when over the
+        limit."""
         size = os.fstat(handle.fileno()).st_size
         headers = self._headers("application/octet-stream")
         headers["X-Bridge-Media-Kind"] = kind.value
         headers["X-Bridge-Media-Id"] = _header_safe(file_id)
         headers["X-Bridge-Media-Length"] = str(size)
-        body: Any = handle
+        time_limit = self.config.media_timeout
         if size > self.config.media_max_bytes:
             headers["X-Bridge-Media-Over-Limit"] = "1"
-            body = b""
-        return await self._exchange(callback, headers, body, self.config.media_timeout)
+            return await self._exchange(callback, headers, b"", time_limit)
+        if self.config.media_delivery is MediaDelivery.PATH:
+            by_path = {**headers, "X-Bridge-Media-Path": quote(path, safe="/")}
+            outcome = await self._exchange(callback, by_path, b"", time_limit)
+            if not outcome.send_bytes:
+                return outcome
+            log.warning(
+                "gate cannot read %s from the media store (see the bridge's"
+                " attachments.shared_media_store); sending the file's bytes",
+                callback.value,
+            )
+        return await self._exchange(callback, headers, handle, time_limit)
 
     # -- ping -----------------------------------------------------------------------------
 
@@ -327,6 +352,8 @@ def _decision(reply: Reply) -> Outcome:
         if isinstance(body, dict):
             return Outcome(allowed=True)
         return Outcome(allowed=False, failure="NotJsonAnswer")
+    if reply.status == 409 and isinstance(body, dict) and body.get("errcode") == PATH_UNREADABLE:
+        return Outcome(allowed=False, send_bytes=True)
     if 400 <= reply.status < 500 and isinstance(body, dict):
         errcode = body.get("errcode")
         error = body.get("error")

@@ -313,3 +313,102 @@ def test_synapse_logs_hold_none_of_the_files_text(media_stack: MediaStack) -> No
         text = path.read_text("utf-8", "replace")
         for needle in (CARD, "4111111111111111", "pelicanbrief budget", "soup of the day"):
             assert needle not in text, (path.name, needle)
+
+
+# --- the module names the file, the bridge reads Synapse's media store (shared_media) -----
+
+
+@dataclass
+class SharedStack:
+    stack: MediaStack
+    view: Path  # the bridge's view of the store: a symbolic link the test can re-point
+    store: Path  # Synapse's media_store_path
+
+
+@pytest.fixture(scope="module")
+def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedStack]:
+    """Synapse's module set to ``media_delivery: path``; the bridge reads the media store
+    through a link (``attachments.shared_media_store.path``), as a container would through a
+    read-only mount."""
+    require_synapse(antispam=True)
+    workdir = tmp_path_factory.mktemp("shared-media")
+    store = workdir / "synapse" / "media_store"
+    view = workdir / "bridge-view-of-media"
+    dev = prepare_stack(
+        workdir,
+        permissions={ADMIN: "admin"},
+        bridge_options={
+            "dlp": {"detectors": {"card": ["block"]}},
+            "attachments": {
+                "max_file_mb": 1,
+                "unreadable": {"too_large": "refuse"},
+                "shared_media_store": {"synapse_path": str(store), "path": str(view)},
+            },
+        },
+        shared_media=True,
+    )
+    dev.synapse.start()
+    view.symlink_to(store)
+    admin = User(*dev.synapse.register_user("admin", "admin-pw", admin=True))
+    bridge = BridgeProcess(dev.config_path, workdir / "bridge.log", dev.bridge_port)
+    try:
+        bridge.start()
+        yield SharedStack(MediaStack(dev, bridge, admin), view, store)
+    finally:
+        bridge.stop()
+        dev.synapse.stop()
+
+
+FALLBACK = "sending the file's bytes"
+
+
+async def test_uploads_named_by_path_are_read_from_the_media_store_and_judged(
+    shared_stack: SharedStack,
+) -> None:
+    stack = shared_stack.stack
+    user = stack.new_user("byname")
+    async with stack.client(user) as u:
+        for name, data, ctype, ftype in (
+            ("invoice.pdf", d.pdf("Invoice", f"pay with {CARD}"), PDF, "pdf"),
+            ("memo.docx", d.docx("memo", f"card {CARD}"), DOCX, "docx"),
+            ("bundle.zip", d.zip_of({"a/card.txt": CARD.encode()}), ZIP, "zip"),
+        ):
+            err = await refused(u, data, name, ctype)
+            assert err.status == 400, name
+            record = newest(stack, path="gate", file_type=ftype)
+            assert record["rule"] == "detector:card" and record["size"] == len(data)
+            assert record["declared_length"] == len(data)
+        plain = d.pdf("Lunch menu", "soup of the day: lentils")
+        mxc = await upload(u, plain, "menu.pdf", PDF)
+        assert mxc.startswith("mxc://")
+        # Over the bridge's 1 MiB: not read, too_large (refused by this config).
+        err = await refused(u, os.urandom(MIB + 1), "big.bin", "application/octet-stream")
+        assert newest(stack, path="gate", size=MIB + 1)["unreadable"] == "too_large"
+    # Every file went by name: the module never had to send bytes.
+    assert FALLBACK not in stack.dev.synapse.log_path.read_text("utf-8")
+    assert "not read from the shared media store" not in stack.bridge.log_path.read_text("utf-8")
+
+
+async def test_when_the_bridge_cannot_read_the_store_the_module_sends_the_bytes(
+    shared_stack: SharedStack, tmp_path: Path
+) -> None:
+    stack = shared_stack.stack
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shared_stack.view.unlink()
+    shared_stack.view.symlink_to(empty)  # the mount is gone: nothing under the store path
+    try:
+        user = stack.new_user("nomount")
+        async with stack.client(user) as u:
+            data = d.pdf("Invoice", f"pay with {CARD}")
+            err = await refused(u, data, "invoice.pdf", PDF)
+            assert err.status == 400
+            assert newest(stack, path="gate", size=len(data))["rule"] == "detector:card"
+            await upload(u, d.pdf("Lunch", "lentils"), "menu.pdf", PDF)
+    finally:
+        shared_stack.view.unlink()
+        shared_stack.view.symlink_to(shared_stack.store)
+    assert FALLBACK in stack.dev.synapse.log_path.read_text("utf-8")
+    bridge_log = stack.bridge.log_path.read_text("utf-8")
+    assert "not read from the shared media store (no such file" in bridge_log
+    assert CARD not in bridge_log

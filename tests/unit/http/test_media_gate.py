@@ -5,11 +5,14 @@ the unreadable rule, notify lines for the management room."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
@@ -44,15 +47,19 @@ async def pool() -> AsyncIterator[ExtractionPool]:
     p.close()
 
 
-@pytest.fixture
-async def rig(tmp_path: Path, pool: ExtractionPool) -> AsyncIterator[Rig]:
+@contextlib.asynccontextmanager
+async def gate_rig(
+    tmp_path: Path, pool: ExtractionPool, attachments: Mapping[str, Any] | None = None
+) -> AsyncIterator[Rig]:
+    """A media gate with a card-blocking, keyword-notifying policy; ``attachments`` adds to
+    its ``attachments:`` section."""
     config = make_config(
         {
             "dlp": {
                 "detectors": {"card": "block"},
                 "keywords": [{"name": "projects", "keywords": ["bluebird"], "action": "notify"}],
             },
-            "attachments": {"max_file_mb": 2},
+            "attachments": {"max_file_mb": 2, **(attachments or {})},
         },
         base_dir=tmp_path,
     )
@@ -73,6 +80,12 @@ async def rig(tmp_path: Path, pool: ExtractionPool) -> AsyncIterator[Rig]:
     finally:
         task.cancel()
         await store.close()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, pool: ExtractionPool) -> AsyncIterator[Rig]:
+    async with gate_rig(tmp_path, pool) as r:
+        yield r
 
 
 def headers(data: bytes, **extra: str) -> dict[str, str]:
@@ -223,3 +236,136 @@ async def test_images_pass_without_an_extraction_process(
     # A file that may carry text still goes to the pool (here: the stub above refuses).
     r = await rig.client.post(URL, data=d.pdf("x"), headers=headers(d.pdf("x")))
     assert r.status == 500
+
+
+# --- the file named by its path in a shared media store (module: media_delivery: path) ----
+
+SYNAPSE_STORE = "/var/lib/synapse/media_store"
+
+
+@dataclass
+class SharedRig:
+    rig: Rig
+    store_dir: Path  # the store as this process sees it (Synapse calls it SYNAPSE_STORE)
+
+    def put(self, relative: str, data: bytes) -> str:
+        """Write a file into the store; the path Synapse would report for it."""
+        target = self.store_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return f"{SYNAPSE_STORE}/{relative}"
+
+
+@pytest.fixture
+async def shared(tmp_path: Path, pool: ExtractionPool) -> AsyncIterator[SharedRig]:
+    store_dir = tmp_path / "mounted-store"
+    store_dir.mkdir()
+    option = {"shared_media_store": {"synapse_path": SYNAPSE_STORE, "path": str(store_dir)}}
+    async with gate_rig(tmp_path, pool, option) as r:
+        yield SharedRig(r, store_dir)
+
+
+async def post_path(rig: Rig, path: str, body: bytes = b"", **extra: str) -> tuple[int, Any]:
+    hdrs = headers(b"", **{"X-Bridge-Media-Path": quote(path), **extra})
+    r = await rig.client.post(URL, data=body, headers=hdrs)
+    return r.status, await r.json()
+
+
+async def test_a_file_named_by_path_is_read_from_the_shared_store_and_judged(
+    shared: SharedRig,
+) -> None:
+    data = d.pdf(f"card {CARD}")
+    status, body = await post_path(shared.rig, shared.put("local_content/ab/cd/efgh", data))
+    assert status == 403 and "detector:card" in body["error"]
+    [record] = await media_records(shared.rig.store)
+    assert record["data"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert record["data"]["size"] == len(data) == record["data"]["declared_length"]
+    harmless = shared.put("local_content/ab/cd/ijkl", d.pdf("nothing to see"))
+    assert await post_path(shared.rig, harmless) == (200, {})
+
+
+async def test_a_path_with_characters_to_encode_is_found(shared: SharedRig) -> None:
+    status, _ = await post_path(shared.rig, shared.put("dir with spaces/é%/x", d.docx(CARD)))
+    assert status == 403
+
+
+@pytest.mark.parametrize(
+    "reported",
+    [
+        "/etc/passwd",
+        f"{SYNAPSE_STORE}/../../../etc/passwd",
+        f"{SYNAPSE_STORE}/local_content/../../secret",
+        f"{SYNAPSE_STORE}",
+        f"{SYNAPSE_STORE}-other/x",
+        "local_content/ab/cd/efgh",
+        f"{SYNAPSE_STORE}/missing/file",
+        f"{SYNAPSE_STORE}/local_content/ab\x00/x",
+    ],
+    ids=[
+        "other-root",
+        "dotdot",
+        "inner-dotdot",
+        "the-root",
+        "sibling",
+        "relative",
+        "missing",
+        "nul",
+    ],
+)
+async def test_paths_that_do_not_name_a_file_in_the_store_make_the_module_send_the_bytes(
+    shared: SharedRig, reported: str
+) -> None:
+    shared.put("local_content/ab/cd/efgh", d.pdf(f"card {CARD}"))
+    (shared.store_dir.parent / "secret").write_bytes(d.pdf(f"card {CARD}"))
+    status, body = await post_path(shared.rig, reported)
+    assert status == 409 and body["errcode"] == "BRIDGE_MEDIA_PATH_UNREADABLE"
+    assert await media_records(shared.rig.store) == []
+
+
+async def test_a_symlink_or_a_fifo_in_the_store_is_not_followed_or_read(
+    shared: SharedRig, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside.pdf"
+    outside.write_bytes(d.pdf(f"card {CARD}"))
+    link = shared.store_dir / "local_content" / "link"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    fifo = shared.store_dir / "local_content" / "fifo"
+    os.mkfifo(fifo)
+    for name in ("link", "fifo"):  # a FIFO must not block the gate: answered at once
+        status, body = await post_path(shared.rig, f"{SYNAPSE_STORE}/local_content/{name}")
+        assert status == 409 and body["errcode"] == "BRIDGE_MEDIA_PATH_UNREADABLE", name
+
+
+async def test_without_a_shared_store_a_path_call_asks_for_the_bytes(rig: Rig) -> None:
+    status, body = await post_path(rig, f"{SYNAPSE_STORE}/local_content/ab/cd/efgh")
+    assert status == 409 and body["errcode"] == "BRIDGE_MEDIA_PATH_UNREADABLE"
+    assert "shared_media_store" in body["error"]
+
+
+async def test_a_path_call_with_a_body_or_a_bad_header_is_refused(shared: SharedRig) -> None:
+    path = shared.put("local_content/x", d.pdf("fine"))
+    status, body = await post_path(shared.rig, path, body=b"%PDF-")
+    assert status == 400 and body["errcode"] == "M_BAD_PARAM"
+    r = await shared.rig.client.post(
+        URL, data=b"", headers=headers(b"", **{"X-Bridge-Media-Path": ""})
+    )
+    assert r.status == 400
+
+
+async def test_a_stored_file_over_the_cap_is_too_large_without_being_read(
+    shared: SharedRig,
+) -> None:
+    big = b"%PDF-1.4\n" + b"x" * (2 * 1024 * 1024 + 1)
+    status, _ = await post_path(shared.rig, shared.put("local_content/big", big))
+    assert status == 200  # too_large: allow (the default rule), and recorded
+    [record] = await media_records(shared.rig.store)
+    assert record["data"]["unreadable"] == "too_large"
+    assert record["data"]["size"] == len(big) and record["data"]["sha256"] == ""
+
+
+async def test_a_large_image_in_the_store_is_judged_from_its_head(shared: SharedRig) -> None:
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(1024 * 1024)
+    status, _ = await post_path(shared.rig, shared.put("local_content/photo", png))
+    assert status == 200
+    assert await media_records(shared.rig.store) == []

@@ -324,6 +324,53 @@ async def test_media_over_limit_is_announced_with_an_empty_body(tmp_path: Path) 
     assert transport.requests[1][2] == b"a" * 100
 
 
+async def test_media_by_path_sends_the_path_and_no_bytes(tmp_path: Path) -> None:
+    module, transport, _ = make(deny(error="card number in upload"), media_delivery="path")
+    store = tmp_path / "media store"
+    store.mkdir()
+    info = FileInfo(server_name=None, file_id="abc")
+    wrapper = media(store, b"%PDF-1.7 card")
+    assert await module.check_media_file_for_spam(wrapper, info) == (
+        Codes.FORBIDDEN,
+        {"error": "card number in upload"},
+    )
+    [(_, headers, body, _)] = transport.requests
+    assert body == b""
+    assert headers["X-Bridge-Media-Path"] == str(store / "file").replace(" ", "%20")
+    assert headers["X-Bridge-Media-Length"] == "13"
+
+
+async def test_media_by_path_falls_back_to_the_bytes_when_the_gate_cannot_read_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    unreadable = Reply(409, b'{"errcode": "BRIDGE_MEDIA_PATH_UNREADABLE", "error": "no store"}')
+    module, transport, _ = make(unreadable, Reply(200, b"{}"), media_delivery="path")
+    info = FileInfo(server_name=None, file_id="abc")
+    with caplog.at_level(logging.INFO, logger="policy_bridge_synapse"):
+        assert await module.check_media_file_for_spam(media(tmp_path, b"%PDF-x"), info) == NOT_SPAM
+    first, second = transport.requests
+    assert first[2] == b"" and "X-Bridge-Media-Path" in first[1]
+    assert second[2] == b"%PDF-x" and "X-Bridge-Media-Path" not in second[1]
+    assert "shared_media_store" in caplog.text
+    # Any other 409 is a refusal, not a request for the bytes.
+    other = Reply(409, b'{"errcode": "M_FORBIDDEN", "error": "no"}')
+    module, transport, _ = make(other, media_delivery="path")
+    assert await module.check_media_file_for_spam(media(tmp_path, b"x"), info) == (
+        Codes.FORBIDDEN,
+        {"error": "no"},
+    )
+    assert len(transport.requests) == 1
+
+
+async def test_media_over_limit_by_path_is_still_announced_without_a_path(tmp_path: Path) -> None:
+    module, transport, _ = make(media_max_bytes=3, media_delivery="path")
+    info = FileInfo(server_name=None, file_id="big")
+    assert await module.check_media_file_for_spam(media(tmp_path, b"abcd"), info) == NOT_SPAM
+    [(_, headers, body, _)] = transport.requests
+    assert headers["X-Bridge-Media-Over-Limit"] == "1" and "X-Bridge-Media-Path" not in headers
+    assert body == b""
+
+
 async def test_media_kinds_skipped_and_chosen(tmp_path: Path) -> None:
     module, transport, _ = make()
     thumb = FileInfo(server_name=None, file_id="t", thumbnail=thumbnail())

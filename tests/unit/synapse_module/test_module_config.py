@@ -10,6 +10,7 @@ import pytest
 from policy_bridge_synapse.config import (
     DEFAULT_CALLBACKS,
     Callback,
+    MediaDelivery,
     MediaKind,
     ModuleConfigError,
     media_kind,
@@ -47,6 +48,7 @@ def test_defaults() -> None:
     assert config.timeout == 10 and config.media_timeout == 60
     assert config.media_max_bytes == 50 * 1024 * 1024
     assert config.media_kinds == {MediaKind.UPLOAD, MediaKind.REMOTE}
+    assert config.media_delivery is MediaDelivery.BODY
 
 
 def test_options() -> None:
@@ -57,6 +59,7 @@ def test_options() -> None:
         media_timeout=120,
         media_max_bytes=1024,
         media_kinds=["upload", "thumbnail", "url_preview"],
+        media_delivery="path",
         do_ping=True,
     )
     assert config.callbacks == (
@@ -66,6 +69,7 @@ def test_options() -> None:
     assert config.fail_open == {Callback.USER_MAY_SEND_STATE_EVENT}
     assert (config.timeout, config.media_timeout, config.media_max_bytes) == (2.5, 120, 1024)
     assert MediaKind.REMOTE not in config.media_kinds
+    assert config.media_delivery is MediaDelivery.PATH
     assert config.do_ping
 
 
@@ -124,6 +128,7 @@ def test_token_from_file(tmp_path: Path) -> None:
         ({"media_max_bytes": True}, ("media_max_bytes",), "positive"),
         ({"media_kinds": ["pdf"]}, ("media_kinds", "0"), "unknown media kind 'pdf'"),
         ({"do_ping": "yes"}, ("do_ping",), "true or false"),
+        ({"media_delivery": "file"}, ("media_delivery",), "one of body, path"),
     ],
 )
 def test_errors_name_the_key(extra: dict[str, Any], path: tuple[str, ...], words: str) -> None:

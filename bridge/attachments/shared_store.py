@@ -1,0 +1,101 @@
+"""Reading a file from Synapse's media store, when the bridge shares it with Synapse.
+
+With ``attachments.shared_media_store`` set and the module's ``media_delivery: path``, the
+module names the file Synapse just wrote (its path as Synapse sees it) instead of sending
+its bytes: the second copy of every upload over HTTP is saved (BENCHMARKS.md, "Synapse
+module: upload latency").
+
+The path comes from a caller holding the gate token and is still not trusted: it must lie
+inside Synapse's media store (no ``..``, no other root), it is mapped onto the store as
+mounted here, its last component must not be a symbolic link, and it must be a regular
+file (a FIFO or a device would block or never end). Symbolic links an administrator made
+inside the store (a directory moved to another disk) are followed. Nothing is ever
+written.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote
+
+#: The longest path accepted (Linux's PATH_MAX).
+MAX_PATH = 4096
+#: Bytes read first, to tell a file that needs no reading (an image, a video) from its head.
+HEAD_BYTES = 4096
+
+
+class StoredFileError(Exception):
+    """The named file cannot be read from the shared store; the message says why (no
+    content, no path)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """What was read: the bytes (empty when over the cap; only the head when ``done`` said
+    the head was enough) and the file's size."""
+
+    data: bytes
+    size: int
+    over: bool = False
+
+
+def locate(synapse_root: Path, local_root: Path, reported: str) -> Path:
+    """The local path of ``reported`` (percent-encoded, as Synapse names it), or
+    :class:`StoredFileError` when it is not a file inside Synapse's media store."""
+    if not reported or len(reported) > MAX_PATH * 3:
+        raise StoredFileError("empty or overlong path")
+    try:
+        decoded = unquote(reported, errors="strict")
+    except UnicodeDecodeError:
+        raise StoredFileError("path is not UTF-8") from None
+    if "\x00" in decoded or not decoded.startswith("/"):
+        raise StoredFileError("path is not absolute")
+    path = PurePosixPath(decoded)
+    root = PurePosixPath(synapse_root.as_posix())
+    try:
+        inside = path.relative_to(root)
+    except ValueError:
+        raise StoredFileError("path is outside Synapse's media store") from None
+    if not inside.parts or any(part in ("..", ".") for part in inside.parts):
+        raise StoredFileError("path is outside Synapse's media store")
+    return local_root.joinpath(*inside.parts)
+
+
+def read_stored(
+    path: Path, cap: int, done: Callable[[bytes], bool] = lambda head: False
+) -> StoredFile:
+    """Up to ``cap`` bytes of the regular file at ``path`` (not read at all when it is
+    larger; only its first :data:`HEAD_BYTES` when ``done`` says they tell enough);
+    :class:`StoredFileError` when it cannot be opened or is not a regular file."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise StoredFileError("no such file in the shared media store") from None
+    except OSError as e:
+        raise StoredFileError(f"cannot open the file ({e.__class__.__name__})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StoredFileError("not a regular file")
+        if info.st_size > cap:
+            return StoredFile(b"", info.st_size, over=True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            head = f.read(HEAD_BYTES)
+            if len(head) < HEAD_BYTES:
+                data = head
+            elif done(head):
+                return StoredFile(head, info.st_size)
+            else:  # the rest by its size, not the cap: read(n) first allocates n bytes
+                data = head + f.read(max(info.st_size - HEAD_BYTES, 0) + 1)
+    except OSError as e:
+        raise StoredFileError(f"cannot read the file ({e.__class__.__name__})") from None
+    finally:
+        os.close(fd)
+    if len(data) > cap:  # it grew past the cap after fstat: over, like a long body
+        return StoredFile(b"", len(data), over=True)
+    return StoredFile(data, len(data))
