@@ -81,6 +81,7 @@ from bridge.pipeline.sweeper import RetentionSweeper
 from bridge.pipeline.to_device import ToDeviceBacklog, to_device_part
 from bridge.pipeline.worker import Worker
 from bridge.policy.engine import PolicyEngine
+from bridge.policy.model import Finding
 from bridge.policy.overrides import OverrideBook
 from bridge.scheduler import Scheduler, TaskKind, in_leader_task
 from bridge.store import AuditEntry, Backend, NewAction, Store, StoreUnavailable
@@ -250,7 +251,13 @@ class Bridge:
             self.extraction,
             self.sink,
             notify=notify,
+            uploader_refused=self._upload_refused,
         )
+
+    def _upload_refused(self, user_id: str, ref: str, finding: Finding, label: str) -> None:
+        """The attachment gate refused a local user's upload: a policy notice tells them."""
+        if self.management.sender_notices is not None:
+            self.management.sender_notices.upload_refused(user_id, ref, finding, label)
 
     async def open(self) -> None:
         """Open the store and start listening. Raises StoreUnavailable / OSError."""

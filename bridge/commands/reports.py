@@ -60,15 +60,19 @@ async def report(ctx: CommandContext) -> Reply:
     mgmt = ctx.services.management_room
     if not mgmt:
         raise CommandError(text(lang, "unreachable"))
+    # An upload has no room yet (it was judged by the global rules).
+    room = refusal.room_id or "(none: judged by the global rules)"
+    room_option = f" [--room {refusal.room_id}]" if refusal.room_id else ""
+    what = f"{refusal.subject} ({refusal.file})" if refusal.file else str(refusal.subject)
     lines = [
         f"📣 False-positive report {ref} from {ctx.sender}",
         f"rule: {refusal.rule}",
-        f"room: {refusal.room_id}",
-        f"refused: their {refusal.subject} at {when(refusal.at)}",
+        f"room: {room}",
+        f"refused: their {what} at {when(refusal.at)}",
         f"excerpt (masked): {refusal.excerpt or '(none)'}",
         f"comment: {comment or '(none)'}",
         f'answer: !policy dlp except {refusal.rule} "<allowed phrase>" --report {ref}'
-        f" [--room {refusal.room_id}], or !policy dlp dismiss {ref}",
+        f"{room_option}, or !policy dlp dismiss {ref}",
     ]
     told = Reply.lines(lines[0], lines[1:])
     ctx.actions.append(NewAction(_SEND_NOTICE, {"body": told.text, "html": told.html}, mgmt))

@@ -9,6 +9,9 @@ the body (``application/octet-stream``, streamed) and these headers:
 * ``X-Bridge-Media-Length``: the file's total size (recorded; the body is counted anyway);
 * ``X-Bridge-Media-Over-Limit: 1`` with an EMPTY body when the file is over the module's
   limit;
+* ``X-Bridge-Media-User`` (optional): the local user whose request it is (the uploader),
+  told in a policy notice why a file was refused, since Synapse answers every refused upload
+  with "Bad content" only;
 * ``X-Bridge-Media-Path`` (percent-encoded) with an EMPTY body: the file's path in Synapse's
   media store, when the module is set to ``media_delivery: path`` and this bridge reads the
   same store (``attachments.shared_media_store``, :mod:`bridge.attachments.shared_store`).
@@ -51,7 +54,8 @@ from bridge.audit.kinds import AuditKind
 from bridge.config import AttachmentsConfig
 from bridge.http.transactions import bearer_token, matrix_error, token_matches
 from bridge.policy.engine import PolicyEngine
-from bridge.policy.model import Action
+from bridge.policy.model import Action, Finding
+from bridge.policy.notices import new_ref
 from bridge.store import AuditEntry
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,7 @@ INLINE_IO_BYTES = 2 * 1024 * 1024
 #: The answer that makes the module send the file's bytes after all.
 PATH_UNREADABLE = "BRIDGE_MEDIA_PATH_UNREADABLE"
 _MEDIA_ID = re.compile(r"[A-Za-z0-9._=-]{1,255}")
+_USER_ID = re.compile(r"@[\x21-\x39\x3b-\x7e]+:[\x21-\x7e]+")
 
 
 class MediaKind(StrEnum):
@@ -88,6 +93,7 @@ class MediaRequest:
     length: int
     over_limit: bool
     path: str | None = None  # percent-encoded, as Synapse names the file
+    user_id: str | None = None  # whose request it is, when the module knows
 
 
 def parse_headers(request: web.Request) -> MediaRequest | str:
@@ -109,7 +115,10 @@ def parse_headers(request: web.Request) -> MediaRequest | str:
     path = request.headers.get("X-Bridge-Media-Path")
     if path is not None and (not path or not path.isascii() or not path.isprintable()):
         return "X-Bridge-Media-Path must be a percent-encoded absolute path"
-    return MediaRequest(kind, media_id, int(raw_length), over == "1", path)
+    user_id = request.headers.get("X-Bridge-Media-User")
+    if user_id is not None and (len(user_id) > 255 or not _USER_ID.fullmatch(user_id)):
+        return "X-Bridge-Media-User must be a user ID (@name:server)"
+    return MediaRequest(kind, media_id, int(raw_length), over == "1", path, user_id)
 
 
 async def read_capped(request: web.Request, cap: int) -> tuple[bytes, bool]:
@@ -188,6 +197,25 @@ def media_audit(
     )
 
 
+def file_label(file_type: FileType, size: int) -> str:
+    """A file as a notice names it: its type and size (``PDF, 988 KiB``), never its name."""
+    if size >= 1024 * 1024:
+        amount = f"{size / (1024 * 1024):.1f} MiB"
+    elif size >= 1024:
+        amount = f"{size // 1024} KiB"
+    else:
+        amount = f"{size} bytes"
+    return f"{_LABELS.get(file_type, str(file_type).upper())}, {amount}"
+
+
+_LABELS = {
+    FileType.TEXT: "text",
+    FileType.MEDIA: "image, audio or video",
+    FileType.EMPTY: "file",
+    FileType.UNKNOWN: "file",
+}
+
+
 def notify_lines(verdict: MediaVerdict, where: str, digest: str) -> list[str]:
     """Management-room lines for ``notify`` findings and for a refusal (masked excerpts)."""
     lines = []
@@ -224,6 +252,7 @@ class MediaGate:
         pool: ExtractionPool,
         sink: AuditSink | None,
         notify: Callable[[str], None] | None = None,
+        uploader_refused: Callable[[str, str, Finding, str], None] | None = None,
     ) -> None:
         self.base_path = base_path
         self.token = token
@@ -233,6 +262,9 @@ class MediaGate:
         self.sink = sink
         # Posts a line in the management room; must not block (it only schedules work).
         self.notify = notify
+        # (user ID, reference, refusing finding, file label): tells the uploader, in the
+        # background (SenderNotices.upload_refused).
+        self.uploader_refused = uploader_refused
 
     def routes(self) -> list[web.RouteDef]:
         """The route; add it BEFORE the gate's catch-all ``{callback}`` route."""
@@ -296,14 +328,24 @@ class MediaGate:
             metrics.MEDIA_EXTRACT_SECONDS.labels(ftype).observe(elapsed)
         for f in verdict.findings:
             metrics.DLP_HITS.labels(f.rule, "gate").inc()
+        ref = new_ref() if verdict.refusal is not None else None
         if recorded:
             extra = {
                 "media_kind": str(parsed.kind),
                 "media_id": parsed.media_id,
                 "declared_length": parsed.length,
                 "ms": round(elapsed * 1000, 1),
+                **({"ref": ref} if ref else {}),
             }
-            entry = media_audit("gate", verdict, extraction, digest=digest, size=size, extra=extra)
+            entry = media_audit(
+                "gate",
+                verdict,
+                extraction,
+                digest=digest,
+                size=size,
+                extra=extra,
+                sender=parsed.user_id,
+            )
             await self._record(entry, refusal=verdict.refused)
             lines = notify_lines(verdict, f"an {parsed.kind} ({ftype})", digest or "-" * 16)
             if lines and self.notify is not None:
@@ -311,6 +353,9 @@ class MediaGate:
         metrics.GATE_LATENCY.labels(CALLBACK).observe(time.perf_counter() - started)
         if verdict.refusal is None:
             return web.json_response({})
+        if ref and parsed.user_id and self.uploader_refused is not None:
+            label = file_label(extraction.file_type, size)
+            self.uploader_refused(parsed.user_id, ref, verdict.refusal, label)
         log.info(
             "media gate refused %s %s (%s, %d bytes): rule %s",
             parsed.kind,

@@ -24,6 +24,7 @@ from bridge.policy.notices import (
     NoticeOutcome,
     NoticeSettings,
     Refusal,
+    Subject,
     decide,
     is_local_user,
     render,
@@ -83,6 +84,26 @@ class SenderNotices:
         )
         self._scheduler.spawn(
             self.handle(sender, refusal, finding), "sender-notice", TaskKind.ONE_OFF
+        )
+
+    def upload_refused(self, user_id: str, ref: str, finding: Finding, file: str) -> None:
+        """The attachment gate refused ``user_id``'s upload (reference ``ref``; ``file`` its
+        type and size): handle it in the background like any refusal. Synapse answers the
+        upload with "Bad content" only, so this notice is how the uploader learns why."""
+        if user_id == self._bot or not is_local_user(user_id, self._domain):
+            return
+        refusal = Refusal(
+            ref=ref,
+            rule=finding.rule,
+            room_id="",
+            at=time.time(),
+            subject=Subject.UPLOAD,
+            reason=finding.message,
+            excerpt=finding.excerpt,
+            file=file,
+        )
+        self._scheduler.spawn(
+            self.handle(user_id, refusal, finding), "sender-notice", TaskKind.ONE_OFF
         )
 
     async def handle(self, sender: str, refusal: Refusal, finding: Finding) -> Decision:

@@ -119,6 +119,7 @@ class Subject(StrEnum):
     INVITE = "invite"
     JOIN = "join"
     ROOM = "room"  # a room refused at creation (it has no room ID)
+    UPLOAD = "upload"  # a file refused before Synapse stored it (no room yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,7 @@ class Refusal:
     invitee: str = ""
     overridable: bool = False  # every rule that refused it allows an override
     digest: str = ""  # keyed digest of the refused message (see bridge.policy.overrides)
+    file: str = ""  # an upload: its type and size ("PDF, 988 KiB"), never its name or content
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -148,6 +150,7 @@ class Refusal:
             "invitee": self.invitee,
             "overridable": self.overridable,
             "digest": self.digest,
+            "file": self.file,
         }
 
     @classmethod
@@ -163,6 +166,7 @@ class Refusal:
             invitee=str(data.get("invitee", "")),
             overridable=bool(data.get("overridable", False)),
             digest=str(data.get("digest", "")),
+            file=str(data.get("file", "")),
         )
 
 
@@ -266,6 +270,7 @@ _WHAT = {
         Subject.INVITE: "Your invitation",
         Subject.JOIN: "Your request to join",
         Subject.ROOM: "Your new room",
+        Subject.UPLOAD: "Your upload",
     },
     Language.DE: {
         Subject.MESSAGE: "Ihre Nachricht",
@@ -273,6 +278,7 @@ _WHAT = {
         Subject.INVITE: "Ihre Einladung",
         Subject.JOIN: "Ihre Beitrittsanfrage",
         Subject.ROOM: "Ihr neuer Raum",
+        Subject.UPLOAD: "Ihr Upload",
     },
 }
 
@@ -285,6 +291,8 @@ _INSTEAD = {
         " invited.",
         Subject.JOIN: "ask your administrator whether you may join this room.",
         Subject.ROOM: "create the room again without what the rule names (see Why).",
+        Subject.UPLOAD: "remove the sensitive content from the file and upload it again, or"
+        " share it through a channel your organization approves for it.",
     },
     Language.DE: {
         Subject.MESSAGE: "Entfernen Sie den vertraulichen Teil und senden Sie die Nachricht"
@@ -295,6 +303,9 @@ _INSTEAD = {
         " eingeladen werden darf.",
         Subject.JOIN: "Fragen Sie Ihre Administration, ob Sie diesem Raum beitreten dürfen.",
         Subject.ROOM: "Erstellen Sie den Raum erneut ohne das, was die Regel nennt (siehe Warum).",
+        Subject.UPLOAD: "Entfernen Sie den vertraulichen Inhalt aus der Datei und laden Sie sie"
+        " erneut hoch, oder teilen Sie sie über einen von Ihrer Organisation dafür freigegebenen"
+        " Weg.",
     },
 }
 
@@ -303,6 +314,7 @@ TEXTS: Mapping[Language, Mapping[str, str]] = {
     Language.EN: {
         "refused": "{what}{target} in {room} was not sent (reference {ref}).",
         "refused_room": "{what} was not created (reference {ref}).",
+        "refused_upload": "{what}{target} was not stored (reference {ref}).",
         "target": " of {invitee}",
         "when": "When",
         "rule": "Rule",
@@ -315,6 +327,8 @@ TEXTS: Mapping[Language, Mapping[str, str]] = {
         " within {minutes} minutes (once; your justification is recorded and the compliance"
         " team is told).",
         "no_override": "Override: this rule cannot be overridden.",
+        "no_override_upload": "Override: a refused upload cannot be overridden; if the"
+        " refusal is a mistake, report it.",
         "grouped_one": "(This rule also refused 1 earlier attempt of yours since its last notice.)",
         "grouped_many": "(This rule also refused {count} earlier attempts of yours since its"
         " last notice.)",
@@ -341,6 +355,7 @@ TEXTS: Mapping[Language, Mapping[str, str]] = {
     Language.DE: {
         "refused": "{what}{target} in {room} wurde nicht gesendet (Referenz {ref}).",
         "refused_room": "{what} wurde nicht erstellt (Referenz {ref}).",
+        "refused_upload": "{what}{target} wurde nicht gespeichert (Referenz {ref}).",
         "target": " von {invitee}",
         "when": "Wann",
         "rule": "Regel",
@@ -353,6 +368,8 @@ TEXTS: Mapping[Language, Mapping[str, str]] = {
         " {minutes} Minuten erneut im selben Raum (einmalig; Ihre Begründung wird"
         " aufgezeichnet und das Compliance-Team informiert).",
         "no_override": "Ausnahme: Für diese Regel ist keine Ausnahme möglich.",
+        "no_override_upload": "Ausnahme: Für abgelehnte Uploads ist keine Ausnahme möglich;"
+        " wenn die Ablehnung ein Fehler ist, melden Sie sie.",
         "grouped_one": "(Diese Regel hat seit ihrem letzten Hinweis auch 1 früheren Versuch von"
         " Ihnen abgelehnt.)",
         "grouped_many": "(Diese Regel hat seit ihrem letzten Hinweis auch {count} frühere"
@@ -442,6 +459,8 @@ def override_line(
     refusal: Refusal, prefix: str, window: float, language: Language = Language.EN
 ) -> str:
     """Whether and how the refusal can be overridden."""
+    if refusal.subject is Subject.UPLOAD:
+        return text(language, "no_override_upload")
     if refusal.overridable and refusal.digest:
         return text(language, "override", prefix=prefix, ref=refusal.ref, minutes=int(window // 60))
     return text(language, "no_override")
@@ -459,11 +478,15 @@ def render(
     matched text nor the excerpt."""
     what = _WHAT[language][refusal.subject]
     target = text(language, "target", invitee=refusal.invitee) if refusal.invitee else ""
+    if refusal.file:
+        target = f" ({refusal.file})"
     reason = reason_in(language, refusal.rule, refusal.reason)
     instead = _INSTEAD[language][refusal.subject]
     usage = text(language, "report_usage", prefix=prefix, ref=refusal.ref)
-    # A room refused at creation has no room ID to name.
-    sentence = "refused_room" if refusal.subject is Subject.ROOM else "refused"
+    # A room refused at creation, an upload: no room ID to name.
+    sentence = {Subject.ROOM: "refused_room", Subject.UPLOAD: "refused_upload"}.get(
+        refusal.subject, "refused"
+    )
     refused = text(language, sentence, what=what, target=target, room=refusal.room_id,
                    ref=refusal.ref)  # fmt: skip
     lines = [

@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import User, accept_invites
-from helpers import bot_replies
+from helpers import bot_notices, bot_replies, notice_invite, sync_token
 from matrix_client import MatrixError, MatrixTestClient, wait_for
 from synapse_fixtures import require_synapse
 
@@ -184,6 +184,31 @@ async def test_documents_holding_a_card_number_are_refused_at_upload(
 
         lines = await wait_for(notices, timeout=30, message="three upload notices")
         assert all(CARD not in line and "sha256" in line for line in lines)
+
+
+async def test_the_uploader_is_told_why_in_a_policy_notice(media_stack: MediaStack) -> None:
+    """Synapse answers a refused upload with "Bad content" only: the bot tells the uploader
+    (named to the gate by the module) which rule refused it, in their notice room."""
+    user = media_stack.new_user("toldwhy")
+    async with media_stack.client(user) as u:
+        since = await sync_token(u)
+        data = d.docx("quarterly memo", f"the card is {CARD}")
+        err = await refused(u, data, "memo.docx", DOCX)
+        assert (err.status, err.error) == (400, "Bad content")
+        room, _ = await notice_invite(u, media_stack.bot, since)
+        await u.join(room)
+
+        async def notices() -> list[dict[str, Any]] | None:
+            return await bot_notices(u, room, media_stack.bot) or None
+
+        [notice] = await wait_for(notices, timeout=30, message="the upload notice")
+    body = notice["content"]["body"]
+    assert f"Your upload (DOCX, {len(data) // 1024} KiB) was not stored (reference" in body
+    assert "Rule: detector:card" in body and "upload it again" in body
+    assert CARD not in body and "1111" not in json.dumps(notice["content"])
+    ref = body.split("(reference ", 1)[1].split(")", 1)[0]
+    record = newest(media_stack, path="gate", file_type="docx")
+    assert record["ref"] == ref  # the audit record of the refusal names the same reference
 
 
 def _peak_rss(pid: int) -> int:

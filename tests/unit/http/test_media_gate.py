@@ -19,10 +19,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.archive.sink import AuditSink
+from bridge.attachments.kinds import FileType
 from bridge.attachments.pool import ExtractionPool
 from bridge.http.gate import Gate
-from bridge.http.media_gate import CALLBACK, MediaGate
+from bridge.http.media_gate import CALLBACK, MediaGate, file_label
 from bridge.pipeline.live_policy import build_engine
+from bridge.policy.model import Finding
 from bridge.store import Store
 from tests.kit import documents as d
 from tests.kit.config import GATE_TOKEN, make_config
@@ -37,6 +39,7 @@ class Rig:
     client: TestClient
     store: Store
     notices: list[str]
+    uploaders: list[tuple[str, str, Finding, str]]  # (user, ref, refusing finding, file)
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +71,23 @@ async def gate_rig(
     sink = AuditSink(store)
     task = asyncio.ensure_future(sink.run())
     notices: list[str] = []
+    uploaders: list[tuple[str, str, Finding, str]] = []
     app = web.Application(client_max_size=1024 * 1024)  # smaller than the media cap
     media = MediaGate(
-        BASE, GATE_TOKEN, lambda: config.attachments, lambda: engine, pool, sink, notices.append
+        BASE,
+        GATE_TOKEN,
+        lambda: config.attachments,
+        lambda: engine,
+        pool,
+        sink,
+        notices.append,
+        uploader_refused=lambda *told: uploaders.append(told),
     )
     app.add_routes(media.routes())
     app.add_routes(Gate(BASE, GATE_TOKEN, lambda: engine, sink).routes())  # the catch-all
     try:
         async with TestClient(TestServer(app)) as client:
-            yield Rig(client, store, notices)
+            yield Rig(client, store, notices, uploaders)
     finally:
         task.cancel()
         await store.close()
@@ -369,3 +380,32 @@ async def test_a_large_image_in_the_store_is_judged_from_its_head(shared: Shared
     status, _ = await post_path(shared.rig, shared.put("local_content/photo", png))
     assert status == 200
     assert await media_records(shared.rig.store) == []
+
+
+async def test_the_uploader_named_by_the_module_is_told_with_the_records_reference(
+    rig: Rig,
+) -> None:
+    data = d.pdf(f"card {CARD}")
+    status, _ = await post(rig, data, **{"X-Bridge-Media-User": "@alice:corp.example"})
+    assert status == 403
+    [(user, ref, finding, label)] = rig.uploaders
+    assert user == "@alice:corp.example" and finding.rule == "detector:card"
+    assert len(data) < 1024 and label == f"PDF, {len(data)} bytes"  # type and size, no name
+    [record] = await media_records(rig.store)
+    assert record["data"]["ref"] == ref and record["sender"] == "@alice:corp.example"
+    # Allowed files, and refusals without a user, tell nobody.
+    await post(rig, d.pdf("harmless"), **{"X-Bridge-Media-User": "@alice:corp.example"})
+    await post(rig, d.docx(f"card {CARD}"))
+    assert len(rig.uploaders) == 1
+
+
+def test_file_labels_name_the_type_and_size_only() -> None:
+    assert file_label(FileType.DOCX, 5 * 1024 * 1024 + 1) == "DOCX, 5.0 MiB"
+    assert file_label(FileType.ZIP, 2048) == "ZIP, 2 KiB"
+    assert file_label(FileType.UNKNOWN, 10) == "file, 10 bytes"
+
+
+@pytest.mark.parametrize("user", ["alice", "@alice", "@:x", "@a b:x", "@" + "a" * 300 + ":x"])
+async def test_a_malformed_uploader_is_refused(rig: Rig, user: str) -> None:
+    status, body = await post(rig, d.pdf("x"), **{"X-Bridge-Media-User": user})
+    assert status == 400 and "X-Bridge-Media-User" in body["error"]

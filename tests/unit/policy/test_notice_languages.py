@@ -73,11 +73,15 @@ def test_a_german_notice_is_german_and_never_has_the_matched_text(subject: Subje
     refusal = card_refusal(subject, overridable=True, digest="d" * 64)
     for grouped in (0, 1, 3):
         body, html = render(refusal, grouped, "!policy", 900.0, Language.DE)
-        verb = "erstellt" if subject is Subject.ROOM else "gesendet"  # a new room: no room ID
+        # a new room: no room ID; an upload: not stored, and never overridable
+        verb = {Subject.ROOM: "erstellt", Subject.UPLOAD: "gespeichert"}.get(subject, "gesendet")
         assert f"wurde nicht {verb} (Referenz K7QM-2XPA)" in body
         assert "Regel: detector:card" in body and "eine Zahlungskartennummer" in body
         assert "!policy report K7QM-2XPA <Kommentar>" in body
-        assert "!policy override K7QM-2XPA <Begründung>" in body and "15 Minuten" in body
+        if subject is Subject.UPLOAD:
+            assert "Für abgelehnte Uploads ist keine Ausnahme möglich" in body
+        else:
+            assert "!policy override K7QM-2XPA <Begründung>" in body and "15 Minuten" in body
         for text in (body, html):
             assert "4111" not in text and "1111 1111" not in text and "****" not in text
             # Nothing of the English texts is left.

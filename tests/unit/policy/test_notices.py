@@ -127,6 +127,19 @@ def test_a_room_refused_at_creation_is_named_as_such() -> None:
     assert "create the room again without what the rule names" in text
 
 
+def test_an_upload_is_named_by_type_and_size_and_cannot_be_overridden() -> None:
+    item = replace(
+        refusal(0.0), room_id="", subject=Subject.UPLOAD, file="PDF, 988 KiB", overridable=True
+    )
+    text, html = render(item, 0, "!policy")
+    assert text.startswith(f"🛡️ Your upload (PDF, 988 KiB) was not stored (reference {item.ref}).")
+    assert "matrix.to" not in html and "<b>Your upload (PDF, 988 KiB)</b>" in html
+    assert "upload it again" in text and f"!policy report {item.ref}" in text
+    assert "a refused upload cannot be overridden" in text and "override " + item.ref not in text
+    assert SECRET not in text and "4111" not in html
+    assert Refusal.from_json(item.to_json()) == item
+
+
 def test_refs_are_short_distinct_and_normalized_as_typed() -> None:
     refs = {new_ref() for _ in range(200)}
     assert len(refs) == 200

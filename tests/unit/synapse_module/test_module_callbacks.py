@@ -15,6 +15,7 @@ from policy_bridge_synapse.module import UNREACHABLE, PolicyBridgeModule
 from policy_bridge_synapse.transport import Reply
 from synapse.api.room_versions import RoomVersions
 from synapse.events import make_event_from_dict
+from synapse.logging.context import ContextRequest, LoggingContext
 from synapse.media._base import FileInfo, ThumbnailInfo
 from synapse.media.media_storage import ReadableFileWrapper
 from synapse.module_api import NOT_SPAM
@@ -369,6 +370,35 @@ async def test_media_over_limit_by_path_is_still_announced_without_a_path(tmp_pa
     [(_, headers, body, _)] = transport.requests
     assert headers["X-Bridge-Media-Over-Limit"] == "1" and "X-Bridge-Media-Path" not in headers
     assert body == b""
+
+
+def request_context(requester: str | None) -> LoggingContext:
+    """The logging context Synapse runs a request's handlers in, with its requester."""
+    request = ContextRequest(
+        request_id="POST-1",
+        ip_address="127.0.0.1",
+        site_tag="client",
+        requester=requester,
+        authenticated_entity=requester,
+        method="POST",
+        url="/_matrix/media/v3/upload",
+        protocol="1.1",
+        user_agent="test",
+    )
+    return LoggingContext(name="POST-1", server_name="corp.example", request=request)
+
+
+async def test_media_names_the_user_whose_request_it_is(tmp_path: Path) -> None:
+    module, transport, _ = make()
+    info = FileInfo(server_name=None, file_id="abc")
+    with request_context("@alice:corp.example"):
+        await module.check_media_file_for_spam(media(tmp_path, b"%PDF-x"), info)
+    with request_context(None):
+        await module.check_media_file_for_spam(media(tmp_path, b"%PDF-x"), info)
+    await module.check_media_file_for_spam(media(tmp_path, b"%PDF-x"), info)  # no request
+    assert transport.requests[0][1]["X-Bridge-Media-User"] == "@alice:corp.example"
+    assert "X-Bridge-Media-User" not in transport.requests[1][1]
+    assert "X-Bridge-Media-User" not in transport.requests[2][1]
 
 
 async def test_media_kinds_skipped_and_chosen(tmp_path: Path) -> None:
