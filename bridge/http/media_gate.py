@@ -353,7 +353,8 @@ class MediaGate:
         metrics.GATE_LATENCY.labels(CALLBACK).observe(time.perf_counter() - started)
         if verdict.refusal is None:
             return web.json_response({})
-        if ref and parsed.user_id and self.uploader_refused is not None:
+        # Only an uploader is told (remote media refused for a reader is no upload of theirs).
+        if ref and parsed.user_id and parsed.kind is MediaKind.UPLOAD and self.uploader_refused:
             label = file_label(extraction.file_type, size)
             self.uploader_refused(parsed.user_id, ref, verdict.refusal, label)
         log.info(

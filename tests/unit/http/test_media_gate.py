@@ -396,6 +396,8 @@ async def test_the_uploader_named_by_the_module_is_told_with_the_records_referen
     # Allowed files, and refusals without a user, tell nobody.
     await post(rig, d.pdf("harmless"), **{"X-Bridge-Media-User": "@alice:corp.example"})
     await post(rig, d.docx(f"card {CARD}"))
+    remote = {"X-Bridge-Media-User": "@alice:corp.example", "X-Bridge-Media-Kind": "remote"}
+    assert (await post(rig, d.docx(f"card {CARD}"), **remote))[0] == 403
     assert len(rig.uploaders) == 1
 
 
