@@ -303,14 +303,20 @@ class ExtractionPool:
     def _give_back(self, worker: _Worker) -> None:
         if self._idle is not None:
             self._idle.put_nowait(worker)
+        else:  # the pool was closed while it worked (a replacement started after close())
+            worker.kill()
 
     async def _replace_all(self, workers: list[_Worker]) -> None:
         for worker in workers:
-            self._give_back(await asyncio.to_thread(self._replace, worker))
+            if self._idle is None:
+                worker.kill()  # closed meanwhile: no replacement
+            else:
+                self._give_back(await asyncio.to_thread(self._replace, worker))
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
-        self._all.remove(worker)
+        with contextlib.suppress(ValueError):  # close() may have forgotten it already
+            self._all.remove(worker)
         self.replaced += 1
         log.warning("attachment extraction worker replaced (overran its bounds)")
         return self._start()

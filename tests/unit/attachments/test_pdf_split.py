@@ -6,6 +6,7 @@ busy or missing."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from collections.abc import AsyncIterator
 
 import pytest
@@ -206,3 +207,23 @@ async def test_a_cancelled_split_leaves_no_worker_busy_or_missing(pool: Extracti
     assert pool.replaced == 2  # each may still have been reading its part: replaced
     result, _ = await pool.extract(heavy, LIMITS)
     assert pool.split == 2 and result == extract(heavy, LIMITS)
+
+
+async def test_closing_the_pool_while_a_cancelled_split_is_replaced_leaves_no_worker() -> None:
+    p = ExtractionPool(2, 512 * MIB, split_min_bytes=1, max_parts=2)
+    await p.start()
+    workers = list(p._all)
+    task = asyncio.create_task(p.extract(d.text_heavy_pdf(), LIMITS))
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()
+    p.close()  # as the bridge stops: its tasks cancelled, then the pool closed
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with asyncio.timeout(60):
+        while p._replacing:
+            await asyncio.sleep(0.01)
+    assert not any(w.process.is_alive() for w in workers)
+    assert p.replaced == 0  # nothing started after close()
+    assert not [c for c in multiprocessing.active_children() if c.name == "attachment-extract"]
