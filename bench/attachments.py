@@ -1,8 +1,9 @@
 """Attachment extraction throughput per format, against the library's own floor in the
 same run; the PDF readers compared (PDFium, which the bridge uses, and pypdf, which it used
-before); and the upload latency the gate adds through real Synapse: the same 1 MB PDFs
-uploaded to a Synapse with the project's module (and the bridge behind it) and to one
-without, alternately, in the same run.
+before); the text-heavy PDF through the extraction pool with one worker and with two
+(read in parts at once); and the upload latency the gate adds through real Synapse: the
+same 1 MB PDFs uploaded to a Synapse with the project's module (and the bridge behind it)
+and to one without, alternately, in the same run.
 
     PYTHONPATH=. python bench/attachments.py [--uploads N] [--no-synapse | --only-synapse]
         [--links 0,1000,100]
@@ -283,6 +284,25 @@ def main() -> None:
             t = time.perf_counter()
             result, _ = await pool.extract(bomb, limits)
             bomb_s = time.perf_counter() - t
+            # The same PDF with 1 worker and with 2 (read in parts, one per idle worker),
+            # alternating in each round.
+            split_pool = ExtractionPool(2, 768 * 1024 * 1024)
+            await split_pool.start()
+            try:
+                whole, _ = await pool.extract(text_pdf, limits)
+                merged, _ = await split_pool.extract(text_pdf, limits)
+                parts = min(2, split_pool.max_parts)  # 1 on a machine with one CPU
+                assert merged == whole, "reading in parts must not change the extraction"
+                assert split_pool.split == (1 if parts > 1 else 0)
+                one: list[float] = []
+                two: list[float] = []
+                for _ in range(15):
+                    for p, times in ((pool, one), (split_pool, two)):
+                        t = time.perf_counter()
+                        await p.extract(text_pdf, limits)
+                        times.append(time.perf_counter() - t)
+            finally:
+                split_pool.close()
         finally:
             pool.close()
         med = statistics.median(through)
@@ -295,6 +315,13 @@ def main() -> None:
         print(
             f"200 MB ratio bomb ({len(bomb) / 1024:.0f} KiB): refused in {bomb_s * 1000:.0f} ms"
             f" ({result.reason}: {result.detail})"
+        )
+        m1, m2 = statistics.median(one), statistics.median(two)
+        print(
+            f"text-heavy PDF through the pool, {len(one)} runs each (median / best):"
+            f" 1 worker {m1 * 1000:.1f} / {min(one) * 1000:.1f} ms, 2 workers (read in"
+            f" {parts} parts) {m2 * 1000:.1f} / {min(two) * 1000:.1f} ms,"
+            f" ratio {m1 / m2:.2f} (median), {min(one) / min(two):.2f} (best)"
         )
 
     asyncio.run(pooled())

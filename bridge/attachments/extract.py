@@ -4,10 +4,15 @@
 becomes the ``reason`` of the :class:`Extraction` (text read before it is kept and still
 judged). Run it in the pool (:mod:`bridge.attachments.pool`), which adds the bounds of time
 and memory.
+
+A long PDF may be read by several processes at once: each reads its share of the pages
+(:func:`extract_part`), and :func:`merge_parts` puts the parts together into what
+:func:`extract` would have answered for the whole file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.attachments import archive
@@ -17,8 +22,8 @@ from bridge.attachments.limits import LimitHit, Limits, TextBudget
 from bridge.attachments.markup import extract_html
 from bridge.attachments.odf import extract_odf
 from bridge.attachments.ooxml import extract_ooxml
-from bridge.attachments.pdf import extract_pdf
-from bridge.attachments.sniff import sniff
+from bridge.attachments.pdf import Part, extract_pdf
+from bridge.attachments.sniff import is_pdf, sniff
 from bridge.attachments.text import extract_text
 
 _OOXML = frozenset({FileType.DOCX, FileType.XLSX, FileType.PPTX})
@@ -91,15 +96,22 @@ class _Walk:
                 return
 
 
+def _too_large(data: bytes, limits: Limits) -> Extraction | None:
+    if len(data) <= limits.max_file_bytes:
+        return None
+    return Extraction(
+        FileType.UNKNOWN,
+        reason=Unreadable.TOO_LARGE,
+        detail=f"{len(data)} bytes, over {limits.max_file_bytes}",
+    )
+
+
 def extract(data: bytes, limits: Limits) -> Extraction:
     """Read ``data`` within ``limits`` (all but time and memory, which the pool enforces)."""
     walk = _Walk(limits)
-    if len(data) > limits.max_file_bytes:
-        return Extraction(
-            FileType.UNKNOWN,
-            reason=Unreadable.TOO_LARGE,
-            detail=f"{len(data)} bytes, over {limits.max_file_bytes}",
-        )
+    too_large = _too_large(data, limits)
+    if too_large is not None:
+        return too_large
     kind = walk.file(data, 0)
     problem = walk.problem
     return Extraction(
@@ -109,4 +121,79 @@ def extract(data: bytes, limits: Limits) -> Extraction:
         "" if problem is None else problem.detail,
         walk.out.truncated,
         tuple(walk.types[:50]),
+    )
+
+
+def extract_part(data: bytes, limits: Limits, part: Part) -> Extraction:
+    """Read ``part`` of the PDF ``data`` (see :class:`~bridge.attachments.pdf.Part`), within
+    ``limits`` as :func:`extract` would read the whole file (each part with the whole text
+    budget: :func:`merge_parts` caps the total), for :func:`merge_parts`.
+
+    The caller splits only what :func:`~bridge.attachments.sniff.is_pdf` accepts (what
+    :func:`sniff` calls a PDF); anything else is answered as malformed, never read."""
+    too_large = _too_large(data, limits)
+    if too_large is not None:
+        return too_large
+    if not is_pdf(data):
+        return Extraction(FileType.UNKNOWN, reason=Unreadable.MALFORMED, detail="not a PDF")
+    out = TextBudget(limits.max_text_chars)
+    problem: LimitHit | None = None
+    try:
+        extract_pdf(data, out, part)
+    except LimitHit as hit:
+        problem = hit
+    return Extraction(
+        FileType.PDF,
+        "".join(out.parts),
+        None if problem is None else problem.reason,
+        "" if problem is None else problem.detail,
+        out.truncated,
+        (FileType.PDF,),
+    )
+
+
+#: Which reason a file read in parts reports when its parts report different ones: the
+#: one that refuses by default first (a part over its bounds, then a password).
+_SEVERITY = (
+    Unreadable.LIMIT,
+    Unreadable.ENCRYPTED,
+    Unreadable.MALFORMED,
+    Unreadable.TOO_LARGE,
+    Unreadable.UNKNOWN_TYPE,
+)
+
+
+def merge_parts(parts: Sequence[Extraction], limits: Limits) -> Extraction:
+    """One extraction from the extractions of a file's parts, in page order: their text
+    joined and capped at ``limits.max_text_chars``, ended as :func:`extract` ends a file; the
+    most severe reason of any part (the first part's detail for it).
+
+    A part that hit a bound of time or memory (``LIMIT``: its process was killed or ran out
+    of memory, nothing of it was read) makes the whole file that result, text and all, as a
+    single process that hit it would have answered."""
+    if not parts:
+        raise ValueError("no parts")
+    over = next((p for p in parts if p.reason is Unreadable.LIMIT), None)
+    if over is not None:
+        return over
+    out = TextBudget(limits.max_text_chars)
+    for part in parts:
+        out.add(part.text)
+    if out.parts and not out.full:
+        out.add("\n")  # as _Walk.file ends a file
+    # (severity, page order, reason, detail) of each part that was not all read
+    problems = [
+        (_SEVERITY.index(p.reason), i, p.reason, p.detail)
+        for i, p in enumerate(parts)
+        if p.reason is not None
+    ]
+    worst = min(problems, default=None)
+    first = parts[0]
+    return Extraction(
+        first.file_type,
+        "".join(out.parts),
+        None if worst is None else worst[2],
+        "" if worst is None else worst[3],
+        out.truncated or any(p.truncated for p in parts),
+        first.types,
     )

@@ -16,9 +16,15 @@ PDFium abort the process, which the pool reports as the memory limit and replace
 parser that does not finish is killed at the timeout. A page PDFium cannot load (a page
 tree or object nested too deeply, a damaged page) is skipped and reported as malformed;
 the other pages are still read.
+
+A long PDF may be read in parts, each by its own extraction process (:class:`Part`): every
+part opens the whole document and counts its pages itself, then reads only its share of
+them; the first part also reads the document information.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
@@ -30,8 +36,29 @@ from bridge.attachments.limits import LimitHit, TextBudget
 _INFO_KEYS = ("Title", "Author", "Subject", "Keywords", "Creator", "Producer")
 
 
-def extract_pdf(data: bytes, out: TextBudget) -> None:
-    """Add the text of the PDF ``data`` to ``out`` (also its document information)."""
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Part ``index`` of ``count`` of a PDF of N pages: pages ``[index * N // count,
+    (index + 1) * N // count)``; part 0 also reads the document information."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"part {self.index} of {self.count}")
+
+    def pages(self, total: int) -> range:
+        """The page indexes of this part in a document of ``total`` pages."""
+        return range(self.index * total // self.count, (self.index + 1) * total // self.count)
+
+
+WHOLE = Part(0, 1)
+
+
+def extract_pdf(data: bytes, out: TextBudget, part: Part = WHOLE) -> None:
+    """Add the text of the PDF ``data`` to ``out`` (also its document information): of the
+    pages of ``part``, by default all of them."""
     try:
         doc = pdfium.PdfDocument(data)
     except pdfium.PdfiumError as e:
@@ -39,18 +66,22 @@ def extract_pdf(data: bytes, out: TextBudget) -> None:
             raise LimitHit(Unreadable.ENCRYPTED, "PDF needs a password") from None
         raise LimitHit(Unreadable.MALFORMED, "PDF unreadable (PDFium could not load it)") from None
     try:
-        _read(doc, out)
+        _read(doc, out, part)
     finally:
         doc.close()
 
 
-def _read(doc: pdfium.PdfDocument, out: TextBudget) -> None:
-    info = doc.get_metadata_dict(skip_empty=True)
-    values = [info[key] for key in _INFO_KEYS if key in info]
-    if values:
-        out.add(" ".join(values) + "\n")
+def _read(doc: pdfium.PdfDocument, out: TextBudget, part: Part) -> None:
+    if part.index == 0:
+        info = doc.get_metadata_dict(skip_empty=True)
+        values = [info[key] for key in _INFO_KEYS if key in info]
+        if values:
+            out.add(" ".join(values) + "\n")
     bad_pages = 0
-    for index in range(len(doc)):
+    for index in part.pages(len(doc)):
+        if out.full:
+            out.truncated = True  # pages left unread, even when the budget was spent exactly
+            return
         try:
             page = doc[index]
         except pdfium.PdfiumError:
@@ -66,7 +97,5 @@ def _read(doc: pdfium.PdfDocument, out: TextBudget) -> None:
             bad_pages += 1
         finally:
             page.close()
-        if out.full:
-            return
     if bad_pages:
         raise LimitHit(Unreadable.MALFORMED, f"PDF: {bad_pages} page(s) could not be read")

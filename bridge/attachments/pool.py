@@ -7,6 +7,14 @@ of the bridge's state, threads or sockets) that takes one file at a time over a 
 call that overruns its timeout gets its worker killed and replaced; a worker that dies
 (the kernel's OOM killer, a crash in a native library) is replaced too. Either way the
 call answers with a :class:`~bridge.attachments.kinds.Unreadable.LIMIT` extraction.
+
+A long PDF is read by several workers at once when they are idle (PDFium's text layout of
+each page is the cost, and it is single threaded): the bridge's process decides from cheap
+facts only (what :func:`~bridge.attachments.sniff.is_pdf` says of the first KiB, the size,
+how many workers are free with no other file waiting for one; nothing is parsed here), each
+worker reads its share of the pages (:class:`~bridge.attachments.pdf.Part`) within the same
+bounds of time, memory and text as for a whole file, and
+:func:`~bridge.attachments.extract.merge_parts` answers what one worker would have.
 """
 
 from __future__ import annotations
@@ -18,13 +26,16 @@ import multiprocessing
 import os
 import resource
 import time
+from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from bridge.attachments.extract import Extraction, extract
+from bridge.attachments.extract import Extraction, extract, extract_part, merge_parts
 from bridge.attachments.kinds import FileType, Unreadable
 from bridge.attachments.limits import Limits
+from bridge.attachments.pdf import Part
+from bridge.attachments.sniff import is_pdf
 
 log = logging.getLogger(__name__)
 
@@ -38,51 +49,79 @@ WARM_UP_S = 60.0
 #: socket-buffer-sized writes between the two processes (≈ 2 ms less for 1 MB here).
 MEMFD_MIN_BYTES = 64 * 1024
 _MEMFD = hasattr(os, "memfd_create")
-_INLINE, _MEMFILE = "inline", "memfile"
+
+#: A PDF at least this large may be read by several workers at once, each part at least
+#: half of this much of the file (so from this size in two parts): below it, starting a
+#: second worker on the file costs more than it saves.
+SPLIT_MIN_BYTES = 256 * 1024
 
 
-def _send_file(conn: Connection, data: bytes, limits: Limits, pid: int) -> None:
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What a worker is asked to do with one file: read it within ``limits``; with a
+    ``part``, only that part of a PDF's pages (for :func:`merge_parts`)."""
+
+    limits: Limits
+    part: Part | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    """A job on the pipe: the file inline, or (``inline`` None) ``size`` bytes in a memory
+    file whose descriptor follows."""
+
+    job: Job
+    inline: bytes | None
+    size: int
+
+
+def _send_file(conn: Connection, data: bytes, job: Job, pid: int) -> None:
     """Send one job: small files (or without memfd) pickled, others as a memory file."""
     if not _MEMFD or len(data) < MEMFD_MIN_BYTES:
-        conn.send((_INLINE, data, limits))
+        conn.send(_Envelope(job, data, len(data)))
         return
     fd = os.memfd_create("attachment", os.MFD_CLOEXEC)
     try:
         with open(fd, "wb", closefd=False) as f:
             f.write(data)
-        conn.send((_MEMFILE, len(data), limits))
+        conn.send(_Envelope(job, None, len(data)))
         reduction.send_handle(conn, fd, pid)
     finally:
         os.close(fd)
 
 
-def _receive_file(conn: Connection) -> tuple[bytes, Limits]:
+def _receive_file(conn: Connection) -> tuple[bytes, Job]:
     """The worker's side of :func:`_send_file`."""
-    how, payload, limits = conn.recv()
-    if how == _INLINE:
-        return payload, limits
+    envelope = conn.recv()
+    if not isinstance(envelope, _Envelope):
+        raise EOFError("not a job")  # only the pool writes to this pipe
+    if envelope.inline is not None:
+        return envelope.inline, envelope.job
     fd = reduction.recv_handle(conn)
     try:
         with open(fd, "rb", closefd=False) as f:
             f.seek(0)  # the descriptor shares the sender's offset, which is at the end
-            return f.read(payload), limits
+            return f.read(envelope.size), envelope.job
     finally:
         os.close(fd)
 
 
 def _serve(conn: Connection, memory_bytes: int) -> None:
-    """A worker's loop: (data, limits) in, Extraction out, until the pipe closes."""
+    """A worker's loop: (data, job) in, Extraction out, until the pipe closes."""
     if memory_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     # A native reader (PDFium) aborts when an allocation fails: no core file of that size.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     while True:
         try:
-            data, limits = _receive_file(conn)
+            data, job = _receive_file(conn)
         except (EOFError, OSError):
             return
         try:
-            result = extract(data, limits)
+            if job.part is None:
+                result = extract(data, job.limits)
+            else:
+                result = extract_part(data, job.limits, job.part)
         except MemoryError:
             result = Extraction(FileType.UNKNOWN, reason=Unreadable.LIMIT, detail="memory limit")
         except RecursionError:
@@ -107,13 +146,13 @@ class _Worker:
         self.process.start()
         child.close()
 
-    def call(self, data: bytes, limits: Limits) -> Extraction | None:
-        """Extract in this worker; None when it overran ``limits.timeout_s`` or died."""
+    def call(self, data: bytes, job: Job) -> Extraction | None:
+        """Extract in this worker; None when it overran ``job.limits.timeout_s`` or died."""
         try:
             pid = self.process.pid
             assert pid is not None
-            _send_file(self.conn, data, limits, pid)
-            if self.conn.poll(limits.timeout_s):
+            _send_file(self.conn, data, job, pid)
+            if self.conn.poll(job.limits.timeout_s):
                 result = self.conn.recv()
                 if isinstance(result, Extraction):
                     return result
@@ -128,19 +167,48 @@ class _Worker:
             self.conn.close()
 
 
-class ExtractionPool:
-    """``size`` worker processes; :meth:`extract` waits for a free one."""
+def _cpus() -> int:
+    """The CPUs this process may run on: more parts than that are read no sooner."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
-    def __init__(self, size: int, memory_bytes: int) -> None:
+
+class ExtractionPool:
+    """``size`` worker processes; :meth:`extract` waits for a free one, or reads a long PDF
+    with every free one (see the module's docstring).
+
+    ``split_min_bytes`` (default :data:`SPLIT_MIN_BYTES`) and ``max_parts`` (default: the
+    CPUs this process may use) bound that split."""
+
+    def __init__(
+        self,
+        size: int,
+        memory_bytes: int,
+        *,
+        split_min_bytes: int = SPLIT_MIN_BYTES,
+        max_parts: int | None = None,
+    ) -> None:
         self.size = size
         self.memory_bytes = memory_bytes
+        self.split_min_bytes = max(1, split_min_bytes)
+        self.max_parts = _cpus() if max_parts is None else max_parts
         self._idle: asyncio.Queue[_Worker] | None = None
         self._all: list[_Worker] = []
+        self._waiting = 0  # calls waiting for a worker: a split never takes the one they get
+        self._replacing: set[asyncio.Task[None]] = set()
         self.replaced = 0
+        self.split = 0  # files read by several workers at once
+
+    @property
+    def idle(self) -> int:
+        """How many workers are free right now."""
+        return 0 if self._idle is None else self._idle.qsize()
 
     def _ready(self) -> _Worker:
         worker = self._start()
-        if worker.call(b"", Limits(timeout_s=WARM_UP_S)) is None:
+        if worker.call(b"", Job(Limits(timeout_s=WARM_UP_S))) is None:
             # Its late answer must never be taken for the next file's: start another.
             log.warning("an attachment extraction worker did not start in %g s", WARM_UP_S)
             return self._replace(worker)
@@ -167,31 +235,88 @@ class ExtractionPool:
         """Read ``data`` within ``limits``; returns the extraction and the seconds it took."""
         if self._idle is None:
             await self.start()
-        assert self._idle is not None
-        worker = await self._idle.get()
+        idle = self._idle
+        assert idle is not None
+        parts = self._parts(data, limits)
+        if parts > 1:
+            workers = [idle.get_nowait() for _ in range(parts)]  # free: checked just now
+            jobs = [Job(limits, Part(i, parts)) for i in range(parts)]
+            self.split += 1
+        else:
+            self._waiting += 1
+            try:
+                workers = [await idle.get()]
+            finally:
+                self._waiting -= 1
+            jobs = [Job(limits)]
         started = time.perf_counter()
-        try:
-            result = await asyncio.to_thread(worker.call, data, limits)
-        except BaseException:  # cancelled: the worker may still be busy with this file
-            self._idle.put_nowait(await asyncio.to_thread(self._replace, worker))
-            raise
+        results = await self._run(workers, data, jobs)
         elapsed = time.perf_counter() - started
-        if result is None:
-            dead = not worker.process.is_alive()
-            worker = await asyncio.to_thread(self._replace, worker)
+        return (results[0] if parts == 1 else merge_parts(results, limits)), elapsed
+
+    def _parts(self, data: bytes, limits: Limits) -> int:
+        """How many workers read ``data`` at once: 1; for a PDF of at least
+        ``split_min_bytes`` (within ``limits``), every worker free now that no other call is
+        waiting for, up to ``max_parts`` and one per half ``split_min_bytes`` of the file.
+        Cheap facts only: the file is not parsed in this process."""
+        size = len(data)
+        if size < self.split_min_bytes or size > limits.max_file_bytes or not is_pdf(data):
+            return 1
+        free = self.idle - self._waiting
+        return max(1, min(free, self.max_parts, size * 2 // self.split_min_bytes))
+
+    async def _run(self, workers: list[_Worker], data: bytes, jobs: list[Job]) -> list[Extraction]:
+        """Run each job in its worker, all at once; give the workers back, replacing each
+        that gave no answer (overran its time, died, or its call was cancelled: it may still
+        be busy with the file)."""
+        calls = [asyncio.to_thread(w.call, data, job) for w, job in zip(workers, jobs, strict=True)]
+        answers: list[Extraction | None] = [None] * len(workers)
+        try:
+            answers = await asyncio.gather(*calls)
+            # (evaluated before the finally below replaces a worker that died)
+            answered = zip(workers, answers, jobs, strict=True)
+            return [self._answer(w, a, job.limits) for w, a, job in answered]
+        finally:
+            unsound = [w for w, a in zip(workers, answers, strict=True) if a is None]
+            for w, a in zip(workers, answers, strict=True):
+                if a is not None:
+                    self._give_back(w)
+            if unsound:
+                # In a task of its own: a second cancellation while waiting for it does not
+                # leave a worker out of the pool.
+                task = asyncio.create_task(self._replace_all(unsound))
+                self._replacing.add(task)
+                task.add_done_callback(self._replacing.discard)
+                await asyncio.shield(task)
+
+    @staticmethod
+    def _answer(worker: _Worker, answer: Extraction | None, limits: Limits) -> Extraction:
+        if answer is not None:
+            return answer
+        detail = (
+            "extraction ran out of memory"
+            if not worker.process.is_alive()
+            else f"extraction took longer than {limits.timeout_s:g} s"
+        )
+        return Extraction(FileType.UNKNOWN, reason=Unreadable.LIMIT, detail=detail)
+
+    def _give_back(self, worker: _Worker) -> None:
+        if self._idle is not None:
             self._idle.put_nowait(worker)
-            detail = (
-                "extraction ran out of memory"
-                if dead
-                else f"extraction took longer than {limits.timeout_s:g} s"
-            )
-            return Extraction(FileType.UNKNOWN, reason=Unreadable.LIMIT, detail=detail), elapsed
-        self._idle.put_nowait(worker)
-        return result, elapsed
+        else:  # the pool was closed while it worked (a replacement started after close())
+            worker.kill()
+
+    async def _replace_all(self, workers: list[_Worker]) -> None:
+        for worker in workers:
+            if self._idle is None:
+                worker.kill()  # closed meanwhile: no replacement
+            else:
+                self._give_back(await asyncio.to_thread(self._replace, worker))
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
-        self._all.remove(worker)
+        with contextlib.suppress(ValueError):  # close() may have forgotten it already
+            self._all.remove(worker)
         self.replaced += 1
         log.warning("attachment extraction worker replaced (overran its bounds)")
         return self._start()

@@ -72,12 +72,18 @@ def _looks_like_text(head: bytes) -> bool:
     return controls <= len(head) // 100
 
 
+def is_pdf(data: bytes) -> bool:
+    """Whether :func:`sniff` calls ``data`` a PDF (the marker in its first KiB: nothing is
+    parsed, so the bridge's process may ask)."""
+    return b"%PDF-" in data[:1024]
+
+
 def sniff(data: bytes) -> FileType:
     """The type of ``data`` from its content."""
     if not data:
         return FileType.EMPTY
     head = data[:_HEAD]
-    if b"%PDF-" in head[:1024]:
+    if is_pdf(head):
         return FileType.PDF
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return zip_type(data)
@@ -98,6 +104,6 @@ def textless(data: bytes) -> FileType | None:
     if not data:
         return FileType.EMPTY
     head = data[:_HEAD]
-    if b"%PDF-" in head[:1024] or head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    if is_pdf(head) or head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return None
     return FileType.MEDIA if _is_media(head) else None

@@ -31,6 +31,7 @@ from helpers import bot_notices, bot_replies, notice_invite, sync_token
 from matrix_client import MatrixError, MatrixTestClient, wait_for
 from synapse_fixtures import require_synapse
 
+from bridge.attachments.pool import SPLIT_MIN_BYTES
 from bridge.dev.devstack import BridgeProcess, DevStack, prepare_stack
 from tests.kit import documents as d
 
@@ -209,6 +210,22 @@ async def test_the_uploader_is_told_why_in_a_policy_notice(media_stack: MediaSta
     ref = body.split("(reference ", 1)[1].split(")", 1)[0]
     record = newest(media_stack, path="gate", file_type="docx")
     assert record["ref"] == ref  # the audit record of the refusal names the same reference
+
+
+async def test_a_long_pdf_read_in_parts_is_refused_for_a_card_on_its_last_page(
+    media_stack: MediaStack,
+) -> None:
+    # Long enough that the bridge's two extraction workers, idle here, each read half of
+    # its pages (bridge/attachments/pool.py); the card is on the last one.
+    pages = [f"page {i}: " + "minutes of the meeting " * 40 for i in range(300)]
+    data = d.pdf(*pages, f"pay with {CARD} by friday", info_title="Long minutes")
+    assert SPLIT_MIN_BYTES <= len(data) <= MIB
+    async with media_stack.client(media_stack.new_user("longreader")) as u:
+        err = await refused(u, data, "minutes.pdf", PDF)
+        assert (err.status, err.errcode) == (400, "M_UNKNOWN")
+    record = newest(media_stack, path="gate", file_type="pdf", size=len(data))
+    assert record["outcome"] == "blocked" and record["rule"] == "detector:card"
+    assert record["unreadable"] is None
 
 
 def _peak_rss(pid: int) -> int:

@@ -77,8 +77,10 @@ async def test_start_waits_for_each_worker_and_replaces_one_that_does_not_answer
     real = pool_module._Worker.call
     answers: list[object] = []
 
-    def first_call_unanswered(self: pool_module._Worker, data: bytes, limits: Limits) -> object:
-        result = real(self, data, limits)
+    def first_call_unanswered(
+        self: pool_module._Worker, data: bytes, job: pool_module.Job
+    ) -> object:
+        result = real(self, data, job)
         answers.append(result)
         return None if len(answers) == 1 else result
 

@@ -75,3 +75,9 @@ def test_document_information_and_every_page_are_read() -> None:
     assert result.read
     assert "Codename Osprey" in result.text and "first page" in result.text
     assert CARD in result.text
+
+
+def test_pages_left_unread_count_as_truncated_when_the_budget_is_spent_exactly() -> None:
+    # "one\n" + "two\n" fills 8 characters exactly; "three" was never read.
+    result = extract(d.pdf("one", "two", "three"), Limits(max_text_chars=8))
+    assert result.text == "one\ntwo\n" and result.truncated
