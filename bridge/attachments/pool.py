@@ -44,9 +44,11 @@ _CTX = multiprocessing.get_context("spawn")
 WARM_UP_S = 60.0
 
 
-#: Files at least this large go to the worker in a memory file (its descriptor passed over
-#: the socket), not through the pipe: one copy in, one out, and no back-and-forth of
-#: socket-buffer-sized writes between the two processes (≈ 2 ms less for 1 MB here).
+#: Files at least this large go to the workers in a memory file (its descriptor passed over
+#: the socket, written once however many workers read it), not through the pipe: one copy
+#: in, one out, and no back-and-forth of socket-buffer-sized writes between the two
+#: processes (≈ 2 ms less for 1 MB here). A file of Synapse's media store goes the same
+#: way, by its own descriptor (:class:`FileRef`): not even read in the bridge's process.
 MEMFD_MIN_BYTES = 64 * 1024
 _MEMFD = hasattr(os, "memfd_create")
 
@@ -66,8 +68,20 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class FileRef:
+    """An open file handed to the workers by its descriptor (a memory file, or a file of
+    Synapse's media store): never read in the bridge's process. ``head`` is its first
+    bytes, for the cheap decisions made here. The caller keeps the descriptor open for the
+    call and closes it."""
+
+    fd: int
+    size: int
+    head: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class _Envelope:
-    """A job on the pipe: the file inline, or (``inline`` None) ``size`` bytes in a memory
+    """A job on the pipe: the file inline, or (``inline`` None) ``size`` bytes of the
     file whose descriptor follows."""
 
     job: Job
@@ -75,19 +89,38 @@ class _Envelope:
     size: int
 
 
-def _send_file(conn: Connection, data: bytes, job: Job, pid: int) -> None:
-    """Send one job: small files (or without memfd) pickled, others as a memory file."""
-    if not _MEMFD or len(data) < MEMFD_MIN_BYTES:
-        conn.send(_Envelope(job, data, len(data)))
-        return
+def _memory_file(data: bytes) -> FileRef:
+    """``data`` in a memory file (written once, however many workers read it)."""
     fd = os.memfd_create("attachment", os.MFD_CLOEXEC)
     try:
         with open(fd, "wb", closefd=False) as f:
             f.write(data)
-        conn.send(_Envelope(job, None, len(data)))
-        reduction.send_handle(conn, fd, pid)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return FileRef(fd, len(data), data[:1024])
+
+
+def _send_file(conn: Connection, source: bytes | FileRef, job: Job, pid: int) -> None:
+    """Send one job: the bytes pickled, or the descriptor of the open file."""
+    if isinstance(source, bytes):
+        conn.send(_Envelope(job, source, len(source)))
+        return
+    conn.send(_Envelope(job, None, source.size))
+    reduction.send_handle(conn, source.fd, pid)
+
+
+def read_at(fd: int, size: int) -> bytes:
+    """``size`` bytes from offset 0 (the descriptor's own offset is shared: not used)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        chunk = os.pread(fd, size - got, got)
+        if not chunk:
+            break  # shorter than announced: read what is there
+        parts.append(chunk)
+        got += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _receive_file(conn: Connection) -> tuple[bytes, Job]:
@@ -99,9 +132,7 @@ def _receive_file(conn: Connection) -> tuple[bytes, Job]:
         return envelope.inline, envelope.job
     fd = reduction.recv_handle(conn)
     try:
-        with open(fd, "rb", closefd=False) as f:
-            f.seek(0)  # the descriptor shares the sender's offset, which is at the end
-            return f.read(envelope.size), envelope.job
+        return read_at(fd, envelope.size), envelope.job
     finally:
         os.close(fd)
 
@@ -146,12 +177,12 @@ class _Worker:
         self.process.start()
         child.close()
 
-    def call(self, data: bytes, job: Job) -> Extraction | None:
+    def call(self, source: bytes | FileRef, job: Job) -> Extraction | None:
         """Extract in this worker; None when it overran ``job.limits.timeout_s`` or died."""
         try:
             pid = self.process.pid
             assert pid is not None
-            _send_file(self.conn, data, job, pid)
+            _send_file(self.conn, source, job, pid)
             if self.conn.poll(job.limits.timeout_s):
                 result = self.conn.recv()
                 if isinstance(result, Extraction):
@@ -231,13 +262,23 @@ class ExtractionPool:
             idle.put_nowait(w)
         self._idle = idle
 
-    async def extract(self, data: bytes, limits: Limits) -> tuple[Extraction, float]:
-        """Read ``data`` within ``limits``; returns the extraction and the seconds it took."""
+    async def extract(self, source: bytes | FileRef, limits: Limits) -> tuple[Extraction, float]:
+        """Read ``source`` (the bytes, or an open file) within ``limits``; returns the
+        extraction and the seconds it took."""
+        if isinstance(source, bytes) and _MEMFD and len(source) >= MEMFD_MIN_BYTES:
+            memory = _memory_file(source)
+            try:
+                return await self._extract(memory, limits)
+            finally:
+                os.close(memory.fd)
+        return await self._extract(source, limits)
+
+    async def _extract(self, source: bytes | FileRef, limits: Limits) -> tuple[Extraction, float]:
         if self._idle is None:
             await self.start()
         idle = self._idle
         assert idle is not None
-        parts = self._parts(data, limits)
+        parts = self._parts(source, limits)
         if parts > 1:
             workers = [idle.get_nowait() for _ in range(parts)]  # free: checked just now
             jobs = [Job(limits, Part(i, parts)) for i in range(parts)]
@@ -250,26 +291,32 @@ class ExtractionPool:
                 self._waiting -= 1
             jobs = [Job(limits)]
         started = time.perf_counter()
-        results = await self._run(workers, data, jobs)
+        results = await self._run(workers, source, jobs)
         elapsed = time.perf_counter() - started
         return (results[0] if parts == 1 else merge_parts(results, limits)), elapsed
 
-    def _parts(self, data: bytes, limits: Limits) -> int:
+    def _parts(self, source: bytes | FileRef, limits: Limits) -> int:
         """How many workers read ``data`` at once: 1; for a PDF of at least
         ``split_min_bytes`` (within ``limits``), every worker free now that no other call is
         waiting for, up to ``max_parts`` and one per half ``split_min_bytes`` of the file.
         Cheap facts only: the file is not parsed in this process."""
-        size = len(data)
-        if size < self.split_min_bytes or size > limits.max_file_bytes or not is_pdf(data):
+        size, head = (
+            (len(source), source) if isinstance(source, bytes) else (source.size, source.head)
+        )
+        if size < self.split_min_bytes or size > limits.max_file_bytes or not is_pdf(head):
             return 1
         free = self.idle - self._waiting
         return max(1, min(free, self.max_parts, size * 2 // self.split_min_bytes))
 
-    async def _run(self, workers: list[_Worker], data: bytes, jobs: list[Job]) -> list[Extraction]:
+    async def _run(
+        self, workers: list[_Worker], source: bytes | FileRef, jobs: list[Job]
+    ) -> list[Extraction]:
         """Run each job in its worker, all at once; give the workers back, replacing each
         that gave no answer (overran its time, died, or its call was cancelled: it may still
         be busy with the file)."""
-        calls = [asyncio.to_thread(w.call, data, job) for w, job in zip(workers, jobs, strict=True)]
+        calls = [
+            asyncio.to_thread(w.call, source, job) for w, job in zip(workers, jobs, strict=True)
+        ]
         answers: list[Extraction | None] = [None] * len(workers)
         try:
             answers = await asyncio.gather(*calls)

@@ -35,12 +35,24 @@ class StoredFileError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StoredFile:
-    """What was read: the bytes (empty when over the cap; only the head when ``done`` said
-    the head was enough) and the file's size."""
+    """A file of the store, opened: its size and first bytes (the whole of a file of at
+    most :data:`HEAD_BYTES`), and, when the rest is to be read, the open descriptor (the
+    caller closes it with :meth:`close`; the extraction workers read it themselves)."""
 
-    data: bytes
     size: int
-    over: bool = False
+    head: bytes = b""
+    over: bool = False  # larger than the cap: not read at all
+    fd: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether ``head`` is the whole file."""
+        return len(self.head) == self.size
+
+    def close(self) -> None:
+        """Close the descriptor, if one is open."""
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def locate(synapse_root: Path, local_root: Path, reported: str) -> Path:
@@ -65,12 +77,13 @@ def locate(synapse_root: Path, local_root: Path, reported: str) -> Path:
     return local_root.joinpath(*inside.parts)
 
 
-def read_stored(
+def open_stored(
     path: Path, cap: int, done: Callable[[bytes], bool] = lambda head: False
 ) -> StoredFile:
-    """Up to ``cap`` bytes of the regular file at ``path`` (not read at all when it is
-    larger; only its first :data:`HEAD_BYTES` when ``done`` says they tell enough);
-    :class:`StoredFileError` when it cannot be opened or is not a regular file."""
+    """Open the regular file at ``path`` and read its first :data:`HEAD_BYTES`; keep it
+    open unless it is larger than ``cap`` (not read at all), no larger than its head, or
+    ``done`` says its head tells enough. :class:`StoredFileError` when it cannot be opened
+    or is not a regular file."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
@@ -78,24 +91,22 @@ def read_stored(
         raise StoredFileError("no such file in the shared media store") from None
     except OSError as e:
         raise StoredFileError(f"cannot open the file ({e.__class__.__name__})") from None
+    keep = False
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise StoredFileError("not a regular file")
         if info.st_size > cap:
-            return StoredFile(b"", info.st_size, over=True)
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            head = f.read(HEAD_BYTES)
-            if len(head) < HEAD_BYTES:
-                data = head
-            elif done(head):
-                return StoredFile(head, info.st_size)
-            else:  # the rest by its size, not the cap: read(n) first allocates n bytes
-                data = head + f.read(max(info.st_size - HEAD_BYTES, 0) + 1)
+            return StoredFile(info.st_size, over=True)
+        head = os.pread(fd, HEAD_BYTES, 0)
+        if len(head) < HEAD_BYTES:
+            return StoredFile(len(head), head)
+        if done(head):
+            return StoredFile(info.st_size, head)
+        keep = True
+        return StoredFile(info.st_size, head, fd=fd)
     except OSError as e:
         raise StoredFileError(f"cannot read the file ({e.__class__.__name__})") from None
     finally:
-        os.close(fd)
-    if len(data) > cap:  # it grew past the cap after fstat: over, like a long body
-        return StoredFile(b"", len(data), over=True)
-    return StoredFile(data, len(data))
+        if not keep:
+            os.close(fd)

@@ -47,8 +47,8 @@ from bridge.archive.sink import AuditSink
 from bridge.attachments.decide import MediaVerdict, decide
 from bridge.attachments.extract import Extraction
 from bridge.attachments.kinds import FileType, Outcome, Unreadable
-from bridge.attachments.pool import ExtractionPool
-from bridge.attachments.shared_store import StoredFile, StoredFileError, locate, read_stored
+from bridge.attachments.pool import ExtractionPool, FileRef, read_at
+from bridge.attachments.shared_store import StoredFile, StoredFileError, locate, open_stored
 from bridge.attachments.sniff import textless
 from bridge.audit.kinds import AuditKind
 from bridge.config import AttachmentsConfig
@@ -144,21 +144,26 @@ async def sha256_hex(data: bytes) -> str:
     return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
 
 
-async def read_shared(cfg: AttachmentsConfig, reported: str) -> StoredFile:
-    """The file Synapse named, read from the shared media store (up to the cap), or
-    :class:`StoredFileError`."""
+def open_shared(cfg: AttachmentsConfig, reported: str) -> StoredFile:
+    """The file Synapse named, opened in the shared media store (a local open, as the
+    module's own), or :class:`StoredFileError`."""
     shared = cfg.shared_media
     if shared is None:
         raise StoredFileError("this bridge has no attachments.shared_media_store")
     local = locate(shared.synapse_path, shared.path, reported)
-    cap = cfg.limits.max_file_bytes
 
     def enough(head: bytes) -> bool:  # an image or a video: its head says all we read
         return textless(head) is not None
 
-    if cap <= INLINE_IO_BYTES:
-        return read_stored(local, cap, enough)
-    return await asyncio.to_thread(read_stored, local, cap, enough)
+    return open_stored(local, cfg.limits.max_file_bytes, enough)
+
+
+async def digest_of(source: bytes | FileRef) -> str:
+    """The file's SHA-256 for its audit record (on a thread when large)."""
+    if isinstance(source, bytes):
+        return await sha256_hex(source)
+    fd, size = source.fd, source.size
+    return await asyncio.to_thread(lambda: hashlib.sha256(read_at(fd, size)).hexdigest())
 
 
 def media_audit(
@@ -285,12 +290,13 @@ class MediaGate:
         cap = cfg.limits.max_file_bytes
         if (parsed.over_limit or parsed.path is not None) and await request.content.read(1):
             return matrix_error(400, "M_BAD_PARAM", "this call has an empty body")
-        size: int | None = None  # when not len(data)
+        stored: StoredFile | None = None
+        source: bytes | FileRef = b""
         if parsed.over_limit:
-            data, over = b"", True
+            over, size = True, parsed.length
         elif parsed.path is not None:
             try:
-                stored = await read_shared(cfg, parsed.path)
+                stored = open_shared(cfg, parsed.path)
             except StoredFileError as e:
                 log.warning(
                     "media gate: %s %s not read from the shared media store (%s); the module"
@@ -300,12 +306,32 @@ class MediaGate:
                     e,
                 )
                 return matrix_error(409, PATH_UNREADABLE, f"shared media store: {e}")
-            data, over, size = stored.data, stored.over, stored.size
-            parsed = replace(parsed, length=stored.size)
+            over, size = stored.over, stored.size
+            parsed = replace(parsed, length=size)
+            if stored.fd is not None:  # the workers read it by its descriptor
+                source = FileRef(stored.fd, size, stored.head[:1024])
+            else:
+                source = stored.head  # the whole file, or the head of an image or video
         else:
-            data, over = await read_capped(request, cap)
-        if size is None:
-            size = parsed.length if over else len(data)
+            source, over = await read_capped(request, cap)
+            size = parsed.length if over else len(source)
+        try:
+            return await self._judge(parsed, cfg, source, size, over, started)
+        finally:
+            if stored is not None:
+                stored.close()
+
+    async def _judge(
+        self,
+        parsed: MediaRequest,
+        cfg: AttachmentsConfig,
+        source: bytes | FileRef,
+        size: int,
+        over: bool,
+        started: float,
+    ) -> web.Response:
+        """Read, judge, record and answer for one received file."""
+        cap = cfg.limits.max_file_bytes
         if over:
             extraction = Extraction(
                 FileType.UNKNOWN,
@@ -313,15 +339,14 @@ class MediaGate:
                 detail=f"over the {cap} bytes read",
             )
             elapsed = 0.0
-        elif (known := textless(data)) is not None:  # images, audio, video: no reader
-            extraction, elapsed = Extraction(known, types=(known,)), 0.0
+        elif isinstance(source, bytes) and (known := textless(source)) is not None:
+            extraction, elapsed = Extraction(known, types=(known,)), 0.0  # images, audio, video
         else:
-            extraction, elapsed = await self.pool.extract(data, cfg.limits)
+            extraction, elapsed = await self.pool.extract(source, cfg.limits)
         verdict = await judge(extraction, self.engine(), None, cfg)
         # Hashed only for a record: an allowed file without findings needs no digest.
         recorded = verdict.outcome is not Outcome.ALLOWED or bool(verdict.findings)
-        digest = await sha256_hex(data) if recorded and data else ""
-        del data
+        digest = await digest_of(source) if recorded and not over else ""
         ftype = str(extraction.file_type)
         metrics.MEDIA_CHECKS.labels("gate", str(verdict.outcome), ftype).inc()
         if elapsed:

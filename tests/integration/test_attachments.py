@@ -414,6 +414,8 @@ async def test_uploads_named_by_path_are_read_from_the_media_store_and_judged(
             ("invoice.pdf", d.pdf("Invoice", f"pay with {CARD}"), PDF, "pdf"),
             ("memo.docx", d.docx("memo", f"card {CARD}"), DOCX, "docx"),
             ("bundle.zip", d.zip_of({"a/card.txt": CARD.encode()}), ZIP, "zip"),
+            # Larger than the head the bridge reads itself: its workers read it by descriptor.
+            ("minutes.pdf", d.pdf(*["minutes " * 300] * 30, f"card {CARD}"), PDF, "pdf"),
         ):
             err = await refused(u, data, name, ctype)
             assert err.status == 400, name

@@ -4,12 +4,13 @@ memory is killed and replaced (the call answers with a limit) while the pool kee
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from bridge.attachments.kinds import FileType, Unreadable
 from bridge.attachments.limits import MIB, Limits
-from bridge.attachments.pool import ExtractionPool
+from bridge.attachments.pool import ExtractionPool, FileRef
 from tests.kit import documents as d
 
 
@@ -95,3 +96,27 @@ async def test_start_waits_for_each_worker_and_replaces_one_that_does_not_answer
         assert result.text.strip() == "after the warm-up"
     finally:
         p.close()
+
+
+async def test_an_open_file_is_read_by_its_descriptor_whole_or_in_parts(tmp_path: Path) -> None:
+    """A file of the shared media store goes to the workers by descriptor (FileRef): the
+    same extraction as from its bytes, also when a long PDF is split between two workers;
+    the descriptor's own offset does not matter (the workers read from offset 0)."""
+    pages = [f"page {i}: " + "minutes of the meeting " * 40 for i in range(300)]
+    long_pdf = d.pdf(*pages, "pay with 4111 1111 1111 1111")
+    pool = ExtractionPool(2, 512 * MIB, max_parts=2)
+    await pool.start()
+    try:
+        for data in (d.docx("by descriptor " * 2000), long_pdf):
+            path = tmp_path / "stored"
+            path.write_bytes(data)
+            with path.open("rb") as f:
+                f.seek(123)
+                ref = FileRef(f.fileno(), len(data), data[:1024])
+                by_fd, _ = await pool.extract(ref, Limits())
+            by_bytes, _ = await pool.extract(data, Limits())
+            assert by_fd == by_bytes and by_fd.text
+        assert pool.split == 2  # the long PDF, both times
+        assert "4111 1111 1111 1111" in by_fd.text
+    finally:
+        pool.close()

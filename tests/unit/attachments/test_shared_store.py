@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from bridge.attachments.pool import read_at
 from bridge.attachments.shared_store import (
     HEAD_BYTES,
     StoredFileError,
     locate,
-    read_stored,
+    open_stored,
 )
 
 STORE = Path("/data/media_store")
@@ -44,19 +45,25 @@ def test_anything_else_is_refused(tmp_path: Path, reported: str) -> None:
         locate(STORE, tmp_path, reported)
 
 
-def test_reads_the_whole_file_or_only_its_head_when_that_is_enough(tmp_path: Path) -> None:
+def test_a_file_is_kept_open_unless_its_head_is_all_or_enough(tmp_path: Path) -> None:
     path = tmp_path / "f"
     data = b"x" * (3 * HEAD_BYTES)
     path.write_bytes(data)
-    whole = read_stored(path, cap=len(data))
-    assert (whole.data, whole.size, whole.over) == (data, len(data), False)
-    head = read_stored(path, cap=len(data), done=lambda h: h.startswith(b"x"))
-    assert (head.data, head.size, head.over) == (data[:HEAD_BYTES], len(data), False)
-    over = read_stored(path, cap=len(data) - 1)
-    assert (over.data, over.size, over.over) == (b"", len(data), True)
+    opened = open_stored(path, cap=len(data))
+    try:
+        assert opened.fd is not None and (opened.size, opened.over) == (len(data), False)
+        assert opened.head == data[:HEAD_BYTES] and read_at(opened.fd, opened.size) == data
+    finally:
+        opened.close()
+    enough = open_stored(path, cap=len(data), done=lambda h: h.startswith(b"x"))
+    assert enough.fd is None and enough.head == data[:HEAD_BYTES] and enough.size == len(data)
+    assert not enough.complete
+    over = open_stored(path, cap=len(data) - 1)
+    assert (over.fd, over.head, over.size, over.over) == (None, b"", len(data), True)
     small = tmp_path / "s"
     small.write_bytes(b"abc")
-    assert read_stored(small, cap=10, done=lambda h: True).data == b"abc"
+    whole = open_stored(small, cap=10, done=lambda h: False)
+    assert whole.fd is None and whole.head == b"abc" and whole.complete
 
 
 def test_directories_links_and_missing_files_are_errors(tmp_path: Path) -> None:
@@ -64,4 +71,4 @@ def test_directories_links_and_missing_files_are_errors(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "target")
     for name in ("link", "missing", "."):
         with pytest.raises(StoredFileError):
-            read_stored(tmp_path / name, cap=100)
+            open_stored(tmp_path / name, cap=100)

@@ -295,6 +295,19 @@ async def test_a_file_named_by_path_is_read_from_the_shared_store_and_judged(
     assert await post_path(shared.rig, harmless) == (200, {})
 
 
+async def test_a_larger_stored_file_is_read_by_the_workers_through_its_descriptor(
+    shared: SharedRig,
+) -> None:
+    pages = [f"page {i}: " + "minutes of the meeting " * 40 for i in range(40)]
+    data = d.pdf(*pages, f"card {CARD}")
+    assert len(data) > 4096  # more than the head read in the bridge's process
+    status, body = await post_path(shared.rig, shared.put("local_content/long", data))
+    assert status == 403 and "detector:card" in body["error"]
+    [record] = await media_records(shared.rig.store)
+    assert record["data"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert record["data"]["size"] == len(data)
+
+
 async def test_a_path_with_characters_to_encode_is_found(shared: SharedRig) -> None:
     status, _ = await post_path(shared.rig, shared.put("dir with spaces/é%/x", d.docx(CARD)))
     assert status == 403
