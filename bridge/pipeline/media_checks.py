@@ -19,8 +19,18 @@ Caching: the extraction cache (table ``media_cache``) maps the mxc URI to the fi
 digest, and the digest to what reading gave (type, why not read, whether it holds text),
 never the text. Texts stay in a bounded in-memory cache, so judging a file again by another
 room's rules costs a scan, not a download and an extraction; a file without text (images,
-the common case) is never fetched twice, even after a restart. Encrypted attachments
-(``content.file``) are ciphertext to the bridge: recorded as skipped, not fetched.
+the common case) is never fetched twice, even after a restart.
+
+End-to-end encrypted attachments (``content.file``, in encrypted rooms): the bot decrypted
+the message, so it holds the file's key. The check carries the key material (sealed in the
+queue, gone once the check ran); the ciphertext is fetched, its hash verified, decrypted
+(:mod:`bridge.e2ee.attachments`) and the plaintext judged like any file. A key or IV that
+does not decode, or a hash that does not match, is ``malformed`` (the text of a mismatched
+file is still judged: a client that skips the check would show it); a cipher or version
+other than A256CTR/v2 is ``encrypted`` (refused by default: no dodging the scan with a
+nonstandard cipher). Such a file is cached under its mxc AND a digest of its key material,
+never under the plain ``mxc:`` key: the same mxc posted first with a wrong key (noise,
+allowed) must not let a later post with the right key pass unread.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -45,11 +55,12 @@ from bridge.attachments.pool import ExtractionPool
 from bridge.audit.kinds import AuditKind
 from bridge.commands import Reply
 from bridge.config import Config
+from bridge.e2ee.attachments import ALGORITHM, VERSION, BadAttachment, open_attachment
 from bridge.pipeline import actions
 from bridge.policy.engine import PolicyEngine
 from bridge.policy.model import Action
 from bridge.store import AuditEntry, NewAction, Store
-from bridge.store.media import MediaCheck
+from bridge.store.media import FileKey, MediaCheck
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +71,18 @@ TEXT_CACHE_CHARS = 32 * 1024 * 1024
 _CHUNK = 256 * 1024
 
 
-def media_ref(event: Mapping[str, Any]) -> tuple[str | None, str]:
-    """``(mxc URI, "")`` for a message whose media the bridge can read; ``(None, why)`` for
-    one it cannot (why is "" when the event carries no media)."""
+@dataclass(frozen=True, slots=True)
+class MediaRef:
+    """The media a message refers to: its mxc URI, and the key when it is end-to-end
+    encrypted (``content.file``)."""
+
+    mxc: str
+    key: FileKey | None = None
+
+
+def media_ref(event: Mapping[str, Any]) -> tuple[MediaRef | None, str]:
+    """``(reference, "")`` for a message whose media the bridge can read; ``(None, why)``
+    for one it cannot (why is "" when the event carries no media)."""
     etype = event.get("type")
     content = event.get("content")
     if not isinstance(content, Mapping):
@@ -74,10 +94,38 @@ def media_ref(event: Mapping[str, Any]) -> tuple[str | None, str]:
         return None, ""
     url = content.get("url")
     if isinstance(url, str) and url.startswith("mxc://"):
-        return url, ""
-    if isinstance(content.get("file"), Mapping):
-        return None, "encrypted attachment (content.file): ciphertext to the bridge"
+        return MediaRef(url), ""
+    file = content.get("file")
+    if isinstance(file, Mapping):
+        return encrypted_ref(file)
     return None, ""
+
+
+def encrypted_ref(file: Mapping[str, Any]) -> tuple[MediaRef | None, str]:
+    """The reference of an ``EncryptedFile``, or ``(None, why)`` when nobody can decrypt
+    it (no mxc URL, no key or IV). A missing hash is left to the check (``malformed``, the
+    text still judged); a missing ``alg`` is read as A256CTR, as WebCrypto imports such a
+    key; the version is checked when the check runs."""
+    url = file.get("url")
+    if not (isinstance(url, str) and url.startswith("mxc://")):
+        return None, "encrypted attachment (content.file) without an mxc URL"
+    jwk = file.get("key")
+    k = jwk.get("k") if isinstance(jwk, Mapping) else None
+    iv = file.get("iv")
+    if not isinstance(k, str) or not isinstance(iv, str):
+        return None, "encrypted attachment (content.file) without its key or IV"
+    hashes = file.get("hashes")
+    sha256 = hashes.get("sha256") if isinstance(hashes, Mapping) else None
+    alg = jwk.get("alg", ALGORITHM) if isinstance(jwk, Mapping) else ALGORITHM
+    version = file.get("v")
+    key = FileKey(
+        k=k,
+        iv=iv,
+        sha256=sha256 if isinstance(sha256, str) else "",
+        alg=alg if isinstance(alg, str) else "",
+        v=version if isinstance(version, str) else "",
+    )
+    return MediaRef(url, key), ""
 
 
 def split_mxc(mxc: str) -> tuple[str, str] | None:
@@ -174,7 +222,10 @@ class MediaChecker:
         if check.room_id == self.management_room() or dlp.is_exempt(check.sender, check.room_id):
             await self._commit(check, [], None)
             return
-        extraction, digest, size = await self._read(check.mxc, cfg)
+        if check.key is None:
+            extraction, digest, size = await self._read(check.mxc, cfg)
+        else:
+            extraction, digest, size = await self._read_encrypted(check.mxc, check.key, cfg)
         verdict = decide(extraction, dlp, cfg.attachments.unreadable)
         metrics.MEDIA_CHECKS.labels("room", str(verdict.outcome), str(extraction.file_type)).inc()
         new, done = self._enforce(check, verdict, digest)
@@ -188,6 +239,7 @@ class MediaChecker:
                 data={
                     "path": "room",
                     "event_id": check.event_id,
+                    "e2ee": check.key is not None,
                     "outcome": str(verdict.outcome),
                     "sha256": digest,
                     "size": size,
@@ -236,7 +288,13 @@ class MediaChecker:
             kind=AuditKind.MEDIA,
             room_id=check.room_id,
             sender=check.sender,
-            data={"path": "room", "event_id": check.event_id, "outcome": "skipped", "why": why},
+            data={
+                "path": "room",
+                "event_id": check.event_id,
+                "e2ee": check.key is not None,
+                "outcome": "skipped",
+                "why": why,
+            },
         )
 
     async def _commit(
@@ -259,37 +317,81 @@ class MediaChecker:
     async def _read(self, mxc: str, cfg: Config) -> tuple[Extraction, str, int]:
         """The extraction of ``mxc``: from the caches when possible, else downloaded and
         read. Returns it with the file's digest and size."""
-        known = await self.store.media.cached(f"mxc:{mxc}")
+        hit = await self._cached(f"mxc:{mxc}")
+        if hit is not None:
+            return hit
+        fetched = await self.fetch(mxc, cfg.attachments.download_max_bytes)
+        if fetched.over:
+            return _over_cap(), "", fetched.size
+        extraction = await self._extract(fetched.data, fetched.digest, cfg)
+        value = _cache_value(extraction, fetched.digest, fetched.size)
+        await self.store.media.remember({f"mxc:{mxc}": value, f"sha256:{fetched.digest}": value})
+        return extraction, fetched.digest, fetched.size
+
+    async def _read_encrypted(
+        self, mxc: str, key: FileKey, cfg: Config
+    ) -> tuple[Extraction, str, int]:
+        """The extraction of the end-to-end encrypted file at ``mxc``, decrypted with
+        ``key``. The digest returned is the plaintext's (as for an unencrypted copy), or
+        the ciphertext's when it could not be decrypted. Cached under the mxc AND the key
+        material (:meth:`FileKey.cache_key`), never under ``mxc:``."""
+        if key.alg != ALGORITHM or key.v != VERSION:
+            # Attacker-chosen strings: bounded, and only in the sealed audit record.
+            detail = f"unsupported attachment encryption (alg {key.alg[:32]!r}, v {key.v[:8]!r})"
+            return Extraction(FileType.UNKNOWN, reason=Unreadable.ENCRYPTED, detail=detail), "", 0
+        cache_key = key.cache_key(mxc)
+        hit = await self._cached(cache_key)
+        if hit is not None:
+            return hit
+        fetched = await self.fetch(mxc, cfg.attachments.download_max_bytes)
+        if fetched.over:
+            return _over_cap(), "", fetched.size
+        try:
+            opened = await asyncio.to_thread(
+                open_attachment, fetched.data, key.k, key.iv, key.sha256
+            )
+        except BadAttachment as e:
+            extraction = Extraction(FileType.UNKNOWN, reason=Unreadable.MALFORMED, detail=str(e))
+            value = _cache_value(extraction, fetched.digest, fetched.size)
+            await self.store.media.remember({cache_key: value})
+            return extraction, fetched.digest, fetched.size
+        digest = hashlib.sha256(opened.plaintext).hexdigest()
+        extraction = await self._extract(opened.plaintext, digest, cfg)
+        size = len(opened.plaintext)
+        # The plaintext's entry describes the file; the mismatch belongs to this post only.
+        entries = {f"sha256:{digest}": _cache_value(extraction, digest, size)}
+        if not opened.hash_ok and extraction.reason is None:
+            extraction = replace(
+                extraction,
+                reason=Unreadable.MALFORMED,
+                detail="the ciphertext does not match its hashes.sha256",
+            )
+        entries[cache_key] = _cache_value(extraction, digest, size)
+        await self.store.media.remember(entries)
+        return extraction, digest, size
+
+    async def _cached(self, key: str) -> tuple[Extraction, str, int] | None:
+        """What the caches recall under ``key`` (an mxc entry), with digest and size."""
+        known = await self.store.media.cached(key)
         if known is not None:
             hit = self._recall(str(known.get("sha256", "")), known)
             if hit is not None:
                 metrics.MEDIA_CACHE.labels("hit").inc()
                 return hit, str(known["sha256"]), int(known.get("size", 0))
         metrics.MEDIA_CACHE.labels("miss").inc()
-        fetched = await self.fetch(mxc, cfg.attachments.download_max_bytes)
-        if fetched.over:
-            extraction = Extraction(
-                FileType.UNKNOWN, reason=Unreadable.TOO_LARGE, detail="over the download cap"
-            )
-            return extraction, "", fetched.size
-        meta = await self.store.media.cached(f"sha256:{fetched.digest}")
-        extraction_hit = self._recall(fetched.digest, meta) if meta is not None else None
-        if extraction_hit is not None:
-            extraction = extraction_hit
-        else:
-            extraction, elapsed = await self.pool.extract(fetched.data, cfg.attachments.limits)
-            metrics.MEDIA_EXTRACT_SECONDS.labels(str(extraction.file_type)).observe(elapsed)
-            self._keep_text(fetched.digest, extraction.text)
-        value = {
-            "sha256": fetched.digest,
-            "size": fetched.size,
-            "file_type": str(extraction.file_type),
-            "reason": None if extraction.reason is None else str(extraction.reason),
-            "detail": extraction.detail,
-            "has_text": bool(extraction.text),
-        }
-        await self.store.media.remember({f"mxc:{mxc}": value, f"sha256:{fetched.digest}": value})
-        return extraction, fetched.digest, fetched.size
+        return None
+
+    async def _extract(self, data: bytes, digest: str, cfg: Config) -> Extraction:
+        """The extraction of the file ``data`` (by its ``digest``: recalled, or read in the
+        pool and its text kept)."""
+        meta = await self.store.media.cached(f"sha256:{digest}")
+        recalled = self._recall(digest, meta) if meta is not None else None
+        if recalled is not None:
+            return recalled
+        extraction, elapsed = await self.pool.extract(data, cfg.attachments.limits)
+        metrics.MEDIA_EXTRACT_SECONDS.labels(str(extraction.file_type)).observe(elapsed)
+        self._keep_text(digest, extraction.text)
+        return extraction
 
     def _recall(self, digest: str, meta: Mapping[str, Any] | None) -> Extraction | None:
         """The extraction rebuilt from the cache, or None when its text is not in memory."""
@@ -348,3 +450,19 @@ class MediaChecker:
                 chunks.append(chunk)
                 digest.update(chunk)
         return Fetched(b"".join(chunks), digest.hexdigest(), size, False)
+
+
+def _over_cap() -> Extraction:
+    return Extraction(FileType.UNKNOWN, reason=Unreadable.TOO_LARGE, detail="over the download cap")
+
+
+def _cache_value(extraction: Extraction, digest: str, size: int) -> dict[str, Any]:
+    """What the cache keeps of a reading (never the text)."""
+    return {
+        "sha256": digest,
+        "size": size,
+        "file_type": str(extraction.file_type),
+        "reason": None if extraction.reason is None else str(extraction.reason),
+        "detail": extraction.detail,
+        "has_text": bool(extraction.text),
+    }

@@ -290,12 +290,12 @@ class Worker:
         to, or record why it cannot be read (see :mod:`bridge.pipeline.media_checks`)."""
         if not (cfg.attachments.enabled and cfg.attachments.recheck_in_rooms):
             return
-        mxc, why = media_ref(event)
+        ref, why = media_ref(event)
         room_id = as_str(event.get("room_id")) or ""
         event_id = as_str(event.get("event_id")) or ""
         sender = as_str(event.get("sender")) or ""
-        if mxc is not None:
-            batch.media.append(MediaCheck(room_id, event_id, sender, mxc))
+        if ref is not None:
+            batch.media.append(MediaCheck(room_id, event_id, sender, ref.mxc, key=ref.key))
         elif why:
             batch.audit.append(
                 AuditEntry(

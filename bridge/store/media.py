@@ -1,16 +1,20 @@
 """Attachments: the durable queue of in-room media checks and the extraction cache.
 
-Both tables are sealed under the operational key: the queue holds room, event, sender and
-mxc URI; the cache, keyed by the blind index of ``mxc:<uri>`` or ``sha256:<digest>``, holds
-what reading the file gave (digest, type, reason it was not read, size), never its text.
+Both tables are sealed under the operational key: the queue holds room, event, sender,
+mxc URI and, for an end-to-end encrypted attachment, its key material (:class:`FileKey`,
+only inside the sealed JSON, and only until the check ran); the cache, keyed by the blind
+index of ``mxc:<uri>``, ``e2ee:<uri>:<digest of the key material>`` or ``sha256:<digest>``,
+holds what reading the file gave (digest, type, reason it was not read, size), never its
+text and never a key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -25,8 +29,42 @@ from bridge.store.schema import media_cache, media_checks
 
 
 @dataclass(frozen=True, slots=True)
+class FileKey:
+    """The key material of an end-to-end encrypted attachment (``content.file``): the JWK
+    key ``k`` (base64url), the ``iv`` and the ciphertext's ``sha256`` (unpadded base64), as
+    the message gave them, with its ``alg`` and version ``v``. Kept out of ``repr`` so that
+    it never reaches a log by accident."""
+
+    k: str = field(repr=False)
+    iv: str = field(repr=False)
+    sha256: str = field(repr=False)
+    alg: str = "A256CTR"
+    v: str = "v2"
+
+    def cache_key(self, mxc: str) -> str:
+        """The extraction cache's key for ``mxc`` read with this key: the same mxc posted
+        with another key (say a wrong one first, which decrypts to noise) is another entry.
+        Only a digest of the key material is in it (and the cache stores a blind index of
+        that)."""
+        material = "\0".join((self.alg, self.v, self.k, self.iv, self.sha256))
+        return f"e2ee:{mxc}:{hashlib.sha256(material.encode()).hexdigest()}"
+
+    def to_json(self) -> dict[str, str]:
+        """For the sealed JSON of a queued check."""
+        return {"k": self.k, "iv": self.iv, "sha256": self.sha256, "alg": self.alg, "v": self.v}
+
+    @classmethod
+    def from_json(cls, obj: object) -> FileKey | None:
+        """Back from :meth:`to_json`; None for a check queued without a key."""
+        if not isinstance(obj, dict):
+            return None
+        return cls(**{name: str(obj.get(name, "")) for name in ("k", "iv", "sha256", "alg", "v")})
+
+
+@dataclass(frozen=True, slots=True)
 class MediaCheck:
-    """One message's media to fetch and judge by its room's rules."""
+    """One message's media to fetch and judge by its room's rules; ``key`` when the file
+    is end-to-end encrypted."""
 
     room_id: str
     event_id: str
@@ -34,6 +72,7 @@ class MediaCheck:
     mxc: str
     id: str = ""
     attempts: int = 0
+    key: FileKey | None = None
 
 
 class MediaRepository:
@@ -51,9 +90,15 @@ class MediaRepository:
         rows = []
         for c in checks:
             cid = secrets.token_hex(16)
-            body = dumps(
-                {"room_id": c.room_id, "event_id": c.event_id, "sender": c.sender, "mxc": c.mxc}
-            )
+            obj: dict[str, Any] = {
+                "room_id": c.room_id,
+                "event_id": c.event_id,
+                "sender": c.sender,
+                "mxc": c.mxc,
+            }
+            if c.key is not None:
+                obj["key"] = c.key.to_json()  # sealed, like the rest; gone when it ran
+            body = dumps(obj)
             rows.append(
                 {
                     "id": cid,
@@ -90,6 +135,7 @@ class MediaRepository:
                     mxc=obj["mxc"],
                     id=row["id"],
                     attempts=row["attempts"],
+                    key=FileKey.from_json(obj.get("key")),
                 )
             )
         return out
@@ -116,7 +162,7 @@ class MediaRepository:
     # -- the extraction cache --
 
     async def cached(self, key: str) -> Mapping[str, Any] | None:
-        """What the cache holds under ``key`` (``mxc:<uri>`` or ``sha256:<digest>``)."""
+        """What the cache holds under ``key`` (``mxc:``, ``e2ee:`` or ``sha256:`` entries)."""
         idx = self.keys.bidx("media", key)
         async with self.db.connect() as conn:
             row = (

@@ -10,9 +10,10 @@ import json
 from typing import Any, cast
 
 import aiohttp
-from mautrix.api import HTTPAPI, Method, Path
+from mautrix.api import HTTPAPI, MediaPath, Method, Path
 from mautrix.client import Client
 from mautrix.crypto import OlmMachine
+from mautrix.crypto.attachments import encrypt_attachment
 from mautrix.crypto.store import MemoryCryptoStore, StateStore
 from mautrix.types import (
     JSON,
@@ -175,13 +176,40 @@ class E2EEUser:
         return await self.send_encrypted(room_id, body)
 
     async def send_encrypted(self, room_id: str, body: str) -> str:
+        return await self.send_content(room_id, {"msgtype": "m.text", "body": body})
+
+    async def send_content(self, room_id: str, message: dict[str, Any]) -> str:
+        """Encrypt and send an ``m.room.message`` with ``message`` as its content (the
+        room key must have been shared: :meth:`send_text` first)."""
         content = await self.machine.encrypt_megolm_event(
-            RoomID(room_id), EventType.ROOM_MESSAGE, {"msgtype": "m.text", "body": body}
+            RoomID(room_id), EventType.ROOM_MESSAGE, message
         )
         event_id = await self.client.send_message_event(
             RoomID(room_id), EventType.ROOM_ENCRYPTED, content
         )
         return str(event_id)
+
+    async def send_file(self, room_id: str, data: bytes, name: str, mimetype: str) -> str:
+        """Send ``data`` as an end-to-end encrypted attachment, as Element does: encrypted
+        (AES-256-CTR), the ciphertext uploaded (``POST /_matrix/media/v3/upload``), an
+        encrypted ``m.file`` message carrying ``content.file`` (url, key, iv, hashes)."""
+        ciphertext, info = encrypt_attachment(data)
+        resp = await self.client.api.request(
+            Method.POST,
+            MediaPath.v3.upload,
+            ciphertext,
+            headers={"Content-Type": "application/octet-stream"},
+            query_params={"filename": name},
+        )
+        file = info.serialize()
+        file["url"] = str(resp["content_uri"])
+        message = {
+            "msgtype": "m.file",
+            "body": name,
+            "info": {"mimetype": mimetype, "size": len(data)},
+            "file": file,
+        }
+        return await self.send_content(room_id, message)
 
     async def encrypted_events(self, room_id: str, limit: int = 50) -> list[dict[str, Any]]:
         resp = await self.client.api.request(

@@ -45,10 +45,13 @@ from bridge.archive.setup import open_store
 from bridge.config import load_config
 from bridge.dev.devstack import BridgeProcess, DevStack, prepare_stack
 from bridge.e2ee.pickle_key import derive_pickle_key
+from tests.kit import documents
 
 pytestmark = pytest.mark.integration
 
 KEYWORD = "pelican"
+CARD = "4111 1111 1111 1111"
+PDF = "application/pdf"
 WARN_WORD = "heron"
 #: Run the module on PostgreSQL: an empty database of its own (not the shared stack's).
 DATABASE_URL = os.environ.get("BRIDGE_TEST_E2EE_DATABASE_URL", "")
@@ -112,7 +115,8 @@ def e2ee_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevStac
                 "keywords": [
                     {"name": "codename", "keywords": [KEYWORD], "action": ["redact", "notify"]},
                     {"name": "careful", "keywords": [WARN_WORD], "action": "warn"},
-                ]
+                ],
+                "detectors": {"card": ["redact", "notify"]},  # in encrypted attachments
             },
         },
     )
@@ -215,6 +219,57 @@ async def test_keyword_in_encrypted_message_is_redacted_and_admins_told(e2ee: E2
         return False
 
     await wait_for(told, timeout=30, interval=1, message="the management room told")
+
+
+async def test_card_number_in_an_encrypted_pdf_is_redacted_and_a_harmless_one_stays(
+    e2ee: E2EEStack,
+) -> None:
+    """An encrypted attachment (``content.file``): Synapse and the upload gate see only
+    ciphertext; the bot decrypts the message, fetches, verifies and decrypts the file and
+    judges it by the room's rules."""
+    room = await _room_with_bot(e2ee)
+    await e2ee.alice.send_text(room, "files follow")  # the room key shared
+    # The harmless one first: checks run oldest first, so it was judged once the card's is.
+    menu = await e2ee.alice.send_file(room, documents.pdf("lunch menu"), "menu.pdf", PDF)
+    card = await e2ee.alice.send_file(
+        room, documents.pdf("Invoice", f"pay with {CARD} by friday"), "invoice.pdf", PDF
+    )
+
+    async def redacted(event_id: str) -> bool:
+        ev = await e2ee.alice.request(Method.GET, Path.v3.rooms[room].event[event_id])
+        return "redacted_because" in ev.get("unsigned", {})
+
+    await wait_for(lambda: redacted(card), timeout=60, interval=1, message="the PDF redacted")
+
+    async def told() -> bool:
+        mgmt = await _management_room(e2ee)
+        return any(
+            "detector:card removed a file" in body and room in body
+            for body in await _room_bodies(e2ee, mgmt)
+        )
+
+    await wait_for(told, timeout=30, interval=1, message="the management room told")
+
+    async def media_records() -> dict[str, dict[str, Any]] | None:
+        found = {
+            r["data"]["event_id"]: r["data"]
+            for r in await asyncio.to_thread(e2ee.records, "media")
+            if r["data"].get("event_id") in (card, menu)
+        }
+        return found if card in found else None
+
+    records = await wait_for(media_records, timeout=30, interval=1, message="media records")
+    record = records[card]
+    assert record["e2ee"] is True and record["outcome"] == "allowed"
+    assert record["file_type"] == "pdf" and record["actions"] == ["redact", "notify"]
+    assert [f["rule"] for f in record["findings"]] == ["detector:card"]
+    assert CARD not in json.dumps(record) and "key" not in record
+    # The harmless one: read and allowed (which leaves no media record), still there.
+    assert menu not in records
+    assert not await redacted(menu)
+    ev = await e2ee.alice.request(Method.GET, Path.v3.rooms[room].event[menu])
+    decrypted = await e2ee.alice.decrypt(ev)
+    assert decrypted is not None and decrypted["content"]["body"] == "menu.pdf"
 
 
 async def test_the_bot_device_is_cross_signed_by_the_bot_user(e2ee: E2EEStack) -> None:

@@ -13,21 +13,22 @@ from aiohttp.test_utils import TestServer
 
 from bridge.attachments.pool import ExtractionPool
 from bridge.pipeline.live_policy import build_engine
-from bridge.pipeline.media_checks import MediaChecker, media_ref
+from bridge.pipeline.media_checks import MediaChecker, MediaRef, media_ref
 from bridge.store import Store
 from bridge.store.media import MediaCheck
 from tests.kit import documents as d
 from tests.kit.config import AS_TOKEN, make_config
 
 
-def test_media_messages_are_recognised_and_encrypted_files_skipped() -> None:
+def test_media_messages_are_recognised_and_unusable_encrypted_files_skipped() -> None:
     msg = {"type": "m.room.message", "content": {"msgtype": "m.file", "url": "mxc://s/abc"}}
-    assert media_ref(msg) == ("mxc://s/abc", "")
+    assert media_ref(msg) == (MediaRef("mxc://s/abc"), "")
     sticker = {"type": "m.sticker", "content": {"url": "mxc://s/st"}}
-    assert media_ref(sticker) == ("mxc://s/st", "")
+    assert media_ref(sticker) == (MediaRef("mxc://s/st"), "")
+    # without its key (the readable ones: test_media_checks_e2ee.py)
     enc = {"type": "m.room.message", "content": {"msgtype": "m.image", "file": {"url": "mxc://x"}}}
-    mxc, why = media_ref(enc)
-    assert mxc is None and "encrypted" in why
+    ref, why = media_ref(enc)
+    assert ref is None and "encrypted" in why
     assert media_ref({"type": "m.room.message", "content": {"msgtype": "m.text"}}) == (None, "")
     http = {"type": "m.room.message", "content": {"msgtype": "m.file", "url": "https://x"}}
     assert media_ref(http) == (None, "")
