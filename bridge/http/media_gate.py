@@ -12,6 +12,10 @@ the body (``application/octet-stream``, streamed) and these headers:
 * ``X-Bridge-Media-User`` (optional): the local user whose request it is (the uploader),
   told in a policy notice why a file was refused, since Synapse answers every refused upload
   with "Bad content" only;
+* ``X-Bridge-Media-Name`` (optional, percent-encoded): an upload's file name, which Synapse
+  stores and serves with the file: judged with the file's text;
+  ``X-Bridge-Media-Name-Truncated: 1`` when the module had to cut it (the file then counts
+  as over the reading bounds: ``limit``);
 * ``X-Bridge-Media-Path`` (percent-encoded) with an EMPTY body: the file's path in Synapse's
   media store, when the module is set to ``media_delivery: path`` and this bridge reads the
   same store (``attachments.shared_media_store``, :mod:`bridge.attachments.shared_store`).
@@ -39,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -94,6 +99,8 @@ class MediaRequest:
     over_limit: bool
     path: str | None = None  # percent-encoded, as Synapse names the file
     user_id: str | None = None  # whose request it is, when the module knows
+    file_name: str | None = None  # an upload's file name, as the uploader gave it
+    name_cut: bool = False  # the module sent only the start of a longer name
 
 
 def parse_headers(request: web.Request) -> MediaRequest | str:
@@ -118,7 +125,16 @@ def parse_headers(request: web.Request) -> MediaRequest | str:
     user_id = request.headers.get("X-Bridge-Media-User")
     if user_id is not None and (len(user_id) > 255 or not _USER_ID.fullmatch(user_id)):
         return "X-Bridge-Media-User must be a user ID (@name:server)"
-    return MediaRequest(kind, media_id, int(raw_length), over == "1", path, user_id)
+    raw_name = request.headers.get("X-Bridge-Media-Name")
+    if raw_name is not None and (not raw_name.isascii() or not raw_name.isprintable()):
+        return "X-Bridge-Media-Name must be percent-encoded"
+    name = unquote(raw_name, errors="replace") if raw_name else None
+    cut = request.headers.get("X-Bridge-Media-Name-Truncated", "0")
+    if cut not in ("0", "1"):
+        return "X-Bridge-Media-Name-Truncated must be 0 or 1"
+    return MediaRequest(
+        kind, media_id, int(raw_length), over == "1", path, user_id, name, cut == "1"
+    )
 
 
 async def read_capped(request: web.Request, cap: int) -> tuple[bytes, bool]:
@@ -200,6 +216,18 @@ def media_audit(
             **extra,
         },
     )
+
+
+def with_name(extraction: Extraction, name: str | None, cut: bool) -> Extraction:
+    """The extraction with the upload's file name judged as part of its text (a name is
+    text a user chose, stored and served with the file); a name the module had to cut
+    makes the file one over the reading bounds."""
+    if not name:
+        return extraction
+    named = replace(extraction, text=f"{name}\n{extraction.text}")
+    if cut and extraction.reason is None:
+        return replace(named, reason=Unreadable.LIMIT, detail="file name too long to read")
+    return named
 
 
 def file_label(file_type: FileType, size: int) -> str:
@@ -343,6 +371,7 @@ class MediaGate:
             extraction, elapsed = Extraction(known, types=(known,)), 0.0  # images, audio, video
         else:
             extraction, elapsed = await self.pool.extract(source, cfg.limits)
+        extraction = with_name(extraction, parsed.file_name, parsed.name_cut)
         verdict = await judge(extraction, self.engine(), None, cfg)
         # Hashed only for a record: an allowed file without findings needs no digest.
         recorded = verdict.outcome is not Outcome.ALLOWED or bool(verdict.findings)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import synapse
 from synapse.logging.context import current_context
@@ -273,6 +273,8 @@ class PolicyBridgeModule:
         The user whose request this is (the uploader; for remote media, who asked for it)
         goes in ``X-Bridge-Media-User``, so the bridge can tell them why a file was refused:
         Synapse answers every refused upload with "Bad content", the rule's text dropped.
+        An upload's file name (``?filename=``, which Synapse stores and serves with the
+        file) goes in ``X-Bridge-Media-Name``, percent-encoded: it is text a user chose.
         """
         callback = Callback.CHECK_MEDIA_FILE_FOR_SPAM
         kind = media_kind(
@@ -288,9 +290,10 @@ class PolicyBridgeModule:
         except OSError as e:
             outcome = self._failed(callback, started, e.__class__.__name__)
         else:
+            request = _request()
             with handle:
                 outcome = await self._send_file(
-                    callback, kind, file_info.file_id, file_wrapper.path, handle, _requester()
+                    callback, kind, file_info.file_id, file_wrapper.path, handle, request
                 )
         return NOT_SPAM if outcome.allowed else (outcome.errcode, {"error": outcome.error})
 
@@ -301,7 +304,7 @@ class PolicyBridgeModule:
         file_id: str,
         path: str,
         handle: BinaryIO,
-        user_id: str | None,
+        request: RequestFacts,
     ) -> Outcome:
         """The file to the gate: its path (``media_delivery: path``, falling back to its
         bytes when the gate cannot read it) or its bytes, or only its size when over the
@@ -311,8 +314,13 @@ class PolicyBridgeModule:
         headers["X-Bridge-Media-Kind"] = kind.value
         headers["X-Bridge-Media-Id"] = _header_safe(file_id)
         headers["X-Bridge-Media-Length"] = str(size)
-        if user_id is not None:
-            headers["X-Bridge-Media-User"] = user_id
+        if request.user_id is not None:
+            headers["X-Bridge-Media-User"] = request.user_id
+        if request.file_name is not None and kind is MediaKind.UPLOAD:
+            encoded, cut = _name_header(request.file_name)
+            headers["X-Bridge-Media-Name"] = encoded
+            if cut:  # the gate treats a name it cannot read whole as over its bounds
+                headers["X-Bridge-Media-Name-Truncated"] = "1"
         time_limit = self.config.media_timeout
         if size > self.config.media_max_bytes:
             headers["X-Bridge-Media-Over-Limit"] = "1"
@@ -397,14 +405,45 @@ def _jsonable(value: object) -> object:
     raise TypeError(f"cannot send a {value.__class__.__name__} as JSON")
 
 
-def _requester() -> str | None:
-    """The user ID of the request Synapse is serving (from its logging context), when it is
-    one a header can carry."""
+@dataclass(frozen=True)
+class RequestFacts:
+    """What Synapse's logging context says of the request being served."""
+
+    user_id: str | None = None  # the requester, when a header can carry it
+    file_name: str | None = None  # ``?filename=`` of an upload
+
+
+#: Longest percent-encoded file name sent (the gate's server reads header lines of up to
+#: 8 KiB); a longer name is cut there and flagged.
+MAX_NAME_HEADER = 6000
+
+
+def _name_header(name: str) -> tuple[str, bool]:
+    """The file name percent-encoded for a header, and whether it had to be cut."""
+    encoded = quote(name, safe="")
+    if len(encoded) <= MAX_NAME_HEADER:
+        return encoded, False
+    kept: list[str] = []
+    size = 0
+    for ch in name:
+        part = quote(ch, safe="")
+        if size + len(part) > MAX_NAME_HEADER:
+            break
+        kept.append(part)
+        size += len(part)
+    return "".join(kept), True
+
+
+def _request() -> RequestFacts:
+    """The requester and the upload's file name of the request Synapse is serving."""
     request = current_context().request
-    user_id = request.requester if request is not None else None
-    if user_id and user_id.isascii() and user_id.isprintable() and len(user_id) <= 255:
-        return user_id
-    return None
+    if request is None:
+        return RequestFacts()
+    user_id = request.requester
+    if not (user_id and user_id.isascii() and user_id.isprintable() and len(user_id) <= 255):
+        user_id = None
+    names = parse_qs(urlsplit(request.url).query, errors="replace").get("filename")
+    return RequestFacts(user_id, names[0] if names and names[0] else None)
 
 
 def _open(path: str) -> BinaryIO:

@@ -228,6 +228,31 @@ async def test_a_long_pdf_read_in_parts_is_refused_for_a_card_on_its_last_page(
     assert record["unreadable"] is None
 
 
+async def test_a_file_name_and_the_two_step_upload_are_judged_too(media_stack: MediaStack) -> None:
+    """The file name Synapse stores with an upload is text the user chose; and the
+    create-then-PUT upload (``POST /_matrix/media/v1/create``, then ``PUT
+    /_matrix/media/v3/upload/{server}/{id}``) goes through the same check."""
+    user = media_stack.new_user("namer")
+    async with media_stack.client(user) as u:
+        err = await refused(u, d.pdf("Lunch menu"), f"receipt {CARD}.pdf", PDF)
+        assert (err.status, err.error) == (400, "Bad content")
+        assert newest(media_stack, path="gate", media_kind="upload")["rule"] == "detector:card"
+        headers = {"Authorization": f"Bearer {u.access_token}"}
+        async with u.session.post(f"{u.base_url}/_matrix/media/v1/create", headers=headers) as r:
+            assert r.status == 200
+            server, media_id = (await r.json())["content_uri"].removeprefix("mxc://").split("/")
+        data = d.docx("memo", f"the card is {CARD}")
+        async with u.session.put(
+            f"{u.base_url}/_matrix/media/v3/upload/{server}/{media_id}",
+            data=data,
+            params={"filename": "memo.docx"},
+            headers={**headers, "Content-Type": DOCX},
+        ) as r:
+            assert r.status == 400, await r.text()
+        record = newest(media_stack, path="gate", media_id=media_id)
+        assert record["rule"] == "detector:card" and record["size"] == len(data)
+
+
 def _peak_rss(pid: int) -> int:
     """Peak resident set size (bytes) of a process, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

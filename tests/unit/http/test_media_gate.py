@@ -424,3 +424,26 @@ def test_file_labels_name_the_type_and_size_only() -> None:
 async def test_a_malformed_uploader_is_refused(rig: Rig, user: str) -> None:
     status, body = await post(rig, d.pdf("x"), **{"X-Bridge-Media-User": user})
     assert status == 400 and "X-Bridge-Media-User" in body["error"]
+
+
+def name(text: str) -> dict[str, str]:
+    return {"X-Bridge-Media-Name": quote(text, safe="")}
+
+
+async def test_an_uploads_file_name_is_judged_with_its_content(rig: Rig) -> None:
+    png = b"\x89PNG\r\n\x1a\n" + bytes(5000)  # not read: only its name can hold text
+    status, body = await post(rig, png, **name(f"receipt {CARD}.png"))
+    assert status == 403 and "detector:card" in body["error"]
+    status, _ = await post(rig, d.pdf("minutes"), **name("bluebird-kickoff.pdf"))
+    assert status == 200 and "keyword:projects" in rig.notices[-1]  # notify only
+    assert await post(rig, d.pdf("minutes"), **name("minutes.pdf")) == (200, {})
+    records = await media_records(rig.store)
+    assert all(CARD not in str(r) for r in records)  # masked, never the name itself
+
+
+async def test_a_name_the_module_had_to_cut_follows_the_limit_rule(rig: Rig) -> None:
+    cut = {**name("a" * 100), "X-Bridge-Media-Name-Truncated": "1"}
+    status, body = await post(rig, d.pdf("minutes"), **cut)
+    assert status == 403 and "exceeds the limits" in body["error"]
+    bad = {"X-Bridge-Media-Name": "caf\u00e9"}
+    assert (await post(rig, b"x", **bad))[0] == 400

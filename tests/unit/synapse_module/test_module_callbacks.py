@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import quote, unquote
 
 import pytest
 from policy_bridge_synapse.config import parse_module_config
@@ -372,7 +373,7 @@ async def test_media_over_limit_by_path_is_still_announced_without_a_path(tmp_pa
     assert body == b""
 
 
-def request_context(requester: str | None) -> LoggingContext:
+def request_context(requester: str | None, url: str = "/_matrix/media/v3/upload") -> LoggingContext:
     """The logging context Synapse runs a request's handlers in, with its requester."""
     request = ContextRequest(
         request_id="POST-1",
@@ -381,7 +382,7 @@ def request_context(requester: str | None) -> LoggingContext:
         requester=requester,
         authenticated_entity=requester,
         method="POST",
-        url="/_matrix/media/v3/upload",
+        url=url,
         protocol="1.1",
         user_agent="test",
     )
@@ -399,6 +400,28 @@ async def test_media_names_the_user_whose_request_it_is(tmp_path: Path) -> None:
     assert transport.requests[0][1]["X-Bridge-Media-User"] == "@alice:corp.example"
     assert "X-Bridge-Media-User" not in transport.requests[1][1]
     assert "X-Bridge-Media-User" not in transport.requests[2][1]
+
+
+async def test_an_uploads_file_name_is_sent_and_a_long_one_cut_and_flagged(
+    tmp_path: Path,
+) -> None:
+    module, transport, _ = make()
+    upload = FileInfo(server_name=None, file_id="abc")
+    remote = FileInfo(server_name="other.example", file_id="abc")
+    url = "/_matrix/media/v3/upload?filename=Q3%20card%204111%C3%A9.pdf&access_token=<redacted>"
+    with request_context("@alice:corp.example", url):
+        await module.check_media_file_for_spam(media(tmp_path, b"x"), upload)
+        await module.check_media_file_for_spam(media(tmp_path, b"x"), remote)
+    long_name = "é" * 3000  # 6 encoded bytes each: over the header's bound
+    with request_context("@alice:corp.example", f"/upload?filename={quote(long_name)}"):
+        await module.check_media_file_for_spam(media(tmp_path, b"x"), upload)
+    first, second, third = (headers for _, headers, _, _ in transport.requests)
+    assert unquote(first["X-Bridge-Media-Name"]) == "Q3 card 4111é.pdf"
+    assert "X-Bridge-Media-Name-Truncated" not in first
+    assert "X-Bridge-Media-Name" not in second  # remote media: no name of the user's
+    assert third["X-Bridge-Media-Name-Truncated"] == "1"
+    assert len(third["X-Bridge-Media-Name"]) <= 6000
+    assert long_name.startswith(unquote(third["X-Bridge-Media-Name"]))
 
 
 async def test_media_kinds_skipped_and_chosen(tmp_path: Path) -> None:
