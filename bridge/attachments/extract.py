@@ -23,11 +23,12 @@ from bridge.attachments.markup import extract_html
 from bridge.attachments.odf import extract_odf
 from bridge.attachments.ooxml import extract_ooxml
 from bridge.attachments.pdf import Part, extract_pdf
-from bridge.attachments.sniff import is_pdf, sniff
+from bridge.attachments.sniff import ZIP_TAIL, appended_zip, is_pdf, sniff
 from bridge.attachments.text import extract_text
 
 _OOXML = frozenset({FileType.DOCX, FileType.XLSX, FileType.PPTX})
 _ODF = frozenset({FileType.ODT, FileType.ODS, FileType.ODP})
+_ZIPPED = _OOXML | _ODF | {FileType.ZIP}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,9 @@ class _Walk:
     def file(self, data: bytes, depth: int) -> FileType:
         kind = sniff(data)
         self.types.append(kind)
+        # An archive appended to another file (a photo, a program, even a PDF): zip tools
+        # read it from the end whatever comes first, so it is read as well.
+        appended = kind not in _ZIPPED and appended_zip(data[-ZIP_TAIL:])
         try:
             if kind is FileType.TEXT:
                 extract_text(data, self.out)
@@ -77,10 +81,18 @@ class _Walk:
                 extract_odf(data, self.out, self.limits, self.budget)
             elif kind is FileType.ZIP:
                 self.zip(data, depth)
-            elif kind is FileType.UNKNOWN:
+            elif kind is FileType.UNKNOWN and not appended:
                 raise LimitHit(Unreadable.UNKNOWN_TYPE, "a type the bridge does not read")
         except LimitHit as hit:
             self.note(hit)
+        if appended and not self.out.full:
+            self.types.append(FileType.ZIP)
+            if self.out.parts:
+                self.out.add("\n")
+            try:
+                self.zip(data, depth)
+            except LimitHit as hit:
+                self.note(hit)
         if self.out.parts and not self.out.full:
             self.out.add("\n")  # the next file's text does not run into this one's
         return kind

@@ -26,6 +26,9 @@ from urllib.parse import unquote
 MAX_PATH = 4096
 #: Bytes read first, to tell a file that needs no reading (an image, a video) from its head.
 HEAD_BYTES = 4096
+#: Bytes read from the end as well: where a zip appended to an image would end (its
+#: end-of-central-directory record and comment).
+TAIL_BYTES = 22 + 65_535
 
 
 class StoredFileError(Exception):
@@ -82,8 +85,9 @@ def open_stored(
 ) -> StoredFile:
     """Open the regular file at ``path`` and read its first :data:`HEAD_BYTES`; keep it
     open unless it is larger than ``cap`` (not read at all), no larger than its head, or
-    ``done`` says its head tells enough. :class:`StoredFileError` when it cannot be opened
-    or is not a regular file."""
+    ``done`` says its head and tail tell enough (it is given the head followed by the last
+    :data:`TAIL_BYTES`, where an appended archive would end). :class:`StoredFileError`
+    when it cannot be opened or is not a regular file."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
@@ -101,7 +105,8 @@ def open_stored(
         head = os.pread(fd, HEAD_BYTES, 0)
         if len(head) < HEAD_BYTES:
             return StoredFile(len(head), head)
-        if done(head):
+        tail_at = max(HEAD_BYTES, info.st_size - TAIL_BYTES)
+        if done(head + os.pread(fd, info.st_size - tail_at, tail_at)):
             return StoredFile(info.st_size, head)
         keep = True
         return StoredFile(info.st_size, head, fd=fd)

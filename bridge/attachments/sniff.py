@@ -28,6 +28,11 @@ _ODF_TYPES = {
     "application/vnd.oasis.opendocument.presentation": FileType.ODP,
 }
 _HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body")
+#: A zip's end-of-central-directory record is within this many bytes of its end (22 bytes
+#: and a comment of up to 65,535).
+ZIP_TAIL = 22 + 65_535
+_EOCD = b"PK\x05\x06"
+_CENTRAL = b"PK\x01\x02"
 
 
 def _is_media(head: bytes) -> bool:
@@ -61,6 +66,22 @@ def zip_type(data: bytes) -> FileType:
     except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, EOFError):
         return FileType.ZIP  # the archive reader reports it as malformed
     return FileType.ZIP
+
+
+def appended_zip(tail: bytes) -> bool:
+    """Whether ``tail`` (a file's last :data:`ZIP_TAIL` bytes, or all of a shorter file)
+    ends a zip archive: an end-of-central-directory record whose central directory starts
+    where it says (or lies before ``tail``). Zip tools find an archive from its end,
+    whatever precedes it: a photo or a program with a zip appended is also an archive."""
+    at = tail.rfind(_EOCD)
+    while at >= 0:
+        if at + 22 <= len(tail):
+            size = int.from_bytes(tail[at + 12 : at + 16], "little")
+            start = at - size
+            if size == 0xFFFFFFFF or start < 0 or tail[start : start + 4] == _CENTRAL:
+                return True
+        at = tail.rfind(_EOCD, 0, at)
+    return False
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -100,10 +121,13 @@ def sniff(data: bytes) -> FileType:
 def textless(data: bytes) -> FileType | None:
     """``MEDIA`` or ``EMPTY`` when :func:`sniff` would say so, told from magic bytes alone
     (nothing is parsed): such a file needs no reader, and no extraction process. None when
-    the file may carry text."""
+    the file may carry text, an archive appended to it included (``data`` may be a file's
+    head and tail joined: the tail is what :func:`appended_zip` reads)."""
     if not data:
         return FileType.EMPTY
     head = data[:_HEAD]
     if is_pdf(head) or head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return None
+    if appended_zip(data[-ZIP_TAIL:]):
+        return None  # an image with an archive behind it: read
     return FileType.MEDIA if _is_media(head) else None

@@ -447,3 +447,14 @@ async def test_a_name_the_module_had_to_cut_follows_the_limit_rule(rig: Rig) -> 
     assert status == 403 and "exceeds the limits" in body["error"]
     bad = {"X-Bridge-Media-Name": "caf\u00e9"}
     assert (await post(rig, b"x", **bad))[0] == 400
+
+
+async def test_a_photo_with_an_archive_appended_is_read_in_both_deliveries(
+    shared: SharedRig,
+) -> None:
+    hidden = d.zip_of({"card.txt": f"card {CARD}".encode()})
+    polyglot = b"\x89PNG\r\n\x1a\n" + bytes(50_000) + hidden
+    status, body = await post(shared.rig, polyglot)
+    assert status == 403 and "detector:card" in body["error"]
+    status, body = await post_path(shared.rig, shared.put("local_content/poly", polyglot))
+    assert status == 403 and "detector:card" in body["error"]
