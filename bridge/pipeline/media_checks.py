@@ -101,6 +101,29 @@ def media_ref(event: Mapping[str, Any]) -> tuple[MediaRef | None, str]:
     return None, ""
 
 
+def media_refs(event: Mapping[str, Any]) -> list[tuple[MediaRef | None, str]]:
+    """Every file a media message refers to: the file itself (:func:`media_ref`) and its
+    thumbnail (``info.thumbnail_url``, or ``info.thumbnail_file`` when encrypted): a client
+    uploads the thumbnail separately and any file can stand in for it, so it is read and
+    judged by the room's rules like the file (in an encrypted room the upload check saw
+    only ciphertext). Each ``(reference, why)`` as :func:`media_ref` answers."""
+    main = media_ref(event)
+    if main == (None, ""):
+        return []
+    content = event.get("content")
+    info = content.get("info") if isinstance(content, Mapping) else None
+    if not isinstance(info, Mapping):
+        return [main]
+    url = info.get("thumbnail_url")
+    if isinstance(url, str) and url.startswith("mxc://"):
+        return [main, (MediaRef(url), "")]
+    file = info.get("thumbnail_file")
+    if isinstance(file, Mapping):
+        thumb, why = encrypted_ref(file)
+        return [main, (thumb, why.replace("attachment", "thumbnail", 1))]
+    return [main]
+
+
 def encrypted_ref(file: Mapping[str, Any]) -> tuple[MediaRef | None, str]:
     """The reference of an ``EncryptedFile``, or ``(None, why)`` when nobody can decrypt
     it (no mxc URL, no key or IV). A missing hash is left to the check (``malformed``, the

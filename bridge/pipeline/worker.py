@@ -30,7 +30,7 @@ from bridge.pipeline import actions
 from bridge.pipeline.batch import Batch, as_str
 from bridge.pipeline.command_runner import CommandRunner
 from bridge.pipeline.decryption import DecryptionStage
-from bridge.pipeline.media_checks import media_ref
+from bridge.pipeline.media_checks import media_refs
 from bridge.pipeline.room_tracker import RoomTracker
 from bridge.pipeline.services import WorkerServices
 from bridge.policy.dlp import CATEGORY as DLP_CATEGORY
@@ -290,21 +290,17 @@ class Worker:
         to, or record why it cannot be read (see :mod:`bridge.pipeline.media_checks`)."""
         if not (cfg.attachments.enabled and cfg.attachments.recheck_in_rooms):
             return
-        ref, why = media_ref(event)
         room_id = as_str(event.get("room_id")) or ""
         event_id = as_str(event.get("event_id")) or ""
         sender = as_str(event.get("sender")) or ""
-        if ref is not None:
-            batch.media.append(MediaCheck(room_id, event_id, sender, ref.mxc, key=ref.key))
-        elif why:
-            batch.audit.append(
-                AuditEntry(
-                    kind=AuditKind.MEDIA,
-                    room_id=room_id,
-                    sender=sender,
-                    data={"path": "room", "event_id": event_id, "outcome": "skipped", "why": why},
+        for ref, why in media_refs(event):  # the file and its thumbnail
+            if ref is not None:
+                batch.media.append(MediaCheck(room_id, event_id, sender, ref.mxc, key=ref.key))
+            elif why:
+                data = {"path": "room", "event_id": event_id, "outcome": "skipped", "why": why}
+                batch.audit.append(
+                    AuditEntry(kind=AuditKind.MEDIA, room_id=room_id, sender=sender, data=data)
                 )
-            )
 
     # -- enforcement on the ingest path -------------------------------------------------
 

@@ -362,6 +362,44 @@ async def test_room_rules_judge_a_posted_file_which_is_read_once_for_two_rooms(
     assert all(r["outcome"] == "blocked" and "redact" in r["actions"] for r in records)
 
 
+async def test_a_thumbnail_that_is_really_a_document_is_judged_by_the_room(
+    media_stack: MediaStack,
+) -> None:
+    """A client uploads a thumbnail as a file of its own; any file can stand in for it."""
+    user = media_stack.new_user("thumbnailer")
+    stack = media_stack
+    async with stack.client(user) as u, stack.client(stack.admin) as admin:
+        room = await u.create_room(
+            name="thumbs",
+            invite=[stack.bot, ADMIN],
+            power_level_content_override={"users": {stack.bot: 50}},
+        )
+        await admin.join(room)
+
+        async def bot_in() -> bool:
+            return stack.bot in await u.joined_members(room)
+
+        await wait_for(bot_in, timeout=20, message="bot joined")
+        cmd = await admin.send_text(room, ADD_KEYWORD)
+        [reply] = await bot_replies(admin, room, stack.bot, cmd)
+        assert "keyword added" in str(reply["content"]["body"])
+        photo = await upload(u, b"\x89PNG\r\n\x1a\n" + os.urandom(2048), "p.png", "image/png")
+        thumb = await upload(u, d.pdf("notes", "the pelicanbrief plan"), "t.png", "image/png")
+        content = {
+            "msgtype": "m.image",
+            "body": "holiday.png",
+            "url": photo,
+            "info": {"mimetype": "image/png", "thumbnail_url": thumb},
+        }
+        event_id = await u.send_event(room, "m.room.message", content)
+
+        async def gone() -> bool:
+            event = await u.get_event(room, event_id)
+            return "url" not in event.get("content", {})
+
+        await wait_for(gone, timeout=45, message="the image with its document thumbnail redacted")
+
+
 async def _notice(admin: MatrixTestClient, room: str, bot: str, needle: str) -> str | None:
     for e in await admin.messages(room, limit=50):
         body = str(e.get("content", {}).get("body", ""))

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from bridge.attachments.pool import ExtractionPool
 from bridge.pipeline.live_policy import build_engine
-from bridge.pipeline.media_checks import MediaChecker, MediaRef, media_ref
+from bridge.pipeline.media_checks import MediaChecker, MediaRef, media_ref, media_refs
 from bridge.store import Store
 from bridge.store.media import MediaCheck
 from tests.kit import documents as d
@@ -32,6 +32,27 @@ def test_media_messages_are_recognised_and_unusable_encrypted_files_skipped() ->
     assert media_ref({"type": "m.room.message", "content": {"msgtype": "m.text"}}) == (None, "")
     http = {"type": "m.room.message", "content": {"msgtype": "m.file", "url": "https://x"}}
     assert media_ref(http) == (None, "")
+
+
+def test_a_thumbnail_is_a_file_of_its_own_and_checked_too() -> None:
+    """A client uploads the thumbnail separately; any file can stand in for it."""
+    info = {"thumbnail_url": "mxc://s/thumb", "mimetype": "image/png"}
+    msg = {"type": "m.room.message", "content": {"msgtype": "m.image", "url": "mxc://s/img",
+                                                 "info": info}}  # fmt: skip
+    assert media_refs(msg) == [(MediaRef("mxc://s/img"), ""), (MediaRef("mxc://s/thumb"), "")]
+    secret = {"url": "mxc://s/enc-thumb", "key": {"k": "a2V5", "alg": "A256CTR"}, "iv": "aXY",
+              "hashes": {"sha256": "aGFzaA"}, "v": "v2"}  # fmt: skip
+    file = {"url": "mxc://s/enc", "key": {"k": "a2V5"}, "iv": "aXY", "hashes": {}, "v": "v2"}
+    enc = {"type": "m.room.message", "content": {"msgtype": "m.image", "file": file,
+                                                 "info": {"thumbnail_file": secret}}}  # fmt: skip
+    [(main, _), (thumb, _)] = media_refs(enc)
+    assert main is not None and main.key is not None and main.mxc == "mxc://s/enc"
+    assert thumb is not None and thumb.key is not None and thumb.mxc == "mxc://s/enc-thumb"
+    broken = {**enc, "content": {**enc["content"], "info": {"thumbnail_file": {"url": "x"}}}}
+    [_, (none, why)] = media_refs(broken)
+    assert none is None and "thumbnail" in why
+    text = {"type": "m.room.message", "content": {"msgtype": "m.text", "info": info}}
+    assert media_refs(text) == []
 
 
 @pytest.fixture
