@@ -152,6 +152,25 @@ def tar_of(members: dict[str, bytes], *, symlinks: dict[str, str] | None = None)
     return out.getvalue()
 
 
+def sparse_tar(data: bytes, realsize: int) -> bytes:
+    """A tar (PAX, GNU sparse 1.0) whose one member stores ``data`` at offset 0 and declares
+    ``realsize`` bytes: the rest is a hole that reads as zeros."""
+    smap = f"1\n0\n{len(data)}\n".encode()
+    smap += b"\0" * (-len(smap) % 512)
+    info = tarfile.TarInfo("GNUSparseFile.0/big.txt")
+    info.size = len(smap) + len(data)
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "big.txt",
+        "GNU.sparse.realsize": str(realsize),
+    }
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(info, io.BytesIO(smap + data))
+    return out.getvalue()
+
+
 def gz(data: bytes) -> bytes:
     """``data`` gzip-compressed."""
     return gzip.compress(data, mtime=0)

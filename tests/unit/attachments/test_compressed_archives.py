@@ -96,6 +96,14 @@ def test_a_tar_with_more_members_than_the_cap_is_a_limit() -> None:
     assert result.reason is Unreadable.LIMIT and "more than 20 members" in result.detail
 
 
+def test_a_sparse_tar_member_s_holes_count_against_the_bounds() -> None:
+    bomb = d.sparse_tar(TEXT, realsize=1024 * MIB)  # 1 GiB of holes in 2 KiB
+    result = extract(bomb, LIMITS)
+    assert result.reason is Unreadable.LIMIT and "tar member inflates past" in result.detail
+    small = extract(d.sparse_tar(TEXT, realsize=len(TEXT)), LIMITS)
+    assert small.reason is None and CARD in small.text
+
+
 def test_a_tar_header_that_claims_more_than_the_data_holds_is_malformed() -> None:
     info = tarfile.TarInfo("big.txt")
     info.size = 10 * MIB
