@@ -5,6 +5,7 @@ as not read (timings belong to bench/attachments.py)."""
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Callable
 
 import pytest
 
@@ -45,9 +46,14 @@ def test_what_a_stream_or_tar_holds_is_read_by_its_type(
     assert CARD in result.text
 
 
-def test_concatenated_gzip_members_are_all_read() -> None:
-    result = extract(d.gz(b"first part\n") + d.gz(TEXT), LIMITS)
+@pytest.mark.parametrize("pack", [d.gz, d.bz, d.xz])
+def test_concatenated_streams_are_all_read(pack: Callable[[bytes], bytes]) -> None:
+    result = extract(pack(b"first part\n") + pack(TEXT), LIMITS)
     assert result.reason is None and "first part" in result.text and CARD in result.text
+    padded = extract(pack(TEXT) + b"\0" * 512, LIMITS)  # tape blocking: zeros after the end
+    assert padded.reason is None and CARD in padded.text
+    garbage = extract(pack(TEXT) + b"garbage", LIMITS)
+    assert garbage.reason is Unreadable.MALFORMED and CARD in garbage.text
 
 
 def test_a_truncated_stream_is_malformed_and_what_came_before_is_still_read() -> None:
