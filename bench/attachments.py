@@ -17,6 +17,7 @@ import dataclasses
 import io
 import random
 import statistics
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -65,6 +66,15 @@ def floor_zip_text(data: bytes) -> None:
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         for name in zf.namelist():
             zf.read(name).decode("utf-8")
+
+
+def floor_tar_gz(data: bytes) -> None:
+    """tarfile's own path: every member of the .tar.gz read and decoded."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
+        for member in tf:
+            f = tf.extractfile(member) if member.isreg() else None
+            if f is not None:
+                f.read().decode("utf-8")
 
 
 def floor_docx(data: bytes) -> None:
@@ -255,6 +265,10 @@ def main() -> None:
         "xlsx": (d.xlsx([[LINE, 4111111111111111, i] for i in range(5000)]), floor_xlsx),
         "text": ((LINE * 8000).encode(), lambda b: b.decode("utf-8")),
         "zip": (d.zip_of({f"{i}.txt": (LINE * 400).encode() for i in range(20)}), floor_zip_text),
+        "tar.gz": (
+            d.gz(d.tar_of({f"{i}.txt": (LINE * 400).encode() for i in range(20)})),
+            floor_tar_gz,
+        ),
     }
     print("| format | size | bounded pipeline MB/s | library alone MB/s | ratio |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -266,6 +280,12 @@ def main() -> None:
             f"| {name} | {len(data) / 1024:.0f} KiB | {mb / mine:.1f} | {mb / lib:.1f} |"
             f" {lib / mine:.2f} |"
         )
+    gzip_bomb = d.tar_gz_bomb(1024 * 1024 * 1024)
+    refused = best(lambda: extract(gzip_bomb, limits), runs=3)
+    print(
+        f"\n.tar.gz bomb (1 GiB of zeros in {len(gzip_bomb) / 1e6:.1f} MB): refused on its bound"
+        f" in {refused * 1000:.0f} ms ({extract(gzip_bomb, limits).detail})"
+    )
     pdf_readers({"text-heavy": text_pdf, "image-heavy": image_pdf})
 
     async def pooled() -> None:

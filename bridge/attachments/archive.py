@@ -71,6 +71,24 @@ def members(
             yield info.filename, read_member(zf, info, limits, budget)
 
 
+def charge(
+    budget: InflateBudget, limits: Limits, added: int, total: int, packed: int, what: str
+) -> None:
+    """Count ``added`` bytes just inflated (``total`` so far from ``packed`` compressed
+    bytes) against the shared budget, the member cap and, past the grace, the ratio.
+
+    Raises LimitHit (LIMIT) naming the bound crossed, with ``what`` was inflating."""
+    budget.left -= added
+    if budget.left < 0:
+        raise LimitHit(
+            Unreadable.LIMIT, f"archive inflates past {limits.max_inflated_bytes} bytes in total"
+        )
+    if total > limits.max_member_bytes:
+        raise LimitHit(Unreadable.LIMIT, f"{what} inflates past {limits.max_member_bytes} bytes")
+    if total > limits.ratio_grace_bytes and total / max(packed, 1) > limits.max_ratio:
+        raise LimitHit(Unreadable.LIMIT, f"{what} expands more than {limits.max_ratio:g} times")
+
+
 def read_member(
     zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: Limits, budget: InflateBudget
 ) -> bytes:
@@ -84,22 +102,7 @@ def read_member(
                 if not chunk:
                     break
                 out += chunk
-                budget.left -= len(chunk)
-                if budget.left < 0:
-                    raise LimitHit(
-                        Unreadable.LIMIT,
-                        f"archive inflates past {limits.max_inflated_bytes} bytes in total",
-                    )
-                if len(out) > limits.max_member_bytes:
-                    raise LimitHit(
-                        Unreadable.LIMIT,
-                        f"archive member inflates past {limits.max_member_bytes} bytes",
-                    )
-                if len(out) > limits.ratio_grace_bytes and len(out) / compressed > limits.max_ratio:
-                    raise LimitHit(
-                        Unreadable.LIMIT,
-                        f"archive member expands more than {limits.max_ratio:g} times",
-                    )
+                charge(budget, limits, len(chunk), len(out), compressed, "archive member")
     except LimitHit:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:

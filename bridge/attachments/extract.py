@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bridge.attachments import archive
+from bridge.attachments import archive, compressed
 from bridge.attachments.archive import InflateBudget
 from bridge.attachments.kinds import FileType, Unreadable
 from bridge.attachments.limits import LimitHit, Limits, TextBudget
@@ -28,7 +28,15 @@ from bridge.attachments.text import extract_text
 
 _OOXML = frozenset({FileType.DOCX, FileType.XLSX, FileType.PPTX})
 _ODF = frozenset({FileType.ODT, FileType.ODS, FileType.ODP})
+#: Types that are themselves zip archives: no zip appended to them is looked for. Tar and
+#: the compressed streams are not: a zip behind them is still a zip to zip tools.
 _ZIPPED = _OOXML | _ODF | {FileType.ZIP}
+#: Archives known by their magic but not read.
+_NOT_READ = {FileType.SEVEN_ZIP: "7z archive: not read", FileType.RAR: "RAR archive: not read"}
+#: Types told by magic bytes that other readers may ignore (a PDF reader finds a PDF after
+#: leading junk): when such a file cannot be read as what it claims, it is read as what it
+#: would be without that magic too.
+_CLAIMED = compressed.STREAMS | {FileType.TAR}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +89,20 @@ class _Walk:
                 extract_odf(data, self.out, self.limits, self.budget)
             elif kind is FileType.ZIP:
                 self.zip(data, depth)
+            elif kind in compressed.STREAMS:
+                self.stream(kind, data, depth)
+            elif kind is FileType.TAR:
+                tar_end = self.tar(data, depth)
+                # Only a zip after the tar's members is appended (one inside is a member).
+                appended = appended and appended_zip(data[tar_end:][-ZIP_TAIL:])
+            elif kind in _NOT_READ:
+                raise LimitHit(Unreadable.UNKNOWN_TYPE, _NOT_READ[kind])
             elif kind is FileType.UNKNOWN and not appended:
                 raise LimitHit(Unreadable.UNKNOWN_TYPE, "a type the bridge does not read")
         except LimitHit as hit:
             self.note(hit)
+            if kind in _CLAIMED and hit.reason is Unreadable.MALFORMED:
+                self.unclaimed(data)
         if appended and not self.out.full:
             self.types.append(FileType.ZIP)
             if self.out.parts:
@@ -106,6 +124,48 @@ class _Walk:
                 return  # a bomb's sibling members are not worth inflating
             if self.out.full:
                 return
+
+    def unclaimed(self, data: bytes) -> None:
+        """Read ``data``, which failed as the archive its magic claims, as the type it would
+        be without that magic when that is a PDF, HTML or text (a zip behind it is read as
+        an appended archive)."""
+        kind = sniff(data, archives=False)
+        if kind not in (FileType.PDF, FileType.HTML, FileType.TEXT):
+            return
+        self.types.append(kind)
+        try:
+            if kind is FileType.PDF:
+                extract_pdf(data, self.out)
+            elif kind is FileType.HTML:
+                extract_html(data, self.out)
+            else:
+                extract_text(data, self.out)
+        except LimitHit as hit:
+            self.note(hit)
+
+    def stream(self, kind: FileType, data: bytes, depth: int) -> None:
+        if depth >= self.limits.max_depth:
+            raise LimitHit(Unreadable.LIMIT, f"archives nested deeper than {self.limits.max_depth}")
+        try:
+            body = compressed.inflate(kind, data, self.limits, self.budget)
+        except compressed.Damaged as damaged:
+            if damaged.partial:  # what came before the damage is still read
+                self.file(damaged.partial, depth + 1)
+            raise
+        self.file(body, depth + 1)
+
+    def tar(self, data: bytes, depth: int) -> int:
+        """Read the tar ``data``'s members; the offset where its members end."""
+        if depth >= self.limits.max_depth:
+            raise LimitHit(Unreadable.LIMIT, f"archives nested deeper than {self.limits.max_depth}")
+        members = compressed.TarMembers(data, self.limits, self.budget)
+        for _name, body in members:
+            self.file(body, depth + 1)
+            if self.problem is not None and self.problem.reason is Unreadable.LIMIT:
+                break
+            if self.out.full:
+                break
+        return members.end
 
 
 def _too_large(data: bytes, limits: Limits) -> Extraction | None:

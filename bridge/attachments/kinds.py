@@ -19,6 +19,14 @@ class FileType(StrEnum):
     ODS = "ods"
     ODP = "odp"
     ZIP = "zip"
+    TAR = "tar"
+    #: Compressed streams: what they hold is read as a file nested in them.
+    GZIP = "gzip"
+    BZIP2 = "bzip2"
+    XZ = "xz"
+    #: Archives known by their magic bytes but not read (reported as ``unknown_type``).
+    SEVEN_ZIP = "7z"
+    RAR = "rar"
     #: Images, audio, video: carry no text we read (known, so not "unknown").
     MEDIA = "media"
     EMPTY = "empty"

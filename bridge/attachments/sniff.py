@@ -1,4 +1,6 @@
-"""Tell a file's type from its bytes: magic numbers, and zip-based formats by their members.
+"""Tell a file's type from its bytes: magic numbers (compressed streams and tar before
+anything else: what they hold may look like another type), and zip-based formats by their
+members.
 
 Synapse gives the module neither a content type nor a filename, and neither could be
 trusted: the type is read from the content alone.
@@ -31,6 +33,15 @@ _HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body")
 #: A zip's end-of-central-directory record is within this many bytes of its end (22 bytes
 #: and a comment of up to 65,535).
 ZIP_TAIL = 22 + 65_535
+#: Compressed streams and archives told by their first bytes (bzip2: "BZh" and a block
+#: size digit).
+_STREAM_MAGIC: tuple[tuple[bytes, FileType], ...] = (
+    (b"\x1f\x8b", FileType.GZIP),
+    (b"\xfd7zXZ\x00", FileType.XZ),
+    (b"7z\xbc\xaf\x27\x1c", FileType.SEVEN_ZIP),
+    (b"Rar!\x1a\x07", FileType.RAR),
+)
+_TAR_MAGIC_AT = 257  # "ustar" in a POSIX (ustar, pax) or GNU tar header; v7 tar has none
 _EOCD = b"PK\x05\x06"
 _CENTRAL = b"PK\x01\x02"
 
@@ -84,6 +95,34 @@ def appended_zip(tail: bytes) -> bool:
     return False
 
 
+def archive_type(head: bytes) -> FileType | None:
+    """The compressed-stream or archive type ``head`` starts with (gzip, bzip2, xz, tar,
+    7z, rar), or None."""
+    for magic, kind in _STREAM_MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head.startswith(b"BZh") and head[3:4].isdigit() and head[3:4] != b"0":
+        return FileType.BZIP2
+    if head[_TAR_MAGIC_AT : _TAR_MAGIC_AT + 5] == b"ustar" and _tar_checksum_ok(head):
+        return FileType.TAR
+    return None
+
+
+def _tar_checksum_ok(head: bytes) -> bool:
+    """Whether ``head`` starts with a tar header block whose checksum holds (as tar
+    computes it: the checksum field counted as spaces; unsigned, or signed by old tars)."""
+    if len(head) < 512:
+        return False
+    try:
+        stored = int(head[148:156].replace(b"\0", b" ").strip() or b"-", 8)
+    except ValueError:
+        return False
+    block = head[:148] + b" " * 8 + head[156:512]
+    unsigned = sum(block)
+    signed = unsigned - 256 * sum(1 for b in block if b > 127)
+    return stored in (unsigned, signed)
+
+
 def _looks_like_text(head: bytes) -> bool:
     if head.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
         return True
@@ -94,17 +133,23 @@ def _looks_like_text(head: bytes) -> bool:
 
 
 def is_pdf(data: bytes) -> bool:
-    """Whether :func:`sniff` calls ``data`` a PDF (the marker in its first KiB: nothing is
-    parsed, so the bridge's process may ask)."""
-    return b"%PDF-" in data[:1024]
+    """Whether :func:`sniff` calls ``data`` a PDF (the marker in its first KiB, and no
+    archive's magic before it: nothing is parsed, so the bridge's process may ask). A tar
+    whose first member is a PDF has the marker in its first KiB too: it is a tar."""
+    return b"%PDF-" in data[:1024] and archive_type(data[:_HEAD]) is None
 
 
-def sniff(data: bytes) -> FileType:
-    """The type of ``data`` from its content."""
+def sniff(data: bytes, *, archives: bool = True) -> FileType:
+    """The type of ``data`` from its content; with ``archives`` false, what it would be
+    without the compressed-stream and tar magic (for a file that claims one but is not: a
+    PDF reader finds a PDF after leading junk, whatever that junk is)."""
     if not data:
         return FileType.EMPTY
     head = data[:_HEAD]
-    if is_pdf(head):
+    archived = archive_type(head) if archives else None
+    if archived is not None:
+        return archived
+    if b"%PDF-" in head[:1024]:
         return FileType.PDF
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return zip_type(data)
@@ -127,6 +172,8 @@ def textless(data: bytes) -> FileType | None:
         return FileType.EMPTY
     head = data[:_HEAD]
     if is_pdf(head) or head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return None
+    if archive_type(head) is not None:
         return None
     if appended_zip(data[-ZIP_TAIL:]):
         return None  # an image with an archive behind it: read

@@ -187,6 +187,19 @@ async def test_documents_holding_a_card_number_are_refused_at_upload(
         assert all(CARD not in line and "sha256" in line for line in lines)
 
 
+async def test_a_tar_gz_holding_a_card_number_is_refused_at_upload(
+    media_stack: MediaStack,
+) -> None:
+    user = media_stack.new_user("tarball")
+    data = d.gz(d.tar_of({"dump/notes.txt": f"card {CARD}\n".encode()}))
+    async with media_stack.client(user) as u:
+        err = await refused(u, data, "secrets.tar.gz", "application/gzip")
+        assert err.status == 400
+    record = newest(media_stack, path="gate", file_type="gzip", size=len(data))
+    assert record["outcome"] == "blocked" and record["rule"] == "detector:card"
+    assert CARD not in json.dumps(record)
+
+
 async def test_the_uploader_is_told_why_in_a_policy_notice(media_stack: MediaStack) -> None:
     """Synapse answers a refused upload with "Bad content" only: the bot tells the uploader
     (named to the gate by the module) which rule refused it, in their notice room."""

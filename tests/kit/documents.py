@@ -1,10 +1,15 @@
 """Real documents built in the test: PDF (by hand, a valid minimal file), DOCX, XLSX, PPTX
-(with their libraries), OpenDocument and zip archives (by hand), and bombs."""
+(with their libraries), OpenDocument and zip archives (by hand), tar archives and gzip,
+bzip2 and xz streams (the standard library), and bombs."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import struct
+import tarfile
 import zipfile
 import zlib
 
@@ -128,6 +133,71 @@ def zip_of(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             zf.writestr(name, data)
     return out.getvalue()
+
+
+def tar_of(members: dict[str, bytes], *, symlinks: dict[str, str] | None = None) -> bytes:
+    """A tar archive (POSIX pax format) holding ``members`` and ``symlinks`` (name ->
+    target)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.PAX_FORMAT) as tf:
+        for name, target in (symlinks or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tf.addfile(info)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def sparse_tar(data: bytes, realsize: int) -> bytes:
+    """A tar (PAX, GNU sparse 1.0) whose one member stores ``data`` at offset 0 and declares
+    ``realsize`` bytes: the rest is a hole that reads as zeros."""
+    smap = f"1\n0\n{len(data)}\n".encode()
+    smap += b"\0" * (-len(smap) % 512)
+    info = tarfile.TarInfo("GNUSparseFile.0/big.txt")
+    info.size = len(smap) + len(data)
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "big.txt",
+        "GNU.sparse.realsize": str(realsize),
+    }
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(info, io.BytesIO(smap + data))
+    return out.getvalue()
+
+
+def gz(data: bytes) -> bytes:
+    """``data`` gzip-compressed."""
+    return gzip.compress(data, mtime=0)
+
+
+def bz(data: bytes) -> bytes:
+    """``data`` bzip2-compressed."""
+    return bz2.compress(data)
+
+
+def xz(data: bytes) -> bytes:
+    """``data`` xz-compressed."""
+    return lzma.compress(data, format=lzma.FORMAT_XZ)
+
+
+def gzip_bomb(inflated: int = 1024 * 1024 * 1024) -> bytes:
+    """A gzip file of ``inflated`` zero bytes (about 1000:1): one compressed MiB of zeros
+    repeated as concatenated gzip members (valid gzip; the zeros are never in memory)."""
+    return gz(b"\0" * (1024 * 1024)) * (inflated // (1024 * 1024))
+
+
+def tar_gz_bomb(inflated: int = 1024 * 1024 * 1024) -> bytes:
+    """A .tar.gz whose one member is ``inflated`` zero bytes (a multiple of 1 MiB): its tar
+    header, the zeros and the end blocks as concatenated gzip members."""
+    header = tarfile.TarInfo("zeros.bin")
+    header.size = inflated
+    return gz(header.tobuf(format=tarfile.PAX_FORMAT)) + gzip_bomb(inflated) + gz(b"\0" * 1024)
 
 
 def ratio_bomb(inflated: int = 200 * 1024 * 1024) -> bytes:
