@@ -24,6 +24,7 @@ _REASON_TEXT = {
     Unreadable.LIMIT: "it exceeds the limits for reading files (size once unpacked, nesting, "
     "or time)",
     Unreadable.UNKNOWN_TYPE: "its type cannot be inspected",
+    Unreadable.UNREAD_ARCHIVE: "it is an archive format that cannot be inspected (7z, RAR)",
     Unreadable.TOO_LARGE: "it is too large to inspect",
     Unreadable.MALFORMED: "it is damaged",
 }

@@ -96,7 +96,7 @@ class _Walk:
                 # Only a zip after the tar's members is appended (one inside is a member).
                 appended = appended and appended_zip(data[tar_end:][-ZIP_TAIL:])
             elif kind in _NOT_READ:
-                raise LimitHit(Unreadable.UNKNOWN_TYPE, _NOT_READ[kind])
+                raise LimitHit(Unreadable.UNREAD_ARCHIVE, _NOT_READ[kind])
             elif kind is FileType.UNKNOWN and not appended:
                 raise LimitHit(Unreadable.UNKNOWN_TYPE, "a type the bridge does not read")
         except LimitHit as hit:
@@ -229,6 +229,7 @@ def extract_part(data: bytes, limits: Limits, part: Part) -> Extraction:
 _SEVERITY = (
     Unreadable.LIMIT,
     Unreadable.ENCRYPTED,
+    Unreadable.UNREAD_ARCHIVE,
     Unreadable.MALFORMED,
     Unreadable.TOO_LARGE,
     Unreadable.UNKNOWN_TYPE,

@@ -24,7 +24,7 @@ class FileType(StrEnum):
     GZIP = "gzip"
     BZIP2 = "bzip2"
     XZ = "xz"
-    #: Archives known by their magic bytes but not read (reported as ``unknown_type``).
+    #: Archives known by their magic bytes but not read (reported as ``unread_archive``).
     SEVEN_ZIP = "7z"
     RAR = "rar"
     #: Images, audio, video: carry no text we read (known, so not "unknown").
@@ -38,6 +38,7 @@ class Unreadable(StrEnum):
 
     ENCRYPTED = "encrypted"  # a password-protected PDF or zip member
     UNKNOWN_TYPE = "unknown_type"  # bytes of a type we do not read
+    UNREAD_ARCHIVE = "unread_archive"  # an archive format we know but do not read (7z, RAR)
     TOO_LARGE = "too_large"  # over the size the module or the bridge reads
     LIMIT = "limit"  # expansion ratio, inflated size, depth, members, time or memory hit
     MALFORMED = "malformed"  # claims a type but cannot be parsed
@@ -66,6 +67,8 @@ DEFAULT_UNREADABLE: Mapping[Unreadable, OnUnreadable] = {
     Unreadable.ENCRYPTED: OnUnreadable.REFUSE,
     Unreadable.LIMIT: OnUnreadable.REFUSE,
     Unreadable.UNKNOWN_TYPE: OnUnreadable.ALLOW,
+    # An archive hides what is in it as well as a password does: refused like encryption.
+    Unreadable.UNREAD_ARCHIVE: OnUnreadable.REFUSE,
     Unreadable.TOO_LARGE: OnUnreadable.ALLOW,
     Unreadable.MALFORMED: OnUnreadable.ALLOW,
 }

@@ -198,6 +198,13 @@ async def test_a_tar_gz_holding_a_card_number_is_refused_at_upload(
     record = newest(media_stack, path="gate", file_type="gzip", size=len(data))
     assert record["outcome"] == "blocked" and record["rule"] == "detector:card"
     assert CARD not in json.dumps(record)
+    # A 7z cannot be read: refused by default like an encrypted file (unread_archive).
+    seven = b"7z\xbc\xaf\x27\x1c" + os.urandom(4096)
+    async with media_stack.client(user) as u:
+        err = await refused(u, seven, "secrets.7z", "application/x-7z-compressed")
+        assert err.status == 400
+    record = newest(media_stack, path="gate", size=len(seven))
+    assert record["outcome"] == "unreadable_refused" and record["unreadable"] == "unread_archive"
 
 
 async def test_the_uploader_is_told_why_in_a_policy_notice(media_stack: MediaStack) -> None:

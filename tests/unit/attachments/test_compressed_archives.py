@@ -9,11 +9,13 @@ from collections.abc import Callable
 
 import pytest
 
+from bridge.attachments.decide import decide
 from bridge.attachments.extract import extract
 from bridge.attachments.kinds import FileType, Unreadable
 from bridge.attachments.limits import MIB, Limits
 from bridge.attachments.pool import ExtractionPool
 from bridge.attachments.sniff import is_pdf, sniff
+from bridge.policy.dlp import DlpEngine, DlpPolicy
 from tests.kit import documents as d
 
 CARD = "4111 1111 1111 1111"
@@ -142,9 +144,14 @@ def test_7z_and_rar_are_named_and_reported_as_not_read(
     result = extract(magic + bytes(range(256)), LIMITS)
     assert (result.file_type, result.reason, result.detail) == (
         kind,
-        Unreadable.UNKNOWN_TYPE,
+        Unreadable.UNREAD_ARCHIVE,
         detail,
     )
+    # Refused by default, as an encrypted file is: it hides what is in it.
+    verdict = decide(result, DlpEngine.compile(DlpPolicy()))
+    assert verdict.refused and verdict.refusal is not None
+    assert verdict.refusal.rule == "attachment:unreadable:unread_archive"
+    assert "archive format that cannot be inspected" in verdict.refusal.message
 
 
 def test_archive_magic_is_sniffed_before_what_the_archive_holds() -> None:
