@@ -61,6 +61,24 @@ async def test_the_recipient_reports_without_a_role_and_the_management_room_is_t
     assert (after or 0) == (before or 0) + 1
 
 
+async def test_a_report_of_an_upload_says_it_had_no_room(fake: CommandFake) -> None:
+    """An upload is judged before it has a room (by the global rules): the report says so
+    and suggests no --room."""
+    refusal = Refusal(
+        REF, "detector:card", "", 0.0, Subject.UPLOAD, "blocked", "4111 **** 1111",
+        file="PDF, 12 KiB",
+    )  # fmt: skip
+    await save_ledger(fake.store, ALICE, decide(Ledger(), refusal, NoticeSettings()).ledger.dumps())
+    result = await run(fake, req(f"!policy report {REF} a test card"))
+    assert result.outcome is Outcome.OK, result.reply.text
+    assert result.context is not None
+    [action] = result.context.actions
+    body = action.payload["body"]
+    assert "room: (none: judged by the global rules)" in body
+    assert "refused: their upload (PDF, 12 KiB) at" in body
+    assert "--room" not in body and f"!policy dlp dismiss {REF}" in body
+
+
 async def test_an_unknown_reference_is_refused(fake: CommandFake) -> None:
     await refused(fake)
     result = await run(fake, req("!policy report ZZZZ-ZZZZ"))
