@@ -8,16 +8,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bridge.attachments.pool import ExtractionPool
-from bridge.pipeline.live_policy import build_engine
-from bridge.pipeline.media_checks import MediaChecker, MediaRef, media_ref, media_refs
-from bridge.store import Store
+from bridge.pipeline.media_checks import MediaRef, media_ref, media_refs
 from bridge.store.media import MediaCheck
 from tests.kit import documents as d
 from tests.kit.config import AS_TOKEN, make_config
+from tests.kit.media import (
+    DOWNLOAD_ROUTE,
+    MediaHomeserver,
+    media_checker,
+    media_homeserver,
+    queue_checks,
+)
 
 
 def test_media_messages_are_recognised_and_unusable_encrypted_files_skipped() -> None:
@@ -56,32 +60,16 @@ def test_a_thumbnail_is_a_file_of_its_own_and_checked_too() -> None:
 
 
 @pytest.fixture
-async def homeserver() -> AsyncIterator[tuple[str, list[str]]]:
-    fetched: list[str] = []
+async def homeserver() -> AsyncIterator[MediaHomeserver]:
     files = {"doc": d.docx("project Bluebird budget"), "plain": d.pdf("lunch menu")}
-
-    async def download(request: web.Request) -> web.Response:
-        assert request.headers["Authorization"] == f"Bearer {AS_TOKEN}"
-        media_id = request.match_info["media"]
-        fetched.append(media_id)
-        if media_id not in files:
-            return web.json_response({"errcode": "M_NOT_FOUND"}, status=404)
-        return web.Response(body=files[media_id])
-
-    app = web.Application()
-    app.add_routes([web.get("/_matrix/client/v1/media/download/{server}/{media}", download)])
-    server = TestServer(app)
-    await server.start_server()
-    try:
-        yield str(server.make_url("")).rstrip("/"), fetched
-    finally:
-        await server.close()
+    async with media_homeserver(files, AS_TOKEN) as served:
+        yield served
 
 
 async def test_room_rules_redact_and_notify_and_the_file_is_fetched_once(
-    tmp_path: Path, homeserver: tuple[str, list[str]]
+    tmp_path: Path, homeserver: MediaHomeserver
 ) -> None:
-    url, fetched = homeserver
+    url, fetched = homeserver.url, homeserver.fetched
     config = make_config(
         {
             "homeserver": {"url": url},
@@ -101,48 +89,32 @@ async def test_room_rules_redact_and_notify_and_the_file_is_fetched_once(
         },
         base_dir=tmp_path,
     )
-    engine = build_engine(config)
-    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
-    pool = ExtractionPool(1, 768 * 1024 * 1024)
-    async with ClientSession() as session:
-        checker = MediaChecker(
-            store, session, lambda: config, lambda: engine, pool, lambda: "!mgmt:corp.example"
+    async with media_checker(config, tmp_path / "m.db", "!mgmt:corp.example") as rig:
+        store, checker = rig.store, rig.checker
+        await queue_checks(
+            store,
+            [
+                MediaCheck("!open:corp.example", "$1", "@a:corp.example", "mxc://corp/doc"),
+                MediaCheck("!secret:corp.example", "$2", "@a:corp.example", "mxc://corp/doc"),
+                MediaCheck("!secret:corp.example", "$3", "@a:corp.example", "mxc://corp/plain"),
+                MediaCheck("!secret:corp.example", "$4", "@a:corp.example", "mxc://corp/gone"),
+            ],
         )
-        try:
-            await store.keys.op_key()
-
-            async def queue(checks: list[MediaCheck]) -> None:
-                async def run(conn: object) -> None:
-                    await store.media.insert(conn, checks)  # type: ignore[arg-type]
-
-                await store.records.write(run)
-
-            await queue(
-                [
-                    MediaCheck("!open:corp.example", "$1", "@a:corp.example", "mxc://corp/doc"),
-                    MediaCheck("!secret:corp.example", "$2", "@a:corp.example", "mxc://corp/doc"),
-                    MediaCheck("!secret:corp.example", "$3", "@a:corp.example", "mxc://corp/plain"),
-                    MediaCheck("!secret:corp.example", "$4", "@a:corp.example", "mxc://corp/gone"),
-                ]
-            )
-            assert await checker.run_once() == 4
-            assert await store.media.pending() == 0
-            assert fetched.count("doc") == 1  # once for two rooms
-            due = await store.actions.due(1e12)
-            kinds = sorted((a.kind, a.room_id, a.payload.get("event_id")) for a in due)
-            assert kinds == [
-                ("redact", "!secret:corp.example", "$2"),
-                ("send_notice", "!mgmt:corp.example", None),
-            ]
-            notice = next(a for a in due if a.kind == "send_notice")
-            assert "keyword:codes" in notice.payload["body"]
-            records = [r async for r in store.reader.iter(kind="media")]
-            outcomes = sorted(r["data"]["outcome"] for r in records)
-            assert outcomes == ["allowed", "skipped"]  # $2's finding; $4 unavailable
-            assert "budget" not in str(records)
-        finally:
-            pool.close()
-            await store.close()
+        assert await checker.run_once() == 4
+        assert await store.media.pending() == 0
+        assert fetched.count("doc") == 1  # once for two rooms
+        due = await store.actions.due(1e12)
+        kinds = sorted((a.kind, a.room_id, a.payload.get("event_id")) for a in due)
+        assert kinds == [
+            ("redact", "!secret:corp.example", "$2"),
+            ("send_notice", "!mgmt:corp.example", None),
+        ]
+        notice = next(a for a in due if a.kind == "send_notice")
+        assert "keyword:codes" in notice.payload["body"]
+        records = [r async for r in store.reader.iter(kind="media")]
+        outcomes = sorted(r["data"]["outcome"] for r in records)
+        assert outcomes == ["allowed", "skipped"]  # $2's finding; $4 unavailable
+        assert "budget" not in str(records)
 
 
 @pytest.mark.parametrize("rule", ["refuse", "allow"])
@@ -162,7 +134,7 @@ async def test_media_over_the_download_cap_is_too_large_and_follows_the_rule(
         return response
 
     app = web.Application()
-    app.add_routes([web.get("/_matrix/client/v1/media/download/{server}/{media}", download)])
+    app.add_routes([web.get(DOWNLOAD_ROUTE, download)])
     server = TestServer(app)
     await server.start_server()
     config = make_config(
@@ -172,33 +144,21 @@ async def test_media_over_the_download_cap_is_too_large_and_follows_the_rule(
         },
         base_dir=tmp_path,
     )
-    engine = build_engine(config)
-    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'big.db'}")
-    pool = ExtractionPool(1, 768 * 1024 * 1024)
     try:
-        async with ClientSession() as session:
-            checker = MediaChecker(
-                store, session, lambda: config, lambda: engine, pool, lambda: "!mgmt:corp.example"
-            )
-            await store.keys.op_key()
+        async with media_checker(config, tmp_path / "big.db", "!mgmt:corp.example") as rig:
+            store = rig.store
             check = MediaCheck("!r:corp.example", "$big", "@a:corp.example", "mxc://corp/big")
-
-            async def run(conn: object) -> None:
-                await store.media.insert(conn, [check])  # type: ignore[arg-type]
-
-            await store.records.write(run)
-            assert await checker.run_once() == 1
-        [record] = [r async for r in store.reader.iter(kind="media")]
-        data = record["data"]
-        assert data["unreadable"] == "too_large" and data["detail"] == "over the download cap"
-        expected = "unreadable_refused" if rule == "refuse" else "unreadable_allowed"
-        assert data["outcome"] == expected
-        due = await store.actions.due(1e12)
-        assert [(a.kind, a.payload.get("event_id")) for a in due] == (
-            [("redact", "$big")] if rule == "refuse" else []
-        )
-        assert pool.replaced == 0 and data["size"] <= 1024 * 1024 + 256 * 1024
+            await queue_checks(store, [check])
+            assert await rig.checker.run_once() == 1
+            [record] = [r async for r in store.reader.iter(kind="media")]
+            data = record["data"]
+            assert data["unreadable"] == "too_large" and data["detail"] == "over the download cap"
+            expected = "unreadable_refused" if rule == "refuse" else "unreadable_allowed"
+            assert data["outcome"] == expected
+            due = await store.actions.due(1e12)
+            assert [(a.kind, a.payload.get("event_id")) for a in due] == (
+                [("redact", "$big")] if rule == "refuse" else []
+            )
+            assert rig.pool.replaced == 0 and data["size"] <= 1024 * 1024 + 256 * 1024
     finally:
-        pool.close()
-        await store.close()
         await server.close()

@@ -16,17 +16,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientSession, web
-from aiohttp.test_utils import TestServer
 from mautrix.crypto.attachments import encrypt_attachment
 
-from bridge.attachments.pool import ExtractionPool
-from bridge.pipeline.live_policy import build_engine
 from bridge.pipeline.media_checks import MediaChecker, MediaRef, media_ref
 from bridge.store import Store
 from bridge.store.media import FileKey, MediaCheck
 from tests.kit import documents as d
 from tests.kit.config import make_config
+from tests.kit.media import media_checker, media_homeserver, queue_checks
 
 CARD = "4111 1111 1111 1111"
 ROOM = "!enc:corp.example"
@@ -81,11 +78,7 @@ class Stack:
     fetched: list[str] = field(default_factory=list)
 
     async def queue(self, *checks: MediaCheck) -> None:
-        async def run(conn: object) -> None:
-            await self.store.media.insert(conn, list(checks))  # type: ignore[arg-type]
-
-        await self.store.keys.op_key()
-        await self.store.records.write(run)
+        await queue_checks(self.store, checks)
 
     async def run(self, *checks: MediaCheck) -> list[tuple[str, str | None]]:
         """Queue and run ``checks``; the actions due after them (kind, event)."""
@@ -101,39 +94,16 @@ class Stack:
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     files: dict[str, bytes] = {}
-    fetched: list[str] = []
-
-    async def download(request: web.Request) -> web.Response:
-        media_id = request.match_info["media"]
-        fetched.append(media_id)
-        if media_id not in files:
-            return web.json_response({"errcode": "M_NOT_FOUND"}, status=404)
-        return web.Response(body=files[media_id])
-
-    app = web.Application()
-    app.add_routes([web.get("/_matrix/client/v1/media/download/{server}/{media}", download)])
-    server = TestServer(app)
-    await server.start_server()
-    config = make_config(
-        {
-            "homeserver": {"url": str(server.make_url("")).rstrip("/")},
-            "dlp": {"detectors": {"card": ["block", "notify"]}},
-        },
-        base_dir=tmp_path,
-    )
-    engine = build_engine(config)
-    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
-    pool = ExtractionPool(1, 768 * 1024 * 1024)
-    try:
-        async with ClientSession() as session:
-            checker = MediaChecker(
-                store, session, lambda: config, lambda: engine, pool, lambda: MGMT
-            )
-            yield Stack(store, checker, files, fetched)
-    finally:
-        pool.close()
-        await store.close()
-        await server.close()
+    async with media_homeserver(files) as served:
+        config = make_config(
+            {
+                "homeserver": {"url": served.url},
+                "dlp": {"detectors": {"card": ["block", "notify"]}},
+            },
+            base_dir=tmp_path,
+        )
+        async with media_checker(config, tmp_path / "m.db", MGMT) as rig:
+            yield Stack(rig.store, rig.checker, files, served.fetched)
 
 
 def _check(event_id: str, mxc: str, key: FileKey | None) -> MediaCheck:
