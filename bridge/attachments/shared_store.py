@@ -85,8 +85,9 @@ def open_stored(
 ) -> StoredFile:
     """Open the regular file at ``path`` and read its first :data:`HEAD_BYTES`; keep it
     open unless it is larger than ``cap`` (not read at all), no larger than its head, or
-    ``done`` says its head and tail tell enough (it is given the head followed by the last
-    :data:`TAIL_BYTES`, where an appended archive would end). :class:`StoredFileError`
+    ``done`` says its head and tail tell enough (asked of the head, then, only if that is
+    enough, of the head followed by the last :data:`TAIL_BYTES`, where an appended archive
+    would end). :class:`StoredFileError`
     when it cannot be opened or is not a regular file."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
@@ -105,9 +106,12 @@ def open_stored(
         head = os.pread(fd, HEAD_BYTES, 0)
         if len(head) < HEAD_BYTES:
             return StoredFile(len(head), head)
-        tail_at = max(HEAD_BYTES, info.st_size - TAIL_BYTES)
-        if done(head + os.pread(fd, info.st_size - tail_at, tail_at)):
-            return StoredFile(info.st_size, head)
+        # The tail is read only when the head alone says enough (an image): a PDF or a
+        # document goes to the workers without this second read.
+        if done(head):
+            tail_at = max(HEAD_BYTES, info.st_size - TAIL_BYTES)
+            if done(head + os.pread(fd, info.st_size - tail_at, tail_at)):
+                return StoredFile(info.st_size, head)
         keep = True
         return StoredFile(info.st_size, head, fd=fd)
     except OSError as e:

@@ -175,6 +175,8 @@ def textless(data: bytes) -> FileType | None:
         return None
     if archive_type(head) is not None:
         return None
+    if not _is_media(head):
+        return None
     if appended_zip(data[-ZIP_TAIL:]):
         return None  # an image with an archive behind it: read
-    return FileType.MEDIA if _is_media(head) else None
+    return FileType.MEDIA

@@ -71,8 +71,8 @@ AUDIT_WAIT = 1.0
 #: Texts longer than this are judged on a thread, not on the event loop.
 INLINE_SCAN_CHARS = 64 * 1024
 _CHUNK = 256 * 1024
-#: Files up to this size are read from the shared store and hashed on the event loop
-#: (well under a millisecond); larger ones on a thread.
+#: Files up to this size are hashed on the event loop (well under a millisecond); larger
+#: ones on a thread.
 INLINE_IO_BYTES = 2 * 1024 * 1024
 #: The answer that makes the module send the file's bytes after all.
 PATH_UNREADABLE = "BRIDGE_MEDIA_PATH_UNREADABLE"
@@ -153,13 +153,6 @@ async def read_capped(request: web.Request, cap: int) -> tuple[bytes, bool]:
     return b"".join(parts), False
 
 
-async def sha256_hex(data: bytes) -> str:
-    """The file's digest for its audit record (on a thread when large)."""
-    if len(data) <= INLINE_IO_BYTES:
-        return hashlib.sha256(data).hexdigest()
-    return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-
-
 def open_shared(cfg: AttachmentsConfig, reported: str) -> StoredFile:
     """The file Synapse named, opened in the shared media store (a local open, as the
     module's own), or :class:`StoredFileError`."""
@@ -177,7 +170,9 @@ def open_shared(cfg: AttachmentsConfig, reported: str) -> StoredFile:
 async def digest_of(source: bytes | FileRef) -> str:
     """The file's SHA-256 for its audit record (on a thread when large)."""
     if isinstance(source, bytes):
-        return await sha256_hex(source)
+        if len(source) <= INLINE_IO_BYTES:
+            return hashlib.sha256(source).hexdigest()
+        return await asyncio.to_thread(lambda: hashlib.sha256(source).hexdigest())
     fd, size = source.fd, source.size
     return await asyncio.to_thread(lambda: hashlib.sha256(read_at(fd, size)).hexdigest())
 
